@@ -1,0 +1,194 @@
+"""One task through the whole pipeline: analyze, run in a sandbox, shape, audit.
+
+Owns: the order of the stages, n8n's ``continueOnFail`` substitution, the
+document that ``sandbox-runner exec`` prints (and the HTTP API returns), and the
+audit record of every task. It knows nothing of Docker or of the wire: it is
+handed a :class:`~runner.sandbox.base.Sandbox` and an analyzer.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from runner.analyzer import SECURITY_VIOLATIONS_MESSAGE, Analyzer
+from runner.sandbox.base import (
+    JSON,
+    ExecutionResult,
+    GuardConfig,
+    Limits,
+    Mode,
+    Outcome,
+    Sandbox,
+    Stage,
+    TaskError,
+    TaskSpec,
+)
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRequest:
+    code: str
+    items: list[JSON] = field(default_factory=list)
+    mode: Mode = Mode.ALL_ITEMS
+    continue_on_fail: bool = False
+    query: JSON = None
+    task_id: str = field(default_factory=new_task_id)
+    limits: Limits | None = None  # None: the pipeline's defaults
+
+
+@dataclass(frozen=True, slots=True)
+class TaskReport:
+    """How one task ended, with its audit record."""
+
+    task_id: str
+    outcome: Outcome
+    result: JSON
+    error: TaskError | None
+    prints: list[list[str]]
+    audit: dict[str, Any]
+
+    @property
+    def is_success(self) -> bool:
+        return self.error is None
+
+    def document(self) -> dict[str, Any]:
+        """The JSON document of ``exec`` (one per task)."""
+        if self.error is None:
+            return {
+                "status": "success",
+                "result": self.result,
+                "prints": self.prints,
+                "audit": self.audit,
+            }
+        return {
+            "status": "error",
+            "error": {
+                "message": self.error.message,
+                "description": self.error.description,
+                "code": self.error.code.value,
+                "stage": self.error.stage.value,
+            },
+            "prints": self.prints,
+            "audit": self.audit,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditContext:
+    """Facts that are the same for every task of one pipeline."""
+
+    runner_id: str
+    image: str
+    image_id: str | None
+    isolation: dict[str, Any]
+
+
+class TaskPipeline:
+    def __init__(
+        self,
+        *,
+        sandbox: Sandbox,
+        analyzer: Analyzer,
+        guards: GuardConfig,
+        limits: Limits,
+        context: AuditContext,
+    ) -> None:
+        self.sandbox = sandbox
+        self.analyzer = analyzer
+        self.guards = guards
+        self.limits = limits
+        self.context = context
+
+    async def run(self, request: TaskRequest) -> TaskReport:
+        started_wall = datetime.now(UTC)
+        begin = time.monotonic()
+        limits = request.limits or self.limits
+        verdict = self.analyzer.check(request.code)
+        analyze_ms = (time.monotonic() - begin) * 1000
+        if verdict.syntax_error is not None:
+            execution = _analyzer_failure(
+                Outcome.SYNTAX_ERROR, verdict.syntax_error, "", has_description=False
+            )
+        elif not verdict.is_allowed:
+            execution = _analyzer_failure(
+                Outcome.SECURITY_VIOLATION, SECURITY_VIOLATIONS_MESSAGE, verdict.description
+            )
+        else:
+            spec = TaskSpec(
+                task_id=request.task_id,
+                code=request.code,
+                mode=request.mode,
+                items=request.items,
+                guards=self.guards,
+                query=request.query,
+            )
+            execution = await self.sandbox.run(spec, limits)
+        total_ms = (time.monotonic() - begin) * 1000
+        error, result = execution.error, execution.result
+        substituted = False
+        if error is not None and request.continue_on_fail and error.stage is not Stage.ANALYZE:
+            # n8n: a failure while running becomes one error item; analyzer rejections stay.
+            result, error, substituted = [{"json": {"error": error.message}}], None, True
+        audit = self._audit(
+            request, execution, limits, started_wall, analyze_ms, total_ms, substituted
+        )
+        return TaskReport(
+            task_id=request.task_id,
+            outcome=execution.outcome,
+            result=result,
+            error=error,
+            prints=execution.prints,
+            audit=audit,
+        )
+
+    def _audit(
+        self,
+        request: TaskRequest,
+        execution: ExecutionResult,
+        limits: Limits,
+        started_wall: datetime,
+        analyze_ms: float,
+        total_ms: float,
+        substituted: bool,
+    ) -> dict[str, Any]:
+        phases = execution.durations_ms
+        durations = {"analyze": analyze_ms, **phases, "total": total_ms}
+        if "create" in phases:
+            durations["containerSetup"] = sum(
+                phases.get(name, 0.0) for name in ("create", "attach", "start")
+            )
+        error = execution.error
+        return {
+            "taskId": request.task_id,
+            "runnerId": self.context.runner_id,
+            "startedAt": started_wall.isoformat(timespec="milliseconds"),
+            "mode": request.mode.value,
+            "outcome": execution.outcome.value,
+            "errorCode": error.code.value if error else None,
+            "stage": error.stage.value if error else None,
+            "continueOnFailApplied": substituted,
+            "containerId": execution.container_id,
+            "image": self.context.image,
+            "imageId": self.context.image_id,
+            "limits": limits.as_audit(),
+            "isolation": self.context.isolation,
+            "durationsMs": {name: round(value, 3) for name, value in durations.items()},
+            "details": execution.details,
+        }
+
+
+def _analyzer_failure(
+    code: Outcome, message: str, description: str, *, has_description: bool = True
+) -> ExecutionResult:
+    return ExecutionResult(
+        outcome=code,
+        error=TaskError(code, message, description, Stage.ANALYZE, has_description),
+    )

@@ -1,0 +1,284 @@
+"""The task image: built from Debian packages, no registry needed.
+
+Two layers:
+
+1. **Base image.** With ``base_image`` set (any ordinary registry image with
+   python3 and apt, e.g. ``debian:bookworm-slim``) that image is used as is.
+   Otherwise a minimal Debian root filesystem is bootstrapped from the host's own
+   apt mirror (``debootstrap --variant=minbase``, python3 and tini included) and
+   turned into an image with ``docker import``. The mirror is read from the host's
+   apt sources at run time, never written down here.
+2. **Task image.** ``sandbox_image/Dockerfile`` on top of the base: tini, the
+   agent (with the analyzer core copied in), a dedicated non-root user, no
+   setuid/setgid bits, labels. Its tag is a hash of every input (Dockerfile, agent
+   files, base image id, build arguments), so it is rebuilt only when one changes.
+
+Progress (debootstrap and build output) is reported through a callback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from runner.errors import ImageBuildError
+from runner.sandbox.bundle import agent_sources, hash_files
+
+TASK_REPOSITORY = "sandbox-runner-task"
+BASE_REPOSITORY = "sandbox-runner-base"
+SANDBOX_UID = 10001
+BOOTSTRAP_PACKAGES = ("python3", "tini")
+# Left out of the bootstrapped base: package caches, docs, manuals, translations.
+BOOTSTRAP_PRUNE = (
+    "var/cache/apt/archives",
+    "var/lib/apt/lists",
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+)
+APT_SOURCES = (Path("/etc/apt/sources.list.d"), Path("/etc/apt/sources.list"))
+
+Progress = Callable[[str], None]
+_QUIET_PREFIXES = (
+    "I: Retrieving",
+    "I: Validating",
+    "I: Extracting",
+    "I: Unpacking",
+    "I: Configuring",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecipe:
+    """Everything that decides what the task image contains."""
+
+    image_dir: Path
+    base_image: str | None
+    debian_suite: str
+    debian_mirror: str | None
+
+    @property
+    def base_tag(self) -> str:
+        if self.base_image:
+            return self.base_image
+        recipe = f"{self.debian_suite}:{','.join(BOOTSTRAP_PACKAGES)}:{BOOTSTRAP_PRUNE}"
+        digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+        return f"{BASE_REPOSITORY}:{self.debian_suite}-{digest}"
+
+    def build_files(self) -> dict[str, Path]:
+        files = {"Dockerfile": self.image_dir / "Dockerfile"}
+        files.update(
+            {f"agent/{name}": path for name, path in agent_sources(self.image_dir).items()}
+        )
+        return files
+
+    def task_tag(self, base_id: str) -> str:
+        digest = hashlib.sha256(f"base={base_id};uid={SANDBOX_UID}\n".encode())
+        return f"{TASK_REPOSITORY}:{hash_files(self.build_files(), digest)[:16]}"
+
+
+def debian_mirror_from_apt(sources: tuple[Path, ...] = APT_SOURCES) -> str | None:
+    """The host's Debian mirror: first ``URIs:`` (deb822) or ``deb URL`` line for Debian."""
+    files: list[Path] = []
+    for source in sources:
+        if source.is_dir():
+            files.extend(sorted(source.glob("*.sources")) + sorted(source.glob("*.list")))
+        elif source.is_file():
+            files.append(source)
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for match in re.finditer(r"^URIs:\s*(\S+)|^deb\s+(?:\[[^]]*\]\s+)?(\S+)", text, re.M):
+            uri = match.group(1) or match.group(2)
+            if "security" not in uri and "/debian" in uri:
+                return uri
+    return None
+
+
+class ImageBuilder:
+    """Builds (only when needed) and names the task image."""
+
+    def __init__(self, client: docker.DockerClient, recipe: ImageRecipe, progress: Progress):
+        self._client = client
+        self._recipe = recipe
+        self._progress = progress
+
+    def ensure(self) -> str:
+        """Return the task image's tag, building the base and the image if missing."""
+        base_id = self._ensure_base()
+        tag = self._recipe.task_tag(base_id)
+        if self._exists(tag):
+            return tag
+        self._build_task_image(tag)
+        return tag
+
+    def image_id(self, tag: str) -> str | None:
+        """The id of ``tag``, or None when it does not exist (yet)."""
+        try:
+            return str(self._client.images.get(tag).id)
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return None
+
+    def current_tag(self) -> str | None:
+        """The tag the current inputs map to, if its base exists (no building)."""
+        try:
+            base = self._client.images.get(self._recipe.base_tag)
+        except docker.errors.ImageNotFound:
+            return None
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise ImageBuildError("Cannot inspect the base image", hint=str(exc)) from exc
+        return self._recipe.task_tag(str(base.id))
+
+    def _exists(self, tag: str) -> bool:
+        try:
+            self._client.images.get(tag)
+        except docker.errors.ImageNotFound:
+            return False
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise ImageBuildError("Cannot inspect images", hint=str(exc)) from exc
+        return True
+
+    def _ensure_base(self) -> str:
+        tag = self._recipe.base_tag
+        try:
+            return str(self._client.images.get(tag).id)
+        except docker.errors.ImageNotFound:
+            pass
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise ImageBuildError("Cannot inspect the base image", hint=str(exc)) from exc
+        if self._recipe.base_image:
+            self._progress(f"pulling base image {tag}")
+            try:
+                return str(self._client.images.pull(tag).id)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                raise ImageBuildError(
+                    f"Base image {tag} is not available", hint=f"pull failed: {exc}"
+                ) from exc
+        return self._bootstrap_base(tag)
+
+    def _bootstrap_base(self, tag: str) -> str:
+        debootstrap = shutil.which("debootstrap")
+        if debootstrap is None or os.geteuid() != 0:
+            raise ImageBuildError(
+                "Cannot bootstrap the Debian base image",
+                hint="needs root and the debootstrap package (apt-get install debootstrap), "
+                "or set SANDBOX_BASE_IMAGE to a registry image with python3",
+            )
+        mirror = self._recipe.debian_mirror or debian_mirror_from_apt()
+        if mirror is None:
+            raise ImageBuildError(
+                "No Debian mirror found in the host's apt sources",
+                hint="set SANDBOX_DEBIAN_MIRROR",
+            )
+        suite = self._recipe.debian_suite
+        self._progress(f"bootstrapping a minimal Debian {suite} root filesystem (takes ~1 min)")
+        with tempfile.TemporaryDirectory(prefix="sandbox-base-") as tmp:
+            root = Path(tmp) / "root"
+            command = [
+                debootstrap,
+                "--variant=minbase",
+                f"--include={','.join(BOOTSTRAP_PACKAGES)}",
+                suite,
+                str(root),
+                mirror,
+            ]
+            self._stream_command(command)
+            for relative in BOOTSTRAP_PRUNE:
+                target = root / relative
+                if target.is_dir():
+                    shutil.rmtree(target)
+                    target.mkdir(parents=True)
+            self._progress(f"importing the root filesystem as {tag}")
+            archive = Path(tmp) / "rootfs.tar"
+            self._stream_command(
+                ["tar", "-C", str(root), "--numeric-owner", "-cf", str(archive), "."]
+            )
+            repository, _, version = tag.partition(":")
+            try:
+                self._client.api.import_image_from_file(
+                    str(archive),
+                    repository=repository,
+                    tag=version,
+                    changes=[
+                        "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                        "ENV LANG=C.UTF-8",
+                    ],
+                )
+                return str(self._client.images.get(tag).id)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                raise ImageBuildError(
+                    "docker import of the base image failed", hint=str(exc)
+                ) from exc
+
+    def _stream_command(self, command: list[str]) -> None:
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as process:
+            assert process.stdout is not None
+            tail: list[str] = []
+            for line in process.stdout:
+                line = line.rstrip()
+                tail = [*tail[-20:], line]
+                if line.startswith(_QUIET_PREFIXES):
+                    continue  # one line per package; the phases show progress well enough
+                self._progress(line)
+        if process.returncode != 0:
+            raise ImageBuildError(
+                f"{Path(command[0]).name} failed with exit code {process.returncode}",
+                hint=" | ".join(tail[-5:]),
+            )
+
+    def _build_task_image(self, tag: str) -> None:
+        self._progress(f"building task image {tag} on {self._recipe.base_tag}")
+        context = io.BytesIO()
+        with tarfile.open(fileobj=context, mode="w") as tar:
+            for name, path in sorted(self._recipe.build_files().items()):
+                tar.add(path, arcname=name)
+        context.seek(0)
+        inputs_hash = tag.partition(":")[2]
+        try:
+            stream = self._client.api.build(
+                fileobj=context,
+                custom_context=True,
+                tag=tag,
+                rm=True,
+                forcerm=True,
+                decode=True,
+                pull=False,
+                buildargs={
+                    "BASE_IMAGE": self._recipe.base_tag,
+                    "SANDBOX_UID": str(SANDBOX_UID),
+                    "INPUTS_HASH": inputs_hash,
+                },
+                labels={"io.sandbox-runner.inputs-hash": inputs_hash},
+            )
+            for event in stream:
+                self._report_build_event(event)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise ImageBuildError("docker build of the task image failed", hint=str(exc)) from exc
+
+    def _report_build_event(self, event: dict[str, Any]) -> None:
+        if "error" in event:
+            raise ImageBuildError(
+                "docker build of the task image failed", hint=str(event["error"]).strip()
+            )
+        text = str(event.get("stream", "")).strip()
+        if text:
+            self._progress(text)

@@ -383,7 +383,8 @@ class DockerSandbox:
                 user=self._isolation.user,
                 stdin_open=True,
                 tty=False,
-                network_disabled=True,
+                # network_mode "none" in the host config is the isolation; the legacy
+                # NetworkDisabled flag would also leave /etc/hosts without localhost.
                 hostname="sandbox",
                 labels=labels,
                 host_config=self._host_config(run.limits),

@@ -72,6 +72,7 @@ class AgentStats(_Strict):
     run_ms: float | None = Field(None, alias="runMs")
     oom_killed: bool | None = Field(None, alias="oomKilled")
     pids_limit_hit: bool | None = Field(None, alias="pidsLimitHit")
+    agent_undumpable: bool | None = Field(None, alias="agentUndumpable")
 
 
 class ResultEnvelope(_Strict):

@@ -53,6 +53,20 @@ def output_message(limits: Limits) -> str:
     return f"Task output exceeded the limit of {limits.output_bytes} bytes"
 
 
+USER_FILENAMES = ("<all_items_task_execution>", "<per_item_task_execution>")
+
+
+def crash_report(stderr_tail: str) -> str:
+    """The user's part of a faulthandler dump: the fatal error line and the user's frames."""
+    lines = stderr_tail.splitlines()
+    fatal = [line for line in lines if line.startswith("Fatal Python error:")]
+    if not fatal:
+        return ""
+    start = len(lines) - 1 - lines[::-1].index(fatal[-1])
+    frames = [line for line in lines[start:] if any(name in line for name in USER_FILENAMES)]
+    return "\n".join([fatal[-1], *frames])
+
+
 def interpret(stdout: bytes, facts: ProcessFacts, limits: Limits) -> ExecutionResult:
     """The one place where container facts and the agent's envelope become an outcome."""
     if facts.timed_out:
@@ -111,6 +125,7 @@ def _from_envelope(
     details: dict[str, object] = {
         "childExitCode": stats.child_exit_code,
         "agentRunMs": stats.run_ms,
+        "agentUndumpable": stats.agent_undumpable,
     }
     if envelope.status == "success":
         return ExecutionResult(
@@ -125,6 +140,8 @@ def _from_envelope(
         details["stderr"] = error.stderr
     oom = bool(stats.oom_killed) or facts.oom_killed
     code, message, description, stage, has_description = _classify(error, oom, stats, limits)
+    if code is Outcome.CRASHED and not description:
+        description = crash_report(facts.stderr_tail)
     return ExecutionResult(
         outcome=code,
         error=TaskError(code, message, description, stage, has_description),

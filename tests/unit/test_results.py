@@ -353,3 +353,12 @@ async def test_lone_surrogates_in_results_and_prints_survive(local_pipeline: Fac
     assert report.outcome is Outcome.SUCCESS, report.document()
     assert report.result == [{"s": "\ud800"}]
     assert report.prints == [["'\ud800'"]]
+
+
+async def test_code_valid_to_the_parser_but_not_as_a_body_is_a_syntax_error(
+    local_pipeline: Factory,
+) -> None:
+    report = await run(local_pipeline, "from __future__ import annotations\nreturn 1", stdlib="*")
+    assert report.error is not None
+    assert report.error.code is Outcome.SYNTAX_ERROR
+    assert "__future__" in report.error.message

@@ -51,10 +51,16 @@ class InvalidTask(Exception):
     """The task envelope is not what the runner promises to send."""
 
 
-def _make_undumpable() -> None:
-    # Best effort: seccomp and the container hold even if this fails.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+def make_undumpable() -> bool:
+    """Keep the child (same uid) out of the agent's /proc entries: mem, fds, environ.
+
+    Returns whether it worked; the result is reported in every envelope's stats.
+    Seccomp forbids setting it back to 1.
+    """
+    try:
+        return int(ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _validate(task: Any) -> dict[str, Any]:
@@ -332,7 +338,7 @@ def _increased(before: int | None, after: int | None) -> bool | None:
 
 
 def main() -> int:
-    _make_undumpable()
+    undumpable = make_undumpable()
     try:
         task = _validate(read_frame(STDIN_FD))
     except (FrameError, InvalidTask) as exc:
@@ -344,6 +350,7 @@ def main() -> int:
     else:
         envelope = run_task(task)
     envelope["version"] = VERSION
+    envelope.setdefault("stats", {})["agentUndumpable"] = undumpable
     try:
         body = dumps(envelope)
     except (TypeError, ValueError, RecursionError) as exc:

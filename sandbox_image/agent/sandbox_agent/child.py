@@ -14,6 +14,7 @@ n8n's child message (reference 8), with an added ``kind`` in ``error``.
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 import sys
@@ -33,6 +34,7 @@ SECURITY_VIOLATION = "security_violation"
 PROCESS_EXIT = "process_exit"
 OUTPUT_LIMIT = "output_limit_exceeded"
 PIDS_LIMIT = "pids_limit_exceeded"
+SYNTAX_ERROR = "syntax_error"
 
 RESULT_NAME = "__sandbox_result__"
 _MAX_FD = 65536
@@ -143,6 +145,9 @@ class Child:
         os.closerange(self.write_fd + 1, _MAX_FD)
         if self.task["guards"]["blockEnvAccess"]:
             os.environ.clear()
+        # A crash in C code (deep recursion, ctypes) dumps the Python stack to the
+        # container's stderr; the runner keeps the user's frames of it.
+        faulthandler.enable(file=2, all_threads=False)
         sys.stderr = self.stderr  # n8n keeps stderr as a diagnostic, so do we
 
     def run(self) -> NoReturn:
@@ -153,7 +158,11 @@ class Child:
             safe_format = guards.SafeFormat()
             per_item = self.task["mode"] == "per_item"
             filename = PER_ITEM_FILENAME if per_item else ALL_ITEMS_FILENAME
-            code = wrap_user_code(self.task["code"], filename)
+            try:
+                code = wrap_user_code(self.task["code"], filename)
+            except SyntaxError as exc:
+                # Valid to ast.parse but not as a function body (e.g. a __future__ import).
+                self._send(self._error_message(SYNTAX_ERROR, str(exc)))
 
             def run_once(**names: Any) -> Any:
                 scope = guards.make_globals(

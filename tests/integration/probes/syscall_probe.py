@@ -605,7 +605,7 @@ def _sleep_and_clocks() -> None:
 def _faulthandler() -> None:
     import faulthandler
 
-    faulthandler.enable()  # sigaltstack + sigaction
+    faulthandler.enable(file=2)  # sigaltstack + sigaction (fd 2: sys.stderr may be a buffer)
     faulthandler.disable()
 
 

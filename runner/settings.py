@@ -223,3 +223,29 @@ class Settings(BaseSettings):
 def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     """Build settings from the environment, with explicit overrides (CLI flags) on top."""
     return Settings(**dict(overrides or {}))
+
+
+def settings_table() -> str:
+    """The configuration table of the README, generated from this model (kept in sync by a test)."""
+    rows = [
+        "| Environment variable | Default | Meaning |",
+        "| --- | --- | --- |",
+    ]
+    for name, field in Settings.model_fields.items():
+        names = " / ".join(f"`{alias}`" for alias in _env_names(name, field))
+        if field.default_factory is not None:
+            default = "hostname" if name == "runner_id" else "computed"
+        elif isinstance(field.default, Path):
+            default = f"`{field.default.relative_to(PROJECT_ROOT)}`"
+        elif isinstance(field.default, bool):
+            default = f"`{str(field.default).lower()}`"
+        elif field.default in (None, ""):
+            default = "unset"
+        elif name == "stdlib_allow":
+            default = "curated pure-computation modules (see `runner/settings.py`)"
+        elif name == "builtins_deny":
+            default = "n8n's list (eval, exec, open, type, getattr, ...)"
+        else:
+            default = f"`{field.default}`"
+        rows.append(f"| {names} | {default} | {field.description or ''} |")
+    return "\n".join(rows)

@@ -1,0 +1,277 @@
+"""``sandbox-runner``: the command line.
+
+Owns: argument parsing, turning faults into one-line messages and exit codes, and
+output formats. Exit codes: 0 success, 1 the task failed, 2 usage, configuration
+or infrastructure error (one human line on stderr, never a traceback).
+Settings are built here, once, and passed down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from runner import __version__
+from runner.errors import ConfigurationError, RunnerError
+from runner.pipeline import TaskRequest
+from runner.sandbox.base import JSON, Mode
+from runner.settings import Settings, load_settings
+
+EXIT_TASK_FAILED = 1
+EXIT_USAGE = 2
+MODE_CHOICES = ["all_items", "per_item", "runOnceForAllItems", "runOnceForEachItem"]
+
+T = TypeVar("T")
+log = logging.getLogger("runner")
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"sandbox-runner: error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _settings(overrides: dict[str, Any] | None = None) -> Settings:
+    try:
+        return load_settings(overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        _fail(f"invalid configuration: {where}: {first['msg']}")
+    except ValueError as exc:  # e.g. an unreadable *_FILE
+        _fail(f"invalid configuration: {exc}")
+
+
+def _run(coroutine_factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine; runner faults become one line on stderr and exit code 2."""
+    try:
+        return asyncio.run(coroutine_factory())
+    except RunnerError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted")
+    except Exception as exc:  # a bug of ours: one line for the user, the traceback in the log
+        log.debug("internal error", exc_info=True)
+        _fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)")
+
+
+def _progress(message: str) -> None:
+    click.echo(f"[image] {message}", err=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sandbox-runner")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress and retries to stderr.")
+def main(verbose: bool) -> None:
+    """Run untrusted Python in hardened, short-lived containers, one per task."""
+    _setup_logging(verbose)
+
+
+# --- exec ------------------------------------------------------------------------
+
+
+def parse_items(raw: str | None) -> list[JSON]:
+    """``--items``: a file or inline JSON; a list of n8n items or of plain objects."""
+    if raw is None:
+        return []
+    path = Path(raw)
+    text = raw
+    if not raw.lstrip().startswith(("[", "{")) and path.is_file():
+        text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not a JSON file or JSON text: {exc}") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise click.BadParameter("must be a JSON list of items (objects)")
+    items: list[JSON] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise click.BadParameter(f"item {index} is {type(item).__name__}, not an object")
+        items.append(item if "json" in item else {"json": item})
+    return items
+
+
+def _read_code(source: str) -> str:
+    if source == "-":
+        return sys.stdin.read()
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {source}: {exc}", param_hint="FILE") from None
+
+
+@main.command("exec")
+@click.argument("source", metavar="FILE|-")
+@click.option(
+    "--items", "items_raw", metavar="FILE|JSON", help="Input items (n8n items or plain objects)."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(MODE_CHOICES),
+    default="all_items",
+    show_default=True,
+    help="Run once for all items, or once per item.",
+)
+@click.option("--continue-on-fail", is_flag=True, help="Turn a run failure into an error item.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Task timeout in seconds (default: N8N_RUNNERS_TASK_TIMEOUT or 60).",
+)
+@click.option("--pretty", is_flag=True, help="Human-readable output instead of JSON.")
+def exec_command(
+    source: str,
+    items_raw: str | None,
+    mode: str,
+    continue_on_fail: bool,
+    timeout_s: float | None,
+    pretty: bool,
+) -> None:
+    """Run one task (FILE, or - for stdin) in a fresh container and print its result.
+
+    The code is the body of a function, as in n8n's Code node: it reads ``_items``
+    (all items) or ``_item`` (per item) and ``return``s the result.
+    """
+    from runner.wiring import docker_pipeline
+
+    code = _read_code(source)
+    items = parse_items(items_raw)
+    settings = _settings()
+    request = TaskRequest(
+        code=code, items=items, mode=Mode.parse(mode), continue_on_fail=continue_on_fail
+    )
+
+    async def go() -> dict[str, Any]:
+        async with docker_pipeline(settings, _progress, timeout_s=timeout_s) as pipeline:
+            report = await pipeline.run(request)
+        return report.document()
+
+    document = _run(go)
+    if pretty:
+        click.echo(_pretty(document))
+    else:
+        click.echo(to_json(document))
+    if document["status"] != "success":
+        sys.exit(EXIT_TASK_FAILED)
+
+
+def to_json(document: object, indent: int | None = None) -> str:
+    """Readable UTF-8 JSON; ASCII escapes when a lone surrogate cannot be printed."""
+    text = json.dumps(document, ensure_ascii=False, indent=indent)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(document, ensure_ascii=True, indent=indent)
+    return text
+
+
+def _pretty(document: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for entry in document.get("prints", []):
+        lines.append("print: " + " ".join(entry))
+    if document["status"] == "success":
+        lines.append("result:")
+        lines.append(to_json(document["result"], indent=2))
+    else:
+        error = document["error"]
+        lines.append(f"error [{error['code']} at {error['stage']}]: {error['message']}")
+        if error["description"]:
+            lines.append(error["description"])
+    durations = document["audit"]["durationsMs"]
+    lines.append(
+        f"took {durations['total']:.0f} ms (container {document['audit']['containerId'] or '-'})"
+    )
+    return "\n".join(lines)
+
+
+# --- image -----------------------------------------------------------------------
+
+
+@main.group()
+def image() -> None:
+    """Build or inspect the task image."""
+
+
+@image.command("build")
+def image_build() -> None:
+    """Build the task image if its inputs changed (bootstraps the Debian base if needed)."""
+    from runner.sandbox.docker import connect
+    from runner.sandbox.image import ImageBuilder
+    from runner.wiring import image_recipe
+
+    settings = _settings()
+
+    async def go() -> str:
+        client = await asyncio.to_thread(connect, settings.docker_api_timeout_s)
+        builder = ImageBuilder(client, image_recipe(settings), _progress)
+        return await asyncio.to_thread(builder.ensure)
+
+    click.echo(_run(go))
+
+
+@image.command("tag")
+def image_tag() -> None:
+    """Print the tag the current sources map to (nothing is built)."""
+    from runner.sandbox.docker import connect
+    from runner.sandbox.image import ImageBuilder
+    from runner.wiring import image_recipe
+
+    settings = _settings()
+
+    async def go() -> str | None:
+        client = await asyncio.to_thread(connect, settings.docker_api_timeout_s)
+        return await asyncio.to_thread(
+            ImageBuilder(client, image_recipe(settings), _progress).current_tag
+        )
+
+    tag = _run(go)
+    if tag is None:
+        _fail("the base image does not exist yet; run `sandbox-runner image build`")
+    click.echo(tag)
+
+
+@main.command("sweep")
+def sweep() -> None:
+    """Remove this runner's leftover task containers and any orphan past its deadline."""
+    from runner.sandbox.docker import DockerSandbox, connect
+    from runner.wiring import load_isolation
+
+    settings = _settings()
+
+    async def go() -> list[str]:
+        client = await asyncio.to_thread(connect, settings.docker_api_timeout_s)
+        sandbox = DockerSandbox(
+            client,
+            image=settings.image or "unused",
+            isolation=load_isolation(settings),
+            runner_id=settings.runner_id,
+        )
+        try:
+            return await sandbox.sweep()
+        finally:
+            await sandbox.aclose()
+
+    removed = _run(go)
+    click.echo(json.dumps({"removed": removed}))
+
+
+__all__ = ["ConfigurationError", "main", "parse_items"]

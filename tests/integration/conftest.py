@@ -1,0 +1,97 @@
+"""Fixtures for tests against the real Docker engine and the real task image."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import docker
+import pytest
+
+from runner.errors import RunnerError
+from runner.pipeline import TaskPipeline, TaskRequest
+from runner.sandbox.base import Mode
+from runner.sandbox.docker import LABEL_MANAGED, DockerSandbox, connect
+from runner.sandbox.image import ImageBuilder
+from runner.settings import Settings
+from runner.wiring import image_recipe, make_docker_sandbox, make_pipeline
+
+# The in-process guards switched off: the container alone must hold.
+GUARDS_OFF = {
+    "stdlib_allow": "*",
+    "external_allow": "*",
+    "builtins_deny": "",
+    "block_env_access": False,
+}
+
+PipelineFactory = Callable[..., AbstractAsyncContextManager[TaskPipeline]]
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    return Settings(runner_id="pytest-runner")
+
+
+@pytest.fixture(scope="session")
+def docker_client(base_settings: Settings) -> Iterator[docker.DockerClient]:
+    try:
+        client = connect(base_settings.docker_api_timeout_s)
+    except RunnerError as exc:
+        pytest.fail(f"{exc}. `make test` starts a Docker engine first.", pytrace=False)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def task_image(docker_client: docker.DockerClient, base_settings: Settings) -> str:
+    builder = ImageBuilder(docker_client, image_recipe(base_settings), lambda line: None)
+    try:
+        return builder.ensure()
+    except RunnerError as exc:
+        pytest.fail(f"cannot build the task image: {exc}", pytrace=False)
+
+
+@pytest.fixture
+def make_docker_pipeline(
+    base_settings: Settings, task_image: str, docker_client: docker.DockerClient
+) -> PipelineFactory:
+    """``async with make_docker_pipeline(guards_off=True, memory_mb=64) as pipeline: ...``"""
+
+    @asynccontextmanager
+    async def factory(
+        *, guards_off: bool = False, client: docker.DockerClient | None = None, **overrides: Any
+    ) -> AsyncIterator[TaskPipeline]:
+        values = {**base_settings.model_dump(), **(GUARDS_OFF if guards_off else {}), **overrides}
+        settings = Settings(**values)
+        own_client = client or docker.from_env(timeout=60)
+        sandbox = make_docker_sandbox(settings, own_client, image=task_image, ensure_image=None)
+        pipeline = make_pipeline(
+            settings,
+            sandbox,
+            image=task_image,
+            image_id=None,
+            isolation=sandbox.isolation.report(),
+        )
+        try:
+            yield pipeline
+        finally:
+            await sandbox.aclose()
+
+    return factory
+
+
+def request(
+    code: str, items: list[Any] | None = None, mode: Mode = Mode.ALL_ITEMS, **kw: Any
+) -> TaskRequest:
+    return TaskRequest(code=code, items=items or [], mode=mode, **kw)
+
+
+def containers_of_task(client: docker.DockerClient, task_id: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = client.api.containers(
+        all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"io.sandbox-runner.task={task_id}"]}
+    )
+    return found
+
+
+__all__ = ["GUARDS_OFF", "DockerSandbox", "containers_of_task", "request"]

@@ -1,0 +1,153 @@
+"""``sandbox-runner exec`` as a user runs it: one JSON document, honest exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "runner"]
+
+
+def sandbox_runner(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("N8N_", "SANDBOX_"))}
+    full_env.update(env or {})
+    return subprocess.run(
+        [*CLI, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.usefixtures("task_image")
+def test_exec_success_prints_one_json_document() -> None:
+    done = sandbox_runner(
+        "exec",
+        "-",
+        "--items",
+        '[{"a": 1}, {"json": {"a": 2}}]',
+        stdin="return [{'json': {'sum': sum(i['json']['a'] for i in _items)}}]",
+    )
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document["status"] == "success"
+    assert document["result"] == [{"json": {"sum": 3}}]
+    assert document["prints"] == []
+    audit = document["audit"]
+    assert audit["containerId"]
+    assert audit["imageId"].startswith("sha256:")
+    assert audit["isolation"]["seccomp"]["sha256"]
+    assert audit["limits"]["memoryBytes"] == 256 * 1024 * 1024
+    for phase in ("analyze", "create", "start", "containerSetup", "run", "total"):
+        assert phase in audit["durationsMs"], phase
+
+
+@pytest.mark.usefixtures("task_image")
+def test_exec_per_item_mode_from_files(tmp_path: Path) -> None:
+    code = tmp_path / "task.py"
+    code.write_text("return None if _item['json']['n'] % 2 else {'n': _item['json']['n']}")
+    items = tmp_path / "items.json"
+    items.write_text(json.dumps([{"n": n} for n in range(4)]))
+    done = sandbox_runner("exec", str(code), "--items", str(items), "--mode", "per_item")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"] == [
+        {"json": {"n": 0}, "pairedItem": {"item": 0}},
+        {"json": {"n": 2}, "pairedItem": {"item": 2}},
+    ]
+
+
+@pytest.mark.usefixtures("task_image")
+def test_exec_task_error_exits_1_with_the_error_document() -> None:
+    done = sandbox_runner("exec", "-", stdin="print('x')\nraise ValueError('nope')")
+    assert done.returncode == 1
+    document = json.loads(done.stdout)
+    assert document["status"] == "error"
+    assert document["error"]["message"] == "nope"
+    assert document["error"]["code"] == "user_error"
+    assert document["prints"] == [["'x'"]]
+
+
+@pytest.mark.usefixtures("task_image")
+def test_exec_timeout_flag_and_n8n_variable() -> None:
+    flag = sandbox_runner("exec", "-", "--timeout", "1", stdin="while True:\n    pass")
+    assert flag.returncode == 1
+    assert json.loads(flag.stdout)["error"]["message"] == "Task execution timed out after 1 second"
+    env = sandbox_runner(
+        "exec", "-", stdin="while True:\n    pass", env={"N8N_RUNNERS_TASK_TIMEOUT": "2"}
+    )
+    assert json.loads(env.stdout)["error"]["message"] == "Task execution timed out after 2 seconds"
+
+
+@pytest.mark.usefixtures("task_image")
+def test_exec_honours_allowlist_variables() -> None:
+    code = "import os\nreturn len(os.environ)"
+    blocked = sandbox_runner("exec", "-", stdin=code)
+    assert json.loads(blocked.stdout)["error"]["message"] == "Security violations detected"
+    allowed = sandbox_runner("exec", "-", stdin=code, env={"N8N_RUNNERS_STDLIB_ALLOW": "os"})
+    assert allowed.returncode == 0, allowed.stdout
+    assert json.loads(allowed.stdout)["result"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "stdin", "needle"),
+    [
+        pytest.param(["exec", "/nonexistent.py"], {}, None, "cannot read", id="missing-file"),
+        pytest.param(
+            ["exec", "-", "--items", "{not json"], {}, "return 1", "not a JSON", id="bad-items"
+        ),
+        pytest.param(
+            ["exec", "-", "--items", "[1]"], {}, "return 1", "not an object", id="item-not-object"
+        ),
+        pytest.param(
+            ["exec", "-", "--mode", "sideways"], {}, "return 1", "sideways", id="bad-mode"
+        ),
+        pytest.param(
+            ["exec", "-"],
+            {"N8N_RUNNERS_STDLIB_ALLOW": "*,os"},
+            "return 1",
+            "must be used alone",
+            id="bad-allowlist",
+        ),
+        pytest.param(
+            ["exec", "-"],
+            {"SANDBOX_MEMORY_MB": "lots"},
+            "return 1",
+            "invalid configuration",
+            id="bad-number",
+        ),
+        pytest.param(
+            ["exec", "-"],
+            {"DOCKER_HOST": "unix:///nonexistent.sock"},
+            "return 1",
+            "Cannot reach the Docker daemon",
+            id="no-daemon",
+        ),
+    ],
+)
+def test_usage_configuration_and_infrastructure_errors_exit_2_without_traceback(
+    args: list[str], env: dict[str, str], stdin: str | None, needle: str
+) -> None:
+    done = sandbox_runner(*args, stdin=stdin, env=env)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stdout == ""
+    assert needle in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_version_and_help() -> None:
+    assert sandbox_runner("--version").stdout.startswith("sandbox-runner, version ")
+    help_text = sandbox_runner("exec", "--help").stdout
+    for option in ("--items", "--mode", "--continue-on-fail", "--timeout"):
+        assert option in help_text

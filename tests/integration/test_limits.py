@@ -1,0 +1,203 @@
+"""Resource attacks end in their own clear error, on time, and leave nothing behind."""
+
+from __future__ import annotations
+
+import time
+
+import docker
+import pytest
+
+from runner.pipeline import TaskReport
+from runner.sandbox.base import Outcome, Stage
+
+from .conftest import PipelineFactory, containers_of_task, request
+
+MEMORY_BOMB = """
+hog = []
+while True:
+    hog.append(bytearray(8 * 1024 * 1024))
+"""
+
+FORK_BOMB = """
+import os
+while True:
+    os.fork()
+"""
+
+THREAD_BOMB = """
+import threading, time
+threads = []
+while True:
+    thread = threading.Thread(target=time.sleep, args=(30,))
+    thread.start()
+    threads.append(thread)
+"""
+
+CPU_LOOP_IGNORING_SIGTERM = """
+import signal
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while True:
+    pass
+"""
+
+# The agent is stopped, so it cannot enforce the timeout: the host deadline must.
+AGENT_FROZEN = """
+import os, signal
+os.kill(os.getppid(), signal.SIGSTOP)
+while True:
+    pass
+"""
+
+PRINT_FLOOD = """
+while True:
+    print("x" * 10000)
+"""
+
+FD_FLOOD = """
+import os
+chunk = b"y" * 65536
+while True:
+    os.write(1, chunk)
+    os.write(2, chunk)
+"""
+
+TMP_FILL = """
+import errno
+written = 0
+try:
+    with open("/tmp/fill", "wb") as handle:
+        while True:
+            handle.write(b"z" * 65536)
+            handle.flush()
+            written += 65536
+except OSError as exc:
+    return {"written": written, "errno": errno.errorcode[exc.errno]}
+"""
+
+SEGFAULT = """
+import os, signal
+os.kill(os.getpid(), signal.SIGSEGV)
+"""
+
+
+def assert_clean(client: docker.DockerClient, report: TaskReport) -> None:
+    assert containers_of_task(client, report.task_id) == [], "the task container was left behind"
+
+
+@pytest.mark.parametrize("guards_off", [False, True], ids=["guards-on", "guards-off"])
+async def test_memory_bomb_is_killed_as_out_of_memory(
+    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient, guards_off: bool
+) -> None:
+    async with make_docker_pipeline(guards_off=guards_off, memory_mb=64) as pipeline:
+        report = await pipeline.run(request(MEMORY_BOMB))
+    assert report.outcome is Outcome.MEMORY_LIMIT, report.document()
+    assert report.error is not None
+    assert report.error.message == "Task ran out of memory (limit 64 MiB)"
+    assert report.error.stage is Stage.RUN
+    assert_clean(docker_client, report)
+
+
+@pytest.mark.parametrize("bomb", [FORK_BOMB, THREAD_BOMB], ids=["fork-bomb", "thread-bomb"])
+async def test_process_bombs_hit_the_pids_limit(
+    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient, bomb: str
+) -> None:
+    started = time.monotonic()
+    async with make_docker_pipeline(guards_off=True, pids_limit=32, task_timeout_s=20) as pipeline:
+        report = await pipeline.run(request(bomb))
+    assert report.outcome is Outcome.PIDS_LIMIT, report.document()
+    assert report.error is not None
+    assert report.error.message == "Task hit the process limit (32 processes and threads)"
+    assert time.monotonic() - started < 20
+    assert_clean(docker_client, report)
+
+
+async def test_cpu_loop_ignoring_sigterm_dies_on_time(
+    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+) -> None:
+    started = time.monotonic()
+    async with make_docker_pipeline(guards_off=True, task_timeout_s=2) as pipeline:
+        report = await pipeline.run(request(CPU_LOOP_IGNORING_SIGTERM))
+        elapsed = time.monotonic() - started
+    assert report.outcome is Outcome.TIMEOUT, report.document()
+    assert report.error is not None
+    assert report.error.message == "Task execution timed out after 2 seconds"
+    assert elapsed < 2 + 3, f"took {elapsed:.1f}s"
+    assert_clean(docker_client, report)
+
+
+async def test_host_deadline_kills_a_container_whose_agent_cannot_report(
+    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+) -> None:
+    started = time.monotonic()
+    async with make_docker_pipeline(guards_off=True, task_timeout_s=1) as pipeline:
+        report = await pipeline.run(request(AGENT_FROZEN))
+        elapsed = time.monotonic() - started
+    assert report.outcome is Outcome.TIMEOUT, report.document()
+    assert report.error is not None
+    assert report.error.message == "Task execution timed out after 1 second"
+    assert elapsed < 1 + 5 + 3, f"took {elapsed:.1f}s"
+    assert_clean(docker_client, report)
+
+
+async def test_print_flood_ends_in_output_limit(
+    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+) -> None:
+    async with make_docker_pipeline(output_bytes=1024 * 1024, task_timeout_s=30) as pipeline:
+        report = await pipeline.run(request(PRINT_FLOOD))
+    assert report.outcome is Outcome.OUTPUT_LIMIT, report.document()
+    assert report.error is not None
+    assert "output limit of 1048576 bytes" in report.error.message
+    # What was captured before the limit is kept, with n8n's truncation marker.
+    assert len(report.prints) == 101
+    assert report.prints[-1][0].startswith("[Output truncated - ")
+    assert_clean(docker_client, report)
+
+
+async def test_stdout_and_stderr_flood_is_capped_and_ends_in_output_limit(
+    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+) -> None:
+    async with make_docker_pipeline(
+        guards_off=True, output_bytes=1024 * 1024, task_timeout_s=30
+    ) as pipeline:
+        report = await pipeline.run(request(FD_FLOOD))
+    assert report.outcome is Outcome.OUTPUT_LIMIT, report.document()
+    assert report.error is not None
+    assert report.error.message == "Task output exceeded the limit of 1048576 bytes"
+    assert report.audit["details"]["stderrBytes"] <= 1024 * 1024 + 2 * 65536 + 16
+    assert_clean(docker_client, report)
+
+
+async def test_tmp_fill_stops_at_the_tmpfs_cap(
+    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+) -> None:
+    async with make_docker_pipeline(guards_off=True, tmpfs_mb=8, fsize_mb=64) as pipeline:
+        report = await pipeline.run(request(TMP_FILL))
+    assert report.outcome is Outcome.SUCCESS, report.document()
+    assert report.result["errno"] == "ENOSPC"
+    assert 6 * 1024 * 1024 <= report.result["written"] <= 8 * 1024 * 1024
+    assert_clean(docker_client, report)
+
+
+async def test_single_file_stops_at_the_file_size_limit(
+    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+) -> None:
+    async with make_docker_pipeline(guards_off=True, tmpfs_mb=16, fsize_mb=2) as pipeline:
+        report = await pipeline.run(request(TMP_FILL))
+    assert report.outcome is Outcome.SUCCESS, report.document()
+    assert report.result["errno"] == "EFBIG"
+    assert report.result["written"] <= 2 * 1024 * 1024
+    assert_clean(docker_client, report)
+
+
+async def test_crash_by_signal_is_reported_as_a_crash(
+    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+) -> None:
+    async with make_docker_pipeline(guards_off=True) as pipeline:
+        report = await pipeline.run(request(SEGFAULT))
+    assert report.outcome is Outcome.CRASHED, report.document()
+    assert report.error is not None
+    assert report.error.message == "Task process crashed with signal SIGSEGV"
+    assert report.error.description.startswith("Fatal Python error: Segmentation fault")
+    assert '<all_items_task_execution>", line 3' in report.error.description
+    assert "sandbox_agent" not in report.error.description
+    assert_clean(docker_client, report)

@@ -29,7 +29,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import docker
 import docker.errors
@@ -269,16 +268,16 @@ class ImageBuilder:
                 },
                 labels={"io.sandbox-runner.inputs-hash": inputs_hash},
             )
+            tail: list[str] = []
             for event in stream:
-                self._report_build_event(event)
+                if "error" in event:
+                    raise ImageBuildError(
+                        "docker build of the task image failed",
+                        hint=" | ".join([*tail[-3:], str(event["error"]).strip()]),
+                    )
+                text = str(event.get("stream", "")).strip()
+                if text:
+                    tail = [*tail[-10:], text]
+                    self._progress(text)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise ImageBuildError("docker build of the task image failed", hint=str(exc)) from exc
-
-    def _report_build_event(self, event: dict[str, Any]) -> None:
-        if "error" in event:
-            raise ImageBuildError(
-                "docker build of the task image failed", hint=str(event["error"]).strip()
-            )
-        text = str(event.get("stream", "")).strip()
-        if text:
-            self._progress(text)

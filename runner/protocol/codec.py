@@ -1,0 +1,83 @@
+"""Frames <-> messages. Every malformed frame becomes one :class:`ProtocolError`.
+
+Frames are JSON text (binary frames are decoded as UTF-8, as n8n's runner does).
+Encoding never emits bare ``NaN``/``Infinity`` (Node's JSON.parse rejects them and
+the broker would drop the message): such a value is a bug upstream and raises.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from runner.errors import RunnerError
+from runner.protocol.messages import (
+    BROKER_MESSAGE_TYPES,
+    RUNNER_MESSAGE_TYPES,
+    BrokerMessage,
+    RunnerMessage,
+)
+
+
+class ProtocolError(RunnerError):
+    """A frame that is not a valid message of the protocol."""
+
+    code = "protocol_error"
+
+
+class UnknownMessageType(ProtocolError):
+    """A well-formed frame whose ``type`` we do not handle (logged and ignored)."""
+
+    code = "unknown_message_type"
+
+
+_BROKER = TypeAdapter[Any](BrokerMessage)
+_RUNNER = TypeAdapter[Any](RunnerMessage)
+
+
+def _load(frame: str | bytes) -> dict[str, Any]:
+    if isinstance(frame, bytes):
+        try:
+            frame = frame.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"Frame is not UTF-8: {exc}") from None
+    try:
+        document = json.loads(frame)
+    except ValueError as exc:
+        raise ProtocolError(f"Frame is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise ProtocolError(f"Frame is not a JSON object but {type(document).__name__}")
+    if not isinstance(document.get("type"), str):
+        raise ProtocolError("Frame has no 'type'")
+    return document
+
+
+def _validate(adapter: TypeAdapter[Any], document: dict[str, Any], known: frozenset[str]) -> Any:
+    if document["type"] not in known:
+        raise UnknownMessageType(f"Unknown message type: {document['type']}")
+    try:
+        return adapter.validate_python(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"][1:]) or "message"
+        raise ProtocolError(
+            f"Invalid {document['type']} message: {where}: {first['msg']}"
+        ) from None
+
+
+def decode_broker_message(frame: str | bytes) -> Any:
+    """A broker -> runner frame as a message model (runner side)."""
+    return _validate(_BROKER, _load(frame), BROKER_MESSAGE_TYPES)
+
+
+def decode_runner_message(frame: str | bytes) -> Any:
+    """A runner -> broker frame as a message model (broker side)."""
+    return _validate(_RUNNER, _load(frame), RUNNER_MESSAGE_TYPES)
+
+
+def encode(message: BaseModel) -> str:
+    """A message as a JSON text frame (camelCase keys, no bare NaN)."""
+    document = message.model_dump(mode="json", by_alias=True)
+    return json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":"))

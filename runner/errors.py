@@ -9,7 +9,9 @@ are for faults of the runner itself and of what it depends on::
     ├── InfrastructureError          infrastructure_error  something we depend on failed
     │   ├── DockerUnavailableError   docker_unavailable    daemon unreachable / 5xx after retries
     │   ├── ImageBuildError          image_build_failed    task image could not be built
-    │   └── ContainerSetupError      container_setup_failed create/attach/start failed after retries
+    │   ├── ContainerSetupError      container_setup_failed create/attach/start failed after retries
+    │   └── IsolationNotEnforcedError isolation_not_enforced the self-check found a required
+    │                                                      guarantee of the policy not in force
     └── AgentProtocolError           agent_protocol_error  the agent's output broke the framing
                                                            (it is untrusted input)
 
@@ -62,6 +64,16 @@ class ContainerSetupError(InfrastructureError):
     """A task container could not be created, attached or started."""
 
     code = "container_setup_failed"
+
+
+class IsolationNotEnforcedError(InfrastructureError):
+    """The self-check's canary container lacks a guarantee the policy requires.
+
+    The runner refuses to take tasks: the host (kernel, daemon, runtime) does not
+    enforce what the policy bundle promises.
+    """
+
+    code = "isolation_not_enforced"
 
 
 class AgentProtocolError(RunnerError):

@@ -1,0 +1,345 @@
+"""``sandbox-runner policy lint|explain`` and ``sandbox-runner selfcheck``.
+
+Owns: the auditor-facing output of the policy bundle (text and ``--json``) and of
+the self-check. The rules, the comparison with Docker's default profile and the
+explanation itself come from :mod:`runner.policy`; the canaries from
+:mod:`runner.selfcheck`. Registered in :mod:`runner.cli` with ``main.add_command``.
+
+Exit codes: ``policy lint`` 0 when the bundle has no error (warnings are fine), 1
+when it has; ``selfcheck`` 0 when every required guarantee holds, 1 when one does
+not; 2 for usage, configuration or infrastructure errors (as everywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import click
+
+from runner.cli_support import _fail, _progress, _run, _settings
+from runner.policy import (
+    ARCHES,
+    DOCKER_DEFAULT_PROFILE,
+    LintReport,
+    Severity,
+    check_bundle,
+    explain_bundle,
+    lint_bundle,
+    parse_bundle,
+)
+from runner.settings import PROJECT_ROOT
+
+EXIT_FINDINGS = 1
+WIDTH = 100
+DEFAULT_DIR = PROJECT_ROOT / "policies"
+
+
+def to_json(document: object, indent: int | None = 1) -> str:
+    return json.dumps(document, ensure_ascii=False, indent=indent)
+
+
+def _host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine) if machine else "x86_64"
+
+
+def _bundle_dir(directory: Path | None) -> Path:
+    if directory is not None:
+        return directory
+    return _settings().policy_dir
+
+
+@click.group("policy")
+def policy() -> None:
+    """Check and explain a policy bundle (default: the configured one, policies/)."""
+
+
+@policy.command("lint")
+@click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+@click.option(
+    "--arch",
+    type=click.Choice(sorted(ARCHES)),
+    default=None,
+    help="Architecture of the Docker comparison (default: this host's).",
+)
+def policy_lint(directory: Path | None, as_json: bool, arch: str | None) -> None:
+    """Reject a bundle that opens the container; compare its seccomp profile with Docker's.
+
+    Errors: privileged, cap_add, host network/pid/ipc, host mounts, the Docker socket,
+    a seccomp default action that allows, a non-native ABI, a required refusal that
+    is allowed, clone/socket/personality without argument filters, a limit above
+    its ceiling, an AppArmor profile that does not compile. Exit 1 on any error.
+    """
+    arch = arch or (_host_arch() if _host_arch() in ARCHES else "x86_64")
+    report = lint_bundle(_bundle_dir(directory), arch=arch)
+    click.echo(to_json(report.as_json(), indent=1) if as_json else render_lint(report))
+    if not report.is_ok:
+        sys.exit(EXIT_FINDINGS)
+
+
+@policy.command("explain")
+@click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+def policy_explain(directory: Path | None, as_json: bool) -> None:
+    """What a task may and may not do, read from the bundle's files."""
+    bundle_dir = _bundle_dir(directory)
+    bundle, findings = parse_bundle(bundle_dir)
+    if bundle is None:
+        _fail(f"cannot read the policy bundle {bundle_dir}: {findings[0]}")
+    document = explain_bundle(bundle)
+    click.echo(to_json(document, indent=1) if as_json else render_explain(document))
+
+
+@click.command("selfcheck")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+@click.option(
+    "--policy-dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Check this bundle instead of the configured one (SANDBOX_POLICY_DIR).",
+)
+@click.option(
+    "--skip-lint",
+    is_flag=True,
+    help="Diagnose a bundle the linter rejects (to see what it really enforces). "
+    "Never used for running tasks; the result is not cached.",
+)
+def selfcheck(as_json: bool, policy_dir: Path | None, skip_lint: bool) -> None:
+    """Prove, from inside canary containers, which isolation guarantees are in force.
+
+    Prints every guarantee as pass, fail or not-available; exits 1 when a required
+    one is not in force. A passing result is cached per Docker daemon and policy
+    hash, so `serve` and `exec` start without running the canaries again.
+    """
+    from runner.wiring import docker_selfcheck
+
+    settings = _settings({"policy_dir": policy_dir} if policy_dir else None)
+    if skip_lint:
+        bundle, _ = parse_bundle(settings.policy_dir)
+        errors = [f for f in check_bundle(bundle) if f.severity is Severity.ERROR] if bundle else []
+        if errors:
+            click.echo(
+                f"note: {settings.policy_dir} fails `policy lint` ({len(errors)} error(s)); "
+                "no task ever runs under it",
+                err=True,
+            )
+    report = _run(lambda: docker_selfcheck(settings, _progress, enforce_lint=not skip_lint))
+    if as_json:
+        click.echo(to_json(report.as_json(), indent=1))
+    else:
+        click.echo(render_selfcheck(report.as_json()))
+    if not report.is_ok:
+        sys.exit(EXIT_FINDINGS)
+
+
+# -- rendering --------------------------------------------------------------------------
+
+
+def _wrap(text: str, indent: str, first: str | None = None) -> str:
+    return textwrap.fill(
+        text,
+        width=WIDTH,
+        initial_indent=first if first is not None else indent,
+        subsequent_indent=indent,
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
+
+
+def render_lint(report: LintReport) -> str:
+    verdict = "OK" if report.is_ok else "REJECTED"
+    sha = f" (sha256 {report.sha256})" if report.sha256 else ""
+    lines = [
+        f"policy lint {report.directory}: {verdict}: {len(report.errors)} error(s), "
+        f"{len(report.warnings)} warning(s){sha}"
+    ]
+    for finding in report.findings:
+        lines.append(
+            _wrap(
+                f"{finding.file}: {finding.message}",
+                " " * 10,
+                f"{finding.severity.value:<8}  [{finding.rule}] ",
+            )
+        )
+    comparison = report.comparison
+    if comparison is None:
+        return "\n".join(lines)
+    lines += [
+        "",
+        f"Compared with Docker's default seccomp profile ({_relative(DOCKER_DEFAULT_PROFILE)}, "
+        f"Docker 20.10), {comparison.arch}, no capabilities:",
+        f"  system calls allowed: ours {comparison.ours_allowed}, Docker's default "
+        f"{comparison.docker_allowed}",
+    ]
+    sections = (
+        ("refused only by ours", comparison.refused_only_by_ours),
+        (
+            "narrowed by ours (both allow; ours only with these arguments)",
+            comparison.narrowed_by_ours,
+        ),
+        ("allowed only by ours", comparison.allowed_only_by_ours),
+        ("refused by both, answered differently", comparison.errno_differs),
+    )
+    for title, differences in sections:
+        lines.append(f"  {title} ({len(differences)}){':' if differences else ': none'}")
+        for difference in differences:
+            if difference.ours_conditions:
+                lines.append(f"    {difference.name:<22} Docker: {difference.docker}; ours only if")
+                lines.extend(f"{' ' * 29}{condition}" for condition in difference.ours_conditions)
+                continue
+            lines.append(
+                _wrap(
+                    f"ours: {difference.ours}; Docker: {difference.docker}",
+                    " " * 27,
+                    f"    {difference.name:<22} ",
+                )
+            )
+    if comparison.docker_names_not_on_arch:
+        names = " ".join(comparison.docker_names_not_on_arch)
+        lines.append(
+            f"  names in Docker's profile that are no {comparison.arch} system call "
+            f"({len(comparison.docker_names_not_on_arch)}, other ABIs):"
+        )
+        lines.append(_wrap(names, "    "))
+    return "\n".join(lines)
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def render_explain(doc: dict[str, Any]) -> str:
+    out: list[str] = [
+        f"Policy bundle {doc['bundle']}",
+        f"  sha256 {doc['sha256']}",
+        f"  over   {', '.join(doc['files'])}",
+        "",
+        "LIMITS per task (a setting may lower a value, never raise it above the ceiling)",
+        f"  {'limit':<14} {'default':>12} {'ceiling':>12}",
+    ]
+    for name, bound in doc["limits"].items():
+        out.append(f"  {name:<14} {bound['default']:>12} {bound['ceiling']:>12}")
+
+    c, image = doc["container"], doc["image"]
+    tmpfs = ", ".join(f"{target} ({options})" for target, options in c["tmpfs"].items())
+    out += [
+        "",
+        "CONTAINER (one per task, destroyed after it)",
+        f"  runs as      uid {image['uid']} (image {image['repository']}), never root",
+        f"  may          write only {tmpfs or 'nothing'}; size limits.tmpfs_mb",
+        f"  may not      write the image (read-only root filesystem: {c['readOnlyRootfs']})",
+        f"  may not      reach any network (network_mode {c['network']}: only lo)",
+        f"  may not      hold a capability (cap_drop {' '.join(c['capDrop'])}; cap_add "
+        f"{' '.join(c['capAdd']) or 'none'}; privileged {str(c['privileged']).lower()})",
+        f"  may not      gain privileges through setuid files (no_new_privileges "
+        f"{str(c['noNewPrivileges']).lower()})",
+        f"  may not      see host processes, IPC or cgroups (pid {c['pidMode']}, ipc "
+        f"{c['ipcMode']}, cgroupns {c['cgroupns']})",
+        f"  may not      use host mounts or devices (mounts: {len(c['mounts']) or 'none'}, "
+        f"devices: {len(c['devices']) or 'none'})",
+    ]
+
+    s = doc["seccomp"]
+    allowed = sum(len(group["syscalls"]) for group in s["allowed"])
+    out += [
+        "",
+        f"SYSTEM CALLS ({s['file']})",
+        f"  sha256       {s['sha256']}",
+        f"  default      everything not listed below is refused with {s['defaultAnswer']}",
+        f"  ABIs         {', '.join(s['architectures'])} only; {s['foreignAbis']}",
+        f"  may ({allowed} calls without conditions, by purpose):",
+    ]
+    for group in s["allowed"]:
+        only = f" [{', '.join(group['only'])} only]" if "only" in group else ""
+        out.append(_wrap(group["why"] + only, "      ", "    - "))
+        out.append(_wrap(" ".join(group["syscalls"]), "        ", "      "))
+    out.append("  may, with these arguments only:")
+    for entry in s["allowedWithArguments"]:
+        out.append(_wrap(f"{' '.join(entry['syscalls'])} if {entry['when']}", "      ", "    - "))
+        out.append(_wrap(entry["why"], "        ", "      "))
+    out.append("  may not (listed explicitly; the default refuses them too):")
+    for entry in s["refusedExplicitly"]:
+        out.append(_wrap(f"{' '.join(entry['syscalls'])} -> {entry['answer']}", "      ", "    - "))
+        out.append(_wrap(entry["why"], "        ", "      "))
+
+    a = doc["apparmor"]
+    out += [
+        "",
+        f"APPARMOR ({a['file']}, profile {a['profile']})",
+        "  applied where the host kernel has AppArmor; elsewhere reported as not available",
+    ]
+    for section in a["rules"]:
+        out.append(_wrap("; ".join(section["rules"]), "      ", f"  {section['section']}: "))
+
+    i = doc["imports"]
+
+    def listed(names: list[str]) -> str:
+        return " ".join(names) if names else "none"
+
+    def ceiling(names: list[str]) -> str:
+        return "any module" if names == ["*"] else listed(names)
+
+    out += [
+        "",
+        "IMPORTS AND BUILTINS (speed bumps in front of the container)",
+        "  settings may change them within the bounds shown",
+        _wrap(listed(i["stdlibAllow"]), "      ", "  standard library allowed: "),
+        f"      bound: {ceiling(i['stdlibAllowCeiling'])}",
+        f"  third-party allowed: {listed(i['externalAllow'])}; bound: "
+        f"{ceiling(i['externalAllowCeiling'])}",
+        _wrap(listed(i["builtinsDeny"]), "      ", "  builtins removed: "),
+        f"      every setting must still remove: {listed(i['builtinsDenyFloor'])}",
+    ]
+
+    sc = doc["selfcheck"]
+    canary = sc["canary"]
+    out += [
+        "",
+        "SELF-CHECK (canary containers prove these before the runner takes tasks)",
+    ]
+    for name in [*sc["required"], *sc["optional"]]:
+        kind = "required" if name in sc["required"] else "optional"
+        out.append(f"  {kind:<9} {name:<21} {sc['guarantees'][name]}")
+    out.append(
+        f"  canary limits: {canary['memoryMb']} MiB memory, {canary['pids']} pids, "
+        f"{canary['timeoutS']:g} s"
+    )
+    return "\n".join(out)
+
+
+def render_selfcheck(doc: dict[str, Any]) -> str:
+    marks = {"pass": "PASS", "fail": "FAIL", "not-available": "N/A"}
+    cached = " (cached)" if doc["cached"] else ""
+    lines = [
+        f"selfcheck: policy sha256 {doc['policySha256']}",
+        f"  daemon {doc['daemonId'] or '?'}, checked {doc['checkedAt']} in "
+        f"{doc['durationMs']:.0f} ms{cached}",
+    ]
+    for item in doc["guarantees"]:
+        kind = "required" if item["required"] else "optional"
+        lines.append(
+            _wrap(
+                item["detail"],
+                " " * 41,
+                f"  {marks[item['status']]:<5} {item['name']:<21} {kind:<9}  ",
+            )
+        )
+    missing = [g["name"] for g in doc["guarantees"] if g["required"] and g["status"] != "pass"]
+    optional = [g["name"] for g in doc["guarantees"] if not g["required"] and g["status"] != "pass"]
+    if missing:
+        lines.append(f"result: FAILED: required guarantees not in force: {', '.join(missing)}")
+    else:
+        note = f"; optional not in force: {', '.join(optional)}" if optional else ""
+        lines.append(f"result: OK: every required guarantee holds{note}")
+    return "\n".join(lines)
+
+
+__all__ = ["policy", "render_explain", "render_lint", "render_selfcheck", "selfcheck"]

@@ -1,0 +1,154 @@
+"""The self-check against the real engine: canaries under the real policy prove every
+required guarantee; a weakened policy makes it fail (and ``selfcheck`` exit 1); and
+every task's audit record carries the policy hash and the guarantees in force."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.policy import DOCKER_DEFAULT_PROFILE, load_bundle
+from runner.sandbox.docker import host_has_apparmor
+from runner.selfcheck import SelfCheckCache, Status
+from runner.settings import PROJECT_ROOT, Settings
+from runner.wiring import docker_selfcheck
+
+POLICIES = PROJECT_ROOT / "policies"
+
+
+def sandbox_runner(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("N8N_", "SANDBOX_"))}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=PROJECT_ROOT,
+        timeout=300,
+        check=False,
+    )
+
+
+def weakened(tmp_path: Path, seccomp: str) -> Path:
+    """A copy of policies/ whose seccomp profile is ``seccomp`` (JSON text)."""
+    bundle = tmp_path / "weak-policy"
+    shutil.copytree(POLICIES, bundle)
+    (bundle / "seccomp" / "task.json").write_text(seccomp)
+    return bundle
+
+
+@pytest.mark.usefixtures("task_image")
+async def test_canaries_prove_every_required_guarantee(
+    base_settings: Settings, tmp_path: Path
+) -> None:
+    settings = Settings(**{**base_settings.model_dump(), "selfcheck_cache_dir": tmp_path})
+    report = await docker_selfcheck(settings, lambda _: None)
+    assert report.is_ok, report.as_json()
+    found = {result.name: result for result in report.results}
+    for name in load_bundle(POLICIES).config.selfcheck.required:
+        assert found[name].status is Status.PASS, found[name]
+    expected = Status.PASS if host_has_apparmor() else Status.NOT_AVAILABLE
+    assert found["apparmor"].status is expected
+    assert report.policy_sha256 == load_bundle(POLICIES).sha256
+    assert "OOM-killed" in found["memory-limit"].detail
+    # It passed, so the next start takes it from the cache.
+    assert SelfCheckCache(tmp_path).get(report.key) is not None
+
+
+@pytest.mark.usefixtures("task_image")
+def test_selfcheck_command_prints_every_guarantee(tmp_path: Path) -> None:
+    done = sandbox_runner("selfcheck", env={"SANDBOX_SELFCHECK_CACHE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    for name in ("seccomp-filter", "seccomp-profile", "no-new-privileges", "memory-limit"):
+        assert any(line.startswith(f"  PASS  {name} ") for line in lines), name
+    mark = "PASS" if host_has_apparmor() else "N/A "
+    assert any(line.startswith(f"  {mark}  apparmor ") for line in lines)
+    assert lines[-1].startswith("result: OK")
+
+    as_json = sandbox_runner(
+        "selfcheck", "--json", env={"SANDBOX_SELFCHECK_CACHE_DIR": str(tmp_path)}
+    )
+    assert as_json.returncode == 0
+    assert json.loads(as_json.stdout)["ok"] is True
+
+
+@pytest.mark.usefixtures("task_image")
+@pytest.mark.parametrize(
+    "seccomp",
+    [
+        pytest.param(DOCKER_DEFAULT_PROFILE.read_text(), id="docker-default-profile"),
+        pytest.param(
+            json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}), id="allow-default"
+        ),
+    ],
+)
+def test_selfcheck_fails_on_a_weakened_policy(tmp_path: Path, seccomp: str) -> None:
+    bundle = weakened(tmp_path, seccomp)
+    cache = tmp_path / "cache"
+    # The linter rejects such a bundle: the runner would not even start with it.
+    refused = sandbox_runner(
+        "selfcheck", "--policy-dir", str(bundle), env={"SANDBOX_SELFCHECK_CACHE_DIR": str(cache)}
+    )
+    assert refused.returncode == 2
+    assert "Invalid policy bundle" in refused.stderr
+    # Diagnosed anyway, the canary shows that our profile is not what is in force.
+    done = sandbox_runner(
+        "selfcheck",
+        "--policy-dir",
+        str(bundle),
+        "--skip-lint",
+        env={"SANDBOX_SELFCHECK_CACHE_DIR": str(cache)},
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "fails `policy lint`" in done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("  FAIL  seccomp-profile       required") for line in lines)
+    assert any(line.startswith("  PASS  no-new-privileges") for line in lines)
+    assert lines[-1].startswith("result: FAILED: required guarantees not in force: ")
+    assert "seccomp-profile" in lines[-1]
+    assert not cache.exists() or list(cache.iterdir()) == []  # failures are never cached
+
+
+@pytest.mark.usefixtures("task_image")
+def test_every_task_audit_record_carries_the_policy_and_the_guarantees(tmp_path: Path) -> None:
+    env = {"SANDBOX_SELFCHECK_CACHE_DIR": str(tmp_path)}
+    first = sandbox_runner("exec", "-", stdin="return 1", env=env)
+    assert first.returncode == 0, first.stderr
+    audit = json.loads(first.stdout)["audit"]
+    sha = load_bundle(POLICIES).sha256
+    assert audit["policySha256"] == sha
+    isolation = audit["isolation"]
+    assert isolation["policySha256"] == sha
+    guarantees = isolation["guarantees"]
+    assert guarantees["policySha256"] == sha
+    assert guarantees["cached"] is False
+    in_force = guarantees["inForce"]
+    assert in_force["seccomp-profile"] == "pass"
+    assert in_force["memory-limit"] == "pass"
+    assert in_force["apparmor"] == ("pass" if host_has_apparmor() else "not-available")
+    # The second task of another process costs no canary: the result is cached.
+    second = sandbox_runner("exec", "-", stdin="return 2", env=env)
+    assert second.returncode == 0, second.stderr
+    again = json.loads(second.stdout)["audit"]["isolation"]["guarantees"]
+    assert again["cached"] is True
+    assert again["checkedAt"] == guarantees["checkedAt"]
+
+
+@pytest.mark.usefixtures("task_image")
+def test_a_setting_beyond_a_ceiling_stops_exec_before_docker(tmp_path: Path) -> None:
+    done = sandbox_runner("exec", "-", stdin="return 1", env={"SANDBOX_PIDS_LIMIT": "100000"})
+    assert done.returncode == 2
+    assert "SANDBOX_PIDS_LIMIT=100000 is above the policy ceiling [limits] pids = 512" in (
+        done.stderr
+    )

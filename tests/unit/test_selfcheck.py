@@ -1,0 +1,321 @@
+"""The self-check's logic without Docker: evaluating canary facts, failing closed,
+and caching (in memory and on disk) so that it costs nothing per task.
+
+The canaries themselves run against the real engine in
+``tests/integration/test_selfcheck.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.errors import IsolationNotEnforcedError
+from runner.policy import EffectivePolicy, load_policy
+from runner.sandbox.base import ExecutionResult, Limits, Outcome, TaskError, TaskSpec
+from runner.selfcheck import (
+    CANARY_GUARDS,
+    FACTS_CANARY,
+    MEMORY_CANARY,
+    CanaryOutcome,
+    SelfCheckCache,
+    SelfCheckTarget,
+    Status,
+    ensure_selfcheck,
+    evaluate,
+    run_selfcheck,
+)
+from runner.settings import Settings
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def policy() -> EffectivePolicy:
+    return load_policy(Settings())
+
+
+def good_facts(policy: EffectivePolicy) -> dict[str, Any]:
+    """What the facts canary reports in a container that holds every guarantee."""
+    limits = policy.canary_limits()
+    return {
+        "uid": 10001,
+        "gid": 10001,
+        "seccomp": "2",
+        "no_new_privs": "1",
+        "cap_eff": "0000000000000000",
+        "cap_prm": "0000000000000000",
+        "cap_bnd": "0000000000000000",
+        "cap_amb": "0000000000000000",
+        "interfaces": ["lo"],
+        "syscalls": {
+            "io_uring_setup": "EPERM",
+            "ptrace_peekdata": "EPERM",
+            "socket_af_vsock": "EPERM",
+            "clone3": "ENOSYS",
+        },
+        "apparmor": None,
+        "memory_limit": str(limits.memory_bytes),
+        "pids_max": str(limits.pids),
+        "root_write": "EROFS",
+        "threads_started": limits.pids - 3,
+        "thread_refused": "RuntimeError: can't start new thread",
+    }
+
+
+def cache_files(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir())
+
+
+def mode_of(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def read_text(path: Path) -> str:
+    return path.read_text()
+
+
+def write_text(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+OOM = CanaryOutcome(Outcome.MEMORY_LIMIT, None, "memory_limit_exceeded: out of memory")
+
+
+def statuses(results: tuple[Any, ...]) -> dict[str, Status]:
+    return {result.name: result.status for result in results}
+
+
+def test_every_guarantee_passes_on_good_facts(policy: EffectivePolicy) -> None:
+    results = evaluate(
+        CanaryOutcome(Outcome.SUCCESS, good_facts(policy)), OOM, policy, apparmor_profile=None
+    )
+    found = statuses(results)
+    assert [result.name for result in results] == [
+        *policy.bundle.config.selfcheck.required,
+        *policy.bundle.config.selfcheck.optional,
+    ]
+    assert found.pop("apparmor") is Status.NOT_AVAILABLE
+    assert set(found.values()) == {Status.PASS}
+
+
+def _set(facts: dict[str, Any], key: str, value: Any) -> None:
+    if "." in key:
+        outer, inner = key.split(".")
+        facts[outer] = {**facts[outer], inner: value}
+    else:
+        facts[key] = value
+
+
+@pytest.mark.parametrize(
+    ("guarantee", "key", "value"),
+    [
+        ("seccomp-filter", "seccomp", "0"),
+        ("seccomp-profile", "syscalls.io_uring_setup", "EFAULT"),  # Docker's default
+        ("seccomp-profile", "syscalls.ptrace_peekdata", "ESRCH"),
+        ("seccomp-profile", "syscalls.socket_af_vsock", "EINVAL"),
+        ("seccomp-profile", "syscalls.clone3", "EPERM"),
+        ("no-new-privileges", "no_new_privs", "0"),
+        ("capabilities-dropped", "cap_eff", "00000000a80425fb"),
+        ("capabilities-dropped", "cap_bnd", "00000000a80425fb"),
+        ("network-none", "interfaces", ["eth0", "lo"]),
+        ("read-only-rootfs", "root_write", "written"),
+        ("non-root-user", "uid", 0),
+        ("non-root-user", "gid", 0),
+        ("memory-limit", "memory_limit", "9223372036854771712"),  # no limit
+        ("pids-limit", "pids_max", "max"),
+        ("pids-limit", "thread_refused", None),
+    ],
+)
+def test_each_guarantee_fails_on_its_own_fact(
+    policy: EffectivePolicy, guarantee: str, key: str, value: Any
+) -> None:
+    facts = good_facts(policy)
+    _set(facts, key, value)
+    results = evaluate(CanaryOutcome(Outcome.SUCCESS, facts), OOM, policy, apparmor_profile=None)
+    failed = {name for name, status in statuses(results).items() if status is Status.FAIL}
+    assert failed == {guarantee}
+
+
+def test_memory_limit_fails_when_the_memory_canary_is_not_killed(
+    policy: EffectivePolicy,
+) -> None:
+    survived = CanaryOutcome(Outcome.SUCCESS, {"allocatedMb": 256})
+    results = evaluate(
+        CanaryOutcome(Outcome.SUCCESS, good_facts(policy)), survived, policy, apparmor_profile=None
+    )
+    memory = next(r for r in results if r.name == "memory-limit")
+    assert memory.status is Status.FAIL
+    assert "allocated 256 MiB past a 64 MiB limit" in memory.detail
+
+
+def test_apparmor_passes_only_when_our_profile_confines_the_task(policy: EffectivePolicy) -> None:
+    facts = good_facts(policy)
+    facts["apparmor"] = "sandbox-task (enforce)"
+    results = evaluate(
+        CanaryOutcome(Outcome.SUCCESS, facts), OOM, policy, apparmor_profile="sandbox-task"
+    )
+    assert statuses(results)["apparmor"] is Status.PASS
+    facts["apparmor"] = "docker-default (enforce)"
+    results = evaluate(
+        CanaryOutcome(Outcome.SUCCESS, facts), OOM, policy, apparmor_profile="sandbox-task"
+    )
+    assert statuses(results)["apparmor"] is Status.FAIL
+
+
+def test_a_canary_that_did_not_run_fails_every_guarantee(policy: EffectivePolicy) -> None:
+    crashed = CanaryOutcome(Outcome.CRASHED, None, "crashed: Task process crashed")
+    results = evaluate(crashed, OOM, policy, apparmor_profile=None)
+    found = statuses(results)
+    assert found.pop("apparmor") is Status.NOT_AVAILABLE
+    assert set(found.values()) == {Status.FAIL}
+    assert "the canary did not run: crashed" in results[0].detail
+
+
+# -- running through a pipeline and a (fake) sandbox ---------------------------------------
+
+
+class CanarySandbox:
+    """Answers the two canaries like a real container would (or worse, on demand)."""
+
+    def __init__(self, policy: EffectivePolicy, **fact_changes: Any) -> None:
+        self.facts = {**good_facts(policy), **fact_changes}
+        self.canary_limits = policy.canary_limits()
+        self.runs: list[str] = []
+
+    async def run(self, spec: TaskSpec, limits: Limits) -> ExecutionResult:
+        assert spec.guards == CANARY_GUARDS  # the in-process guards are off
+        assert limits == self.canary_limits
+        if spec.code == FACTS_CANARY:
+            self.runs.append("facts")
+            assert spec.items == [{"json": {"threadCap": limits.pids * 4}}]
+            return ExecutionResult(Outcome.SUCCESS, result=dict(self.facts))
+        assert spec.code == MEMORY_CANARY
+        self.runs.append("memory")
+        error = TaskError(Outcome.MEMORY_LIMIT, "Task ran out of memory (limit 64 MiB)")
+        return ExecutionResult(Outcome.MEMORY_LIMIT, error=error)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def target(
+    policy: EffectivePolicy, sandbox: CanarySandbox, daemon_id: str = "D1"
+) -> SelfCheckTarget:
+    return SelfCheckTarget(
+        sandbox=sandbox,
+        policy=policy,
+        apparmor_profile=None,
+        daemon={"id": daemon_id, "serverVersion": "20.10.24"},
+        image="sandbox-runner-task:test",
+        image_id="sha256:image",
+    )
+
+
+async def test_run_selfcheck_runs_both_canaries_through_the_pipeline(
+    policy: EffectivePolicy,
+) -> None:
+    sandbox = CanarySandbox(policy)
+    report = await run_selfcheck(target(policy, sandbox))
+    assert sorted(sandbox.runs) == ["facts", "memory"]
+    assert report.is_ok
+    assert report.policy_sha256 == policy.sha256
+    assert report.daemon_id == "D1"
+    assert report.in_force()["apparmor"] == "not-available"
+    assert [r.name for r in report.missing_optional] == ["apparmor"]
+    audit = report.audit()
+    assert audit["policySha256"] == policy.sha256
+    assert audit["inForce"]["seccomp-profile"] == "pass"
+
+
+async def test_ensure_fails_closed_and_caches_nothing(
+    policy: EffectivePolicy, tmp_path: Path
+) -> None:
+    weak = CanarySandbox(policy, seccomp="0")
+    cache = SelfCheckCache(tmp_path)
+    with pytest.raises(IsolationNotEnforcedError) as caught:
+        await ensure_selfcheck(target(policy, weak), cache=cache)
+    assert "seccomp-filter (Seccomp: 0" in str(caught.value)
+    assert caught.value.code == "isolation_not_enforced"
+    assert cache_files(tmp_path) == []
+    with pytest.raises(IsolationNotEnforcedError):  # and it runs again next time
+        await ensure_selfcheck(target(policy, weak), cache=cache)
+    assert weak.runs.count("facts") == 2
+
+
+async def test_ensure_caches_per_daemon_and_policy(policy: EffectivePolicy, tmp_path: Path) -> None:
+    sandbox = CanarySandbox(policy)
+    cache = SelfCheckCache(tmp_path)
+    first = await ensure_selfcheck(target(policy, sandbox), cache=cache)
+    assert not first.cached
+    second = await ensure_selfcheck(target(policy, sandbox), cache=cache)
+    assert second.cached
+    assert sandbox.runs.count("facts") == 1  # the second call cost nothing
+
+    # A new process (a new cache object) finds it on disk.
+    files = cache_files(tmp_path)
+    assert len(files) == 1
+    assert mode_of(files[0]) == 0o600
+    from_disk = await ensure_selfcheck(target(policy, sandbox), cache=SelfCheckCache(tmp_path))
+    assert from_disk.cached
+    assert from_disk.in_force() == first.in_force()
+    assert sandbox.runs.count("facts") == 1
+
+    # Another daemon, or refresh=True, runs the canaries again.
+    await ensure_selfcheck(target(policy, sandbox, daemon_id="D2"), cache=cache)
+    assert sandbox.runs.count("facts") == 2
+    await ensure_selfcheck(target(policy, sandbox), cache=cache, refresh=True)
+    assert sandbox.runs.count("facts") == 3
+
+
+async def test_cache_key_changes_with_the_policy(policy: EffectivePolicy, tmp_path: Path) -> None:
+    other = load_policy(Settings(policy_dir=Path(__file__).parents[1] / "fixtures" / "good_policy"))
+    sandbox = CanarySandbox(policy)
+    assert target(policy, sandbox).cache_key != target(other, sandbox).cache_key
+
+
+async def test_a_tampered_or_foreign_cache_file_is_ignored(
+    policy: EffectivePolicy, tmp_path: Path
+) -> None:
+    sandbox = CanarySandbox(policy)
+    await ensure_selfcheck(target(policy, sandbox), cache=SelfCheckCache(tmp_path))
+    (path,) = cache_files(tmp_path)
+    document = json.loads(read_text(path))
+    document["guarantees"][0]["status"] = "fail"  # a stored failure is never trusted
+    write_text(path, json.dumps(document))
+    await ensure_selfcheck(target(policy, sandbox), cache=SelfCheckCache(tmp_path))
+    write_text(path, "{not json")
+    await ensure_selfcheck(target(policy, sandbox), cache=SelfCheckCache(tmp_path))
+    assert sandbox.runs.count("facts") == 3
+
+
+async def test_cache_without_a_directory_is_memory_only(policy: EffectivePolicy) -> None:
+    sandbox = CanarySandbox(policy)
+    cache = SelfCheckCache(None)
+    await ensure_selfcheck(target(policy, sandbox), cache=cache)
+    assert (await ensure_selfcheck(target(policy, sandbox), cache=cache)).cached
+    assert sandbox.runs.count("facts") == 1
+
+
+async def test_a_missing_optional_guarantee_is_logged(
+    policy: EffectivePolicy, caplog: pytest.LogCaptureFixture
+) -> None:
+    sandbox = CanarySandbox(policy)
+    cache = SelfCheckCache(None)
+    with caplog.at_level("INFO", logger="runner.selfcheck"):
+        await ensure_selfcheck(target(policy, sandbox), cache=cache)
+        await ensure_selfcheck(target(policy, sandbox), cache=cache)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "optional" in r.getMessage()]
+    assert said == [
+        (
+            "WARNING",
+            "optional isolation guarantee apparmor is not-available: host kernel has no AppArmor",
+        ),
+        (
+            "INFO",
+            "optional isolation guarantee apparmor is not-available: host kernel has no AppArmor",
+        ),
+    ]

@@ -1,0 +1,780 @@
+"""``make bench``: the same small task four ways, latency, throughput and memory.
+
+The task: sum 1,000 ints, JSON in and JSON out. The ways:
+
+(a) ``forkserver`` -- our pipeline over :class:`~runner.sandbox.process.ProcessSandbox`:
+    the real agent as a host process that forks a child per task (what n8n does;
+    no isolation between tasks);
+(b) ``bare`` -- a bare docker SDK container per task (create/start/wait/logs/remove)
+    with the same image, limits and security options (:mod:`bench.bare`);
+(c) ``cold`` -- our pipeline over DockerSandbox, no pool: a fresh container per task;
+(d) ``warm`` -- the same with the warm pool (a fresh, pre-started container per task).
+
+(e) ``broker`` -- our service behind the embedded broker: submitted over HTTP
+    (``POST /v1/tasks?wait=``), offered to the runner over the websocket protocol,
+    run in a warm container (the same pool as (d)), the result sent back.
+
+Latency samples are interleaved (one sample of each way per round, the order
+rotating), each taken with the system quiet: pool full, earlier removals done.
+Throughput is sustained: C closed-loop workers per way, completions counted in a
+window after a warm-up, so the pool's refill and the removals behind the tasks are
+part of what is measured. Memory: see :mod:`bench.memory`. Results go to
+``bench/results.json`` and a PNG chart; ``--help`` lists the knobs for longer runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import docker
+
+from bench.bare import BENCH_OWNER, BareDocker
+from bench.memory import container_cgroup, daemon_memory, host_used_kib, shim_memory
+from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
+from runner.sandbox.docker import LABEL_OWNER
+from runner.sandbox.process import ProcessSandbox
+from runner.settings import Settings
+from runner.wiring import docker_pipeline
+
+HERE = Path(__file__).resolve().parent
+VALUES = list(range(1000))
+EXPECTED_SUM = sum(VALUES)
+CODE = "return [{'json': {'sum': sum(_items[0]['json']['values'])}}]"
+WAYS = ("forkserver", "bare", "cold", "warm", "broker")
+LABELS = {
+    "forkserver": "(a) forkserver child on the host",
+    "bare": "(b) bare docker SDK container",
+    "cold": "(c) our pipeline, cold container",
+    "warm": "(d) our pipeline, warm pool",
+    "broker": "(e) our service behind the embedded broker",
+}
+MIB_KIB = 1024
+
+One = Callable[[], Awaitable[TaskReport | None]]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100)."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(values),
+        "p50": round(percentile(values, 50), 2),
+        "p95": round(percentile(values, 95), 2),
+        "mean": round(statistics.fmean(values), 2),
+        "min": round(min(values), 2),
+        "max": round(max(values), 2),
+    }
+
+
+def other_containers(client: Any) -> int:
+    """Running containers that are not this benchmark's: a sign the numbers are noisy.
+
+    Through the SDK, not the docker CLI: the CLI would be a child process, and the
+    forkserver's memory is read from this process's children's peak RSS.
+    """
+    running = client.api.containers(filters={"status": "running"})
+    owners = {"bench", BENCH_OWNER}
+    return sum(1 for c in running if (c.get("Labels") or {}).get(LABEL_OWNER) not in owners)
+
+
+def host_cpu_s() -> float:
+    """CPU seconds the whole host has spent busy (all cores, every process and the kernel)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int, *, reaped_children: bool = False) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    if reaped_children:
+        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def stack_cpu_s() -> dict[str, float]:
+    """CPU seconds so far: the whole host, the two daemons, what PID 1 reaped, and us.
+
+    containerd shims daemonize and end up children of PID 1; when one exits, its CPU
+    and that of everything it reaped (runc, runc's hooks such as dockerd's
+    libnetwork-setkey, the container's own processes) lands in PID 1's cutime.
+    """
+    counters = {"host": host_cpu_s()}
+    for name in ("dockerd", "containerd"):
+        pids = [
+            int(entry) for entry in os.listdir("/proc") if entry.isdigit() and _comm(entry) == name
+        ]
+        counters[name] = sum(process_cpu_s(pid) for pid in pids)
+    counters["shimsRuncContainers"] = process_cpu_s(1, reaped_children=True)
+    counters["runner"] = process_cpu_s(os.getpid())  # this process: the runner side
+    return counters
+
+
+def _comm(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def host_facts(client: Any) -> dict[str, Any]:
+    info = client.info()
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "docker": info.get("ServerVersion"),
+        "runtime": info.get("DefaultRuntime"),
+        "cgroup": info.get("CgroupVersion"),
+        "memTotalMiB": int(Path("/proc/meminfo").read_text().split()[1]) // 1024,
+    }
+
+
+class Bench:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        cold: TaskPipeline,
+        warm: TaskPipeline,
+        broker: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        self.args = args
+        self.broker = broker
+        self.way_names = [way for way in WAYS if way != "broker" or broker is not None]
+        self.cold = cold
+        self.warm = warm
+        self.cold_sandbox: Any = cold.sandbox
+        self.warm_sandbox: Any = warm.sandbox
+        self.forkserver = TaskPipeline(
+            sandbox=ProcessSandbox(args.image_dir),
+            analyzer=cold.analyzer,
+            guards=cold.guards,
+            limits=cold.limits,
+            context=cold.context,
+        )
+        self.client = docker.from_env(timeout=120)
+        self.bare = BareDocker(
+            self.client, cold.context.image, self.cold_sandbox.isolation, cold.limits
+        )
+        self.noise: list[int] = []
+        self.cgroup_peaks: dict[str, list[int]] = {"cold": [], "warm": []}
+        self.bare_phases: list[dict[str, float]] = []
+
+    def ways(self) -> dict[str, One]:
+        ways: dict[str, One] = {
+            "forkserver": lambda: self._pipeline(self.forkserver, "forkserver"),
+            "bare": self._bare,
+            "cold": lambda: self._pipeline(self.cold, "cold"),
+            "warm": lambda: self._pipeline(self.warm, "warm"),
+        }
+        if self.broker is not None:
+            broker = self.broker
+
+            async def via_broker() -> None:
+                await broker()
+
+            ways["broker"] = via_broker
+        return ways
+
+    async def _pipeline(self, pipeline: TaskPipeline, way: str) -> TaskReport:
+        report = await pipeline.run(TaskRequest(code=CODE, items=[{"json": {"values": VALUES}}]))
+        if report.result != [{"json": {"sum": EXPECTED_SUM}}]:
+            raise RuntimeError(f"{way}: wrong result {report.document()}")
+        if way in self.cgroup_peaks:
+            # Read at once, before the removal behind the task runs (the container is
+            # still there: a successful result does not wait for its exit).
+            cgroup = container_cgroup(report.audit["containerId"])
+            if cgroup and cgroup.get("peak_kib"):
+                self.cgroup_peaks[way].append(cgroup["peak_kib"])
+        return report
+
+    async def _bare(self) -> None:
+        result = await asyncio.to_thread(self.bare.run, VALUES)
+        if result != {"sum": EXPECTED_SUM}:
+            raise RuntimeError(f"bare: wrong result {result}")
+        self.bare_phases.append(dict(self.bare.last_phases_ms))
+
+    async def quiesce(self) -> None:
+        """Nothing of ours in the background: removals done, the pool full."""
+        await self.cold_sandbox.wait_removals()
+        await self.warm_sandbox.wait_removals()
+        await self.warm_sandbox.warm_up(wait=True)
+
+    # -- latency ---------------------------------------------------------------------
+
+    async def latency(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        ways = self.ways()
+        for one in ways.values():  # warm every path once (imports, caches, page cache)
+            await self.quiesce()
+            await one()
+        names = self.way_names
+        samples: dict[str, list[float]] = {way: [] for way in names}
+        phases: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
+        for round_number in range(self.args.rounds):
+            shift = round_number % len(names)
+            order = names[shift:] + names[:shift]
+            self.noise.append(await asyncio.to_thread(other_containers, self.client))
+            for way in order:
+                await self.quiesce()
+                began = time.perf_counter()
+                report = await ways[way]()
+                samples[way].append((time.perf_counter() - began) * 1000)
+                if report is not None and way in phases:
+                    phases[way].append(report.audit["durationsMs"])
+        breakdown = {way: _median_phases(rows) for way, rows in phases.items()}
+        breakdown["bare"] = _median_phases(self.bare_phases)
+        return {way: summary(values) for way, values in samples.items()}, breakdown
+
+    # -- throughput ------------------------------------------------------------------
+
+    async def throughput(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+        ways = self.ways()
+        names = self.way_names
+        results: dict[str, dict[str, float]] = {way: {} for way in names}
+        cpu: dict[str, dict[str, Any]] = {way: {} for way in names}
+        for index, concurrency in enumerate(self.args.concurrency):
+            shift = index % len(names)
+            order = names[shift:] + names[:shift]
+            for way in order:
+                await self.quiesce()
+                self.noise.append(await asyncio.to_thread(other_containers, self.client))
+                rate, cpu_ms = await self._sustained(ways[way], concurrency)
+                results[way][str(concurrency)] = round(rate, 2)
+                cpu[way][str(concurrency)] = cpu_ms
+                print(
+                    f"  throughput {way:10s} c={concurrency}: {rate:6.2f} tasks/s, "
+                    f"CPU ms/task {cpu_ms}",
+                    flush=True,
+                )
+        return results, cpu
+
+    async def _sustained(self, one: One, concurrency: int) -> tuple[float, dict[str, float] | None]:
+        """Tasks per second in the window, and the CPU spent per task in it (ms)."""
+        began = time.monotonic()
+        window_start = began + self.args.warmup
+        window_end = window_start + self.args.duration
+        finished: list[float] = []
+        cpu: list[dict[str, float]] = []
+
+        async def worker() -> None:
+            while time.monotonic() < window_end:
+                await one()
+                finished.append(time.monotonic())
+
+        async def cpu_meter() -> None:
+            for moment in (window_start, window_end):
+                await asyncio.sleep(max(0.0, moment - time.monotonic()))
+                cpu.append(stack_cpu_s())
+
+        await asyncio.gather(cpu_meter(), *(worker() for _ in range(concurrency)))
+        counted = [t for t in finished if window_start <= t < window_end]
+        if not counted:
+            return 0.0, None
+        cpu_ms = {
+            name: round((cpu[1][name] - cpu[0][name]) * 1000 / len(counted), 1) for name in cpu[0]
+        }
+        return len(counted) / self.args.duration, cpu_ms
+
+
+def _median_phases(rows: list[dict[str, float]]) -> dict[str, float]:
+    names = sorted({name for row in rows for name in row})
+    return {
+        name: round(statistics.median(row[name] for row in rows if name in row), 2)
+        for name in names
+    }
+
+
+async def probe(pool_size: int, tasks: int) -> tuple[Any, dict[str, Any], Callable[..., Any]]:
+    """Start a runner probe process; return it, its first status, and a step function."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.runner_probe",
+        "--pool-size",
+        str(pool_size),
+        "--tasks",
+        str(tasks),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=HERE.parent,
+    )
+    assert process.stdout is not None
+    assert process.stdin is not None
+
+    async def read_status() -> dict[str, Any]:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 300)
+        if not line:
+            raise RuntimeError("runner probe ended early")
+        status: dict[str, Any] = json.loads(line)
+        return status
+
+    async def step(command: str) -> dict[str, Any] | None:
+        assert process.stdin is not None
+        process.stdin.write(f"{command}\n".encode())
+        await process.stdin.drain()
+        if command == "exit":
+            await process.wait()
+            return None
+        return await read_status()
+
+    return process, await read_status(), step
+
+
+async def measure_memory(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    """Idle slot, task container, runner: see bench/README.md for what is counted."""
+    slots_n = args.memory_slots
+    # The runner alone, no pool, after some tasks (baseline for the per-slot runner cost).
+    _, runner0, step0 = await probe(0, args.probe_tasks)
+    await step0("close")
+    await step0("exit")
+    # A runner with the default pool (the runner memory we report).
+    _, runner_default, step_d = await probe(args.pool_size, args.probe_tasks)
+    await step_d("close")
+    await step_d("exit")
+    # A runner holding slots_n idle slots: measure them, then close the pool and diff.
+    daemons_before = daemon_memory()
+    _, held, step_m = await probe(slots_n, args.probe_tasks)
+    await asyncio.sleep(args.settle)  # let the slots' page faults and the daemons settle
+    daemons_held = daemon_memory()
+    host_held = host_used_kib()
+    slots = []
+    for container_id in held["slots"]:
+        slots.append({"cgroup": container_cgroup(container_id), "shim": shim_memory(container_id)})
+    await step_m("close")
+    await asyncio.sleep(args.settle)
+    daemons_after = daemon_memory()
+    host_after = host_used_kib()
+    await step_m("exit")
+
+    def median(values: list[float]) -> float:
+        return round(statistics.median(values), 1) if values else float("nan")
+
+    cgroup_kib = median([s["cgroup"]["usage_kib"] for s in slots if s["cgroup"]])
+    shim_pss = median([s["shim"]["pss_kib"] for s in slots if s["shim"]])
+    shim_rss = median([s["shim"]["rss_kib"] for s in slots if s["shim"]])
+    # Go daemons keep freed memory a while, so the drop after closing the pool may
+    # show nothing; the growth since before the probe includes its tasks' churn.
+    # The larger of the two is taken: an upper bound.
+    daemon_delta = 0.0
+    for name in ("dockerd", "containerd"):
+        held_rss = (daemons_held.get(name) or {}).get("rss_kib")
+        if held_rss is None:
+            continue
+        deltas = [
+            (held_rss - other["rss_kib"]) / slots_n
+            for other in (daemons_before.get(name), daemons_after.get(name))
+            if other
+        ]
+        daemon_delta += max([0.0, *deltas])
+    runner_delta = max(0.0, (held["rss_kib"] - runner0["rss_kib"]) / slots_n)
+    counted = cgroup_kib + shim_pss + daemon_delta + runner_delta
+    upper = cgroup_kib + shim_rss + daemon_delta + runner_delta
+    task_peaks = bench.cgroup_peaks["cold"] + bench.cgroup_peaks["warm"]
+    return {
+        "idleSlot": {
+            "slots": slots_n,
+            "cgroupUsageKiB": cgroup_kib,
+            "cgroupAnonKiB": median([s["cgroup"]["anon_kib"] for s in slots if s["cgroup"]]),
+            "cgroupKernelKiB": median(
+                [s["cgroup"]["kernel_kib"] or 0 for s in slots if s["cgroup"]]
+            ),
+            "shimPssKiB": shim_pss,
+            "shimRssKiB": shim_rss,
+            "daemonsPerSlotKiB": round(daemon_delta, 1),
+            "runnerPerSlotKiB": round(runner_delta, 1),
+            "countedMiB": round(counted / MIB_KIB, 2),
+            "countedWithShimRssMiB": round(upper / MIB_KIB, 2),
+            "hostUsedDeltaPerSlotMiB": round((host_held - host_after) / slots_n / MIB_KIB, 2),
+            "perSlot": slots,
+        },
+        "taskContainer": {
+            "cgroupPeakKiB": median([float(v) for v in task_peaks]),
+            "withShimPssMiB": round((median([float(v) for v in task_peaks]) + shim_pss) / 1024, 2)
+            if task_peaks
+            else None,
+            "samples": len(task_peaks),
+        },
+        "runner": {
+            "poolSize": args.pool_size,
+            "rssMiB": round(runner_default["rss_kib"] / 1024, 1),
+            "pssMiB": round(runner_default["pss_kib"] / 1024, 1),
+            "peakRssMiB": round(runner_default["peak_rss_kib"] / 1024, 1),
+            "withoutPoolRssMiB": round(runner0["rss_kib"] / 1024, 1),
+        },
+    }
+
+
+def evaluate(results: dict[str, Any]) -> dict[str, Any]:
+    latency, throughput = results["latencyMs"], results["throughputPerS"]
+    memory = results.get("memory", {}).get("idleSlot", {})
+    ways = [way for way in WAYS if way in latency]
+    p50 = {way: latency[way]["p50"] for way in ways}
+    ratios = {
+        "latencyP50VsForkserver": {way: round(p50[way] / p50["forkserver"], 2) for way in ways},
+        "latencyP50VsBare": {way: round(p50[way] / p50["bare"], 2) for way in ways},
+        "throughputVsForkserver": {},
+        "throughputVsBare": {},
+    }
+    for concurrency in throughput["bare"]:
+        for base, key in (("forkserver", "throughputVsForkserver"), ("bare", "throughputVsBare")):
+            ratios[key][concurrency] = {
+                way: round(throughput[way][concurrency] / throughput[base][concurrency], 2)
+                for way in ways
+                if throughput[base][concurrency]
+            }
+    top = str(max(int(c) for c in throughput["bare"]))
+    targets = [
+        {
+            "target": "warm-pool p50 latency <= 1.3 x forkserver's",
+            "value": ratios["latencyP50VsForkserver"]["warm"],
+            "limit": 1.3,
+            "met": ratios["latencyP50VsForkserver"]["warm"] <= 1.3,
+        },
+        {
+            "target": "cold p50 latency <= 1.0 x bare docker SDK's",
+            "value": ratios["latencyP50VsBare"]["cold"],
+            "limit": 1.0,
+            "met": ratios["latencyP50VsBare"]["cold"] <= 1.0,
+        },
+        {
+            "target": f"warm-pool throughput at concurrency {top} >= 2 x bare docker SDK's",
+            "value": ratios["throughputVsBare"].get(top, {}).get("warm"),
+            "limit": 2.0,
+            "met": (ratios["throughputVsBare"].get(top, {}).get("warm") or 0) >= 2.0,
+        },
+    ]
+    if memory:
+        targets.append(
+            {
+                "target": "idle pool slot <= 20 MiB of host memory, everything counted",
+                "value": memory["countedMiB"],
+                "limit": 20.0,
+                "met": memory["countedMiB"] <= 20.0,
+            }
+        )
+    return {"ratios": ratios, "targets": targets}
+
+
+ISOLATION = {
+    "forkserver": "none (a process on the host)",
+    "bare": "fresh container",
+    "cold": "fresh container",
+    "warm": "fresh container (pre-started)",
+    "broker": "fresh container (pre-started)",
+}
+README = HERE.parent / "README.md"
+README_START = "<!-- bench:start (generated by `make bench` from bench/results.json) -->"
+README_END = "<!-- bench:end -->"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README's benchmark block: the latest run, its ratios, and the targets."""
+    latency, throughput = results["latencyMs"], results["throughputPerS"]
+    ratios, meta = results["ratios"], results["meta"]
+    levels = list(throughput["bare"])
+    top = levels[-1]
+    host = meta["host"]
+    lines = [
+        f"Latest run: {meta['finishedAt'][:10]}, {host['cpus']} cores, Docker {host['docker']} "
+        f"({host['runtime']}, cgroup v{host['cgroup']}), kernel {host['kernel']}; "
+        f"{latency['warm']['n']} interleaved latency samples per way, throughput over "
+        f"{meta['durationS']:.0f} s windows; pool size {meta['poolSize']}, refill "
+        f"concurrency {meta['refillConcurrency']}."
+        + (
+            f" **Noisy**: {meta['otherContainersSeen']} other container(s) ran meanwhile."
+            if meta["otherContainersSeen"]
+            else " No other containers ran meanwhile."
+        ),
+        "",
+        "| way | isolation between tasks | p50 ms | p95 ms | p50 / (a) | p50 / (b) | "
+        + " | ".join(f"tasks/s at {c}" for c in levels)
+        + f" | at {top} / (a) | at {top} / (b) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | "
+        + " | ".join("---:" for _ in levels)
+        + " | ---: | ---: |",
+    ]
+    for way in (way for way in WAYS if way in latency):
+        lines.append(
+            f"| {LABELS[way]} | {ISOLATION[way]} | {latency[way]['p50']:.0f} | "
+            f"{latency[way]['p95']:.0f} | {ratios['latencyP50VsForkserver'][way]:.2f} | "
+            f"{ratios['latencyP50VsBare'][way]:.2f} | "
+            + " | ".join(f"{throughput[way][c]:.1f}" for c in levels)
+            + f" | {ratios['throughputVsForkserver'][top][way]:.2f} | "
+            f"{ratios['throughputVsBare'][top][way]:.2f} |"
+        )
+    lines += ["", "| target of issue 6 | measured | met? |", "| --- | ---: | --- |"]
+    for target in results["targets"]:
+        unit = " MiB" if "MiB" in target["target"] else " x"
+        verdict = "**met**" if target["met"] else "**not met**"
+        lines.append(f"| {target['target']} | {target['value']}{unit} | {verdict} |")
+    memory = results.get("memory")
+    if memory:
+        slot, task, runner = memory["idleSlot"], memory["taskContainer"], memory["runner"]
+        lines += [
+            "",
+            f"Memory: an idle pool slot costs **{slot['countedMiB']} MiB** counted as "
+            f"bench/README.md says (its cgroup {slot['cgroupUsageKiB'] / 1024:.1f} MiB + its "
+            f"containerd shim's PSS {slot['shimPssKiB'] / 1024:.1f} MiB + daemons and runner "
+            f"{(slot['daemonsPerSlotKiB'] + slot['runnerPerSlotKiB']) / 1024:.1f} MiB); the "
+            f"host's own used-memory delta says {slot['hostUsedDeltaPerSlotMiB']} MiB per slot, "
+            f"and with the shim's full RSS (shared pages counted again for every slot) it "
+            f"would be {slot['countedWithShimRssMiB']} MiB. A task container peaks at "
+            f"{(task['cgroupPeakKiB'] or 0) / 1024:.1f} MiB in its cgroup. The runner process "
+            f"(pool of {runner['poolSize']}) holds {runner['rssMiB']} MiB RSS.",
+        ]
+    return "\n".join(lines)
+
+
+def update_readme(results: dict[str, Any]) -> bool:
+    text = README.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        return False
+    head, _, rest = text.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    README.write_text(
+        f"{head}{README_START}\n{markdown(results)}\n{README_END}{tail}", encoding="utf-8"
+    )
+    return True
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    latency, throughput = results["latencyMs"], results["throughputPerS"]
+    ways = [way for way in WAYS if way in latency]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5.6))
+    positions = range(len(ways))
+    left.bar([p - 0.2 for p in positions], [latency[w]["p50"] for w in ways], 0.4, label="p50")
+    left.bar([p + 0.2 for p in positions], [latency[w]["p95"] for w in ways], 0.4, label="p95")
+    left.set_xticks(list(positions), [LABELS[w].split(") ")[1] for w in ways], rotation=20)
+    left.set_ylabel("latency, ms (log)")
+    left.set_yscale("log")
+    left.yaxis.set_major_formatter(ScalarFormatter())
+    left.yaxis.set_minor_formatter(NullFormatter())
+    for bars in left.containers:
+        left.bar_label(bars, fmt="%.0f", fontsize=8)
+    left.set_title("Latency of one small task, quiet system")
+    left.legend()
+    levels = list(throughput["bare"])
+    width = 0.8 / len(ways)
+    for index, way in enumerate(ways):
+        xs = [i + (index - (len(ways) - 1) / 2) * width for i in range(len(levels))]
+        right.bar(xs, [throughput[way][c] for c in levels], width, label=LABELS[way])
+    right.set_xticks(range(len(levels)), [f"concurrency {c}" for c in levels])
+    right.set_ylabel("tasks per second")
+    for bars in right.containers:
+        right.bar_label(bars, fmt="%.1f", fontsize=7)
+    right.set_title("Sustained throughput (pool refill and removals included)")
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+    meta = results["meta"]
+    figure.suptitle(
+        f"sandbox-runner bench {meta['finishedAt'][:16]} - {meta['host']['cpus']} cores, "
+        f"Docker {meta['host']['docker']} ({meta['host']['runtime']}), "
+        f"pool {meta['poolSize']}"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+@contextlib.asynccontextmanager
+async def embedded_broker(
+    settings: Settings, pipeline: TaskPipeline
+) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """The embedded broker and one runner service in this process, as `sandbox-runner up`
+    runs them; yields a coroutine function that submits the task over HTTP and waits."""
+    import httpx
+
+    from runner.broker_server.server import running_broker
+    from runner.service import RunnerService
+
+    broker_settings = Settings(**{**settings.model_dump(), "broker_port": 0})
+    async with running_broker(broker_settings) as running:
+        service = RunnerService(
+            broker_settings,
+            pipeline,
+            broker_uri=running.url,
+            auth_token=running.auth_token,
+            handle_signals=False,
+        )
+        serving = asyncio.create_task(service.run())
+        body = {"code": CODE, "items": [{"json": {"values": VALUES}}]}
+        async with httpx.AsyncClient(base_url=running.url, timeout=120) as client:
+
+            async def submit() -> None:
+                response = await client.post("/v1/tasks", params={"wait": 60}, json=body)
+                document = response.json()
+                if response.status_code != 200 or document.get("result") != [
+                    {"json": {"sum": EXPECTED_SUM}}
+                ]:
+                    raise RuntimeError(f"broker: {response.status_code} {document}")
+
+            try:
+                async with asyncio.timeout(60):  # the runner registers, then offers
+                    while True:
+                        try:
+                            await submit()
+                            break
+                        except RuntimeError:
+                            await asyncio.sleep(0.2)
+                yield submit
+            finally:
+                service.request_shutdown("benchmark done")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(serving, 30)
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=32, thread_name_prefix="bench")
+    )
+    started = datetime.now(UTC)
+    quiet = lambda line: None  # noqa: E731 - image build progress is not interesting here
+    cold_settings = Settings(runner_id="bench", pool_size=0)
+    warm_settings = Settings(
+        runner_id="bench", pool_size=args.pool_size, pool_refill_concurrency=args.refill
+    )
+    results: dict[str, Any] = {}
+    broker_note = "skipped (--no-broker)"
+    async with (
+        docker_pipeline(cold_settings, quiet, warm_pool=False) as cold,
+        docker_pipeline(warm_settings, quiet) as warm,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        submit = None
+        if not args.no_broker:
+            try:
+                submit = await stack.enter_async_context(embedded_broker(warm_settings, warm))
+                broker_note = "measured: HTTP submit with wait, one runner, the warm pool"
+            except Exception as exc:  # the broker is another team's moving target
+                broker_note = f"not measured: {type(exc).__name__}: {exc}"
+                print(f"  (e) {broker_note}", flush=True)
+        bench = Bench(args, cold, warm, submit)
+        try:
+            print(f"latency: {args.rounds} interleaved rounds ...", flush=True)
+            latency, phases = await bench.latency()
+            for way, numbers in latency.items():
+                print(f"  {LABELS[way]:44s} {numbers}", flush=True)
+            print(f"throughput: concurrency {args.concurrency} ...", flush=True)
+            throughput, cpu_per_task = await bench.throughput()
+            await bench.quiesce()
+        finally:
+            await bench.forkserver.sandbox.aclose()
+        results["latencyMs"] = latency
+        results["phasesMs"] = phases
+        results["throughputPerS"] = throughput
+        results["cpuMsPerTask"] = cpu_per_task
+        pool_stats = bench.warm_sandbox.pool.stats()
+        results["pool"] = {
+            "created": pool_stats.created,
+            "taken": pool_stats.taken,
+            "expired": pool_stats.expired,
+            "discarded": pool_stats.discarded,
+            "failures": pool_stats.failures,
+        }
+    if not args.skip_memory:
+        print("memory ...", flush=True)
+        results["memory"] = await measure_memory(bench, args)
+    results["meta"] = {
+        "startedAt": started.isoformat(timespec="seconds"),
+        "finishedAt": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": host_facts(bench.client),
+        "task": "sum of 1,000 ints, JSON in and out",
+        "rounds": args.rounds,
+        "warmupS": args.warmup,
+        "durationS": args.duration,
+        "poolSize": args.pool_size,
+        "refillConcurrency": args.refill,
+        "otherContainersSeen": max(bench.noise, default=0),
+        "brokerPath": broker_note,
+    }
+    results.update(evaluate(results))
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=30, help="latency rounds (default 30)")
+    parser.add_argument(
+        "--duration", type=float, default=5.0, help="throughput window per run, s (default 5)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="throughput warm-up per run, s (default 1)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=lambda raw: [int(part) for part in raw.split(",")],
+        default=[1, 2, 4],
+        help="comma list (default 1,2,4)",
+    )
+    parser.add_argument("--pool-size", type=int, default=2, help="warm pool size (default 2)")
+    parser.add_argument("--refill", type=int, default=2, help="refill concurrency (default 2)")
+    parser.add_argument(
+        "--memory-slots", type=int, default=6, help="idle slots held for memory (default 6)"
+    )
+    parser.add_argument("--probe-tasks", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--settle", type=float, default=2.0, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-memory", action="store_true", help="no memory measurements")
+    parser.add_argument("--no-broker", action="store_true", help="skip way (e), the broker")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--chart", type=Path, default=HERE / "results.png")
+    parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument(
+        "--no-readme", action="store_true", help="leave README.md's benchmark table alone"
+    )
+    parser.add_argument(
+        "--image-dir", type=Path, default=Settings().image_dir, help=argparse.SUPPRESS
+    )
+    return parser.parse_args(argv)
+
+
+def run(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = asyncio.run(main(args))
+    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+    if not args.no_chart:
+        chart(results, args.chart)
+        print(f"wrote {args.chart}")
+    if not args.no_readme and update_readme(results):
+        print(f"updated the benchmark table in {README}")
+    for target in results["targets"]:
+        verdict = "met" if target["met"] else "NOT met"
+        print(f"  {target['target']}: {target['value']} ({verdict})")
+    if results["meta"]["otherContainersSeen"]:
+        print(
+            f"warning: {results['meta']['otherContainersSeen']} other container(s) ran during "
+            "the benchmark; the numbers are noisy, re-run on a quiet machine"
+        )
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        run()

@@ -7,8 +7,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: help setup venv docker image demo test test-unit lint fmt docs types check clean
+.PHONY: help setup venv docker image demo test test-unit bench lint fmt docs snapshots types check clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -39,16 +40,22 @@ test: setup ## Run the whole test suite (unit + Docker integration)
 test-unit: venv ## Run only the tests that need no Docker
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
+bench: setup ## Benchmark forkserver vs bare Docker vs our cold/warm containers (BENCH_ARGS=--help)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 lint: venv ## ruff lint and format check
-	$(BIN)/ruff check runner tests sandbox_image scripts
-	$(BIN)/ruff format --check runner tests sandbox_image scripts
+	$(BIN)/ruff check runner tests sandbox_image scripts bench
+	$(BIN)/ruff format --check runner tests sandbox_image scripts bench
 
 fmt: venv ## Format the code with ruff
-	$(BIN)/ruff format runner tests sandbox_image scripts
-	$(BIN)/ruff check --fix runner tests sandbox_image scripts
+	$(BIN)/ruff format runner tests sandbox_image scripts bench
+	$(BIN)/ruff check --fix runner tests sandbox_image scripts bench
 
 docs: venv ## Regenerate the README's configuration table from the settings model
 	$(BIN)/python scripts/update_readme.py
+
+snapshots: venv ## Refresh the `policy explain` snapshots after a reviewed policy change
+	UPDATE_SNAPSHOTS=1 $(BIN)/pytest tests/unit/test_policy_cli.py -q
 
 types: venv ## mypy --strict on runner/
 	$(BIN)/mypy

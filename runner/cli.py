@@ -12,58 +12,26 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
-from pydantic import ValidationError
 
 from runner import __version__
-from runner.errors import ConfigurationError, RunnerError
+from runner.cli_policy import policy, selfcheck
+from runner.cli_service import broker, serve, up
+from runner.cli_support import (
+    EXIT_TASK_FAILED,
+    _fail,
+    _progress,
+    _run,
+    _settings,
+)
+from runner.errors import ConfigurationError
 from runner.pipeline import TaskRequest
 from runner.sandbox.base import JSON, Mode
-from runner.settings import Settings, load_settings
 
-EXIT_TASK_FAILED = 1
-EXIT_USAGE = 2
 MODE_CHOICES = ["all_items", "per_item", "runOnceForAllItems", "runOnceForEachItem"]
-
-T = TypeVar("T")
-log = logging.getLogger("runner")
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"sandbox-runner: error: {message}", err=True)
-    sys.exit(EXIT_USAGE)
-
-
-def _settings(overrides: dict[str, Any] | None = None) -> Settings:
-    try:
-        return load_settings(overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "settings"
-        _fail(f"invalid configuration: {where}: {first['msg']}")
-    except ValueError as exc:  # e.g. an unreadable *_FILE
-        _fail(f"invalid configuration: {exc}")
-
-
-def _run(coroutine_factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine; runner faults become one line on stderr and exit code 2."""
-    try:
-        return asyncio.run(coroutine_factory())
-    except RunnerError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        _fail("interrupted")
-    except Exception as exc:  # a bug of ours: one line for the user, the traceback in the log
-        log.debug("internal error", exc_info=True)
-        _fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)")
-
-
-def _progress(message: str) -> None:
-    click.echo(f"[image] {message}", err=True)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -161,7 +129,9 @@ def exec_command(
     )
 
     async def go() -> dict[str, Any]:
-        async with docker_pipeline(settings, _progress, timeout_s=timeout_s) as pipeline:
+        async with docker_pipeline(
+            settings, _progress, timeout_s=timeout_s, warm_pool=False
+        ) as pipeline:
             report = await pipeline.run(request)
         return report.document()
 
@@ -273,5 +243,11 @@ def sweep() -> None:
     removed = _run(go)
     click.echo(json.dumps({"removed": removed}))
 
+
+main.add_command(serve)
+main.add_command(broker)
+main.add_command(up)
+main.add_command(policy)
+main.add_command(selfcheck)
 
 __all__ = ["ConfigurationError", "main", "parse_items"]

@@ -89,6 +89,8 @@ class AuditContext:
     image: str
     image_id: str | None
     isolation: dict[str, Any]
+    # The policy bundle every task of this pipeline runs under (runner.policy).
+    policy_sha256: str | None = None
 
 
 class TaskPipeline:
@@ -161,10 +163,10 @@ class TaskPipeline:
     ) -> dict[str, Any]:
         phases = execution.durations_ms
         durations = {"analyze": analyze_ms, **phases, "total": total_ms}
-        if "create" in phases:
-            durations["containerSetup"] = sum(
-                phases.get(name, 0.0) for name in ("create", "attach", "start")
-            )
+        setup_phases = ("poolWait", "create", "attach", "start")
+        if any(name in phases for name in setup_phases):
+            # Warm: only the wait for a pool slot (its set-up happened before the task).
+            durations["containerSetup"] = sum(phases.get(name, 0.0) for name in setup_phases)
         error = execution.error
         return {
             "taskId": request.task_id,
@@ -179,6 +181,7 @@ class TaskPipeline:
             "image": self.context.image,
             "imageId": self.context.image_id,
             "limits": limits.as_audit(),
+            "policySha256": self.context.policy_sha256,
             "isolation": self.context.isolation,
             "durationsMs": {name: round(value, 3) for name, value in durations.items()},
             "details": execution.details,

@@ -7,7 +7,12 @@ behaves the same here; our own knobs use the ``SANDBOX_`` prefix. Every variable
 also be given as ``<NAME>_FILE`` (a path whose stripped content is the value), as
 n8n allows; the direct variable wins.
 
-Must not: read the environment at import time, import docker or the sandbox.
+Limits, allowlists, the builtins deny list and the AppArmor profile name have no
+default here: unset means "the policy bundle's default" (``policies/sandbox.toml``),
+and :mod:`runner.policy` refuses any value beyond the bundle's ceilings.
+
+Must not: read the environment at import time, import docker, the sandbox or the
+policy (the policy imports this).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -26,23 +31,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from runner.analyzer import DEFAULT_BUILTINS_DENY, ImportPolicy, parse_allowlist
+from runner.analyzer import parse_allowlist
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-# Pure-computation standard modules allowed by default. n8n allows nothing by
-# default, which is its users' most common complaint; here the container is the
-# wall and the allowlist only a speed bump, so useful modules are on by default.
-# Modules that reach the host (os, sys, subprocess, socket, io, pathlib, shutil,
-# ctypes, importlib, pickle, marshal, gc, inspect) stay off.
-DEFAULT_STDLIB_ALLOW = (
-    "array,base64,binascii,bisect,calendar,cmath,collections,colorsys,copy,csv,"
-    "dataclasses,datetime,decimal,difflib,enum,fractions,functools,graphlib,hashlib,"
-    "heapq,hmac,html,ipaddress,itertools,json,math,numbers,pprint,random,re,secrets,"
-    "statistics,string,struct,textwrap,time,typing,unicodedata,uuid,zlib"
-)
-
 MIB = 1024 * 1024
+PIPE_FRAME_LIMIT = 0xFFFFFFFF
 
 
 def _aliases(*names: str) -> AliasChoices:
@@ -81,6 +75,28 @@ def _env_names(field_name: str, field: FieldInfo) -> list[str]:
     return [f"SANDBOX_{field_name}".upper()]
 
 
+def _pairs(raw: str, variable: str) -> list[tuple[str, str]]:
+    pairs = []
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"{variable} must be comma-separated name=value pairs")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def env_name(field_name: str) -> str:
+    """The main environment variable of a settings field (n8n's name where there is one)."""
+    return _env_names(field_name, Settings.model_fields[field_name])[0]
+
+
+def _from_policy(key: str) -> dict[str, Any]:
+    # Unset means the bundle's default; the README table shows which key.
+    return {"policy": key}
+
+
 def _n8n_bool(value: object) -> bool:
     """n8n's booleans: true only when the value is ``true`` (case-insensitive, trimmed)."""
     if isinstance(value, bool):
@@ -98,27 +114,32 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
-    # --- n8n-compatible (same names, defaults and meaning as n8n's runner) ---
-    task_timeout_s: float = Field(
-        60,
+    # --- n8n-compatible (same names and meaning as n8n's runner) ---
+    # Unset (None): the policy bundle's default; a value must stay within its ceiling.
+    task_timeout_s: float | None = Field(
+        None,
         gt=0,
         validation_alias=_aliases("N8N_RUNNERS_TASK_TIMEOUT", "SANDBOX_TASK_TIMEOUT"),
         description="Wall-clock limit of one task, in seconds.",
+        json_schema_extra=_from_policy("limits.timeout_s"),
     )
-    stdlib_allow: str = Field(
-        DEFAULT_STDLIB_ALLOW,
+    stdlib_allow: str | None = Field(
+        None,
         validation_alias=_aliases("N8N_RUNNERS_STDLIB_ALLOW", "SANDBOX_STDLIB_ALLOW"),
         description="Standard-library modules task code may import (comma list, or *).",
+        json_schema_extra=_from_policy("imports.stdlib_allow"),
     )
-    external_allow: str = Field(
-        "",
+    external_allow: str | None = Field(
+        None,
         validation_alias=_aliases("N8N_RUNNERS_EXTERNAL_ALLOW", "SANDBOX_EXTERNAL_ALLOW"),
         description="Third-party packages task code may import (comma list, or *).",
+        json_schema_extra=_from_policy("imports.external_allow"),
     )
-    builtins_deny: str = Field(
-        ",".join(DEFAULT_BUILTINS_DENY),
+    builtins_deny: str | None = Field(
+        None,
         validation_alias=_aliases("N8N_RUNNERS_BUILTINS_DENY", "SANDBOX_BUILTINS_DENY"),
         description="Builtins removed from task code's namespace (comma list).",
+        json_schema_extra=_from_policy("imports.builtins_deny"),
     )
     block_env_access: bool = Field(
         True,
@@ -126,25 +147,58 @@ class Settings(BaseSettings):
         description="Clear os.environ before task code runs.",
     )
 
-    # --- per-task container limits ---
-    memory_mb: int = Field(256, ge=16, description="Memory limit (swap included), MiB.")
-    cpus: float = Field(1.0, gt=0, le=64, description="CPU quota, in CPUs.")
-    pids_limit: int = Field(64, ge=8, description="Maximum processes and threads.")
-    tmpfs_mb: int = Field(16, ge=1, description="Size of the task's /tmp tmpfs, MiB.")
-    output_bytes: int = Field(
-        16 * MIB,
+    # --- per-task container limits (unset: the policy bundle's default) ---
+    memory_mb: int | None = Field(
+        None,
+        ge=16,
+        description="Memory limit (swap included), MiB.",
+        json_schema_extra=_from_policy("limits.memory_mb"),
+    )
+    cpus: float | None = Field(
+        None,
+        gt=0,
+        le=64,
+        description="CPU quota, in CPUs.",
+        json_schema_extra=_from_policy("limits.cpus"),
+    )
+    pids_limit: int | None = Field(
+        None,
+        ge=8,
+        description="Maximum processes and threads.",
+        json_schema_extra=_from_policy("limits.pids"),
+    )
+    tmpfs_mb: int | None = Field(
+        None,
+        ge=1,
+        description="Size of the task's /tmp tmpfs, MiB.",
+        json_schema_extra=_from_policy("limits.tmpfs_mb"),
+    )
+    output_bytes: int | None = Field(
+        None,
         ge=4096,
         description="Cap on what a task may output (result, prints, stdout/stderr), bytes.",
+        json_schema_extra=_from_policy("limits.output_bytes"),
     )
-    nofile: int = Field(256, ge=32, description="Open-file limit (RLIMIT_NOFILE).")
-    fsize_mb: int = Field(16, ge=1, description="Largest file a task may write, MiB.")
-    nproc: int = Field(
-        4096,
+    nofile: int | None = Field(
+        None,
+        ge=32,
+        description="Open-file limit (RLIMIT_NOFILE).",
+        json_schema_extra=_from_policy("limits.nofile"),
+    )
+    fsize_mb: int | None = Field(
+        None,
+        ge=1,
+        description="Largest file a task may write, MiB.",
+        json_schema_extra=_from_policy("limits.fsize_mb"),
+    )
+    nproc: int | None = Field(
+        None,
         ge=64,
         description=(
             "RLIMIT_NPROC backstop. It counts every process of the task uid on the host, "
             "so it must exceed pids_limit x concurrency; the pids cgroup is the real limit."
         ),
+        json_schema_extra=_from_policy("limits.nproc"),
     )
     max_print_calls: int = Field(100, ge=0, description="Print calls kept per task.")
 
@@ -163,10 +217,140 @@ class Settings(BaseSettings):
         None, description="Debian mirror for the bootstrap. Unset: read from apt sources."
     )
     debian_suite: str = Field("bookworm", description="Debian suite of the bootstrapped base.")
-    policy_dir: Path = Field(PROJECT_ROOT / "policies", description="The policy bundle.")
+    policy_dir: Path = Field(
+        PROJECT_ROOT / "policies",
+        description="The policy bundle (sandbox.toml, seccomp and AppArmor profiles).",
+    )
     image_dir: Path = Field(PROJECT_ROOT / "sandbox_image", description="Task image sources.")
-    apparmor_profile: str = Field(
-        "sandbox-task", description="AppArmor profile applied when the host has AppArmor."
+    apparmor_profile: str | None = Field(
+        None,
+        description="Name under which the bundle's AppArmor profile is loaded on the host "
+        "(applied only when the host has AppArmor).",
+        json_schema_extra=_from_policy("apparmor.profile"),
+    )
+    selfcheck_cache_dir: Path | None = Field(
+        None,
+        description="Where self-check results are cached, per Docker daemon and policy hash. "
+        "Unset: $XDG_CACHE_HOME/sandbox-runner, else ~/.cache/sandbox-runner.",
+    )
+
+    # --- broker connection (`serve`; n8n's names and defaults) ---
+    task_broker_uri: str = Field(
+        "http://127.0.0.1:5679",
+        validation_alias=_aliases("N8N_RUNNERS_TASK_BROKER_URI", "SANDBOX_TASK_BROKER_URI"),
+        description="Broker to connect to (https:// connects with wss://).",
+    )
+    grant_token: SecretStr | None = Field(
+        None,
+        validation_alias=_aliases("N8N_RUNNERS_GRANT_TOKEN", "SANDBOX_GRANT_TOKEN"),
+        description="Single-use grant token for the first connection.",
+    )
+    auth_token: SecretStr | None = Field(
+        None,
+        validation_alias=_aliases("N8N_RUNNERS_AUTH_TOKEN", "SANDBOX_AUTH_TOKEN"),
+        description="Shared secret: the runner exchanges it for a fresh grant token before "
+        "every connection; the broker checks it on /runners/auth.",
+    )
+    max_concurrency: int = Field(
+        5,
+        ge=1,
+        validation_alias=_aliases("N8N_RUNNERS_MAX_CONCURRENCY", "SANDBOX_MAX_CONCURRENCY"),
+        description="Tasks a runner runs at once (its offer slots).",
+    )
+    max_payload: int = Field(
+        1073741824,
+        ge=1024,
+        validation_alias=_aliases("N8N_RUNNERS_MAX_PAYLOAD", "SANDBOX_MAX_PAYLOAD"),
+        description="Largest WebSocket message, bytes; a bigger result becomes a task error.",
+    )
+    auto_shutdown_timeout_s: float = Field(
+        0,
+        ge=0,
+        validation_alias=_aliases(
+            "N8N_RUNNERS_AUTO_SHUTDOWN_TIMEOUT", "SANDBOX_AUTO_SHUTDOWN_TIMEOUT"
+        ),
+        description="Exit after this many idle seconds (0: never).",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        10,
+        gt=0,
+        validation_alias=_aliases(
+            "N8N_RUNNERS_GRACEFUL_SHUTDOWN_TIMEOUT", "SANDBOX_GRACEFUL_SHUTDOWN_TIMEOUT"
+        ),
+        description="On SIGTERM/SIGINT, how long running tasks may finish before they are killed.",
+    )
+    health_check_server_enabled: bool = Field(
+        False,
+        validation_alias=_aliases(
+            "N8N_RUNNERS_HEALTH_CHECK_SERVER_ENABLED", "SANDBOX_HEALTH_CHECK_SERVER_ENABLED"
+        ),
+        description="Serve a health endpoint (any request -> 200 OK).",
+    )
+    health_check_server_host: str = Field(
+        "127.0.0.1",
+        validation_alias=_aliases(
+            "N8N_RUNNERS_HEALTH_CHECK_SERVER_HOST", "SANDBOX_HEALTH_CHECK_SERVER_HOST"
+        ),
+        description="Address of the health endpoint.",
+    )
+    health_check_server_port: int = Field(
+        5681,
+        ge=0,
+        le=65535,
+        validation_alias=_aliases(
+            "N8N_RUNNERS_HEALTH_CHECK_SERVER_PORT", "SANDBOX_HEALTH_CHECK_SERVER_PORT"
+        ),
+        description="Port of the health endpoint (0: any free port).",
+    )
+    undelivered_ttl_s: float = Field(
+        300, gt=0, description="How long a finished task's result waits for the broker to return."
+    )
+    reconnect_backoff_max_s: float = Field(
+        30, gt=0, description="Cap of the back-off between broker reconnection attempts."
+    )
+
+    # --- embedded broker (`broker`, `up`) ---
+    broker_host: str = Field(
+        "127.0.0.1",
+        validation_alias=_aliases("N8N_RUNNERS_BROKER_LISTEN_ADDRESS", "SANDBOX_BROKER_HOST"),
+        description="Address the embedded broker (runner endpoints and HTTP API) listens on.",
+    )
+    broker_port: int = Field(
+        5679,
+        ge=0,
+        le=65535,
+        validation_alias=_aliases("N8N_RUNNERS_BROKER_PORT", "SANDBOX_BROKER_PORT"),
+        description="Port of the embedded broker.",
+    )
+    grant_token_ttl_s: float = Field(
+        30,
+        gt=0,
+        validation_alias=_aliases("N8N_RUNNERS_GRANT_TOKEN_TTL", "SANDBOX_GRANT_TOKEN_TTL"),
+        description="Lifetime of a grant token issued by /runners/auth.",
+    )
+    heartbeat_interval_s: float = Field(
+        30,
+        gt=0,
+        validation_alias=_aliases("N8N_RUNNERS_HEARTBEAT_INTERVAL", "SANDBOX_HEARTBEAT_INTERVAL"),
+        description="Seconds between the broker's pings to each runner.",
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="API keys of the HTTP API as key=tenant pairs, comma-separated. "
+        "Unset: the API serves loopback clients only, as tenant 'default'.",
+    )
+    tenant_quota: int = Field(4, ge=1, description="Tasks one tenant may have running at once.")
+    tenant_quotas: str = Field(
+        "", description="Per-tenant overrides of tenant_quota, as tenant=n pairs."
+    )
+    max_request_bytes: int = Field(
+        16 * MIB, ge=1024, description="Largest HTTP request body the API accepts."
+    )
+    queue_timeout_s: float = Field(
+        300, gt=0, description="How long a submitted task may wait for a runner."
+    )
+    broker_timeout_grace_s: float = Field(
+        15, ge=0, description="The broker cancels a task this long after its own timeout."
     )
 
     # --- runner identity and Docker ---
@@ -183,6 +367,29 @@ class Settings(BaseSettings):
         4.0, gt=0, description="Cap of the exponential back-off between set-up attempts."
     )
 
+    # --- warm pool ---
+    # Default 2: on a small host the daemon, not the pool, bounds sustained
+    # throughput (every task still costs one container), so more slots only absorb
+    # a larger burst; 2 cover one task running while the next arrives, at ~13 MiB
+    # of host memory per idle slot (see bench/README.md).
+    pool_size: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="Containers started ahead of time, each waiting for one task "
+        "(0: every task starts a cold container).",
+    )
+    pool_refill_concurrency: int = Field(
+        2, ge=1, le=16, description="Pool containers started at the same time by the refill."
+    )
+    pool_max_idle_s: float = Field(
+        300,
+        ge=1,
+        le=86400,
+        description="An idle pool container older than this is replaced; a dead runner's "
+        "are swept this long (plus the task timeout) after they were started.",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -194,7 +401,17 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _FileFallbackSource(settings_cls))
 
-    @field_validator("block_env_access", mode="before")
+    @field_validator("max_payload")
+    @classmethod
+    def _payload_fits_a_pipe_frame(cls, value: int) -> int:
+        if value > PIPE_FRAME_LIMIT:
+            raise ValueError(
+                f"Max payload size of {value} bytes exceeds pipe message limit of "
+                f"{PIPE_FRAME_LIMIT} bytes. Reduce N8N_RUNNERS_MAX_PAYLOAD."
+            )
+        return value
+
+    @field_validator("block_env_access", "health_check_server_enabled", mode="before")
     @classmethod
     def _parse_n8n_bool(cls, value: object) -> bool:
         return _n8n_bool(value)
@@ -202,22 +419,26 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_allowlists(self) -> Settings:
         # Fail fast with n8n's texts instead of at the first task.
-        parse_allowlist(self.stdlib_allow, "N8N_RUNNERS_STDLIB_ALLOW")
-        parse_allowlist(self.external_allow, "N8N_RUNNERS_EXTERNAL_ALLOW")
+        if self.stdlib_allow is not None:
+            parse_allowlist(self.stdlib_allow, "N8N_RUNNERS_STDLIB_ALLOW")
+        if self.external_allow is not None:
+            parse_allowlist(self.external_allow, "N8N_RUNNERS_EXTERNAL_ALLOW")
+        _ = self.api_key_tenants, self.tenant_quota_overrides  # fail fast on bad pairs
         return self
 
     @property
-    def import_policy(self) -> ImportPolicy:
-        return ImportPolicy.from_env_strings(self.stdlib_allow, self.external_allow)
+    def api_key_tenants(self) -> dict[str, str]:
+        """API key -> tenant, from ``api_keys`` (``key=tenant,...``)."""
+        raw = self.api_keys.get_secret_value() if self.api_keys else ""
+        return dict(_pairs(raw, "SANDBOX_API_KEYS"))
 
     @property
-    def builtins_deny_list(self) -> tuple[str, ...]:
-        # n8n splits on "," and trims; an empty string denies nothing.
-        return tuple(sorted({name.strip() for name in self.builtins_deny.split(",")} - {""}))
-
-    @property
-    def seccomp_profile_path(self) -> Path:
-        return self.policy_dir / "seccomp" / "task.json"
+    def tenant_quota_overrides(self) -> dict[str, int]:
+        pairs = _pairs(self.tenant_quotas, "SANDBOX_TENANT_QUOTAS")
+        quotas = {tenant: int(quota) if quota.isdigit() else 0 for tenant, quota in pairs}
+        if any(quota < 1 for quota in quotas.values()):
+            raise ValueError("SANDBOX_TENANT_QUOTAS must be tenant=number pairs, numbers >= 1")
+        return quotas
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -225,15 +446,25 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     return Settings(**dict(overrides or {}))
 
 
-def settings_table() -> str:
-    """The configuration table of the README, generated from this model (kept in sync by a test)."""
+def settings_table(policy_defaults: Mapping[str, str] | None = None) -> str:
+    """The configuration table of the README, generated from this model (kept in sync by a test).
+
+    ``policy_defaults`` maps a policy key (``limits.memory_mb``) to the text shown for
+    it (the bundle's default and ceiling); the README generator reads the bundle.
+    """
     rows = [
         "| Environment variable | Default | Meaning |",
         "| --- | --- | --- |",
     ]
     for name, field in Settings.model_fields.items():
         names = " / ".join(f"`{alias}`" for alias in _env_names(name, field))
-        if field.default_factory is not None:
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        policy_key = extra.get("policy")
+        if isinstance(policy_key, str):
+            shown = (policy_defaults or {}).get(policy_key)
+            default = f"{shown} " if shown else ""
+            default += f"(policy: `{policy_key}`)"
+        elif field.default_factory is not None:
             default = "hostname" if name == "runner_id" else "computed"
         elif isinstance(field.default, Path):
             default = f"`{field.default.relative_to(PROJECT_ROOT)}`"
@@ -241,10 +472,6 @@ def settings_table() -> str:
             default = f"`{str(field.default).lower()}`"
         elif field.default in (None, ""):
             default = "unset"
-        elif name == "stdlib_allow":
-            default = "curated pure-computation modules (see `runner/settings.py`)"
-        elif name == "builtins_deny":
-            default = "n8n's list (eval, exec, open, type, getattr, ...)"
         else:
             default = f"`{field.default}`"
         rows.append(f"| {names} | {default} | {field.description or ''} |")

@@ -6,16 +6,36 @@ import re
 import sys
 from pathlib import Path
 
-from runner.settings import settings_table
+from runner.policy import load_bundle
+from runner.settings import PROJECT_ROOT, settings_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCK = re.compile(r"(<!-- settings-table:start[^>]*-->\n).*?(<!-- settings-table:end -->)", re.S)
 
 
+def policy_defaults() -> dict[str, str]:
+    """What the bundle in policies/ gives each policy key: its default and ceiling."""
+    config = load_bundle(PROJECT_ROOT / "policies").config
+    shown = {
+        f"limits.{name}": f"`{_number(bound.default)}` (ceiling `{_number(bound.ceiling)}`)"
+        for name, bound in config.limits.bounds().items()
+    }
+    shown["imports.stdlib_allow"] = f"{len(config.imports.stdlib_allow)} pure-computation modules"
+    shown["imports.external_allow"] = ", ".join(config.imports.external_allow) or "none"
+    shown["imports.builtins_deny"] = "n8n's list (eval, exec, open, type, getattr, ...)"
+    shown["apparmor.profile"] = f"`{config.apparmor.profile}`"
+    return shown
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def render(text: str) -> str:
     if not BLOCK.search(text):
         sys.exit("README.md has no settings-table markers")
-    return BLOCK.sub(lambda m: m.group(1) + settings_table() + "\n" + m.group(2), text)
+    table = settings_table(policy_defaults())
+    return BLOCK.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
 
 
 if __name__ == "__main__":

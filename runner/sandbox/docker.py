@@ -13,6 +13,19 @@ envelope is written the user's code may be running, and nothing is retried.
 Every blocking Docker call runs in a worker thread (``asyncio.to_thread``); one
 task's whole blocking life runs in one worker thread, so the event loop never
 waits on the daemon.
+
+Warm pool (:mod:`runner.sandbox.pool`): containers created, attached and started
+ahead of time under the same configuration and labels, their agent blocked on
+stdin. A task whose container would be identical (same key: image id + the whole
+create request, labels aside) takes one; its clock (agent timeout and host
+deadline) starts at the hand-over. Other tasks, or any task finding the pool
+empty, start a cold container. A container serves one task, then is removed.
+
+Per-container daemon cost, where it goes (bench/README.md has the numbers): the
+slowest phase is ``start`` (shim, dockerd's network hook, runc), which the pool
+takes off the task's path; removal runs off the critical path; ``inspect`` runs
+only on failure; and a complete successful result frame ends the exchange at once,
+without waiting for the daemon to notice the exit or calling ``wait``.
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import docker
 import docker.errors
@@ -53,10 +66,16 @@ from runner.errors import (
     InfrastructureError,
 )
 from runner.sandbox.base import ExecutionResult, Limits, Outcome, Stage, TaskError, TaskSpec
-from runner.sandbox.envelope import encode_task
+from runner.sandbox.envelope import HEADER, encode_task
 from runner.sandbox.interpret import ProcessFacts, interpret
+from runner.sandbox.pool import Miss, PoolConfig, Slot, WarmPool
+
+if TYPE_CHECKING:
+    from runner.policy import EffectivePolicy
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 LABEL = "io.sandbox-runner"
 LABEL_MANAGED = f"{LABEL}.managed"
@@ -67,6 +86,9 @@ LABEL_CREATED = f"{LABEL}.created-at"
 LABEL_DEADLINE = f"{LABEL}.deadline"
 LABEL_POLICY = f"{LABEL}.seccomp-sha256"
 LABEL_PROCESS = f"{LABEL}.process"
+# Pool slots: the task label says "pool" (the task is not known yet), this one the key.
+LABEL_POOL = f"{LABEL}.pool"
+POOL_TASK_LABEL = "pool"
 
 SANDBOX_USER = "10001:10001"
 STDERR_TAIL_BYTES = 64 * 1024
@@ -76,6 +98,10 @@ ENVELOPE_OVERHEAD_BYTES = 1024 * 1024
 HOST_GRACE_S = 5.0
 # A container whose deadline passed this long ago is an orphan, whoever owns it.
 ORPHAN_MARGIN_S = 60.0
+# Room in a pool slot's deadline label for its own set-up (with retries) before it idles.
+POOL_SETUP_SLACK_S = 30.0
+FRAME_HEADER_BYTES = HEADER.size
+KEY_MEMO_ENTRIES = 256
 STREAM_STDOUT, STREAM_STDERR = 1, 2
 
 
@@ -131,13 +157,21 @@ def translate(exc: BaseException, what: str) -> InfrastructureError:
 
 @dataclass(frozen=True, slots=True)
 class IsolationConfig:
-    """What every task container gets, fixed for the life of the sandbox."""
+    """What every task container gets, fixed for the life of the sandbox.
+
+    Built from the policy bundle (:meth:`from_policy`); every field is hashable (the
+    warm pool keys its slots on this object).
+    """
 
     seccomp_profile: Path
     seccomp_json: str
     seccomp_sha256: str
     apparmor_profile: str | None
     user: str = SANDBOX_USER
+    policy_sha256: str | None = None
+    # Required by the policy linter, and by our seccomp profile itself: without it
+    # runc installs the filter before dropping privileges and container start fails.
+    no_new_privileges: bool = True
 
     @classmethod
     def load(cls, seccomp_profile: Path, apparmor_profile: str | None) -> IsolationConfig:
@@ -150,19 +184,44 @@ class IsolationConfig:
             apparmor_profile=apparmor_profile if host_has_apparmor() else None,
         )
 
+    @classmethod
+    def from_policy(
+        cls, policy: EffectivePolicy, *, apparmor_available: bool | None = None
+    ) -> IsolationConfig:
+        """The bundle's seccomp profile, uid and AppArmor profile (when the host has it)."""
+        bundle = policy.bundle
+        if apparmor_available is None:
+            apparmor_available = host_has_apparmor()
+        return cls(
+            seccomp_profile=bundle.seccomp_path,
+            seccomp_json=bundle.seccomp_json,
+            seccomp_sha256=bundle.seccomp_sha256,
+            apparmor_profile=policy.apparmor_profile if apparmor_available else None,
+            user=policy.user,
+            policy_sha256=bundle.sha256,
+            no_new_privileges=bundle.config.container.no_new_privileges,
+        )
+
     def security_opt(self) -> list[str]:
-        opts = ["no-new-privileges:true", f"seccomp={self.seccomp_json}"]
+        opts = [f"seccomp={self.seccomp_json}"]
+        if self.no_new_privileges:
+            opts.insert(0, "no-new-privileges:true")
         if self.apparmor_profile:
             opts.append(f"apparmor={self.apparmor_profile}")
         return opts
 
-    def report(self) -> dict[str, Any]:
-        """The guarantees requested for every task (for the audit record)."""
+    def report(self, guarantees: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The isolation of every task, for the audit record.
+
+        ``guarantees`` is what the self-check proved in force (per guarantee: pass,
+        fail or not-available); without one the record says so rather than claim it.
+        """
         return {
+            "policySha256": self.policy_sha256,
             "network": "none",
             "readOnlyRootfs": True,
             "capabilities": "all dropped",
-            "noNewPrivileges": True,
+            "noNewPrivileges": self.no_new_privileges,
             "seccomp": {"profile": str(self.seccomp_profile), "sha256": self.seccomp_sha256},
             "apparmor": self.apparmor_profile or "unavailable (host kernel has no AppArmor)",
             "user": self.user,
@@ -171,7 +230,28 @@ class IsolationConfig:
             "cgroupns": "private",
             "environment": "empty (image defaults only)",
             "mounts": "tmpfs /tmp only",
+            "guarantees": guarantees
+            if guarantees is not None
+            else "not verified (no self-check ran for this pipeline)",
         }
+
+
+@dataclass
+class _Container:
+    """A created, attached and started task container (cold, or a warm pool slot)."""
+
+    container_id: str
+    # docker-py hands back a file-like wrapper holding a reference to the socket;
+    # both must be closed or the descriptor stays open.
+    stream: Any
+    sock: socket.socket
+    started_at: float  # monotonic, when ``start`` returned
+    attempts: int
+    durations_ms: dict[str, float]
+    # Monotonic twin of the container's deadline label: a pool slot may only serve a
+    # task that ends (timeout + grace) before it, or the orphan sweep could take it.
+    deadline_at: float = float("inf")
+    key: str = ""
 
 
 @dataclass
@@ -180,14 +260,19 @@ class _Run:
 
     spec: TaskSpec
     limits: Limits
-    container_id: str | None = None
-    sock: socket.socket | None = None
-    # docker-py hands back a file-like wrapper holding a reference to the socket;
-    # both must be closed or the descriptor stays open.
-    stream: Any = None
+    container: _Container | None = None
+    # When the task's clock starts: ``start`` for a cold container, the hand-over for
+    # a warm one (a slot may have idled for minutes; that is not the task's time).
     started_at: float = 0.0
-    attempts: int = 0
+    warm: bool = False
+    cold_reason: str | None = None
+    pool_wait_s: float | None = None
+    slot_age_s: float | None = None
     durations_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def container_id(self) -> str | None:
+        return self.container.container_id if self.container else None
 
 
 @dataclass
@@ -197,10 +282,29 @@ class _Output:
     stderr_bytes: int = 0
     overflow: bool = False
     timed_out: bool = False
+    # Bytes of the attach stream not yet demultiplexed (kept across ``_pump`` calls).
+    pending: bytearray = field(default_factory=bytearray)
+    # A successful result decoded from a complete stdout frame, read before the
+    # stream ended: the task is over, no need to wait for the container to exit.
+    early_result: ExecutionResult | None = None
+
+    def has_frame(self) -> bool:
+        """Has a whole length-prefixed frame arrived on stdout?"""
+        if len(self.stdout) < FRAME_HEADER_BYTES:
+            return False
+        length = int.from_bytes(self.stdout[:FRAME_HEADER_BYTES], "big")
+        return len(self.stdout) >= FRAME_HEADER_BYTES + length
 
 
 class DockerSandbox:
-    """Runs each task in its own hardened container on one Docker host."""
+    """Runs each task in its own hardened container on one Docker host.
+
+    With a warm pool (``pool.size > 0``), containers are created, attached and
+    started ahead of time under the same configuration and labels; a task whose
+    container would be identical takes one (hand-over), any other task, or one that
+    finds the pool empty, starts a cold container. Either way the container serves
+    one task and is destroyed.
+    """
 
     def __init__(
         self,
@@ -212,10 +316,13 @@ class DockerSandbox:
         ensure_image: Callable[[], str] | None = None,
         setup_attempts: int = 4,
         setup_backoff_max_s: float = 4.0,
+        pool: PoolConfig | None = None,
+        pool_limits: Limits | None = None,
     ) -> None:
         self._client = client
         self._api = client.api
         self._image = image
+        self._image_id: str | None = None
         self._isolation = isolation
         self._runner_id = runner_id
         self._boot_id = uuid.uuid4().hex[:12]
@@ -228,6 +335,16 @@ class DockerSandbox:
         self._running: dict[str, str] = {}
         self._cancelled: set[str] = set()
         self._removals: set[asyncio.Future[None]] = set()
+        self._keys: dict[tuple[Any, ...], str] = {}
+        self._pool_limits = pool_limits or Limits()
+        self._pool: WarmPool[_Container] | None = None
+        if pool is not None and pool.is_enabled:
+            self._pool = WarmPool(
+                pool,
+                create=self._create_slot,
+                destroy=self._destroy_slot,
+                is_alive=_is_slot_alive,
+            )
         self.retries_logged = 0
 
     @property
@@ -238,15 +355,40 @@ class DockerSandbox:
     def isolation(self) -> IsolationConfig:
         return self._isolation
 
+    @property
+    def pool(self) -> WarmPool[_Container] | None:
+        return self._pool
+
     # -- public API ---------------------------------------------------------------
+
+    async def warm_up(self, *, wait: bool = False) -> None:
+        """Start filling the warm pool (no-op without one); ``wait`` until it is full."""
+        if self._pool is None:
+            return
+        if not self._pool.is_started:
+            # Known before the first hand-over, so a task's key can match the slots'.
+            with contextlib.suppress(docker.errors.DockerException, requests.RequestException):
+                self._image_id = await asyncio.to_thread(self._resolve_image_id)
+            self._pool.start()
+        if wait:
+            await self._pool.wait_filled()
+
+    def set_pool_limits(self, limits: Limits) -> None:
+        """Fill the pool for these limits from now on; idle slots of the old ones go."""
+        if limits == self._pool_limits:
+            return
+        self._pool_limits = limits
+        if self._pool is not None:
+            self._pool.invalidate()
 
     async def run(self, spec: TaskSpec, limits: Limits) -> ExecutionResult:
         run = _Run(spec, limits)
         try:
+            await self._hand_over(run)
             result = await asyncio.to_thread(self._run_blocking, run)
         finally:
-            if run.container_id is not None:
-                self._schedule_removal(run.container_id)
+            if run.container is not None:
+                self._schedule_removal(run.container)
             self._running.pop(spec.task_id, None)
         return result
 
@@ -263,51 +405,139 @@ class DockerSandbox:
         """Remove our leftovers: earlier boots of this runner, and orphans past deadline."""
         return await asyncio.to_thread(self._sweep_blocking)
 
+    async def wait_removals(self) -> None:
+        """Until every container removal scheduled so far has finished."""
+        while self._removals:
+            await asyncio.gather(*list(self._removals), return_exceptions=True)
+
     async def aclose(self) -> None:
-        """Wait for pending removals, so nothing outlives the sandbox."""
-        if self._removals:
-            await asyncio.gather(*self._removals, return_exceptions=True)
+        """Close the pool (every idle slot removed), wait for pending removals, so
+        nothing outlives the sandbox."""
+        if self._pool is not None:
+            await self._pool.aclose()
+        await self.wait_removals()
         await asyncio.to_thread(self._client.close)
+
+    # -- warm pool ----------------------------------------------------------------
+
+    async def _hand_over(self, run: _Run) -> None:
+        """Give the task a warm slot if one fits; its clock starts now, not at ``start``."""
+        if self._pool is None:
+            run.cold_reason = Miss.DISABLED.value
+            return
+        if not self._pool.is_started:
+            await self.warm_up()
+        limits = run.limits
+        key = self._key_for(limits)
+
+        def fits(slot: Slot[_Container]) -> bool:
+            return time.monotonic() + limits.timeout_s + HOST_GRACE_S <= slot.resource.deadline_at
+
+        taken = await self._pool.take(key, fits)
+        run.pool_wait_s = taken.waited_s
+        if taken.slot is None:
+            run.cold_reason = taken.miss.value if taken.miss else None
+            return
+        run.container, run.warm = taken.slot.resource, True
+        run.started_at = time.monotonic()
+        run.slot_age_s = taken.slot.age_s(run.started_at)
+
+    def _create_slot(self) -> tuple[str, _Container]:
+        """One pool slot, in a pool worker thread, with the same set-up retries as a task."""
+        limits = self._pool_limits
+
+        def attempt(number: int) -> tuple[str, _Container]:
+            self._image_id = self._resolve_image_id()
+            key = self._key_for(limits)
+            container = self._start_container(self._labels(limits, pool_key=key), limits, number)
+            container.key = key
+            return key, container
+
+        return self._with_setup_retries(attempt, "start a warm pool container")
+
+    def _destroy_slot(self, container: _Container) -> None:
+        _close_stream(container.stream, container.sock)
+        self._remove_quietly(container.container_id)
+
+    def _resolve_image_id(self) -> str:
+        try:
+            # The stub leaves this one untyped; it returns the daemon's JSON answer.
+            image = self._api.inspect_image(self._image)  # type: ignore[no-untyped-call]
+            return str(image["Id"])
+        except docker.errors.ImageNotFound:
+            self._build_image_once()
+            raise
+
+    def _key_for(self, limits: Limits) -> str:
+        """Digest of everything that shapes a container: image id and its create request.
+
+        Labels are left out (they differ per container); the task's timeout and output
+        cap are too: they travel in the task envelope and are enforced from hand-over,
+        so a task with its own timeout still gets a warm slot.
+        """
+        shape = replace(limits, timeout_s=0.0, output_bytes=0)
+        memo = (self._image, self._image_id, self._isolation, shape)
+        key = self._keys.get(memo)
+        if key is None:
+            if len(self._keys) >= KEY_MEMO_ENTRIES:
+                self._keys.clear()  # tasks with many different limits: start over
+            config = self._container_config(shape, labels={})
+            payload = json.dumps([self._image_id, config], sort_keys=True, default=str)
+            key = hashlib.sha256(payload.encode()).hexdigest()
+            self._keys[memo] = key
+        return key
 
     # -- one task, blocking, in a worker thread -----------------------------------
 
     def _run_blocking(self, run: _Run) -> ExecutionResult:
         begin = time.monotonic()
-        self._set_up_with_retries(run)
-        assert run.container_id is not None
-        assert run.sock is not None
-        self._running[run.spec.task_id] = run.container_id
+        if run.container is None:
+            labels = self._labels(run.limits, task_id=run.spec.task_id)
+            run.container = self._with_setup_retries(
+                lambda number: self._start_container(labels, run.limits, number),
+                "set up the task container",
+            )
+            run.started_at = run.container.started_at
+            run.durations_ms.update(run.container.durations_ms)
+        container = run.container
+        self._running[run.spec.task_id] = container.container_id
         if run.spec.task_id in self._cancelled:
-            self._kill_quietly(run.container_id)
+            self._kill_quietly(container.container_id)
         output = self._exchange(run)
         waited = time.monotonic()
-        exit_code = self._wait_exit(run.container_id, output)
-        oom_killed = False
-        facts_needed = output.timed_out or output.overflow
         stdout = bytes(output.stdout)
-        result = interpret(
-            stdout,
-            ProcessFacts(
-                exit_code=exit_code,
-                timed_out=output.timed_out,
-                output_overflow=output.overflow,
-                stderr_tail=output.stderr_tail.decode("utf-8", "replace"),
-            ),
-            run.limits,
-        )
-        if not result.outcome.is_success and not facts_needed:
-            # Only a failure needs the daemon's OOM verdict; success skips the call.
-            oom_killed = self._oom_killed(run.container_id)
-            if oom_killed:
-                result = interpret(
-                    stdout,
-                    ProcessFacts(
-                        exit_code=exit_code,
-                        oom_killed=True,
-                        stderr_tail=output.stderr_tail.decode("utf-8", "replace"),
-                    ),
-                    run.limits,
-                )
+        exit_code: int | None = None
+        oom_killed = False
+        if output.early_result is not None:
+            # A complete, valid, successful result: the exit code and the daemon's
+            # view add nothing, so neither ``wait`` nor ``inspect`` is paid for.
+            result = output.early_result
+        else:
+            exit_code = self._wait_exit(container.container_id)
+            facts_needed = output.timed_out or output.overflow
+            result = interpret(
+                stdout,
+                ProcessFacts(
+                    exit_code=exit_code,
+                    timed_out=output.timed_out,
+                    output_overflow=output.overflow,
+                    stderr_tail=output.stderr_tail.decode("utf-8", "replace"),
+                ),
+                run.limits,
+            )
+            if not result.outcome.is_success and not facts_needed:
+                # Only a failure needs the daemon's OOM verdict; success skips the call.
+                oom_killed = self._oom_killed(container.container_id)
+                if oom_killed:
+                    result = interpret(
+                        stdout,
+                        ProcessFacts(
+                            exit_code=exit_code,
+                            oom_killed=True,
+                            stderr_tail=output.stderr_tail.decode("utf-8", "replace"),
+                        ),
+                        run.limits,
+                    )
         if run.spec.task_id in self._cancelled:
             self._cancelled.discard(run.spec.task_id)
             result = ExecutionResult(
@@ -316,6 +546,8 @@ class DockerSandbox:
                 prints=result.prints,
             )
         end = time.monotonic()
+        if run.pool_wait_s is not None:
+            run.durations_ms["poolWait"] = run.pool_wait_s * 1000
         run.durations_ms["run"] = (waited - run.started_at) * 1000
         run.durations_ms["wait"] = (end - waited) * 1000
         run.durations_ms["sandboxTotal"] = (end - begin) * 1000
@@ -323,21 +555,27 @@ class DockerSandbox:
         details.update(
             {
                 "exitCode": exit_code,
+                "exitWaited": output.early_result is None,
                 "oomKilled": oom_killed,
-                "setupAttempts": run.attempts,
+                "setupAttempts": container.attempts,
                 "stdoutBytes": len(stdout),
                 "stderrBytes": output.stderr_bytes,
+                "containerStart": "warm" if run.warm else "cold",
             }
         )
+        if run.warm:
+            details["poolSlotAgeMs"] = round((run.slot_age_s or 0.0) * 1000, 3)
+        else:
+            details["coldReason"] = run.cold_reason
         return replace(
             result,
-            container_id=run.container_id,
+            container_id=container.container_id,
             image_id=self._image,
             durations_ms={**result.durations_ms, **run.durations_ms},
             details=details,
         )
 
-    def _set_up_with_retries(self, run: _Run) -> None:
+    def _with_setup_retries(self, attempt: Callable[[int], _T], what: str) -> _T:
         retrying = Retrying(
             stop=stop_after_attempt(self._setup_attempts),
             wait=wait_exponential_jitter(multiplier=0.2, max=self._setup_backoff_max_s, jitter=0.2),
@@ -346,10 +584,9 @@ class DockerSandbox:
             reraise=True,
         )
         try:
-            for attempt in retrying:
-                with attempt:
-                    run.attempts = attempt.retry_state.attempt_number
-                    self._set_up_once(run)
+            for retry in retrying:
+                with retry:
+                    return attempt(retry.retry_state.attempt_number)
         except docker.errors.ImageNotFound as exc:
             raise ImageBuildError(
                 f"Task image {self._image} is missing", hint="run `sandbox-runner image build`"
@@ -359,7 +596,8 @@ class DockerSandbox:
             requests.exceptions.RequestException,
             OSError,
         ) as exc:
-            raise translate(exc, "set up the task container") from exc
+            raise translate(exc, what) from exc
+        raise AssertionError("unreachable: tenacity reraises the last failure")
 
     def _log_retry(self, state: RetryCallState) -> None:
         self.retries_logged += 1
@@ -372,25 +610,12 @@ class DockerSandbox:
             exc,
         )
 
-    def _set_up_once(self, run: _Run) -> None:
+    def _start_container(self, labels: dict[str, str], limits: Limits, attempt: int) -> _Container:
         """Create, attach, start. On any failure the half-made container is removed."""
-        labels = self._labels(run)
         t0 = time.monotonic()
+        deadline_at = t0 + float(labels[LABEL_DEADLINE]) - time.time()
         try:
-            config = self._api.create_container_config(
-                image=self._image,
-                command=[],  # the image's entrypoint (tini + agent) takes no arguments
-                user=self._isolation.user,
-                stdin_open=True,
-                tty=False,
-                # network_mode "none" in the host config is the isolation; the legacy
-                # NetworkDisabled flag would also leave /etc/hosts without localhost.
-                hostname="sandbox",
-                labels=labels,
-                host_config=self._host_config(run.limits),
-            )
-            # Close the container's stdin when our side of the attach stream closes.
-            config["StdinOnce"] = True
+            config = self._container_config(limits, labels)
             # The stub leaves this one untyped; it returns the daemon's JSON answer.
             created = self._api.create_container_from_config(config)  # type: ignore[no-untyped-call]
         except docker.errors.ImageNotFound:
@@ -414,10 +639,36 @@ class DockerSandbox:
             self._remove_quietly(container_id)
             raise
         t3 = time.monotonic()
-        run.container_id, run.sock, run.stream, run.started_at = container_id, sock, raw, t3
-        run.durations_ms.update(
-            {"create": (t1 - t0) * 1000, "attach": (t2 - t1) * 1000, "start": (t3 - t2) * 1000}
+        return _Container(
+            container_id=container_id,
+            stream=raw,
+            sock=sock,
+            started_at=t3,
+            attempts=attempt,
+            durations_ms={
+                "create": (t1 - t0) * 1000,
+                "attach": (t2 - t1) * 1000,
+                "start": (t3 - t2) * 1000,
+            },
+            deadline_at=deadline_at,
         )
+
+    def _container_config(self, limits: Limits, labels: dict[str, str]) -> dict[str, Any]:
+        config: dict[str, Any] = self._api.create_container_config(
+            image=self._image,
+            command=[],  # the image's entrypoint (tini + agent) takes no arguments
+            user=self._isolation.user,
+            stdin_open=True,
+            tty=False,
+            # network_mode "none" in the host config is the isolation; the legacy
+            # NetworkDisabled flag would also leave /etc/hosts without localhost.
+            hostname="sandbox",
+            labels=labels,
+            host_config=self._host_config(limits),
+        )
+        # Close the container's stdin when our side of the attach stream closes.
+        config["StdinOnce"] = True
+        return config
 
     def _build_image_once(self) -> None:
         with self._image_lock:
@@ -427,19 +678,30 @@ class DockerSandbox:
             log.warning("task image %s is missing; building it once", self._image)
             self._image = self._ensure_image()
 
-    def _labels(self, run: _Run) -> dict[str, str]:
+    def _labels(
+        self, limits: Limits, *, task_id: str | None = None, pool_key: str | None = None
+    ) -> dict[str, str]:
         now = time.time()
-        deadline = now + run.limits.timeout_s + HOST_GRACE_S
-        return {
+        if pool_key is None:
+            deadline = now + limits.timeout_s + HOST_GRACE_S
+        else:
+            # A slot may idle up to max_idle_s, then serve one task: the orphan sweep
+            # must leave it alone that long, and reap it after a dead runner.
+            max_idle_s = self._pool.config.max_idle_s if self._pool else 0.0
+            deadline = now + POOL_SETUP_SLACK_S + max_idle_s + limits.timeout_s + HOST_GRACE_S
+        labels = {
             LABEL_MANAGED: "true",
             LABEL_OWNER: self._runner_id,
             LABEL_BOOT: self._boot_id,
-            LABEL_TASK: run.spec.task_id,
+            LABEL_TASK: task_id or POOL_TASK_LABEL,
             LABEL_CREATED: datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
             LABEL_DEADLINE: f"{deadline:.0f}",
             LABEL_POLICY: self._isolation.seccomp_sha256,
             LABEL_PROCESS: self._process,
         }
+        if pool_key is not None:
+            labels[LABEL_POOL] = pool_key[:16]
+        return labels
 
     def _host_config(self, limits: Limits) -> HostConfig:
         tmpfs_opts = f"rw,noexec,nosuid,nodev,size={limits.tmpfs_bytes},mode=1777"
@@ -469,12 +731,21 @@ class DockerSandbox:
         return config
 
     def _exchange(self, run: _Run) -> _Output:
-        """Write the task envelope, then read stdout/stderr until EOF, the cap or the deadline."""
-        assert run.sock is not None
-        assert run.container_id is not None
-        sock, output = run.sock, _Output()
+        """Write the task envelope, then read stdout/stderr until the result, EOF, the cap
+        or the deadline.
+
+        A complete stdout frame that decodes to a success ends the exchange at once:
+        the agent writes its one frame last, so nothing after it can change the
+        outcome, and the ~30 ms the daemon takes to notice the exit (plus ``wait``)
+        stay off the task's latency. Any other frame is read on to EOF, so the
+        stderr tail (crash reports) and a stray second frame are still seen.
+        """
+        assert run.container is not None
+        container = run.container
+        sock, output = container.sock, _Output()
         deadline = run.started_at + run.limits.timeout_s + HOST_GRACE_S
         stdout_cap = run.limits.output_bytes + ENVELOPE_OVERHEAD_BYTES
+        caps = (stdout_cap, run.limits.output_bytes)
         try:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             try:
@@ -485,37 +756,38 @@ class DockerSandbox:
             except OSError:
                 pass  # the container is already gone; its exit tells why
             if not output.timed_out:
-                self._pump(sock, output, deadline, stdout_cap, run.limits.output_bytes)
+                ended = self._pump(sock, output, deadline, *caps, until_frame=True)
+                if not ended and output.has_frame():
+                    facts = ProcessFacts(exit_code=None)
+                    early = interpret(bytes(output.stdout), facts, run.limits)
+                    if early.outcome.is_success:
+                        output.early_result = early
+                    else:
+                        self._pump(sock, output, deadline, *caps, until_frame=False)
         finally:
-            _close_stream(run.stream, sock)
+            _close_stream(container.stream, sock)
         if output.timed_out or output.overflow:
-            self._kill_quietly(run.container_id)
+            self._kill_quietly(container.container_id)
         return output
 
     @staticmethod
     def _pump(
-        sock: socket.socket, output: _Output, deadline: float, stdout_cap: int, stderr_cap: int
-    ) -> None:
-        """Demultiplex Docker's attach stream (8-byte frame headers) with caps and a deadline."""
-        pending = bytearray()
+        sock: socket.socket,
+        output: _Output,
+        deadline: float,
+        stdout_cap: int,
+        stderr_cap: int,
+        *,
+        until_frame: bool,
+    ) -> bool:
+        """Demultiplex Docker's attach stream (8-byte frame headers) with caps and a deadline.
+
+        Returns True when the stream is over (EOF, deadline, cap), False when it
+        stopped early because ``until_frame`` and a whole stdout frame is in.
+        """
+        pending = output.pending
         sock.setblocking(False)
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                output.timed_out = True
-                return
-            readable, _, _ = select.select([sock], [], [], remaining)
-            if not readable:
-                continue
-            try:
-                chunk = sock.recv(1 << 16)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return
-            if not chunk:
-                return
-            pending += chunk
             while len(pending) >= 8:
                 stream, size = pending[0], int.from_bytes(pending[4:8], "big")
                 if len(pending) < 8 + size:
@@ -526,16 +798,34 @@ class DockerSandbox:
                     output.stdout += payload
                     if len(output.stdout) > stdout_cap:
                         output.overflow = True
-                        return
+                        return True
+                    if until_frame and output.has_frame():
+                        return False
                 else:
                     output.stderr_bytes += len(payload)
                     output.stderr_tail += payload
                     del output.stderr_tail[:-STDERR_TAIL_BYTES]
                     if output.stderr_bytes > stderr_cap:
                         output.overflow = True
-                        return
+                        return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                output.timed_out = True
+                return True
+            readable, _, _ = select.select([sock], [], [], remaining)
+            if not readable:
+                continue
+            try:
+                chunk = sock.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return True
+            if not chunk:
+                return True
+            pending += chunk
 
-    def _wait_exit(self, container_id: str, output: _Output) -> int | None:
+    def _wait_exit(self, container_id: str) -> int | None:
         try:
             status = self._api.wait(container_id, timeout=30)
             return int(status.get("StatusCode", -1))
@@ -552,9 +842,9 @@ class DockerSandbox:
 
     # -- cleanup ------------------------------------------------------------------
 
-    def _schedule_removal(self, container_id: str) -> None:
+    def _schedule_removal(self, container: _Container) -> None:
         """Remove off the critical path; ``aclose`` waits for every pending removal."""
-        future = asyncio.ensure_future(asyncio.to_thread(self._remove_quietly, container_id))
+        future = asyncio.ensure_future(asyncio.to_thread(self._destroy_slot, container))
         self._removals.add(future)
         future.add_done_callback(self._removals.discard)
 
@@ -606,6 +896,16 @@ def _close_stream(stream: Any, sock: socket.socket) -> None:
             closable.close()
 
 
+def _is_slot_alive(container: _Container) -> bool:
+    """An idle slot's agent is silent until it gets a task: anything readable on its
+    stream (output, or EOF because the container died) makes it unusable. No I/O."""
+    try:
+        readable, _, _ = select.select([container.sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
 def _is_alive_identity(identity: str) -> bool:
     pid, _, _ = identity.partition(":")
     return pid.isdigit() and process_identity(int(pid)) == identity
@@ -624,11 +924,28 @@ def connect(timeout_s: float) -> docker.DockerClient:
     return client
 
 
+def describe_daemon(client: docker.DockerClient) -> dict[str, str]:
+    """Who the daemon is (id, version, kernel, security options): the self-check cache key."""
+    try:
+        info = client.info()
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise translate(exc, "describe itself") from exc
+    return {
+        "id": str(info.get("ID", "")),
+        "serverVersion": str(info.get("ServerVersion", "")),
+        "kernelVersion": str(info.get("KernelVersion", "")),
+        "architecture": str(info.get("Architecture", "")),
+        "cgroupVersion": str(info.get("CgroupVersion", "")),
+        "securityOptions": ",".join(sorted(str(o) for o in info.get("SecurityOptions") or [])),
+    }
+
+
 __all__ = [
     "DockerSandbox",
     "IsolationConfig",
     "Stage",
     "connect",
+    "describe_daemon",
     "host_has_apparmor",
     "is_transient",
 ]

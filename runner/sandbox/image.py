@@ -70,6 +70,9 @@ class ImageRecipe:
     base_image: str | None
     debian_suite: str
     debian_mirror: str | None
+    # From the policy bundle's [image] section (policies/sandbox.toml).
+    repository: str = TASK_REPOSITORY
+    uid: int = SANDBOX_UID
 
     @property
     def base_tag(self) -> str:
@@ -87,8 +90,8 @@ class ImageRecipe:
         return files
 
     def task_tag(self, base_id: str) -> str:
-        digest = hashlib.sha256(f"base={base_id};uid={SANDBOX_UID}\n".encode())
-        return f"{TASK_REPOSITORY}:{hash_files(self.build_files(), digest)[:16]}"
+        digest = hashlib.sha256(f"base={base_id};uid={self.uid}\n".encode())
+        return f"{self.repository}:{hash_files(self.build_files(), digest)[:16]}"
 
 
 def debian_mirror_from_apt(sources: tuple[Path, ...] = APT_SOURCES) -> str | None:
@@ -263,7 +266,7 @@ class ImageBuilder:
                 pull=False,
                 buildargs={
                     "BASE_IMAGE": self._recipe.base_tag,
-                    "SANDBOX_UID": str(SANDBOX_UID),
+                    "SANDBOX_UID": str(self._recipe.uid),
                     "INPUTS_HASH": inputs_hash,
                 },
                 labels={"io.sandbox-runner.inputs-hash": inputs_hash},

@@ -12,7 +12,7 @@ import pytest
 from runner.errors import RunnerError
 from runner.pipeline import TaskPipeline, TaskRequest
 from runner.sandbox.base import Mode
-from runner.sandbox.docker import LABEL_MANAGED, DockerSandbox, connect
+from runner.sandbox.docker import LABEL_MANAGED, DockerSandbox, IsolationConfig, connect
 from runner.sandbox.image import ImageBuilder
 from runner.settings import Settings
 from runner.wiring import image_recipe, make_docker_sandbox, make_pipeline
@@ -30,7 +30,9 @@ PipelineFactory = Callable[..., AbstractAsyncContextManager[TaskPipeline]]
 
 @pytest.fixture(scope="session")
 def base_settings() -> Settings:
-    return Settings(runner_id="pytest-runner")
+    # Cold by default; tests of the warm pool (and the warm half of the limit tests)
+    # ask for one with ``warm=True`` or ``pool_size=N``.
+    return Settings(runner_id="pytest-runner", pool_size=0)
 
 
 @pytest.fixture(scope="session")
@@ -56,16 +58,30 @@ def task_image(docker_client: docker.DockerClient, base_settings: Settings) -> s
 def make_docker_pipeline(
     base_settings: Settings, task_image: str, docker_client: docker.DockerClient
 ) -> PipelineFactory:
-    """``async with make_docker_pipeline(guards_off=True, memory_mb=64) as pipeline: ...``"""
+    """``async with make_docker_pipeline(guards_off=True, memory_mb=64) as pipeline: ...``
+
+    ``warm=True`` gives the sandbox a pool of one slot and waits until it is ready,
+    so the first task is handed a pre-started container. ``isolation`` replaces the
+    policy's (e.g. Docker's default seccomp profile swapped in, to compare).
+    """
 
     @asynccontextmanager
     async def factory(
-        *, guards_off: bool = False, client: docker.DockerClient | None = None, **overrides: Any
+        *,
+        guards_off: bool = False,
+        client: docker.DockerClient | None = None,
+        warm: bool = False,
+        isolation: IsolationConfig | None = None,
+        **overrides: Any,
     ) -> AsyncIterator[TaskPipeline]:
         values = {**base_settings.model_dump(), **(GUARDS_OFF if guards_off else {}), **overrides}
+        if warm:
+            values["pool_size"] = overrides.get("pool_size", 1)
         settings = Settings(**values)
         own_client = client or docker.from_env(timeout=60)
-        sandbox = make_docker_sandbox(settings, own_client, image=task_image, ensure_image=None)
+        sandbox = make_docker_sandbox(
+            settings, own_client, image=task_image, ensure_image=None, isolation=isolation
+        )
         pipeline = make_pipeline(
             settings,
             sandbox,
@@ -74,6 +90,7 @@ def make_docker_pipeline(
             isolation=sandbox.isolation.report(),
         )
         try:
+            await sandbox.warm_up(wait=True)
             yield pipeline
         finally:
             await sandbox.aclose()
@@ -87,6 +104,12 @@ def request(
     return TaskRequest(code=code, items=items or [], mode=mode, **kw)
 
 
+def container_exists(client: docker.DockerClient, container_id: str | None) -> bool:
+    assert container_id, "the report names no container"
+    found = client.api.containers(all=True, filters={"id": container_id})
+    return bool(found)
+
+
 def containers_of_task(client: docker.DockerClient, task_id: str) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = client.api.containers(
         all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"io.sandbox-runner.task={task_id}"]}
@@ -94,4 +117,4 @@ def containers_of_task(client: docker.DockerClient, task_id: str) -> list[dict[s
     return found
 
 
-__all__ = ["GUARDS_OFF", "DockerSandbox", "containers_of_task", "request"]
+__all__ = ["GUARDS_OFF", "DockerSandbox", "container_exists", "containers_of_task", "request"]

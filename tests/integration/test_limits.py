@@ -1,7 +1,13 @@
-"""Resource attacks end in their own clear error, on time, and leave nothing behind."""
+"""Resource attacks end in their own clear error, on time, and leave nothing behind.
+
+Every attack runs twice: in a cold container and in a warm pool slot handed over
+to the task. Both must end exactly alike: the pool changes when a container is
+started, never what it enforces.
+"""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import docker
@@ -10,7 +16,7 @@ import pytest
 from runner.pipeline import TaskReport
 from runner.sandbox.base import Outcome, Stage
 
-from .conftest import PipelineFactory, containers_of_task, request
+from .conftest import PipelineFactory, container_exists, containers_of_task, request
 
 MEMORY_BOMB = """
 hog = []
@@ -80,69 +86,84 @@ os.kill(os.getpid(), signal.SIGSEGV)
 """
 
 
-def assert_clean(client: docker.DockerClient, report: TaskReport) -> None:
+@pytest.fixture(params=["cold", "warm"])
+def start(request: pytest.FixtureRequest) -> str:
+    """How the task's container is started: created for it, or taken from the pool."""
+    mode: str = request.param
+    return mode
+
+
+@pytest.fixture
+def pipeline_for(make_docker_pipeline: PipelineFactory, start: str) -> PipelineFactory:
+    return functools.partial(make_docker_pipeline, warm=start == "warm")
+
+
+def assert_clean(client: docker.DockerClient, report: TaskReport, start: str) -> None:
+    assert report.audit["details"]["containerStart"] == start, report.audit["details"]
     assert containers_of_task(client, report.task_id) == [], "the task container was left behind"
+    assert not container_exists(client, report.audit["containerId"]), "container left behind"
 
 
 @pytest.mark.parametrize("guards_off", [False, True], ids=["guards-on", "guards-off"])
 async def test_memory_bomb_is_killed_as_out_of_memory(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient, guards_off: bool
+    pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str, guards_off: bool
 ) -> None:
-    async with make_docker_pipeline(guards_off=guards_off, memory_mb=64) as pipeline:
+    async with pipeline_for(guards_off=guards_off, memory_mb=64) as pipeline:
         report = await pipeline.run(request(MEMORY_BOMB))
     assert report.outcome is Outcome.MEMORY_LIMIT, report.document()
     assert report.error is not None
     assert report.error.message == "Task ran out of memory (limit 64 MiB)"
     assert report.error.stage is Stage.RUN
-    assert_clean(docker_client, report)
+    assert_clean(docker_client, report, start)
 
 
 @pytest.mark.parametrize("bomb", [FORK_BOMB, THREAD_BOMB], ids=["fork-bomb", "thread-bomb"])
 async def test_process_bombs_hit_the_pids_limit(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient, bomb: str
+    pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str, bomb: str
 ) -> None:
-    started = time.monotonic()
-    async with make_docker_pipeline(guards_off=True, pids_limit=32, task_timeout_s=20) as pipeline:
+    async with pipeline_for(guards_off=True, pids_limit=32, task_timeout_s=20) as pipeline:
+        started = time.monotonic()  # the task's time, not the pool's warm-up
         report = await pipeline.run(request(bomb))
+        elapsed = time.monotonic() - started
     assert report.outcome is Outcome.PIDS_LIMIT, report.document()
     assert report.error is not None
     assert report.error.message == "Task hit the process limit (32 processes and threads)"
-    assert time.monotonic() - started < 20
-    assert_clean(docker_client, report)
+    assert elapsed < 20
+    assert_clean(docker_client, report, start)
 
 
 async def test_cpu_loop_ignoring_sigterm_dies_on_time(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+    pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
 ) -> None:
-    started = time.monotonic()
-    async with make_docker_pipeline(guards_off=True, task_timeout_s=2) as pipeline:
+    async with pipeline_for(guards_off=True, task_timeout_s=2) as pipeline:
+        started = time.monotonic()  # the task's time, not the pool's warm-up
         report = await pipeline.run(request(CPU_LOOP_IGNORING_SIGTERM))
         elapsed = time.monotonic() - started
     assert report.outcome is Outcome.TIMEOUT, report.document()
     assert report.error is not None
     assert report.error.message == "Task execution timed out after 2 seconds"
     assert elapsed < 2 + 3, f"took {elapsed:.1f}s"
-    assert_clean(docker_client, report)
+    assert_clean(docker_client, report, start)
 
 
 async def test_host_deadline_kills_a_container_whose_agent_cannot_report(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+    pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
 ) -> None:
-    started = time.monotonic()
-    async with make_docker_pipeline(guards_off=True, task_timeout_s=1) as pipeline:
+    async with pipeline_for(guards_off=True, task_timeout_s=1) as pipeline:
+        started = time.monotonic()  # the task's time, not the pool's warm-up
         report = await pipeline.run(request(AGENT_FROZEN))
         elapsed = time.monotonic() - started
     assert report.outcome is Outcome.TIMEOUT, report.document()
     assert report.error is not None
     assert report.error.message == "Task execution timed out after 1 second"
     assert elapsed < 1 + 5 + 3, f"took {elapsed:.1f}s"
-    assert_clean(docker_client, report)
+    assert_clean(docker_client, report, start)
 
 
 async def test_print_flood_ends_in_output_limit(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+    pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
 ) -> None:
-    async with make_docker_pipeline(output_bytes=1024 * 1024, task_timeout_s=30) as pipeline:
+    async with pipeline_for(output_bytes=1024 * 1024, task_timeout_s=30) as pipeline:
         report = await pipeline.run(request(PRINT_FLOOD))
     assert report.outcome is Outcome.OUTPUT_LIMIT, report.document()
     assert report.error is not None
@@ -150,13 +171,13 @@ async def test_print_flood_ends_in_output_limit(
     # What was captured before the limit is kept, with n8n's truncation marker.
     assert len(report.prints) == 101
     assert report.prints[-1][0].startswith("[Output truncated - ")
-    assert_clean(docker_client, report)
+    assert_clean(docker_client, report, start)
 
 
 async def test_stdout_and_stderr_flood_is_capped_and_ends_in_output_limit(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+    pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
 ) -> None:
-    async with make_docker_pipeline(
+    async with pipeline_for(
         guards_off=True, output_bytes=1024 * 1024, task_timeout_s=30
     ) as pipeline:
         report = await pipeline.run(request(FD_FLOOD))
@@ -164,35 +185,35 @@ async def test_stdout_and_stderr_flood_is_capped_and_ends_in_output_limit(
     assert report.error is not None
     assert report.error.message == "Task output exceeded the limit of 1048576 bytes"
     assert report.audit["details"]["stderrBytes"] <= 1024 * 1024 + 2 * 65536 + 16
-    assert_clean(docker_client, report)
+    assert_clean(docker_client, report, start)
 
 
 async def test_tmp_fill_stops_at_the_tmpfs_cap(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+    pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
 ) -> None:
-    async with make_docker_pipeline(guards_off=True, tmpfs_mb=8, fsize_mb=64) as pipeline:
+    async with pipeline_for(guards_off=True, tmpfs_mb=8, fsize_mb=64) as pipeline:
         report = await pipeline.run(request(TMP_FILL))
     assert report.outcome is Outcome.SUCCESS, report.document()
     assert report.result["errno"] == "ENOSPC"
     assert 6 * 1024 * 1024 <= report.result["written"] <= 8 * 1024 * 1024
-    assert_clean(docker_client, report)
+    assert_clean(docker_client, report, start)
 
 
 async def test_single_file_stops_at_the_file_size_limit(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+    pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
 ) -> None:
-    async with make_docker_pipeline(guards_off=True, tmpfs_mb=16, fsize_mb=2) as pipeline:
+    async with pipeline_for(guards_off=True, tmpfs_mb=16, fsize_mb=2) as pipeline:
         report = await pipeline.run(request(TMP_FILL))
     assert report.outcome is Outcome.SUCCESS, report.document()
     assert report.result["errno"] == "EFBIG"
     assert report.result["written"] <= 2 * 1024 * 1024
-    assert_clean(docker_client, report)
+    assert_clean(docker_client, report, start)
 
 
 async def test_crash_by_signal_is_reported_as_a_crash(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+    pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
 ) -> None:
-    async with make_docker_pipeline(guards_off=True) as pipeline:
+    async with pipeline_for(guards_off=True) as pipeline:
         report = await pipeline.run(request(SEGFAULT))
     assert report.outcome is Outcome.CRASHED, report.document()
     assert report.error is not None
@@ -200,4 +221,4 @@ async def test_crash_by_signal_is_reported_as_a_crash(
     assert report.error.description.startswith("Fatal Python error: Segmentation fault")
     assert '<all_items_task_execution>", line 3' in report.error.description
     assert "sandbox_agent" not in report.error.description
-    assert_clean(docker_client, report)
+    assert_clean(docker_client, report, start)

@@ -14,11 +14,14 @@ import pytest
 
 from runner.analyzer import DEFAULT_BUILTINS_DENY, Analyzer, ImportPolicy
 from runner.pipeline import AuditContext, TaskPipeline, TaskReport, TaskRequest
+from runner.policy import load_bundle
 from runner.sandbox.base import GuardConfig, Limits, Mode, Outcome, Stage
 from runner.sandbox.process import ProcessSandbox
-from runner.settings import DEFAULT_STDLIB_ALLOW, PROJECT_ROOT
+from runner.settings import PROJECT_ROOT
 
 Factory = Callable[..., AbstractAsyncContextManager[TaskPipeline]]
+# The curated default allowlist of the policy bundle (policies/sandbox.toml).
+DEFAULT_STDLIB_ALLOW = ",".join(load_bundle(PROJECT_ROOT / "policies").config.imports.stdlib_allow)
 
 
 @pytest.fixture

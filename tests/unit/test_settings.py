@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from runner.settings import DEFAULT_STDLIB_ALLOW, Settings
+from runner.policy import EffectivePolicy, load_policy
+from runner.settings import Settings
+
+
+def effective(settings: Settings) -> EffectivePolicy:
+    """The policy bundle in policies/ with ``settings`` applied."""
+    return load_policy(settings)
 
 
 @pytest.fixture(autouse=True)
@@ -19,18 +25,22 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def test_defaults() -> None:
+def test_defaults_come_from_the_policy_bundle() -> None:
     settings = Settings()
-    assert settings.task_timeout_s == 60
-    assert settings.stdlib_allow == DEFAULT_STDLIB_ALLOW
-    assert "json" in settings.import_policy.stdlib_allow
-    assert "os" not in settings.import_policy.stdlib_allow
-    assert settings.external_allow == ""
+    # Unset in settings: the bundle (policies/sandbox.toml) decides.
+    assert settings.task_timeout_s is None
+    assert settings.stdlib_allow is None
+    assert settings.memory_mb is None
+    policy = effective(settings)
+    assert policy.limits.timeout_s == 60
+    assert "json" in policy.import_policy.stdlib_allow
+    assert "os" not in policy.import_policy.stdlib_allow
+    assert policy.import_policy.external_allow == frozenset()
     assert settings.block_env_access is True
-    assert "eval" in settings.builtins_deny_list
-    assert "open" in settings.builtins_deny_list
-    assert settings.memory_mb == 256
-    assert settings.pids_limit == 64
+    assert "eval" in policy.guards.builtins_deny
+    assert "open" in policy.guards.builtins_deny
+    assert policy.limits.memory_bytes == 256 * 1024 * 1024
+    assert policy.limits.pids == 64
 
 
 def test_n8n_names_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,14 +50,16 @@ def test_n8n_names_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("N8N_RUNNERS_BUILTINS_DENY", "eval, exec")
     settings = Settings()
     assert settings.task_timeout_s == 7
-    assert settings.import_policy.stdlib_allow == frozenset({"json", "re"})
-    assert settings.import_policy.external_allow == frozenset({"*"})
-    assert settings.builtins_deny_list == ("eval", "exec")
+    policy = effective(settings)
+    assert policy.limits.timeout_s == 7
+    assert policy.import_policy.stdlib_allow == frozenset({"json", "re"})
+    assert policy.import_policy.external_allow == frozenset({"*"})
+    assert policy.guards.builtins_deny == ("eval", "exec")
 
 
 def test_empty_builtins_deny_denies_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("N8N_RUNNERS_BUILTINS_DENY", "")
-    assert Settings().builtins_deny_list == ()
+    assert effective(Settings()).guards.builtins_deny == ()
 
 
 @pytest.mark.parametrize(
@@ -81,9 +93,10 @@ def test_file_variant_is_read_when_the_variable_is_unset(
     secret = tmp_path / "allow"
     secret.write_text("json,math\n")
     monkeypatch.setenv("N8N_RUNNERS_STDLIB_ALLOW_FILE", str(secret))
-    assert Settings().import_policy.stdlib_allow == frozenset({"json", "math"})
+    assert effective(Settings()).import_policy.stdlib_allow == frozenset({"json", "math"})
     monkeypatch.setenv("N8N_RUNNERS_STDLIB_ALLOW", "re")
-    assert Settings().import_policy.stdlib_allow == frozenset({"re"})  # the direct variable wins
+    # the direct variable wins
+    assert effective(Settings()).import_policy.stdlib_allow == frozenset({"re"})
 
 
 def test_unreadable_file_variant_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

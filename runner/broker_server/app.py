@@ -1,0 +1,383 @@
+"""The embedded broker's web layer: runner endpoints and the HTTP API on one port.
+
+Runner side (n8n's broker, reference 2 and 3): ``POST /runners/auth`` (auth token ->
+single-use grant token in n8n's ``{"data": {"token"}}`` envelope), ``GET /healthz``,
+and the WebSocket ``/runners/_ws?id=<runner id>`` with its upgrade checks (400 no id,
+401 no Bearer, 403 bad grant).
+
+API side (``/v1/tasks``): submit, wait for, read, list and cancel tasks as JSON,
+documented by the OpenAPI schema FastAPI serves at ``/docs`` and ``/openapi.json``.
+Callers authenticate with bearer API keys, each mapped to a tenant; with no keys
+configured the API serves loopback clients only, as tenant ``default``. A tenant
+sees only its own tasks (anyone else's id is a 404). Request bodies are capped.
+
+No ``from __future__ import annotations`` here: FastAPI reads the annotations of the
+route functions (defined inside :func:`create_app`) at run time.
+"""
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, WebSocket
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocketDisconnect
+
+from runner import __version__
+from runner.broker_server.core import (
+    Broker,
+    BrokerTask,
+    Submission,
+    TaskLimits,
+    check_schema,
+    validate_input,
+)
+from runner.broker_server.tokens import GrantTokens, same_secret
+from runner.protocol.codec import ProtocolError, decode_runner_message, encode
+from runner.sandbox.base import Mode
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 300.0
+BEARER = re.compile(r"^Bearer (.+)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    auth_token: str
+    api_keys: dict[str, str]  # key -> tenant
+    max_request_bytes: int
+    ceilings: TaskLimits  # what a caller may ask for at most
+
+
+# --- API models ----------------------------------------------------------------------
+
+
+class TaskCreate(BaseModel):
+    """A task to run. ``code`` is the body of a function, as in n8n's Python Code node."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    code: str = Field(description="Python function body; use `return` for the result.")
+    items: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Input items: n8n items ({'json': {...}}) or plain objects (wrapped).",
+    )
+    mode: Literal["all_items", "per_item", "runOnceForAllItems", "runOnceForEachItem"] = Field(
+        "all_items", description="Run once over `_items`, or once per `_item`."
+    )
+    continue_on_fail: bool = Field(False, alias="continueOnFail")
+    query: Any = Field(None, description="Exposed to all-items code as `_query`.")
+    timeout_seconds: float | None = Field(None, gt=0, alias="timeoutSeconds")
+    memory_mb: int | None = Field(None, ge=16, alias="memoryMb")
+    cpus: float | None = Field(None, gt=0)
+    input_schema: dict[str, Any] | None = Field(
+        None, alias="inputSchema", description="JSON Schema every item's `json` must match."
+    )
+    output_schema: dict[str, Any] | None = Field(
+        None, alias="outputSchema", description="JSON Schema the result must match."
+    )
+
+
+class TaskState(BaseModel):
+    taskId: str
+    status: Literal["queued", "offered", "running", "success", "error"]
+    mode: str
+    submittedAt: str
+    runnerId: str | None = None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskState]
+
+
+# --- request size cap ------------------------------------------------------------------
+
+
+class BodyLimit:
+    """Refuse HTTP bodies over ``max_bytes`` with 413, before any of it is parsed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"Request body exceeds the limit of {self.max_bytes} bytes"},
+            status_code=413,
+        )
+        await response(scope, receive, send)
+
+
+# --- runner connections ------------------------------------------------------------------
+
+
+class WsRunner:
+    """One runner's WebSocket, as the core sees it: a non-blocking send and close."""
+
+    def __init__(self, websocket: WebSocket, runner_id: str) -> None:
+        self.runner_id = runner_id
+        self._websocket = websocket
+        self._queue: asyncio.Queue[str | tuple[int, str]] = asyncio.Queue()
+
+    def send(self, message: BaseModel) -> None:
+        self._queue.put_nowait(encode(message))
+
+    def send_frame(self, frame: str) -> None:
+        """A raw frame, as is (tests use it to send what a faulty broker would)."""
+        self._queue.put_nowait(frame)
+
+    def close(self, code: int, reason: str) -> None:
+        self._queue.put_nowait((code, reason))
+
+    async def write_forever(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, tuple):
+                with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                    await self._websocket.close(code=item[0], reason=item[1])
+                return
+            await self._websocket.send_text(item)
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in ("localhost", "testclient")
+
+
+def create_app(broker: Broker, tokens: GrantTokens, config: ApiConfig) -> FastAPI:
+    app = FastAPI(
+        title="sandbox-runner broker",
+        version=__version__,
+        description=(
+            "Submit untrusted Python to run, each task in its own hardened container. "
+            "Runners connect on /runners/_ws with n8n's task-runner protocol."
+        ),
+    )
+    app.state.broker = broker
+
+    # -- runner side ------------------------------------------------------------------
+
+    @app.post(
+        "/runners/auth",
+        tags=["runners"],
+        summary="Exchange the auth token for a single-use grant token",
+        responses={
+            400: {"description": 'Body is not {"token": <non-empty string>}'},
+            403: {"description": "Wrong auth token"},
+        },
+    )
+    async def runner_auth(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        token = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token:
+            raise HTTPException(400, 'Body must be {"token": <non-empty string>}')
+        if not same_secret(token, config.auth_token):
+            raise HTTPException(403, "Invalid auth token")
+        return {"data": {"token": tokens.issue()}}
+
+    @app.get("/healthz", tags=["runners"], summary="Broker health")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.websocket("/runners/_ws")
+    async def runner_socket(websocket: WebSocket) -> None:
+        runner_id = websocket.query_params.get("id")
+        if not runner_id:
+            await websocket.send_denial_response(PlainTextResponse("Missing id", 400))
+            return
+        match = BEARER.match(websocket.headers.get("authorization", ""))
+        if match is None:
+            await websocket.send_denial_response(PlainTextResponse("Unauthorized", 401))
+            return
+        if not tokens.consume(match.group(1)):
+            log.warning("runner %s presented an unknown, used or expired grant token", runner_id)
+            await websocket.send_denial_response(PlainTextResponse("Forbidden", 403))
+            return
+        await websocket.accept()
+        connection = WsRunner(websocket, runner_id)
+        writer = asyncio.create_task(connection.write_forever())
+        broker.runner_connected(connection)
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                frame = (
+                    message.get("text") if message.get("text") is not None else message.get("bytes")
+                )
+                try:
+                    decoded = decode_runner_message(frame or "")
+                except ProtocolError as exc:
+                    log.warning("runner %s sent a bad frame: %s", runner_id, exc)
+                    continue
+                broker.runner_message(connection, decoded)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            broker.runner_disconnected(connection)
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+
+    # -- API side ---------------------------------------------------------------------
+
+    def tenant_of(request: Request) -> str:
+        if not config.api_keys:
+            if not _is_loopback(request.client.host if request.client else None):
+                raise HTTPException(
+                    403, "No API keys are configured: the API serves loopback clients only"
+                )
+            return "default"
+        match = BEARER.match(request.headers.get("authorization", ""))
+        if match is None:
+            raise HTTPException(401, "Missing API key", headers={"WWW-Authenticate": "Bearer"})
+        for key, tenant in config.api_keys.items():
+            if same_secret(match.group(1), key):
+                return tenant
+        raise HTTPException(401, "Invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+    Tenant = Annotated[str, Depends(tenant_of)]
+
+    def own_task(task_id: str, tenant: str) -> BrokerTask:
+        task = broker.get(task_id)
+        if task is None or task.submission.tenant != tenant:
+            raise HTTPException(404, f"No task {task_id}")
+        return task
+
+    def task_body(task: BrokerTask) -> dict[str, Any]:
+        return task.document if task.document is not None else task.summary()
+
+    @app.post(
+        "/v1/tasks",
+        tags=["tasks"],
+        status_code=202,
+        summary="Submit a task",
+        responses={200: {"description": "The task ended within `wait`: its result document"}},
+    )
+    async def submit(
+        body: TaskCreate,
+        tenant: Tenant,
+        response: Response,
+        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait")] = 0,
+    ) -> dict[str, Any]:
+        ceilings = config.ceilings
+        for name, value, ceiling in (
+            ("timeoutSeconds", body.timeout_seconds, ceilings.timeout_s),
+            ("memoryMb", body.memory_mb, ceilings.memory_mb),
+            ("cpus", body.cpus, ceilings.cpus),
+        ):
+            if value is not None and ceiling is not None and value > ceiling:
+                raise HTTPException(
+                    422, f"{name} {value} exceeds the policy's ceiling of {ceiling}"
+                )
+        for name, schema in (
+            ("inputSchema", body.input_schema),
+            ("outputSchema", body.output_schema),
+        ):
+            problem = check_schema(schema, name)
+            if problem is not None:
+                raise HTTPException(422, problem)
+        items = [item if "json" in item else {"json": item} for item in body.items]
+        problem = validate_input(body.input_schema, items)
+        if problem is not None:
+            raise HTTPException(422, f"Items do not match inputSchema: {problem}")
+        task = broker.submit(
+            Submission(
+                tenant=tenant,
+                code=body.code,
+                items=items,
+                mode=Mode.parse(body.mode),
+                continue_on_fail=body.continue_on_fail,
+                query=body.query,
+                limits=TaskLimits(body.timeout_seconds, body.memory_mb, body.cpus),
+                output_schema=body.output_schema,
+            )
+        )
+        response.headers["Location"] = f"/v1/tasks/{task.task_id}"
+        if wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(task.done.wait(), timeout=wait)
+        if task.document is not None:
+            response.status_code = 200
+            return task.document
+        return task.summary()
+
+    @app.get("/v1/tasks/{task_id}", tags=["tasks"], summary="A task's result document or state")
+    async def read(
+        task_id: str,
+        tenant: Tenant,
+        response: Response,
+        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
+    ) -> dict[str, Any]:
+        task = own_task(task_id, tenant)
+        if wait > 0 and task.document is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(task.done.wait(), timeout=wait)
+        if task.document is None:
+            response.status_code = 202
+        return task_body(task)
+
+    @app.get("/v1/tasks", tags=["tasks"], summary="Recent tasks of the caller's tenant")
+    async def listing(tenant: Tenant, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> TaskList:
+        return TaskList(tasks=[TaskState(**t.summary()) for t in broker.recent(tenant, limit)])
+
+    @app.delete("/v1/tasks/{task_id}", tags=["tasks"], summary="Cancel a task")
+    async def cancel(task_id: str, tenant: Tenant) -> dict[str, Any]:
+        task = own_task(task_id, tenant)
+        broker.cancel(task)
+        return task_body(task)
+
+    @app.get("/v1/health", tags=["tasks"], summary="Broker state")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "runners": broker.runner_ids(), "running": broker.running_count()}
+
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+    return app

@@ -1,0 +1,575 @@
+"""The broker's rules: runners, offers, tasks, tenants, fair dispatch, timers.
+
+Owns: which runners are connected and what they offer, the task table and each
+task's life (queued -> offered -> running -> finished), per-tenant queues with
+quotas and round-robin fairness (one busy tenant cannot starve the others), the
+2 s accept timeout, the broker-side task timeout (``broker:taskcancel``), late
+results from a runner that reconnected, drain on shutdown, and the result
+documents the HTTP API serves.
+
+It is driven by the web layer (:mod:`runner.broker_server.app`) through plain
+method calls; each runner connection is an object with a non-blocking ``send``.
+Timers use the event loop's ``call_later`` with an injected clock for deadlines.
+Executes no code itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import string
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+import jsonschema
+from pydantic import BaseModel
+
+from runner.protocol.messages import (
+    EXTENSION_SANDBOX,
+    LOG_NODE_OUTPUT,
+    Drain,
+    InfoRequest,
+    Rpc,
+    RunnerInfo,
+    RunnerRegistered,
+    TaskAccepted,
+    TaskCancel,
+    TaskDeferred,
+    TaskDone,
+    TaskErrorMessage,
+    TaskOffer,
+    TaskOfferAccept,
+    TaskRejected,
+    TaskSettingsMessage,
+)
+from runner.sandbox.base import Mode
+
+log = logging.getLogger(__name__)
+
+ACCEPT_TIMEOUT_S = 2.0
+TIMED_OUT_REASON = "Task execution timed out"
+TASK_ID_ALPHABET = string.ascii_letters + string.digits + "_-"
+
+
+def new_task_id() -> str:
+    """n8n's broker uses nanoid(8); ours are longer so ids stay unique across restarts."""
+    return "".join(secrets.choice(TASK_ID_ALPHABET) for _ in range(16))
+
+
+class TaskStatus(StrEnum):
+    QUEUED = "queued"
+    OFFERED = "offered"
+    RUNNING = "running"
+    SUCCESS = "success"
+    ERROR = "error"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (TaskStatus.SUCCESS, TaskStatus.ERROR)
+
+
+class RunnerConnection(Protocol):
+    """One connected runner, as the web layer gives it to the core."""
+
+    runner_id: str
+
+    def send(self, message: BaseModel) -> None: ...
+    def close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLimits:
+    timeout_s: float | None = None
+    memory_mb: int | None = None
+    cpus: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A task as submitted through the API."""
+
+    tenant: str
+    code: str
+    items: list[Any]
+    mode: Mode
+    continue_on_fail: bool = False
+    query: Any = None
+    limits: TaskLimits = TaskLimits()
+    output_schema: dict[str, Any] | None = None
+
+
+@dataclass
+class BrokerTask:
+    task_id: str
+    submission: Submission
+    submitted_at: float
+    submitted_wall: datetime
+    status: TaskStatus = TaskStatus.QUEUED
+    runner_id: str | None = None
+    offer_id: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    prints: list[list[str]] = field(default_factory=list)
+    document: dict[str, Any] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    timer: asyncio.TimerHandle | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "taskId": self.task_id,
+            "status": self.status.value,
+            "mode": self.submission.mode.value,
+            "submittedAt": self.submitted_wall.isoformat(timespec="milliseconds"),
+            "runnerId": self.runner_id,
+        }
+
+
+@dataclass
+class _Runner:
+    connection: RunnerConnection
+    registered: bool = False
+    offers: dict[str, float] = field(default_factory=dict)  # offer id -> valid until (-1: never)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    default_timeout_s: float = 60.0
+    accept_timeout_s: float = ACCEPT_TIMEOUT_S
+    timeout_grace_s: float = 15.0
+    queue_timeout_s: float = 300.0
+    runner_lost_grace_s: float = 30.0
+    tenant_quota: int = 4
+    tenant_quotas: dict[str, int] = field(default_factory=dict)
+    max_tasks_kept: int = 1000
+
+
+class Broker:
+    """All broker state. Call from the event loop only."""
+
+    def __init__(self, config: BrokerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._runners: dict[str, _Runner] = {}
+        self._tasks: dict[str, BrokerTask] = {}
+        self._queues: dict[str, deque[str]] = {}
+        self._round_robin: deque[str] = deque()
+        self._active: dict[str, int] = {}  # tenant -> offered + running
+        self._draining = False
+        self.log_messages = False
+        self.message_log: list[tuple[str, dict[str, Any]]] = []  # (runner id, message), tests
+
+    # -- runners ------------------------------------------------------------------------
+
+    def runner_connected(self, connection: RunnerConnection) -> None:
+        previous = self._runners.get(connection.runner_id)
+        if previous is not None:
+            previous.connection.close(1000, "replaced by a new connection with the same id")
+        self._runners[connection.runner_id] = _Runner(connection)
+        connection.send(InfoRequest())
+
+    def runner_disconnected(self, connection: RunnerConnection) -> None:
+        runner = self._runners.get(connection.runner_id)
+        if runner is None or runner.connection is not connection:
+            return
+        del self._runners[connection.runner_id]
+        for task in self._tasks.values():
+            if task.runner_id != connection.runner_id or task.status.is_finished:
+                continue
+            if task.status is TaskStatus.OFFERED:
+                self._requeue(task)
+            elif task.status is TaskStatus.RUNNING:
+                # The runner may come back (same id) and report it; otherwise it is lost.
+                self._arm(task, self.config.runner_lost_grace_s, self._runner_lost, task.task_id)
+        self.dispatch()
+
+    def runner_message(self, connection: RunnerConnection, message: BaseModel) -> None:
+        if self.log_messages:
+            self.message_log.append(
+                (connection.runner_id, message.model_dump(mode="json", by_alias=True))
+            )
+        runner = self._runners.get(connection.runner_id)
+        if runner is None or runner.connection is not connection:
+            return
+        if not runner.registered and not isinstance(message, RunnerInfo):
+            return  # n8n's broker ignores everything before runner:info
+        match message:
+            case RunnerInfo():
+                runner.registered = True
+                connection.send(RunnerRegistered(extensions=(EXTENSION_SANDBOX,)))
+                if self._draining:
+                    connection.send(Drain())
+            case TaskOffer(offer_id=offer_id, valid_for=valid_for):
+                if not self._draining:
+                    until = -1.0 if valid_for < 0 else self._clock() + valid_for / 1000
+                    runner.offers[offer_id] = until
+                    self.dispatch()
+            case TaskAccepted(task_id=task_id):
+                self._accepted(connection.runner_id, task_id)
+            case TaskRejected(task_id=task_id, reason=reason):
+                self._declined(connection.runner_id, task_id, reason)
+            case TaskDeferred(task_id=task_id):
+                self._declined(connection.runner_id, task_id, "deferred by a launcher")
+            case Rpc(task_id=task_id, name=name, params=params):
+                task = self._tasks.get(task_id)
+                if task is not None and not task.status.is_finished and name == LOG_NODE_OUTPUT:
+                    task.prints.append([str(p) for p in params])
+            case TaskDone() | TaskErrorMessage():
+                self._completed(connection.runner_id, message)
+            case _:
+                log.info("ignoring %s from runner %s", type(message).__name__, connection.runner_id)
+
+    # -- tasks --------------------------------------------------------------------------
+
+    def submit(self, submission: Submission) -> BrokerTask:
+        task = BrokerTask(
+            task_id=new_task_id(),
+            submission=submission,
+            submitted_at=self._clock(),
+            submitted_wall=datetime.now(UTC),
+        )
+        self._tasks[task.task_id] = task
+        self._queue(task, front=False)
+        self._arm(task, self.config.queue_timeout_s, self._queue_expired, task.task_id)
+        self._evict_old()
+        self.dispatch()
+        return task
+
+    def get(self, task_id: str) -> BrokerTask | None:
+        return self._tasks.get(task_id)
+
+    def recent(self, tenant: str, limit: int) -> list[BrokerTask]:
+        mine = [t for t in self._tasks.values() if t.submission.tenant == tenant]
+        return sorted(mine, key=lambda t: t.submitted_at, reverse=True)[:limit]
+
+    def cancel(self, task: BrokerTask) -> None:
+        if task.status.is_finished:
+            return
+        if task.status is TaskStatus.QUEUED:
+            self._unqueue(task)
+            self._finish_error(task, "Task was cancelled", "", "cancelled", "queue")
+            return
+        self._tell_runner_cancel(task, "Task was cancelled by the API caller")
+        self._finish_error(task, "Task was cancelled", "", "cancelled", "run")
+
+    def running_count(self) -> int:
+        return sum(
+            1 for t in self._tasks.values() if t.status in (TaskStatus.OFFERED, TaskStatus.RUNNING)
+        )
+
+    def connection(self, runner_id: str) -> RunnerConnection | None:
+        runner = self._runners.get(runner_id)
+        return runner.connection if runner else None
+
+    def runner_ids(self) -> list[str]:
+        return [rid for rid, runner in self._runners.items() if runner.registered]
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Match queued tasks to live offers, fairly across tenants."""
+        if self._draining:
+            return
+        while True:
+            offer = self._best_offer()
+            if offer is None:
+                return
+            tenant = self._next_tenant()
+            if tenant is None:
+                return
+            runner_id, offer_id = offer
+            del self._runners[runner_id].offers[offer_id]
+            task = self._tasks[self._queues[tenant].popleft()]
+            task.status = TaskStatus.OFFERED
+            task.runner_id, task.offer_id = runner_id, offer_id
+            self._active[tenant] = self._active.get(tenant, 0) + 1
+            self._arm(task, self.config.accept_timeout_s, self._accept_timed_out, task.task_id)
+            self._runners[runner_id].connection.send(
+                TaskOfferAccept(task_id=task.task_id, offer_id=offer_id)
+            )
+
+    def _next_tenant(self) -> str | None:
+        for _ in range(len(self._round_robin)):
+            tenant = self._round_robin[0]
+            self._round_robin.rotate(-1)
+            quota = self.config.tenant_quotas.get(tenant, self.config.tenant_quota)
+            if self._queues.get(tenant) and self._active.get(tenant, 0) < quota:
+                return tenant
+        return None
+
+    def _best_offer(self) -> tuple[str, str] | None:
+        """The newest live offer of any registered runner (n8n's broker takes the first)."""
+        now = self._clock()
+        best: tuple[float, str, str] | None = None
+        for runner_id, runner in self._runners.items():
+            if not runner.registered:
+                continue
+            for offer_id, until in list(runner.offers.items()):
+                if 0 <= until <= now:
+                    del runner.offers[offer_id]
+                    continue
+                rank = float("inf") if until < 0 else until
+                if best is None or rank > best[0]:
+                    best = (rank, runner_id, offer_id)
+        return None if best is None else (best[1], best[2])
+
+    def _queue(self, task: BrokerTask, *, front: bool) -> None:
+        tenant = task.submission.tenant
+        queue = self._queues.setdefault(tenant, deque())
+        if tenant not in self._round_robin:
+            self._round_robin.append(tenant)
+        if front:
+            queue.appendleft(task.task_id)
+        else:
+            queue.append(task.task_id)
+
+    def _unqueue(self, task: BrokerTask) -> None:
+        queue = self._queues.get(task.submission.tenant)
+        if queue and task.task_id in queue:
+            queue.remove(task.task_id)
+
+    def _release(self, task: BrokerTask) -> None:
+        tenant = task.submission.tenant
+        if task.status in (TaskStatus.OFFERED, TaskStatus.RUNNING):
+            self._active[tenant] = max(0, self._active.get(tenant, 0) - 1)
+
+    def _requeue(self, task: BrokerTask) -> None:
+        self._release(task)
+        task.status, task.runner_id, task.offer_id = TaskStatus.QUEUED, None, None
+        self._queue(task, front=True)
+        self._arm(task, self.config.queue_timeout_s, self._queue_expired, task.task_id)
+
+    # -- protocol steps -----------------------------------------------------------------
+
+    def _accepted(self, runner_id: str, task_id: str) -> None:
+        task = self._tasks.get(task_id)
+        if task is None or task.status is not TaskStatus.OFFERED or task.runner_id != runner_id:
+            log.info("late or unknown acceptance of %s by %s ignored", task_id, runner_id)
+            return
+        task.status = TaskStatus.RUNNING
+        task.started_at = self._clock()
+        submission = task.submission
+        timeout_s = submission.limits.timeout_s or self.config.default_timeout_s
+        self._arm(task, timeout_s + self.config.timeout_grace_s, self._task_timed_out, task_id)
+        settings: dict[str, Any] = {
+            "code": submission.code,
+            "nodeMode": submission.mode.n8n_name,
+            "items": submission.items,
+            "continueOnFail": submission.continue_on_fail,
+            "workflowMode": "api",
+            "workflowName": f"tenant {submission.tenant}",
+            "nodeName": "sandbox-runner API",
+            "query": submission.query,
+        }
+        limits = {
+            key: value
+            for key, value in (
+                ("timeoutSeconds", submission.limits.timeout_s),
+                ("memoryMb", submission.limits.memory_mb),
+                ("cpus", submission.limits.cpus),
+            )
+            if value is not None
+        }
+        if limits:
+            settings["limits"] = limits
+        self._runners[runner_id].connection.send(
+            TaskSettingsMessage(task_id=task_id, settings=settings)
+        )
+
+    def _declined(self, runner_id: str, task_id: str, reason: str) -> None:
+        task = self._tasks.get(task_id)
+        if task is None or task.status is not TaskStatus.OFFERED or task.runner_id != runner_id:
+            return
+        log.info("runner %s declined task %s: %s", runner_id, task_id, reason)
+        self._requeue(task)
+        self.dispatch()
+
+    def _completed(self, runner_id: str, message: TaskDone | TaskErrorMessage) -> None:
+        task = self._tasks.get(message.task_id)
+        if task is None or task.status.is_finished:
+            log.info("completion of unknown or finished task %s dropped", message.task_id)
+            return
+        if task.runner_id != runner_id:
+            log.warning(
+                "task %s reported by %s, but runs on %s", task.task_id, runner_id, task.runner_id
+            )
+            return
+        report = message.sandbox or {}
+        audit = report.get("audit")
+        if isinstance(message, TaskDone):
+            result = message.data.result
+            schema_error = _schema_error(task.submission.output_schema, result, "result")
+            if schema_error is not None:
+                self._finish_error(
+                    task,
+                    "Result does not match outputSchema",
+                    schema_error,
+                    "output_schema_violation",
+                    "result",
+                    audit,
+                )
+            else:
+                self._finish(task, {"status": "success", "result": result}, audit)
+        else:
+            error = message.error
+            self._finish_error(
+                task,
+                error.message,
+                error.description or "",
+                str(report.get("code") or "task_error"),
+                str(report.get("stage") or "run"),
+                audit,
+            )
+        self.dispatch()
+
+    def _finish_error(
+        self,
+        task: BrokerTask,
+        message: str,
+        description: str,
+        code: str,
+        stage: str,
+        audit: Any = None,
+    ) -> None:
+        error = {"message": message, "description": description, "code": code, "stage": stage}
+        self._finish(task, {"status": "error", "error": error}, audit)
+
+    def _finish(self, task: BrokerTask, body: dict[str, Any], audit: Any) -> None:
+        self._release(task)
+        task.status = TaskStatus.SUCCESS if body["status"] == "success" else TaskStatus.ERROR
+        task.finished_at = self._clock()
+        task.document = {**body, "prints": task.prints, "audit": audit}
+        if task.timer is not None:
+            task.timer.cancel()
+            task.timer = None
+        task.done.set()
+
+    def _tell_runner_cancel(self, task: BrokerTask, reason: str) -> None:
+        runner = self._runners.get(task.runner_id or "")
+        if runner is not None and task.status is TaskStatus.RUNNING:
+            runner.connection.send(TaskCancel(task_id=task.task_id, reason=reason))
+
+    # -- timers -------------------------------------------------------------------------
+
+    def _arm(
+        self, task: BrokerTask, delay_s: float, callback: Callable[[str], None], task_id: str
+    ) -> None:
+        if task.timer is not None:
+            task.timer.cancel()
+        task.timer = asyncio.get_running_loop().call_later(delay_s, callback, task_id)
+
+    def _accept_timed_out(self, task_id: str) -> None:
+        task = self._tasks.get(task_id)
+        if task is not None and task.status is TaskStatus.OFFERED:
+            log.info("task %s: no answer to the offer acceptance within 2 s", task_id)
+            self._requeue(task)
+            self.dispatch()
+
+    def _task_timed_out(self, task_id: str) -> None:
+        task = self._tasks.get(task_id)
+        if task is None or task.status is not TaskStatus.RUNNING:
+            return
+        # As n8n's broker: forget the task first, then tell the runner.
+        self._finish_error(
+            task, TIMED_OUT_REASON, "The broker's task timer fired.", "timeout", "run"
+        )
+        runner = self._runners.get(task.runner_id or "")
+        if runner is not None:
+            runner.connection.send(TaskCancel(task_id=task_id, reason=TIMED_OUT_REASON))
+        self.dispatch()
+
+    def _queue_expired(self, task_id: str) -> None:
+        task = self._tasks.get(task_id)
+        if task is not None and task.status is TaskStatus.QUEUED:
+            self._unqueue(task)
+            self._finish_error(
+                task, "No runner took the task in time", "", "queue_timeout", "queue"
+            )
+
+    def _runner_lost(self, task_id: str) -> None:
+        task = self._tasks.get(task_id)
+        if task is None or task.status is not TaskStatus.RUNNING:
+            return
+        if task.runner_id in self._runners:  # it came back: wait for its report
+            timeout_s = task.submission.limits.timeout_s or self.config.default_timeout_s
+            self._arm(task, timeout_s + self.config.timeout_grace_s, self._task_timed_out, task_id)
+            return
+        self._finish_error(
+            task, "The runner disconnected while running the task", "", "runner_lost", "run"
+        )
+        self.dispatch()
+
+    def _evict_old(self) -> None:
+        finished = [t for t in self._tasks.values() if t.status.is_finished]
+        excess = len(self._tasks) - self.config.max_tasks_kept
+        for task in sorted(finished, key=lambda t: t.finished_at or 0)[: max(0, excess)]:
+            del self._tasks[task.task_id]
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Stop dispatching and tell every runner to stop offering."""
+        self._draining = True
+        for runner in self._runners.values():
+            runner.offers.clear()
+            if runner.registered:
+                runner.connection.send(Drain())
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait (bounded) until every dispatched task has finished."""
+        waits = [
+            asyncio.ensure_future(task.done.wait())
+            for task in self._tasks.values()
+            if task.status in (TaskStatus.OFFERED, TaskStatus.RUNNING)
+        ]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout_s)
+            for waiter in pending:
+                waiter.cancel()
+        return self.running_count() == 0
+
+    def close_all(self, code: int = 1001, reason: str = "broker shutting down") -> None:
+        for runner in list(self._runners.values()):
+            runner.connection.close(code, reason)
+
+
+def _schema_error(schema: dict[str, Any] | None, value: Any, root: str) -> str | None:
+    """The first JSON Schema violation as ``path: message``, or None."""
+    if schema is None:
+        return None
+    errors = sorted(
+        jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.path)
+    )
+    if not errors:
+        return None
+    first = errors[0]
+    path = root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.path)
+    return f"{path}: {first.message}"
+
+
+def validate_input(schema: dict[str, Any] | None, items: list[Any]) -> str | None:
+    """Every item's ``json`` against ``inputSchema``; the first failure with its path."""
+    if schema is None:
+        return None
+    for index, item in enumerate(items):
+        error = _schema_error(
+            schema, item.get("json") if isinstance(item, dict) else item, f"items[{index}].json"
+        )
+        if error is not None:
+            return error
+    return None
+
+
+def check_schema(schema: dict[str, Any] | None, name: str) -> str | None:
+    if schema is None:
+        return None
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        return f"{name} is not a valid JSON Schema: {exc.message}"
+    return None

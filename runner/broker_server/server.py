@@ -1,0 +1,134 @@
+"""Run the embedded broker: uvicorn serving the app, our own signal-driven drain.
+
+uvicorn would close runner sockets on SIGTERM before anything could drain, so the
+server is started on a socket we bind ourselves (a busy port is a clear error, not
+an exit from inside uvicorn) and stopped by us: drain (``broker:drain`` to every
+runner, wait a bounded time for running tasks), close runner sockets with 1001,
+then stop serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import uvicorn
+
+from runner.broker_server.app import ApiConfig, create_app
+from runner.broker_server.core import Broker, BrokerConfig, TaskLimits
+from runner.broker_server.tokens import GrantTokens
+from runner.errors import InfrastructureError
+from runner.policy import load_policy
+from runner.sandbox.base import MIB
+from runner.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling, and with a started event."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+
+@dataclass
+class RunningBroker:
+    broker: Broker
+    url: str
+    auth_token: str
+    port: int
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InfrastructureError(f"Cannot listen on {host}:{port}", hint=exc.strerror) from exc
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def broker_config(settings: Settings) -> BrokerConfig:
+    return BrokerConfig(
+        default_timeout_s=load_policy(settings).limits.timeout_s,
+        timeout_grace_s=settings.broker_timeout_grace_s,
+        queue_timeout_s=settings.queue_timeout_s,
+        tenant_quota=settings.tenant_quota,
+        tenant_quotas=settings.tenant_quota_overrides,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_broker(
+    settings: Settings, *, auth_token: str | None = None, log_level: str = "warning"
+) -> AsyncIterator[RunningBroker]:
+    """Serve the broker until the block ends; then drain, close runners and stop."""
+    token = auth_token or (
+        settings.auth_token.get_secret_value() if settings.auth_token else secrets.token_urlsafe(24)
+    )
+    limits = load_policy(settings).limits
+    broker = Broker(broker_config(settings))
+    app = create_app(
+        broker,
+        GrantTokens(settings.grant_token_ttl_s),
+        ApiConfig(
+            auth_token=token,
+            api_keys=settings.api_key_tenants,
+            max_request_bytes=settings.max_request_bytes,
+            # The runner's effective limits (policy bundle + settings) cap API requests.
+            ceilings=TaskLimits(limits.timeout_s, limits.memory_bytes // MIB, limits.cpus),
+        ),
+    )
+    sock = bind(settings.broker_host, settings.broker_port)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_payload,
+        ws_ping_interval=settings.heartbeat_interval_s,
+        ws_ping_timeout=settings.heartbeat_interval_s,
+        lifespan="off",
+        log_config=None,
+        log_level=log_level,
+        access_log=False,
+    )
+    server = _Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    await asyncio.wait(
+        [serving, asyncio.ensure_future(server.ready.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
+    if serving.done():
+        serving.result()  # re-raise what went wrong at start-up
+    host = settings.broker_host if ":" not in settings.broker_host else f"[{settings.broker_host}]"
+    try:
+        yield RunningBroker(broker, f"http://{host}:{port}", token, port)
+    finally:
+        broker.drain()
+        drained = await broker.wait_idle(settings.graceful_shutdown_timeout_s)
+        if not drained:
+            log.warning("broker stopping with %d task(s) still running", broker.running_count())
+        broker.close_all(1001, "broker shutting down")
+        await asyncio.sleep(0)  # let the writers send their close frames
+        server.should_exit = True
+        await serving
+        sock.close()

@@ -1,0 +1,130 @@
+"""``serve``, ``broker`` and ``up``: the long-running commands."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import click
+
+from runner.cli_support import _progress, _run, _settings
+from runner.settings import Settings
+
+log = logging.getLogger("runner")
+
+
+def _host_port(settings: Settings, host: str | None, port: int | None) -> Settings:
+    overrides = {"broker_host": host, "broker_port": port}
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return settings.model_copy(update=values) if values else settings
+
+
+async def _wait_for_signal() -> str:
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[str] = loop.create_future()
+
+    def received(sig: signal.Signals) -> None:
+        if not stop.done():
+            stop.set_result(sig.name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, received, sig)
+    try:
+        return await stop
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _log_level(verbose: bool) -> None:
+    logging.getLogger("runner").setLevel(logging.INFO)
+    if verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+
+
+@click.command("serve")
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Run tasks for a broker (n8n in external-runner mode, or `sandbox-runner broker`).
+
+    Configured like n8n's Python runner: N8N_RUNNERS_TASK_BROKER_URI, N8N_RUNNERS_AUTH_TOKEN
+    (or N8N_RUNNERS_GRANT_TOKEN), N8N_RUNNERS_MAX_CONCURRENCY, N8N_RUNNERS_TASK_TIMEOUT, ...
+    """
+    from runner.service import RunnerService
+    from runner.wiring import docker_pipeline
+
+    settings = _settings()
+    _log_level(bool(ctx.find_root().params.get("verbose")))
+
+    async def go() -> int:
+        async with docker_pipeline(settings, _progress) as pipeline:
+            return await RunnerService(settings, pipeline).run()
+
+    sys.exit(_run(go))
+
+
+@click.command("broker")
+@click.option("--host", help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, help="Port (default 5679, n8n's broker port).")
+@click.pass_context
+def broker(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Run the embedded broker: runner endpoints and the HTTP API on one port."""
+    from runner.broker_server.server import running_broker
+
+    settings = _host_port(_settings(), host, port)
+    _log_level(bool(ctx.find_root().params.get("verbose")))
+
+    async def go() -> int:
+        async with running_broker(settings) as running:
+            click.echo(
+                f"broker listening on {running.url} (API docs: {running.url}/docs)", err=True
+            )
+            signame = await _wait_for_signal()
+            click.echo(f"{signame}: draining", err=True)
+        return 0
+
+    sys.exit(_run(go))
+
+
+@click.command("up")
+@click.option("--host", help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, help="Port (default 5679).")
+@click.pass_context
+def up(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Embedded broker and one runner in one process: submit tasks over HTTP."""
+    from runner.broker_server.server import running_broker
+    from runner.service import RunnerService
+    from runner.wiring import docker_pipeline
+
+    settings = _host_port(_settings(), host, port)
+    _log_level(bool(ctx.find_root().params.get("verbose")))
+
+    async def go() -> int:
+        async with (
+            docker_pipeline(settings, _progress) as pipeline,
+            running_broker(settings) as running,
+        ):
+            service = RunnerService(
+                settings,
+                pipeline,
+                broker_uri=running.url,
+                auth_token=running.auth_token,
+                handle_signals=False,
+            )
+            serving = asyncio.create_task(service.run())
+            click.echo(
+                f"sandbox-runner is up: POST {running.url}/v1/tasks (API docs: {running.url}/docs)",
+                err=True,
+            )
+            signal_wait = asyncio.create_task(_wait_for_signal())
+            await asyncio.wait([serving, signal_wait], return_when=asyncio.FIRST_COMPLETED)
+            service.request_shutdown("Shutting down")
+            signal_wait.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await signal_wait
+            return await serving
+
+    sys.exit(_run(go))

@@ -1,0 +1,309 @@
+"""``sandbox-runner serve``: the runner service that n8n's broker hands tasks to.
+
+Owns the wiring between the protocol machine, the broker connection and the task
+pipeline: starting a task when its settings arrive (at most ``max_concurrency`` at
+once, which the machine's offers guarantee), cancelling one, reporting exactly one
+completion per accepted task, one structured audit line per finished task, the
+health endpoint, idle auto-shutdown, and the graceful drain on SIGTERM/SIGINT:
+stop offering, let running tasks finish within the graceful timeout, then kill the
+rest (their containers), deliver what can be delivered, close; exit 0, or 1 when
+tasks had to be killed. It knows no wire strings (the machine does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import secrets
+import signal
+import string
+import time
+from dataclasses import replace
+from typing import Any
+
+from runner.broker import BrokerClient, BrokerEndpoint
+from runner.errors import RunnerError
+from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
+from runner.protocol.machine import (
+    CancelTask,
+    Completion,
+    IdleTimeout,
+    RunnerProtocol,
+    StartTask,
+    Undeliverable,
+)
+from runner.protocol.settings import TaskLimitsRequest, TaskSettings
+from runner.sandbox.base import MIB, Limits
+from runner.settings import Settings
+
+log = logging.getLogger(__name__)
+audit_log = logging.getLogger("runner.audit")
+
+CLIENT_STOP_TIMEOUT_S = 5.0
+RUNNER_ID_ALPHABET = string.ascii_letters + string.digits
+HEALTH_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nOK"
+
+
+def new_runner_id() -> str:
+    """22 characters from [A-Za-z0-9], as n8n's runner ids (CSPRNG)."""
+    return "".join(secrets.choice(RUNNER_ID_ALPHABET) for _ in range(22))
+
+
+def completion_of(report: TaskReport) -> Completion:
+    """A pipeline report as the machine's completion (with our report extension)."""
+    extension = {
+        "code": report.error.code.value if report.error else None,
+        "stage": report.error.stage.value if report.error else None,
+        "audit": report.audit,
+    }
+    if report.error is None:
+        return Completion(result=report.result, prints=report.prints, report=extension)
+    return Completion(
+        error_message=report.error.message,
+        error_description=report.error.description if report.error.has_description else None,
+        prints=report.prints,
+        report=extension,
+    )
+
+
+class RunnerService:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: TaskPipeline,
+        *,
+        broker_uri: str | None = None,
+        auth_token: str | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.runner_id = new_runner_id()
+        self.machine = RunnerProtocol(
+            max_concurrency=settings.max_concurrency,
+            max_payload=settings.max_payload,
+            clock=time.monotonic,
+            new_id=new_runner_id,
+            jitter_ms=lambda: secrets.randbelow(501),
+            auto_shutdown_s=settings.auto_shutdown_timeout_s,
+            undelivered_ttl_s=settings.undelivered_ttl_s,
+        )
+        endpoint = BrokerEndpoint(
+            uri=broker_uri or settings.task_broker_uri,
+            runner_id=self.runner_id,
+            grant_token=settings.grant_token.get_secret_value() if settings.grant_token else None,
+            auth_token=auth_token
+            or (settings.auth_token.get_secret_value() if settings.auth_token else None),
+            max_payload=settings.max_payload,
+            backoff_max_s=settings.reconnect_backoff_max_s,
+        )
+        self.client = BrokerClient(endpoint, self.machine, on_input=self._handle_events)
+        self._handle_signals = handle_signals
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._helpers: set[asyncio.Task[Any]] = set()
+        self._accepted_at: dict[str, float] = {}
+        self._shutdown = asyncio.Event()
+        self._client_stop = asyncio.Event()
+        self.health_port: int | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def request_shutdown(self, reason: str = "requested") -> None:
+        if not self._shutdown.is_set():
+            log.info("%s, starting shutdown...", reason)
+            self._shutdown.set()
+
+    async def run(self) -> int:
+        """Serve until shutdown; return the exit code (0 clean, 1 tasks had to be killed)."""
+        loop = asyncio.get_running_loop()
+        if self._handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(
+                    sig, self.request_shutdown, f"Received {signal.Signals(sig).name} signal"
+                )
+        log.info(
+            "Runner %s starting (max concurrency %d, broker %s)",
+            self.runner_id,
+            self.settings.max_concurrency,
+            self.client.url,
+        )
+        health = await self._start_health_server()
+        client = asyncio.create_task(self.client.run(self._client_stop))
+        shutdown = asyncio.create_task(self._shutdown.wait())
+        try:
+            await asyncio.wait([client, shutdown], return_when=asyncio.FIRST_COMPLETED)
+            if client.done() and client.exception() is not None:
+                log.error("Broker connection failed: %s", client.exception())
+            return await self._drain_and_stop(client)
+        finally:
+            shutdown.cancel()
+            if health is not None:
+                health.close()
+                await health.wait_closed()
+            if self._handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            if client.done() and not client.cancelled() and client.exception() is not None:
+                raise client.exception()  # type: ignore[misc]
+
+    async def _drain_and_stop(self, client: asyncio.Task[None]) -> int:
+        self.machine.begin_shutdown()
+        self.client.flush_soon()
+        forced = False
+        if self._running:
+            _, pending = await asyncio.wait(
+                list(self._running.values()), timeout=self.settings.graceful_shutdown_timeout_s
+            )
+            if pending:
+                forced = True
+                log.warning("Shutdown timed out, killing %d running task(s)", len(pending))
+                for task_id in list(self._running):
+                    await self._cancel(task_id)
+                await asyncio.wait(pending, timeout=10)
+        await self.client.flush_now()
+        for task_id in self.machine.undelivered_task_ids():
+            log.error("task %s finished but its result could not be delivered", task_id)
+        self._client_stop.set()
+        try:
+            await asyncio.wait_for(client, timeout=CLIENT_STOP_TIMEOUT_S)
+        except TimeoutError:
+            # A broker that does not answer our close frame must not hold the exit.
+            log.warning("The broker did not acknowledge the close; dropping the connection")
+        except (asyncio.CancelledError, RunnerError):
+            pass
+        if self._helpers:
+            await asyncio.gather(*self._helpers, return_exceptions=True)
+        log.info("Runner stopped")
+        return 1 if forced else 0
+
+    async def _start_health_server(self) -> asyncio.Server | None:
+        if not self.settings.health_check_server_enabled:
+            return None
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(HEALTH_RESPONSE)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+
+        host, port = self.settings.health_check_server_host, self.settings.health_check_server_port
+        try:
+            server = await asyncio.start_server(answer, host, port)
+        except OSError as exc:
+            raise RunnerError(f"Port {port} is already in use", hint=str(exc)) from exc
+        self.health_port = server.sockets[0].getsockname()[1]
+        log.info("Health check server listening on %s, port %d", host, self.health_port)
+        return server
+
+    # -- events from the machine ------------------------------------------------------
+
+    def _handle_events(self) -> None:
+        for event in self.machine.events():
+            match event:
+                case StartTask(task_id=task_id, settings=settings):
+                    self._accepted_at[task_id] = time.monotonic()
+                    task = asyncio.create_task(self._execute(task_id, settings))
+                    self._running[task_id] = task
+                    task.add_done_callback(functools.partial(self._forget, task_id))
+                case CancelTask(task_id=task_id, reason=reason):
+                    log.info("Cancelling task %s: %s", task_id, reason)
+                    self._spawn(self._cancel(task_id))
+                case IdleTimeout():
+                    self.request_shutdown("Reached idle timeout")
+                case Undeliverable(task_id=task_id, reason=reason):
+                    log.error("task %s result is undeliverable: %s", task_id, reason)
+
+    def _forget(self, task_id: str, _: asyncio.Task[None]) -> None:
+        self._running.pop(task_id, None)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._helpers.add(task)
+        task.add_done_callback(self._helpers.discard)
+
+    async def _cancel(self, task_id: str) -> None:
+        cancel = getattr(self.pipeline.sandbox, "cancel", None)
+        if cancel is not None:
+            await cancel(task_id)
+
+    # -- running a task -----------------------------------------------------------------
+
+    async def _execute(self, task_id: str, settings: TaskSettings) -> None:
+        started = time.monotonic()
+        try:
+            limits = self.limits_for(settings.limits)
+            report = await self.pipeline.run(
+                TaskRequest(
+                    code=settings.code,
+                    items=settings.items,
+                    mode=settings.node_mode,
+                    continue_on_fail=settings.continue_on_fail,
+                    query=settings.query,
+                    task_id=task_id,
+                    limits=limits,
+                )
+            )
+            completion = completion_of(report)
+            self._audit(task_id, settings, report, started)
+        except ValueError as exc:  # a limit above this runner's ceiling
+            completion = Completion(error_message=str(exc), error_description="")
+        except RunnerError as exc:
+            log.error("task %s failed in the runner: %s", task_id, exc)
+            completion = Completion(
+                error_message=f"Task could not be run: {exc.message}",
+                error_description=exc.hint or "",
+                report={"code": exc.code, "stage": "setup", "audit": None},
+            )
+        except Exception as exc:  # never leave a task stuck on a bug of ours
+            log.exception("task %s: internal error", task_id)
+            completion = Completion(
+                error_message=f"Internal error of the runner: {type(exc).__name__}",
+                error_description="",
+            )
+        self.machine.finish_task(task_id, completion)
+        self.client.flush_soon()
+        log.info(
+            'Completed task %s in %.0fms for node "%s" (%s) in workflow "%s" (%s)',
+            task_id,
+            (time.monotonic() - started) * 1000,
+            settings.node_name,
+            settings.node_id,
+            settings.workflow_name,
+            settings.workflow_id,
+        )
+
+    def limits_for(self, requested: TaskLimitsRequest | None) -> Limits | None:
+        """Per-task limits asked for by the broker, never above this runner's own."""
+        if requested is None:
+            return None
+        base = self.pipeline.limits
+        changes: dict[str, Any] = {}
+        for name, value, ceiling, field in (
+            ("timeoutSeconds", requested.timeout_seconds, base.timeout_s, "timeout_s"),
+            ("memoryMb", requested.memory_mb, base.memory_bytes // MIB, "memory_bytes"),
+            ("cpus", requested.cpus, base.cpus, "cpus"),
+        ):
+            if value is None:
+                continue
+            if value > ceiling:
+                raise ValueError(f"{name} {value} exceeds this runner's ceiling of {ceiling}")
+            changes[field] = value * MIB if field == "memory_bytes" else value
+        return replace(base, **changes)
+
+    def _audit(
+        self, task_id: str, settings: TaskSettings, report: TaskReport, started: float
+    ) -> None:
+        accepted = self._accepted_at.pop(task_id, started)
+        record = {
+            "event": "task_completed",
+            **report.audit,
+            "workflowId": settings.workflow_id,
+            "workflowName": settings.workflow_name,
+            "nodeId": settings.node_id,
+            "nodeName": settings.node_name,
+            "queueMs": round((started - accepted) * 1000, 3),
+        }
+        audit_log.info(json.dumps(record, ensure_ascii=False, default=str))

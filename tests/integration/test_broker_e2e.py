@@ -1,0 +1,325 @@
+"""n8n's own integration suite (reference 10.1), re-run against our embedded broker and
+`sandbox-runner serve` over real sockets, with every task in a real container. Each
+behaviour is asserted on the wire messages the runner sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from runner.broker_server.server import RunningBroker
+
+from .harness import (
+    RunnerProcess,
+    completions,
+    finished,
+    start_broker,
+    submit,
+    until,
+    wire,
+)
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.usefixtures("task_image")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def broker() -> AsyncIterator[RunningBroker]:
+    async with start_broker() as running:
+        running.broker.log_messages = True
+        yield running
+
+
+async def _runner(
+    broker: RunningBroker, env: dict[str, str] | None = None
+) -> AsyncIterator[RunnerProcess]:
+    runner = RunnerProcess(broker.url, env)
+    try:
+        await runner.wait_connected(broker.broker)
+        yield runner
+    finally:
+        await runner.aclose()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def runner(broker: RunningBroker) -> AsyncIterator[RunnerProcess]:
+    async for process in _runner(broker):
+        yield process
+
+
+async def run_on(
+    broker: RunningBroker,
+    runner_id: str,
+    code: str,
+    items: list[Any] | None = None,
+    mode: str = "all_items",
+    **kw: Any,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Submit and wait; check it ran on ``runner_id``; return the document and the wire."""
+    task = submit(broker.broker, code, items, mode, **kw)
+    document = await finished(task)
+    assert task.runner_id == runner_id, (task.runner_id, runner_id)
+    return document, wire(broker.broker, task.task_id)
+
+
+def done_of(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    (done,) = [m for m in messages if m["type"] in ("runner:taskdone", "runner:taskerror")]
+    return done
+
+
+ITEMS = [{"json": {"a": 1}}, {"json": {"a": 2}}, {"json": {"a": 3}}]
+
+
+# -- the default runner ---------------------------------------------------------------
+
+
+async def test_all_items_with_success(broker: RunningBroker, runner: RunnerProcess) -> None:
+    document, messages = await run_on(broker, runner.runner_id, "return [{'x': 1}, 5]", ITEMS)
+    assert done_of(messages)["data"] == {"result": [{"x": 1}, 5]}
+    assert document["status"] == "success"
+    assert document["audit"]["containerId"]
+    assert [m["type"] for m in messages] == ["runner:taskaccepted", "runner:taskdone"]
+
+
+async def test_all_items_with_error(broker: RunningBroker, runner: RunnerProcess) -> None:
+    _, messages = await run_on(broker, runner.runner_id, "raise ValueError('boom')")
+    error = done_of(messages)
+    assert error["type"] == "runner:taskerror"
+    assert error["error"]["message"] == "boom"
+    assert "ValueError: boom" in error["error"]["description"]
+    assert error["sandbox"]["code"] == "user_error"
+
+
+async def test_all_items_with_continue_on_fail(
+    broker: RunningBroker, runner: RunnerProcess
+) -> None:
+    _, messages = await run_on(
+        broker, runner.runner_id, "raise KeyError('k')", continue_on_fail=True
+    )
+    assert done_of(messages)["data"] == {"result": [{"json": {"error": "'k'"}}]}
+
+
+async def test_per_item_with_success(broker: RunningBroker, runner: RunnerProcess) -> None:
+    _, messages = await run_on(
+        broker, runner.runner_id, "return {'b': _item['json']['a']}", ITEMS[:2], "per_item"
+    )
+    assert done_of(messages)["data"]["result"] == [
+        {"json": {"b": 1}, "pairedItem": {"item": 0}},
+        {"json": {"b": 2}, "pairedItem": {"item": 1}},
+    ]
+
+
+async def test_per_item_with_explicit_json_and_binary(
+    broker: RunningBroker, runner: RunnerProcess
+) -> None:
+    code = "return {'json': {'v': 1}, 'binary': {'f': {'data': 'AA=='}}, 'extra': 1}"
+    _, messages = await run_on(broker, runner.runner_id, code, ITEMS[:1], "runOnceForEachItem")
+    assert done_of(messages)["data"]["result"] == [
+        {"json": {"v": 1}, "pairedItem": {"item": 0}, "binary": {"f": {"data": "AA=="}}}
+    ]
+
+
+async def test_per_item_with_binary_only(broker: RunningBroker, runner: RunnerProcess) -> None:
+    _, messages = await run_on(
+        broker, runner.runner_id, "return {'binary': {'f': {}}}", ITEMS[:1], "per_item"
+    )
+    assert done_of(messages)["data"]["result"] == [
+        {"json": {}, "pairedItem": {"item": 0}, "binary": {"f": {}}}
+    ]
+
+
+async def test_per_item_with_filtering(broker: RunningBroker, runner: RunnerProcess) -> None:
+    code = "return None if _item['json']['a'] == 1 else _item"
+    _, messages = await run_on(broker, runner.runner_id, code, ITEMS, "per_item")
+    assert [i["pairedItem"]["item"] for i in done_of(messages)["data"]["result"]] == [1, 2]
+
+
+async def test_per_item_with_continue_on_fail(broker: RunningBroker, runner: RunnerProcess) -> None:
+    code = "return {'v': 1 / (_item['json']['a'] - 2)}"
+    _, messages = await run_on(
+        broker, runner.runner_id, code, ITEMS, "per_item", continue_on_fail=True
+    )
+    assert done_of(messages)["data"] == {"result": [{"json": {"error": "division by zero"}}]}
+
+
+async def test_datetime_and_time_parsing_work_with_the_default_allowlist(
+    broker: RunningBroker, runner: RunnerProcess
+) -> None:
+    code = (
+        "import datetime, time\n"
+        "d = datetime.datetime.strptime('2024-01-02', '%Y-%m-%d')\n"
+        "return [{'d': d.strftime('%d.%m.%Y'), 't': time.strptime('10:30', '%H:%M').tm_min}]"
+    )
+    _, messages = await run_on(broker, runner.runner_id, code)
+    assert done_of(messages)["data"]["result"] == [{"d": "02.01.2024", "t": 30}]
+
+
+@pytest.mark.parametrize(
+    ("code", "mentions"),
+    [
+        ("return globals()['__builtins__']", "__builtins__"),
+        ("return locals()['__builtins__']", "__builtins__"),
+        ("return __builtins__['__import__']('os')", "__import__"),
+        ("return __builtins__['__spec__'].loader.load_module('os')", "__spec__"),
+        ("return '{.__builtins__[__import__]}'.format(print)", "__builtins__"),
+    ],
+    ids=["globals", "locals", "builtins-dict-import", "builtins-spec-loader", "format-string"],
+)
+async def test_bypass_attempts_are_refused(
+    broker: RunningBroker, runner: RunnerProcess, code: str, mentions: str
+) -> None:
+    _, messages = await run_on(broker, runner.runner_id, code)
+    error = done_of(messages)
+    assert error["type"] == "runner:taskerror"
+    text = error["error"]["message"] + error["error"].get("description", "")
+    assert mentions in text, text
+
+
+async def test_prints_become_log_node_output_rpcs(
+    broker: RunningBroker, runner: RunnerProcess
+) -> None:
+    code = (
+        "print('Hello, World!', 42, 3.14, True, None)\n"
+        "print({'a': [1]}, [1, 'x'])\n"
+        "print('unicode: ü ✓ 🎉')\n"
+        "print()\n"
+        "print([], {})\n"
+        "return 1"
+    )
+    _, messages = await run_on(broker, runner.runner_id, code)
+    rpcs = [m for m in messages if m["type"] == "runner:rpc"]
+    assert all(m["name"] == "logNodeOutput" for m in rpcs)
+    assert [m["params"] for m in rpcs] == [
+        ["'Hello, World!'", "42", "3.14", "True", "None"],
+        ['{"a": [1]}', '[1, "x"]'],
+        ["'unicode: ü ✓ 🎉'"],
+        [],
+        ["[]", "{}"],
+    ]
+    assert messages.index(rpcs[-1]) < messages.index(done_of(messages))
+
+
+async def test_prints_are_sent_on_failure_too(broker: RunningBroker, runner: RunnerProcess) -> None:
+    _, messages = await run_on(broker, runner.runner_id, "print('before')\nraise RuntimeError('x')")
+    assert [m["type"] for m in messages][-2:] == ["runner:rpc", "runner:taskerror"]
+
+
+async def test_timeout_during_execution(broker: RunningBroker, runner: RunnerProcess) -> None:
+    _, messages = await run_on(broker, runner.runner_id, "while True:\n    pass")
+    error = done_of(messages)
+    assert error["error"]["message"] == "Task execution timed out after 2 seconds"
+
+
+async def test_cancel_during_execution(broker: RunningBroker, runner: RunnerProcess) -> None:
+    task = submit(broker.broker, "import time\ntime.sleep(30)\nreturn 1")
+    await until(lambda: task.status == "running", 10, "the task to start")
+    await asyncio.sleep(0.3)
+    broker.broker.cancel(task)
+    await until(lambda: completions(broker.broker, task.task_id), 15, "the runner's answer")
+    assert completions(broker.broker, task.task_id) == [
+        {
+            "type": "runner:taskerror",
+            "taskId": task.task_id,
+            "error": {"message": "Task was cancelled"},
+            "sandbox": completions(broker.broker, task.task_id)[0]["sandbox"],
+        }
+    ]
+
+
+async def test_health_check(runner: RunnerProcess) -> None:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"http://127.0.0.1:{runner.health_port}/anything")
+    assert (response.status_code, response.text) == (200, "OK")
+
+
+async def test_bad_frames_unknown_types_and_bad_settings_get_clear_errors(
+    broker: RunningBroker, runner: RunnerProcess
+) -> None:
+    core = broker.broker
+    connection = core.connection(runner.runner_id)
+    assert connection is not None
+    for frame in ["this is not json", "[1, 2]", '{"type": "broker:nodetypes"}', '{"no": "type"}']:
+        connection.send_frame(frame)  # type: ignore[attr-defined]
+    # Take one of the runner's live offers by hand, then send settings missing "code".
+    offers = [
+        m
+        for rid, m in core.message_log
+        if rid == runner.runner_id and m["type"] == "runner:taskoffer"
+    ]
+    offer_id = offers[-1]["offerId"]
+    core._runners[runner.runner_id].offers.pop(offer_id, None)  # keep it from real tasks
+    connection.send_frame(
+        json.dumps({"type": "broker:taskofferaccept", "taskId": "manual-1", "offerId": offer_id})
+    )  # type: ignore[attr-defined]
+    await until(lambda: wire(core, "manual-1"), 5, "the acceptance")
+    connection.send_frame(
+        json.dumps(
+            {
+                "type": "broker:tasksettings",
+                "taskId": "manual-1",  # type: ignore[attr-defined]
+                "settings": {"nodeMode": "runOnceForAllItems", "items": []},
+            }
+        )
+    )
+    await until(lambda: len(wire(core, "manual-1")) == 2, 5, "the task error")
+    assert wire(core, "manual-1") == [
+        {"type": "runner:taskaccepted", "taskId": "manual-1"},
+        {
+            "type": "runner:taskerror",
+            "taskId": "manual-1",
+            "error": {
+                "message": "Missing field in task settings message: 'code'",
+                "description": "",
+            },
+        },
+    ]
+    # The runner keeps serving.
+    document, _ = await run_on(broker, runner.runner_id, "return 'still here'")
+    assert document["result"] == "still here"
+
+
+# -- runners with other configurations -------------------------------------------------
+
+
+async def test_stdlib_wildcard_runner() -> None:
+    async with start_broker() as running:
+        running.broker.log_messages = True
+        async for process in _runner(running, {"N8N_RUNNERS_STDLIB_ALLOW": "*"}):
+            code = (
+                "from collections.abc import Iterable\n"
+                "import warnings\n"
+                "warnings.warn('careful')\n"
+                "return isinstance([], Iterable)"
+            )
+            _, messages = await run_on(running, process.runner_id, code)
+            assert done_of(messages)["data"] == {"result": True}
+            sys_spec = "import sys\nreturn sys.__builtins__['__spec__'].loader.load_module('os')"
+            _, messages = await run_on(running, process.runner_id, sys_spec)
+            assert done_of(messages)["type"] == "runner:taskerror"
+
+
+@pytest.mark.parametrize("mode", ["all_items", "per_item"])
+@pytest.mark.parametrize("blocked", [True, False], ids=["env-blocked", "env-allowed"])
+async def test_environment_access(mode: str, blocked: bool) -> None:
+    env = {"N8N_RUNNERS_STDLIB_ALLOW": "os", "N8N_BLOCK_RUNNER_ENV_ACCESS": str(blocked).lower()}
+    code = (
+        "import os\n"
+        "return {'path': 'PATH' in os.environ, 'home': 'HOME' in os.environ, 'n': len(os.environ)}"
+    )
+    async with start_broker() as running:
+        running.broker.log_messages = True
+        async for process in _runner(running, env):
+            _, messages = await run_on(running, process.runner_id, code, [{"json": {}}], mode)
+    result = done_of(messages)["data"]["result"]
+    values = result if mode == "all_items" else result[0]["json"]
+    if blocked:
+        assert values == {"path": False, "home": False, "n": 0}
+    else:
+        assert values["path"] is True
+        assert values["n"] > 0

@@ -1,0 +1,279 @@
+"""The broker's dispatch rules with fake runners: offers, fairness, quotas, timers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from runner.broker_server.core import Broker, BrokerConfig, Submission, TaskStatus
+from runner.protocol.messages import (
+    Drain,
+    Rpc,
+    RunnerInfo,
+    TaskAccepted,
+    TaskCancel,
+    TaskDone,
+    TaskDoneData,
+    TaskErrorBody,
+    TaskErrorMessage,
+    TaskOffer,
+    TaskOfferAccept,
+    TaskRejected,
+    TaskSettingsMessage,
+)
+from runner.sandbox.base import Mode
+
+
+class FakeRunner:
+    def __init__(self, runner_id: str) -> None:
+        self.runner_id = runner_id
+        self.sent: list[Any] = []
+        self.closed: tuple[int, str] | None = None
+
+    def send(self, message: Any) -> None:
+        self.sent.append(message)
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+    def of(self, kind: type) -> list[Any]:
+        return [m for m in self.sent if isinstance(m, kind)]
+
+
+def connect(broker: Broker, runner_id: str = "r1", offers: int = 0) -> FakeRunner:
+    runner = FakeRunner(runner_id)
+    broker.runner_connected(runner)
+    broker.runner_message(runner, RunnerInfo())
+    for index in range(offers):
+        broker.runner_message(runner, TaskOffer(offer_id=f"{runner_id}-o{index}", valid_for=5000))
+    return runner
+
+
+def submission(tenant: str = "t", code: str = "return 1", **kw: Any) -> Submission:
+    return Submission(tenant=tenant, code=code, items=[], mode=Mode.ALL_ITEMS, **kw)
+
+
+def run_accepted(broker: Broker, runner: FakeRunner) -> list[str]:
+    """Accept every offer acceptance the runner got; return the task ids."""
+    ids = []
+    for accept in runner.of(TaskOfferAccept):
+        task = broker.get(accept.task_id)
+        if task is not None and task.status is TaskStatus.OFFERED:
+            broker.runner_message(runner, TaskAccepted(task_id=accept.task_id))
+            ids.append(accept.task_id)
+    return ids
+
+
+async def test_registration_is_required_and_answered() -> None:
+    broker = Broker(BrokerConfig())
+    runner = FakeRunner("r1")
+    broker.runner_connected(runner)
+    broker.runner_message(runner, TaskOffer(offer_id="o", valid_for=5000))  # before runner:info
+    assert type(runner.sent[0]).__name__ == "InfoRequest"
+    broker.runner_message(runner, RunnerInfo())
+    assert type(runner.sent[-1]).__name__ == "RunnerRegistered"
+    assert runner.sent[-1].extensions == ("sandbox-report",)
+    broker.submit(submission())
+    assert runner.of(TaskOfferAccept) == []  # the early offer was ignored
+
+
+async def test_a_task_goes_to_an_offer_then_gets_its_settings() -> None:
+    broker = Broker(BrokerConfig())
+    runner = connect(broker, offers=1)
+    task = broker.submit(
+        submission(
+            code="return 42",
+            limits=__import__("runner.broker_server.core", fromlist=["TaskLimits"]).TaskLimits(
+                timeout_s=5
+            ),
+        )
+    )
+    (accept,) = runner.of(TaskOfferAccept)
+    assert (accept.task_id, accept.offer_id) == (task.task_id, "r1-o0")
+    broker.runner_message(runner, TaskAccepted(task_id=task.task_id))
+    (settings,) = runner.of(TaskSettingsMessage)
+    assert settings.settings["code"] == "return 42"
+    assert settings.settings["nodeMode"] == "runOnceForAllItems"
+    assert settings.settings["limits"] == {"timeoutSeconds": 5}
+    broker.runner_message(
+        runner, Rpc(call_id="c", task_id=task.task_id, name="logNodeOutput", params=("'hi'",))
+    )
+    broker.runner_message(runner, TaskDone(task_id=task.task_id, data=TaskDoneData(result=42)))
+    assert task.document == {"status": "success", "result": 42, "prints": [["'hi'"]], "audit": None}
+
+
+async def test_expired_offers_are_not_used_and_the_newest_live_one_is() -> None:
+    now = [100.0]
+    broker = Broker(BrokerConfig(), clock=lambda: now[0])
+    runner = connect(broker)
+    broker.runner_message(runner, TaskOffer(offer_id="short", valid_for=1000))
+    broker.runner_message(runner, TaskOffer(offer_id="long", valid_for=5000))
+    now[0] += 2
+    broker.submit(submission())
+    assert [a.offer_id for a in runner.of(TaskOfferAccept)] == ["long"]
+
+
+async def test_rejection_requeues_the_task_for_the_next_offer() -> None:
+    broker = Broker(BrokerConfig())
+    runner = connect(broker, offers=1)
+    task = broker.submit(submission())
+    broker.runner_message(runner, TaskRejected(task_id=task.task_id, reason="No open task slots"))
+    assert task.status is TaskStatus.QUEUED
+    broker.runner_message(runner, TaskOffer(offer_id="again", valid_for=5000))
+    assert runner.of(TaskOfferAccept)[-1].offer_id == "again"
+
+
+async def test_no_answer_within_the_accept_timeout_requeues() -> None:
+    broker = Broker(BrokerConfig(accept_timeout_s=0.05))
+    connect(broker, offers=1)
+    task = broker.submit(submission())
+    assert task.status is TaskStatus.OFFERED
+    await asyncio.sleep(0.1)
+    assert task.status is TaskStatus.QUEUED
+
+
+async def test_a_busy_tenant_cannot_starve_another() -> None:
+    broker = Broker(BrokerConfig(tenant_quota=4, tenant_quotas={"a": 1}))
+    runner = connect(broker, offers=0)
+    a_tasks = [broker.submit(submission("a")) for _ in range(10)]
+    b_task = broker.submit(submission("b"))
+    for index in range(3):
+        broker.runner_message(runner, TaskOffer(offer_id=f"o{index}", valid_for=5000))
+    dispatched = [broker.get(a.task_id) for a in runner.of(TaskOfferAccept)]
+    assert [t.submission.tenant for t in dispatched if t] == ["a", "b"]  # a is at its quota of 1
+    assert b_task.status is TaskStatus.OFFERED
+    assert sum(t.status is TaskStatus.OFFERED for t in a_tasks) == 1
+
+
+async def test_round_robin_across_tenants() -> None:
+    broker = Broker(BrokerConfig(tenant_quota=10))
+    runner = connect(broker)
+    for tenant in ("a", "a", "a", "b", "b", "c"):
+        broker.submit(submission(tenant))
+    for index in range(6):
+        broker.runner_message(runner, TaskOffer(offer_id=f"o{index}", valid_for=5000))
+    order = [broker.get(a.task_id).submission.tenant for a in runner.of(TaskOfferAccept)]  # type: ignore[union-attr]
+    assert order == ["a", "b", "c", "a", "b", "a"]
+
+
+async def test_broker_side_timeout_cancels_on_the_runner() -> None:
+    broker = Broker(BrokerConfig(default_timeout_s=0.05, timeout_grace_s=0.0))
+    runner = connect(broker, offers=1)
+    task = broker.submit(submission())
+    run_accepted(broker, runner)
+    await asyncio.sleep(0.15)
+    assert task.status is TaskStatus.ERROR
+    assert task.document is not None
+    assert task.document["error"]["message"] == "Task execution timed out"
+    assert runner.of(TaskCancel)[-1].reason == "Task execution timed out"
+    # a late report of the runner is dropped, not counted twice
+    broker.runner_message(
+        runner,
+        TaskErrorMessage(task_id=task.task_id, error=TaskErrorBody(message="Task was cancelled")),
+    )
+    assert task.document["error"]["code"] == "timeout"
+
+
+async def test_offered_task_goes_back_to_the_queue_when_its_runner_leaves() -> None:
+    broker = Broker(BrokerConfig())
+    first = connect(broker, "r1", offers=1)
+    task = broker.submit(submission())
+    broker.runner_disconnected(first)
+    assert task.status is TaskStatus.QUEUED
+    second = connect(broker, "r2", offers=1)
+    assert second.of(TaskOfferAccept)[0].task_id == task.task_id
+
+
+async def test_running_task_survives_a_reconnect_of_its_runner_and_reports_once() -> None:
+    broker = Broker(BrokerConfig(runner_lost_grace_s=0.05))
+    runner = connect(broker, "r1", offers=1)
+    task = broker.submit(submission())
+    run_accepted(broker, runner)
+    broker.runner_disconnected(runner)
+    again = connect(broker, "r1")
+    await asyncio.sleep(0.1)
+    assert task.status is TaskStatus.RUNNING
+    broker.runner_message(again, TaskDone(task_id=task.task_id, data=TaskDoneData(result=1)))
+    broker.runner_message(again, TaskDone(task_id=task.task_id, data=TaskDoneData(result=2)))
+    assert task.document is not None
+    assert task.document["result"] == 1
+
+
+async def test_running_task_is_failed_when_its_runner_never_returns() -> None:
+    broker = Broker(BrokerConfig(runner_lost_grace_s=0.05))
+    runner = connect(broker, offers=1)
+    task = broker.submit(submission())
+    run_accepted(broker, runner)
+    broker.runner_disconnected(runner)
+    await asyncio.sleep(0.1)
+    assert task.document is not None
+    assert task.document["error"]["code"] == "runner_lost"
+
+
+async def test_output_schema_is_checked_with_the_failing_path() -> None:
+    broker = Broker(BrokerConfig())
+    runner = connect(broker, offers=1)
+    schema = {"type": "array", "items": {"type": "object", "required": ["id"]}}
+    task = broker.submit(submission(output_schema=schema))
+    run_accepted(broker, runner)
+    broker.runner_message(
+        runner, TaskDone(task_id=task.task_id, data=TaskDoneData(result=[{"id": 1}, {}]))
+    )
+    assert task.document is not None
+    assert task.document["error"]["code"] == "output_schema_violation"
+    assert task.document["error"]["description"] == "result[1]: 'id' is a required property"
+
+
+async def test_error_report_carries_our_code_and_stage() -> None:
+    broker = Broker(BrokerConfig())
+    runner = connect(broker, offers=1)
+    task = broker.submit(submission())
+    run_accepted(broker, runner)
+    broker.runner_message(
+        runner,
+        TaskErrorMessage(
+            task_id=task.task_id,
+            error=TaskErrorBody(message="Security violations detected", description="Line 1: ..."),
+            sandbox={
+                "code": "security_violation",
+                "stage": "analyze",
+                "audit": {"taskId": task.task_id},
+            },
+        ),
+    )
+    assert task.document == {
+        "status": "error",
+        "error": {
+            "message": "Security violations detected",
+            "description": "Line 1: ...",
+            "code": "security_violation",
+            "stage": "analyze",
+        },
+        "prints": [],
+        "audit": {"taskId": task.task_id},
+    }
+
+
+async def test_drain_tells_runners_and_stops_dispatch() -> None:
+    broker = Broker(BrokerConfig())
+    runner = connect(broker, offers=1)
+    broker.drain()
+    assert runner.of(Drain)
+    broker.submit(submission())
+    assert runner.of(TaskOfferAccept) == []
+
+
+async def test_a_second_connection_with_the_same_id_replaces_the_first() -> None:
+    broker = Broker(BrokerConfig())
+    first = connect(broker, "same")
+    connect(broker, "same")
+    assert first.closed is not None
+    assert broker.runner_ids() == ["same"]
+
+
+async def test_queue_timeout_fails_a_task_nobody_takes() -> None:
+    broker = Broker(BrokerConfig(queue_timeout_s=0.05))
+    task = broker.submit(submission())
+    await asyncio.sleep(0.1)
+    assert task.document is not None
+    assert task.document["error"]["code"] == "queue_timeout"

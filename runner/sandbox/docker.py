@@ -937,6 +937,12 @@ def describe_daemon(client: docker.DockerClient) -> dict[str, str]:
         "architecture": str(info.get("Architecture", "")),
         "cgroupVersion": str(info.get("CgroupVersion", "")),
         "securityOptions": ",".join(sorted(str(o) for o in info.get("SecurityOptions") or [])),
+        # Another OCI runtime (or the same name pointing elsewhere) isolates differently.
+        "defaultRuntime": str(info.get("DefaultRuntime", "")),
+        "runtimes": ",".join(
+            f"{name}={(spec or {}).get('path', '')}"
+            for name, spec in sorted((info.get("Runtimes") or {}).items())
+        ),
     }
 
 

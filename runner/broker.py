@@ -106,6 +106,17 @@ class BrokerClient:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, serve, reconnect, until ``stop`` is set. Raises BrokerAuthError."""
+        # The machine's timers (held completions expiring as undeliverable) keep running
+        # while there is no connection; a connection ticks the machine itself.
+        offline = asyncio.create_task(self._tick_offline())
+        try:
+            await self._connect_and_serve(stop)
+        finally:
+            offline.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await offline
+
+    async def _connect_and_serve(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             retrying = AsyncRetrying(
                 retry=retry_if_exception(_is_retryable),
@@ -227,6 +238,13 @@ class BrokerClient:
                 await self._flush(connection)
         except ConnectionClosed:
             return
+
+    async def _tick_offline(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_INTERVAL_S)
+            if self._connection is None:
+                self._machine.tick()
+                self._on_input()
 
     async def _tick(self, connection: ClientConnection) -> None:
         while True:

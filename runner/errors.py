@@ -26,11 +26,16 @@ class RunnerError(Exception):
     """Root of every fault the runner raises on purpose."""
 
     code = "runner_error"
+    # Where in a task's pipeline the fault struck (``setup`` unless said otherwise): a
+    # daemon lost while the task's code ran is a ``run`` fault, not a set-up one.
+    stage = "setup"
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, stage: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        if stage is not None:
+            self.stage = stage
 
     def __str__(self) -> str:
         return self.message if self.hint is None else f"{self.message} ({self.hint})"

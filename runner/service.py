@@ -255,7 +255,7 @@ class RunnerService:
             completion = Completion(
                 error_message=f"Task could not be run: {exc.message}",
                 error_description=exc.hint or "",
-                report={"code": exc.code, "stage": "setup", "audit": None},
+                report={"code": exc.code, "stage": exc.stage, "audit": None},
             )
         except Exception as exc:  # never leave a task stuck on a bug of ours
             log.exception("task %s: internal error", task_id)

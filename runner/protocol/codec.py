@@ -45,7 +45,9 @@ def _load(frame: str | bytes) -> dict[str, Any]:
             raise ProtocolError(f"Frame is not UTF-8: {exc}") from None
     try:
         document = json.loads(frame)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: nesting deeper than the decoder's stack (``[[[[...``), a
+        # malformed frame like any other, not a crash of the connection.
         raise ProtocolError(f"Frame is not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise ProtocolError(f"Frame is not a JSON object but {type(document).__name__}")

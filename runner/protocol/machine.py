@@ -320,7 +320,12 @@ class RunnerProtocol:
         self._last_activity = self._clock()
         if not self._stopping:
             self._can_offer = True
+        now = self._clock()
         for held in self._held:
+            if held.expires_at <= now:
+                # Back too late: the broker has given up on it (as ``tick`` says offline).
+                self._events.append(Undeliverable(held.task_id, "no broker connection in time"))
+                continue
             self._outbox.extend(held.frames)
             log.info("delivering the held completion of task %s after reconnecting", held.task_id)
         self._held.clear()

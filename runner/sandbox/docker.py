@@ -335,6 +335,9 @@ class DockerSandbox:
         self._running: dict[str, str] = {}
         self._cancelled: set[str] = set()
         self._removals: set[asyncio.Future[None]] = set()
+        # Containers whose removal failed (daemon unreachable): retried before the next
+        # container is made, by the sweep and on close, so a daemon restart leaks none.
+        self._unremoved: set[str] = set()
         self._keys: dict[tuple[Any, ...], str] = {}
         self._pool_limits = pool_limits or Limits()
         self._pool: WarmPool[_Container] | None = None
@@ -403,6 +406,7 @@ class DockerSandbox:
 
     async def sweep(self) -> list[str]:
         """Remove our leftovers: earlier boots of this runner, and orphans past deadline."""
+        await asyncio.to_thread(self._retry_removals)
         return await asyncio.to_thread(self._sweep_blocking)
 
     async def wait_removals(self) -> None:
@@ -416,6 +420,7 @@ class DockerSandbox:
         if self._pool is not None:
             await self._pool.aclose()
         await self.wait_removals()
+        await asyncio.to_thread(self._retry_removals)
         await asyncio.to_thread(self._client.close)
 
     # -- warm pool ----------------------------------------------------------------
@@ -445,6 +450,7 @@ class DockerSandbox:
     def _create_slot(self) -> tuple[str, _Container]:
         """One pool slot, in a pool worker thread, with the same set-up retries as a task."""
         limits = self._pool_limits
+        self._retry_removals()
 
         def attempt(number: int) -> tuple[str, _Container]:
             self._image_id = self._resolve_image_id()
@@ -491,6 +497,7 @@ class DockerSandbox:
 
     def _run_blocking(self, run: _Run) -> ExecutionResult:
         begin = time.monotonic()
+        self._retry_removals()
         if run.container is None:
             labels = self._labels(run.limits, task_id=run.spec.task_id)
             run.container = self._with_setup_retries(
@@ -513,7 +520,21 @@ class DockerSandbox:
             # view add nothing, so neither ``wait`` nor ``inspect`` is paid for.
             result = output.early_result
         else:
-            exit_code = self._wait_exit(container.container_id)
+            try:
+                exit_code = self._wait_exit(container.container_id)
+            except DockerUnavailableError:
+                if output.has_frame():
+                    exit_code = None  # the agent's complete frame still says how it ended
+                else:
+                    # The stream ended because the daemon went away (stopped or restarted),
+                    # taking the container with it: an infrastructure fault, not the
+                    # task's. The user's code may have run in part: never retried.
+                    raise DockerUnavailableError(
+                        "The Docker daemon went away while the task was running",
+                        hint="the task's container was lost with it; the task was not "
+                        "retried because its code may have run in part",
+                        stage=Stage.RUN.value,
+                    ) from None
             facts_needed = output.timed_out or output.overflow
             result = interpret(
                 stdout,
@@ -826,9 +847,17 @@ class DockerSandbox:
             pending += chunk
 
     def _wait_exit(self, container_id: str) -> int | None:
+        """The container's exit code, or None when the daemon cannot say.
+
+        Raises :class:`DockerUnavailableError` when the daemon cannot be reached at all
+        (its socket is gone or refuses us): the caller decides what that means.
+        """
         try:
             status = self._api.wait(container_id, timeout=30)
             return int(status.get("StatusCode", -1))
+        except requests.exceptions.ConnectionError as exc:
+            log.warning("could not wait for container %s: %s", container_id[:12], exc)
+            raise DockerUnavailableError("Docker daemon unreachable", hint=str(exc)) from exc
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             log.warning("could not wait for container %s: %s", container_id[:12], exc)
             return None
@@ -854,8 +883,19 @@ class DockerSandbox:
         except docker.errors.NotFound:
             pass
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            # The sweep (on start and periodically) removes it later; say so.
-            log.warning("could not remove container %s: %s", container_id[:12], exc)
+            # Retried before the next container is made, on sweep and on close; the
+            # next runner's start-up sweep is the backstop if this process dies first.
+            self._unremoved.add(container_id)
+            log.warning("could not remove container %s (will retry): %s", container_id[:12], exc)
+            return
+        self._unremoved.discard(container_id)
+
+    def _retry_removals(self) -> None:
+        """One more attempt at every removal that failed; stops at the first failure."""
+        for container_id in list(self._unremoved):
+            self._remove_quietly(container_id)
+            if container_id in self._unremoved:
+                return  # the daemon is still unreachable: try again next time
 
     def _kill_quietly(self, container_id: str) -> None:
         with contextlib.suppress(

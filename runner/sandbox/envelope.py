@@ -107,7 +107,8 @@ def decode_result(stdout: bytes) -> ResultEnvelope:
         )
     try:
         document = json.loads(stdout[HEADER.size : end].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: nesting deeper than the decoder's stack, from a hostile agent.
         raise AgentProtocolError("Agent result is not valid UTF-8 JSON", hint=str(exc)) from exc
     try:
         envelope = ResultEnvelope.model_validate(document)

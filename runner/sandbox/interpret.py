@@ -11,6 +11,7 @@ Shared by every sandbox implementation that runs the real agent.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 from runner.errors import AgentProtocolError
@@ -22,7 +23,13 @@ from runner.sandbox.base import (
     Stage,
     TaskError,
 )
-from runner.sandbox.envelope import AgentError, AgentStats, ResultEnvelope, decode_result
+from runner.sandbox.envelope import (
+    HEADER,
+    AgentError,
+    AgentStats,
+    ResultEnvelope,
+    decode_result,
+)
 
 STATIC_VIOLATION_MESSAGE = "Security violations detected"
 
@@ -80,7 +87,7 @@ def interpret(stdout: bytes, facts: ProcessFacts, limits: Limits) -> ExecutionRe
     try:
         envelope = decode_result(stdout)
     except AgentProtocolError as exc:
-        return _without_envelope(exc, facts, limits)
+        return _without_envelope(exc, stdout, facts, limits)
     return _from_envelope(envelope, facts, limits)
 
 
@@ -103,12 +110,24 @@ def _failed(
 
 
 def _without_envelope(
-    exc: AgentProtocolError, facts: ProcessFacts, limits: Limits
+    exc: AgentProtocolError, stdout: bytes, facts: ProcessFacts, limits: Limits
 ) -> ExecutionResult:
     if facts.oom_killed:
         # The agent itself was killed: the task took all the memory before it could report.
         return _failed(Outcome.MEMORY_LIMIT, memory_message(limits))
     details: dict[str, object] = {"exitCode": facts.exit_code, "stderrTail": facts.stderr_tail}
+    signum = _killed_by(facts.exit_code)
+    if signum is not None and not _has_complete_frame(stdout):
+        # PID 1 (tini) died of a signal before the agent could report: the task's uid
+        # cannot signal tini or the agent, so this came from outside the container
+        # (``docker kill``/``stop``, the daemon shutting down). Not a framing fault.
+        return _failed(
+            Outcome.CRASHED,
+            f"Task container was killed by {_signal_name(signum)}",
+            "The container was stopped from outside the task (docker kill or stop, or the "
+            "Docker daemon shutting down) before the agent could report a result.",
+            details=details,
+        )
     return _failed(
         Outcome.AGENT_ERROR,
         "Failed to read result from child process",
@@ -116,6 +135,27 @@ def _without_envelope(
         stage=Stage.RESULT,
         details=details,
     )
+
+
+def _killed_by(exit_code: int | None) -> int | None:
+    """The signal behind a container exit code of 128 + N (the shell convention)."""
+    if exit_code is None or not 128 < exit_code < 128 + 65:
+        return None
+    return exit_code - 128
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _has_complete_frame(stdout: bytes) -> bool:
+    if len(stdout) < HEADER.size:
+        return False
+    length: int = HEADER.unpack_from(stdout)[0]
+    return len(stdout) >= HEADER.size + length
 
 
 def _from_envelope(

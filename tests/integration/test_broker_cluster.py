@@ -10,6 +10,8 @@ import socket
 import httpx
 import pytest
 
+from runner.broker_server.core import Broker
+
 from .harness import (
     RunnerProcess,
     completions,
@@ -137,3 +139,95 @@ async def test_a_busy_tenant_does_not_starve_another() -> None:
                 assert after.json()["result"] == "ok"
         finally:
             await runner.aclose()
+
+
+async def _outage(
+    port: int, env: dict[str, str], sleeps_s: list[float], outage_s: float
+) -> tuple[RunnerProcess, list[str], Broker, Broker, str]:
+    """Tasks sleeping ``sleeps_s`` start on one broker, which then goes away for
+    ``outage_s``; a new broker on the same port takes the runner back. Returns once
+    every task's fate is known: its completion on the new broker's wire, or the
+    runner's log line saying it was undeliverable. The last value is the runner's
+    log as it was just before the new broker started."""
+    async with start_broker(broker_port=port, graceful_shutdown_timeout_s=0.1) as first:
+        first.broker.log_messages = True
+        runner = RunnerProcess(first.url, env)
+        try:
+            await runner.wait_connected(first.broker)
+            tasks = [
+                submit(first.broker, f"import time\ntime.sleep({s})\nreturn {n}")
+                for n, s in enumerate(sleeps_s)
+            ]
+            await until(lambda: all(t.status == "running" for t in tasks), 20, "all running")
+        except BaseException:
+            await runner.aclose()
+            raise
+    task_ids = [t.task_id for t in tasks]
+    try:
+        await asyncio.sleep(outage_s)
+        offline_log = runner.output
+        async with start_broker(broker_port=port) as second:
+            second.broker.log_messages = True
+            await runner.wait_connected(second.broker, timeout_s=30)
+
+            def settled() -> bool:
+                return all(
+                    completions(second.broker, i)
+                    or f"task {i} result is undeliverable" in runner.output
+                    for i in task_ids
+                )
+
+            await until(settled, 30, "every task delivered or logged as undeliverable")
+            # A little longer, so that a second report of anything would be seen too.
+            nxt = submit(second.broker, "return 'next'")
+            assert (await finished(nxt))["result"] == "next"
+            return runner, task_ids, first.broker, second.broker, offline_log
+    except BaseException:
+        await runner.aclose()
+        raise
+
+
+async def test_concurrent_tasks_across_a_broker_outage_are_each_reported_exactly_once() -> None:
+    # Two tasks end while the broker is away (held, sent after reconnecting), two end
+    # after the runner is back (sent over the new connection).
+    env = {"N8N_RUNNERS_MAX_CONCURRENCY": "4", "N8N_RUNNERS_TASK_TIMEOUT": "30"}
+    runner, task_ids, first, second, _ = await _outage(free_port(), env, [1, 1, 6, 6], 2.5)
+    try:
+        for n, task_id in enumerate(task_ids):
+            assert completions(first, task_id) == []
+            reported = completions(second, task_id)
+            assert len(reported) == 1, (task_id, reported)
+            assert reported[0]["type"] == "runner:taskdone"
+            assert reported[0]["data"] == {"result": n}
+        held = re.findall(r"completion of task (\S+) held until the broker is back", runner.output)
+        assert sorted(held) == sorted(task_ids[:2])
+        assert "undeliverable" not in runner.output
+    finally:
+        assert await runner.aclose() == 0, runner.output
+
+
+async def test_tasks_that_end_during_a_long_broker_outage_are_logged_undeliverable_never_sent() -> (
+    None
+):
+    # Results wait 1 s for the broker; it stays away 4 s. The two short tasks end in
+    # the outage and are logged as undeliverable while it lasts; the two long ones
+    # end after the runner is back and are delivered once.
+    env = {
+        "N8N_RUNNERS_MAX_CONCURRENCY": "4",
+        "N8N_RUNNERS_TASK_TIMEOUT": "30",
+        "SANDBOX_UNDELIVERED_TTL_S": "1",
+    }
+    outage = await _outage(free_port(), env, [0.5, 0.5, 8, 8], 4)
+    runner, task_ids, first, second, offline_log = outage
+    try:
+        for task_id in task_ids[:2]:
+            assert completions(first, task_id) == []
+            assert completions(second, task_id) == []
+            assert runner.output.count(f"task {task_id} result is undeliverable") == 1
+            # Said during the outage, not only once the broker was back.
+            assert f"task {task_id} result is undeliverable" in offline_log
+        for n, task_id in enumerate(task_ids[2:], start=2):
+            reported = completions(second, task_id)
+            assert [m["data"] for m in reported] == [{"result": n}]
+    finally:
+        assert await runner.aclose() == 0, runner.output

@@ -329,6 +329,22 @@ def test_held_completion_expires_as_undeliverable(clock: Clock) -> None:
     assert "runner:taskdone" not in [m["type"] for m in sent(machine)]
 
 
+def test_held_completion_past_its_ttl_is_undeliverable_even_without_a_tick(
+    clock: Clock,
+) -> None:
+    # Re-registration may come before the next tick: a result held past its TTL is
+    # reported as undeliverable there, never sent late.
+    machine = make(clock, max_concurrency=1, undelivered_ttl_s=30)
+    start(machine)
+    machine.connection_lost()
+    machine.finish_task("t1", Completion(result=1))
+    clock.advance(31)
+    out = register(machine)
+    assert "runner:taskdone" not in [m["type"] for m in out]
+    assert machine.events() == [Undeliverable("t1", "no broker connection in time")]
+    assert machine.held_count == 0
+
+
 def test_unsent_completion_frames_are_held(clock: Clock) -> None:
     machine = make(clock, max_concurrency=1)
     start(machine)

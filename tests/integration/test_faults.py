@@ -1,0 +1,215 @@
+"""Lifecycle faults against the real engine: the runner killed, the Docker daemon
+restarted, a task container killed from outside, all in the middle of running tasks.
+
+Each test asserts what every task ended with (its code, exactly one completion on
+the wire or none), that the runner serves the next task by itself, and that no
+container of ours is left. The daemon restart uses a private second daemon
+(:mod:`.private_docker`): the machine's main daemon serves other tests meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import docker
+import pytest
+
+from runner.broker_server.core import BrokerTask
+from runner.sandbox.base import Outcome, Stage
+from runner.sandbox.docker import LABEL_MANAGED, LABEL_OWNER, LABEL_PROCESS, DockerSandbox
+
+from .conftest import PipelineFactory, request
+from .harness import RunnerProcess, completions, finished, start_broker, submit, until
+from .private_docker import PrivateDockerd, PrivateDockerdError
+
+LONG_TASK = "import time\ntime.sleep(30)\nreturn {n}"
+
+
+def owned(client: docker.DockerClient, owner: str) -> list[dict[str, Any]]:
+    """Every container (running or not) that carries our labels and this owner."""
+    found: list[dict[str, Any]] = client.api.containers(
+        all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]}
+    )
+    return found
+
+
+async def until_running(tasks: list[BrokerTask]) -> None:
+    """Until the runner accepted every task, then long enough for the user's code to run.
+
+    (A warm pool slot keeps its ``pool`` task label, so containers cannot say which
+    task they run; the hand-over itself takes milliseconds.)
+    """
+    await until(lambda: all(t.status == "running" for t in tasks), 30, "the tasks to start")
+    await asyncio.sleep(1.5)
+
+
+# -- the runner process killed ------------------------------------------------------------
+
+
+async def test_a_runner_killed_mid_tasks_leaves_no_container_after_its_restart(
+    docker_client: docker.DockerClient, task_image: str
+) -> None:
+    owner = f"pytest-fault-kill-{uuid.uuid4().hex[:8]}"
+    env = {
+        "SANDBOX_RUNNER_ID": owner,
+        "N8N_RUNNERS_MAX_CONCURRENCY": "3",
+        "N8N_RUNNERS_TASK_TIMEOUT": "30",
+    }
+    async with start_broker() as running:
+        core = running.broker
+        core.log_messages = True
+        # The killed runner never comes back under its id: say so after 1 s, not 30.
+        core.config = replace(core.config, runner_lost_grace_s=1.0)
+        first = RunnerProcess(running.url, env)
+        try:
+            await first.wait_connected(core)
+            tasks = [submit(core, LONG_TASK.format(n=n)) for n in range(3)]
+            await until_running(tasks)
+            left_behind = {c["Id"] for c in owned(docker_client, owner)}
+            # Three task containers, plus whatever warm pool slots were idle.
+            assert len(left_behind) >= 3
+            first.process.send_signal(signal.SIGKILL)
+            assert await asyncio.to_thread(first.process.wait, 10) == -signal.SIGKILL
+        finally:
+            first.stop()
+        documents = await asyncio.gather(*(finished(t, 30) for t in tasks))
+        assert [d["error"]["code"] for d in documents] == ["runner_lost"] * 3
+        for task in tasks:
+            assert completions(core, task.task_id) == []  # the dead runner said nothing
+        # Precondition of the sweep: the dead runner's containers are all still there.
+        before_restart = {c["Id"] for c in owned(docker_client, owner)}
+        assert left_behind <= before_restart
+
+        second = RunnerProcess(running.url, env)
+        try:
+            # The start-up sweep runs before the runner registers with the broker.
+            await second.wait_connected(core)
+            remaining = owned(docker_client, owner)
+            assert before_restart.isdisjoint(c["Id"] for c in remaining), second.output
+            pid_prefix = f"{second.process.pid}:"
+            # Only the new process's own warm pool slots may exist now.
+            assert all(c["Labels"][LABEL_PROCESS].startswith(pid_prefix) for c in remaining)
+            assert f"swept {len(before_restart)} leftover task container(s)" in second.output
+            after = submit(core, "return 'after'")
+            assert (await finished(after))["result"] == "after"
+            assert len(completions(core, after.task_id)) == 1
+        finally:
+            assert await second.aclose() == 0, second.output
+    assert owned(docker_client, owner) == []
+
+
+# -- the Docker daemon restarted -------------------------------------------------------------
+
+
+@pytest.fixture
+def private_dockerd(
+    docker_client: docker.DockerClient, task_image: str
+) -> Iterator[PrivateDockerd]:
+    """A private daemon with the task image loaded; stopped and removed afterwards."""
+    try:
+        daemon = PrivateDockerd()
+    except PrivateDockerdError as exc:
+        pytest.fail(f"cannot prepare a private Docker daemon: {exc}", pytrace=False)
+    with daemon:
+        try:
+            daemon.start()
+        except PrivateDockerdError as exc:
+            pytest.fail(f"cannot start a private Docker daemon: {exc}", pytrace=False)
+        daemon.load_images(docker_client, task_image)
+        yield daemon
+
+
+async def test_a_docker_daemon_restart_fails_running_tasks_clearly_and_the_runner_recovers(
+    private_dockerd: PrivateDockerd, task_image: str
+) -> None:
+    daemon = private_dockerd
+    client = daemon.client()
+    owner = f"pytest-fault-daemon-{uuid.uuid4().hex[:8]}"
+    env = {
+        "DOCKER_HOST": daemon.host,
+        "SANDBOX_IMAGE": task_image,
+        "SANDBOX_RUNNER_ID": owner,
+        "N8N_RUNNERS_MAX_CONCURRENCY": "3",
+        "N8N_RUNNERS_TASK_TIMEOUT": "30",
+        # Enough set-up attempts (at most 1 s apart) to outlast the restart.
+        "SANDBOX_SETUP_ATTEMPTS": "15",
+        "SANDBOX_SETUP_BACKOFF_MAX_S": "1",
+    }
+    try:
+        async with start_broker() as running:
+            core = running.broker
+            core.log_messages = True
+            runner = RunnerProcess(running.url, env)
+            try:
+                await runner.wait_connected(core, timeout_s=90)  # includes the self-check
+                long_tasks = [submit(core, LONG_TASK.format(n=n)) for n in range(2)]
+                await until_running(long_tasks)
+
+                await asyncio.to_thread(daemon.stop)
+                # A task accepted while the daemon is down has not started its code:
+                # its container set-up is retried until the daemon is back.
+                during = submit(core, "return 'set up after the restart'")
+                await until(lambda: during.status == "running", 10, "the runner to accept it")
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(daemon.start)
+
+                documents = await asyncio.gather(*(finished(t, 30) for t in long_tasks))
+                for task, document in zip(long_tasks, documents, strict=True):
+                    assert document["status"] == "error", document
+                    assert document["error"]["code"] == "docker_unavailable"
+                    assert document["error"]["stage"] == Stage.RUN.value
+                    assert document["error"]["message"] == (
+                        "Task could not be run: The Docker daemon went away while the task "
+                        "was running"
+                    )
+                    assert "was not retried" in document["error"]["description"]
+                    assert len(completions(core, task.task_id)) == 1
+                assert (await finished(during, 60))["result"] == "set up after the restart"
+                assert len(completions(core, during.task_id)) == 1
+                assert "container set-up failed (attempt 1 of 15), retrying" in runner.output
+
+                # The same process serves the next tasks, warm pool and all.
+                for n in range(3):
+                    nxt = submit(core, f"return {n}")
+                    assert (await finished(nxt, 30))["result"] == n
+                assert runner.process.poll() is None
+            finally:
+                assert await runner.aclose() == 0, runner.output
+        # Containers the restart took down were removed once the daemon was back.
+        assert client.api.containers(all=True) == [], runner.output
+    finally:
+        client.close()
+
+
+# -- a task container killed from outside --------------------------------------------------
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+async def test_a_task_container_killed_from_outside_is_a_crash_and_nothing_leaks(
+    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient, warm: bool
+) -> None:
+    async with make_docker_pipeline(warm=warm) as pipeline:
+        sandbox = pipeline.sandbox
+        assert isinstance(sandbox, DockerSandbox)
+        task = request("import time\ntime.sleep(30)\nreturn 1")
+        run = asyncio.create_task(pipeline.run(task))
+        container_id = await until(lambda: sandbox._running.get(task.task_id), 20, "the task")
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(docker_client.api.kill, container_id)
+        report = await asyncio.wait_for(run, 20)
+        assert report.outcome is Outcome.CRASHED
+        assert report.error is not None
+        assert report.error.message == "Task container was killed by SIGKILL"
+        assert report.error.stage is Stage.RUN
+        assert report.audit["details"]["exitCode"] == 128 + signal.SIGKILL
+        assert report.audit["details"]["containerStart"] == ("warm" if warm else "cold")
+        await sandbox.wait_removals()
+        found = docker_client.api.containers(all=True, filters={"id": container_id})
+        assert found == []
+        after = await pipeline.run(request("return 2"))
+        assert after.result == 2

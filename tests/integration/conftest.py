@@ -58,7 +58,12 @@ def task_image(docker_client: docker.DockerClient, base_settings: Settings) -> s
 def make_docker_pipeline(
     base_settings: Settings, task_image: str, docker_client: docker.DockerClient
 ) -> PipelineFactory:
-    """``async with make_docker_pipeline(guards_off=True, memory_mb=64) as pipeline: ...``
+    """``async with make_docker_pipeline(guards_off=True, memory_mb=64) as pipeline: ...``"""
+    return pipeline_factory(base_settings, task_image)
+
+
+def pipeline_factory(base_settings: Settings, task_image: str) -> PipelineFactory:
+    """The factory behind ``make_docker_pipeline``, for fixtures of a wider scope.
 
     ``warm=True`` gives the sandbox a pool of one slot and waits until it is ready,
     so the first task is handed a pre-started container. ``isolation`` replaces the

@@ -1,0 +1,302 @@
+"""The red-team catalog: every probe file, what it attacks, and what must happen.
+
+A probe is one file under ``probes/<class>/<name>.py``: the body of a Python Code
+node (it may ``return``), opened by a header of ``#`` comments that this module
+parses, so that a new bypass report is one new file::
+
+    # title: subclasses walk from a tuple to os._wrap_close's globals
+    # threat: py.introspection
+    # expect default: security_violation@analyze "Access to attribute '__subclasses__'"
+    # expect guards_off: success {"uid": 10001, "etc_write": "EROFS"}
+    # expect ablation: success {...}            (kernel-and-container probes only)
+    # layers: caps, nnp                         (what still blocks it under ablation)
+    # ours: refuses                             (does our seccomp profile refuse it too?)
+    # limits: {"timeout_s": 3, "pids": 32}     (optional: Limits fields)
+    # action: cancel-after 1.0                  (optional: the harness cancels the task)
+    # note: free text, kept for the docs
+
+An expectation names exactly one outcome per mode. ``success`` is followed by the
+exact JSON the task must return; any other outcome (the stable error code, with an
+optional ``@stage``) by a JSON string that must occur in the error's message or
+description. Nothing here is "either of two outcomes".
+
+Modes (each one pipeline through the real Docker engine):
+
+- ``default``: the policy as shipped (guards on, our seccomp profile);
+- ``guards_off``: every in-process guard off (imports ``*``, no builtins denied,
+  environment readable), so the container alone must hold;
+- ``ablation``: guards off *and* our seccomp profile swapped for Docker's default
+  (kernel-and-container probes only): what still blocks the probe is what the
+  ``layers`` line names.
+
+Imports nothing from ``runner`` but the outcome names, so that
+``scripts/redteam_report.py`` can load it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PROBE_DIR = HERE / "probes"
+LAST_RUN = HERE / "last_run.json"
+
+MODES = ("default", "guards_off", "ablation")
+MODE_TITLES = {
+    "default": "default policy",
+    "guards_off": "guards off",
+    "ablation": "guards off + Docker's default seccomp",
+}
+
+# The three classes of THREATS.md, in its order; the folder name of each.
+CLASSES = {
+    "python_level": "Python level",
+    "resources": "Resources and lifecycle",
+    "kernel": "Kernel and container",
+}
+
+# Every bullet of THREATS.md's classes (short tag -> class, text).
+THREATS: dict[str, tuple[str, str]] = {
+    "py.introspection": (
+        "python_level",
+        "introspection walks to os or builtins (subclasses, __globals__, __builtins__, "
+        "__self__, __wrapped__, __closure__, descriptors, __dict__)",
+    ),
+    "py.runtime-names": (
+        "python_level",
+        "attribute names built at run time (getattr, concatenation, chr, bytes.decode, join), "
+        "format-string attribute traversal (str.format, format_map, string.Formatter)",
+    ),
+    "py.frames": (
+        "python_level",
+        "frames and tracebacks (gi_frame, cr_frame, f_back, f_globals, tb_frame, "
+        "sys._getframe), pattern matching on exception attributes",
+    ),
+    "py.dynamic-import": (
+        "python_level",
+        "dynamic import (__import__ with a computed name, importlib, loaders, sys.modules), "
+        "relative imports, modules outside the allowlist, gadgets inside allowed modules "
+        "(pickle, marshal, ctypes, gc, inspect)",
+    ),
+    "py.secrets": (
+        "python_level",
+        "secrets: os.environ, /proc/self/environ, /proc/1/environ, files the image ships, "
+        "the broker token",
+    ),
+    "res.bombs": (
+        "resources",
+        "memory bomb, fork bomb, thread bomb, CPU spin with SIGTERM ignored, double-fork "
+        "daemon that outlives the task, deep recursion and C-stack crashes",
+    ),
+    "res.disk-output": (
+        "resources",
+        "disk and inode exhaustion, single huge file, output flood on stdout/stderr and on "
+        "the result channel, spoofed result frames printed to stdout",
+    ),
+    "res.lifecycle": (
+        "resources",
+        "the runner killed mid-task, the Docker daemon restarted mid-task, the broker gone "
+        "mid-task: no leaked containers, no task reported twice, no task lost silently",
+    ),
+    "k.proc-sys": (
+        "kernel",
+        "/proc and /sys writes and reads that leak host data, cgroup release_agent, "
+        "the Docker socket",
+    ),
+    "k.syscalls": (
+        "kernel",
+        "ptrace and process_vm_* against the agent, mount and the new mount API, unshare and "
+        "namespace-creating clone flags, keyctl, userfaultfd, io_uring, bpf, perf_event_open, "
+        "personality and legacy syscall ABIs",
+    ),
+    "k.sockets": (
+        "kernel",
+        "raw and packet sockets, netlink, vsock, AF_ALG, the network itself",
+    ),
+    "k.cross-task": (
+        "kernel",
+        "cross-task channels: shared memory, SysV IPC, abstract unix sockets, keyrings, "
+        "leftover files in a reused container",
+    ),
+    "k.over-capable": (
+        "kernel",
+        "privileged or over-capable containers (capabilities, host network, pid, ipc, host mounts)",
+    ),
+}
+
+# What may still stop a probe once our seccomp profile is swapped for Docker's.
+LAYERS: dict[str, str] = {
+    "docker-seccomp": "Docker's default seccomp profile",
+    "caps": "all capabilities dropped",
+    "nnp": "no-new-privileges",
+    "rootfs": "read-only root filesystem (and Docker's read-only /proc, /sys paths)",
+    "masked": "Docker's masked /proc and /sys paths",
+    "network": "network none (own network namespace, only lo)",
+    "ipcns": "private IPC namespace (ipc_mode none)",
+    "pidns": "own PID namespace",
+    "cgroups": "cgroup limits (memory, pids, cpu)",
+    "uid": "non-root uid 10001 (no user-namespace remap on this host)",
+    "tmpfs": "noexec, nosuid, nodev, size-capped /tmp",
+    "agent": "the agent: undumpable, tini execute-only, deadline, output caps",
+    "runner": "the runner: frame validation, host deadline, output cap, fresh container",
+    "config": "container configuration (no host mounts, no Docker socket)",
+    "kernel": "host kernel settings (sysctls, built without the feature)",
+}
+
+_HEADER = re.compile(r"^#\s*([a-z_]+)(?:\s+([a-z_]+))?\s*:\s*(.*)$")
+_OUTCOME = re.compile(r"^([a-z_]+)(?:@([a-z]+))?\s*(.*)$")
+
+
+class CatalogError(ValueError):
+    """A probe file whose header cannot be read."""
+
+
+@dataclass(frozen=True)
+class Expect:
+    """One mode's expected outcome of one probe."""
+
+    outcome: str
+    stage: str | None = None
+    fragment: str | None = None  # for errors: in message or description
+    result: Any = None  # for success: the exact JSON returned
+
+    def describe(self) -> str:
+        if self.outcome == "success":
+            return "success " + json.dumps(self.result, sort_keys=True)
+        stage = f"@{self.stage}" if self.stage else ""
+        return f"{self.outcome}{stage} {json.dumps(self.fragment)}"
+
+    def mismatches(self, observed: dict[str, Any]) -> list[str]:
+        """What differs between this expectation and an observation (empty: it holds)."""
+        problems = []
+        if observed.get("outcome") != self.outcome:
+            problems.append(f"outcome {observed.get('outcome')!r}, expected {self.outcome!r}")
+        if self.stage and observed.get("stage") != self.stage:
+            problems.append(f"stage {observed.get('stage')!r}, expected {self.stage!r}")
+        if self.outcome == "success":
+            if observed.get("result") != self.result:
+                problems.append(
+                    f"result {json.dumps(observed.get('result'), sort_keys=True)}, "
+                    f"expected {json.dumps(self.result, sort_keys=True)}"
+                )
+        else:
+            text = f"{observed.get('message', '')}\n{observed.get('description', '')}"
+            if self.fragment is not None and self.fragment not in text:
+                problems.append(f"{self.fragment!r} not in the error: {text[:400]!r}")
+        return problems
+
+
+@dataclass(frozen=True)
+class Probe:
+    path: Path
+    klass: str
+    name: str
+    title: str
+    threat: str
+    expects: dict[str, Expect]
+    code: str
+    layers: tuple[str, ...] = ()
+    limits: dict[str, Any] = field(default_factory=dict)
+    action: tuple[str, float] | None = None
+    note: str = ""
+    # Does our own seccomp profile refuse the attack too (so that, with our profile,
+    # it is one layer more than under Docker's)? Stated for kernel probes held by
+    # at most one layer under Docker's default profile.
+    ours_refuses: bool | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.klass}/{self.name}"
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return tuple(mode for mode in MODES if mode in self.expects)
+
+
+def _parse_expect(text: str, where: str) -> Expect:
+    match = _OUTCOME.match(text.strip())
+    if match is None:
+        raise CatalogError(f"{where}: cannot read expectation {text!r}")
+    outcome, stage, rest = match.groups()
+    try:
+        value = json.loads(rest) if rest else None
+    except json.JSONDecodeError as exc:
+        raise CatalogError(f"{where}: {exc}: {rest!r}") from exc
+    if outcome == "success":
+        return Expect(outcome, stage, result=value)
+    if not isinstance(value, str) or not value:
+        raise CatalogError(f"{where}: an error expectation needs a message fragment")
+    return Expect(outcome, stage, fragment=value)
+
+
+def load_probe(path: Path) -> Probe:
+    klass = path.parent.name
+    where = f"{klass}/{path.name}"
+    if klass not in CLASSES:
+        raise CatalogError(f"{where}: unknown class folder {klass!r}")
+    fields: dict[str, str] = {}
+    expects: dict[str, Expect] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        match = _HEADER.match(line)
+        if match is None:
+            continue
+        key, mode, value = match.groups()
+        if key == "expect":
+            if mode not in MODES:
+                raise CatalogError(f"{where}: unknown mode {mode!r}")
+            expects[mode] = _parse_expect(value, where)
+        else:
+            fields[key] = (fields[key] + " " + value) if key in fields else value
+    threat = fields.get("threat", "")
+    if threat not in THREATS or THREATS[threat][0] != klass:
+        raise CatalogError(f"{where}: threat {threat!r} is not a bullet of class {klass}")
+    required = MODES if klass == "kernel" else MODES[:2]
+    if set(expects) != set(required):
+        raise CatalogError(f"{where}: needs exactly the expectations {required}")
+    layers = tuple(item.strip() for item in fields.get("layers", "").split(",") if item.strip())
+    if klass == "kernel" and "layers" not in fields:
+        raise CatalogError(f"{where}: a kernel-and-container probe needs a layers line")
+    unknown = set(layers) - set(LAYERS) - {"none"}
+    if unknown:
+        raise CatalogError(f"{where}: unknown layers {sorted(unknown)}")
+    ours = fields.get("ours")
+    if ours not in (None, "refuses", "allows"):
+        raise CatalogError(f"{where}: 'ours' is 'refuses' or 'allows', not {ours!r}")
+    real_layers = [layer for layer in layers if layer != "none"]
+    if klass == "kernel" and len(real_layers) <= 1 and ours is None:
+        raise CatalogError(f"{where}: held by at most one layer: say whether ours refuses it")
+    action = None
+    if "action" in fields:
+        verb, _, seconds = fields["action"].partition(" ")
+        if verb != "cancel-after":
+            raise CatalogError(f"{where}: unknown action {verb!r}")
+        action = (verb, float(seconds))
+    return Probe(
+        path=path,
+        klass=klass,
+        name=path.stem,
+        title=fields.get("title", path.stem),
+        threat=threat,
+        expects=expects,
+        code=path.read_text(encoding="utf-8"),
+        layers=tuple(real_layers),
+        limits=json.loads(fields["limits"]) if "limits" in fields else {},
+        action=action,
+        note=fields.get("note", ""),
+        ours_refuses=None if ours is None else ours == "refuses",
+    )
+
+
+def load_catalog() -> list[Probe]:
+    """Every probe, by class (THREATS.md's order) then name."""
+    probes = []
+    for klass in CLASSES:
+        for path in sorted((PROBE_DIR / klass).glob("*.py")):
+            probes.append(load_probe(path))
+    return probes

@@ -1,0 +1,309 @@
+"""Runs the red-team catalog through the real pipeline, mode by mode, and records it.
+
+One pipeline per mode serves every probe of that mode (a warm pool of two), so the
+whole suite costs a few minutes on a 2-core machine. Around the probes the harness
+also:
+
+- keeps a *listener* task running in another container of the same isolation (it
+  binds an abstract unix socket, leaves a file in its /tmp, tries SysV shared
+  memory and a key in the uid's keyring), so the cross-task probes have a real
+  peer to reach for;
+- inspects every container of this runner id while tasks run (``Config.Env``,
+  labels, command) for the runner's canary secret and the broker's tokens;
+- runs one trivial task per pipeline after the batch (the runner keeps serving),
+  and lists what containers of this runner id are left once the pipelines closed.
+
+The observations go to ``last_run.json`` (``scripts/redteam_report.py`` turns them
+into the table of ``docs/security.md``). Secrets are redacted before anything is
+written, so a leak shows up as ``<CANARY>`` rather than as the secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from datetime import UTC, datetime
+from typing import Any
+
+import docker
+
+from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
+from runner.policy import DOCKER_DEFAULT_PROFILE
+from runner.sandbox.docker import LABEL_MANAGED, LABEL_OWNER, DockerSandbox, IsolationConfig
+from runner.settings import Settings
+from runner.wiring import load_isolation
+
+from .catalog import LAST_RUN, MODES, Probe
+
+PipelineFactory = Callable[..., AbstractAsyncContextManager[TaskPipeline]]
+
+CANARY_NAME = "SANDBOX_REDTEAM_CANARY"
+# The probes search for these prefixes followed by 32 hex digits: the random part
+# never enters a task, so a match can only be a leak.
+CANARY_PREFIX = "rtcanary-"
+TOKEN_PREFIX = "rttoken-"
+
+LISTENER_SETUP = r"""
+import ctypes, os, socket, time
+libc = ctypes.CDLL(None, use_errno=True)
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind("\0redteam-listener")
+server.listen(8)
+with open("/tmp/redteam-listener", "w") as handle:
+    handle.write("left by another task")
+shm = libc.shmget(0x52544D, 4096, 0o1666)
+key = libc.syscall(248, b"user", b"redteam-listener", b"secret", 6, -4)
+done = {"bound": True, "file": True, "shm": "created" if shm >= 0 else "refused",
+        "key": "added" if key >= 0 else "refused"}
+"""
+# Kept running (and cancelled at the end) while the cross-task probes look for it.
+LISTENER = LISTENER_SETUP + "time.sleep(3600)\n"
+# The same set-up run once to its end, so that the run records what it achieved.
+LISTENER_ONCE = LISTENER_SETUP + "return done\n"
+
+TRIVIAL = "return [{'json': {'n': sum(i['json']['n'] for i in _items)}}]"
+
+
+def docker_default_isolation(settings: Settings) -> IsolationConfig:
+    """Our isolation with Docker's own default seccomp profile swapped in."""
+    raw = DOCKER_DEFAULT_PROFILE.read_bytes()
+    return dataclasses.replace(
+        load_isolation(settings),
+        seccomp_profile=DOCKER_DEFAULT_PROFILE,
+        seccomp_json=json.dumps(json.loads(raw), separators=(",", ":")),
+        seccomp_sha256=hashlib.sha256(raw).hexdigest(),
+        policy_sha256=None,
+    )
+
+
+@dataclasses.dataclass
+class Secrets:
+    """What must never reach a task: the runner's canary and the broker's tokens."""
+
+    canary: str
+    auth_token: str
+    grant_token: str
+
+    def values(self) -> tuple[str, ...]:
+        return (self.canary, self.auth_token, self.grant_token)
+
+    def redact(self, text: str) -> str:
+        for value, mark in zip(self.values(), ("<CANARY>", "<AUTH>", "<GRANT>"), strict=True):
+            text = text.replace(value, mark)
+        return text
+
+    def found_in(self, text: str) -> list[str]:
+        names = ("canary", "auth_token", "grant_token")
+        return [name for name, value in zip(names, self.values(), strict=True) if value in text]
+
+
+@dataclasses.dataclass
+class SuiteRun:
+    observations: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    serving: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    listeners: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    listener_setup: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    inspections: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    leftovers: list[str] = dataclasses.field(default_factory=list)
+    leaks: list[str] = dataclasses.field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def observation(report: TaskReport, seconds: float) -> dict[str, Any]:
+    error = report.error
+    return {
+        "outcome": report.outcome.value,
+        "stage": error.stage.value if error else None,
+        "message": error.message if error else None,
+        "description": (error.description[-2000:] if error else None),
+        "result": report.result,
+        "seconds": round(seconds, 2),
+        "start": report.audit.get("details", {}).get("containerStart"),
+    }
+
+
+async def run_one(pipeline: TaskPipeline, probe: Probe) -> TaskReport:
+    limits = dataclasses.replace(pipeline.limits, **probe.limits)
+    request = TaskRequest(code=probe.code, limits=limits)
+    running = asyncio.create_task(pipeline.run(request))
+    if probe.action is not None:
+        _, after_s = probe.action
+        await asyncio.sleep(after_s)
+        sandbox = pipeline.sandbox
+        assert isinstance(sandbox, DockerSandbox)
+        await sandbox.cancel(request.task_id)
+    return await asyncio.wait_for(running, limits.timeout_s + 60)
+
+
+async def inspect_containers(client: docker.DockerClient, runner_id: str) -> dict[str, Any]:
+    """Every container of this runner id as the daemon describes it (env, labels, cmd)."""
+
+    def blocking() -> dict[str, Any]:
+        found = client.api.containers(
+            all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={runner_id}"]}
+        )
+        described = []
+        for container in found:
+            try:
+                info = client.api.inspect_container(container["Id"])
+            except docker.errors.NotFound:
+                continue
+            config = info.get("Config") or {}
+            described.append(
+                {
+                    "env": config.get("Env") or [],
+                    "labels": config.get("Labels") or {},
+                    "cmd": config.get("Cmd"),
+                    "entrypoint": config.get("Entrypoint"),
+                    "binds": (info.get("HostConfig") or {}).get("Binds"),
+                    "mounts": [m.get("Source") for m in info.get("Mounts") or []],
+                }
+            )
+        return {"containers": len(described), "text": json.dumps(described, sort_keys=True)}
+
+    return await asyncio.to_thread(blocking)
+
+
+async def start_listener(pipeline: TaskPipeline) -> tuple[TaskRequest, asyncio.Task[TaskReport]]:
+    # Longer than the whole suite; cancelled at the end.
+    request = TaskRequest(code=LISTENER, limits=dataclasses.replace(pipeline.limits, timeout_s=590))
+    task = asyncio.create_task(pipeline.run(request))
+    await asyncio.sleep(2.0)  # bound, listening and its file written well before this
+    return request, task
+
+
+async def stop_listener(
+    pipeline: TaskPipeline, request: TaskRequest, task: asyncio.Task[TaskReport]
+) -> dict[str, Any]:
+    sandbox = pipeline.sandbox
+    assert isinstance(sandbox, DockerSandbox)
+    await sandbox.cancel(request.task_id)
+    report = await asyncio.wait_for(task, 60)
+    return observation(report, 0.0)
+
+
+async def run_suite(
+    factory: PipelineFactory,
+    probes: list[Probe],
+    *,
+    settings: Settings,
+    client: docker.DockerClient,
+    secrets: Secrets,
+    runner_id: str,
+) -> SuiteRun:
+    """Every probe in every mode it names; see the module docstring."""
+    began = time.monotonic()
+    run = SuiteRun()
+    common: dict[str, Any] = {
+        "warm": True,
+        "pool_size": 2,
+        "runner_id": runner_id,
+        "auth_token": secrets.auth_token,
+        "grant_token": secrets.grant_token,
+    }
+    async with AsyncExitStack() as stack:
+        pipelines = {
+            "default": await stack.enter_async_context(factory(**common)),
+            "guards_off": await stack.enter_async_context(factory(guards_off=True, **common)),
+            "ablation": await stack.enter_async_context(
+                factory(guards_off=True, isolation=docker_default_isolation(settings), **common)
+            ),
+        }
+        # The peer of the cross-task probes: ours for the first two modes, Docker's
+        # default seccomp for the ablation.
+        for name, mode in (("ours", "guards_off"), ("docker", "ablation")):
+            once = await pipelines[mode].run(TaskRequest(code=LISTENER_ONCE))
+            run.listener_setup[name] = observation(once, 0.0)
+        listeners = {
+            "ours": await start_listener(pipelines["guards_off"]),
+            "docker": await start_listener(pipelines["ablation"]),
+        }
+        run.inspections.append(await inspect_containers(client, runner_id))
+        for mode in MODES:
+            pipeline = pipelines[mode]
+            for probe in probes:
+                if mode not in probe.expects:
+                    continue
+                started = time.monotonic()
+                report = await run_one(pipeline, probe)
+                document = json.dumps(report.document(), default=str)
+                run.leaks.extend(
+                    f"{probe.id} [{mode}]: {name}" for name in secrets.found_in(document)
+                )
+                run.observations.setdefault(probe.id, {})[mode] = observation(
+                    report, time.monotonic() - started
+                )
+        run.inspections.append(await inspect_containers(client, runner_id))
+        for name, (request, task) in listeners.items():
+            run.listeners[name] = await stop_listener(
+                pipelines["guards_off" if name == "ours" else "ablation"], request, task
+            )
+        for mode, pipeline in pipelines.items():
+            report = await pipeline.run(
+                TaskRequest(code=TRIVIAL, items=[{"json": {"n": 1}}, {"json": {"n": 2}}])
+            )
+            run.serving[mode] = observation(report, 0.0)
+    run.leftovers = await asyncio.to_thread(
+        lambda: [
+            c["Id"]
+            for c in client.api.containers(
+                all=True,
+                filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={runner_id}"]},
+            )
+        ]
+    )
+    for inspection in run.inspections:
+        run.leaks.extend(
+            f"container inspect: {name}" for name in secrets.found_in(inspection["text"])
+        )
+    run.wall_s = time.monotonic() - began
+    return run
+
+
+def record(
+    run: SuiteRun, probes: list[Probe], secrets: Secrets, client: docker.DockerClient
+) -> dict[str, Any]:
+    """The machine-readable record of a run (secrets redacted), written to last_run.json."""
+    version = client.version()
+    entries = {}
+    for probe in probes:
+        modes = {}
+        for mode, expect in probe.expects.items():
+            observed = run.observations.get(probe.id, {}).get(mode)
+            modes[mode] = {
+                "expected": expect.describe(),
+                "observed": observed,
+                "holds": observed is not None and not expect.mismatches(observed),
+            }
+        entries[probe.id] = {
+            "class": probe.klass,
+            "title": probe.title,
+            "threat": probe.threat,
+            "layers": list(probe.layers),
+            "note": probe.note,
+            "modes": modes,
+        }
+    document = {
+        "generatedAt": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wallSeconds": round(run.wall_s, 1),
+        "docker": version.get("Version"),
+        "kernel": version.get("KernelVersion"),
+        "machine": platform.machine(),
+        "probes": entries,
+        "serving": {mode: obs["outcome"] for mode, obs in run.serving.items()},
+        "listeners": {name: obs["outcome"] for name, obs in run.listeners.items()},
+        "listenerSetup": {name: obs["result"] for name, obs in run.listener_setup.items()},
+        "containersInspected": sum(i["containers"] for i in run.inspections),
+        "leftoverContainers": len(run.leftovers),
+        "leaks": run.leaks,
+    }
+    text = secrets.redact(json.dumps(document, indent=1, sort_keys=True, default=str))
+    LAST_RUN.write_text(text + "\n", encoding="utf-8")
+    result: dict[str, Any] = json.loads(text)
+    return result

@@ -1,0 +1,34 @@
+# title: AF_ALG: the kernel crypto API as a socket (a frequent source of kernel bugs)
+# threat: k.sockets
+# expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
+# expect guards_off: success {"socket": "EPERM"}
+# expect ablation: success {"socket": "EAFNOSUPPORT"}
+# layers: kernel
+# ours: refuses
+# note: this host's kernel is built without AF_ALG; on a kernel with it, Docker's profile would let the socket be created
+import ctypes
+
+libc = ctypes.CDLL(None, use_errno=True)
+NAMES = {
+    1: "EPERM",
+    2: "ENOENT",
+    9: "EBADF",
+    13: "EACCES",
+    14: "EFAULT",
+    22: "EINVAL",
+    38: "ENOSYS",
+    95: "EOPNOTSUPP",
+    97: "EAFNOSUPPORT",
+    93: "EPROTONOSUPPORT",
+}
+
+
+def syscall(number, *args):
+    ctypes.set_errno(0)
+    ret = libc.syscall(
+        ctypes.c_long(number), *(ctypes.c_long(a) if isinstance(a, int) else a for a in args)
+    )
+    return "ok" if ret >= 0 else NAMES.get(ctypes.get_errno(), ctypes.get_errno())
+
+
+return {"socket": syscall(41, 38, 5, 0)}

@@ -1,0 +1,35 @@
+# title: io_uring_setup: a second system-call interface that seccomp cannot see into
+# threat: k.syscalls
+# expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
+# expect guards_off: success {"io_uring_setup": "EPERM"}
+# expect ablation: success {"io_uring_setup": "ok"}
+# layers: none
+# ours: refuses
+# note: Docker 20.10's default profile allows io_uring: with our profile swapped out the ring is created; nothing else stops it
+import ctypes
+
+libc = ctypes.CDLL(None, use_errno=True)
+NAMES = {
+    1: "EPERM",
+    2: "ENOENT",
+    9: "EBADF",
+    13: "EACCES",
+    14: "EFAULT",
+    22: "EINVAL",
+    38: "ENOSYS",
+    95: "EOPNOTSUPP",
+    97: "EAFNOSUPPORT",
+    93: "EPROTONOSUPPORT",
+}
+
+
+def syscall(number, *args):
+    ctypes.set_errno(0)
+    ret = libc.syscall(
+        ctypes.c_long(number), *(ctypes.c_long(a) if isinstance(a, int) else a for a in args)
+    )
+    return "ok" if ret >= 0 else NAMES.get(ctypes.get_errno(), ctypes.get_errno())
+
+
+params = ctypes.create_string_buffer(120)
+return {"io_uring_setup": syscall(425, 4, params)}

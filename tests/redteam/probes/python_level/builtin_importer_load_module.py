@@ -1,0 +1,23 @@
+# title: the BuiltinImporter loader (a __subclasses__ find) loads posix without any guard
+# threat: py.dynamic-import
+# expect default: security_violation@analyze "Access to attribute '__subclasses__' is disallowed"
+# expect guards_off: success {"uid": 10001, "environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "proc1_environ": "EACCES", "etc_write": "EROFS"}
+importer = [c for c in object.__subclasses__() if c.__name__ == "BuiltinImporter"][0]
+o = importer.load_module("posix")
+o.environ = {k.decode(): v for k, v in o.environ.items()}
+
+
+def err(call):
+    try:
+        call()
+        return "ok"
+    except OSError as exc:
+        return {1: "EPERM", 2: "ENOENT", 13: "EACCES", 30: "EROFS"}.get(exc.errno, exc.errno)
+
+
+return {
+    "uid": o.getuid(),
+    "environ": sorted(o.environ),
+    "proc1_environ": err(lambda: o.open("/proc/1/environ", o.O_RDONLY)),
+    "etc_write": err(lambda: o.open("/etc/redteam", o.O_WRONLY | o.O_CREAT, 0o644)),
+}

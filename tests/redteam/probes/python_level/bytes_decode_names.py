@@ -1,0 +1,24 @@
+# title: attribute names hidden in bytes literals (the analyzer scans str constants only)
+# threat: py.runtime-names
+# expect default: user_error@run "name 'getattr' is not defined"
+# expect guards_off: success {"uid": 10001, "environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "proc1_environ": "EACCES", "etc_write": "EROFS"}
+import random
+
+seed = random.Random.seed
+o = getattr(seed, b"__globals__".decode())["_os"]
+
+
+def err(call):
+    try:
+        call()
+        return "ok"
+    except OSError as exc:
+        return {1: "EPERM", 2: "ENOENT", 13: "EACCES", 30: "EROFS"}.get(exc.errno, exc.errno)
+
+
+return {
+    "uid": o.getuid(),
+    "environ": sorted(o.environ),
+    "proc1_environ": err(lambda: o.open("/proc/1/environ", o.O_RDONLY)),
+    "etc_write": err(lambda: o.open("/etc/redteam", o.O_WRONLY | o.O_CREAT, 0o644)),
+}

@@ -1,0 +1,21 @@
+# title: __import__ with a name computed at run time
+# threat: py.dynamic-import
+# expect default: security_violation@analyze "Dynamic __import__() calls are not allowed"
+# expect guards_off: success {"uid": 10001, "environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "proc1_environ": "EACCES", "etc_write": "EROFS"}
+o = __import__("".join(["o", "s"]))
+
+
+def err(call):
+    try:
+        call()
+        return "ok"
+    except OSError as exc:
+        return {1: "EPERM", 2: "ENOENT", 13: "EACCES", 30: "EROFS"}.get(exc.errno, exc.errno)
+
+
+return {
+    "uid": o.getuid(),
+    "environ": sorted(o.environ),
+    "proc1_environ": err(lambda: o.open("/proc/1/environ", o.O_RDONLY)),
+    "etc_write": err(lambda: o.open("/etc/redteam", o.O_WRONLY | o.O_CREAT, 0o644)),
+}

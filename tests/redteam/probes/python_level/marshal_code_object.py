@@ -1,0 +1,25 @@
+# title: marshal round-trip of a compiled code object that imports os, run with exec
+# threat: py.dynamic-import
+# expect default: security_violation@analyze "Import of standard library module 'marshal' is disallowed"
+# expect guards_off: success {"uid": 10001, "environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "proc1_environ": "EACCES", "etc_write": "EROFS"}
+import marshal
+
+scope = {}
+exec(marshal.loads(marshal.dumps(compile("import os as o", "x", "exec"))), scope)
+o = scope["o"]
+
+
+def err(call):
+    try:
+        call()
+        return "ok"
+    except OSError as exc:
+        return {1: "EPERM", 2: "ENOENT", 13: "EACCES", 30: "EROFS"}.get(exc.errno, exc.errno)
+
+
+return {
+    "uid": o.getuid(),
+    "environ": sorted(o.environ),
+    "proc1_environ": err(lambda: o.open("/proc/1/environ", o.O_RDONLY)),
+    "etc_write": err(lambda: o.open("/etc/redteam", o.O_WRONLY | o.O_CREAT, 0o644)),
+}

@@ -1,0 +1,9 @@
+# title: fork bomb through random._os.fork (an allowed module), guards on or off
+# threat: res.bombs
+# limits: {"pids": 32, "timeout_s": 20}
+# expect default: pids_limit_exceeded@run "Task hit the process limit (32 processes and threads)"
+# expect guards_off: pids_limit_exceeded@run "Task hit the process limit (32 processes and threads)"
+import random
+
+while True:
+    random._os.fork()

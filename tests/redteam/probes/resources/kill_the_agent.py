@@ -1,0 +1,10 @@
+# title: SIGKILL the agent (the task's parent) so that nothing reports a result
+# threat: res.lifecycle
+# expect default: crashed@run "Task container was killed by SIGKILL"
+# expect guards_off: crashed@run "Task container was killed by SIGKILL"
+# note: tini exits with its child's status, so the container ends as killed; no result is invented
+import random
+
+random._os.kill(random._os.getppid(), 9)
+while True:
+    pass

@@ -8,8 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+SOAK_ARGS ?=
 
-.PHONY: help setup venv docker image demo test test-unit bench lint fmt docs snapshots types check clean
+.PHONY: help setup venv docker image demo test test-unit bench soak lint fmt docs snapshots types check clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -28,6 +29,7 @@ docker: ## Make sure a Docker engine answers (installs and starts one on Debian 
 
 image: venv docker ## Build the task image (only when its inputs changed)
 	$(BIN)/sandbox-runner image build
+	$(BIN)/sandbox-runner image build-runner
 
 setup: venv docker image ## Prepare this machine completely (idempotent)
 
@@ -43,6 +45,9 @@ test-unit: venv ## Run only the tests that need no Docker
 bench: setup ## Benchmark forkserver vs bare Docker vs our cold/warm containers (BENCH_ARGS=--help)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+soak: setup ## Push 1000 mixed tasks through broker + runner: 0 lost, 0 duplicated, 0 leaked (SOAK_ARGS=--help)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
 lint: venv ## ruff lint and format check
 	$(BIN)/ruff check runner tests sandbox_image scripts bench
 	$(BIN)/ruff format --check runner tests sandbox_image scripts bench
@@ -51,7 +56,7 @@ fmt: venv ## Format the code with ruff
 	$(BIN)/ruff format runner tests sandbox_image scripts bench
 	$(BIN)/ruff check --fix runner tests sandbox_image scripts bench
 
-docs: venv ## Regenerate the README's configuration table from the settings model
+docs: venv ## Regenerate the settings tables (README.md, docs/settings.md) from the settings model
 	$(BIN)/python scripts/update_readme.py
 
 snapshots: venv ## Refresh the `policy explain` snapshots after a reviewed policy change

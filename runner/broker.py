@@ -95,6 +95,8 @@ class BrokerClient:
         self._connection: ClientConnection | None = None
         self._wake = asyncio.Event()
         self.connections = 0
+        # Told of every connection retry (the service counts them in its metrics).
+        self.on_retry: Callable[[str], None] | None = None
 
     @property
     def url(self) -> str:
@@ -206,6 +208,8 @@ class BrokerClient:
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning("Failed to connect to broker: %s - retrying...", exc)
+        if self.on_retry is not None:
+            self.on_retry("broker_connect")
 
     # -- serving a connection -----------------------------------------------------------
 

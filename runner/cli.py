@@ -19,7 +19,7 @@ import click
 
 from runner import __version__
 from runner.cli_policy import policy, selfcheck
-from runner.cli_service import broker, serve, up
+from runner.cli_service import broker, healthcheck, serve, up
 from runner.cli_support import (
     EXIT_TASK_FAILED,
     _fail,
@@ -28,26 +28,33 @@ from runner.cli_support import (
     _settings,
 )
 from runner.errors import ConfigurationError
+from runner.logs import setup_logging
 from runner.pipeline import TaskRequest
 from runner.sandbox.base import JSON, Mode
 
 MODE_CHOICES = ["all_items", "per_item", "runOnceForAllItems", "runOnceForEachItem"]
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sandbox-runner")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress and retries to stderr.")
-def main(verbose: bool) -> None:
-    """Run untrusted Python in hardened, short-lived containers, one per task."""
-    _setup_logging(verbose)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="SANDBOX_LOG_FORMAT",
+    show_envvar=True,
+    help="Log lines for people, or one JSON object per line (with the task id).",
+)
+def main(verbose: bool, log_format: str) -> None:
+    """Run untrusted Python in hardened, short-lived containers, one per task.
+
+    Results and reports a program reads are JSON on stdout; progress and logs go to
+    stderr. Exit codes: 0 success, 1 the task (or check) failed, 2 usage,
+    configuration or infrastructure error.
+    """
+    setup_logging(level=logging.DEBUG if verbose else logging.WARNING, log_format=log_format)
 
 
 # --- exec ------------------------------------------------------------------------
@@ -166,10 +173,20 @@ def _pretty(document: dict[str, Any]) -> str:
         lines.append(f"error [{error['code']} at {error['stage']}]: {error['message']}")
         if error["description"]:
             lines.append(error["description"])
-    durations = document["audit"]["durationsMs"]
-    lines.append(
-        f"took {durations['total']:.0f} ms (container {document['audit']['containerId'] or '-'})"
-    )
+    audit = document["audit"]
+    durations = audit["durationsMs"]
+    container = audit["containerId"]
+    if container:
+        start = (audit.get("details") or {}).get("containerStart", "")
+        phases = ", ".join(
+            f"{label} {durations[key]:.0f} ms"
+            for key, label in (("containerSetup", "set-up"), ("run", "run"))
+            if key in durations
+        )
+        where = f"{start} container {container[:12]}".strip() + (f": {phases}" if phases else "")
+    else:
+        where = "no container: stopped by the analyzer"
+    lines.append(f"took {durations['total']:.0f} ms ({where})")
     return "\n".join(lines)
 
 
@@ -178,7 +195,7 @@ def _pretty(document: dict[str, Any]) -> str:
 
 @main.group()
 def image() -> None:
-    """Build or inspect the task image."""
+    """Build or inspect the task image and the runner image."""
 
 
 @image.command("build")
@@ -194,6 +211,36 @@ def image_build() -> None:
         client = await asyncio.to_thread(connect, settings.docker_api_timeout_s)
         builder = ImageBuilder(client, image_recipe(settings), _progress)
         return await asyncio.to_thread(builder.ensure)
+
+    click.echo(_run(go))
+
+
+@image.command("build-runner")
+@click.option(
+    "--project-dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="Source checkout with the Dockerfile (default: the one this runner runs from).",
+)
+def image_build_runner(project_dir: Path | None) -> None:
+    """Build the runner image (the service itself) if its inputs changed; print its tag.
+
+    Same base as the task image; the wheels are built on the host and installed
+    offline in the image, so no registry is needed.
+    """
+    from runner.runner_image import RunnerImageBuilder, RunnerImageRecipe
+    from runner.sandbox.docker import connect
+    from runner.sandbox.image import ImageBuilder
+    from runner.settings import PROJECT_ROOT
+    from runner.wiring import image_recipe
+
+    settings = _settings()
+
+    async def go() -> str:
+        client = await asyncio.to_thread(connect, settings.docker_api_timeout_s)
+        base = ImageBuilder(client, image_recipe(settings), _progress)
+        recipe = RunnerImageRecipe(project_dir or PROJECT_ROOT)
+        return await asyncio.to_thread(RunnerImageBuilder(client, recipe, base, _progress).ensure)
 
     click.echo(_run(go))
 
@@ -245,6 +292,7 @@ def sweep() -> None:
 
 
 main.add_command(serve)
+main.add_command(healthcheck)
 main.add_command(broker)
 main.add_command(up)
 main.add_command(policy)

@@ -32,11 +32,11 @@ from runner.policy import (
     lint_bundle,
     parse_bundle,
 )
-from runner.settings import PROJECT_ROOT
+from runner.settings import DATA_ROOT
 
 EXIT_FINDINGS = 1
 WIDTH = 100
-DEFAULT_DIR = PROJECT_ROOT / "policies"
+DEFAULT_DIR = DATA_ROOT / "policies"
 
 
 def to_json(document: object, indent: int | None = 1) -> str:
@@ -211,7 +211,7 @@ def render_lint(report: LintReport) -> str:
 
 def _relative(path: Path) -> str:
     try:
-        return str(path.relative_to(PROJECT_ROOT))
+        return str(path.relative_to(DATA_ROOT))
     except ValueError:
         return str(path)
 

@@ -1,4 +1,4 @@
-"""``serve``, ``broker`` and ``up``: the long-running commands."""
+"""``serve``, ``broker`` and ``up``: the long-running commands; ``healthcheck`` probes them."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import contextlib
 import logging
 import signal
 import sys
+import urllib.error
+import urllib.request
 
 import click
 
-from runner.cli_support import _progress, _run, _settings
+from runner.cli_support import EXIT_TASK_FAILED, _progress, _run, _settings
 from runner.settings import Settings
 
 log = logging.getLogger("runner")
@@ -96,6 +98,7 @@ def broker(ctx: click.Context, host: str | None, port: int | None) -> None:
 def up(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Embedded broker and one runner in one process: submit tasks over HTTP."""
     from runner.broker_server.server import running_broker
+    from runner.metrics import CollectorRegistry
     from runner.service import RunnerService
     from runner.wiring import docker_pipeline
 
@@ -103,9 +106,10 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
     _log_level(bool(ctx.find_root().params.get("verbose")))
 
     async def go() -> int:
+        registry = CollectorRegistry()  # one /metrics for the broker and its runner
         async with (
             docker_pipeline(settings, _progress) as pipeline,
-            running_broker(settings) as running,
+            running_broker(settings, registry=registry) as running,
         ):
             service = RunnerService(
                 settings,
@@ -113,6 +117,7 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
                 broker_uri=running.url,
                 auth_token=running.auth_token,
                 handle_signals=False,
+                registry=registry,
             )
             serving = asyncio.create_task(service.run())
             click.echo(
@@ -128,3 +133,42 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
             return await serving
 
     sys.exit(_run(go))
+
+
+def _loopback(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104 (a comparison)
+
+
+def _answers(url: str, timeout_s: float) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (http only)
+            return int(response.status) == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+@click.command("healthcheck")
+@click.option("--url", "urls", multiple=True, help="Probe this URL instead (repeatable).")
+@click.option("--timeout", "timeout_s", type=float, default=3.0, show_default=True)
+def healthcheck(urls: tuple[str, ...], timeout_s: float) -> None:
+    """Exit 0 when this container's service answers its health endpoint, else 1.
+
+    Probes the runner's health-check server (N8N_RUNNERS_HEALTH_CHECK_SERVER_*, when
+    enabled) and the embedded broker's /healthz (`broker`, `up`); one answer is enough.
+    The runner image's HEALTHCHECK runs it.
+    """
+    settings = _settings()
+    candidates = list(urls)
+    if not candidates:
+        if settings.health_check_server_enabled:
+            host = _loopback(settings.health_check_server_host)
+            candidates.append(f"http://{host}:{settings.health_check_server_port}/healthz")
+        candidates.append(
+            f"http://{_loopback(settings.broker_host)}:{settings.broker_port}/healthz"
+        )
+    for url in candidates:
+        if _answers(url, timeout_s):
+            click.echo(f"healthy: {url}")
+            return
+    click.echo(f"unhealthy: no answer from {', '.join(candidates)}", err=True)
+    sys.exit(EXIT_TASK_FAILED)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
@@ -16,6 +17,7 @@ import click
 from pydantic import ValidationError
 
 from runner.errors import RunnerError
+from runner.logs import JsonFormatter, current_log_format, started_at
 from runner.settings import Settings, load_settings
 
 EXIT_TASK_FAILED = 1
@@ -55,4 +57,14 @@ def _run(coroutine_factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 def _progress(message: str) -> None:
-    click.echo(f"[image] {message}", err=True)
+    """Image build progress on stderr: ``[image 12.3s] ...`` (since the command started),
+    or a JSON log line with ``--log-format json`` (a log pipeline never sees a line it
+    cannot parse). Called from worker threads too."""
+    started = started_at.get()
+    elapsed = time.monotonic() - started if started is not None else 0.0
+    if current_log_format.get() == "json":
+        record = logging.LogRecord("runner.image", logging.INFO, __file__, 0, message, None, None)
+        record.elapsedS = round(elapsed, 1)
+        click.echo(JsonFormatter().format(record), err=True)
+    else:
+        click.echo(f"[image {elapsed:.1f}s] {message}", err=True)

@@ -8,6 +8,7 @@ handed a :class:`~runner.sandbox.base.Sandbox` and an analyzer.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from runner.sandbox.base import (
     TaskError,
     TaskSpec,
 )
+
+# Code longer than this is analyzed in a worker thread, shorter code inline (cheaper).
+INLINE_ANALYSIS_CHARS = 64 * 1024
 
 
 def new_task_id() -> str:
@@ -113,7 +117,12 @@ class TaskPipeline:
         started_wall = datetime.now(UTC)
         begin = time.monotonic()
         limits = request.limits or self.limits
-        verdict = self.analyzer.check(request.code)
+        if len(request.code) > INLINE_ANALYSIS_CHARS:
+            # Parsing costs ~5 us a character: a megabyte of code would hold the event
+            # loop (and the broker's heartbeats) for seconds. A thread lets it breathe.
+            verdict = await asyncio.to_thread(self.analyzer.check, request.code)
+        else:
+            verdict = self.analyzer.check(request.code)
         analyze_ms = (time.monotonic() - begin) * 1000
         if verdict.syntax_error is not None:
             execution = _analyzer_failure(

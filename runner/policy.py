@@ -38,10 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from runner.analyzer import ImportPolicy, parse_allowlist
 from runner.errors import ConfigurationError
 from runner.sandbox.base import MIB, GuardConfig, Limits
-from runner.settings import PROJECT_ROOT, Settings, env_name
+from runner.settings import DATA_ROOT, Settings, env_name
 
 POLICY_FILE = "sandbox.toml"
-REFERENCE_DIR = PROJECT_ROOT / "policies" / "reference"
+REFERENCE_DIR = DATA_ROOT / "policies" / "reference"
 DOCKER_DEFAULT_PROFILE = REFERENCE_DIR / "docker-default-seccomp.json"
 SYSCALL_TABLE = REFERENCE_DIR / "syscalls.json"
 

@@ -26,6 +26,8 @@ from typing import Any
 
 from runner.broker import BrokerClient, BrokerEndpoint
 from runner.errors import RunnerError
+from runner.logs import current_task_id
+from runner.metrics import CONTENT_TYPE, CollectorRegistry, RunnerMetrics, exposition
 from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
 from runner.protocol.machine import (
     CancelTask,
@@ -45,6 +47,15 @@ audit_log = logging.getLogger("runner.audit")
 CLIENT_STOP_TIMEOUT_S = 5.0
 RUNNER_ID_ALPHABET = string.ascii_letters + string.digits
 HEALTH_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nOK"
+HEALTH_READ_TIMEOUT_S = 2.0
+
+
+def _metrics_response(body: bytes) -> bytes:
+    head = (
+        f"HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
 
 
 def new_runner_id() -> str:
@@ -78,10 +89,13 @@ class RunnerService:
         broker_uri: str | None = None,
         auth_token: str | None = None,
         handle_signals: bool = True,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.runner_id = new_runner_id()
+        # Served at /metrics on the health-check server (and by `up`'s broker).
+        self.metrics = RunnerMetrics(registry if registry is not None else CollectorRegistry())
         self.machine = RunnerProtocol(
             max_concurrency=settings.max_concurrency,
             max_payload=settings.max_payload,
@@ -101,6 +115,7 @@ class RunnerService:
             backoff_max_s=settings.reconnect_backoff_max_s,
         )
         self.client = BrokerClient(endpoint, self.machine, on_input=self._handle_events)
+        self._wire_metrics()
         self._handle_signals = handle_signals
         self._running: dict[str, asyncio.Task[None]] = {}
         self._helpers: set[asyncio.Task[Any]] = set()
@@ -108,6 +123,22 @@ class RunnerService:
         self._shutdown = asyncio.Event()
         self._client_stop = asyncio.Event()
         self.health_port: int | None = None
+
+    def _wire_metrics(self) -> None:
+        context = self.pipeline.context
+        seccomp = context.isolation.get("seccomp") if isinstance(context.isolation, dict) else None
+        self.metrics.set_policy(
+            policy_sha256=context.policy_sha256,
+            seccomp_sha256=str(seccomp.get("sha256", "")) if isinstance(seccomp, dict) else "",
+            image=context.image,
+            runner_id=context.runner_id,
+        )
+        self.metrics.running.set_function(lambda: float(len(self._running)))
+        self.metrics.track_offers(lambda: self.machine.open_offer_count)
+        # Retries are counted where they happen: container set-up and broker connects.
+        for retrying in (self.pipeline.sandbox, self.client):
+            if hasattr(retrying, "on_retry"):
+                retrying.on_retry = self.metrics.retry
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -184,7 +215,16 @@ class RunnerService:
             return None
 
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(HEALTH_RESPONSE)
+            # Any request is a health check (n8n's behaviour), except GET /metrics.
+            try:
+                line = await asyncio.wait_for(reader.readline(), HEALTH_READ_TIMEOUT_S)
+            except (TimeoutError, ConnectionError, ValueError):
+                line = b""
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].split(b"?")[0] == b"/metrics":
+                writer.write(_metrics_response(exposition(self.metrics.registry)))
+            else:
+                writer.write(HEALTH_RESPONSE)
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
             writer.close()
@@ -233,6 +273,8 @@ class RunnerService:
 
     async def _execute(self, task_id: str, settings: TaskSettings) -> None:
         started = time.monotonic()
+        current_task_id.set(task_id)  # this asyncio task's own context: every log line
+        accepted = self._accepted_at.get(task_id, started)
         try:
             limits = self.limits_for(settings.limits)
             report = await self.pipeline.run(
@@ -248,10 +290,22 @@ class RunnerService:
             )
             completion = completion_of(report)
             self._audit(task_id, settings, report, started)
+            self.metrics.task_finished(
+                outcome=report.outcome.value,
+                error_code=report.error.code.value if report.error else None,
+                audit=report.audit,
+                queue_wait_s=started - accepted,
+            )
         except ValueError as exc:  # a limit above this runner's ceiling
             completion = Completion(error_message=str(exc), error_description="")
+            self.metrics.task_finished(
+                outcome="rejected", error_code="limit_above_ceiling", audit=None, queue_wait_s=None
+            )
         except RunnerError as exc:
             log.error("task %s failed in the runner: %s", task_id, exc)
+            self.metrics.task_finished(
+                outcome="runner_error", error_code=exc.code, audit=None, queue_wait_s=None
+            )
             completion = Completion(
                 error_message=f"Task could not be run: {exc.message}",
                 error_description=exc.hint or "",
@@ -259,6 +313,9 @@ class RunnerService:
             )
         except Exception as exc:  # never leave a task stuck on a bug of ours
             log.exception("task %s: internal error", task_id)
+            self.metrics.task_finished(
+                outcome="internal_error", error_code="internal_error", audit=None, queue_wait_s=None
+            )
             completion = Completion(
                 error_message=f"Internal error of the runner: {type(exc).__name__}",
                 error_description="",

@@ -18,9 +18,10 @@ policy (the policy imports this).
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -34,6 +35,21 @@ from pydantic_settings import (
 from runner.analyzer import parse_allowlist
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _data_root() -> Path:
+    """Where ``policies/`` and ``sandbox_image/`` live.
+
+    In a source checkout: the checkout (next to ``runner/``). From an installed wheel
+    (the runner image): ``<prefix>/share/sandbox-runner``, where the image puts them;
+    ``SANDBOX_POLICY_DIR`` and ``SANDBOX_IMAGE_DIR`` override either.
+    """
+    if (PROJECT_ROOT / "policies").is_dir():
+        return PROJECT_ROOT
+    return Path(sys.prefix) / "share" / "sandbox-runner"
+
+
+DATA_ROOT = _data_root()
 
 MIB = 1024 * 1024
 PIPE_FRAME_LIMIT = 0xFFFFFFFF
@@ -218,10 +234,10 @@ class Settings(BaseSettings):
     )
     debian_suite: str = Field("bookworm", description="Debian suite of the bootstrapped base.")
     policy_dir: Path = Field(
-        PROJECT_ROOT / "policies",
+        DATA_ROOT / "policies",
         description="The policy bundle (sandbox.toml, seccomp and AppArmor profiles).",
     )
-    image_dir: Path = Field(PROJECT_ROOT / "sandbox_image", description="Task image sources.")
+    image_dir: Path = Field(DATA_ROOT / "sandbox_image", description="Task image sources.")
     apparmor_profile: str | None = Field(
         None,
         description="Name under which the bundle's AppArmor profile is loaded on the host "
@@ -390,6 +406,13 @@ class Settings(BaseSettings):
         "are swept this long (plus the task timeout) after they were started.",
     )
 
+    # --- logs ---
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text for people, or one JSON object per line (with the "
+        "task id) for log pipelines; also `--log-format`.",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -467,7 +490,7 @@ def settings_table(policy_defaults: Mapping[str, str] | None = None) -> str:
         elif field.default_factory is not None:
             default = "hostname" if name == "runner_id" else "computed"
         elif isinstance(field.default, Path):
-            default = f"`{field.default.relative_to(PROJECT_ROOT)}`"
+            default = f"`{field.default.relative_to(DATA_ROOT)}`"
         elif isinstance(field.default, bool):
             default = f"`{str(field.default).lower()}`"
         elif field.default in (None, ""):

@@ -1,4 +1,4 @@
-"""Regenerate the configuration table in README.md from the settings model."""
+"""Regenerate the configuration table in README.md and docs/settings.md from the settings model."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from runner.policy import load_bundle
 from runner.settings import PROJECT_ROOT, settings_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+SETTINGS_DOC = README.parent / "docs" / "settings.md"
+# Every file with a generated settings table (between the markers below).
+TARGETS = (README, SETTINGS_DOC)
 BLOCK = re.compile(r"(<!-- settings-table:start[^>]*-->\n).*?(<!-- settings-table:end -->)", re.S)
 
 
@@ -33,10 +36,11 @@ def _number(value: float) -> str:
 
 def render(text: str) -> str:
     if not BLOCK.search(text):
-        sys.exit("README.md has no settings-table markers")
+        sys.exit("no settings-table markers in the file")
     table = settings_table(policy_defaults())
     return BLOCK.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
 
 
 if __name__ == "__main__":
-    README.write_text(render(README.read_text(encoding="utf-8")), encoding="utf-8")
+    for target in TARGETS:
+        target.write_text(render(target.read_text(encoding="utf-8")), encoding="utf-8")

@@ -177,6 +177,15 @@ _GLOBAL_NAME = "Global declaration of '{}' is disallowed, " + _BYPASS
 _FUNCTION_NAME = "Function named '{}' is disallowed, " + _BYPASS
 _CLASS_NAME = "Class named '{}' is disallowed, " + _BYPASS
 _PARAMETER_NAME = "Parameter named '{}' is disallowed, " + _BYPASS
+_CONCATENATION_TOO_LARGE = (
+    "String concatenation too large to analyze; build long strings another way "
+    "(for example with ''.join)."
+)
+# Characters the analyzer may build while folding ``"a" + "b" + ...`` chains. Every
+# intermediate sum of a chain is kept and scanned, so a chain of n literals costs
+# O(n^2): without a budget, 2 MB of code would cost gigabytes and seconds of the
+# runner's event loop. Past it the code is rejected (fail closed), not half-scanned.
+FOLD_BUDGET_CHARS = 8 * 1024 * 1024
 _BARE_FORMAT = (
     "Extracting '{}' as a bound method is disallowed; call it directly on its receiver instead."
 )
@@ -351,15 +360,22 @@ def _walk(tree: ast.AST) -> list[ast.AST]:
     return order
 
 
-def _fold_concatenations(nodes: list[ast.AST]) -> dict[ast.AST, str]:
-    """The value of every ``+`` tree made only of string literals (``"__cla" + "ss__"``)."""
+def _fold_concatenations(nodes: list[ast.AST]) -> tuple[dict[ast.AST, str], ast.AST | None]:
+    """The value of every ``+`` tree made only of string literals (``"__cla" + "ss__"``).
+
+    Stops at :data:`FOLD_BUDGET_CHARS` and returns the node where it stopped (else None).
+    """
     folded: dict[ast.AST, str] = {}
+    budget = FOLD_BUDGET_CHARS
     for node in reversed(nodes):  # children before their parents
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
             left, right = _literal(node.left, folded), _literal(node.right, folded)
             if left is not None and right is not None:
+                budget -= len(left) + len(right)
+                if budget < 0:
+                    return folded, node
                 folded[node] = left + right
-    return folded
+    return folded, None
 
 
 def _literal(node: ast.AST, folded: dict[ast.AST, str]) -> str | None:
@@ -397,7 +413,10 @@ class _Checker:
 
     def run(self, tree: ast.AST) -> None:
         nodes = _walk(tree)
-        self._folded = _fold_concatenations(nodes)
+        self._folded, stopped_at = _fold_concatenations(nodes)
+        if stopped_at is not None:
+            self._add(getattr(stopped_at, "lineno", 1), _CONCATENATION_TOO_LARGE)
+            return
         for node in nodes:
             check = self._checks.get(type(node))
             if check is not None:
@@ -555,11 +574,12 @@ def analyze(code: str, policy: ImportPolicy) -> tuple[Violation, ...]:
         return ()
     try:
         tree = ast.parse(code)
-    except (RecursionError, ValueError) as exc:
-        # Deeply nested expressions, a NUL byte (3.11 raises ValueError where 3.12+
-        # raises SyntaxError) or a lone surrogate (UnicodeEncodeError): a syntax
-        # error for the caller, not a crash of the runner.
-        raise SyntaxError(str(exc)) from None
+    except (RecursionError, ValueError, MemoryError) as exc:
+        # Deeply nested expressions (RecursionError; 3.11's parser says MemoryError
+        # when its own stack overflows, e.g. on 100,000 unary minus signs), a NUL byte
+        # (3.11 raises ValueError where 3.12+ raises SyntaxError) or a lone surrogate
+        # (UnicodeEncodeError): a syntax error for the caller, not a crash of the runner.
+        raise SyntaxError(str(exc) or "code is nested too deeply to parse") from None
     checker = _Checker(policy)
     checker.run(tree)
     return tuple(checker.violations)

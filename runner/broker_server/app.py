@@ -18,12 +18,15 @@ route functions (defined inside :func:`create_app`) at run time.
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, WebSocket
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,6 +42,7 @@ from runner.broker_server.core import (
     validate_input,
 )
 from runner.broker_server.tokens import GrantTokens, same_secret
+from runner.metrics import CONTENT_TYPE, CollectorRegistry, exposition
 from runner.protocol.codec import ProtocolError, decode_runner_message, encode
 from runner.sandbox.base import Mode
 
@@ -46,6 +50,15 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 300.0
 BEARER = re.compile(r"^Bearer (.+)$", re.IGNORECASE)
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that can always be sent: text the caller gave us may hold lone surrogates
+    (``"\\ud800"`` is valid JSON), which UTF-8 cannot encode; ASCII escapes can. Without
+    it, echoing such input (a 422's ``input``, a result) would be a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,9 +202,17 @@ def _is_loopback(host: str | None) -> bool:
         return host in ("localhost", "testclient")
 
 
-def create_app(broker: Broker, tokens: GrantTokens, config: ApiConfig) -> FastAPI:
+def create_app(
+    broker: Broker,
+    tokens: GrantTokens,
+    config: ApiConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    """``registry``: the metrics served at ``/metrics`` (none: no such route)."""
     app = FastAPI(
         title="sandbox-runner broker",
+        default_response_class=SafeJSONResponse,
         version=__version__,
         description=(
             "Submit untrusted Python to run, each task in its own hardened container. "
@@ -199,6 +220,16 @@ def create_app(broker: Broker, tokens: GrantTokens, config: ApiConfig) -> FastAP
         ),
     )
     app.state.broker = broker
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        return SafeJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return SafeJSONResponse(
+            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
 
     # -- runner side ------------------------------------------------------------------
 
@@ -226,6 +257,18 @@ def create_app(broker: Broker, tokens: GrantTokens, config: ApiConfig) -> FastAP
     @app.get("/healthz", tags=["runners"], summary="Broker health")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    if registry is not None:
+        metrics_registry = registry
+
+        @app.get(
+            "/metrics",
+            tags=["runners"],
+            summary="Prometheus metrics (no API key needed, like /healthz)",
+            response_class=PlainTextResponse,
+        )
+        async def metrics() -> Response:
+            return Response(exposition(metrics_registry), media_type=CONTENT_TYPE)
 
     @app.websocket("/runners/_ws")
     async def runner_socket(websocket: WebSocket) -> None:

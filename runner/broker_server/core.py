@@ -28,8 +28,10 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 import jsonschema
+import referencing.exceptions
 from pydantic import BaseModel
 
+from runner.metrics import BrokerMetrics
 from runner.protocol.messages import (
     EXTENSION_SANDBOX,
     LOG_NODE_OUTPUT,
@@ -152,9 +154,18 @@ class BrokerConfig:
 class Broker:
     """All broker state. Call from the event loop only."""
 
-    def __init__(self, config: BrokerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        metrics: BrokerMetrics | None = None,
+    ) -> None:
         self.config = config
         self._clock = clock
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch(self.state)
         self._runners: dict[str, _Runner] = {}
         self._tasks: dict[str, BrokerTask] = {}
         self._queues: dict[str, deque[str]] = {}
@@ -182,7 +193,7 @@ class Broker:
             if task.runner_id != connection.runner_id or task.status.is_finished:
                 continue
             if task.status is TaskStatus.OFFERED:
-                self._requeue(task)
+                self._requeue(task, "runner_disconnected")
             elif task.status is TaskStatus.RUNNING:
                 # The runner may come back (same id) and report it; otherwise it is lost.
                 self._arm(task, self.config.runner_lost_grace_s, self._runner_lost, task.task_id)
@@ -205,6 +216,8 @@ class Broker:
                 if self._draining:
                     connection.send(Drain())
             case TaskOffer(offer_id=offer_id, valid_for=valid_for):
+                if self._metrics is not None:
+                    self._metrics.offers.inc()
                 if not self._draining:
                     until = -1.0 if valid_for < 0 else self._clock() + valid_for / 1000
                     runner.offers[offer_id] = until
@@ -234,6 +247,8 @@ class Broker:
             submitted_wall=datetime.now(UTC),
         )
         self._tasks[task.task_id] = task
+        if self._metrics is not None:
+            self._metrics.submitted.inc()
         self._queue(task, front=False)
         self._arm(task, self.config.queue_timeout_s, self._queue_expired, task.task_id)
         self._evict_old()
@@ -268,6 +283,22 @@ class Broker:
 
     def runner_ids(self) -> list[str]:
         return [rid for rid, runner in self._runners.items() if runner.registered]
+
+    def state(self) -> dict[str, int]:
+        """Counts for the metrics gauges: runners, live offers, queued and running tasks."""
+        now = self._clock()
+        registered = [runner for runner in self._runners.values() if runner.registered]
+        return {
+            "runners": len(registered),
+            "open_offers": sum(
+                1
+                for runner in registered
+                for until in runner.offers.values()
+                if until < 0 or until > now
+            ),
+            "queued_tasks": sum(len(queue) for queue in self._queues.values()),
+            "running_tasks": self.running_count(),
+        }
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -338,7 +369,9 @@ class Broker:
         if task.status in (TaskStatus.OFFERED, TaskStatus.RUNNING):
             self._active[tenant] = max(0, self._active.get(tenant, 0) - 1)
 
-    def _requeue(self, task: BrokerTask) -> None:
+    def _requeue(self, task: BrokerTask, cause: str) -> None:
+        if self._metrics is not None:
+            self._metrics.requeues.labels(cause=cause).inc()
         self._release(task)
         task.status, task.runner_id, task.offer_id = TaskStatus.QUEUED, None, None
         self._queue(task, front=True)
@@ -353,6 +386,8 @@ class Broker:
             return
         task.status = TaskStatus.RUNNING
         task.started_at = self._clock()
+        if self._metrics is not None:
+            self._metrics.queue_wait.observe(task.started_at - task.submitted_at)
         submission = task.submission
         timeout_s = submission.limits.timeout_s or self.config.default_timeout_s
         self._arm(task, timeout_s + self.config.timeout_grace_s, self._task_timed_out, task_id)
@@ -386,7 +421,7 @@ class Broker:
         if task is None or task.status is not TaskStatus.OFFERED or task.runner_id != runner_id:
             return
         log.info("runner %s declined task %s: %s", runner_id, task_id, reason)
-        self._requeue(task)
+        self._requeue(task, "declined")
         self.dispatch()
 
     def _completed(self, runner_id: str, message: TaskDone | TaskErrorMessage) -> None:
@@ -443,6 +478,11 @@ class Broker:
         self._release(task)
         task.status = TaskStatus.SUCCESS if body["status"] == "success" else TaskStatus.ERROR
         task.finished_at = self._clock()
+        if self._metrics is not None:
+            code = body["error"]["code"] if "error" in body else ""
+            self._metrics.tasks.labels(status=task.status.value, error_code=code).inc()
+            if task.started_at is not None:
+                self._metrics.duration.observe(task.finished_at - task.started_at)
         task.document = {**body, "prints": task.prints, "audit": audit}
         if task.timer is not None:
             task.timer.cancel()
@@ -467,7 +507,7 @@ class Broker:
         task = self._tasks.get(task_id)
         if task is not None and task.status is TaskStatus.OFFERED:
             log.info("task %s: no answer to the offer acceptance within 2 s", task_id)
-            self._requeue(task)
+            self._requeue(task, "accept_timeout")
             self.dispatch()
 
     def _task_timed_out(self, task_id: str) -> None:
@@ -542,9 +582,14 @@ def _schema_error(schema: dict[str, Any] | None, value: Any, root: str) -> str |
     """The first JSON Schema violation as ``path: message``, or None."""
     if schema is None:
         return None
-    errors = sorted(
-        jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.path)
-    )
+    try:
+        errors = sorted(
+            jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.path)
+        )
+    except referencing.exceptions.Unresolvable as exc:
+        # A ``$ref`` to nowhere (or to a URL: nothing is ever fetched). A caller's
+        # schema must not raise out of the broker's message handling.
+        return f"{root}: the schema's reference {exc.ref!r} cannot be resolved"
     if not errors:
         return None
     first = errors[0]

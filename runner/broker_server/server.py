@@ -23,6 +23,7 @@ from runner.broker_server.app import ApiConfig, create_app
 from runner.broker_server.core import Broker, BrokerConfig, TaskLimits
 from runner.broker_server.tokens import GrantTokens
 from runner.errors import InfrastructureError
+from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.policy import load_policy
 from runner.sandbox.base import MIB
 from runner.settings import Settings
@@ -52,6 +53,7 @@ class RunningBroker:
     url: str
     auth_token: str
     port: int
+    registry: CollectorRegistry | None = None
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -80,14 +82,23 @@ def broker_config(settings: Settings) -> BrokerConfig:
 
 @contextlib.asynccontextmanager
 async def running_broker(
-    settings: Settings, *, auth_token: str | None = None, log_level: str = "warning"
+    settings: Settings,
+    *,
+    auth_token: str | None = None,
+    log_level: str = "warning",
+    registry: CollectorRegistry | None = None,
 ) -> AsyncIterator[RunningBroker]:
-    """Serve the broker until the block ends; then drain, close runners and stop."""
+    """Serve the broker until the block ends; then drain, close runners and stop.
+
+    Its metrics go to ``registry`` (a new one by default) and are served at ``/metrics``;
+    ``up`` passes one registry to the broker and its runner, so one scrape sees both.
+    """
     token = auth_token or (
         settings.auth_token.get_secret_value() if settings.auth_token else secrets.token_urlsafe(24)
     )
     limits = load_policy(settings).limits
-    broker = Broker(broker_config(settings))
+    registry = registry if registry is not None else CollectorRegistry()
+    broker = Broker(broker_config(settings), metrics=BrokerMetrics(registry))
     app = create_app(
         broker,
         GrantTokens(settings.grant_token_ttl_s),
@@ -98,6 +109,7 @@ async def running_broker(
             # The runner's effective limits (policy bundle + settings) cap API requests.
             ceilings=TaskLimits(limits.timeout_s, limits.memory_bytes // MIB, limits.cpus),
         ),
+        registry=registry,
     )
     sock = bind(settings.broker_host, settings.broker_port)
     port = sock.getsockname()[1]
@@ -121,7 +133,7 @@ async def running_broker(
         serving.result()  # re-raise what went wrong at start-up
     host = settings.broker_host if ":" not in settings.broker_host else f"[{settings.broker_host}]"
     try:
-        yield RunningBroker(broker, f"http://{host}:{port}", token, port)
+        yield RunningBroker(broker, f"http://{host}:{port}", token, port, registry)
     finally:
         broker.drain()
         drained = await broker.wait_idle(settings.graceful_shutdown_timeout_s)

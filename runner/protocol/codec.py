@@ -81,5 +81,18 @@ def decode_runner_message(frame: str | bytes) -> Any:
 
 def encode(message: BaseModel) -> str:
     """A message as a JSON text frame (camelCase keys, no bare NaN)."""
-    document = message.model_dump(mode="json", by_alias=True)
-    return json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        document = message.model_dump(mode="json", by_alias=True)
+    except UnicodeEncodeError:
+        # pydantic's JSON mode refuses lone surrogates; our messages hold only JSON
+        # types, so the Python mode gives the same document, surrogates and all.
+        document = message.model_dump(mode="python", by_alias=True)
+    frame = json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        frame.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (valid in JSON text as an escape, from a task's code, items
+        # or result) cannot go into a UTF-8 text frame: the send would fail and take
+        # the connection's writer down. As an ASCII escape it travels unchanged.
+        frame = json.dumps(document, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return frame

@@ -140,6 +140,17 @@ def is_transient(exc: BaseException) -> bool:
     ) and not isinstance(exc, docker.errors.APIError)
 
 
+def retry_cause(exc: BaseException | None) -> str:
+    """A retried set-up failure as a metrics label (``sandbox_runner_retries_total``)."""
+    if isinstance(exc, docker.errors.ImageNotFound):
+        return "image_missing"
+    if isinstance(exc, docker.errors.APIError):
+        return "conflict" if exc.status_code == 409 else "daemon_error"
+    if isinstance(exc, requests.exceptions.Timeout | TimeoutError):
+        return "timeout"
+    return "daemon_unreachable"
+
+
 def translate(exc: BaseException, what: str) -> InfrastructureError:
     """Docker/requests exceptions -> our tree, once, at the edge."""
     if isinstance(exc, InfrastructureError):
@@ -349,6 +360,8 @@ class DockerSandbox:
                 is_alive=_is_slot_alive,
             )
         self.retries_logged = 0
+        # Told the cause of every set-up retry (the service counts them in its metrics).
+        self.on_retry: Callable[[str], None] | None = None
 
     @property
     def boot_id(self) -> str:
@@ -623,6 +636,8 @@ class DockerSandbox:
     def _log_retry(self, state: RetryCallState) -> None:
         self.retries_logged += 1
         exc = state.outcome.exception() if state.outcome else None
+        if self.on_retry is not None:
+            self.on_retry(retry_cause(exc))
         log.warning(
             "container set-up failed (attempt %d of %d), retrying: %s: %s",
             state.attempt_number,

@@ -27,30 +27,34 @@ PROTOCOL_VERSION = 1
 
 def encode_task(spec: TaskSpec, limits: Limits) -> bytes:
     """The framed task envelope the agent reads from its stdin."""
-    body = json.dumps(
-        {
-            "version": PROTOCOL_VERSION,
-            "taskId": spec.task_id,
-            "code": spec.code,
-            "mode": spec.mode.value,
-            "items": spec.items,
-            "query": spec.query,
-            "guards": {
-                "stdlibAllow": list(spec.guards.stdlib_allow),
-                "externalAllow": list(spec.guards.external_allow),
-                "builtinsDeny": list(spec.guards.builtins_deny),
-                "blockEnvAccess": spec.guards.block_env_access,
-            },
-            "limits": {
-                "timeoutS": limits.timeout_s,
-                "outputBytes": limits.output_bytes,
-                "maxPrintCalls": spec.guards.max_print_calls,
-            },
+    document = {
+        "version": PROTOCOL_VERSION,
+        "taskId": spec.task_id,
+        "code": spec.code,
+        "mode": spec.mode.value,
+        "items": spec.items,
+        "query": spec.query,
+        "guards": {
+            "stdlibAllow": list(spec.guards.stdlib_allow),
+            "externalAllow": list(spec.guards.external_allow),
+            "builtinsDeny": list(spec.guards.builtins_deny),
+            "blockEnvAccess": spec.guards.block_env_access,
         },
-        ensure_ascii=False,
-        allow_nan=False,
-        separators=(",", ":"),
-    ).encode("utf-8")
+        "limits": {
+            "timeoutS": limits.timeout_s,
+            "outputBytes": limits.output_bytes,
+            "maxPrintCalls": spec.guards.max_print_calls,
+        },
+    }
+    try:
+        body = json.dumps(
+            document, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        ).encode("utf-8")
+    except UnicodeEncodeError:
+        # Items with a lone surrogate cannot be UTF-8; as ASCII escapes they reach the
+        # agent unchanged (its json.loads turns them back into the same strings).
+        text = json.dumps(document, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+        body = text.encode("ascii")
     return HEADER.pack(len(body)) + body
 
 

@@ -131,6 +131,17 @@ class ImageBuilder:
         self._build_task_image(tag)
         return tag
 
+    @property
+    def base_tag(self) -> str:
+        return self._recipe.base_tag
+
+    def ensure_base(self) -> str:
+        """The base image's id, bootstrapping (or pulling) it when missing.
+
+        The runner image (:mod:`runner.runner_image`) is built on the same base.
+        """
+        return self._ensure_base()
+
     def image_id(self, tag: str) -> str | None:
         """The id of ``tag``, or None when it does not exist (yet)."""
         try:
@@ -264,6 +275,10 @@ class ImageBuilder:
                 forcerm=True,
                 decode=True,
                 pull=False,
+                # The bootstrapped base has everything: the build needs no network (and
+                # works while the daemon's default bridge is down); a registry base may
+                # need apt for tini.
+                network_mode=None if self._recipe.base_image else "none",
                 buildargs={
                     "BASE_IMAGE": self._recipe.base_tag,
                     "SANDBOX_UID": str(self._recipe.uid),

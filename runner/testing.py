@@ -1,0 +1,551 @@
+"""testcontainers for sandbox-runner: a real sandbox service in your pytest, in a few lines.
+
+::
+
+    from runner.testing import EmbeddedBrokerContainer, SandboxRunnerContainer
+
+    with EmbeddedBrokerContainer() as broker, SandboxRunnerContainer(broker) as runner:
+        document = runner.run_task("return [{'json': {'n': len(_items)}}]", items=[{"a": 1}])
+        assert document["result"] == [{"json": {"n": 1}}]
+
+- :class:`EmbeddedBrokerContainer`: the runner image running ``sandbox-runner broker``
+  (the HTTP API and the runner endpoint on one port), on a network of its own.
+- :class:`SandboxRunnerContainer`: the runner image running ``sandbox-runner serve``,
+  wired to a broker (an :class:`EmbeddedBrokerContainer`, or any broker by URI and
+  auth token). It reaches the Docker API through the mounted socket (or
+  ``DOCKER_HOST``); the task containers it creates are its siblings on the host's
+  daemon and never get the socket.
+
+Both are context managers that wait until the service is ready (its health endpoint
+answers; the runner is connected to its broker), and both have ``run_task(code,
+items=None, mode="all_items")``, which returns the document ``sandbox-runner exec``
+prints, and ``metrics()`` (Prometheus text).
+
+Clean-up does not depend on Ryuk (set ``TESTCONTAINERS_RYUK_DISABLED=true`` where
+its image cannot be pulled): on exit the runner is stopped with SIGTERM (it drains
+and removes its warm pool), then every container still labelled with its runner id
+(``io.sandbox-runner.owner``) is removed, and the network. Containers of a test
+process that died are reaped when the next one starts (labels
+``io.sandbox-runner.testing.*`` name the process).
+
+The image: ``image=...``, else ``SANDBOX_RUNNER_IMAGE``, else the one built from
+this source checkout (``make image``; built here when missing, cached by input hash).
+
+Needs the ``testing`` extra (``pip install 'sandbox-runner[testing]'``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+import uuid
+from typing import Any, Literal
+
+import docker
+import docker.errors
+import httpx
+import requests.exceptions
+from testcontainers.core.config import testcontainers_config
+from testcontainers.core.container import DockerContainer
+from testcontainers.core.network import Network
+from testcontainers.core.waiting_utils import WaitStrategy, WaitStrategyTarget
+
+from runner.sandbox.docker import LABEL_OWNER, process_identity
+
+LABEL_TESTING = "io.sandbox-runner.testing"
+LABEL_TESTING_PROCESS = f"{LABEL_TESTING}.process"
+LABEL_TESTING_RUNNER = f"{LABEL_TESTING}.runner-id"
+LABEL_ROLE = "io.sandbox-runner.role"
+BROKER_PORT = 5679
+HEALTH_PORT = 5681
+CONTAINER_SOCKET = "/var/run/docker.sock"
+DEFAULT_SOCKET = "/var/run/docker.sock"
+STARTUP_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 15
+Mode = Literal["all_items", "per_item", "runOnceForAllItems", "runOnceForEachItem"]
+
+
+class SandboxServiceError(RuntimeError):
+    """The service in the container did not start, or a task could not be submitted."""
+
+
+def runner_image(client: docker.DockerClient | None = None) -> str:
+    """The runner image to start: ``SANDBOX_RUNNER_IMAGE``, or built from this checkout."""
+    configured = os.environ.get("SANDBOX_RUNNER_IMAGE")
+    if configured:
+        return configured
+    from runner.runner_image import RunnerImageBuilder, RunnerImageRecipe
+    from runner.sandbox.image import ImageBuilder
+    from runner.settings import PROJECT_ROOT, Settings
+    from runner.wiring import image_recipe
+
+    if not (PROJECT_ROOT / "Dockerfile").is_file():
+        raise SandboxServiceError(
+            "No runner image given: pass image=..., or set SANDBOX_RUNNER_IMAGE "
+            "(build one from a checkout with `make image`)"
+        )
+    own = client is None
+    client = client or docker.from_env()
+    try:
+        settings = Settings()
+        base = ImageBuilder(client, image_recipe(settings), lambda line: None)
+        builder = RunnerImageBuilder(
+            client, RunnerImageRecipe(PROJECT_ROOT), base, lambda line: None
+        )
+        return builder.ensure()
+    finally:
+        if own:
+            client.close()
+
+
+def _is_alive(identity: str) -> bool:
+    pid, _, _ = identity.partition(":")
+    return pid.isdigit() and process_identity(int(pid)) == identity
+
+
+def _is_orphan(labels: dict[str, str]) -> bool:
+    """Made by a test process (per its labels) that is gone."""
+    identity = labels.get(LABEL_TESTING_PROCESS)
+    return identity is not None and not _is_alive(identity)
+
+
+def session_labels() -> dict[str, str]:
+    """Labels for things a test makes (a network): reaped once this process is gone."""
+    return {
+        LABEL_TESTING: "true",
+        LABEL_TESTING_PROCESS: process_identity(os.getpid()) or f"{os.getpid()}:?",
+    }
+
+
+def reap_leftovers(client: docker.DockerClient) -> list[str]:
+    """Remove the containers (and their task containers) of test processes that are gone."""
+    removed: list[str] = []
+    try:
+        found = client.api.containers(all=True, filters={"label": f"{LABEL_TESTING}=true"})
+    except (docker.errors.DockerException, requests.exceptions.RequestException):
+        return removed
+    for container in found:
+        labels = container.get("Labels") or {}
+        if not _is_orphan(labels):
+            continue
+        with contextlib.suppress(docker.errors.DockerException):
+            client.api.remove_container(container["Id"], force=True)
+            removed.append(container["Id"])
+        runner_id = labels.get(LABEL_TESTING_RUNNER)
+        if runner_id:
+            removed.extend(remove_owned(client, runner_id))
+    with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
+        for network in client.networks.list(filters={"label": f"{LABEL_TESTING}=true"}):
+            if _is_orphan(network.attrs.get("Labels") or {}):
+                with contextlib.suppress(docker.errors.DockerException):
+                    network.remove()
+    return removed
+
+
+def remove_owned(client: docker.DockerClient, runner_id: str) -> list[str]:
+    """Remove every task (or pool) container still labelled with ``runner_id``."""
+    removed: list[str] = []
+    with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
+        for container in client.api.containers(
+            all=True, filters={"label": f"{LABEL_OWNER}={runner_id}"}
+        ):
+            with contextlib.suppress(docker.errors.DockerException):
+                client.api.remove_container(container["Id"], force=True)
+                removed.append(container["Id"])
+    return removed
+
+
+def docker_socket() -> tuple[str | None, dict[str, str]]:
+    """The host's Docker socket to mount (None for a TCP daemon) and the env to pass on."""
+    host = os.environ.get("DOCKER_HOST", "")
+    if host.startswith("unix://"):
+        return host.removeprefix("unix://"), {}
+    if host:
+        return None, {"DOCKER_HOST": host}
+    return DEFAULT_SOCKET, {}
+
+
+def _check_ryuk() -> None:
+    if testcontainers_config.ryuk_disabled:
+        return
+    client = docker.from_env()
+    try:
+        client.images.get(testcontainers_config.ryuk_image)
+    except docker.errors.ImageNotFound:
+        raise SandboxServiceError(
+            f"Ryuk ({testcontainers_config.ryuk_image}) is not available here: set "
+            "TESTCONTAINERS_RYUK_DISABLED=true (these containers clean up after themselves)"
+        ) from None
+    finally:
+        client.close()
+
+
+class _ServiceReady(WaitStrategy):
+    """Ready when the service's ``probe`` passes; fails at once if the container exits."""
+
+    def __init__(self, service: _SandboxContainer, timeout_s: float) -> None:
+        super().__init__()
+        self._service = service
+        self.with_startup_timeout(int(timeout_s))
+
+    def wait_until_ready(self, container: WaitStrategyTarget) -> None:
+        deadline = time.monotonic() + self._startup_timeout
+        reason = "not started"
+        while time.monotonic() < deadline:
+            wrapped = container.get_wrapped_container()
+            wrapped.reload()
+            if wrapped.status in ("exited", "dead"):
+                raise SandboxServiceError(
+                    f"{self._service.role} container exited during start-up:\n"
+                    + self._service.logs()[-4000:]
+                )
+            ok, reason = self._service.probe()
+            if ok:
+                return
+            time.sleep(0.25)
+        raise SandboxServiceError(
+            f"{self._service.role} not ready after {self._startup_timeout:.0f}s ({reason}):\n"
+            + self._service.logs()[-4000:]
+        )
+
+
+class _SandboxContainer(DockerContainer):
+    """What the broker and the runner container share: image, labels, hardening, clean-up."""
+
+    role = "service"
+
+    def __init__(
+        self,
+        image: str | None,
+        *,
+        network: Network | None,
+        startup_timeout_s: float,
+        env: dict[str, str] | None,
+    ) -> None:
+        self._client = docker.from_env()
+        super().__init__(image or runner_image(self._client))
+        self.instance = f"{self.role}-{uuid.uuid4().hex[:10]}"
+        self.network = network
+        self._own_network: Network | None = None
+        self._startup_timeout_s = startup_timeout_s
+        self._identity = process_identity(os.getpid()) or f"{os.getpid()}:?"
+        for key, value in (env or {}).items():
+            self.with_env(key, value)
+
+    # -- configuration ------------------------------------------------------------------
+
+    def _labels(self, **extra: str) -> dict[str, str]:
+        return {
+            LABEL_TESTING: "true",
+            LABEL_TESTING_PROCESS: self._identity,
+            LABEL_ROLE: self.role,
+            **extra,
+        }
+
+    def _harden(self, **kwargs: Any) -> None:
+        # The service needs no privilege at all; its writable places are tmpfs.
+        self.tmpfs.update({"/tmp": "", "/var/lib/sandbox-runner": ""})  # noqa: S108 (a tmpfs)
+        self.with_kwargs(
+            labels=self._labels(**kwargs.pop("labels", {})),
+            read_only=True,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges:true"],
+            **kwargs,
+        )
+
+    def _ensure_network(self) -> Network:
+        if self.network is None:
+            self._own_network = Network(docker_network_kw={"labels": session_labels()}).create()
+            self.network = self._own_network
+        return self.network
+
+    # -- life ---------------------------------------------------------------------------
+
+    def start(self) -> _SandboxContainer:
+        _check_ryuk()
+        reap_leftovers(self._client)
+        network = self._ensure_network()
+        self.with_network(network).with_network_aliases(self.instance)
+        self.waiting_for(_ServiceReady(self, self._startup_timeout_s))
+        super().start()
+        return self
+
+    def stop(self, force: bool = True, delete_volume: bool = True) -> None:
+        container = self._container
+        if container is not None:
+            with contextlib.suppress(docker.errors.DockerException):
+                container.stop(timeout=STOP_TIMEOUT_S)  # SIGTERM: drain, remove the pool
+        with contextlib.suppress(docker.errors.DockerException):
+            super().stop(force, delete_volume)
+        self._after_stop()
+        if self._own_network is not None:
+            with contextlib.suppress(docker.errors.DockerException):
+                self._own_network.remove()
+            self._own_network = None
+        self._client.close()
+
+    def _after_stop(self) -> None:
+        pass
+
+    def __enter__(self) -> _SandboxContainer:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    # -- reading ------------------------------------------------------------------------
+
+    def logs(self) -> str:
+        if self._container is None:
+            return ""
+        with contextlib.suppress(docker.errors.DockerException):
+            return bytes(self._container.logs()).decode("utf-8", "replace")
+        return ""
+
+    def url_of(self, port: int) -> str:
+        """``http://host:port`` of a container port, as seen from this (the test) process."""
+        return f"http://{self.get_container_host_ip()}:{self.get_exposed_port(port)}"
+
+    def probe(self) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    def _get(self, url: str, **kwargs: Any) -> httpx.Response | None:
+        try:
+            return httpx.get(url, timeout=5, **kwargs)
+        except httpx.HTTPError:
+            return None
+
+
+class EmbeddedBrokerContainer(_SandboxContainer):
+    """``sandbox-runner broker`` in the runner image: HTTP API + runner endpoint, one port."""
+
+    role = "broker"
+
+    def __init__(
+        self,
+        image: str | None = None,
+        *,
+        network: Network | None = None,
+        startup_timeout_s: float = 60.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(image, network=network, startup_timeout_s=startup_timeout_s, env=env)
+        self.auth_token = secrets.token_urlsafe(24)
+        self.api_key = secrets.token_urlsafe(24)
+        self.with_command(["broker", "--host", "0.0.0.0", "--port", str(BROKER_PORT)])  # noqa: S104
+        self.with_env("SANDBOX_AUTH_TOKEN", self.auth_token)
+        # Reached through a published port, so not from loopback: the API needs a key.
+        self.with_env("SANDBOX_API_KEYS", f"{self.api_key}=default")
+        self.with_exposed_ports(BROKER_PORT)
+        self._harden()
+
+    @property
+    def url(self) -> str:
+        """The broker as the test process reaches it."""
+        return self.url_of(BROKER_PORT)
+
+    @property
+    def internal_url(self) -> str:
+        """The broker as containers on its network reach it."""
+        return f"http://{self.instance}:{BROKER_PORT}"
+
+    def probe(self) -> tuple[bool, str]:
+        response = self._get(f"{self.url}/healthz")
+        if response is None or response.status_code != 200:
+            return False, "no answer on /healthz"
+        return True, "ok"
+
+    def runners(self) -> list[str]:
+        """Ids of the runners connected now."""
+        response = httpx.get(f"{self.url}/v1/health", headers=self._auth(), timeout=10)
+        response.raise_for_status()
+        return list(response.json()["runners"])
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def run_task(
+        self,
+        code: str,
+        items: list[Any] | None = None,
+        mode: Mode = "all_items",
+        *,
+        timeout_s: float = 120.0,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Submit a task and wait for its document (the one ``sandbox-runner exec`` prints).
+
+        ``options``: more fields of ``POST /v1/tasks`` (``continueOnFail``,
+        ``timeoutSeconds``, ``memoryMb``, ``cpus``, ``query``, ...).
+        """
+        return submit_task(
+            self.url, self.api_key, code, items=items, mode=mode, timeout_s=timeout_s, **options
+        )
+
+    def metrics(self) -> str:
+        """The broker's Prometheus metrics (text format)."""
+        response = httpx.get(f"{self.url}/metrics", timeout=10)
+        response.raise_for_status()
+        return response.text
+
+
+def submit_task(
+    api_url: str,
+    api_key: str | None,
+    code: str,
+    *,
+    items: list[Any] | None = None,
+    mode: Mode = "all_items",
+    timeout_s: float = 120.0,
+    **options: Any,
+) -> dict[str, Any]:
+    """``POST /v1/tasks`` on a broker's API and wait (polling) for the task's document."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"code": code, "items": items or [], "mode": mode, **options}
+    deadline = time.monotonic() + timeout_s
+    wait = min(30.0, timeout_s)
+    with httpx.Client(base_url=api_url, headers=headers, timeout=wait + 10) as client:
+        response = client.post("/v1/tasks", params={"wait": wait}, json=body)
+        if response.status_code not in (200, 202):
+            raise SandboxServiceError(f"submit failed: {response.status_code} {response.text}")
+        while response.status_code == 202:
+            if time.monotonic() > deadline:
+                raise SandboxServiceError(f"task did not finish within {timeout_s:.0f}s")
+            task_id = response.json()["taskId"]
+            response = client.get(f"/v1/tasks/{task_id}", params={"wait": wait})
+        response.raise_for_status()
+        document: dict[str, Any] = response.json()
+        return document
+
+
+class SandboxRunnerContainer(_SandboxContainer):
+    """``sandbox-runner serve`` in the runner image, wired to a broker.
+
+    ``broker``: an :class:`EmbeddedBrokerContainer` (the runner joins its network), or
+    give ``broker_uri`` and ``auth_token`` of any broker the container can reach (n8n,
+    or a broker in the test process; ``api_url``/``api_key`` make ``run_task`` work).
+    ``env`` sets more variables (``N8N_RUNNERS_MAX_CONCURRENCY``, ``SANDBOX_POOL_SIZE``, ...).
+    """
+
+    role = "runner"
+
+    def __init__(
+        self,
+        broker: EmbeddedBrokerContainer | None = None,
+        image: str | None = None,
+        *,
+        broker_uri: str | None = None,
+        auth_token: str | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        network: Network | None = None,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if broker is None and (broker_uri is None or auth_token is None):
+            raise ValueError("give a broker container, or broker_uri and auth_token")
+        super().__init__(
+            image,
+            network=network or (broker.network if broker is not None else None),
+            startup_timeout_s=startup_timeout_s,
+            env=None,
+        )
+        self.broker = broker
+        self._broker_uri = broker_uri
+        self._auth_token = auth_token
+        self._api_url = api_url
+        self._api_key = api_key
+        self.runner_id = f"testcontainers-{self.instance}"
+        socket_path, socket_env = docker_socket()
+        self.with_env("SANDBOX_RUNNER_ID", self.runner_id)
+        for key, value in {**socket_env, **(env or {})}.items():
+            self.with_env(key, value)
+        self.with_command(["serve"])
+        self.with_exposed_ports(HEALTH_PORT)
+        extra: dict[str, Any] = {}
+        if socket_path is not None:
+            self.with_volume_mapping(socket_path, CONTAINER_SOCKET, "rw")
+            # The service user is not root: the socket's group lets it in.
+            extra["group_add"] = [str(os.stat(socket_path).st_gid)]
+        self._harden(labels={LABEL_TESTING_RUNNER: self.runner_id}, **extra)
+
+    def start(self) -> SandboxRunnerContainer:
+        if self.broker is not None:
+            self.network = self.broker.network
+            self.with_env("N8N_RUNNERS_TASK_BROKER_URI", self.broker.internal_url)
+            self.with_env("N8N_RUNNERS_AUTH_TOKEN", self.broker.auth_token)
+        else:
+            assert self._broker_uri is not None
+            assert self._auth_token is not None
+            self.with_env("N8N_RUNNERS_TASK_BROKER_URI", self._broker_uri)
+            self.with_env("N8N_RUNNERS_AUTH_TOKEN", self._auth_token)
+        super().start()
+        return self
+
+    def __enter__(self) -> SandboxRunnerContainer:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _after_stop(self) -> None:
+        # Backstop: anything the runner could not remove before it stopped.
+        remove_owned(self._client, self.runner_id)
+
+    @property
+    def health_url(self) -> str:
+        return self.url_of(HEALTH_PORT)
+
+    def probe(self) -> tuple[bool, str]:
+        response = self._get(f"{self.health_url}/healthz")
+        if response is None or response.status_code != 200:
+            return False, "health endpoint not answering (self-check, image, warm pool)"
+        if "Connected to broker" not in self.logs():
+            return False, "not connected to the broker yet"
+        return True, "ok"
+
+    def run_task(
+        self,
+        code: str,
+        items: list[Any] | None = None,
+        mode: Mode = "all_items",
+        *,
+        timeout_s: float = 120.0,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Run a task through this runner's broker; the document ``exec`` prints."""
+        if self.broker is not None:
+            return self.broker.run_task(code, items, mode, timeout_s=timeout_s, **options)
+        if self._api_url is None:
+            raise SandboxServiceError("run_task needs the broker's api_url (and api_key)")
+        return submit_task(
+            self._api_url,
+            self._api_key,
+            code,
+            items=items,
+            mode=mode,
+            timeout_s=timeout_s,
+            **options,
+        )
+
+    def metrics(self) -> str:
+        """The runner's Prometheus metrics (text format), from its health-check server."""
+        response = httpx.get(f"{self.health_url}/metrics", timeout=10)
+        response.raise_for_status()
+        return response.text
+
+
+__all__ = [
+    "EmbeddedBrokerContainer",
+    "SandboxRunnerContainer",
+    "SandboxServiceError",
+    "reap_leftovers",
+    "remove_owned",
+    "runner_image",
+    "session_labels",
+    "submit_task",
+]

@@ -1,0 +1,301 @@
+"""The runner image, end to end, started with testcontainers (``runner.testing``).
+
+- the image builds from this checkout (cached by input hash), runs as a non-root
+  user, finds its policy bundle as an installed wheel, and its health check works;
+- a runner container, wired to an embedded broker in this test process, runs tasks
+  in task containers (siblings on the host's daemon), and its ``/metrics`` and the
+  broker's count exactly what ran;
+- the example in docs/testing.md runs as is (a user's pytest file).
+
+Ryuk cannot be pulled here: TESTCONTAINERS_RYUK_DISABLED=true, and the containers
+clean up after themselves (checked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+
+from runner.policy import load_bundle
+from runner.sandbox.docker import LABEL_OWNER
+from runner.settings import PROJECT_ROOT
+
+from .harness import AUTH_TOKEN, broker_settings
+
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+from testcontainers.core.network import Network
+
+from runner.testing import (
+    LABEL_TESTING,
+    SandboxRunnerContainer,
+    runner_image,
+    session_labels,
+)
+
+API_KEY = "runner-image-test-key"
+DOCS = PROJECT_ROOT / "docs" / "testing.md"
+EXAMPLE_MARKER = "<!-- example: executed by tests/integration/test_runner_image.py -->"
+
+
+@pytest.fixture(scope="module")
+def image(docker_client: docker.DockerClient, task_image: str) -> str:
+    started = time.monotonic()
+    tag = runner_image(docker_client)
+    # A second look is a cache hit: the tag is a hash of the inputs, nothing is rebuilt.
+    again = time.monotonic()
+    assert runner_image(docker_client) == tag
+    assert time.monotonic() - again < 10, "the runner image was rebuilt although nothing changed"
+    print(f"runner image {tag} ready in {again - started:.1f}s")
+    return tag
+
+
+def test_the_runner_image_is_non_root_and_finds_its_policy_bundle(
+    docker_client: docker.DockerClient, image: str
+) -> None:
+    config = docker_client.images.get(image).attrs["Config"]
+    assert config["User"] == "10002:10002"
+    assert config["Healthcheck"]["Test"] == ["CMD", "sandbox-runner", "healthcheck"]
+    assert config["Entrypoint"] == ["tini", "--", "sandbox-runner"]
+    assert config["Cmd"] == ["serve"]
+    output = docker_client.containers.run(
+        image, ["policy", "lint", "--json"], network_mode="none", remove=True
+    )
+    assert b'"ok": true' in output.replace(b'"ok":true', b'"ok": true')
+    # The bundle inside is exactly this checkout's (same sha256 as every audit record).
+    sha = docker_client.containers.run(
+        image,
+        ["policy", "explain", "--json"],
+        network_mode="none",
+        remove=True,
+    )
+    assert load_bundle(PROJECT_ROOT / "policies").sha256.encode() in sha
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus' text format (None when absent)."""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
+        if match is None or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+        if found == labels:
+            return float(match.group(3))
+    return None
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    with Network(docker_network_kw={"labels": session_labels()}) as net:
+        yield net
+
+
+async def test_runner_container_runs_tasks_for_the_embedded_broker_and_counts_them(
+    image: str, network: Network, docker_client: docker.DockerClient
+) -> None:
+    from runner.broker_server.server import running_broker
+
+    # The broker runs in this process, listening on the network's gateway: the runner
+    # container reaches the host there (the default bridge is not used at all).
+    gateway = network._unwrap_network.attrs["IPAM"]["Config"][0]["Gateway"]
+    settings = broker_settings(broker_host=gateway, api_keys=f"{API_KEY}=default")
+    async with running_broker(settings, auth_token=AUTH_TOKEN) as running:
+        runner = SandboxRunnerContainer(
+            image=image,
+            broker_uri=running.url,
+            auth_token=AUTH_TOKEN,
+            api_url=running.url,
+            api_key=API_KEY,
+            network=network,
+            env={
+                "SANDBOX_POOL_SIZE": "1",
+                "N8N_RUNNERS_MAX_CONCURRENCY": "2",
+                "SANDBOX_LOG_FORMAT": "json",
+            },
+        )
+        started = time.monotonic()
+        await asyncio.to_thread(runner.start)  # blocking waits; the broker needs the loop
+        try:
+            print(f"runner container ready in {time.monotonic() - started:.1f}s")
+            assert len(running.broker.runner_ids()) == 1
+            documents = await _run_tasks(running.url)
+            ok, per_item, failing, rejected = documents
+            assert ok["status"] == "success", ok
+            assert ok["result"] == [{"json": {"sum": 6}}]
+            assert ok["prints"] == [["'in a container'"]]
+            assert per_item["result"] == [
+                {"json": {"double": 2}, "pairedItem": {"item": 0}},
+                {"json": {"double": 4}, "pairedItem": {"item": 1}},
+            ]
+            assert failing["error"]["code"] == "user_error"
+            assert rejected["error"]["code"] == "security_violation"
+            assert rejected["audit"]["containerId"] is None
+            # Ran in task containers: hardened siblings on the host's daemon, not in the
+            # runner container, never with the socket; all of them gone afterwards.
+            audit = ok["audit"]
+            assert audit["containerId"]
+            assert audit["image"].startswith("sandbox-runner-task:")
+            assert audit["isolation"]["mounts"] == "tmpfs /tmp only"
+            assert audit["runnerId"] == runner.runner_id
+            assert {d["audit"]["details"]["containerStart"] for d in documents[:3]} <= {
+                "warm",
+                "cold",
+            }
+
+            runner_metrics = await asyncio.to_thread(runner.metrics)
+            async with httpx.AsyncClient() as client:
+                broker_metrics = (await client.get(f"{running.url}/metrics")).text
+            _check_runner_metrics(runner_metrics, documents)
+            _check_broker_metrics(broker_metrics)
+            _check_json_logs(runner.logs(), documents)
+            # The image's own health check command answers inside the container.
+            code, output = runner.get_wrapped_container().exec_run(
+                ["sandbox-runner", "healthcheck"]
+            )
+            assert code == 0, output
+        finally:
+            await asyncio.to_thread(runner.stop)
+    leftovers = docker_client.api.containers(
+        all=True, filters={"label": f"{LABEL_OWNER}={runner.runner_id}"}
+    )
+    assert leftovers == []
+    assert not docker_client.api.containers(all=True, filters={"id": runner.get_container_id()})
+
+
+async def _run_tasks(url: str) -> list[dict[str, Any]]:
+    tasks: list[dict[str, Any]] = [
+        {
+            "code": "print('in a container')\nreturn [{'json': {'sum': sum(i['json']['n'] "
+            "for i in _items)}}]",
+            "items": [{"n": 1}, {"n": 2}, {"n": 3}],
+        },
+        {
+            "code": "return {'double': _item['json']['n'] * 2}",
+            "items": [{"n": 1}, {"n": 2}],
+            "mode": "per_item",
+        },
+        {"code": "raise ValueError('no luck')"},
+        {"code": "import os\nreturn [{'json': {'x': os.getcwd()}}]"},
+    ]
+    documents = []
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=90
+    ) as client:
+        for body in tasks:  # one after the other: exact, predictable counts
+            response = await client.post("/v1/tasks", params={"wait": 60}, json=body)
+            assert response.status_code == 200, response.text
+            documents.append(response.json())
+    return documents
+
+
+def _check_runner_metrics(text: str, documents: list[dict[str, Any]]) -> None:
+    assert _sample(text, "sandbox_runner_tasks_total", outcome="success", error_code="") == 2
+    assert (
+        _sample(text, "sandbox_runner_tasks_total", outcome="user_error", error_code="user_error")
+        == 1
+    )
+    assert (
+        _sample(
+            text,
+            "sandbox_runner_tasks_total",
+            outcome="security_violation",
+            error_code="security_violation",
+        )
+        == 1
+    )
+    # Three tasks reached a container (the analyzer stopped the fourth before one).
+    starts = {
+        kind: _sample(text, "sandbox_runner_container_start_seconds_count", start=kind) or 0
+        for kind in ("warm", "cold")
+    }
+    assert sum(starts.values()) == 3
+    kinds = [d["audit"]["details"]["containerStart"] for d in documents[:3]]
+    assert starts == {"warm": kinds.count("warm"), "cold": kinds.count("cold")}
+    assert _sample(text, "sandbox_runner_task_run_seconds_count") == 3
+    assert _sample(text, "sandbox_runner_task_duration_seconds_count") == 4
+    assert _sample(text, "sandbox_runner_queue_wait_seconds_count") == 4
+    assert _sample(text, "sandbox_runner_task_run_seconds_bucket", le="+Inf") == 3
+    run_sum = _sample(text, "sandbox_runner_task_run_seconds_sum")
+    expected = sum(d["audit"]["durationsMs"]["run"] for d in documents[:3]) / 1000
+    assert run_sum == pytest.approx(expected, abs=0.01)
+    assert _sample(text, "sandbox_runner_running_tasks") == 0
+    policy = load_bundle(PROJECT_ROOT / "policies").sha256
+    info = [line for line in text.splitlines() if line.startswith("sandbox_runner_policy_info{")]
+    assert len(info) == 1
+    assert f'policy_sha256="{policy}"' in info[0]
+    assert documents[0]["audit"]["policySha256"] == policy
+
+
+def _check_json_logs(logs: str, documents: list[dict[str, Any]]) -> None:
+    """SANDBOX_LOG_FORMAT=json: every line is an object; one audit record per task."""
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert lines
+    assert all(line.startswith("{") for line in logs.splitlines() if line.strip()), logs
+    audits = [line for line in lines if line["logger"] == "runner.audit"]
+    assert [a["taskId"] for a in audits] == [d["audit"]["taskId"] for d in documents]
+    assert audits[0]["event"] == "task_completed"
+    completed = [line for line in lines if str(line.get("message", "")).startswith("Completed")]
+    assert {line["taskId"] for line in completed} == {a["taskId"] for a in audits}
+
+
+def _check_broker_metrics(text: str) -> None:
+    assert _sample(text, "sandbox_broker_tasks_submitted_total") == 4
+    assert _sample(text, "sandbox_broker_tasks_total", status="success", error_code="") == 2
+    assert _sample(text, "sandbox_broker_tasks_total", status="error", error_code="user_error") == 1
+    assert (
+        _sample(text, "sandbox_broker_tasks_total", status="error", error_code="security_violation")
+        == 1
+    )
+    assert _sample(text, "sandbox_broker_queue_wait_seconds_count") == 4
+    assert _sample(text, "sandbox_broker_task_duration_seconds_count") == 4
+    assert _sample(text, "sandbox_broker_runners") == 1
+    assert _sample(text, "sandbox_broker_queued_tasks") == 0
+    assert _sample(text, "sandbox_broker_running_tasks") == 0
+    assert (_sample(text, "sandbox_broker_offers_total") or 0) >= 4
+
+
+def docs_example() -> str:
+    text = DOCS.read_text(encoding="utf-8")
+    _, marker, rest = text.partition(EXAMPLE_MARKER)
+    assert marker, f"{DOCS} lost its example marker"
+    match = re.search(r"```python\n(.*?)```", rest, re.S)
+    assert match, "no python block after the marker"
+    return match.group(1)
+
+
+def test_the_example_in_docs_testing_md_runs_as_is(
+    image: str, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    example = tmp_path / "test_user_example.py"
+    example.write_text(docs_example(), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("N8N_", "SANDBOX_"))}
+    env.update({"TESTCONTAINERS_RYUK_DISABLED": "true", "SANDBOX_RUNNER_IMAGE": image})
+    before = {c["Id"] for c in docker_client.api.containers(all=True)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(example)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"\b[1-9]\d* passed", result.stdout), result.stdout
+    # It cleaned up after itself: no container of ours that was not there before.
+    after = docker_client.api.containers(all=True, filters={"label": f"{LABEL_TESTING}=true"})
+    assert [c["Id"] for c in after if c["Id"] not in before] == []

@@ -1,0 +1,257 @@
+"""Prometheus metrics: exact counts after a few tasks, on the runner and on the broker.
+
+The runner service and the embedded broker run for real in this event loop (the
+WebSocket protocol, the health-check server, the HTTP API); only the sandbox is a
+stub, so the numbers are known exactly. tests/integration/test_runner_image.py does
+the same against the runner image with real task containers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from runner.analyzer import Analyzer, ImportPolicy
+from runner.broker_server.core import Broker, BrokerConfig, Submission
+from runner.broker_server.server import RunningBroker, running_broker
+from runner.metrics import BrokerMetrics, CollectorRegistry, RunnerMetrics, exposition
+from runner.pipeline import AuditContext, TaskPipeline
+from runner.protocol.messages import RunnerInfo, TaskAccepted, TaskOffer, TaskRejected
+from runner.sandbox.base import (
+    ExecutionResult,
+    GuardConfig,
+    Limits,
+    Mode,
+    Outcome,
+    TaskError,
+    TaskSpec,
+)
+from runner.service import RunnerService
+from runner.settings import Settings
+
+AUTH = "metrics-test-token-0123456789"
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
+        if line.startswith("#") or match is None or match.group(1) != name:
+            continue
+        if dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or "")) == labels:
+            return float(match.group(3))
+    return None
+
+
+class StubSandbox:
+    """Known durations: a warm success (with one set-up retry), a cold user error."""
+
+    def __init__(self) -> None:
+        self.on_retry: Any = None
+
+    async def run(self, spec: TaskSpec, limits: Limits) -> ExecutionResult:
+        if "boom" in spec.code:
+            return ExecutionResult(
+                outcome=Outcome.USER_ERROR,
+                error=TaskError(Outcome.USER_ERROR, "boom"),
+                container_id="c-cold",
+                durations_ms={"create": 100.0, "attach": 50.0, "start": 150.0, "run": 500.0},
+                details={"containerStart": "cold"},
+            )
+        if self.on_retry is not None:
+            self.on_retry("conflict")
+        return ExecutionResult(
+            outcome=Outcome.SUCCESS,
+            result=[{"json": {"ok": True}}],
+            container_id="c-warm",
+            durations_ms={"poolWait": 2.0, "run": 20.0},
+            details={"containerStart": "warm"},
+        )
+
+    async def aclose(self) -> None:
+        pass
+
+
+def stub_pipeline() -> TaskPipeline:
+    return TaskPipeline(
+        sandbox=StubSandbox(),
+        analyzer=Analyzer(ImportPolicy.from_env_strings("json", "")),
+        guards=GuardConfig(stdlib_allow=("json",), external_allow=(), builtins_deny=()),
+        limits=Limits(),
+        context=AuditContext(
+            runner_id="metrics-unit",
+            image="sandbox-runner-task:test",
+            image_id=None,
+            isolation={"seccomp": {"sha256": "feed"}},
+            policy_sha256="abc123",
+        ),
+    )
+
+
+@asynccontextmanager
+async def service_and_broker() -> AsyncIterator[tuple[RunnerService, RunningBroker]]:
+    settings = Settings(
+        broker_host="127.0.0.1",
+        broker_port=0,
+        auth_token=AUTH,
+        health_check_server_enabled=True,
+        health_check_server_port=0,
+        max_concurrency=1,
+        graceful_shutdown_timeout_s=2,
+        runner_id="metrics-unit",
+    )
+    async with running_broker(settings, auth_token=AUTH) as running:
+        service = RunnerService(
+            settings, stub_pipeline(), broker_uri=running.url, handle_signals=False
+        )
+        serving = asyncio.create_task(service.run())
+        try:
+            for _ in range(200):
+                if running.broker.runner_ids():
+                    break
+                await asyncio.sleep(0.02)
+            assert running.broker.runner_ids()
+            yield service, running
+        finally:
+            service.request_shutdown("test over")
+            assert await asyncio.wait_for(serving, 10) == 0
+
+
+async def finished(broker: Broker, code: str) -> dict[str, Any]:
+    task = broker.submit(Submission(tenant="t", code=code, items=[], mode=Mode.ALL_ITEMS))
+    await asyncio.wait_for(task.done.wait(), 10)
+    assert task.document is not None
+    return task.document
+
+
+async def test_runner_and_broker_metrics_count_exactly_what_ran() -> None:
+    async with service_and_broker() as (service, running):
+        documents = [
+            await finished(running.broker, "return [{'json': {'ok': True}}]"),
+            await finished(running.broker, "return [{'json': {'ok': True}}]"),
+            await finished(running.broker, "raise ValueError('boom')"),
+            await finished(running.broker, "import os\nreturn os.getcwd()"),
+        ]
+        assert [d["status"] for d in documents] == ["success", "success", "error", "error"]
+        assert service.health_port is not None
+        async with httpx.AsyncClient() as client:
+            runner_text = (await client.get(f"http://127.0.0.1:{service.health_port}/metrics")).text
+            health = await client.get(f"http://127.0.0.1:{service.health_port}/anything")
+            broker_text = (await client.get(f"{running.url}/metrics")).text
+
+    assert health.text == "OK"  # every other path is still n8n's health check
+    # -- runner --
+    assert sample(runner_text, "sandbox_runner_tasks_total", outcome="success", error_code="") == 2
+    assert (
+        sample(
+            runner_text, "sandbox_runner_tasks_total", outcome="user_error", error_code="user_error"
+        )
+        == 1
+    )
+    assert (
+        sample(
+            runner_text,
+            "sandbox_runner_tasks_total",
+            outcome="security_violation",
+            error_code="security_violation",
+        )
+        == 1
+    )
+    assert sample(runner_text, "sandbox_runner_container_start_seconds_count", start="warm") == 2
+    assert sample(runner_text, "sandbox_runner_container_start_seconds_sum", start="warm") == 0.004
+    assert sample(runner_text, "sandbox_runner_container_start_seconds_count", start="cold") == 1
+    assert sample(runner_text, "sandbox_runner_container_start_seconds_sum", start="cold") == 0.3
+    # 0.3 s lands in the 0.5 bucket, not in the 0.25 one.
+    assert (
+        sample(
+            runner_text, "sandbox_runner_container_start_seconds_bucket", start="cold", le="0.25"
+        )
+        == 0
+    )
+    assert (
+        sample(runner_text, "sandbox_runner_container_start_seconds_bucket", start="cold", le="0.5")
+        == 1
+    )
+    assert sample(runner_text, "sandbox_runner_task_run_seconds_count") == 3
+    assert sample(runner_text, "sandbox_runner_task_run_seconds_sum") == pytest.approx(0.54)
+    assert sample(runner_text, "sandbox_runner_task_duration_seconds_count") == 4
+    assert sample(runner_text, "sandbox_runner_queue_wait_seconds_count") == 4
+    assert sample(runner_text, "sandbox_runner_retries_total", cause="conflict") == 2
+    assert sample(runner_text, "sandbox_runner_running_tasks") == 0
+    assert (
+        sample(
+            runner_text,
+            "sandbox_runner_policy_info",
+            image="sandbox-runner-task:test",
+            policy_sha256="abc123",
+            runner_id="metrics-unit",
+            seccomp_sha256="feed",
+        )
+        == 1
+    )
+    # -- broker --
+    assert sample(broker_text, "sandbox_broker_tasks_submitted_total") == 4
+    assert sample(broker_text, "sandbox_broker_tasks_total", status="success", error_code="") == 2
+    assert (
+        sample(broker_text, "sandbox_broker_tasks_total", status="error", error_code="user_error")
+        == 1
+    )
+    assert sample(broker_text, "sandbox_broker_queue_wait_seconds_count") == 4
+    assert sample(broker_text, "sandbox_broker_task_duration_seconds_count") == 4
+    assert sample(broker_text, "sandbox_broker_runners") == 1
+    assert sample(broker_text, "sandbox_broker_running_tasks") == 0
+
+
+async def test_up_serves_both_sides_on_one_registry() -> None:
+    registry = CollectorRegistry()
+    RunnerMetrics(registry).task_finished(
+        outcome="timeout", error_code="timeout", audit=None, queue_wait_s=0.5
+    )
+    BrokerMetrics(registry).submitted.inc()
+    text = exposition(registry).decode()
+    assert sample(text, "sandbox_runner_tasks_total", outcome="timeout", error_code="timeout") == 1
+    assert sample(text, "sandbox_runner_queue_wait_seconds_count") == 1
+    assert sample(text, "sandbox_broker_tasks_submitted_total") == 1
+
+
+class FakeRunner:
+    def __init__(self, runner_id: str) -> None:
+        self.runner_id = runner_id
+        self.sent: list[Any] = []
+
+    def send(self, message: Any) -> None:
+        self.sent.append(message)
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+
+async def test_broker_counts_offers_and_requeues_by_cause() -> None:
+    registry = CollectorRegistry()
+    broker = Broker(BrokerConfig(accept_timeout_s=0.05), metrics=BrokerMetrics(registry))
+    runner = FakeRunner("r1")
+    broker.runner_connected(runner)
+    broker.runner_message(runner, RunnerInfo())
+    task = broker.submit(Submission(tenant="t", code="return 1", items=[], mode=Mode.ALL_ITEMS))
+    text = exposition(registry).decode()
+    assert sample(text, "sandbox_broker_queued_tasks") == 1
+    broker.runner_message(runner, TaskOffer(offer_id="o1", valid_for=5000))
+    broker.runner_message(runner, TaskRejected(task_id=task.task_id, reason="busy"))
+    broker.runner_message(runner, TaskOffer(offer_id="o2", valid_for=5000))
+    await asyncio.sleep(0.15)  # no acceptance within the accept timeout: requeued
+    broker.runner_message(runner, TaskOffer(offer_id="o3", valid_for=5000))
+    broker.runner_message(runner, TaskOffer(offer_id="o4", valid_for=5000))
+    broker.runner_message(runner, TaskAccepted(task_id=task.task_id))
+    text = exposition(registry).decode()
+    assert sample(text, "sandbox_broker_offers_total") == 4
+    assert sample(text, "sandbox_broker_requeues_total", cause="declined") == 1
+    assert sample(text, "sandbox_broker_requeues_total", cause="accept_timeout") == 1
+    assert sample(text, "sandbox_broker_queue_wait_seconds_count") == 1
+    assert sample(text, "sandbox_broker_running_tasks") == 1
+    assert sample(text, "sandbox_broker_open_offers") == 1
+    assert sample(text, "sandbox_broker_queued_tasks") == 0

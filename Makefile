@@ -27,7 +27,7 @@ venv: $(STAMP) ## Create .venv with the project and its dev tools
 docker: ## Make sure a Docker engine answers (installs and starts one on Debian as root)
 	@scripts/ensure-docker.sh
 
-image: venv docker ## Build the task image (only when its inputs changed)
+image: venv docker ## Build the task image and the runner image (each only when its inputs changed)
 	$(BIN)/sandbox-runner image build
 	$(BIN)/sandbox-runner image build-runner
 

@@ -12,7 +12,7 @@ import urllib.request
 
 import click
 
-from runner.cli_support import EXIT_TASK_FAILED, _progress, _run, _settings
+from runner.cli_support import EXIT_TASK_FAILED, _progress, _run, _say, _settings
 from runner.settings import Settings
 
 log = logging.getLogger("runner")
@@ -81,11 +81,9 @@ def broker(ctx: click.Context, host: str | None, port: int | None) -> None:
 
     async def go() -> int:
         async with running_broker(settings) as running:
-            click.echo(
-                f"broker listening on {running.url} (API docs: {running.url}/docs)", err=True
-            )
+            _say(f"broker listening on {running.url} (API docs: {running.url}/docs)")
             signame = await _wait_for_signal()
-            click.echo(f"{signame}: draining", err=True)
+            _say(f"{signame}: draining")
         return 0
 
     sys.exit(_run(go))
@@ -120,9 +118,8 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
                 registry=registry,
             )
             serving = asyncio.create_task(service.run())
-            click.echo(
-                f"sandbox-runner is up: POST {running.url}/v1/tasks (API docs: {running.url}/docs)",
-                err=True,
+            _say(
+                f"sandbox-runner is up: POST {running.url}/v1/tasks (API docs: {running.url}/docs)"
             )
             signal_wait = asyncio.create_task(_wait_for_signal())
             await asyncio.wait([serving, signal_wait], return_when=asyncio.FIRST_COMPLETED)

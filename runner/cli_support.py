@@ -68,3 +68,12 @@ def _progress(message: str) -> None:
         click.echo(JsonFormatter().format(record), err=True)
     else:
         click.echo(f"[image {elapsed:.1f}s] {message}", err=True)
+
+
+def _say(message: str) -> None:
+    """A status line for the operator on stderr (a JSON log line with ``--log-format json``)."""
+    if current_log_format.get() == "json":
+        record = logging.LogRecord("runner.cli", logging.INFO, __file__, 0, message, None, None)
+        click.echo(JsonFormatter().format(record), err=True)
+    else:
+        click.echo(message, err=True)

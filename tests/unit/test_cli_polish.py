@@ -306,3 +306,19 @@ def test_pretty_output_is_for_people() -> None:
     lines = _pretty(rejected).splitlines()
     assert lines[0] == "error [security_violation at analyze]: Security violations detected"
     assert lines[-1] == "took 0 ms (no container: stopped by the analyzer)"
+
+
+def test_status_lines_follow_the_log_format(capsys: pytest.CaptureFixture[str]) -> None:
+    from runner.cli_support import _say
+
+    setup_logging(level=logging.WARNING, log_format="json", stream=io.StringIO())
+    _say("broker listening on http://127.0.0.1:5679")
+    line = json.loads(capsys.readouterr().err)
+    assert line == {
+        **line,
+        "logger": "runner.cli",
+        "message": "broker listening on http://127.0.0.1:5679",
+    }
+    setup_logging(level=logging.WARNING, log_format="text", stream=io.StringIO())
+    _say("broker listening on http://127.0.0.1:5679")
+    assert capsys.readouterr().err == "broker listening on http://127.0.0.1:5679\n"

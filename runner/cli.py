@@ -267,7 +267,8 @@ def image_tag() -> None:
 
 
 @main.command("sweep")
-def sweep() -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+def sweep(as_json: bool) -> None:
     """Remove this runner's leftover task containers and any orphan past its deadline."""
     from runner.sandbox.docker import DockerSandbox, connect
     from runner.wiring import load_isolation
@@ -288,7 +289,12 @@ def sweep() -> None:
             await sandbox.aclose()
 
     removed = _run(go)
-    click.echo(json.dumps({"removed": removed}))
+    if as_json:
+        click.echo(json.dumps({"removed": removed}))
+    elif removed:
+        click.echo(f"removed {len(removed)} container(s): {' '.join(c[:12] for c in removed)}")
+    else:
+        click.echo("nothing to remove")
 
 
 main.add_command(serve)

@@ -344,6 +344,9 @@ def create_app(
         status_code=202,
         summary="Submit a task",
         responses={200: {"description": "The task ended within `wait`: its result document"}},
+        # Documents hold the task's own values, which may carry lone surrogates: no
+        # pydantic re-serialization (it refuses them); SafeJSONResponse escapes them.
+        response_model=None,
     )
     async def submit(
         body: TaskCreate,
@@ -393,7 +396,12 @@ def create_app(
             return task.document
         return task.summary()
 
-    @app.get("/v1/tasks/{task_id}", tags=["tasks"], summary="A task's result document or state")
+    @app.get(
+        "/v1/tasks/{task_id}",
+        tags=["tasks"],
+        summary="A task's result document or state",
+        response_model=None,  # as for submit
+    )
     async def read(
         task_id: str,
         tenant: Tenant,
@@ -412,7 +420,7 @@ def create_app(
     async def listing(tenant: Tenant, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> TaskList:
         return TaskList(tasks=[TaskState(**t.summary()) for t in broker.recent(tenant, limit)])
 
-    @app.delete("/v1/tasks/{task_id}", tags=["tasks"], summary="Cancel a task")
+    @app.delete("/v1/tasks/{task_id}", tags=["tasks"], summary="Cancel a task", response_model=None)
     async def cancel(task_id: str, tenant: Tenant) -> dict[str, Any]:
         task = own_task(task_id, tenant)
         broker.cancel(task)

@@ -7,10 +7,10 @@ the task's container runs, the child is killed with SIGKILL, so nothing of it ge
 to clean up. The container outlives it (nobody is left to remove it); the next
 start of the same runner id sweeps it away: its owner process is gone.
 
-The broker gone mid-task (tasks finished meanwhile are delivered once, none is lost)
-is tests/integration/test_broker_cluster.py's. The Docker daemon restarted mid-task
-is not exercised here: on this shared machine it would stop every other engineer's
-containers.
+The runner killed with benign tasks, the Docker daemon restarted mid-task (on a
+private second daemon) and the broker gone mid-task are
+tests/integration/test_faults.py's and test_broker_cluster.py's; this one adds a
+task that fights back (SIGTERM ignored, a daemon out of its process group).
 """
 
 from __future__ import annotations

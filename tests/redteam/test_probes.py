@@ -95,8 +95,8 @@ def test_the_catalog_covers_every_threat_with_several_probes() -> None:
     assert len(PROBES) >= 60
     for tag, (_klass, text) in THREATS.items():
         count = sum(1 for probe in PROBES if probe.threat == tag)
-        # The runner killed mid-task is test_lifecycle.py's; the daemon restart is
-        # not probed here (it would stop every other engineer's containers).
+        # Lifecycle faults outside a task's code (runner killed, daemon restarted,
+        # broker gone) are test_lifecycle.py's and tests/integration/test_faults.py's.
         assert count >= (3 if tag != "res.lifecycle" else 4), f"{tag} ({text}): {count} probes"
     for klass in CLASSES:
         assert sum(1 for probe in PROBES if probe.klass == klass) >= 15, klass

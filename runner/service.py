@@ -196,7 +196,11 @@ class RunnerService:
                 await asyncio.wait(pending, timeout=10)
         await self.client.flush_now()
         for task_id in self.machine.undelivered_task_ids():
-            log.error("task %s finished but its result could not be delivered", task_id)
+            log.error(
+                "task %s finished but its result could not be delivered",
+                task_id,
+                extra={"taskId": task_id},
+            )
         self._client_stop.set()
         try:
             await asyncio.wait_for(client, timeout=CLIENT_STOP_TIMEOUT_S)
@@ -249,12 +253,17 @@ class RunnerService:
                     self._running[task_id] = task
                     task.add_done_callback(functools.partial(self._forget, task_id))
                 case CancelTask(task_id=task_id, reason=reason):
-                    log.info("Cancelling task %s: %s", task_id, reason)
+                    log.info("Cancelling task %s: %s", task_id, reason, extra={"taskId": task_id})
                     self._spawn(self._cancel(task_id))
                 case IdleTimeout():
                     self.request_shutdown("Reached idle timeout")
                 case Undeliverable(task_id=task_id, reason=reason):
-                    log.error("task %s result is undeliverable: %s", task_id, reason)
+                    log.error(
+                        "task %s result is undeliverable: %s",
+                        task_id,
+                        reason,
+                        extra={"taskId": task_id},
+                    )
 
     def _forget(self, task_id: str, _: asyncio.Task[None]) -> None:
         self._running.pop(task_id, None)

@@ -382,7 +382,12 @@ class Broker:
     def _accepted(self, runner_id: str, task_id: str) -> None:
         task = self._tasks.get(task_id)
         if task is None or task.status is not TaskStatus.OFFERED or task.runner_id != runner_id:
-            log.info("late or unknown acceptance of %s by %s ignored", task_id, runner_id)
+            log.info(
+                "late or unknown acceptance of %s by %s ignored",
+                task_id,
+                runner_id,
+                extra={"taskId": task_id},
+            )
             return
         task.status = TaskStatus.RUNNING
         task.started_at = self._clock()
@@ -420,14 +425,20 @@ class Broker:
         task = self._tasks.get(task_id)
         if task is None or task.status is not TaskStatus.OFFERED or task.runner_id != runner_id:
             return
-        log.info("runner %s declined task %s: %s", runner_id, task_id, reason)
+        log.info(
+            "runner %s declined task %s: %s", runner_id, task_id, reason, extra={"taskId": task_id}
+        )
         self._requeue(task, "declined")
         self.dispatch()
 
     def _completed(self, runner_id: str, message: TaskDone | TaskErrorMessage) -> None:
         task = self._tasks.get(message.task_id)
         if task is None or task.status.is_finished:
-            log.info("completion of unknown or finished task %s dropped", message.task_id)
+            log.info(
+                "completion of unknown or finished task %s dropped",
+                message.task_id,
+                extra={"taskId": message.task_id},
+            )
             return
         if task.runner_id != runner_id:
             log.warning(
@@ -506,7 +517,11 @@ class Broker:
     def _accept_timed_out(self, task_id: str) -> None:
         task = self._tasks.get(task_id)
         if task is not None and task.status is TaskStatus.OFFERED:
-            log.info("task %s: no answer to the offer acceptance within 2 s", task_id)
+            log.info(
+                "task %s: no answer to the offer acceptance within 2 s",
+                task_id,
+                extra={"taskId": task_id},
+            )
             self._requeue(task, "accept_timeout")
             self.dispatch()
 

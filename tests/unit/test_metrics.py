@@ -9,6 +9,7 @@ the same against the runner image with real task containers.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -255,3 +256,21 @@ async def test_broker_counts_offers_and_requeues_by_cause() -> None:
     assert sample(text, "sandbox_broker_running_tasks") == 1
     assert sample(text, "sandbox_broker_open_offers") == 1
     assert sample(text, "sandbox_broker_queued_tasks") == 0
+
+
+async def test_broker_log_lines_about_a_task_carry_its_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from runner.logs import JsonFormatter
+
+    broker = Broker(BrokerConfig())
+    runner = FakeRunner("r1")
+    broker.runner_connected(runner)
+    broker.runner_message(runner, RunnerInfo())
+    task = broker.submit(Submission(tenant="t", code="return 1", items=[], mode=Mode.ALL_ITEMS))
+    with caplog.at_level("INFO", logger="runner.broker_server.core"):
+        broker.runner_message(runner, TaskOffer(offer_id="o1", valid_for=5000))
+        broker.runner_message(runner, TaskRejected(task_id=task.task_id, reason="busy"))
+    declined = [r for r in caplog.records if "declined" in r.getMessage()]
+    assert len(declined) == 1
+    assert json.loads(JsonFormatter().format(declined[0]))["taskId"] == task.task_id

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from runner.analyzer import SECURITY_VIOLATIONS_MESSAGE, Analyzer
+from runner.logs import task_context
 from runner.sandbox.base import (
     JSON,
     ExecutionResult,
@@ -114,6 +115,11 @@ class TaskPipeline:
         self.context = context
 
     async def run(self, request: TaskRequest) -> TaskReport:
+        # Every log line of this task (worker threads included) carries its id.
+        with task_context(request.task_id):
+            return await self._run(request)
+
+    async def _run(self, request: TaskRequest) -> TaskReport:
         started_wall = datetime.now(UTC)
         begin = time.monotonic()
         limits = request.limits or self.limits

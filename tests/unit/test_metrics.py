@@ -1,4 +1,5 @@
-"""Prometheus metrics: exact counts after a few tasks, on the runner and on the broker.
+"""Prometheus metrics: exact counts after a few tasks, on the runner and on the broker;
+and the task id on every log line written about a task.
 
 The runner service and the embedded broker run for real in this event loop (the
 WebSocket protocol, the health-check server, the HTTP API); only the sandbox is a
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -274,3 +276,33 @@ async def test_broker_log_lines_about_a_task_carry_its_id(
     declined = [r for r in caplog.records if "declined" in r.getMessage()]
     assert len(declined) == 1
     assert json.loads(JsonFormatter().format(declined[0]))["taskId"] == task.task_id
+
+
+async def test_log_lines_inside_a_task_carry_its_id_also_from_worker_threads() -> None:
+    import io
+
+    from runner.logs import JsonFormatter
+    from runner.pipeline import TaskRequest
+
+    class LoggingSandbox(StubSandbox):
+        async def run(self, spec: TaskSpec, limits: Limits) -> ExecutionResult:
+            await asyncio.to_thread(logger.warning, "container set-up failed, retrying")
+            return await super().run(spec, limits)
+
+    logger = logging.getLogger("runner.sandbox.docker")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)  # formats when the line is written, as the CLI's
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    try:
+        pipeline = stub_pipeline()
+        pipeline.sandbox = LoggingSandbox()
+        report = await pipeline.run(TaskRequest(code="return 1", task_id="task-7"))
+        logger.warning("after the task")
+    finally:
+        logger.removeHandler(handler)
+    assert report.is_success
+    inside, after = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert inside["taskId"] == "task-7"
+    assert inside["message"] == "container set-up failed, retrying"
+    assert "taskId" not in after

@@ -23,7 +23,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -136,8 +135,7 @@ class PrivateDockerd:
         """Copy images from another daemon (``docker save`` | ``docker load``)."""
         with contextlib.closing(self.client(timeout_s=300)) as client:
             for tag in tags:
-                stream = source.api.get_image(tag)
-                client.api.load_image(_chunks(stream))
+                client.api.load_image(source.api.get_image(tag))  # streamed, chunk by chunk
                 client.images.get(tag)  # raises if the load did not produce the tag
 
     def log_tail(self, lines: int = 40) -> str:
@@ -184,10 +182,6 @@ class PrivateDockerd:
         with open("/proc/self/mounts") as mounts:
             points = [line.split()[1] for line in mounts]
         return sorted((p for p in points if p.startswith(prefix)), reverse=True)
-
-
-def _chunks(stream: Iterator[bytes]) -> Iterator[bytes]:
-    yield from stream
 
 
 def _cmdline(pid: int) -> str:

@@ -44,8 +44,12 @@ def summary(result: Any) -> str:
     return _value(result)
 
 
-def cell(observed: dict[str, Any] | None, holds: bool) -> str:
-    """One mode of one probe: the outcome seen, and whether it is the expected one."""
+def cell(observed: dict[str, Any] | None, holds: bool, label: str = "harmless") -> str:
+    """One mode of one probe: the outcome seen, and whether it is the expected one.
+
+    ``label`` names a returned value: "harmless" (the attack failed), or under the
+    ablation "held" / "**went through**" (no other layer stopped it).
+    """
     if observed is None:
         return "not run"
     mark = "" if holds else " **UNEXPECTED**"
@@ -53,7 +57,7 @@ def cell(observed: dict[str, Any] | None, holds: bool) -> str:
         result = summary(observed["result"])
         if len(result) > CELL_RESULT_CHARS:
             result = result[: CELL_RESULT_CHARS - 1] + "…"
-        return f"harmless: {_escape(result)}{mark}"
+        return f"{label}: {_escape(result)}{mark}"
     stage = f" ({observed['stage']})" if observed.get("stage") else ""
     return f"`{observed['outcome']}`{stage}{mark}"
 
@@ -70,7 +74,10 @@ def table_rows(record: dict[str, Any], probes: list[Probe]) -> list[str]:
                 cells.append("not run")
             else:
                 seen = entry["modes"][mode]
-                cells.append(cell(seen["observed"], seen["holds"]))
+                label = "harmless"
+                if mode == "ablation":
+                    label = "held" if probe.layers else "**went through**"
+                cells.append(cell(seen["observed"], seen["holds"], label))
         layers = ", ".join(probe.layers) if probe.klass == "kernel" else ""
         if probe.klass == "kernel" and not probe.layers:
             layers = "**none**"

@@ -1,0 +1,134 @@
+"""A fake agent in a real task container: every way its result framing can be wrong.
+
+The image is the task image with another entrypoint: a script that reads the task
+envelope like the agent, then writes what the task's ``code`` names instead of a
+valid result frame. It runs under the full isolation through the real
+``DockerSandbox``: the attach stream's demultiplexing, the early end on a complete
+frame, the exit code and the interpretation are all the production ones.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import docker
+import pytest
+
+from runner.pipeline import TaskPipeline
+from runner.sandbox.base import Outcome, Stage
+from runner.sandbox.docker import DockerSandbox
+from runner.settings import Settings
+from runner.wiring import make_docker_sandbox, make_pipeline
+
+from .conftest import request
+
+FAKE_AGENT = r"""
+import json, struct, sys, time
+header = sys.stdin.buffer.read(4)
+envelope = json.loads(sys.stdin.buffer.read(struct.unpack(">I", header)[0]))
+good = json.dumps({"version": 1, "status": "success", "result": 1}).encode()
+frame = struct.pack(">I", len(good)) + good
+outputs = {
+    "control": frame,
+    "length-prefix-too-long": struct.pack(">I", len(good) + 10) + good,
+    "length-prefix-4-gib": struct.pack(">I", 2**32 - 1) + good,
+    "truncated": frame[:-5],
+    "invalid-json": struct.pack(">I", 5) + b"{nope",
+    "not-an-envelope": struct.pack(">I", 7) + b"[1,2,3]",
+    "two-frames": frame + frame,
+    "garbage": b"Traceback (most recent call last): not a frame at all\n",
+    "garbage-then-frame": b"hello" + frame,
+    "nothing": b"",
+}
+sys.stdout.buffer.write(outputs[envelope["code"]])  # one write: one read on the host
+sys.stdout.flush()
+"""
+
+DOCKERFILE = """FROM {base}
+COPY fake_agent.py /opt/fake_agent.py
+ENTRYPOINT ["tini", "--", "python3", "-I", "-B", "/opt/fake_agent.py"]
+"""
+
+BROKEN = {
+    "length-prefix-too-long": "truncated",
+    "length-prefix-4-gib": "truncated",
+    "truncated": "truncated",
+    "invalid-json": "not valid UTF-8 JSON",
+    "not-an-envelope": "wrong shape",
+    "two-frames": "more than one result frame",
+    "garbage": "",
+    "garbage-then-frame": "",
+    "nothing": "no result",
+}
+
+
+@pytest.fixture(scope="module")
+def fake_agent_image(docker_client: docker.DockerClient, task_image: str) -> Iterator[str]:
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name, text in (
+            ("Dockerfile", DOCKERFILE.format(base=task_image)),
+            ("fake_agent.py", FAKE_AGENT),
+        ):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    context.seek(0)
+    tag = "sandbox-runner-fake-agent:pytest"
+    docker_client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
+    try:
+        yield tag
+    finally:
+        docker_client.images.remove(tag, force=True)
+
+
+@asynccontextmanager
+async def fake_pipeline(
+    settings: Settings, client: docker.DockerClient, image: str
+) -> AsyncIterator[tuple[TaskPipeline, DockerSandbox]]:
+    """Cold containers (no pool) of the fake agent's image, under the full policy."""
+    sandbox = make_docker_sandbox(settings, client, image=image, ensure_image=None)
+    pipeline = make_pipeline(
+        settings, sandbox, image=image, image_id=None, isolation=sandbox.isolation.report()
+    )
+    try:
+        yield pipeline, sandbox
+    finally:
+        await sandbox.aclose()
+
+
+async def test_the_fake_agents_valid_frame_is_a_success(
+    base_settings: Settings, fake_agent_image: str
+) -> None:
+    # The control: the image and the framing work, so the failures below are the frames'.
+    client = docker.from_env(timeout=60)
+    async with fake_pipeline(base_settings, client, fake_agent_image) as (pipeline, _):
+        report = await pipeline.run(request("control"))
+    assert report.outcome is Outcome.SUCCESS, report.error
+    assert report.result == 1
+
+
+@pytest.mark.parametrize(("case", "hint"), BROKEN.items(), ids=BROKEN.keys())
+async def test_a_fake_agents_broken_framing_is_an_agent_protocol_error(
+    base_settings: Settings,
+    docker_client: docker.DockerClient,
+    fake_agent_image: str,
+    case: str,
+    hint: str,
+) -> None:
+    client = docker.from_env(timeout=60)
+    async with fake_pipeline(base_settings, client, fake_agent_image) as (pipeline, sandbox):
+        report = await pipeline.run(request(case))
+        await sandbox.wait_removals()
+    assert report.outcome is Outcome.AGENT_ERROR
+    assert report.error is not None
+    assert report.error.message == "Failed to read result from child process"
+    assert report.error.stage is Stage.RESULT
+    assert hint in report.error.description
+    assert report.audit["details"]["exitCode"] == 0
+    container_id = report.audit["containerId"]
+    assert docker_client.api.containers(all=True, filters={"id": container_id}) == []

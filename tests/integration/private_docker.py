@@ -65,6 +65,12 @@ class PrivateDockerd:
         if self.process is not None and self.process.poll() is None:
             raise PrivateDockerdError("the private daemon is already running")
         argv = [
+            # Its own network namespace: a dockerd started with --bridge=none deletes
+            # the host's `docker0` link at start-up (moby removes the default bridge
+            # interface when bridging is disabled), which would break the main daemon.
+            "unshare",
+            "--net",
+            "--",
             self._dockerd,
             "--config-file",
             str(self.root / "daemon.json"),

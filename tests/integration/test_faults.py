@@ -10,6 +10,7 @@ container of ours is left. The daemon restart uses a private second daemon
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import uuid
 from collections.abc import Iterator
@@ -110,7 +111,12 @@ async def test_a_runner_killed_mid_tasks_leaves_no_container_after_its_restart(
 def private_dockerd(
     docker_client: docker.DockerClient, task_image: str
 ) -> Iterator[PrivateDockerd]:
-    """A private daemon with the task image loaded; stopped and removed afterwards."""
+    """A private daemon with the task image loaded; stopped and removed afterwards.
+
+    It must not touch the host's network: the main daemon's `docker0` is there after
+    it as before (a private dockerd in the host's namespace deletes it).
+    """
+    links_before = set(os.listdir("/sys/class/net"))
     try:
         daemon = PrivateDockerd()
     except PrivateDockerdError as exc:
@@ -122,6 +128,7 @@ def private_dockerd(
             pytest.fail(f"cannot start a private Docker daemon: {exc}", pytrace=False)
         daemon.load_images(docker_client, task_image)
         yield daemon
+    assert links_before <= set(os.listdir("/sys/class/net")), "the private daemon removed a link"
 
 
 async def test_a_docker_daemon_restart_fails_running_tasks_clearly_and_the_runner_recovers(

@@ -625,6 +625,44 @@ def validate_input(schema: dict[str, Any] | None, items: list[Any]) -> str | Non
     return None
 
 
+# Keywords whose value maps names to schemas (the names are data, not keywords).
+_SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "dependentSchemas"})
+# Keywords whose value is data (never a schema).
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required"})
+# Regular expressions run in the broker's event loop with Python's backtracking engine:
+# one pattern like ``^(a+)+$`` stalls every tenant for seconds (jsonschema also matches
+# ``patternProperties`` inside additionalProperties and unevaluatedProperties).
+REGEX_KEYWORDS = ("pattern", "patternProperties")
+
+
+def regex_keyword_in(schema: Any, where: str = "") -> str | None:
+    """Where the schema uses a regular-expression keyword, or None."""
+    if isinstance(schema, list):
+        for index, sub in enumerate(schema):
+            found = regex_keyword_in(sub, f"{where}[{index}]")
+            if found:
+                return found
+        return None
+    if not isinstance(schema, dict):
+        return None
+    for keyword, value in schema.items():
+        path = f"{where}.{keyword}" if where else keyword
+        if keyword in REGEX_KEYWORDS:
+            return path
+        if keyword in _DATA_KEYWORDS:
+            continue
+        if keyword in _SCHEMA_MAPS and isinstance(value, dict):
+            for key, sub in value.items():
+                found = regex_keyword_in(sub, f"{path}.{key}")
+                if found:
+                    return found
+            continue
+        found = regex_keyword_in(value, path)
+        if found:
+            return found
+    return None
+
+
 def check_schema(schema: dict[str, Any] | None, name: str) -> str | None:
     if schema is None:
         return None
@@ -632,4 +670,11 @@ def check_schema(schema: dict[str, Any] | None, name: str) -> str | None:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
         return f"{name} is not a valid JSON Schema: {exc.message}"
+    found = regex_keyword_in(schema)
+    if found is not None:
+        return (
+            f"{name} uses {found}: regular-expression keywords "
+            f"({', '.join(REGEX_KEYWORDS)}) are not supported, because a backtracking "
+            "pattern could stall the broker for every tenant"
+        )
     return None

@@ -158,6 +158,21 @@ async def test_cancel_a_queued_task(api: Any) -> None:
             },
             "items[0].json.age: 'old' is not of type 'integer'",
         ),
+        (
+            {
+                "code": "x",
+                "items": [{"s": "a" * 40 + "b"}],
+                "inputSchema": {"properties": {"s": {"type": "string", "pattern": "^(a+)+$"}}},
+            },
+            "inputSchema uses properties.s.pattern: regular-expression keywords",
+        ),
+        (
+            {
+                "code": "x",
+                "outputSchema": {"items": {"patternProperties": {"^(a|aa)+$": {}}}},
+            },
+            "outputSchema uses items.patternProperties",
+        ),
     ],
     ids=[
         "no-code",
@@ -170,6 +185,8 @@ async def test_cancel_a_queued_task(api: Any) -> None:
         "memory-over-ceiling",
         "bad-schema",
         "input-schema-path",
+        "regex-pattern",
+        "regex-pattern-properties",
     ],
 )
 async def test_bad_bodies_get_clear_4xx(api: Any, body: dict[str, Any], fragment: str) -> None:
@@ -178,6 +195,21 @@ async def test_bad_bodies_get_clear_4xx(api: Any, body: dict[str, Any], fragment
     assert response.status_code == 422
     assert fragment in response.text
     assert broker.recent("tenant-a", 10) == []
+
+
+async def test_a_property_named_pattern_is_data_not_a_regex(api: Any) -> None:
+    client, _ = api
+    schema = {
+        "properties": {"pattern": {"type": "string"}},
+        "required": ["pattern"],
+        "examples": [{"pattern": "(a+)+"}],
+    }
+    response = await client.post(
+        "/v1/tasks",
+        json={"code": "return 1", "items": [{"pattern": "x"}], "inputSchema": schema},
+        headers=A,
+    )
+    assert response.status_code == 202, response.text
 
 
 async def test_not_json_is_a_4xx(api: Any) -> None:

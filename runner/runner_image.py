@@ -35,7 +35,7 @@ import requests.exceptions
 
 from runner.errors import ImageBuildError
 from runner.sandbox.bundle import hash_files
-from runner.sandbox.image import BASE_REPOSITORY, ImageBuilder, Progress
+from runner.sandbox.image import BASE_REPOSITORY, ImageBuilder, Progress, docker_build
 
 RUNNER_REPOSITORY = "sandbox-runner"
 # Also tagged so (moving): what compose files and `docker run` examples name.
@@ -178,39 +178,17 @@ class RunnerImageBuilder:
 
     def _build(self, tag: str, base_tag: str, wheels: Path) -> None:
         self._progress(f"building runner image {tag} on {base_tag}")
-        inputs_hash = tag.partition(":")[2]
-        try:
-            stream = self._client.api.build(
-                fileobj=self._context(wheels),
-                custom_context=True,
-                tag=tag,
-                rm=True,
-                forcerm=True,
-                decode=True,
-                pull=False,
-                # Nothing in the build needs a network, unless a registry base lacks
-                # tini (apt); with none, a host without a working default bridge builds too.
-                network_mode="none" if base_tag.startswith(f"{BASE_REPOSITORY}:") else None,
-                buildargs={
-                    "BASE_IMAGE": base_tag,
-                    "RUNNER_UID": str(self._recipe.uid),
-                    "INPUTS_HASH": inputs_hash,
-                },
-                labels={"io.sandbox-runner.inputs-hash": inputs_hash},
-            )
-            tail: list[str] = []
-            for event in stream:
-                if "error" in event:
-                    raise ImageBuildError(
-                        "docker build of the runner image failed",
-                        hint=" | ".join([*tail[-3:], str(event["error"]).strip()]),
-                    )
-                text = str(event.get("stream", "")).strip()
-                if text:
-                    tail = [*tail[-10:], text]
-                    self._progress(text)
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise ImageBuildError("docker build of the runner image failed", hint=str(exc)) from exc
+        docker_build(
+            self._client,
+            self._context(wheels),
+            tag,
+            what="the runner image",
+            # Nothing in the build needs a network, unless a registry base lacks
+            # tini (apt); with none, a host without a working default bridge builds too.
+            network=not base_tag.startswith(f"{BASE_REPOSITORY}:"),
+            buildargs={"BASE_IMAGE": base_tag, "RUNNER_UID": str(self._recipe.uid)},
+            progress=self._progress,
+        )
 
 
 __all__ = ["RUNNER_REPOSITORY", "RunnerImageBuilder", "RunnerImageRecipe"]

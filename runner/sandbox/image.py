@@ -114,6 +114,50 @@ def debian_mirror_from_apt(sources: tuple[Path, ...] = APT_SOURCES) -> str | Non
     return None
 
 
+def docker_build(
+    client: docker.DockerClient,
+    context: io.BytesIO,
+    tag: str,
+    *,
+    what: str,
+    network: bool,
+    buildargs: dict[str, str],
+    progress: Progress,
+) -> None:
+    """``docker build`` of a tar context, its output streamed to ``progress``.
+
+    The tag's suffix is the inputs hash: it goes in as ``INPUTS_HASH`` and as a label.
+    A failed step raises :class:`ImageBuildError` with the last lines of the build.
+    """
+    inputs_hash = tag.partition(":")[2]
+    try:
+        stream = client.api.build(
+            fileobj=context,
+            custom_context=True,
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            decode=True,
+            pull=False,
+            network_mode=None if network else "none",
+            buildargs={**buildargs, "INPUTS_HASH": inputs_hash},
+            labels={"io.sandbox-runner.inputs-hash": inputs_hash},
+        )
+        tail: list[str] = []
+        for event in stream:
+            if "error" in event:
+                raise ImageBuildError(
+                    f"docker build of {what} failed",
+                    hint=" | ".join([*tail[-3:], str(event["error"]).strip()]),
+                )
+            text = str(event.get("stream", "")).strip()
+            if text:
+                tail = [*tail[-10:], text]
+                progress(text)
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise ImageBuildError(f"docker build of {what} failed", hint=str(exc)) from exc
+
+
 class ImageBuilder:
     """Builds (only when needed) and names the task image."""
 
@@ -265,37 +309,15 @@ class ImageBuilder:
             for name, path in sorted(self._recipe.build_files().items()):
                 tar.add(path, arcname=name)
         context.seek(0)
-        inputs_hash = tag.partition(":")[2]
-        try:
-            stream = self._client.api.build(
-                fileobj=context,
-                custom_context=True,
-                tag=tag,
-                rm=True,
-                forcerm=True,
-                decode=True,
-                pull=False,
-                # The bootstrapped base has everything: the build needs no network (and
-                # works while the daemon's default bridge is down); a registry base may
-                # need apt for tini.
-                network_mode=None if self._recipe.base_image else "none",
-                buildargs={
-                    "BASE_IMAGE": self._recipe.base_tag,
-                    "SANDBOX_UID": str(self._recipe.uid),
-                    "INPUTS_HASH": inputs_hash,
-                },
-                labels={"io.sandbox-runner.inputs-hash": inputs_hash},
-            )
-            tail: list[str] = []
-            for event in stream:
-                if "error" in event:
-                    raise ImageBuildError(
-                        "docker build of the task image failed",
-                        hint=" | ".join([*tail[-3:], str(event["error"]).strip()]),
-                    )
-                text = str(event.get("stream", "")).strip()
-                if text:
-                    tail = [*tail[-10:], text]
-                    self._progress(text)
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise ImageBuildError("docker build of the task image failed", hint=str(exc)) from exc
+        docker_build(
+            self._client,
+            context,
+            tag,
+            what="the task image",
+            # The bootstrapped base has everything: the build needs no network (and
+            # works while the daemon's default bridge is down); a registry base may
+            # need apt for tini.
+            network=bool(self._recipe.base_image),
+            buildargs={"BASE_IMAGE": self._recipe.base_tag, "SANDBOX_UID": str(self._recipe.uid)},
+            progress=self._progress,
+        )

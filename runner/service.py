@@ -366,6 +366,9 @@ class RunnerService:
         record = {
             "event": "task_completed",
             **report.audit,
+            # runnerId (above) is the stable owner of our containers (SANDBOX_RUNNER_ID);
+            # this is the id the broker knows this process by (new on every start).
+            "brokerRunnerId": self.runner_id,
             "workflowId": settings.workflow_id,
             "workflowName": settings.workflow_name,
             "nodeId": settings.node_id,

@@ -87,6 +87,25 @@ async def test_all_items_with_success(broker: RunningBroker, runner: RunnerProce
     assert [m["type"] for m in messages] == ["runner:taskaccepted", "runner:taskdone"]
 
 
+async def test_each_task_is_one_audit_line_naming_both_runner_ids(
+    broker: RunningBroker, runner: RunnerProcess
+) -> None:
+    task = submit(broker.broker, "return 1")
+    document = await finished(task)
+
+    def audit_lines() -> list[dict[str, Any]]:
+        lines = [line for line in runner.lines if " runner.audit: " in line]
+        records = [json.loads(line.split(" runner.audit: ", 1)[1]) for line in lines]
+        return [r for r in records if r.get("taskId") == task.task_id]
+
+    (record,) = await until(audit_lines, 10, "the task's audit line")
+    assert record["event"] == "task_completed"
+    assert record["brokerRunnerId"] == runner.runner_id
+    assert record["containerId"] == document["audit"]["containerId"]
+    assert record["outcome"] == "success"
+    assert record["policySha256"] == document["audit"]["policySha256"]
+
+
 async def test_all_items_with_error(broker: RunningBroker, runner: RunnerProcess) -> None:
     _, messages = await run_on(broker, runner.runner_id, "raise ValueError('boom')")
     error = done_of(messages)

@@ -59,8 +59,8 @@ BROKEN = {
     "invalid-json": "not valid UTF-8 JSON",
     "not-an-envelope": "wrong shape",
     "two-frames": "more than one result frame",
-    "garbage": "",
-    "garbage-then-frame": "",
+    "garbage": "length prefix says 1416782179 bytes",  # "Trac" read as a length
+    "garbage-then-frame": "length prefix says 1751477356 bytes",  # "hell" read as a length
     "nothing": "no result",
 }
 

@@ -8,7 +8,6 @@ started, never what it enforces.
 from __future__ import annotations
 
 import functools
-import time
 
 import docker
 import pytest
@@ -122,13 +121,11 @@ async def test_process_bombs_hit_the_pids_limit(
     pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str, bomb: str
 ) -> None:
     async with pipeline_for(guards_off=True, pids_limit=32, task_timeout_s=20) as pipeline:
-        started = time.monotonic()  # the task's time, not the pool's warm-up
         report = await pipeline.run(request(bomb))
-        elapsed = time.monotonic() - started
+    # The limit ended it (not the 20 s timeout).
     assert report.outcome is Outcome.PIDS_LIMIT, report.document()
     assert report.error is not None
     assert report.error.message == "Task hit the process limit (32 processes and threads)"
-    assert elapsed < 20
     assert_clean(docker_client, report, start)
 
 
@@ -136,9 +133,10 @@ async def test_cpu_loop_ignoring_sigterm_dies_on_time(
     pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
 ) -> None:
     async with pipeline_for(guards_off=True, task_timeout_s=2) as pipeline:
-        started = time.monotonic()  # the task's time, not the pool's warm-up
         report = await pipeline.run(request(CPU_LOOP_IGNORING_SIGTERM))
-        elapsed = time.monotonic() - started
+    # Killed at its deadline (plus the kill's grace), not left running: the run
+    # phase of the audit record, which container set-up does not count in.
+    elapsed = report.audit["durationsMs"]["run"] / 1000
     assert report.outcome is Outcome.TIMEOUT, report.document()
     assert report.error is not None
     assert report.error.message == "Task execution timed out after 2 seconds"
@@ -150,9 +148,10 @@ async def test_host_deadline_kills_a_container_whose_agent_cannot_report(
     pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
 ) -> None:
     async with pipeline_for(guards_off=True, task_timeout_s=1) as pipeline:
-        started = time.monotonic()  # the task's time, not the pool's warm-up
         report = await pipeline.run(request(AGENT_FROZEN))
-        elapsed = time.monotonic() - started
+    # Killed at its deadline (plus the kill's grace), not left running: the run
+    # phase of the audit record, which container set-up does not count in.
+    elapsed = report.audit["durationsMs"]["run"] / 1000
     assert report.outcome is Outcome.TIMEOUT, report.document()
     assert report.error is not None
     assert report.error.message == "Task execution timed out after 1 second"

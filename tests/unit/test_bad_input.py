@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import struct
-import time
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -38,7 +36,8 @@ pytestmark = pytest.mark.timeout(120)
 POLICY = ImportPolicy(frozenset({"json", "math", "re"}), frozenset())
 FUZZ = settings(
     max_examples=150,
-    deadline=timedelta(seconds=2),
+    # No per-example deadline: a busy machine is not a bug; pytest-timeout catches hangs.
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -147,20 +146,17 @@ def test_the_analyzer_gives_a_verdict_on_python_like_fragments(code: str) -> Non
     assert_verdict(analyzer().check(code))
 
 
+# A hang guard (pytest-timeout), not a speed target: a verdict must come at all.
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("code", NESTINGS.values(), ids=NESTINGS.keys())
-def test_deep_nesting_is_a_verdict_in_bounded_time(code: str) -> None:
-    began = time.monotonic()
-    verdict = analyzer().check(code)
-    assert_verdict(verdict)
-    assert time.monotonic() - began < 5
+def test_deep_nesting_is_a_verdict(code: str) -> None:
+    assert_verdict(analyzer().check(code))
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("code", HUGE_LITERALS.values(), ids=HUGE_LITERALS.keys())
-def test_huge_literals_are_a_verdict_in_bounded_time(code: str) -> None:
-    began = time.monotonic()
-    verdict = analyzer().check(code)
-    assert_verdict(verdict)
-    assert time.monotonic() - began < 5
+def test_huge_literals_are_a_verdict(code: str) -> None:
+    assert_verdict(analyzer().check(code))
 
 
 def test_a_huge_concatenation_is_rejected_not_folded_without_bound() -> None:
@@ -345,8 +341,16 @@ GOOD = json.dumps({"version": 1, "status": "success", "result": 1}).encode()
         pytest.param(framed(GOOD)[:2], "no result", id="truncated-header"),
         pytest.param(framed(b'{"version": 1, "status": '), "not valid", id="invalid-json"),
         pytest.param(framed(GOOD) * 2, "more than one", id="two-frames"),
-        pytest.param(b"Traceback (most recent call last):\n", "", id="garbage-on-stdout"),
-        pytest.param(b"hello" + framed(GOOD), "", id="garbage-before-the-frame"),
+        pytest.param(
+            b"Traceback (most recent call last):\n",
+            "length prefix says 1416782179 bytes",  # "Trac" read as a length
+            id="garbage-on-stdout",
+        ),
+        pytest.param(
+            b"hello" + framed(GOOD),
+            "length prefix says 1751477356 bytes",  # "hell" read as a length
+            id="garbage-before-the-frame",
+        ),
         pytest.param(framed(GOOD) + b"\n", "more than one", id="garbage-after-the-frame"),
         pytest.param(framed(b"[" * 100_000), "not valid", id="nesting-deeper-than-the-stack"),
         pytest.param(struct.pack(">I", 2**32 - 1), "truncated", id="length-prefix-4-gib"),

@@ -145,8 +145,9 @@ class BrokerClient:
 
     async def _grant_token(self) -> str:
         if self._first_grant is not None:
-            token, self._first_grant = self._first_grant, None
-            return token
+            # Kept until the broker has seen it (an upgrade that succeeded or was
+            # refused): a connect that never reached the broker did not use it up.
+            return self._first_grant
         if not self._endpoint.auth_token:
             raise BrokerAuthError(
                 "No grant token for this connection",
@@ -192,6 +193,7 @@ class BrokerClient:
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
+                self._first_grant = None
                 raise BrokerAuthError(
                     f"Authentication failed with status {status}",
                     hint="the grant token was refused (used, expired or wrong)",
@@ -201,6 +203,7 @@ class BrokerClient:
             raise BrokerUnavailable(
                 f"Cannot connect to the broker at {self._endpoint.ws_url}", hint=str(exc)
             ) from exc
+        self._first_grant = None  # single-use: the next connection needs a fresh one
         self.connections += 1
         log.info("Connected to broker")
         return connection
@@ -271,6 +274,13 @@ class BrokerClient:
             except ConnectionClosed:
                 self._machine.unsent(frames[index:])
                 return
+            except asyncio.CancelledError:
+                # Cancelled while waiting for the socket to drain (the connection is
+                # being torn down): this frame is already in the transport's buffer
+                # (at most once, never twice); the rest go back to the machine, to be
+                # sent on the next connection or reported as undeliverable.
+                self._machine.unsent(frames[index + 1 :])
+                raise
 
     async def flush_now(self) -> None:
         if self._connection is not None:

@@ -63,6 +63,10 @@ def new_runner_id() -> str:
     return "".join(secrets.choice(RUNNER_ID_ALPHABET) for _ in range(22))
 
 
+class LimitAboveCeiling(ValueError):
+    """The broker asked for a per-task limit above this runner's own."""
+
+
 def completion_of(report: TaskReport) -> Completion:
     """A pipeline report as the machine's completion (with our report extension)."""
     extension = {
@@ -121,6 +125,7 @@ class RunnerService:
         self._helpers: set[asyncio.Task[Any]] = set()
         self._accepted_at: dict[str, float] = {}
         self._shutdown = asyncio.Event()
+        self._task_started = asyncio.Event()
         self._client_stop = asyncio.Event()
         self.health_port: int | None = None
 
@@ -184,16 +189,13 @@ class RunnerService:
         self.machine.begin_shutdown()
         self.client.flush_soon()
         forced = False
-        if self._running:
-            _, pending = await asyncio.wait(
-                list(self._running.values()), timeout=self.settings.graceful_shutdown_timeout_s
-            )
-            if pending:
-                forced = True
-                log.warning("Shutdown timed out, killing %d running task(s)", len(pending))
-                for task_id in list(self._running):
-                    await self._cancel(task_id)
-                await asyncio.wait(pending, timeout=10)
+        pending = await self._wait_for_accepted_tasks(self.settings.graceful_shutdown_timeout_s)
+        if pending:
+            forced = True
+            log.warning("Shutdown timed out, killing %d running task(s)", len(pending))
+            for task_id in list(self._running):
+                await self._cancel(task_id)
+            await asyncio.wait(pending, timeout=10)
         await self.client.flush_now()
         for task_id in self.machine.undelivered_task_ids():
             log.error(
@@ -213,6 +215,26 @@ class RunnerService:
             await asyncio.gather(*self._helpers, return_exceptions=True)
         log.info("Runner stopped")
         return 1 if forced else 0
+
+    async def _wait_for_accepted_tasks(self, timeout_s: float) -> set[asyncio.Task[None]]:
+        """Until every task this runner accepted has finished, or the timeout: also those
+        whose settings arrive during the drain (they start then). What is still running
+        at the deadline is returned."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._running or self.machine.running_count:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._task_started.clear()
+            started = asyncio.ensure_future(self._task_started.wait())
+            await asyncio.wait(
+                [*self._running.values(), started],
+                timeout=remaining,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            started.cancel()
+        return set(self._running.values())
 
     async def _start_health_server(self) -> asyncio.Server | None:
         if not self.settings.health_check_server_enabled:
@@ -252,6 +274,7 @@ class RunnerService:
                     task = asyncio.create_task(self._execute(task_id, settings))
                     self._running[task_id] = task
                     task.add_done_callback(functools.partial(self._forget, task_id))
+                    self._task_started.set()
                 case CancelTask(task_id=task_id, reason=reason):
                     log.info("Cancelling task %s: %s", task_id, reason, extra={"taskId": task_id})
                     self._spawn(self._cancel(task_id))
@@ -305,11 +328,12 @@ class RunnerService:
                 audit=report.audit,
                 queue_wait_s=started - accepted,
             )
-        except ValueError as exc:  # a limit above this runner's ceiling
+        except LimitAboveCeiling as exc:
             completion = Completion(error_message=str(exc), error_description="")
             self.metrics.task_finished(
                 outcome="rejected", error_code="limit_above_ceiling", audit=None, queue_wait_s=None
             )
+            self._audit_failure(task_id, settings, started, "rejected", "limit_above_ceiling")
         except RunnerError as exc:
             log.error("task %s failed in the runner: %s", task_id, exc)
             self.metrics.task_finished(
@@ -320,6 +344,7 @@ class RunnerService:
                 error_description=exc.hint or "",
                 report={"code": exc.code, "stage": exc.stage, "audit": None},
             )
+            self._audit_failure(task_id, settings, started, "runner_error", exc.code, exc.stage)
         except Exception as exc:  # never leave a task stuck on a bug of ours
             log.exception("task %s: internal error", task_id)
             self.metrics.task_finished(
@@ -329,6 +354,9 @@ class RunnerService:
                 error_message=f"Internal error of the runner: {type(exc).__name__}",
                 error_description="",
             )
+            self._audit_failure(task_id, settings, started, "internal_error", "internal_error")
+        finally:
+            self._accepted_at.pop(task_id, None)
         self.machine.finish_task(task_id, completion)
         self.client.flush_soon()
         log.info(
@@ -355,9 +383,38 @@ class RunnerService:
             if value is None:
                 continue
             if value > ceiling:
-                raise ValueError(f"{name} {value} exceeds this runner's ceiling of {ceiling}")
+                raise LimitAboveCeiling(
+                    f"{name} {value} exceeds this runner's ceiling of {ceiling}"
+                )
             changes[field] = value * MIB if field == "memory_bytes" else value
         return replace(base, **changes)
+
+    def _audit_failure(
+        self,
+        task_id: str,
+        settings: TaskSettings,
+        started: float,
+        outcome: str,
+        code: str,
+        stage: str | None = "setup",
+    ) -> None:
+        """The audit line of a task that never reached a sandbox report (one per task)."""
+        record = {
+            "event": "task_completed",
+            "taskId": task_id,
+            "runnerId": self.settings.runner_id,
+            "brokerRunnerId": self.runner_id,
+            "outcome": outcome,
+            "errorCode": code,
+            "stage": stage,
+            "containerId": None,
+            "durationsMs": {"total": round((time.monotonic() - started) * 1000, 3)},
+            "workflowId": settings.workflow_id,
+            "workflowName": settings.workflow_name,
+            "nodeId": settings.node_id,
+            "nodeName": settings.node_name,
+        }
+        audit_log.info(json.dumps(record, ensure_ascii=False, default=str))
 
     def _audit(
         self, task_id: str, settings: TaskSettings, report: TaskReport, started: float

@@ -406,12 +406,15 @@ class DockerSandbox:
             if run.container is not None:
                 self._schedule_removal(run.container)
             self._running.pop(spec.task_id, None)
+            self._cancelled.discard(spec.task_id)  # a cancel that found no container
         return result
 
     async def cancel(self, task_id: str) -> bool:
         """Kill the task's container; its ``run`` then ends with outcome ``cancelled``."""
-        container_id = self._running.get(task_id)
+        # Mark first, then look: the worker thread registers the container and then
+        # checks the mark, so one of the two always sees the other.
         self._cancelled.add(task_id)
+        container_id = self._running.get(task_id)
         if container_id is None:
             return False
         await asyncio.to_thread(self._kill_quietly, container_id)

@@ -23,6 +23,7 @@ import pytest
 from runner.analyzer import Analyzer, ImportPolicy
 from runner.broker_server.core import Broker, BrokerConfig, Submission
 from runner.broker_server.server import RunningBroker, running_broker
+from runner.errors import DockerUnavailableError
 from runner.metrics import BrokerMetrics, CollectorRegistry, RunnerMetrics, exposition
 from runner.pipeline import AuditContext, TaskPipeline
 from runner.protocol.messages import RunnerInfo, TaskAccepted, TaskOffer, TaskRejected
@@ -58,6 +59,10 @@ class StubSandbox:
         self.on_retry: Any = None
 
     async def run(self, spec: TaskSpec, limits: Limits) -> ExecutionResult:
+        if "daemon-gone" in spec.code:
+            raise DockerUnavailableError("The Docker daemon went away", hint="restart it")
+        if "our-bug" in spec.code:
+            raise ValueError("a bug of ours, not a limit")
         if "boom" in spec.code:
             return ExecutionResult(
                 outcome=Outcome.USER_ERROR,
@@ -306,3 +311,83 @@ async def test_log_lines_inside_a_task_carry_its_id_also_from_worker_threads() -
     assert inside["taskId"] == "task-7"
     assert inside["message"] == "container set-up failed, retrying"
     assert "taskId" not in after
+
+
+async def test_tasks_that_never_reach_a_sandbox_report_are_counted_and_audited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="runner.audit")
+    async with service_and_broker() as (service, running):
+        gone = await finished(running.broker, "return 'daemon-gone'")
+        bug = await finished(running.broker, "return 'our-bug'")
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{service.health_port}/metrics")).text
+    assert gone["error"]["message"] == "Task could not be run: The Docker daemon went away"
+    # A ValueError of ours is an internal error, not a limit the broker asked for.
+    assert bug["error"]["message"] == "Internal error of the runner: ValueError"
+    assert (
+        sample(
+            text,
+            "sandbox_runner_tasks_total",
+            outcome="runner_error",
+            error_code="docker_unavailable",
+        )
+        == 1
+    )
+    assert (
+        sample(
+            text,
+            "sandbox_runner_tasks_total",
+            outcome="internal_error",
+            error_code="internal_error",
+        )
+        == 1
+    )
+    assert (
+        sample(
+            text, "sandbox_runner_tasks_total", outcome="rejected", error_code="limit_above_ceiling"
+        )
+        is None
+    )
+    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "runner.audit"]
+    assert [(r["outcome"], r["errorCode"]) for r in records] == [
+        ("runner_error", "docker_unavailable"),
+        ("internal_error", "internal_error"),
+    ]
+    assert all(r["brokerRunnerId"] == service.runner_id for r in records)
+    assert service._accepted_at == {}
+
+
+async def test_a_task_whose_settings_arrive_during_the_drain_is_run_and_waited_for() -> None:
+    settings = Settings(runner_id="drain-unit", graceful_shutdown_timeout_s=5)
+    service = RunnerService(
+        settings, stub_pipeline(), broker_uri="http://127.0.0.1:9", handle_signals=False
+    )
+    machine = service.machine
+
+    def feed(**message: Any) -> None:
+        machine.receive_frame(json.dumps(message))
+
+    def sent() -> list[dict[str, Any]]:
+        return [json.loads(out.frame) for out in machine.frames_to_send()]
+
+    machine.connection_made()
+    feed(type="broker:inforequest")
+    feed(type="broker:runnerregistered")
+    offer = next(m for m in sent() if m["type"] == "runner:taskoffer")
+    feed(type="broker:taskofferaccept", taskId="t1", offerId=offer["offerId"])
+    assert [m["type"] for m in sent()] == ["runner:taskaccepted"]
+
+    machine.begin_shutdown()
+    drain = asyncio.create_task(service._wait_for_accepted_tasks(5))
+    await asyncio.sleep(0.05)
+    assert not drain.done()  # accepted, settings not here yet: still the runner's task
+    feed(
+        type="broker:tasksettings",
+        taskId="t1",
+        settings={"code": "return 1", "nodeMode": "runOnceForAllItems", "items": []},
+    )
+    service._handle_events()
+    assert await asyncio.wait_for(drain, 5) == set()
+    done = [m for m in sent() if m["type"] == "runner:taskdone"]
+    assert [m["taskId"] for m in done] == ["t1"]

@@ -269,8 +269,11 @@ class RunnerService:
     def _handle_events(self) -> None:
         for event in self.machine.events():
             match event:
-                case StartTask(task_id=task_id, settings=settings):
-                    self._accepted_at[task_id] = time.monotonic()
+                case StartTask(task_id=task_id, settings=settings, accepted_at=accepted_at):
+                    # The machine's clock is time.monotonic (see __init__).
+                    self._accepted_at[task_id] = (
+                        accepted_at if accepted_at is not None else time.monotonic()
+                    )
                     task = asyncio.create_task(self._execute(task_id, settings))
                     self._running[task_id] = task
                     task.add_done_callback(functools.partial(self._forget, task_id))

@@ -82,6 +82,9 @@ class TaskState(StrEnum):
 class StartTask:
     task_id: str
     settings: TaskSettings
+    # When this runner accepted the task (the machine's clock): the wait for its settings
+    # counts as queueing, not as running.
+    accepted_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,7 +379,7 @@ class RunnerProtocol:
             self.finish_task(task_id, Completion(error_message=str(exc), error_description=""))
             return
         task.state = TaskState.RUNNING
-        self._events.append(StartTask(task_id, settings))
+        self._events.append(StartTask(task_id, settings, task.accepted_at))
         log.info("Received task %s", task_id)
 
     def _cancel(self, task_id: str, reason: str) -> None:

@@ -358,7 +358,10 @@ async def test_tasks_that_never_reach_a_sandbox_report_are_counted_and_audited(
     assert service._accepted_at == {}
 
 
-async def test_a_task_whose_settings_arrive_during_the_drain_is_run_and_waited_for() -> None:
+async def test_a_task_whose_settings_arrive_during_the_drain_is_run_and_waited_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="runner.audit")
     settings = Settings(runner_id="drain-unit", graceful_shutdown_timeout_s=5)
     service = RunnerService(
         settings, stub_pipeline(), broker_uri="http://127.0.0.1:9", handle_signals=False
@@ -391,3 +394,6 @@ async def test_a_task_whose_settings_arrive_during_the_drain_is_run_and_waited_f
     assert await asyncio.wait_for(drain, 5) == set()
     done = [m for m in sent() if m["type"] == "runner:taskdone"]
     assert [m["taskId"] for m in done] == ["t1"]
+    # The wait for its settings (at least the 50 ms above) counts as its queueing.
+    (record,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "runner.audit"]
+    assert record["queueMs"] >= 50

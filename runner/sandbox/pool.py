@@ -153,6 +153,9 @@ class WarmPool(Generic[T]):
         self._clock = clock
         self._state: _State[T] = _State()
         self._generation = 0
+        # The key the last creation of this generation produced: slots in flight will
+        # have it too, so a task with another key need not wait for one.
+        self._creation_key: str | None = None
         self._counters = _Counters()
         self._backoff_s = 0.0
         self._retry_at = 0.0
@@ -249,6 +252,7 @@ class WarmPool(Generic[T]):
         Creations in flight finish and are destroyed (their generation is old).
         """
         self._generation += 1
+        self._creation_key = None  # a new image or policy: keys of the past say nothing
         for slot in list(self._state.idle):
             self._discard(slot)
         self._wakeup.set()
@@ -287,6 +291,8 @@ class WarmPool(Generic[T]):
         )
         if creation is None:
             return Taken(None, Miss.EMPTY)
+        if self._creation_key is not None and self._creation_key != key:
+            return Taken(None, Miss.KEY_DIFFERS)  # it could not serve this task: start cold
         creation.claimed = True
         self._wakeup.set()  # the claimed creation no longer counts toward the target
         began = self._clock()
@@ -368,6 +374,8 @@ class WarmPool(Generic[T]):
             self._backoff_s, self._retry_at = 0.0, 0.0
             now = self._clock()
             slot = Slot(key, resource, now, now + self._config.max_idle_s)
+            if creation.generation == self._generation:
+                self._creation_key = key
             if self._closed or creation.generation != self._generation:
                 self._destroy_later(resource)
                 slot = None

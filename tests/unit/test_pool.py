@@ -206,6 +206,29 @@ async def test_a_task_finding_the_pool_empty_claims_a_creation_in_flight() -> No
         await pool.aclose()
 
 
+async def test_a_task_with_another_key_does_not_wait_for_a_creation_in_flight() -> None:
+    factory = Factory(gate=threading.Event())
+    pool = factory.pool(size=1, concurrency=1)
+    try:
+        factory.gate.set()  # type: ignore[union-attr]
+        await pool.wait_filled()  # the pool has seen what its creations make: key k1
+        factory.gate.clear()  # type: ignore[union-attr]
+        assert (await pool.take("k1")).slot is not None
+        await factory.entered(2)  # the first creation, then the refill (held at the gate)
+        # Other limits, another key: starting cold at once beats waiting for a slot
+        # that could not serve it; the creation stays for a task that can use it.
+        other = await pool.take("k2")
+        assert other.slot is None
+        assert other.miss is Miss.KEY_DIFFERS
+        assert other.waited_s == 0
+        waiter = asyncio.create_task(pool.take("k1"))
+        factory.gate.set()  # type: ignore[union-attr]
+        assert (await waiter).slot is not None
+    finally:
+        factory.gate.set()  # type: ignore[union-attr]
+        await pool.aclose()
+
+
 async def test_a_cancelled_waiter_leaves_its_slot_to_the_pool() -> None:
     factory = Factory(gate=threading.Event())
     pool = factory.pool(size=1, concurrency=1)

@@ -38,6 +38,7 @@ from runner.broker_server.core import (
     BrokerTask,
     Submission,
     TaskLimits,
+    TenantBacklogFull,
     check_schema,
     validate_input,
 )
@@ -301,7 +302,16 @@ def create_app(
                 except ProtocolError as exc:
                     log.warning("runner %s sent a bad frame: %s", runner_id, exc)
                     continue
-                broker.runner_message(connection, decoded)
+                try:
+                    broker.runner_message(connection, decoded)
+                except Exception:
+                    # A bug in handling one frame must not drop a runner that serves
+                    # every tenant: log it, skip the frame, keep the connection.
+                    log.exception(
+                        "handling %s from runner %s failed; frame ignored",
+                        type(decoded).__name__,
+                        runner_id,
+                    )
         except WebSocketDisconnect:
             pass
         finally:
@@ -338,12 +348,30 @@ def create_app(
     def task_body(task: BrokerTask) -> dict[str, Any]:
         return task.document if task.document is not None else task.summary()
 
+    async def wait_for(task: BrokerTask, wait: float) -> None:
+        """Until the task ends, ``wait`` seconds pass or the broker starts closing."""
+        if wait <= 0 or task.document is not None or broker.closing.is_set():
+            return
+        waiters = [
+            asyncio.ensure_future(task.done.wait()),
+            asyncio.ensure_future(broker.closing.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
     @app.post(
         "/v1/tasks",
         tags=["tasks"],
         status_code=202,
         summary="Submit a task",
-        responses={200: {"description": "The task ended within `wait`: its result document"}},
+        responses={
+            200: {"description": "The task ended within `wait`: its result document"},
+            429: {"description": "The tenant has too many unfinished tasks"},
+        },
         # Documents hold the task's own values, which may carry lone surrogates: no
         # pydantic re-serialization (it refuses them); SafeJSONResponse escapes them.
         response_model=None,
@@ -375,22 +403,23 @@ def create_app(
         problem = validate_input(body.input_schema, items)
         if problem is not None:
             raise HTTPException(422, f"Items do not match inputSchema: {problem}")
-        task = broker.submit(
-            Submission(
-                tenant=tenant,
-                code=body.code,
-                items=items,
-                mode=Mode.parse(body.mode),
-                continue_on_fail=body.continue_on_fail,
-                query=body.query,
-                limits=TaskLimits(body.timeout_seconds, body.memory_mb, body.cpus),
-                output_schema=body.output_schema,
+        try:
+            task = broker.submit(
+                Submission(
+                    tenant=tenant,
+                    code=body.code,
+                    items=items,
+                    mode=Mode.parse(body.mode),
+                    continue_on_fail=body.continue_on_fail,
+                    query=body.query,
+                    limits=TaskLimits(body.timeout_seconds, body.memory_mb, body.cpus),
+                    output_schema=body.output_schema,
+                )
             )
-        )
+        except TenantBacklogFull as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": "1"}) from exc
         response.headers["Location"] = f"/v1/tasks/{task.task_id}"
-        if wait > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(task.done.wait(), timeout=wait)
+        await wait_for(task, wait)
         if task.document is not None:
             response.status_code = 200
             return task.document
@@ -409,9 +438,7 @@ def create_app(
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
     ) -> dict[str, Any]:
         task = own_task(task_id, tenant)
-        if wait > 0 and task.document is None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(task.done.wait(), timeout=wait)
+        await wait_for(task, wait)
         if task.document is None:
             response.status_code = 202
         return task_body(task)

@@ -16,6 +16,7 @@ Executes no code itself.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import secrets
 import string
@@ -27,7 +28,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
+import attrs
 import jsonschema
+import referencing
 import referencing.exceptions
 from pydantic import BaseModel
 
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 
 ACCEPT_TIMEOUT_S = 2.0
 TIMED_OUT_REASON = "Task execution timed out"
+NOT_WANTED_REASON = "Task is no longer wanted"
 TASK_ID_ALPHABET = string.ascii_letters + string.digits + "_-"
 
 
@@ -148,7 +152,12 @@ class BrokerConfig:
     runner_lost_grace_s: float = 30.0
     tenant_quota: int = 4
     tenant_quotas: dict[str, int] = field(default_factory=dict)
-    max_tasks_kept: int = 1000
+    max_tasks_kept: int = 1000  # finished tasks kept per tenant (older ones are forgotten)
+    max_unfinished_per_tenant: int = 1000  # queued + offered + running; more is a 429
+
+
+class TenantBacklogFull(Exception):
+    """A tenant already has ``max_unfinished_per_tenant`` tasks that have not finished."""
 
 
 class Broker:
@@ -171,7 +180,11 @@ class Broker:
         self._queues: dict[str, deque[str]] = {}
         self._round_robin: deque[str] = deque()
         self._active: dict[str, int] = {}  # tenant -> offered + running
+        self._unfinished: dict[str, int] = {}  # tenant -> queued + offered + running
+        self._finished: dict[str, deque[str]] = {}  # tenant -> finished task ids, oldest first
         self._draining = False
+        # Set by drain(): the API's long-polls race it and answer with the current state.
+        self.closing = asyncio.Event()
         self.log_messages = False
         self.message_log: list[tuple[str, dict[str, Any]]] = []  # (runner id, message), tests
 
@@ -240,6 +253,14 @@ class Broker:
     # -- tasks --------------------------------------------------------------------------
 
     def submit(self, submission: Submission) -> BrokerTask:
+        """Queue a task; :class:`TenantBacklogFull` if its tenant has too many unfinished."""
+        tenant = submission.tenant
+        cap = self.config.max_unfinished_per_tenant
+        if self._unfinished.get(tenant, 0) >= cap:
+            raise TenantBacklogFull(
+                f"Tenant {tenant!r} already has {cap} unfinished tasks (the broker's limit); "
+                "wait for some to finish or cancel some"
+            )
         task = BrokerTask(
             task_id=new_task_id(),
             submission=submission,
@@ -247,11 +268,11 @@ class Broker:
             submitted_wall=datetime.now(UTC),
         )
         self._tasks[task.task_id] = task
+        self._unfinished[tenant] = self._unfinished.get(tenant, 0) + 1
         if self._metrics is not None:
             self._metrics.submitted.inc()
         self._queue(task, front=False)
         self._arm(task, self.config.queue_timeout_s, self._queue_expired, task.task_id)
-        self._evict_old()
         self.dispatch()
         return task
 
@@ -382,11 +403,23 @@ class Broker:
     def _accepted(self, runner_id: str, task_id: str) -> None:
         task = self._tasks.get(task_id)
         if task is None or task.status is not TaskStatus.OFFERED or task.runner_id != runner_id:
+            if (
+                task is not None
+                and task.status is TaskStatus.RUNNING
+                and task.runner_id == runner_id
+            ):
+                log.info("repeated acceptance of %s by %s ignored", task_id, runner_id)
+                return
+            # Cancelled while offered, requeued by the accept timer, or unknown: the runner
+            # holds a slot waiting for settings that will never come. Free it.
             log.info(
-                "late or unknown acceptance of %s by %s ignored",
+                "late or unknown acceptance of %s by %s: telling it to drop the task",
                 task_id,
                 runner_id,
                 extra={"taskId": task_id},
+            )
+            self._runners[runner_id].connection.send(
+                TaskCancel(task_id=task_id, reason=NOT_WANTED_REASON)
             )
             return
         task.status = TaskStatus.RUNNING
@@ -486,7 +519,11 @@ class Broker:
         self._finish(task, {"status": "error", "error": error}, audit)
 
     def _finish(self, task: BrokerTask, body: dict[str, Any], audit: Any) -> None:
+        if task.status.is_finished:
+            return
         self._release(task)
+        tenant = task.submission.tenant
+        self._unfinished[tenant] = max(0, self._unfinished.get(tenant, 0) - 1)
         task.status = TaskStatus.SUCCESS if body["status"] == "success" else TaskStatus.ERROR
         task.finished_at = self._clock()
         if self._metrics is not None:
@@ -499,6 +536,7 @@ class Broker:
             task.timer.cancel()
             task.timer = None
         task.done.set()
+        self._retain(task)
 
     def _tell_runner_cancel(self, task: BrokerTask, reason: str) -> None:
         runner = self._runners.get(task.runner_id or "")
@@ -559,17 +597,22 @@ class Broker:
         )
         self.dispatch()
 
-    def _evict_old(self) -> None:
-        finished = [t for t in self._tasks.values() if t.status.is_finished]
-        excess = len(self._tasks) - self.config.max_tasks_kept
-        for task in sorted(finished, key=lambda t: t.finished_at or 0)[: max(0, excess)]:
-            del self._tasks[task.task_id]
+    def _retain(self, task: BrokerTask) -> None:
+        """Keep the tenant's last ``max_tasks_kept`` finished tasks; forget older ones.
+
+        Per tenant: one tenant's volume never evicts another's results.
+        """
+        kept = self._finished.setdefault(task.submission.tenant, deque())
+        kept.append(task.task_id)
+        while len(kept) > self.config.max_tasks_kept:
+            self._tasks.pop(kept.popleft(), None)
 
     # -- shutdown -----------------------------------------------------------------------
 
     def drain(self) -> None:
         """Stop dispatching and tell every runner to stop offering."""
         self._draining = True
+        self.closing.set()
         for runner in self._runners.values():
             runner.offers.clear()
             if runner.registered:
@@ -593,18 +636,174 @@ class Broker:
             runner.connection.close(code, reason)
 
 
-def _schema_error(schema: dict[str, Any] | None, value: Any, root: str) -> str | None:
-    """The first JSON Schema violation as ``path: message``, or None."""
+# -- caller schemas ---------------------------------------------------------------------
+#
+# Caller schemas are checked and applied in the broker's event loop, so one tenant's
+# schema must not be able to stall it for everyone. Three guards:
+#
+# * keywords whose cost is not linear in the data are refused up front
+#   (:data:`REFUSED_KEYWORDS`, a 422 naming where);
+# * data nested deeper than :data:`MAX_VALIDATED_DEPTH` is not validated at all;
+# * every keyword check is metered: one validation (all of a task's items together, or
+#   one result) may spend at most :data:`VALIDATION_BUDGET` checks, so nested ``anyOf``
+#   (exponential in the depth), big ``enum`` lists and the like end in a clear refusal.
+#
+# No reference is ever fetched: only the caller's own document and the bundled
+# meta-schemas resolve (jsonschema's default registry would ``urlopen`` any URL).
+
+MAX_VALIDATED_DEPTH = 64
+VALIDATION_BUDGET = 100_000  # keyword checks, about a second of event loop at most
+
+_REGEX_REASON = (
+    "regular-expression keywords (pattern, patternProperties) are not supported, because "
+    "a backtracking pattern could stall the broker for every tenant"
+)
+# keyword -> why a caller schema may not use it.
+REFUSED_KEYWORDS: dict[str, str] = {
+    # Python's backtracking engine: one pattern like ``^(a+)+$`` stalls the loop for
+    # seconds (jsonschema also matches patternProperties inside additionalProperties
+    # and unevaluatedProperties).
+    "pattern": _REGEX_REASON,
+    "patternProperties": _REGEX_REASON,
+    # jsonschema compares unsortable items (objects, mixed types) pairwise: 4000 small
+    # objects (51 KB) took 18 s.
+    "uniqueItems": (
+        "uniqueItems is not supported, because checking it takes time quadratic in the "
+        "array's length and could stall the broker for every tenant"
+    ),
+}
+REGEX_KEYWORDS = ("pattern", "patternProperties")
+
+# Keywords whose value maps names to schemas (the names are data, not keywords).
+_SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "dependentSchemas"})
+# Keywords whose value is data (never a schema).
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required"})
+
+
+class _OverBudget(Exception):
+    pass
+
+
+@dataclass
+class _Budget:
+    remaining: int
+
+    def spend(self, cost: int) -> None:
+        self.remaining -= cost
+        if self.remaining < 0:
+            raise _OverBudget
+
+
+_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
+    "schema_budget", default=None
+)
+_SORTABLE = (str, int, float)
+
+
+def _cost(keyword: str, value: Any, instance: Any) -> int:
+    """What one keyword check costs, in budget units (most are 1)."""
+    if keyword == "uniqueItems" and value is True and isinstance(instance, list):
+        # jsonschema sorts items of one primitive kind; anything else is compared pairwise.
+        kinds = {str if isinstance(i, str) else float for i in instance if type(i) in _SORTABLE}
+        if len(kinds) <= 1 and all(type(i) in _SORTABLE for i in instance):
+            return 1 + len(instance)
+        return 1 + len(instance) * len(instance) // 2
+    if keyword in ("enum", "required", "dependentRequired") and isinstance(value, list | dict):
+        return 1 + len(value)
+    return 1
+
+
+def _metered(keyword: str, check: Callable[..., Any]) -> Callable[..., Any]:
+    def metered(validator: Any, value: Any, instance: Any, schema: Any) -> Any:
+        budget = _BUDGET.get()
+        if budget is not None:
+            budget.spend(_cost(keyword, value, instance))
+        return check(validator, value, instance, schema)
+
+    return metered
+
+
+_Metered: Any = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+    jsonschema.Draft202012Validator,
+    validators={
+        keyword: _metered(keyword, check)
+        for keyword, check in jsonschema.Draft202012Validator.VALIDATORS.items()
+    },
+)
+_METERED_FIELDS = [(f.name, f.alias) for f in attrs.fields(_Metered) if f.init]
+
+
+def _evolve(self: Any, **changes: Any) -> Any:
+    # jsonschema's own evolve switches to another (unmetered) validator class when a
+    # subschema names a ``$schema``; ours stays metered (and 2020-12, as checked).
+    changes.setdefault("schema", self.schema)
+    for name, alias in _METERED_FIELDS:
+        changes.setdefault(alias, getattr(self, name))
+    return _Metered(**changes)
+
+
+_Metered.evolve = _evolve
+# Only the bundled meta-schemas (jsonschema always adds them) and the caller's document.
+_NO_RETRIEVAL: referencing.Registry[Any] = referencing.Registry()
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists/objects nest more than ``limit`` levels (iterative: any depth)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _schema_error(
+    schema: dict[str, Any] | None, value: Any, root: str, budget: _Budget | None = None
+) -> str | None:
+    """The first JSON Schema violation as ``path: message``, or None.
+
+    Never raises: whatever the caller's schema does (a ``$ref`` cycle that consumes
+    no data, too much work, a reference to nowhere) ends in a message.
+    """
     if schema is None:
         return None
+    if _deeper_than(value, MAX_VALIDATED_DEPTH):
+        return (
+            f"{root}: nests deeper than {MAX_VALIDATED_DEPTH} levels, "
+            "too deep to validate against the schema"
+        )
+    budget = budget if budget is not None else _Budget(VALIDATION_BUDGET)
+    token = _BUDGET.set(budget)
     try:
         errors = sorted(
-            jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.path)
+            _Metered(schema, registry=_NO_RETRIEVAL).iter_errors(value),
+            key=lambda e: list(e.path),
         )
     except referencing.exceptions.Unresolvable as exc:
-        # A ``$ref`` to nowhere (or to a URL: nothing is ever fetched). A caller's
-        # schema must not raise out of the broker's message handling.
+        # A ``$ref`` to nowhere (or to a URL: nothing is ever fetched).
         return f"{root}: the schema's reference {exc.ref!r} cannot be resolved"
+    except _OverBudget:
+        return (
+            f"{root}: validating against the schema takes more than {VALIDATION_BUDGET} "
+            "checks (the broker's limit); simplify the schema or send less data"
+        )
+    except RecursionError:
+        return (
+            f"{root}: the schema recurses too deeply to validate "
+            "(a $ref cycle that consumes no data?)"
+        )
+    except Exception as exc:  # a caller's schema must not raise out of the broker
+        log.warning("validating %s against a caller's schema failed", root, exc_info=True)
+        return f"{root}: the schema cannot be applied ({type(exc).__name__})"
+    finally:
+        _BUDGET.reset(token)
     if not errors:
         return None
     first = errors[0]
@@ -613,68 +812,68 @@ def _schema_error(schema: dict[str, Any] | None, value: Any, root: str) -> str |
 
 
 def validate_input(schema: dict[str, Any] | None, items: list[Any]) -> str | None:
-    """Every item's ``json`` against ``inputSchema``; the first failure with its path."""
+    """Every item's ``json`` against ``inputSchema``; the first failure with its path.
+
+    All items share one budget of :data:`VALIDATION_BUDGET` checks.
+    """
     if schema is None:
         return None
+    budget = _Budget(VALIDATION_BUDGET)
     for index, item in enumerate(items):
         error = _schema_error(
-            schema, item.get("json") if isinstance(item, dict) else item, f"items[{index}].json"
+            schema,
+            item.get("json") if isinstance(item, dict) else item,
+            f"items[{index}].json",
+            budget,
         )
         if error is not None:
             return error
     return None
 
 
-# Keywords whose value maps names to schemas (the names are data, not keywords).
-_SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "dependentSchemas"})
-# Keywords whose value is data (never a schema).
-_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required"})
-# Regular expressions run in the broker's event loop with Python's backtracking engine:
-# one pattern like ``^(a+)+$`` stalls every tenant for seconds (jsonschema also matches
-# ``patternProperties`` inside additionalProperties and unevaluatedProperties).
-REGEX_KEYWORDS = ("pattern", "patternProperties")
-
-
-def regex_keyword_in(schema: Any, where: str = "") -> str | None:
-    """Where the schema uses a regular-expression keyword, or None."""
-    if isinstance(schema, list):
-        for index, sub in enumerate(schema):
-            found = regex_keyword_in(sub, f"{where}[{index}]")
-            if found:
-                return found
-        return None
-    if not isinstance(schema, dict):
-        return None
-    for keyword, value in schema.items():
-        path = f"{where}.{keyword}" if where else keyword
-        if keyword in REGEX_KEYWORDS:
-            return path
-        if keyword in _DATA_KEYWORDS:
-            continue
-        if keyword in _SCHEMA_MAPS and isinstance(value, dict):
-            for key, sub in value.items():
-                found = regex_keyword_in(sub, f"{path}.{key}")
-                if found:
-                    return found
-            continue
-        found = regex_keyword_in(value, path)
-        if found:
-            return found
+def refused_keyword_in(schema: Any) -> tuple[str, str] | None:
+    """Where the schema first uses a keyword of :data:`REFUSED_KEYWORDS`, and why."""
+    stack: list[tuple[Any, str]] = [(schema, "")]
+    while stack:
+        node, where = stack.pop()
+        found: list[tuple[Any, str]] = []
+        if isinstance(node, list):
+            found = [(sub, f"{where}[{index}]") for index, sub in enumerate(node)]
+        elif isinstance(node, dict):
+            for keyword, value in node.items():
+                path = f"{where}.{keyword}" if where else keyword
+                if keyword in REFUSED_KEYWORDS:
+                    return path, REFUSED_KEYWORDS[keyword]
+                if keyword in _DATA_KEYWORDS:
+                    continue
+                if keyword in _SCHEMA_MAPS and isinstance(value, dict):
+                    found.extend((sub, f"{path}.{key}") for key, sub in value.items())
+                else:
+                    found.append((value, path))
+        stack.extend(reversed(found))  # depth first, in document order
     return None
 
 
 def check_schema(schema: dict[str, Any] | None, name: str) -> str | None:
+    """Why a caller's schema is refused (a 422), or None. Never raises."""
     if schema is None:
         return None
-    try:
-        jsonschema.Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        return f"{name} is not a valid JSON Schema: {exc.message}"
-    found = regex_keyword_in(schema)
+    found = refused_keyword_in(schema)
     if found is not None:
-        return (
-            f"{name} uses {found}: regular-expression keywords "
-            f"({', '.join(REGEX_KEYWORDS)}) are not supported, because a backtracking "
-            "pattern could stall the broker for every tenant"
-        )
+        return f"{name} uses {found[0]}: {found[1]}"
+    meta = _Metered(
+        jsonschema.Draft202012Validator.META_SCHEMA,
+        format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
+    )
+    token = _BUDGET.set(_Budget(VALIDATION_BUDGET))
+    try:
+        error = next(meta.iter_errors(schema), None)
+    except _OverBudget:
+        return f"{name} is too large to check (more than {VALIDATION_BUDGET} checks)"
+    except RecursionError:
+        return f"{name} nests too deeply to check"
+    finally:
+        _BUDGET.reset(token)
+    if error is not None:
+        return f"{name} is not a valid JSON Schema: {error.message}"
     return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -123,6 +124,8 @@ async def running_broker(
         log_config=None,
         log_level=log_level,
         access_log=False,
+        # Requests still open when we stop (long-polls are woken by drain) get this long.
+        timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_timeout_s),
     )
     server = _Server(config)
     serving = asyncio.create_task(server.serve(sockets=[sock]))

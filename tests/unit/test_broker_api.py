@@ -6,16 +6,25 @@ runners is tested in tests/integration). Requests go through httpx's ASGI transp
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI
+from websockets.asyncio.client import connect as ws_connect
 
+from runner.broker_server import server as server_module
 from runner.broker_server.app import ApiConfig, create_app
 from runner.broker_server.core import Broker, BrokerConfig, TaskLimits
+from runner.broker_server.server import running_broker
 from runner.broker_server.tokens import GrantTokens
-from runner.protocol.messages import TaskDone, TaskDoneData
+from runner.protocol.codec import encode
+from runner.protocol.messages import RunnerInfo, TaskDone, TaskDoneData, TaskOffer
+from runner.settings import Settings
 
 KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
 A = {"Authorization": "Bearer key-a"}
@@ -26,11 +35,23 @@ def make(
     api_keys: dict[str, str] | None = None,
     max_request_bytes: int = 64 * 1024,
     client: tuple[str, int] = ("127.0.0.1", 5000),
+    config: BrokerConfig | None = None,
 ) -> tuple[httpx.AsyncClient, Broker]:
-    broker = Broker(BrokerConfig(default_timeout_s=60))
-    app = create_app(
+    broker = Broker(config or BrokerConfig(default_timeout_s=60))
+    app = make_app(broker, api_keys, max_request_bytes)
+    transport = httpx.ASGITransport(app=app, client=client)
+    return httpx.AsyncClient(transport=transport, base_url="http://broker"), broker
+
+
+def make_app(
+    broker: Broker,
+    api_keys: dict[str, str] | None = None,
+    max_request_bytes: int = 64 * 1024,
+    tokens: GrantTokens | None = None,
+) -> FastAPI:
+    return create_app(
         broker,
-        GrantTokens(30),
+        tokens or GrantTokens(30),
         ApiConfig(
             auth_token="secret-auth-token",
             api_keys=api_keys if api_keys is not None else KEYS,
@@ -38,8 +59,12 @@ def make(
             ceilings=TaskLimits(timeout_s=120, memory_mb=512, cpus=2),
         ),
     )
-    transport = httpx.ASGITransport(app=app, client=client)
-    return httpx.AsyncClient(transport=transport, base_url="http://broker"), broker
+
+
+def _nested(leaf: Any, key: str, depth: int) -> Any:
+    for _ in range(depth):
+        leaf = {key: leaf}
+    return leaf
 
 
 @pytest.fixture
@@ -173,6 +198,48 @@ async def test_cancel_a_queued_task(api: Any) -> None:
             },
             "outputSchema uses items.patternProperties",
         ),
+        (
+            {
+                "code": "x",
+                "items": [{"a": [{"k": i} for i in range(50)]}],
+                "inputSchema": {"properties": {"a": {"uniqueItems": True}}},
+            },
+            "inputSchema uses properties.a.uniqueItems: uniqueItems is not supported, because "
+            "checking it takes time quadratic",
+        ),
+        (
+            {"code": "x", "outputSchema": {"$defs": {"x": {"items": {"uniqueItems": False}}}}},
+            "outputSchema uses $defs.x.items.uniqueItems",
+        ),
+        (
+            # the meta-schema's own uniqueItems (on `type`) is metered while checking
+            {"code": "x", "inputSchema": {"type": [{"x": i} for i in range(3000)]}},
+            "inputSchema is too large to check (more than 100000 checks)",
+        ),
+        (
+            {"code": "x", "inputSchema": _nested({}, "not", 900)},
+            "inputSchema nests too deeply to check",
+        ),
+        (
+            {
+                "code": "x",
+                "items": [{"a": _nested(1, "a", 70)}],
+                "inputSchema": {"type": "object"},
+            },
+            "items[0].json: nests deeper than 64 levels, too deep to validate",
+        ),
+        (
+            {"code": "x", "items": [{"a": 1}], "inputSchema": {"anyOf": [{"$ref": "#"}]}},
+            "items[0].json: the schema recurses too deeply to validate",
+        ),
+        (
+            {
+                "code": "x",
+                "items": [{"a": 1000 + i} for i in range(200)],  # all valid, 200 x 1000
+                "inputSchema": {"properties": {"a": {"enum": list(range(1000, 2000))}}},
+            },
+            "takes more than 100000 checks (the broker's limit)",
+        ),
     ],
     ids=[
         "no-code",
@@ -187,6 +254,13 @@ async def test_cancel_a_queued_task(api: Any) -> None:
         "input-schema-path",
         "regex-pattern",
         "regex-pattern-properties",
+        "unique-items",
+        "unique-items-in-defs",
+        "meta-schema-unique-items",
+        "deep-schema",
+        "deep-items",
+        "ref-cycle",
+        "enum-budget-over-all-items",
     ],
 )
 async def test_bad_bodies_get_clear_4xx(api: Any, body: dict[str, Any], fragment: str) -> None:
@@ -280,3 +354,142 @@ async def test_openapi_document_describes_the_task_api(api: Any) -> None:
         "inputSchema",
         "outputSchema",
     } <= set(create)
+
+
+async def test_a_tenant_over_its_backlog_cap_gets_429_and_others_are_served() -> None:
+    client, broker = make(config=BrokerConfig(max_unfinished_per_tenant=2))
+    async with client:
+        for _ in range(2):
+            assert (
+                await client.post("/v1/tasks", json={"code": "return 1"}, headers=A)
+            ).status_code == 202
+        refused = await client.post("/v1/tasks", json={"code": "return 1"}, headers=A)
+        assert refused.status_code == 429
+        assert refused.json() == {
+            "detail": "Tenant 'tenant-a' already has 2 unfinished tasks (the broker's limit); "
+            "wait for some to finish or cancel some"
+        }
+        assert refused.headers["retry-after"] == "1"
+        assert (
+            await client.post("/v1/tasks", json={"code": "return 1"}, headers=B)
+        ).status_code == 202
+        first = broker.recent("tenant-a", 10)[-1]
+        assert (await client.delete(f"/v1/tasks/{first.task_id}", headers=A)).status_code == 200
+        assert (
+            await client.post("/v1/tasks", json={"code": "return 1"}, headers=A)
+        ).status_code == 202
+
+
+async def test_another_tenants_volume_does_not_evict_my_result() -> None:
+    client, _ = make(config=BrokerConfig(max_tasks_kept=3))
+    async with client:
+        mine = (await client.post("/v1/tasks", json={"code": "return 1"}, headers=B)).json()
+        await client.delete(f"/v1/tasks/{mine['taskId']}", headers=B)
+        for _ in range(10):
+            task = (await client.post("/v1/tasks", json={"code": "return 1"}, headers=A)).json()
+            await client.delete(f"/v1/tasks/{task['taskId']}", headers=A)
+        kept = await client.get(f"/v1/tasks/{mine['taskId']}", headers=B)
+        assert kept.status_code == 200
+        assert kept.json()["error"]["code"] == "cancelled"
+        assert len((await client.get("/v1/tasks", headers=A)).json()["tasks"]) == 3
+
+
+async def until(condition: Any) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never became true")
+
+
+async def test_drain_answers_open_long_polls_with_the_current_state(api: Any) -> None:
+    client, broker = api
+    submitted = asyncio.create_task(
+        client.post("/v1/tasks?wait=300", json={"code": "return 1"}, headers=A)
+    )
+    await until(lambda: broker.recent("tenant-a", 1))
+    task_id = broker.recent("tenant-a", 1)[0].task_id
+    polled = asyncio.create_task(client.get(f"/v1/tasks/{task_id}?wait=300", headers=A))
+    await asyncio.sleep(0.05)
+    assert not submitted.done()
+    assert not polled.done()
+    broker.drain()
+    # a hang guard, far below the 300 s asked for: drain must wake both
+    answers = await asyncio.wait_for(asyncio.gather(submitted, polled), timeout=30)
+    for answer in answers:
+        assert answer.status_code == 202
+        assert answer.json()["taskId"] == task_id
+        assert answer.json()["status"] == "queued"
+    # and a wait asked for while closing is not waited
+    late = await asyncio.wait_for(
+        client.get(f"/v1/tasks/{task_id}?wait=300", headers=A), timeout=30
+    )
+    assert late.status_code == 202
+
+
+async def test_shutdown_with_an_open_long_poll_keeps_the_graceful_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    configs: list[uvicorn.Config] = []
+    real_config = uvicorn.Config
+
+    def recording_config(*args: Any, **kwargs: Any) -> uvicorn.Config:
+        config = real_config(*args, **kwargs)
+        configs.append(config)
+        return config
+
+    monkeypatch.setattr(server_module.uvicorn, "Config", recording_config)
+    settings = Settings(broker_host="127.0.0.1", broker_port=0, graceful_shutdown_timeout_s=1.5)
+
+    async def serve_and_stop() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=60) as client:
+            async with running_broker(settings, auth_token="secret-auth-token") as running:
+                poll = asyncio.create_task(
+                    client.post(f"{running.url}/v1/tasks?wait=300", json={"code": "return 1"})
+                )
+                await until(lambda: running.broker.recent("default", 1))
+            return await poll
+
+    answer = await asyncio.wait_for(serve_and_stop(), timeout=60)  # hang guard only
+    assert answer.status_code == 202
+    assert answer.json()["status"] == "queued"
+    assert [c.timeout_graceful_shutdown for c in configs] == [2]
+
+
+async def test_an_exception_while_handling_a_frame_does_not_drop_the_runner(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(broker_host="127.0.0.1", broker_port=0, graceful_shutdown_timeout_s=1)
+    async with running_broker(settings, auth_token="secret-auth-token") as running:
+        broker = running.broker
+        handle = broker.runner_message
+
+        def faulty(connection: Any, message: Any) -> None:
+            if isinstance(message, TaskOffer):
+                raise RuntimeError("a bug in the broker")
+            handle(connection, message)
+
+        monkeypatch.setattr(broker, "runner_message", faulty)
+        async with httpx.AsyncClient(base_url=running.url) as client:
+            grant = await client.post("/runners/auth", json={"token": "secret-auth-token"})
+        ws_url = running.url.replace("http://", "ws://") + "/runners/_ws?id=r1"
+        headers = {"Authorization": f"Bearer {grant.json()['data']['token']}"}
+        async with ws_connect(ws_url, additional_headers=headers) as socket:
+
+            async def receive_type() -> str:
+                frame = await asyncio.wait_for(socket.recv(), timeout=30)  # hang guard
+                return str(json.loads(frame)["type"])
+
+            assert await receive_type() == "broker:inforequest"
+            await socket.send(encode(RunnerInfo()))
+            assert await receive_type() == "broker:runnerregistered"
+            await socket.send(encode(TaskOffer(offer_id="o1", valid_for=5000)))
+            await socket.send(encode(TaskOffer(offer_id="o2", valid_for=5000)))
+            await socket.send(encode(RunnerInfo()))  # still served on the same connection
+            assert await receive_type() == "broker:runnerregistered"
+            assert broker.runner_ids() == ["r1"]
+    failures = [r for r in caplog.records if "frame ignored" in r.getMessage()]
+    assert [r.getMessage() for r in failures] == [
+        "handling TaskOffer from runner r1 failed; frame ignored"
+    ] * 2
+    assert all(r.exc_info is not None for r in failures)

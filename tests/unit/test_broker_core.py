@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from typing import Any
 
-from runner.broker_server.core import Broker, BrokerConfig, Submission, TaskStatus
+import pytest
+
+from runner.broker_server.core import (
+    Broker,
+    BrokerConfig,
+    Submission,
+    TaskStatus,
+    TenantBacklogFull,
+    validate_input,
+)
 from runner.protocol.messages import (
     Drain,
     Rpc,
@@ -277,3 +287,205 @@ async def test_queue_timeout_fails_a_task_nobody_takes() -> None:
     await asyncio.sleep(0.1)
     assert task.document is not None
     assert task.document["error"]["code"] == "queue_timeout"
+
+
+# -- late acceptances ---------------------------------------------------------------------
+
+
+async def test_acceptance_after_the_api_cancelled_the_offer_frees_the_runner_slot() -> None:
+    broker = Broker(BrokerConfig())
+    runner = connect(broker, offers=1)
+    task = broker.submit(submission())
+    assert task.status is TaskStatus.OFFERED
+    broker.cancel(task)
+    broker.runner_message(runner, TaskAccepted(task_id=task.task_id))
+    assert [(c.task_id, c.reason) for c in runner.of(TaskCancel)] == [
+        (task.task_id, "Task is no longer wanted")
+    ]
+    assert runner.of(TaskSettingsMessage) == []
+    assert task.document is not None
+    assert task.document["error"]["code"] == "cancelled"
+
+
+async def test_acceptance_after_the_accept_timeout_frees_the_slot_and_the_task_runs_later() -> None:
+    broker = Broker(BrokerConfig(accept_timeout_s=0.05))
+    runner = connect(broker, offers=1)
+    task = broker.submit(submission())
+    await asyncio.sleep(0.1)
+    assert task.status is TaskStatus.QUEUED
+    broker.runner_message(runner, TaskAccepted(task_id=task.task_id))
+    assert [(c.task_id, c.reason) for c in runner.of(TaskCancel)] == [
+        (task.task_id, "Task is no longer wanted")
+    ]
+    assert task.status is TaskStatus.QUEUED  # still wanted, by a fresh offer
+    broker.runner_message(runner, TaskOffer(offer_id="again", valid_for=5000))
+    broker.runner_message(runner, TaskAccepted(task_id=task.task_id))
+    assert task.status is TaskStatus.RUNNING
+    assert [s.task_id for s in runner.of(TaskSettingsMessage)] == [task.task_id]
+
+
+async def test_acceptance_of_an_unknown_task_is_answered_with_a_cancel() -> None:
+    broker = Broker(BrokerConfig())
+    runner = connect(broker)
+    broker.runner_message(runner, TaskAccepted(task_id="never-offered"))
+    assert [(c.task_id, c.reason) for c in runner.of(TaskCancel)] == [
+        ("never-offered", "Task is no longer wanted")
+    ]
+
+
+async def test_acceptance_by_a_runner_the_task_was_not_offered_to_does_not_touch_it() -> None:
+    broker = Broker(BrokerConfig())
+    owner = connect(broker, "r1", offers=1)
+    other = connect(broker, "r2")
+    task = broker.submit(submission())
+    broker.runner_message(other, TaskAccepted(task_id=task.task_id))
+    assert [c.task_id for c in other.of(TaskCancel)] == [task.task_id]
+    assert owner.of(TaskCancel) == []
+    assert task.status is TaskStatus.OFFERED
+    assert task.runner_id == "r1"
+
+
+async def test_a_repeated_acceptance_of_a_running_task_is_ignored() -> None:
+    broker = Broker(BrokerConfig())
+    runner = connect(broker, offers=1)
+    task = broker.submit(submission())
+    run_accepted(broker, runner)
+    broker.runner_message(runner, TaskAccepted(task_id=task.task_id))
+    assert runner.of(TaskCancel) == []
+    assert len(runner.of(TaskSettingsMessage)) == 1
+    assert task.status is TaskStatus.RUNNING
+
+
+# -- per-tenant retention and backlog -------------------------------------------------------
+
+
+async def test_one_tenants_volume_does_not_evict_another_tenants_results() -> None:
+    broker = Broker(BrokerConfig(max_tasks_kept=2))
+    kept = broker.submit(submission("b"))
+    broker.cancel(kept)
+    a_tasks = [broker.submit(submission("a")) for _ in range(5)]
+    for task in a_tasks:
+        broker.cancel(task)
+    assert broker.get(kept.task_id) is kept
+    # each tenant keeps its own last 2 finished tasks
+    assert [t.task_id for t in broker.recent("a", 10)] == [t.task_id for t in a_tasks[:2:-1]]
+    assert [broker.get(t.task_id) for t in a_tasks[:3]] == [None, None, None]
+
+
+async def test_unfinished_tasks_are_not_evicted_however_many_finish() -> None:
+    broker = Broker(BrokerConfig(max_tasks_kept=1))
+    waiting = broker.submit(submission("a"))
+    for _ in range(3):
+        broker.cancel(broker.submit(submission("a")))
+    assert broker.get(waiting.task_id) is waiting
+    assert len(broker.recent("a", 10)) == 2  # the queued one and the last finished one
+
+
+async def test_a_tenant_over_its_backlog_cap_is_refused_and_others_are_not() -> None:
+    broker = Broker(BrokerConfig(max_unfinished_per_tenant=2))
+    runner = connect(broker, offers=1)
+    first = broker.submit(submission("a"))  # offered
+    broker.submit(submission("a"))  # queued
+    with pytest.raises(TenantBacklogFull, match="'a' already has 2 unfinished tasks"):
+        broker.submit(submission("a"))
+    assert len(broker.recent("a", 10)) == 2
+    broker.submit(submission("b"))  # another tenant is not affected
+    run_accepted(broker, runner)
+    broker.runner_message(runner, TaskDone(task_id=first.task_id, data=TaskDoneData(result=1)))
+    broker.submit(submission("a"))  # one finished: room again
+
+
+# -- caller schemas against results ------------------------------------------------------
+
+
+def nested_list(depth: int) -> list[Any]:
+    outer: list[Any] = []
+    inner = outer
+    for _ in range(depth - 1):
+        inner.append([])
+        inner = inner[0]
+    return outer
+
+
+def finish_with(result: Any, output_schema: dict[str, Any]) -> dict[str, Any]:
+    broker = Broker(BrokerConfig())
+    runner = connect(broker, offers=2)
+    task = broker.submit(submission(output_schema=output_schema))
+    run_accepted(broker, runner)
+    broker.runner_message(runner, TaskDone(task_id=task.task_id, data=TaskDoneData(result=result)))
+    # the broker keeps serving this runner
+    second = broker.submit(submission())
+    assert runner.of(TaskOfferAccept)[-1].task_id == second.task_id
+    assert task.document is not None
+    return task.document["error"]  # type: ignore[no-any-return]
+
+
+async def test_a_deep_result_against_a_recursive_output_schema_is_a_violation() -> None:
+    schema = {"anyOf": [{"allOf": [{"type": "array", "items": {"$ref": "#"}}]}]}
+    error = finish_with(nested_list(125), schema)
+    assert error["code"] == "output_schema_violation"
+    assert error["description"] == (
+        "result: nests deeper than 64 levels, too deep to validate against the schema"
+    )
+    # 64 levels are validated as usual
+    broker = Broker(BrokerConfig())
+    runner = connect(broker, offers=1)
+    task = broker.submit(submission(output_schema=schema))
+    run_accepted(broker, runner)
+    broker.runner_message(
+        runner, TaskDone(task_id=task.task_id, data=TaskDoneData(result=nested_list(64)))
+    )
+    assert task.document is not None
+    assert task.document["status"] == "success"
+
+
+async def test_a_ref_cycle_that_consumes_no_data_is_a_violation_not_a_crash() -> None:
+    error = finish_with(1, {"anyOf": [{"$ref": "#"}]})
+    assert error["code"] == "output_schema_violation"
+    assert error["description"] == (
+        "result: the schema recurses too deeply to validate (a $ref cycle that consumes no data?)"
+    )
+
+
+async def test_exponential_validation_work_is_cut_off_by_the_budget() -> None:
+    # each level tries both branches in full: 2**30 checks without the budget
+    schema = {"anyOf": [{"items": {"$ref": "#"}, "minItems": 5}, {"items": {"$ref": "#"}}]}
+    error = finish_with(nested_list(30), schema)
+    assert error["code"] == "output_schema_violation"
+    assert error["description"] == (
+        "result: validating against the schema takes more than 100000 checks "
+        "(the broker's limit); simplify the schema or send less data"
+    )
+
+
+async def test_a_nested_dollar_schema_does_not_escape_the_budget() -> None:
+    # jsonschema switches validator class on a subschema's $schema; ours stays metered
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "items": {"$schema": "http://json-schema.org/draft-07/schema#", "enum": list(range(500))},
+    }
+    error = validate_input(schema, [{"json": [-1] * 400}])
+    assert error is not None
+    assert "takes more than 100000 checks" in error
+
+
+async def test_references_are_never_fetched(monkeypatch: pytest.MonkeyPatch) -> None:
+    fetched: list[str] = []
+
+    def urlopen(request: Any, *args: Any, **kwargs: Any) -> Any:
+        fetched.append(request.full_url)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    url = "http://169.254.169.254/latest/meta-data"
+    assert validate_input({"$ref": url}, [{"json": 1}]) == (
+        f"items[0].json: the schema's reference {url!r} cannot be resolved"
+    )
+    assert fetched == []
+
+
+async def test_drain_sets_the_closing_event() -> None:
+    broker = Broker(BrokerConfig())
+    assert not broker.closing.is_set()
+    broker.drain()
+    assert broker.closing.is_set()

@@ -41,6 +41,7 @@ import os
 import secrets
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Literal
 
 import docker
@@ -56,6 +57,7 @@ from runner.sandbox.docker import LABEL_OWNER, process_identity
 
 LABEL_TESTING = "io.sandbox-runner.testing"
 LABEL_TESTING_PROCESS = f"{LABEL_TESTING}.process"
+LABEL_TESTING_NAMESPACE = f"{LABEL_TESTING}.pid-namespace"
 LABEL_TESTING_RUNNER = f"{LABEL_TESTING}.runner-id"
 LABEL_ROLE = "io.sandbox-runner.role"
 BROKER_PORT = 5679
@@ -105,10 +107,26 @@ def _is_alive(identity: str) -> bool:
     return pid.isdigit() and process_identity(int(pid)) == identity
 
 
+def _process_namespace() -> str:
+    """Where our pids mean something: this kernel's boot and this pid namespace.
+
+    A test process on another host, in another container or CI job sharing the daemon
+    has other pids: whether it is alive cannot be judged from here.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return "unknown"
+    return f"{boot}/{pidns}"
+
+
 def _is_orphan(labels: dict[str, str]) -> bool:
-    """Made by a test process (per its labels) that is gone."""
+    """Made by a test process (per its labels) of our pid namespace that is gone."""
     identity = labels.get(LABEL_TESTING_PROCESS)
-    return identity is not None and not _is_alive(identity)
+    if identity is None or labels.get(LABEL_TESTING_NAMESPACE) != _process_namespace():
+        return False
+    return not _is_alive(identity)
 
 
 def session_labels() -> dict[str, str]:
@@ -116,6 +134,7 @@ def session_labels() -> dict[str, str]:
     return {
         LABEL_TESTING: "true",
         LABEL_TESTING_PROCESS: process_identity(os.getpid()) or f"{os.getpid()}:?",
+        LABEL_TESTING_NAMESPACE: _process_namespace(),
     }
 
 
@@ -240,6 +259,7 @@ class _SandboxContainer(DockerContainer):
         return {
             LABEL_TESTING: "true",
             LABEL_TESTING_PROCESS: self._identity,
+            LABEL_TESTING_NAMESPACE: _process_namespace(),
             LABEL_ROLE: self.role,
             **extra,
         }

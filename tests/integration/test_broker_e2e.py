@@ -271,11 +271,20 @@ async def test_health_check(runner: RunnerProcess) -> None:
 
 
 async def test_bad_frames_unknown_types_and_bad_settings_get_clear_errors(
-    broker: RunningBroker, runner: RunnerProcess
+    broker: RunningBroker, runner: RunnerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     core = broker.broker
     connection = core.connection(runner.runner_id)
     assert connection is not None
+    # The task below is handed out by hand: this broker must not tell the runner to
+    # drop it as unknown (what it does for a late or unknown acceptance).
+    real_send = connection.send
+
+    def send(message: Any) -> None:
+        if getattr(message, "task_id", None) != "manual-1":
+            real_send(message)
+
+    monkeypatch.setattr(connection, "send", send)
     for frame in ["this is not json", "[1, 2]", '{"type": "broker:nodetypes"}', '{"no": "type"}']:
         connection.send_frame(frame)  # type: ignore[attr-defined]
     # Take one of the runner's live offers by hand, then send settings missing "code".

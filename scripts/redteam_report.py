@@ -1,11 +1,16 @@
 """Write the red-team tables of docs/security.md from the last recorded run.
 
-``.venv/bin/pytest tests/redteam`` records every probe's outcome per mode in
-``tests/redteam/last_run.json``; this script renders that record (and the probe
-catalog's layer analysis) into the generated blocks of ``docs/security.md``.
+``REDTEAM_RECORD=1 .venv/bin/pytest tests/redteam`` records every probe's outcome per
+mode in ``tests/redteam/last_run.json`` (without the variable, the suite records
+into its session's temporary directory only, leaving the tree clean); this script
+renders that record (and the probe catalog's layer analysis, resolved for the host
+facts recorded with the run) into the generated blocks of ``docs/security.md``.
 
     .venv/bin/python scripts/redteam_report.py           # rewrite the blocks
     .venv/bin/python scripts/redteam_report.py --check   # exit 1 if they are stale
+
+``--check`` runs in the suite (``tests/redteam/test_probes.py``), which also checks
+that the blocks are what its own run renders.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail if the document is stale")
     args = parser.parse_args(argv)
     current = SECURITY_DOC.read_text(encoding="utf-8")
-    rendered = render_document(current, load_record(), load_catalog())
+    record = load_record()
+    facts = {"machine": record["machine"], **record["hostFacts"]}
+    rendered = render_document(current, record, load_catalog(facts))
     if args.check:
         if rendered != current:
             print(f"{SECURITY_DOC} is stale: run scripts/redteam_report.py", file=sys.stderr)

@@ -20,6 +20,19 @@ exact JSON the task must return; any other outcome (the stable error code, with 
 optional ``@stage``) by a JSON string that must occur in the error's message or
 description. Nothing here is "either of two outcomes".
 
+Where the outcome depends on the host rather than on the container, a header line
+is keyed on a *host fact* (:data:`HOST_FACTS`, detected by :func:`detect_host_facts`
+from the test process, independently of the runner)::
+
+    # expect ablation when kcore=no: success {"/proc/kcore": "ENOENT", ...}
+    # expect ablation when kcore=yes: success {"/proc/kcore": 0, ...}
+    # layers when kcore=no: masked, uid, kernel
+
+The line whose fact matches this host is the one in force; a host whose fact has no
+line gets a :class:`CatalogError` naming the fact (the expectation was never
+established there), not a confusing mismatch. The probes call x86_64 system call
+numbers: the catalog refuses any other machine.
+
 Modes (each one pipeline through the real Docker engine):
 
 - ``default``: the policy as shipped (guards on, our seccomp profile);
@@ -36,7 +49,10 @@ Imports nothing from ``runner`` but the outcome names, so that
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,7 +163,69 @@ LAYERS: dict[str, str] = {
     "kernel": "host kernel settings (sysctls, built without the feature)",
 }
 
-_HEADER = re.compile(r"^#\s*([a-z_]+)(?:\s+([a-z_]+))?\s*:\s*(.*)$")
+# The probes hard-code system call numbers of this ABI (272 unshare, 425 io_uring_setup...).
+REFERENCE_MACHINE = "x86_64"
+
+# What the host contributes to some outcomes, each detected here, not asked of the runner.
+HOST_FACTS: dict[str, str] = {
+    "machine": "platform.machine() of the test process",
+    "vsock": "virtio: /dev/vsock exists and the virtio vsock transport drives a device (a "
+    "VM; the reference host is a Firecracker VM); other: /dev/vsock, another transport; "
+    "no: no /dev/vsock",
+    "af_alg": "an AF_ALG socket can be created in the test process (kernel built with it)",
+    "kcore": "/proc/kcore exists",
+    "io_uring_disabled": "/proc/sys/kernel/io_uring_disabled (absent: 'absent')",
+    "userns": "unprivileged user namespaces possible: /proc/sys/user/max_user_namespaces > 0",
+}
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def detect_host_facts() -> dict[str, str]:
+    """The host facts of :data:`HOST_FACTS`, from this (the test) process."""
+    try:
+        socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET, 0).close()
+        af_alg = "yes"
+    except OSError:
+        af_alg = "no"
+    max_userns = _read("/proc/sys/user/max_user_namespaces")
+    vsock = "no"
+    if os.path.exists("/dev/vsock"):
+        vsock = "other"
+        virtio = Path("/sys/bus/virtio/drivers/vmw_vsock_virtio_transport")
+        if virtio.is_dir() and any(p.name.startswith("virtio") for p in virtio.iterdir()):
+            vsock = "virtio"
+    return {
+        "machine": platform.machine(),
+        "vsock": vsock,
+        "af_alg": af_alg,
+        "kcore": "yes" if os.path.exists("/proc/kcore") else "no",
+        "io_uring_disabled": _read("/proc/sys/kernel/io_uring_disabled") or "absent",
+        "userns": "yes" if max_userns is not None and int(max_userns) > 0 else "no",
+    }
+
+
+def machine_problem(facts: dict[str, str]) -> str | None:
+    """Why the probes cannot run on this machine, or None."""
+    if facts.get("machine") == REFERENCE_MACHINE:
+        return None
+    return (
+        f"the red-team probes call {REFERENCE_MACHINE} system call numbers (272 unshare, "
+        f"425 io_uring_setup, 248 add_key...); this machine is {facts.get('machine')!r}, "
+        "where those numbers are other calls: every expectation would be meaningless. "
+        f"Run tests/redteam on an {REFERENCE_MACHINE} host."
+    )
+
+
+_HEADER = re.compile(
+    r"^#\s*([a-z_]+)(?:\s+([a-z_]+))?(?:\s+when\s+([a-z_]+)=([a-z0-9_]+))?\s*:\s*(.*)$"
+)
 _OUTCOME = re.compile(r"^([a-z_]+)(?:@([a-z]+))?\s*(.*)$")
 
 
@@ -233,26 +311,47 @@ def _parse_expect(text: str, where: str) -> Expect:
     return Expect(outcome, stage, fragment=value)
 
 
-def load_probe(path: Path) -> Probe:
+def load_probe(path: Path, facts: dict[str, str]) -> Probe:
+    """One probe file, with the lines keyed on host facts resolved against ``facts``."""
     klass = path.parent.name
     where = f"{klass}/{path.name}"
     if klass not in CLASSES:
         raise CatalogError(f"{where}: unknown class folder {klass!r}")
     fields: dict[str, str] = {}
     expects: dict[str, Expect] = {}
+    # (key, mode) -> the fact it is keyed on, and the values that have a line.
+    keyed: dict[tuple[str, str | None], tuple[str, list[str]]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.startswith("#"):
             break
         match = _HEADER.match(line)
         if match is None:
             continue
-        key, mode, value = match.groups()
+        key, mode, fact, wanted, value = match.groups()
+        if fact is not None:
+            if fact not in HOST_FACTS or fact not in facts:
+                raise CatalogError(f"{where}: unknown host fact {fact!r}")
+            seen_fact, values = keyed.setdefault((key, mode), (fact, []))
+            if seen_fact != fact:
+                raise CatalogError(f"{where}: {key} {mode or ''} keyed on two facts")
+            values.append(wanted)
+            if facts[fact] != wanted:
+                continue
         if key == "expect":
             if mode not in MODES:
                 raise CatalogError(f"{where}: unknown mode {mode!r}")
             expects[mode] = _parse_expect(value, where)
         else:
             fields[key] = (fields[key] + " " + value) if key in fields else value
+    for (key, mode), (fact, values) in keyed.items():
+        if facts[fact] not in values:
+            what = f"{key} {mode}" if mode else key
+            raise CatalogError(
+                f"{where}: its '{what}' line is established only on hosts where {fact} is "
+                f"{' or '.join(values)} ({HOST_FACTS[fact]}); this host has "
+                f"{fact}={facts[fact]}. Run the probe here, see what holds it, and add a "
+                f"'# {what} when {fact}={facts[fact]}: ...' line."
+            )
     threat = fields.get("threat", "")
     if threat not in THREATS or THREATS[threat][0] != klass:
         raise CatalogError(f"{where}: threat {threat!r} is not a bullet of class {klass}")
@@ -293,10 +392,17 @@ def load_probe(path: Path) -> Probe:
     )
 
 
-def load_catalog() -> list[Probe]:
-    """Every probe, by class (THREATS.md's order) then name."""
+def load_catalog(facts: dict[str, str]) -> list[Probe]:
+    """Every probe, by class (THREATS.md's order) then name, for a host with ``facts``.
+
+    The suite passes :func:`detect_host_facts`; ``scripts/redteam_report.py`` the facts
+    recorded with the run it renders.
+    """
+    problem = machine_problem(facts)
+    if problem is not None:
+        raise CatalogError(problem)
     probes = []
     for klass in CLASSES:
         for path in sorted((PROBE_DIR / klass).glob("*.py")):
-            probes.append(load_probe(path))
+            probes.append(load_probe(path, facts))
     return probes

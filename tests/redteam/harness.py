@@ -7,15 +7,21 @@ also:
 - keeps a *listener* task running in another container of the same isolation (it
   binds an abstract unix socket, leaves a file in its /tmp, tries SysV shared
   memory and a key in the uid's keyring), so the cross-task probes have a real
-  peer to reach for;
+  peer to reach for. Its readiness is polled (``docker exec`` in its container
+  until its set-up has finished), and the same exec is the positive control: from
+  inside the listener's own container (its network namespace) a connect to the
+  abstract socket succeeds, so a refusal from another container means isolation,
+  not a missing listener;
 - inspects every container of this runner id while tasks run (``Config.Env``,
   labels, command) for the runner's canary secret and the broker's tokens;
 - runs one trivial task per pipeline after the batch (the runner keeps serving),
   and lists what containers of this runner id are left once the pipelines closed.
 
-The observations go to ``last_run.json`` (``scripts/redteam_report.py`` turns them
-into the table of ``docs/security.md``). Secrets are redacted before anything is
-written, so a leak shows up as ``<CANARY>`` rather than as the secret.
+The observations go to a record (:func:`record`): by default an untracked file of
+the test session; with ``REDTEAM_RECORD=1`` also the tracked ``last_run.json``,
+which ``scripts/redteam_report.py`` turns into the tables of ``docs/security.md``.
+Secrets are redacted before anything is written, so a leak shows up as
+``<CANARY>`` rather than as the secret.
 """
 
 from __future__ import annotations
@@ -24,18 +30,25 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-import platform
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import docker
 
 from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
 from runner.policy import DOCKER_DEFAULT_PROFILE
-from runner.sandbox.docker import LABEL_MANAGED, LABEL_OWNER, DockerSandbox, IsolationConfig
+from runner.sandbox.docker import (
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    LABEL_TASK,
+    DockerSandbox,
+    IsolationConfig,
+)
 from runner.settings import Settings
 from runner.wiring import load_isolation
 
@@ -61,9 +74,31 @@ shm = libc.shmget(0x52544D, 4096, 0o1666)
 key = libc.syscall(248, b"user", b"redteam-listener", b"secret", 6, -4)
 done = {"bound": True, "file": True, "shm": "created" if shm >= 0 else "refused",
         "key": "added" if key >= 0 else "refused"}
+open("/tmp/redteam-listener-ready", "w").close()
 """
 # Kept running (and cancelled at the end) while the cross-task probes look for it.
 LISTENER = LISTENER_SETUP + "time.sleep(3600)\n"
+# Run by ``docker exec`` inside the listener's own container (same network namespace):
+# its readiness (the set-up's last step), then, once ready, one connect to its socket.
+# It connects only once: the listener never accepts, so connections fill its backlog.
+LISTENER_CHECK = r"""
+import json, os, socket
+if not os.path.exists("/tmp/redteam-listener-ready"):
+    print(json.dumps({"ready": False}))
+else:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(5)
+    try:
+        client.connect("\0redteam-listener")
+        connect = "ok"
+    except OSError as exc:
+        connect = {111: "ECONNREFUSED", 2: "ENOENT"}.get(exc.errno, exc.errno)
+    print(json.dumps({"ready": True, "connect": connect}))
+"""
+LISTENER_READY_TIMEOUT_S = 60.0
+LISTENER_POLL_S = 0.2
+# Where the suite writes its record unless asked for the tracked file.
+RECORD_ENV = "REDTEAM_RECORD"
 # The same set-up run once to its end, so that the run records what it achieved.
 LISTENER_ONCE = LISTENER_SETUP + "return done\n"
 
@@ -108,6 +143,8 @@ class SuiteRun:
     observations: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
     serving: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     listeners: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # Per listener: polled until ready, then one connect from inside its container.
+    listener_control: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     listener_setup: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     inspections: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     leftovers: list[str] = dataclasses.field(default_factory=list)
@@ -170,12 +207,60 @@ async def inspect_containers(client: docker.DockerClient, runner_id: str) -> dic
     return await asyncio.to_thread(blocking)
 
 
-async def start_listener(pipeline: TaskPipeline) -> tuple[TaskRequest, asyncio.Task[TaskReport]]:
+def exec_in_task_container(
+    client: docker.DockerClient, runner_id: str, task_id: str, code: str
+) -> dict[str, Any] | None:
+    """``python3 -c code`` in the running container of a cold task (None: not running yet).
+
+    A cold pipeline creates each task's container with the task's id as a label.
+    """
+    found = client.api.containers(
+        filters={
+            "label": [f"{LABEL_OWNER}={runner_id}", f"{LABEL_TASK}={task_id}"],
+            "status": "running",
+        }
+    )
+    if not found:
+        return None
+    try:
+        exec_id = client.api.exec_create(found[0]["Id"], ["python3", "-I", "-B", "-c", code])
+        output = client.api.exec_start(exec_id)
+    except docker.errors.APIError:
+        return None  # created but not started yet, or gone: polled again
+    exit_code = client.api.exec_inspect(exec_id)["ExitCode"]
+    if exit_code != 0:
+        return {"ready": False, "exec_exit": exit_code, "output": output.decode(errors="replace")}
+    result: dict[str, Any] = json.loads(output)
+    return result
+
+
+async def start_listener(
+    pipeline: TaskPipeline, client: docker.DockerClient, runner_id: str
+) -> tuple[TaskRequest, asyncio.Task[TaskReport], dict[str, Any]]:
+    """The listener task, once its set-up has finished; and the positive control.
+
+    Polls (``docker exec`` in its container) until the set-up's last step is done,
+    then connects once to its abstract socket from inside that container.
+    """
     # Longer than the whole suite; cancelled at the end.
     request = TaskRequest(code=LISTENER, limits=dataclasses.replace(pipeline.limits, timeout_s=590))
     task = asyncio.create_task(pipeline.run(request))
-    await asyncio.sleep(2.0)  # bound, listening and its file written well before this
-    return request, task
+    deadline = time.monotonic() + LISTENER_READY_TIMEOUT_S
+    polls = 0
+    control: dict[str, Any] = {"ready": False}
+    while time.monotonic() < deadline and not task.done():
+        polls += 1
+        seen = await asyncio.to_thread(
+            exec_in_task_container, client, runner_id, request.task_id, LISTENER_CHECK
+        )
+        if seen is not None:
+            control = seen
+            if seen.get("ready"):
+                break
+        await asyncio.sleep(LISTENER_POLL_S)
+    control["polls"] = polls
+    control["listener_running"] = not task.done()
+    return request, task, control
 
 
 async def stop_listener(
@@ -208,22 +293,32 @@ async def run_suite(
         "grant_token": secrets.grant_token,
     }
     async with AsyncExitStack() as stack:
+        docker_default = docker_default_isolation(settings)
         pipelines = {
             "default": await stack.enter_async_context(factory(**common)),
             "guards_off": await stack.enter_async_context(factory(guards_off=True, **common)),
             "ablation": await stack.enter_async_context(
-                factory(guards_off=True, isolation=docker_default_isolation(settings), **common)
+                factory(guards_off=True, isolation=docker_default, **common)
             ),
         }
         # The peer of the cross-task probes: ours for the first two modes, Docker's
-        # default seccomp for the ablation.
-        for name, mode in (("ours", "guards_off"), ("docker", "ablation")):
-            once = await pipelines[mode].run(TaskRequest(code=LISTENER_ONCE))
-            run.listener_setup[name] = observation(once, 0.0)
-        listeners = {
-            "ours": await start_listener(pipelines["guards_off"]),
-            "docker": await start_listener(pipelines["ablation"]),
+        # default seccomp for the ablation. Each on a cold pipeline of the same
+        # isolation, so that its container carries its task id (found for the exec).
+        cold = {key: value for key, value in common.items() if key not in ("warm", "pool_size")}
+        peers = {
+            "ours": await stack.enter_async_context(factory(guards_off=True, **cold)),
+            "docker": await stack.enter_async_context(
+                factory(guards_off=True, isolation=docker_default, **cold)
+            ),
         }
+        for name, peer in peers.items():
+            once = await peer.run(TaskRequest(code=LISTENER_ONCE))
+            run.listener_setup[name] = observation(once, 0.0)
+        listeners = {}
+        for name, peer in peers.items():
+            request, task, control = await start_listener(peer, client, runner_id)
+            listeners[name] = (request, task)
+            run.listener_control[name] = control
         run.inspections.append(await inspect_containers(client, runner_id))
         for mode in MODES:
             pipeline = pipelines[mode]
@@ -241,9 +336,7 @@ async def run_suite(
                 )
         run.inspections.append(await inspect_containers(client, runner_id))
         for name, (request, task) in listeners.items():
-            run.listeners[name] = await stop_listener(
-                pipelines["guards_off" if name == "ours" else "ablation"], request, task
-            )
+            run.listeners[name] = await stop_listener(peers[name], request, task)
         for mode, pipeline in pipelines.items():
             report = await pipeline.run(
                 TaskRequest(code=TRIVIAL, items=[{"json": {"n": 1}}, {"json": {"n": 2}}])
@@ -266,10 +359,25 @@ async def run_suite(
     return run
 
 
+def record_paths(session_dir: Path) -> list[Path]:
+    """Where :func:`record` writes: the session's own file; with REDTEAM_RECORD=1 also
+    the tracked ``last_run.json`` (the source of ``scripts/redteam_report.py``)."""
+    paths = [session_dir / LAST_RUN.name]
+    if os.environ.get(RECORD_ENV) == "1":
+        paths.append(LAST_RUN)
+    return paths
+
+
 def record(
-    run: SuiteRun, probes: list[Probe], secrets: Secrets, client: docker.DockerClient
+    run: SuiteRun,
+    probes: list[Probe],
+    secrets: Secrets,
+    client: docker.DockerClient,
+    *,
+    facts: dict[str, str],
+    paths: list[Path],
 ) -> dict[str, Any]:
-    """The machine-readable record of a run (secrets redacted), written to last_run.json."""
+    """The machine-readable record of a run (secrets redacted), written to ``paths``."""
     version = client.version()
     entries = {}
     for probe in probes:
@@ -294,16 +402,22 @@ def record(
         "wallSeconds": round(run.wall_s, 1),
         "docker": version.get("Version"),
         "kernel": version.get("KernelVersion"),
-        "machine": platform.machine(),
+        "machine": facts["machine"],
+        "hostFacts": {key: value for key, value in facts.items() if key != "machine"},
         "probes": entries,
         "serving": {mode: obs["outcome"] for mode, obs in run.serving.items()},
         "listeners": {name: obs["outcome"] for name, obs in run.listeners.items()},
+        "listenerControl": {
+            name: {"ready": c.get("ready"), "connect": c.get("connect")}
+            for name, c in run.listener_control.items()
+        },
         "listenerSetup": {name: obs["result"] for name, obs in run.listener_setup.items()},
         "containersInspected": sum(i["containers"] for i in run.inspections),
         "leftoverContainers": len(run.leftovers),
         "leaks": run.leaks,
     }
     text = secrets.redact(json.dumps(document, indent=1, sort_keys=True, default=str))
-    LAST_RUN.write_text(text + "\n", encoding="utf-8")
+    for path in paths:
+        path.write_text(text + "\n", encoding="utf-8")
     result: dict[str, Any] = json.loads(text)
     return result

@@ -10,7 +10,16 @@ Around the probes: a random canary secret and the broker's tokens sit in this
 process's environment and the runner's settings the whole time, and must appear
 in no task's output and no container's configuration; the runner must keep
 serving after the batch; and no container of this run's runner id may be left.
-The run is written to ``last_run.json`` for ``scripts/redteam_report.py``.
+
+The run is recorded in this session's temporary directory (and, with
+``REDTEAM_RECORD=1``, in the tracked ``last_run.json`` for
+``scripts/redteam_report.py``); the generated blocks of docs/security.md must be
+exactly what this run renders.
+
+Some outcomes depend on the host (a vsock device, AF_ALG, /proc/kcore, the
+io_uring sysctl): the catalog keys those expectations on facts detected here
+(``catalog.detect_host_facts``), and refuses a machine other than x86_64, whose
+system call numbers the probes hard-code.
 """
 
 from __future__ import annotations
@@ -18,16 +27,27 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import docker
 import pytest
 from integration.conftest import pipeline_factory
 
-from runner.settings import Settings
+from runner.settings import PROJECT_ROOT, Settings
 
-from .catalog import CLASSES, LAST_RUN, THREATS, Probe, load_catalog
+from .catalog import (
+    CLASSES,
+    THREATS,
+    CatalogError,
+    Probe,
+    detect_host_facts,
+    load_catalog,
+    machine_problem,
+)
 from .harness import (
     CANARY_NAME,
     CANARY_PREFIX,
@@ -35,14 +55,21 @@ from .harness import (
     Secrets,
     SuiteRun,
     record,
+    record_paths,
     run_suite,
 )
-from .report import SECURITY_DOC, load_record, table_rows
+from .report import SECURITY_DOC, document_stamp, render_document, restamped
 
 # The whole batch runs in the fixture of the first test: about three minutes.
 pytestmark = pytest.mark.timeout(900)
 
-PROBES = load_catalog()
+HOST_FACTS = detect_host_facts()
+if machine_problem(HOST_FACTS) is not None:
+    pytest.fail(f"tests/redteam: {machine_problem(HOST_FACTS)}", pytrace=False)
+try:
+    PROBES = load_catalog(HOST_FACTS)
+except CatalogError as exc:
+    pytest.fail(f"tests/redteam: no expectation for this host: {exc}", pytrace=False)
 CASES = [(probe, mode) for probe in PROBES for mode in probe.modes]
 
 
@@ -52,10 +79,16 @@ class Suite:
     secrets: Secrets
     runner_id: str
     environment_had_secrets: bool
+    record: dict[str, Any]
 
 
 @pytest.fixture(scope="module")
-def suite(base_settings: Settings, task_image: str, docker_client: docker.DockerClient) -> Suite:
+def suite(
+    base_settings: Settings,
+    task_image: str,
+    docker_client: docker.DockerClient,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Suite:
     found = Secrets(
         canary=CANARY_PREFIX + secrets.token_hex(16),
         auth_token=TOKEN_PREFIX + secrets.token_hex(16),
@@ -78,8 +111,15 @@ def suite(base_settings: Settings, task_image: str, docker_client: docker.Docker
             )
         )
         had = os.environ.get(CANARY_NAME) == found.canary
-    record(run, PROBES, found, docker_client)
-    return Suite(run, found, runner_id, had)
+    recorded = record(
+        run,
+        PROBES,
+        found,
+        docker_client,
+        facts=HOST_FACTS,
+        paths=record_paths(tmp_path_factory.mktemp("redteam")),
+    )
+    return Suite(run, found, runner_id, had, recorded)
 
 
 @pytest.mark.parametrize(
@@ -126,6 +166,18 @@ def test_the_cross_task_listeners_lived_through_the_batch(suite: Suite) -> None:
         "ours": {"bound": True, "file": True, "shm": "refused", "key": "refused"},
         "docker": {"bound": True, "file": True, "shm": "created", "key": "refused"},
     }
+    # Ready before any probe ran (polled), and the positive control: from inside each
+    # listener's own container, its abstract socket accepts a connection. So the
+    # ECONNREFUSED of abstract_socket_peer from another container is isolation, not
+    # a listener that was not there.
+    for name, control in suite.run.listener_control.items():
+        assert control["listener_running"], (name, control)
+        assert control["polls"] >= 1, (name, control)
+        assert {key: control.get(key) for key in ("ready", "connect")} == {
+            "ready": True,
+            "connect": "ok",
+        }, (name, control)
+    assert sorted(suite.run.listener_control) == ["docker", "ours"]
     # Cancelled at the end, so they were alive while the cross-task probes ran.
     assert {name: obs["outcome"] for name, obs in suite.run.listeners.items()} == {
         "ours": "cancelled",
@@ -149,11 +201,44 @@ def test_no_container_of_this_runner_is_left(
     assert left == []
 
 
+REGENERATE = (
+    "REDTEAM_RECORD=1 .venv/bin/pytest tests/redteam && .venv/bin/python scripts/redteam_report.py"
+)
+
+
 def test_docs_security_shows_the_outcomes_of_this_run(suite: Suite) -> None:
-    """The generated table of docs/security.md has exactly the rows this run observed."""
+    """Both generated blocks of docs/security.md (the table and the layer ablation,
+    with its single-layer list) are exactly what this run renders.
+
+    Rendered from the record this session just made, not from the tracked file; only
+    its stamp (when, how long: not an outcome) is the document's own.
+    """
     text = SECURITY_DOC.read_text(encoding="utf-8")
-    stale = [row for row in table_rows(load_record(LAST_RUN), PROBES) if row not in text]
-    assert not stale, (
-        f"{len(stale)} rows of docs/security.md differ from this run: "
-        "run .venv/bin/python scripts/redteam_report.py\n" + "\n".join(stale[:5])
+    rendered = render_document(text, restamped(suite.record, document_stamp(text)), PROBES)
+    if rendered != text:
+        ours, theirs = rendered.splitlines(), text.splitlines()
+        differ = [f"- {old}\n+ {new}" for old, new in zip(theirs, ours, strict=False) if old != new]
+        if len(ours) != len(theirs):
+            differ.append(f"({len(theirs)} lines in the document, {len(ours)} rendered)")
+        raise AssertionError(
+            f"the generated blocks of {SECURITY_DOC} are not what this run observed: "
+            f"run {REGENERATE}\n" + "\n".join(differ[:8])
+        )
+
+
+def test_the_report_script_finds_the_document_current() -> None:
+    """``scripts/redteam_report.py --check``: the document is what the tracked record
+    (``last_run.json``, the script's source) renders."""
+    done = subprocess.run(
+        [sys.executable, "scripts/redteam_report.py", "--check"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, (
+        f"docs/security.md is not what tests/redteam/last_run.json renders: run {REGENERATE}\n"
+        + done.stdout
+        + done.stderr
     )

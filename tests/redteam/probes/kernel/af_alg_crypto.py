@@ -2,10 +2,12 @@
 # threat: k.sockets
 # expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
 # expect guards_off: success {"socket": "EPERM"}
-# expect ablation: success {"socket": "EAFNOSUPPORT"}
-# layers: kernel
+# expect ablation when af_alg=no: success {"socket": "EAFNOSUPPORT"}
+# expect ablation when af_alg=yes: success {"socket": "ok"}
+# layers when af_alg=no: kernel
+# layers when af_alg=yes: none
 # ours: refuses
-# note: this host's kernel is built without AF_ALG; on a kernel with it, Docker's profile would let the socket be created
+# note: keyed on whether the test process can create an AF_ALG socket: the reference host's kernel is built without AF_ALG (EAFNOSUPPORT); on a kernel with it Docker's default profile allows socket() for every family, so the socket is created (derived, not yet observed)
 import ctypes
 
 libc = ctypes.CDLL(None, use_errno=True)

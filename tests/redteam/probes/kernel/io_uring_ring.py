@@ -2,10 +2,16 @@
 # threat: k.syscalls
 # expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
 # expect guards_off: success {"io_uring_setup": "EPERM"}
-# expect ablation: success {"io_uring_setup": "ok"}
-# layers: none
+# expect ablation when io_uring_disabled=0: success {"io_uring_setup": "ok"}
+# expect ablation when io_uring_disabled=absent: success {"io_uring_setup": "ok"}
+# expect ablation when io_uring_disabled=1: success {"io_uring_setup": "EPERM"}
+# expect ablation when io_uring_disabled=2: success {"io_uring_setup": "EPERM"}
+# layers when io_uring_disabled=0: none
+# layers when io_uring_disabled=absent: none
+# layers when io_uring_disabled=1: kernel
+# layers when io_uring_disabled=2: kernel
 # ours: refuses
-# note: Docker 20.10's default profile allows io_uring: with our profile swapped out the ring is created; nothing else stops it
+# note: Docker 20.10's default profile allows io_uring: with our profile swapped out the ring is created where the kernel allows io_uring (sysctl kernel.io_uring_disabled 0, the reference host, or absent before 6.6); with 1 (uid 10001 is in no io_uring group) or 2 the kernel refuses it with EPERM (derived, not yet observed)
 import ctypes
 
 libc = ctypes.CDLL(None, use_errno=True)

@@ -1,10 +1,13 @@
 # title: /proc and /sys reads that leak host data: kcore, keys, timer_list, kallsyms, firmware
 # threat: k.proc-sys
 # expect default: security_violation@analyze "Import of standard library module 'os' is disallowed"
-# expect guards_off: success {"/proc/kcore": "ENOENT", "/proc/keys": 0, "/proc/timer_list": 0, "/proc/sched_debug": "ENOENT", "/proc/kallsyms_nonzero": false, "/sys/firmware": [], "/proc/acpi": [], "/sys/kernel/debug": []}
-# expect ablation: success {"/proc/kcore": "ENOENT", "/proc/keys": 0, "/proc/timer_list": 0, "/proc/sched_debug": "ENOENT", "/proc/kallsyms_nonzero": false, "/sys/firmware": [], "/proc/acpi": [], "/sys/kernel/debug": []}
-# layers: masked, uid, kernel
-# note: /proc/keys and /proc/timer_list read empty (Docker masks them with /dev/null); this kernel has no /proc/kcore
+# expect guards_off when kcore=no: success {"/proc/kcore": "ENOENT", "/proc/keys": 0, "/proc/timer_list": 0, "/proc/sched_debug": "ENOENT", "/proc/kallsyms_nonzero": false, "/sys/firmware": [], "/proc/acpi": [], "/sys/kernel/debug": []}
+# expect guards_off when kcore=yes: success {"/proc/kcore": 0, "/proc/keys": 0, "/proc/timer_list": 0, "/proc/sched_debug": "ENOENT", "/proc/kallsyms_nonzero": false, "/sys/firmware": [], "/proc/acpi": [], "/sys/kernel/debug": []}
+# expect ablation when kcore=no: success {"/proc/kcore": "ENOENT", "/proc/keys": 0, "/proc/timer_list": 0, "/proc/sched_debug": "ENOENT", "/proc/kallsyms_nonzero": false, "/sys/firmware": [], "/proc/acpi": [], "/sys/kernel/debug": []}
+# expect ablation when kcore=yes: success {"/proc/kcore": 0, "/proc/keys": 0, "/proc/timer_list": 0, "/proc/sched_debug": "ENOENT", "/proc/kallsyms_nonzero": false, "/sys/firmware": [], "/proc/acpi": [], "/sys/kernel/debug": []}
+# layers when kcore=no: masked, uid, kernel
+# layers when kcore=yes: masked, uid
+# note: /proc/keys and /proc/timer_list read empty (Docker masks them with /dev/null); /proc/kcore is keyed on the host: the reference kernel has none (ENOENT); where the host has one, Docker masks it with /dev/null and it reads empty (derived, not yet observed)
 import os
 
 

@@ -16,8 +16,12 @@ It reports five figures and exits 1 when any of the first three is not zero:
    finished at all by the deadline);
 2. tasks **duplicated**: more than one completion on the wire for one task id
    (``Broker.message_log`` holds every message a runner sent);
-3. containers **leaked**: containers with this run's owner label left after the
-   runner stopped;
+3. containers **leaked**: after the last task and before the runner stops, containers
+   with this run's owner label beyond the warm pool's idle slots (``--pool-size``,
+   default 2) once removals had up to 30 s to finish (``during run``), plus
+   containers with that label left after the runner stopped (``after stop``); the
+   runner's shutdown removes its own containers, so only the first count sees a task
+   container it forgot during the run;
 4. the runner process's **memory** (RSS) once it is ready, and at the end;
 5. **latency** p50/p95 (submission to result document), overall and per kind.
 
@@ -56,6 +60,8 @@ ROOT = Path(__file__).resolve().parents[1]
 AUTH_TOKEN = "soak-auth-token-0123456789"  # noqa: S105 - a loopback broker of its own
 COMPLETION_TYPES = ("runner:taskdone", "runner:taskerror")
 TIMEOUT_TASK_S = 1.0
+POOL_SIZE = 2  # SANDBOX_POOL_SIZE for the runner: the idle slots allowed to remain
+LEAK_SETTLE_S = 30.0  # how long the removals of the last tasks' containers may take
 
 # kind -> (code, limits, expected outcome code); ``{n}`` is the task's index.
 KINDS: dict[str, tuple[str, TaskLimits, str]] = {
@@ -97,18 +103,23 @@ class SoakReport:
     wall_s: float
     lost: list[str]
     duplicated: list[str]
-    leaked: list[str]
+    leaked: list[str]  # owner-labelled containers left after the runner stopped
     unexpected: list[dict[str, Any]]
     rss_start_mib: float
     rss_end_mib: float
     latency_ms: dict[str, dict[str, float]]
     outcomes: dict[str, dict[str, int]]
     runner_exit_code: int | None
+    # Owner-labelled containers beyond the pool's idle slots, the runner still running.
+    leaked_during_run: list[str] = field(default_factory=list)
+    pool_size: int = POOL_SIZE
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_ok(self) -> bool:
-        return not (self.lost or self.duplicated or self.leaked or self.unexpected)
+        return not (
+            self.lost or self.duplicated or self.leaked_during_run or self.leaked or self.unexpected
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -117,7 +128,9 @@ class SoakReport:
             "wallS": round(self.wall_s, 1),
             "lost": len(self.lost),
             "duplicated": len(self.duplicated),
-            "leakedContainers": len(self.leaked),
+            "leakedContainers": len(self.leaked_during_run) + len(self.leaked),
+            "leakedDuringRun": len(self.leaked_during_run),
+            "leakedAfterStop": len(self.leaked),
             "unexpectedOutcomes": len(self.unexpected),
             "runnerRssMiB": {"start": self.rss_start_mib, "end": self.rss_end_mib},
             "latencyMs": self.latency_ms,
@@ -126,6 +139,7 @@ class SoakReport:
             "details": {
                 "lostTaskIds": self.lost,
                 "duplicatedTaskIds": self.duplicated,
+                "leakedDuringRunContainerIds": self.leaked_during_run,
                 "leakedContainerIds": self.leaked,
                 "unexpected": self.unexpected[:20],
                 **self.extra,
@@ -133,15 +147,22 @@ class SoakReport:
         }
 
     def summary(self) -> str:
-        overall = self.latency_ms["all"]
+        overall = self.latency_ms.get("all")
+        latency = (
+            f"p50 {overall['p50']:.0f} ms, p95 {overall['p95']:.0f} ms"
+            if overall
+            else "none (no task finished)"
+        )
+        leaked = len(self.leaked_during_run) + len(self.leaked)
         lines = [
             f"soak: {self.tasks} tasks at concurrency {self.concurrency} in {self.wall_s:.0f} s",
             f"  lost:                {len(self.lost)}",
             f"  duplicated:          {len(self.duplicated)}",
-            f"  containers leaked:   {len(self.leaked)}",
+            f"  containers leaked:   {leaked} ({len(self.leaked_during_run)} during run, "
+            f"beyond {self.pool_size} idle pool slots; {len(self.leaked)} after stop)",
             f"  runner RSS:          {self.rss_start_mib:.1f} MiB at start, "
             f"{self.rss_end_mib:.1f} MiB at end",
-            f"  latency:             p50 {overall['p50']:.0f} ms, p95 {overall['p95']:.0f} ms",
+            f"  latency:             {latency}",
             f"  unexpected outcomes: {len(self.unexpected)}",
         ]
         for kind, figures in self.latency_ms.items():
@@ -248,6 +269,31 @@ async def _run_one(broker: Broker, outcome: Outcome, deadline: float) -> None:
         outcome.code = "wrong_result"
 
 
+def owned_containers(client: docker.DockerClient, owner: str) -> list[dict[str, Any]]:
+    """Every container (running or not) with our labels and this run's owner."""
+    found: list[dict[str, Any]] = client.api.containers(
+        all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]}
+    )
+    return found
+
+
+async def containers_beyond_pool(
+    client: docker.DockerClient, owner: str, pool_size: int, settle_s: float = LEAK_SETTLE_S
+) -> list[str]:
+    """With no task in flight, only the warm pool's idle slots may remain: polls until at
+    most ``pool_size`` owned containers are left (the last tasks' containers are removed
+    in the background), at most ``settle_s``; returns the ids of those beyond it, the
+    oldest first (idle slots are the most recently started)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        found = await asyncio.to_thread(owned_containers, client, owner)
+        if len(found) <= pool_size or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    oldest_first = sorted(found, key=lambda c: (c.get("Created", 0), str(c["Id"])))
+    return [str(c["Id"]) for c in oldest_first[: max(0, len(found) - pool_size)]]
+
+
 def _code_of(task: BrokerTask) -> str:
     document = task.document or {}
     if document.get("status") == "success":
@@ -261,6 +307,7 @@ async def soak(
     *,
     deadline_s: float | None = None,
     progress: bool = True,
+    pool_size: int = POOL_SIZE,
 ) -> SoakReport:
     owner = f"soak-{uuid.uuid4().hex[:8]}"
     settings = Settings(
@@ -281,6 +328,7 @@ async def soak(
             {
                 "SANDBOX_RUNNER_ID": owner,
                 "N8N_RUNNERS_MAX_CONCURRENCY": str(concurrency),
+                "SANDBOX_POOL_SIZE": str(pool_size),
                 "N8N_RUNNERS_GRACEFUL_SHUTDOWN_TIMEOUT": "10",
                 "N8N_RUNNERS_HEALTH_CHECK_SERVER_ENABLED": "false",
             },
@@ -308,6 +356,9 @@ async def soak(
                     group.create_task(one(outcome))
             wall_s = time.monotonic() - began
             rss_end = runner.rss_mib()
+            # Before the runner stops: its shutdown removes whatever it still has, so
+            # a container forgotten during the run would not show after it.
+            leaked_during_run = await containers_beyond_pool(client, owner, pool_size)
         finally:
             exit_code = await asyncio.to_thread(runner.stop)
         counts = collections.Counter(
@@ -315,12 +366,7 @@ async def soak(
             for _, message in broker.message_log
             if message.get("type") in COMPLETION_TYPES
         )
-    leaked = [
-        str(c["Id"])
-        for c in client.api.containers(
-            all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]}
-        )
-    ]
+    leaked = [str(c["Id"]) for c in owned_containers(client, owner)]
     client.close()
     lost = [o.task_id or f"#{o.index}" for o in outcomes if o.code is None or not counts[o.task_id]]
     duplicated = [o.task_id for o in outcomes if counts[o.task_id] > 1]
@@ -355,6 +401,8 @@ async def soak(
         lost=lost,
         duplicated=duplicated,
         leaked=leaked,
+        leaked_during_run=leaked_during_run,
+        pool_size=pool_size,
         unexpected=unexpected,
         rss_start_mib=rss_start,
         rss_end_mib=rss_end,
@@ -370,9 +418,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=1000, help="tasks to push (default 1000)")
     parser.add_argument("--concurrency", type=int, default=4, help="at once (default 4)")
     parser.add_argument("--json-out", type=Path, help="write the report as JSON here")
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=POOL_SIZE,
+        help=f"the runner's warm pool (SANDBOX_POOL_SIZE): idle slots allowed to remain "
+        f"after the last task (default {POOL_SIZE})",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
-    report = asyncio.run(soak(args.tasks, args.concurrency, progress=not args.quiet))
+    report = asyncio.run(
+        soak(args.tasks, args.concurrency, progress=not args.quiet, pool_size=args.pool_size)
+    )
     print(report.summary())
     if args.json_out:
         args.json_out.write_text(json.dumps(report.as_json(), indent=2) + "\n")

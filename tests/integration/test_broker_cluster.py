@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import re
 import socket
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -22,6 +24,8 @@ from .harness import (
 )
 
 pytestmark = pytest.mark.usefixtures("task_image")
+
+A_TASKS = 6  # the busy tenant's backlog in the starvation test
 
 
 def free_port() -> int:
@@ -94,18 +98,24 @@ async def test_runner_reconnects_to_a_restarted_broker_and_reports_an_outage_tas
 
 
 async def test_a_busy_tenant_does_not_starve_another() -> None:
+    # Tenant A may have 1 task on a runner at a time, and queues 6 that sleep 1 s each;
+    # the runner takes 2. B's task, submitted behind all of A's, takes the free slot
+    # at once, long before A's third task can start. A first-in-first-out queue would
+    # accept B only after A's last task (whether A's quota held up its head or not).
     async with start_broker(api_keys="key-a=a,key-b=b", tenant_quotas="a=1") as running:
+        core = running.broker
+        core.log_messages = True
         runner = RunnerProcess(running.url, {"N8N_RUNNERS_MAX_CONCURRENCY": "2"})
         try:
-            await runner.wait_connected(running.broker)
+            await runner.wait_connected(core)
             async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
                 a = {"Authorization": "Bearer key-a"}
                 b = {"Authorization": "Bearer key-b"}
                 a_ids = []
-                for n in range(10):
+                for n in range(A_TASKS):
                     response = await http.post(
                         "/v1/tasks",
-                        json={"code": f"import time\ntime.sleep(0.3)\nreturn {n}"},
+                        json={"code": f"import time\ntime.sleep(1)\nreturn {n}"},
                         headers=a,
                     )
                     assert response.status_code == 202
@@ -115,10 +125,9 @@ async def test_a_busy_tenant_does_not_starve_another() -> None:
                 )
                 assert b_response.status_code == 200, b_response.text
                 assert b_response.json()["result"] == "b"
-                states = [(await http.get(f"/v1/tasks/{i}", headers=a)).json() for i in a_ids]
-                assert sum(s.get("status") == "success" for s in states) < 10, (
-                    "B waited for A's backlog"
-                )
+                b_tasks = (await http.get("/v1/tasks", headers=b)).json()["tasks"]
+                assert len(b_tasks) == 1
+                b_id = b_tasks[0]["taskId"]
 
                 assert (await http.get(f"/v1/tasks/{a_ids[0]}", headers=b)).status_code == 404
                 assert (await http.get("/v1/tasks")).status_code == 401
@@ -126,7 +135,24 @@ async def test_a_busy_tenant_does_not_starve_another() -> None:
                     await http.get("/v1/tasks", headers={"Authorization": "Bearer x"})
                 ).status_code == 401
                 last = await http.get(f"/v1/tasks/{a_ids[-1]}?wait=60", headers=a)
-                assert last.json()["result"] == 9
+                assert last.json()["result"] == A_TASKS - 1
+                # The order the runner accepted the tasks in, from its own messages.
+                accepted = [
+                    m["taskId"] for _, m in core.message_log if m["type"] == "runner:taskaccepted"
+                ]
+                assert sorted(accepted) == sorted([*a_ids, b_id])  # each once
+                assert [i for i in accepted if i != b_id] == a_ids
+                assert accepted.index(b_id) < accepted.index(a_ids[2]), accepted
+                # A's quota of 1: each of A's tasks was accepted only after the runner
+                # reported the previous one done.
+                events = [
+                    (m["type"], m["taskId"])
+                    for _, m in core.message_log
+                    if m.get("taskId") in a_ids
+                ]
+                for previous, task_id in itertools.pairwise(a_ids):
+                    done_at = events.index(("runner:taskdone", previous))
+                    assert events.index(("runner:taskaccepted", task_id)) > done_at, events
                 assert (
                     await http.post("/v1/tasks", content=b"x" * (17 * 1024 * 1024), headers=a)
                 ).status_code == 413
@@ -142,13 +168,18 @@ async def test_a_busy_tenant_does_not_starve_another() -> None:
 
 
 async def _outage(
-    port: int, env: dict[str, str], sleeps_s: list[float], outage_s: float
+    port: int,
+    env: dict[str, str],
+    sleeps_s: list[float],
+    outage_over: Callable[[str, list[str]], bool],
+    what: str,
 ) -> tuple[RunnerProcess, list[str], Broker, Broker, str]:
-    """Tasks sleeping ``sleeps_s`` start on one broker, which then goes away for
-    ``outage_s``; a new broker on the same port takes the runner back. Returns once
-    every task's fate is known: its completion on the new broker's wire, or the
-    runner's log line saying it was undeliverable. The last value is the runner's
-    log as it was just before the new broker started."""
+    """Tasks sleeping ``sleeps_s`` start on one broker, which then goes away until
+    ``outage_over(runner output, task ids)`` holds (polled, at most 60 s); a new broker
+    on the same port takes the runner back. Returns once every task's fate is known:
+    its completion on the new broker's wire, or the runner's log line saying it was
+    undeliverable. The last value is the runner's log as it was just before the new
+    broker started."""
     async with start_broker(broker_port=port, graceful_shutdown_timeout_s=0.1) as first:
         first.broker.log_messages = True
         runner = RunnerProcess(first.url, env)
@@ -164,7 +195,12 @@ async def _outage(
             raise
     task_ids = [t.task_id for t in tasks]
     try:
-        await asyncio.sleep(outage_s)
+        await until(
+            lambda: outage_over(runner.output, task_ids) or runner.process.poll() is not None,
+            60,
+            what,
+        )
+        assert runner.process.poll() is None, runner.output
         offline_log = runner.output
         async with start_broker(broker_port=port) as second:
             second.broker.log_messages = True
@@ -177,7 +213,7 @@ async def _outage(
                     for i in task_ids
                 )
 
-            await until(settled, 30, "every task delivered or logged as undeliverable")
+            await until(settled, 60, "every task delivered or logged as undeliverable")
             # A little longer, so that a second report of anything would be seen too.
             nxt = submit(second.broker, "return 'next'")
             assert (await finished(nxt))["result"] == "next"
@@ -187,11 +223,31 @@ async def _outage(
         raise
 
 
+def held(output: str) -> list[str]:
+    """The tasks whose completion the runner held for the broker to come back."""
+    return re.findall(r"completion of task (\S+) held until the broker is back", output)
+
+
+def undeliverable(output: str, task_ids: list[str]) -> list[str]:
+    return [i for i in task_ids if f"task {i} result is undeliverable" in output]
+
+
+# The short tasks end while the broker is away (the outage lasts until the runner said
+# so); the long ones run well past the runner's reconnection, even on a loaded machine.
+SHORT_S, LONG_S = 2, 20
+
+
 async def test_concurrent_tasks_across_a_broker_outage_are_each_reported_exactly_once() -> None:
     # Two tasks end while the broker is away (held, sent after reconnecting), two end
     # after the runner is back (sent over the new connection).
-    env = {"N8N_RUNNERS_MAX_CONCURRENCY": "4", "N8N_RUNNERS_TASK_TIMEOUT": "30"}
-    runner, task_ids, first, second, _ = await _outage(free_port(), env, [1, 1, 6, 6], 2.5)
+    env = {"N8N_RUNNERS_MAX_CONCURRENCY": "4", "N8N_RUNNERS_TASK_TIMEOUT": "60"}
+    runner, task_ids, first, second, offline_log = await _outage(
+        free_port(),
+        env,
+        [SHORT_S, SHORT_S, LONG_S, LONG_S],
+        lambda output, ids: set(held(output)) >= set(ids[:2]),
+        "the runner to hold both short tasks' completions",
+    )
     try:
         for n, task_id in enumerate(task_ids):
             assert completions(first, task_id) == []
@@ -199,8 +255,8 @@ async def test_concurrent_tasks_across_a_broker_outage_are_each_reported_exactly
             assert len(reported) == 1, (task_id, reported)
             assert reported[0]["type"] == "runner:taskdone"
             assert reported[0]["data"] == {"result": n}
-        held = re.findall(r"completion of task (\S+) held until the broker is back", runner.output)
-        assert sorted(held) == sorted(task_ids[:2])
+        assert sorted(held(offline_log)) == sorted(task_ids[:2])
+        assert sorted(held(runner.output)) == sorted(task_ids[:2])
         assert "undeliverable" not in runner.output
     finally:
         assert await runner.aclose() == 0, runner.output
@@ -209,25 +265,33 @@ async def test_concurrent_tasks_across_a_broker_outage_are_each_reported_exactly
 async def test_tasks_that_end_during_a_long_broker_outage_are_logged_undeliverable_never_sent() -> (
     None
 ):
-    # Results wait 1 s for the broker; it stays away 4 s. The two short tasks end in
-    # the outage and are logged as undeliverable while it lasts; the two long ones
-    # end after the runner is back and are delivered once.
+    # Results wait 1 s for the broker; it stays away until the runner logged both
+    # short tasks as undeliverable. The two long ones end after the runner is back
+    # and are delivered once.
     env = {
         "N8N_RUNNERS_MAX_CONCURRENCY": "4",
-        "N8N_RUNNERS_TASK_TIMEOUT": "30",
+        "N8N_RUNNERS_TASK_TIMEOUT": "60",
         "SANDBOX_UNDELIVERED_TTL_S": "1",
     }
-    outage = await _outage(free_port(), env, [0.5, 0.5, 8, 8], 4)
+    outage = await _outage(
+        free_port(),
+        env,
+        [SHORT_S, SHORT_S, LONG_S, LONG_S],
+        lambda output, ids: undeliverable(output, ids) == ids[:2],
+        "the runner to log both short tasks as undeliverable",
+    )
     runner, task_ids, first, second, offline_log = outage
     try:
+        # Said during the outage (the new broker started only after), for the short
+        # tasks only.
+        assert undeliverable(offline_log, task_ids) == task_ids[:2]
         for task_id in task_ids[:2]:
             assert completions(first, task_id) == []
             assert completions(second, task_id) == []
             assert runner.output.count(f"task {task_id} result is undeliverable") == 1
-            # Said during the outage, not only once the broker was back.
-            assert f"task {task_id} result is undeliverable" in offline_log
         for n, task_id in enumerate(task_ids[2:], start=2):
             reported = completions(second, task_id)
             assert [m["data"] for m in reported] == [{"result": n}]
+        assert undeliverable(runner.output, task_ids) == task_ids[:2]
     finally:
         assert await runner.aclose() == 0, runner.output

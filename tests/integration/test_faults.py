@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -39,14 +40,43 @@ def owned(client: docker.DockerClient, owner: str) -> list[dict[str, Any]]:
     return found
 
 
-async def until_running(tasks: list[BrokerTask]) -> None:
-    """Until the runner accepted every task, then long enough for the user's code to run.
+def running_user_code(client: docker.DockerClient, owner: str) -> int:
+    """How many of the owner's containers run user code right now.
 
-    (A warm pool slot keeps its ``pool`` task label, so containers cannot say which
-    task they run; the hand-over itself takes milliseconds.)
+    A container's processes are tini, the agent under it and, once the agent read its
+    task, the child the agent forked to run the user's code: a grandchild of tini.
+    An idle warm pool slot has none (its ``pool`` task label stays on after the
+    hand-over, so labels cannot tell). Seen from the daemon (``docker top``).
     """
+    count = 0
+    for container in client.api.containers(
+        filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]}
+    ):
+        try:
+            top = client.api.top(container["Id"], ps_args="-o pid,ppid")
+        except docker.errors.APIError:
+            continue  # it stopped or went away between the listing and here
+        pids, ppids = top["Titles"].index("PID"), top["Titles"].index("PPID")
+        parent = {row[pids]: row[ppids] for row in top["Processes"] or []}
+        if any(parent.get(ppid) in parent for ppid in parent.values()):
+            count += 1
+    return count
+
+
+async def until_running(
+    tasks: list[BrokerTask], client: docker.DockerClient, owner: str, timeout_s: float = 60
+) -> None:
+    """Until the runner accepted every task and each one's user code runs in its container."""
     await until(lambda: all(t.status == "running" for t in tasks), 30, "the tasks to start")
-    await asyncio.sleep(1.5)
+    deadline = time.monotonic() + timeout_s
+    while (found := await asyncio.to_thread(running_user_code, client, owner)) < len(tasks):
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout_s}s: user code runs in {found} of "
+                f"{len(tasks)} containers"
+            )
+        await asyncio.sleep(0.1)
+    assert found == len(tasks)
 
 
 # -- the runner process killed ------------------------------------------------------------
@@ -70,7 +100,7 @@ async def test_a_runner_killed_mid_tasks_leaves_no_container_after_its_restart(
         try:
             await first.wait_connected(core)
             tasks = [submit(core, LONG_TASK.format(n=n)) for n in range(3)]
-            await until_running(tasks)
+            await until_running(tasks, docker_client, owner)
             left_behind = {c["Id"] for c in owned(docker_client, owner)}
             # Three task containers, plus whatever warm pool slots were idle.
             assert len(left_behind) >= 3
@@ -155,14 +185,18 @@ async def test_a_docker_daemon_restart_fails_running_tasks_clearly_and_the_runne
             try:
                 await runner.wait_connected(core, timeout_s=90)  # includes the self-check
                 long_tasks = [submit(core, LONG_TASK.format(n=n)) for n in range(2)]
-                await until_running(long_tasks)
+                await until_running(long_tasks, client, owner)
 
                 await asyncio.to_thread(daemon.stop)
                 # A task accepted while the daemon is down has not started its code:
                 # its container set-up is retried until the daemon is back.
                 during = submit(core, "return 'set up after the restart'")
                 await until(lambda: during.status == "running", 10, "the runner to accept it")
-                await asyncio.sleep(1.0)
+                await until(
+                    lambda: "container set-up failed (attempt 1 of 15), retrying" in runner.output,
+                    30,
+                    "a container set-up to fail while the daemon is down",
+                )
                 await asyncio.to_thread(daemon.start)
 
                 documents = await asyncio.gather(*(finished(t, 30) for t in long_tasks))

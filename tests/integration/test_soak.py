@@ -35,6 +35,9 @@ def test_a_short_soak_loses_duplicates_and_leaks_nothing(tmp_path: Path) -> None
     assert report["lost"] == 0, report["details"]
     assert report["duplicated"] == 0, report["details"]
     assert report["leakedContainers"] == 0, report["details"]
+    # Counted before the runner stopped (beyond its idle pool slots) and after.
+    assert report["leakedDuringRun"] == 0, report["details"]
+    assert report["leakedAfterStop"] == 0, report["details"]
     assert report["unexpectedOutcomes"] == 0, report["details"]
     # The fixed rotation: of every 10 tasks 6 succeed, 2 raise, 1 times out, 1 bombs.
     assert report["outcomes"] == {
@@ -50,4 +53,15 @@ def test_a_short_soak_loses_duplicates_and_leaks_nothing(tmp_path: Path) -> None
     latency = report["latencyMs"]["all"]
     assert 0 < latency["p50"] <= latency["p95"]
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert "soak: OK" in completed.stdout
+    # The five figures `make soak` promises, each on its own line, then the verdict.
+    lines = [line.strip() for line in completed.stdout.splitlines()]
+    assert "lost:                0" in lines, completed.stdout
+    assert "duplicated:          0" in lines, completed.stdout
+    assert (
+        "containers leaked:   0 (0 during run, beyond 2 idle pool slots; 0 after stop)" in lines
+    ), completed.stdout
+    rss_line = f"runner RSS:          {rss['start']:.1f} MiB at start, {rss['end']:.1f} MiB at end"
+    assert rss_line in lines, completed.stdout
+    latency_line = f"latency:             p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms"
+    assert latency_line in lines, completed.stdout
+    assert lines[-1] == "soak: OK", completed.stdout

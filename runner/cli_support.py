@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from runner.errors import RunnerError
 from runner.logs import JsonFormatter, current_log_format, started_at
-from runner.settings import Settings, load_settings
+from runner.settings import Settings, env_name, load_settings
 
 EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
@@ -37,7 +37,10 @@ def _settings(overrides: dict[str, Any] | None = None) -> Settings:
         return load_settings(overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        loc = [str(part) for part in first["loc"]]
+        if loc and loc[0] in Settings.model_fields:
+            loc[0] = env_name(loc[0])  # the variable the operator set, not our field name
+        where = ".".join(loc) or "settings"
         _fail(f"invalid configuration: {where}: {first['msg']}")
     except ValueError as exc:  # e.g. an unreadable *_FILE
         _fail(f"invalid configuration: {exc}")

@@ -124,7 +124,7 @@ def test_exec_honours_allowlist_variables() -> None:
             ["exec", "-"],
             {"SANDBOX_MEMORY_MB": "lots"},
             "return 1",
-            "invalid configuration",
+            "invalid configuration: SANDBOX_MEMORY_MB: Input should be a valid integer",
             id="bad-number",
         ),
         pytest.param(

@@ -246,7 +246,8 @@ class Settings(BaseSettings):
     )
     selfcheck_cache_dir: Path | None = Field(
         None,
-        description="Where self-check results are cached, per Docker daemon and policy hash. "
+        description="Where self-check results are cached, per Docker daemon, policy hash and "
+        "task image. "
         "Unset: $XDG_CACHE_HOME/sandbox-runner, else ~/.cache/sandbox-runner.",
     )
 

@@ -388,8 +388,9 @@ class RunnerProtocol:
             log.info("Received cancel for unknown task: %s. Discarding message.", task_id)
             return
         if task.state is TaskState.WAITING_FOR_SETTINGS:
+            # It never ran here: the broker may offer it again (after a late accept it
+            # cancelled), and taking it then is no duplicate.
             del self._tasks[task_id]
-            self._finished.add(task_id)
             log.info("Cancelled task %s (waiting for settings)", task_id)
             self._top_up(self._clock())
             return

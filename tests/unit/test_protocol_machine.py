@@ -250,6 +250,10 @@ def test_cancel_waiting_task_drops_it_and_reoffers(clock: Clock) -> None:
     assert [m["type"] for m in out] == ["runner:taskoffer"]
     assert machine.task_state("t1") is None
     assert machine.events() == []
+    # It never ran here: offered again (the broker requeued it), it is taken, not a duplicate.
+    assert accept(machine, "t1", out[0]["offerId"]) == [
+        {"type": "runner:taskaccepted", "taskId": "t1"}
+    ]
 
 
 def test_cancel_running_task_asks_the_service_and_reports_cancelled(clock: Clock) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import secrets
 import string
@@ -482,7 +483,10 @@ class Broker:
         audit = report.get("audit")
         if isinstance(message, TaskDone):
             result = message.data.result
-            schema_error = _schema_error(task.submission.output_schema, result, "result")
+            rows = len(result) if isinstance(result, list) else 1
+            schema_error = _schema_error(
+                task.submission.output_schema, result, "result", _Budget(budget_for(rows))
+            )
             if schema_error is not None:
                 self._finish_error(
                     task,
@@ -671,7 +675,24 @@ REFUSED_KEYWORDS: dict[str, str] = {
         "uniqueItems is not supported, because checking it takes time quadratic in the "
         "array's length and could stall the broker for every tenant"
     ),
+    # jsonschema finds evaluated keys with an unmetered walk through $ref and
+    # dependentSchemas: 2 KB of schema took 28 s (doubling per nesting level).
+    "unevaluatedProperties": (
+        "unevaluatedProperties is not supported, because checking it can take time "
+        "exponential in the schema's nesting; use additionalProperties"
+    ),
+    "unevaluatedItems": (
+        "unevaluatedItems is not supported, because checking it can take time "
+        "exponential in the schema's nesting; use items"
+    ),
 }
+# Keywords refused only with these values (``uniqueItems: false`` asks for nothing).
+_HARMLESS_VALUES: dict[str, Any] = {"uniqueItems": False}
+# Messages of errors name the failing value: a caller's 5 MB string stays out of them.
+MAX_ERROR_MESSAGE_CHARS = 500
+# Budget per item (input) or per element of a list result, on top of the base: ordinary
+# schemas cost about ten checks per row, so large payloads are not refused for size alone.
+BUDGET_PER_ROW = 50
 REGEX_KEYWORDS = ("pattern", "patternProperties")
 
 # Keywords whose value maps names to schemas (the names are data, not keywords).
@@ -708,9 +729,20 @@ def _cost(keyword: str, value: Any, instance: Any) -> int:
         if len(kinds) <= 1 and all(type(i) in _SORTABLE for i in instance):
             return 1 + len(instance)
         return 1 + len(instance) * len(instance) // 2
-    if keyword in ("enum", "required", "dependentRequired") and isinstance(value, list | dict):
+    if keyword == "dependentRequired" and isinstance(value, dict):
+        return 1 + sum(len(names) if isinstance(names, list) else 1 for names in value.values())
+    if keyword in ("enum", "required") and isinstance(value, list):
+        return 1 + sum(_shallow_size(entry) for entry in value)
+    if keyword == "const":
+        return 1 + _shallow_size(value)
+    if keyword == "properties" and isinstance(value, dict):
         return 1 + len(value)
     return 1
+
+
+def _shallow_size(value: Any) -> int:
+    """A cheap measure of what comparing against ``value`` costs (containers: their length)."""
+    return 1 + len(value) if isinstance(value, list | dict | str) else 1
 
 
 def _metered(keyword: str, check: Callable[..., Any]) -> Callable[..., Any]:
@@ -782,8 +814,9 @@ def _schema_error(
     budget = budget if budget is not None else _Budget(VALIDATION_BUDGET)
     token = _BUDGET.set(budget)
     try:
+        # The first few errors are enough to name one (all of them could be millions).
         errors = sorted(
-            _Metered(schema, registry=_NO_RETRIEVAL).iter_errors(value),
+            itertools.islice(_Metered(schema, registry=_NO_RETRIEVAL).iter_errors(value), 100),
             key=lambda e: list(e.path),
         )
     except referencing.exceptions.Unresolvable as exc:
@@ -791,8 +824,8 @@ def _schema_error(
         return f"{root}: the schema's reference {exc.ref!r} cannot be resolved"
     except _OverBudget:
         return (
-            f"{root}: validating against the schema takes more than {VALIDATION_BUDGET} "
-            "checks (the broker's limit); simplify the schema or send less data"
+            f"{root}: validating against the schema takes more checks than the broker "
+            "allows; simplify the schema or send less data"
         )
     except RecursionError:
         return (
@@ -808,17 +841,25 @@ def _schema_error(
         return None
     first = errors[0]
     path = root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.path)
-    return f"{path}: {first.message}"
+    message = first.message
+    if len(message) > MAX_ERROR_MESSAGE_CHARS:
+        message = message[:MAX_ERROR_MESSAGE_CHARS] + "... (shortened)"
+    return f"{path}: {message}"
+
+
+def budget_for(rows: int) -> int:
+    """The check budget of one validation of ``rows`` items (or result elements)."""
+    return VALIDATION_BUDGET + BUDGET_PER_ROW * rows
 
 
 def validate_input(schema: dict[str, Any] | None, items: list[Any]) -> str | None:
     """Every item's ``json`` against ``inputSchema``; the first failure with its path.
 
-    All items share one budget of :data:`VALIDATION_BUDGET` checks.
+    All items share one budget of checks (:func:`budget_for`: a base plus some per item).
     """
     if schema is None:
         return None
-    budget = _Budget(VALIDATION_BUDGET)
+    budget = _Budget(budget_for(len(items)))
     for index, item in enumerate(items):
         error = _schema_error(
             schema,
@@ -842,7 +883,9 @@ def refused_keyword_in(schema: Any) -> tuple[str, str] | None:
         elif isinstance(node, dict):
             for keyword, value in node.items():
                 path = f"{where}.{keyword}" if where else keyword
-                if keyword in REFUSED_KEYWORDS:
+                if keyword in REFUSED_KEYWORDS and (
+                    keyword not in _HARMLESS_VALUES or value is not _HARMLESS_VALUES[keyword]
+                ):
                     return path, REFUSED_KEYWORDS[keyword]
                 if keyword in _DATA_KEYWORDS:
                     continue

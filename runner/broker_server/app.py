@@ -38,6 +38,7 @@ from runner.broker_server.core import (
     BrokerTask,
     Submission,
     TaskLimits,
+    TaskStatus,
     TenantBacklogFull,
     check_schema,
     validate_input,
@@ -348,16 +349,25 @@ def create_app(
     def task_body(task: BrokerTask) -> dict[str, Any]:
         return task.document if task.document is not None else task.summary()
 
+    def never_runs(task: BrokerTask) -> bool:
+        # A closing broker dispatches nothing more; a task already with a runner may
+        # still finish within the drain, so its waiters keep waiting (bounded by `wait`
+        # and by the server's graceful shutdown).
+        return broker.closing.is_set() and task.status is TaskStatus.QUEUED
+
     async def wait_for(task: BrokerTask, wait: float) -> None:
-        """Until the task ends, ``wait`` seconds pass or the broker starts closing."""
-        if wait <= 0 or task.document is not None or broker.closing.is_set():
+        """Until the task ends or ``wait`` seconds pass; a queued one, until closing."""
+        if wait <= 0 or task.document is not None or never_runs(task):
             return
-        waiters = [
-            asyncio.ensure_future(task.done.wait()),
-            asyncio.ensure_future(broker.closing.wait()),
-        ]
+        deadline = asyncio.get_running_loop().time() + wait
+        waiters = [asyncio.ensure_future(task.done.wait())]
+        if not broker.closing.is_set():
+            waiters.append(asyncio.ensure_future(broker.closing.wait()))
         try:
             await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if task.document is None and not never_runs(task) and remaining > 0:
+                await asyncio.wait([waiters[0]], timeout=remaining)
         finally:
             for waiter in waiters:
                 waiter.cancel()

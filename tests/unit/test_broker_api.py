@@ -516,3 +516,41 @@ async def test_an_exception_while_handling_a_frame_does_not_drop_the_runner(
         "handling TaskOffer from runner r1 failed; frame ignored"
     ] * 2
     assert all(r.exc_info is not None for r in failures)
+
+
+async def test_drain_keeps_long_polls_of_a_running_task_until_it_ends(api: Any) -> None:
+    from runner.protocol.messages import RunnerInfo, TaskAccepted, TaskOffer
+
+    client, broker = api
+
+    class FakeRunner:
+        runner_id = "r-drain"
+
+        def __init__(self) -> None:
+            self.sent: list[Any] = []
+
+        def send(self, message: Any) -> None:
+            self.sent.append(message)
+
+        def close(self, code: int, reason: str) -> None:
+            pass
+
+    runner = FakeRunner()
+    broker.runner_connected(runner)
+    broker.runner_message(runner, RunnerInfo())
+    broker.runner_message(runner, TaskOffer(offer_id="o1", valid_for=5000))
+    submitted = asyncio.create_task(
+        client.post("/v1/tasks?wait=300", json={"code": "return [1]"}, headers=A)
+    )
+    await until(lambda: any(type(m).__name__ == "TaskOfferAccept" for m in runner.sent))
+    accept = next(m for m in runner.sent if type(m).__name__ == "TaskOfferAccept")
+    broker.runner_message(runner, TaskAccepted(task_id=accept.task_id))
+    broker.drain()
+    await asyncio.sleep(0.05)
+    # Running on a runner: it may still finish within the drain, so the poll waits...
+    assert not submitted.done()
+    broker.runner_message(runner, TaskDone(task_id=accept.task_id, data=TaskDoneData(result=[1])))
+    answer = await asyncio.wait_for(submitted, timeout=30)  # a hang guard
+    # ... and gets the result, not a 202 that would send the client round in a loop.
+    assert answer.status_code == 200
+    assert answer.json()["result"] == [1]

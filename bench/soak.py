@@ -36,12 +36,8 @@ import argparse
 import asyncio
 import collections
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -55,8 +51,8 @@ from runner.broker_server.server import running_broker
 from runner.sandbox.base import Mode
 from runner.sandbox.docker import LABEL_MANAGED, LABEL_OWNER
 from runner.settings import Settings
+from runner.testing import ServeProcess
 
-ROOT = Path(__file__).resolve().parents[1]
 AUTH_TOKEN = "soak-auth-token-0123456789"  # noqa: S105 - a loopback broker of its own
 COMPLETION_TYPES = ("runner:taskdone", "runner:taskerror")
 TIMEOUT_TASK_S = 1.0
@@ -175,51 +171,6 @@ class SoakReport:
         return "\n".join(lines)
 
 
-class RunnerProcess:
-    """``sandbox-runner serve`` in its own process, its output kept for the report."""
-
-    def __init__(self, broker_url: str, env: dict[str, str]) -> None:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("N8N_", "SANDBOX_"))}
-        full_env.update(env)
-        full_env.update(
-            {"N8N_RUNNERS_TASK_BROKER_URI": broker_url, "N8N_RUNNERS_AUTH_TOKEN": AUTH_TOKEN}
-        )
-        self.lines: collections.deque[str] = collections.deque(maxlen=2000)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "runner", "serve"],
-            env=full_env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
-
-    def _collect(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def rss_mib(self) -> float:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        kib = next(int(line.split()[1]) for line in status.splitlines() if line[:6] == "VmRSS:")
-        return round(kib / 1024, 1)
-
-    def stop(self, timeout_s: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._reader.join(5)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        return self.process.returncode
-
-
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -232,7 +183,7 @@ def expected_result(kind: str, n: int) -> Any:
     return [{"json": {"n": n, "sum": sum(range(n))}}] if kind == "ok" else None
 
 
-async def _wait_for(predicate: Any, timeout_s: float, what: str, runner: RunnerProcess) -> None:
+async def _wait_for(predicate: Any, timeout_s: float, what: str, runner: ServeProcess) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if runner.process.poll() is not None:
@@ -323,8 +274,9 @@ async def soak(
     async with running_broker(settings, auth_token=AUTH_TOKEN) as running:
         broker = running.broker
         broker.log_messages = True
-        runner = RunnerProcess(
+        runner = ServeProcess(
             running.url,
+            AUTH_TOKEN,
             {
                 "SANDBOX_RUNNER_ID": owner,
                 "N8N_RUNNERS_MAX_CONCURRENCY": str(concurrency),
@@ -332,6 +284,7 @@ async def soak(
                 "N8N_RUNNERS_GRACEFUL_SHUTDOWN_TIMEOUT": "10",
                 "N8N_RUNNERS_HEALTH_CHECK_SERVER_ENABLED": "false",
             },
+            keep_lines=2000,
         )
         exit_code: int | None = None
         try:
@@ -360,7 +313,7 @@ async def soak(
             # a container forgotten during the run would not show after it.
             leaked_during_run = await containers_beyond_pool(client, owner, pool_size)
         finally:
-            exit_code = await asyncio.to_thread(runner.stop)
+            exit_code = await asyncio.to_thread(runner.stop, 60)
         counts = collections.Counter(
             message["taskId"]
             for _, message in broker.message_log

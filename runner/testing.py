@@ -36,9 +36,15 @@ Needs the ``testing`` extra (``pip install 'sandbox-runner[testing]'``).
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import os
 import secrets
+import signal
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -559,10 +565,77 @@ class SandboxRunnerContainer(_SandboxContainer):
         return response.text
 
 
+class ServeProcess:
+    """``sandbox-runner serve`` as a child process of this Python, for a broker you run
+    yourself (e.g. :func:`runner.broker_server.server.running_broker` in your test's
+    event loop). Configured like an operator would: environment variables only; the
+    caller's own ``N8N_*``/``SANDBOX_*`` variables are not inherited. Its output is kept
+    in :attr:`lines` (the last ``keep_lines`` of them, when given).
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        auth_token: str,
+        env: dict[str, str] | None = None,
+        *,
+        keep_lines: int | None = None,
+    ) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("N8N_", "SANDBOX_"))}
+        full_env.update(env or {})
+        full_env.update(
+            {"N8N_RUNNERS_TASK_BROKER_URI": broker_url, "N8N_RUNNERS_AUTH_TOKEN": auth_token}
+        )
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep_lines)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "runner", "serve"],
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+
+    def _collect(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def rss_mib(self) -> float:
+        """The process's resident memory now, in MiB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        kib = next(int(line.split()[1]) for line in status.splitlines() if line[:6] == "VmRSS:")
+        return round(kib / 1024, 1)
+
+    def stop(self, timeout_s: float = 20) -> int:
+        """SIGTERM (the graceful drain), SIGKILL after ``timeout_s``; the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
+
+    async def aclose(self, timeout_s: float = 20) -> int:
+        """:meth:`stop` without blocking the event loop an in-process broker runs on."""
+        return await asyncio.to_thread(self.stop, timeout_s)
+
+
 __all__ = [
     "EmbeddedBrokerContainer",
     "SandboxRunnerContainer",
     "SandboxServiceError",
+    "ServeProcess",
     "reap_leftovers",
     "remove_owned",
     "runner_image",

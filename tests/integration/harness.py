@@ -8,24 +8,18 @@ every message a runner sent (``Broker.message_log``) and submit tasks directly.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Any
 
 from runner.broker_server.core import Broker, BrokerTask, Submission
 from runner.broker_server.server import RunningBroker, running_broker
 from runner.sandbox.base import Mode
 from runner.settings import Settings
+from runner.testing import ServeProcess
 
-ROOT = Path(__file__).resolve().parents[2]
 AUTH_TOKEN = "test-auth-token-0123456789"
 
 
@@ -56,44 +50,23 @@ async def until(predicate: Callable[[], Any], timeout_s: float = 20, what: str =
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
 
 
-class RunnerProcess:
-    """`sandbox-runner serve` in its own process, with its output collected."""
+class RunnerProcess(ServeProcess):
+    """`sandbox-runner serve` in its own process, with quick timeouts for tests."""
 
     def __init__(self, broker_url: str, env: dict[str, str] | None = None) -> None:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("N8N_", "SANDBOX_"))}
-        full_env.update(
+        super().__init__(
+            broker_url,
+            AUTH_TOKEN,
             {
-                "N8N_RUNNERS_TASK_BROKER_URI": broker_url,
-                "N8N_RUNNERS_AUTH_TOKEN": AUTH_TOKEN,
                 "N8N_RUNNERS_TASK_TIMEOUT": "2",
                 "N8N_RUNNERS_HEALTH_CHECK_SERVER_ENABLED": "true",
                 "N8N_RUNNERS_HEALTH_CHECK_SERVER_PORT": "0",
                 "N8N_RUNNERS_GRACEFUL_SHUTDOWN_TIMEOUT": "3",
                 "SANDBOX_RECONNECT_BACKOFF_MAX_S": "1",
-            }
+                **(env or {}),
+            },
         )
-        full_env.update(env or {})
-        self.lines: list[str] = []
         self.runner_id = ""
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "runner", "serve"],
-            env=full_env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
-
-    def _collect(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
 
     def _announced_id(self) -> str:
         match = re.search(r"Runner ([A-Za-z0-9]{22}) starting", self.output)
@@ -120,23 +93,6 @@ class RunnerProcess:
         match = re.search(r"Health check server listening on [\d.]+, port (\d+)", self.output)
         assert match, self.output
         return int(match.group(1))
-
-    async def aclose(self, timeout_s: float = 20) -> int:
-        """SIGTERM and wait, without blocking the loop an in-process broker runs on."""
-        return await asyncio.to_thread(self.stop, timeout_s)
-
-    def stop(self, timeout_s: float = 20) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._reader.join(5)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        return self.process.returncode
 
 
 def submit(

@@ -36,7 +36,6 @@ from runner.settings import DATA_ROOT
 
 EXIT_FINDINGS = 1
 WIDTH = 100
-DEFAULT_DIR = DATA_ROOT / "policies"
 
 
 def to_json(document: object, indent: int | None = 1) -> str:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from runner.analyzer import Analyzer
 from runner.pipeline import AuditContext, TaskPipeline
 from runner.policy import EffectivePolicy, load_bundle, load_policy
-from runner.sandbox.base import GuardConfig, Limits, Sandbox
+from runner.sandbox.base import Limits, Sandbox
 from runner.sandbox.docker import DockerSandbox, IsolationConfig, connect, describe_daemon
 from runner.sandbox.image import ImageBuilder, ImageRecipe, Progress
 from runner.sandbox.pool import PoolConfig
@@ -34,10 +34,6 @@ from runner.settings import Settings
 
 if TYPE_CHECKING:
     from docker import DockerClient
-
-
-def guard_config(settings: Settings, *, policy: EffectivePolicy | None = None) -> GuardConfig:
-    return (policy or load_policy(settings)).guards
 
 
 def limits_from(

@@ -66,7 +66,7 @@ from runner.errors import (
     InfrastructureError,
 )
 from runner.sandbox.base import ExecutionResult, Limits, Outcome, Stage, TaskError, TaskSpec
-from runner.sandbox.envelope import HEADER, encode_task
+from runner.sandbox.envelope import encode_task, frame_complete
 from runner.sandbox.interpret import ProcessFacts, interpret
 from runner.sandbox.pool import Miss, PoolConfig, Slot, WarmPool
 
@@ -100,7 +100,6 @@ HOST_GRACE_S = 5.0
 ORPHAN_MARGIN_S = 60.0
 # Room in a pool slot's deadline label for its own set-up (with retries) before it idles.
 POOL_SETUP_SLACK_S = 30.0
-FRAME_HEADER_BYTES = HEADER.size
 KEY_MEMO_ENTRIES = 256
 STREAM_STDOUT, STREAM_STDERR = 1, 2
 
@@ -185,17 +184,6 @@ class IsolationConfig:
     no_new_privileges: bool = True
 
     @classmethod
-    def load(cls, seccomp_profile: Path, apparmor_profile: str | None) -> IsolationConfig:
-        raw = seccomp_profile.read_bytes()
-        compact = json.dumps(json.loads(raw), separators=(",", ":"))
-        return cls(
-            seccomp_profile=seccomp_profile,
-            seccomp_json=compact,
-            seccomp_sha256=hashlib.sha256(raw).hexdigest(),
-            apparmor_profile=apparmor_profile if host_has_apparmor() else None,
-        )
-
-    @classmethod
     def from_policy(
         cls, policy: EffectivePolicy, *, apparmor_available: bool | None = None
     ) -> IsolationConfig:
@@ -262,7 +250,6 @@ class _Container:
     # Monotonic twin of the container's deadline label: a pool slot may only serve a
     # task that ends (timeout + grace) before it, or the orphan sweep could take it.
     deadline_at: float = float("inf")
-    key: str = ""
 
 
 @dataclass
@@ -301,10 +288,7 @@ class _Output:
 
     def has_frame(self) -> bool:
         """Has a whole length-prefixed frame arrived on stdout?"""
-        if len(self.stdout) < FRAME_HEADER_BYTES:
-            return False
-        length = int.from_bytes(self.stdout[:FRAME_HEADER_BYTES], "big")
-        return len(self.stdout) >= FRAME_HEADER_BYTES + length
+        return frame_complete(self.stdout)
 
 
 class DockerSandbox:
@@ -472,7 +456,6 @@ class DockerSandbox:
             self._image_id = self._resolve_image_id()
             key = self._key_for(limits)
             container = self._start_container(self._labels(limits, pool_key=key), limits, number)
-            container.key = key
             return key, container
 
         return self._with_setup_retries(attempt, "start a warm pool container")

@@ -88,6 +88,14 @@ class ResultEnvelope(_Strict):
     stats: AgentStats = Field(default_factory=AgentStats)
 
 
+def frame_complete(data: bytes | bytearray) -> bool:
+    """Has a whole length-prefixed frame arrived at the start of ``data``?"""
+    if len(data) < HEADER.size:
+        return False
+    length: int = HEADER.unpack_from(data)[0]
+    return len(data) >= HEADER.size + length
+
+
 def decode_result(stdout: bytes) -> ResultEnvelope:
     """Parse the agent's stdout: exactly one frame holding one valid result envelope."""
     if len(stdout) < HEADER.size:

@@ -24,11 +24,11 @@ from runner.sandbox.base import (
     TaskError,
 )
 from runner.sandbox.envelope import (
-    HEADER,
     AgentError,
     AgentStats,
     ResultEnvelope,
     decode_result,
+    frame_complete,
 )
 
 STATIC_VIOLATION_MESSAGE = "Security violations detected"
@@ -117,7 +117,7 @@ def _without_envelope(
         return _failed(Outcome.MEMORY_LIMIT, memory_message(limits))
     details: dict[str, object] = {"exitCode": facts.exit_code, "stderrTail": facts.stderr_tail}
     signum = _killed_by(facts.exit_code)
-    if signum is not None and not _has_complete_frame(stdout):
+    if signum is not None and not frame_complete(stdout):
         # PID 1 (tini) died of a signal before the agent could report: the task's uid
         # cannot signal tini or the agent, so this came from outside the container
         # (``docker kill``/``stop``, the daemon shutting down). Not a framing fault.
@@ -149,13 +149,6 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
-
-
-def _has_complete_frame(stdout: bytes) -> bool:
-    if len(stdout) < HEADER.size:
-        return False
-    length: int = HEADER.unpack_from(stdout)[0]
-    return len(stdout) >= HEADER.size + length
 
 
 def _from_envelope(

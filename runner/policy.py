@@ -19,6 +19,7 @@ sandbox implementations.
 from __future__ import annotations
 
 import errno as errno_module
+import functools
 import hashlib
 import json
 import re
@@ -912,6 +913,7 @@ def compile_apparmor(bundle: PolicyBundle) -> Finding | None:
 # -- reference data -------------------------------------------------------------------
 
 
+@functools.cache
 def syscall_table(path: Path = SYSCALL_TABLE) -> dict[str, dict[str, int]]:
     """System-call names per native architecture (reference data; empty if missing)."""
     try:

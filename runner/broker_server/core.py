@@ -797,7 +797,11 @@ def _deeper_than(value: Any, limit: int) -> bool:
 
 
 def _schema_error(
-    schema: dict[str, Any] | None, value: Any, root: str, budget: _Budget | None = None
+    schema: dict[str, Any] | None,
+    value: Any,
+    root: str,
+    budget: _Budget | None = None,
+    validator: Any = None,
 ) -> str | None:
     """The first JSON Schema violation as ``path: message``, or None.
 
@@ -816,7 +820,9 @@ def _schema_error(
     try:
         # The first few errors are enough to name one (all of them could be millions).
         errors = sorted(
-            itertools.islice(_Metered(schema, registry=_NO_RETRIEVAL).iter_errors(value), 100),
+            itertools.islice(
+                (validator or _Metered(schema, registry=_NO_RETRIEVAL)).iter_errors(value), 100
+            ),
             key=lambda e: list(e.path),
         )
     except referencing.exceptions.Unresolvable as exc:
@@ -860,12 +866,14 @@ def validate_input(schema: dict[str, Any] | None, items: list[Any]) -> str | Non
     if schema is None:
         return None
     budget = _Budget(budget_for(len(items)))
+    validator = _Metered(schema, registry=_NO_RETRIEVAL)  # one for all the items
     for index, item in enumerate(items):
         error = _schema_error(
             schema,
             item.get("json") if isinstance(item, dict) else item,
             f"items[{index}].json",
             budget,
+            validator,
         )
         if error is not None:
             return error

@@ -26,7 +26,7 @@ from runner.broker_server.tokens import GrantTokens
 from runner.errors import InfrastructureError
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.policy import load_policy
-from runner.sandbox.base import MIB
+from runner.sandbox.base import MIB, Limits
 from runner.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,10 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def broker_config(settings: Settings) -> BrokerConfig:
+def broker_config(settings: Settings, limits: Limits | None = None) -> BrokerConfig:
+    """The broker's configuration; ``limits``: the policy's (loaded here when not given)."""
     return BrokerConfig(
-        default_timeout_s=load_policy(settings).limits.timeout_s,
+        default_timeout_s=(limits or load_policy(settings).limits).timeout_s,
         timeout_grace_s=settings.broker_timeout_grace_s,
         queue_timeout_s=settings.queue_timeout_s,
         tenant_quota=settings.tenant_quota,
@@ -99,7 +100,7 @@ async def running_broker(
     )
     limits = load_policy(settings).limits
     registry = registry if registry is not None else CollectorRegistry()
-    broker = Broker(broker_config(settings), metrics=BrokerMetrics(registry))
+    broker = Broker(broker_config(settings, limits), metrics=BrokerMetrics(registry))
     app = create_app(
         broker,
         GrantTokens(settings.grant_token_ttl_s),

@@ -26,7 +26,7 @@ from typing import Any
 
 from runner.broker import BrokerClient, BrokerEndpoint
 from runner.errors import RunnerError
-from runner.logs import current_task_id
+from runner.logs import AUDIT_LOGGER, current_task_id
 from runner.metrics import CONTENT_TYPE, CollectorRegistry, RunnerMetrics, exposition
 from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
 from runner.protocol.machine import (
@@ -42,7 +42,7 @@ from runner.sandbox.base import MIB, Limits
 from runner.settings import Settings
 
 log = logging.getLogger(__name__)
-audit_log = logging.getLogger("runner.audit")
+audit_log = logging.getLogger(AUDIT_LOGGER)
 
 CLIENT_STOP_TIMEOUT_S = 5.0
 RUNNER_ID_ALPHABET = string.ascii_letters + string.digits

@@ -255,20 +255,13 @@ class _SandboxContainer(DockerContainer):
         self.network = network
         self._own_network: Network | None = None
         self._startup_timeout_s = startup_timeout_s
-        self._identity = process_identity(os.getpid()) or f"{os.getpid()}:?"
         for key, value in (env or {}).items():
             self.with_env(key, value)
 
     # -- configuration ------------------------------------------------------------------
 
     def _labels(self, **extra: str) -> dict[str, str]:
-        return {
-            LABEL_TESTING: "true",
-            LABEL_TESTING_PROCESS: self._identity,
-            LABEL_TESTING_NAMESPACE: _process_namespace(),
-            LABEL_ROLE: self.role,
-            **extra,
-        }
+        return {**session_labels(), LABEL_ROLE: self.role, **extra}
 
     def _harden(self, **kwargs: Any) -> None:
         # The service needs no privilege at all; its writable places are tmpfs.

@@ -49,7 +49,6 @@ class PrivateDockerd:
         self.log_path = self.root / "dockerd.log"
         (self.root / "daemon.json").write_text("{}\n")  # ignore /etc/docker/daemon.json
         self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -93,7 +92,6 @@ class PrivateDockerd:
             self.process = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self.starts += 1
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -116,13 +114,6 @@ class PrivateDockerd:
                 process.kill()
                 process.wait()
         self._kill_leftover_containerd()
-
-    def restart(self) -> float:
-        """SIGTERM, wait until gone, start again; seconds the daemon was unreachable."""
-        began = time.monotonic()
-        self.stop()
-        self.start()
-        return time.monotonic() - began
 
     def answers(self) -> bool:
         """``GET /_ping`` answers 200 (a raw request: a client that fails to connect

@@ -35,7 +35,7 @@ import referencing
 import referencing.exceptions
 from pydantic import BaseModel
 
-from runner.metrics import BrokerMetrics
+from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
     EXTENSION_SANDBOX,
     LOG_NODE_OUTPUT,
@@ -173,9 +173,9 @@ class Broker:
     ) -> None:
         self.config = config
         self._clock = clock
-        self._metrics = metrics
-        if metrics is not None:
-            metrics.watch(self.state)
+        # Without a registry of the caller's, a private one (nobody scrapes it).
+        self._metrics = metrics or BrokerMetrics(CollectorRegistry())
+        self._metrics.watch(self.state)
         self._runners: dict[str, _Runner] = {}
         self._tasks: dict[str, BrokerTask] = {}
         self._queues: dict[str, deque[str]] = {}
@@ -230,8 +230,7 @@ class Broker:
                 if self._draining:
                     connection.send(Drain())
             case TaskOffer(offer_id=offer_id, valid_for=valid_for):
-                if self._metrics is not None:
-                    self._metrics.offers.inc()
+                self._metrics.offers.inc()
                 if not self._draining:
                     until = -1.0 if valid_for < 0 else self._clock() + valid_for / 1000
                     runner.offers[offer_id] = until
@@ -270,8 +269,7 @@ class Broker:
         )
         self._tasks[task.task_id] = task
         self._unfinished[tenant] = self._unfinished.get(tenant, 0) + 1
-        if self._metrics is not None:
-            self._metrics.submitted.inc()
+        self._metrics.submitted.inc()
         self._queue(task, front=False)
         self._arm(task, self.config.queue_timeout_s, self._queue_expired, task.task_id)
         self.dispatch()
@@ -392,8 +390,7 @@ class Broker:
             self._active[tenant] = max(0, self._active.get(tenant, 0) - 1)
 
     def _requeue(self, task: BrokerTask, cause: str) -> None:
-        if self._metrics is not None:
-            self._metrics.requeues.labels(cause=cause).inc()
+        self._metrics.requeues.labels(cause=cause).inc()
         self._release(task)
         task.status, task.runner_id, task.offer_id = TaskStatus.QUEUED, None, None
         self._queue(task, front=True)
@@ -425,8 +422,7 @@ class Broker:
             return
         task.status = TaskStatus.RUNNING
         task.started_at = self._clock()
-        if self._metrics is not None:
-            self._metrics.queue_wait.observe(task.started_at - task.submitted_at)
+        self._metrics.queue_wait.observe(task.started_at - task.submitted_at)
         submission = task.submission
         timeout_s = submission.limits.timeout_s or self.config.default_timeout_s
         self._arm(task, timeout_s + self.config.timeout_grace_s, self._task_timed_out, task_id)
@@ -530,11 +526,10 @@ class Broker:
         self._unfinished[tenant] = max(0, self._unfinished.get(tenant, 0) - 1)
         task.status = TaskStatus.SUCCESS if body["status"] == "success" else TaskStatus.ERROR
         task.finished_at = self._clock()
-        if self._metrics is not None:
-            code = body["error"]["code"] if "error" in body else ""
-            self._metrics.tasks.labels(status=task.status.value, error_code=code).inc()
-            if task.started_at is not None:
-                self._metrics.duration.observe(task.finished_at - task.started_at)
+        code = body["error"]["code"] if "error" in body else ""
+        self._metrics.tasks.labels(status=task.status.value, error_code=code).inc()
+        if task.started_at is not None:
+            self._metrics.duration.observe(task.finished_at - task.started_at)
         task.document = {**body, "prints": task.prints, "audit": audit}
         if task.timer is not None:
             task.timer.cancel()

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
+from fakes import FakeRunner
 from hypothesis import HealthCheck, settings
 
 from runner.broker_server.app import ApiConfig, create_app
@@ -69,19 +70,6 @@ def test_no_request_gets_a_server_error(case: Any) -> None:
 
 
 # -- what the fuzzer found, pinned ------------------------------------------------------
-
-
-class FakeRunner:
-    runner_id = "fake-runner"
-
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-
-    def send(self, message: Any) -> None:
-        self.sent.append(message)
-
-    def close(self, code: int, reason: str) -> None:
-        pass
 
 
 def api_client() -> tuple[httpx.AsyncClient, Broker]:

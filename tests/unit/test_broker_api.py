@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from fakes import FakeRunner
 from fastapi import FastAPI
 from websockets.asyncio.client import connect as ws_connect
 
@@ -27,6 +28,7 @@ from runner.protocol.messages import RunnerInfo, TaskDone, TaskDoneData, TaskOff
 from runner.settings import Settings
 
 KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
+
 A = {"Authorization": "Bearer key-a"}
 B = {"Authorization": "Bearer key-b"}
 
@@ -85,18 +87,6 @@ async def test_submit_returns_202_with_the_task_id_and_state(api: Any) -> None:
 
 async def test_wait_returns_the_document_once_the_task_ends(api: Any) -> None:
     client, broker = api
-
-    class FakeRunner:
-        runner_id = "r1"
-
-        def __init__(self) -> None:
-            self.sent: list[Any] = []
-
-        def send(self, message: Any) -> None:
-            self.sent.append(message)
-
-        def close(self, code: int, reason: str) -> None:
-            pass
 
     import asyncio
 
@@ -523,19 +513,7 @@ async def test_drain_keeps_long_polls_of_a_running_task_until_it_ends(api: Any) 
 
     client, broker = api
 
-    class FakeRunner:
-        runner_id = "r-drain"
-
-        def __init__(self) -> None:
-            self.sent: list[Any] = []
-
-        def send(self, message: Any) -> None:
-            self.sent.append(message)
-
-        def close(self, code: int, reason: str) -> None:
-            pass
-
-    runner = FakeRunner()
+    runner = FakeRunner("r-drain")
     broker.runner_connected(runner)
     broker.runner_message(runner, RunnerInfo())
     broker.runner_message(runner, TaskOffer(offer_id="o1", valid_for=5000))

@@ -7,6 +7,7 @@ import urllib.request
 from typing import Any
 
 import pytest
+from fakes import FakeRunner, connect
 
 from runner.broker_server.core import (
     Broker,
@@ -32,31 +33,6 @@ from runner.protocol.messages import (
     TaskSettingsMessage,
 )
 from runner.sandbox.base import Mode
-
-
-class FakeRunner:
-    def __init__(self, runner_id: str) -> None:
-        self.runner_id = runner_id
-        self.sent: list[Any] = []
-        self.closed: tuple[int, str] | None = None
-
-    def send(self, message: Any) -> None:
-        self.sent.append(message)
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed = (code, reason)
-
-    def of(self, kind: type) -> list[Any]:
-        return [m for m in self.sent if isinstance(m, kind)]
-
-
-def connect(broker: Broker, runner_id: str = "r1", offers: int = 0) -> FakeRunner:
-    runner = FakeRunner(runner_id)
-    broker.runner_connected(runner)
-    broker.runner_message(runner, RunnerInfo())
-    for index in range(offers):
-        broker.runner_message(runner, TaskOffer(offer_id=f"{runner_id}-o{index}", valid_for=5000))
-    return runner
 
 
 def submission(tenant: str = "t", code: str = "return 1", **kw: Any) -> Submission:

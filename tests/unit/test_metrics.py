@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes import FakeRunner
 
 from runner.analyzer import Analyzer, ImportPolicy
 from runner.broker_server.core import Broker, BrokerConfig, Submission
@@ -225,18 +226,6 @@ async def test_up_serves_both_sides_on_one_registry() -> None:
     assert sample(text, "sandbox_runner_tasks_total", outcome="timeout", error_code="timeout") == 1
     assert sample(text, "sandbox_runner_queue_wait_seconds_count") == 1
     assert sample(text, "sandbox_broker_tasks_submitted_total") == 1
-
-
-class FakeRunner:
-    def __init__(self, runner_id: str) -> None:
-        self.runner_id = runner_id
-        self.sent: list[Any] = []
-
-    def send(self, message: Any) -> None:
-        self.sent.append(message)
-
-    def close(self, code: int, reason: str) -> None:
-        pass
 
 
 async def test_broker_counts_offers_and_requeues_by_cause() -> None:

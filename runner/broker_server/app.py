@@ -40,6 +40,7 @@ from runner.broker_server.core import (
     TaskLimits,
     TaskStatus,
     TenantBacklogFull,
+    WaitReason,
     check_schema,
     validate_input,
 )
@@ -100,12 +101,20 @@ class TaskCreate(BaseModel):
     )
 
 
+class TaskWaitReason(BaseModel):
+    code: WaitReason
+    message: str
+
+
 class TaskState(BaseModel):
     taskId: str
     status: Literal["queued", "offered", "running", "success", "error"]
     mode: str
     submittedAt: str
     runnerId: str | None = None
+    waitReason: TaskWaitReason | None = Field(
+        None, description="Why a queued task has not started yet (null once it has)."
+    )
 
 
 class TaskList(BaseModel):
@@ -347,7 +356,7 @@ def create_app(
         return task
 
     def task_body(task: BrokerTask) -> dict[str, Any]:
-        return task.document if task.document is not None else task.summary()
+        return task.document if task.document is not None else broker.summary(task)
 
     def never_runs(task: BrokerTask) -> bool:
         # A closing broker dispatches nothing more; a task already with a runner may
@@ -433,7 +442,7 @@ def create_app(
         if task.document is not None:
             response.status_code = 200
             return task.document
-        return task.summary()
+        return broker.summary(task)
 
     @app.get(
         "/v1/tasks/{task_id}",
@@ -455,7 +464,9 @@ def create_app(
 
     @app.get("/v1/tasks", tags=["tasks"], summary="Recent tasks of the caller's tenant")
     async def listing(tenant: Tenant, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> TaskList:
-        return TaskList(tasks=[TaskState(**t.summary()) for t in broker.recent(tenant, limit)])
+        return TaskList(
+            tasks=[TaskState(**broker.summary(t)) for t in broker.recent(tenant, limit)]
+        )
 
     @app.delete("/v1/tasks/{task_id}", tags=["tasks"], summary="Cancel a task", response_model=None)
     async def cancel(task_id: str, tenant: Tenant) -> dict[str, Any]:

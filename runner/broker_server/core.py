@@ -1,7 +1,8 @@
 """The broker's rules: runners, offers, tasks, tenants, fair dispatch, timers.
 
 Owns: which runners are connected and what they offer, the task table and each
-task's life (queued -> offered -> running -> finished), per-tenant queues with
+task's life (queued -> offered -> running -> finished), why a queued task waits (no
+runner, busy runners, its tenant's quota), per-tenant queues with
 quotas and round-robin fairness (one busy tenant cannot starve the others), the
 2 s accept timeout, the broker-side task timeout (``broker:taskcancel``), late
 results from a runner that reconnected, drain on shutdown, and the result
@@ -79,6 +80,33 @@ class TaskStatus(StrEnum):
     @property
     def is_finished(self) -> bool:
         return self in (TaskStatus.SUCCESS, TaskStatus.ERROR)
+
+
+class WaitReason(StrEnum):
+    """Why a queued task has not started yet (``waitReason.code`` in the API)."""
+
+    NO_RUNNER = "no_runner"
+    RUNNERS_BUSY = "runners_busy"
+    TENANT_QUOTA = "tenant_quota"
+    DRAINING = "draining"
+
+
+# How to add a runner, for people who submitted a task to a broker nobody serves.
+NO_RUNNER_HELP = (
+    "Start one with `sandbox-runner serve`, N8N_RUNNERS_TASK_BROKER_URI set to this "
+    "broker's URL and N8N_RUNNERS_AUTH_TOKEN to its auth token."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Why a queued task waits, for people (``message``) and programs (``reason``)."""
+
+    reason: WaitReason
+    message: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"code": self.reason.value, "message": self.message}
 
 
 class RunnerConnection(Protocol):
@@ -184,6 +212,9 @@ class Broker:
         self._unfinished: dict[str, int] = {}  # tenant -> queued + offered + running
         self._finished: dict[str, deque[str]] = {}  # tenant -> finished task ids, oldest first
         self._draining = False
+        # When the broker last had no registered runner (None while it has one): a task
+        # that waits longer than this has never had a runner to go to.
+        self._no_runner_since: float | None = clock()
         # Set by drain(): the API's long-polls race it and answer with the current state.
         self.closing = asyncio.Event()
         self.log_messages = False
@@ -196,6 +227,7 @@ class Broker:
         if previous is not None:
             previous.connection.close(1000, "replaced by a new connection with the same id")
         self._runners[connection.runner_id] = _Runner(connection)
+        self._runners_changed()
         connection.send(InfoRequest())
 
     def runner_disconnected(self, connection: RunnerConnection) -> None:
@@ -203,6 +235,7 @@ class Broker:
         if runner is None or runner.connection is not connection:
             return
         del self._runners[connection.runner_id]
+        self._runners_changed()
         for task in self._tasks.values():
             if task.runner_id != connection.runner_id or task.status.is_finished:
                 continue
@@ -212,6 +245,12 @@ class Broker:
                 # The runner may come back (same id) and report it; otherwise it is lost.
                 self._arm(task, self.config.runner_lost_grace_s, self._runner_lost, task.task_id)
         self.dispatch()
+
+    def _runners_changed(self) -> None:
+        if any(runner.registered for runner in self._runners.values()):
+            self._no_runner_since = None
+        elif self._no_runner_since is None:
+            self._no_runner_since = self._clock()
 
     def runner_message(self, connection: RunnerConnection, message: BaseModel) -> None:
         if self.log_messages:
@@ -226,6 +265,7 @@ class Broker:
         match message:
             case RunnerInfo():
                 runner.registered = True
+                self._runners_changed()
                 connection.send(RunnerRegistered(extensions=(EXTENSION_SANDBOX,)))
                 if self._draining:
                     connection.send(Drain())
@@ -277,6 +317,32 @@ class Broker:
 
     def get(self, task_id: str) -> BrokerTask | None:
         return self._tasks.get(task_id)
+
+    def summary(self, task: BrokerTask) -> dict[str, Any]:
+        """A task's state as the API shows it: ``waitReason`` while it is queued."""
+        waiting = self.waiting(task)
+        return {**task.summary(), "waitReason": waiting.as_json() if waiting else None}
+
+    def waiting(self, task: BrokerTask) -> Waiting | None:
+        """Why ``task`` has not started yet; None once it has (or has finished)."""
+        if task.status is not TaskStatus.QUEUED:
+            return None
+        if self._draining:
+            return Waiting(
+                WaitReason.DRAINING, "The broker is shutting down: it starts no more tasks."
+            )
+        if self._no_runner_since is not None:
+            return Waiting(
+                WaitReason.NO_RUNNER, f"No runner is connected to this broker. {NO_RUNNER_HELP}"
+            )
+        tenant = task.submission.tenant
+        quota = self._quota(tenant)
+        if self._active.get(tenant, 0) >= quota:
+            return Waiting(
+                WaitReason.TENANT_QUOTA,
+                f"Tenant {tenant!r} already has its quota of {quota} tasks running.",
+            )
+        return Waiting(WaitReason.RUNNERS_BUSY, "Every connected runner is busy (no free slot).")
 
     def recent(self, tenant: str, limit: int) -> list[BrokerTask]:
         mine = [t for t in self._tasks.values() if t.submission.tenant == tenant]
@@ -348,10 +414,12 @@ class Broker:
         for _ in range(len(self._round_robin)):
             tenant = self._round_robin[0]
             self._round_robin.rotate(-1)
-            quota = self.config.tenant_quotas.get(tenant, self.config.tenant_quota)
-            if self._queues.get(tenant) and self._active.get(tenant, 0) < quota:
+            if self._queues.get(tenant) and self._active.get(tenant, 0) < self._quota(tenant):
                 return tenant
         return None
+
+    def _quota(self, tenant: str) -> int:
+        return self.config.tenant_quotas.get(tenant, self.config.tenant_quota)
 
     def _best_offer(self) -> tuple[str, str] | None:
         """The newest live offer of any registered runner (n8n's broker takes the first)."""
@@ -577,11 +645,39 @@ class Broker:
 
     def _queue_expired(self, task_id: str) -> None:
         task = self._tasks.get(task_id)
-        if task is not None and task.status is TaskStatus.QUEUED:
-            self._unqueue(task)
-            self._finish_error(
-                task, "No runner took the task in time", "", "queue_timeout", "queue"
-            )
+        if task is None or task.status is not TaskStatus.QUEUED:
+            return
+        waiting = self.waiting(task)
+        assert waiting is not None  # a queued task always has a reason
+        self._unqueue(task)
+        self._finish_error(
+            task,
+            f"No runner took the task in time: {self._expiry_cause(task, waiting)}",
+            f"It waited {self.config.queue_timeout_s:g} s in the queue "
+            f"(SANDBOX_QUEUE_TIMEOUT_S). {waiting.message}",
+            "queue_timeout",
+            "queue",
+        )
+
+    def _expiry_cause(self, task: BrokerTask, waiting: Waiting) -> str:
+        """Why a task waited out its queue timeout, in a few words for the error message."""
+        match waiting.reason:
+            case WaitReason.NO_RUNNER:
+                since = self._no_runner_since
+                assert since is not None
+                if since <= task.submitted_at:
+                    return "no runner was connected to this broker while it waited"
+                gone_s = self._clock() - since
+                return (
+                    f"no runner is connected to this broker (the last one left {gone_s:.0f} s ago)"
+                )
+            case WaitReason.TENANT_QUOTA:
+                quota = self._quota(task.submission.tenant)
+                return f"its tenant had its quota of {quota} tasks running"
+            case WaitReason.DRAINING:
+                return "the broker is shutting down"
+            case _:
+                return "every connected runner was busy"
 
     def _runner_lost(self, task_id: str) -> None:
         task = self._tasks.get(task_id)

@@ -150,6 +150,48 @@ async def test_cancel_a_queued_task(api: Any) -> None:
     assert (await client.get(f"/v1/tasks/{task_id}", headers=A)).status_code == 200
 
 
+async def test_a_queued_task_says_why_it_waits_until_it_ends(api: Any) -> None:
+    client, broker = api
+    submitted = await client.post("/v1/tasks", json={"code": "return 1"}, headers=A)
+    assert submitted.status_code == 202
+    task_id = submitted.json()["taskId"]
+    no_runner = {
+        "code": "no_runner",
+        "message": "No runner is connected to this broker. Start one with "
+        "`sandbox-runner serve`, N8N_RUNNERS_TASK_BROKER_URI set to this broker's URL "
+        "and N8N_RUNNERS_AUTH_TOKEN to its auth token.",
+    }
+    assert submitted.json()["waitReason"] == no_runner
+    polled = await client.get(f"/v1/tasks/{task_id}?wait=0.05", headers=A)
+    assert polled.status_code == 202
+    assert polled.json()["waitReason"] == no_runner
+    (listed,) = (await client.get("/v1/tasks", headers=A)).json()["tasks"]
+    assert listed["waitReason"] == no_runner
+    runner = FakeRunner()
+    broker.runner_connected(runner)
+    broker.runner_message(runner, RunnerInfo())
+    busy = (await client.get(f"/v1/tasks/{task_id}", headers=A)).json()
+    assert busy["waitReason"]["code"] == "runners_busy"
+    broker.runner_message(runner, TaskOffer(offer_id="o1", valid_for=5000))
+    offered = (await client.get(f"/v1/tasks/{task_id}", headers=A)).json()
+    assert (offered["status"], offered["waitReason"]) == ("offered", None)
+    cancelled = await client.delete(f"/v1/tasks/{task_id}", headers=A)
+    assert "waitReason" not in cancelled.json()  # a document: its shape is unchanged
+
+
+async def test_queue_timeout_through_the_api_names_the_missing_runner() -> None:
+    client, _ = make(config=BrokerConfig(queue_timeout_s=0.05))
+    async with client:
+        answer = await client.post("/v1/tasks?wait=30", json={"code": "return 1"}, headers=A)
+    assert answer.status_code == 200
+    error = answer.json()["error"]
+    assert error["code"] == "queue_timeout"
+    assert error["message"] == (
+        "No runner took the task in time: no runner was connected to this broker while it waited"
+    )
+    assert "sandbox-runner serve" in error["description"]
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
@@ -367,6 +409,8 @@ async def test_openapi_document_describes_the_task_api(api: Any) -> None:
         "inputSchema",
         "outputSchema",
     } <= set(create)
+    state = schema["components"]["schemas"]["TaskState"]["properties"]
+    assert "waitReason" in state
 
 
 async def test_a_tenant_over_its_backlog_cap_gets_429_and_others_are_served() -> None:

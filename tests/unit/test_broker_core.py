@@ -265,6 +265,107 @@ async def test_queue_timeout_fails_a_task_nobody_takes() -> None:
     assert task.document["error"]["code"] == "queue_timeout"
 
 
+# -- why a queued task waits --------------------------------------------------------------
+
+
+def reason(broker: Broker, task: Any) -> str | None:
+    waiting = broker.summary(task)["waitReason"]
+    return None if waiting is None else str(waiting["code"])
+
+
+async def test_a_queued_task_says_why_it_waits() -> None:
+    broker = Broker(BrokerConfig(tenant_quota=1))
+    first = broker.submit(submission())
+    assert reason(broker, first) == "no_runner"
+    assert broker.summary(first)["waitReason"]["message"] == (
+        "No runner is connected to this broker. Start one with `sandbox-runner serve`, "
+        "N8N_RUNNERS_TASK_BROKER_URI set to this broker's URL and N8N_RUNNERS_AUTH_TOKEN "
+        "to its auth token."
+    )
+    runner = FakeRunner("r1")
+    broker.runner_connected(runner)
+    assert reason(broker, first) == "no_runner"  # connected, but not registered yet
+    broker.runner_message(runner, RunnerInfo())
+    assert reason(broker, first) == "runners_busy"  # registered, no free slot
+    broker.runner_message(runner, TaskOffer(offer_id="o1", valid_for=5000))
+    assert first.status is TaskStatus.OFFERED
+    assert reason(broker, first) is None
+    second = broker.submit(submission())
+    assert broker.summary(second)["waitReason"] == {
+        "code": "tenant_quota",
+        "message": "Tenant 't' already has its quota of 1 tasks running.",
+    }
+    broker.runner_disconnected(runner)  # the offered task goes back to the queue
+    assert [reason(broker, t) for t in (first, second)] == ["no_runner", "no_runner"]
+    broker.drain()
+    assert reason(broker, first) == "draining"
+    broker.cancel(first)
+    assert reason(broker, first) is None
+    assert set(broker.summary(first)) == {
+        "taskId",
+        "status",
+        "mode",
+        "submittedAt",
+        "runnerId",
+        "waitReason",
+    }
+
+
+async def test_queue_timeout_with_no_runner_ever_says_so_and_how_to_add_one() -> None:
+    broker = Broker(BrokerConfig(queue_timeout_s=0.05))
+    task = broker.submit(submission())
+    await asyncio.sleep(0.1)
+    assert task.document is not None
+    assert task.document["error"] == {
+        "message": "No runner took the task in time: "
+        "no runner was connected to this broker while it waited",
+        "description": "It waited 0.05 s in the queue (SANDBOX_QUEUE_TIMEOUT_S). "
+        "No runner is connected to this broker. Start one with `sandbox-runner serve`, "
+        "N8N_RUNNERS_TASK_BROKER_URI set to this broker's URL and N8N_RUNNERS_AUTH_TOKEN "
+        "to its auth token.",
+        "code": "queue_timeout",
+        "stage": "queue",
+    }
+
+
+async def test_queue_timeout_after_the_last_runner_left_says_when() -> None:
+    now = [100.0]
+    broker = Broker(BrokerConfig(queue_timeout_s=0.05), clock=lambda: now[0])
+    runner = connect(broker)
+    task = broker.submit(submission())
+    now[0] += 1
+    broker.runner_disconnected(runner)
+    now[0] += 7
+    await asyncio.sleep(0.1)
+    assert task.document is not None
+    assert task.document["error"]["message"] == (
+        "No runner took the task in time: "
+        "no runner is connected to this broker (the last one left 7 s ago)"
+    )
+
+
+async def test_queue_timeout_with_busy_runners_or_a_full_quota_says_which() -> None:
+    broker = Broker(BrokerConfig(queue_timeout_s=0.05, tenant_quotas={"full": 1}))
+    runner = connect(broker, offers=1)
+    broker.submit(submission("full"))  # takes the one offer: "full" is at its quota
+    over_quota = broker.submit(submission("full"))
+    busy = broker.submit(submission("other"))
+    assert runner.of(TaskOfferAccept)
+    await asyncio.sleep(0.1)
+    assert over_quota.document is not None
+    assert busy.document is not None
+    assert over_quota.document["error"]["message"] == (
+        "No runner took the task in time: its tenant had its quota of 1 tasks running"
+    )
+    assert busy.document["error"]["message"] == (
+        "No runner took the task in time: every connected runner was busy"
+    )
+    assert busy.document["error"]["description"] == (
+        "It waited 0.05 s in the queue (SANDBOX_QUEUE_TIMEOUT_S). "
+        "Every connected runner is busy (no free slot)."
+    )
+
+
 # -- late acceptances ---------------------------------------------------------------------
 
 

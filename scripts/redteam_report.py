@@ -10,7 +10,7 @@ facts recorded with the run) into the generated blocks of ``docs/security.md``.
     .venv/bin/python scripts/redteam_report.py --check   # exit 1 if they are stale
 
 ``--check`` runs in the suite (``tests/redteam/test_probes.py``), which also checks
-that the blocks are what its own run renders.
+that its own run observed the same outcomes as the record (never the host line).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from redteam.catalog import load_catalog
-from redteam.report import SECURITY_DOC, load_record, render_document
+from redteam.report import SECURITY_DOC, load_record, record_facts, render_document
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     current = SECURITY_DOC.read_text(encoding="utf-8")
     record = load_record()
-    facts = {"machine": record["machine"], **record["hostFacts"]}
-    rendered = render_document(current, record, load_catalog(facts))
+    rendered = render_document(current, record, load_catalog(record_facts(record)))
     if args.check:
         if rendered != current:
             print(f"{SECURITY_DOC} is stale: run scripts/redteam_report.py", file=sys.stderr)

@@ -28,10 +28,13 @@ from the test process, independently of the runner)::
     # expect ablation when kcore=yes: success {"/proc/kcore": 0, ...}
     # layers when kcore=no: masked, uid, kernel
 
-The line whose fact matches this host is the one in force; a host whose fact has no
-line gets a :class:`CatalogError` naming the fact (the expectation was never
-established there), not a confusing mismatch. The probes call x86_64 system call
-numbers: the catalog refuses any other machine.
+The line whose fact matches this host is the one in force. Where no line matches
+(the expectation was never established on a host with that fact), the mode is
+*not judged here*: the probe still runs in it and its outcome is recorded, but no
+outcome can be right or wrong, and the suite says how many such runs there were
+and why (:attr:`Probe.unjudged`), instead of failing with a confusing mismatch or
+skipping in silence. A ``layers`` line with no match leaves the layers unknown.
+The probes call x86_64 system call numbers: the catalog refuses any other machine.
 
 Modes (each one pipeline through the real Docker engine):
 
@@ -49,7 +52,6 @@ Imports nothing from ``runner`` but the outcome names, so that
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import socket
@@ -176,38 +178,49 @@ HOST_FACTS: dict[str, str] = {
     "kcore": "/proc/kcore exists",
     "io_uring_disabled": "/proc/sys/kernel/io_uring_disabled (absent: 'absent')",
     "userns": "unprivileged user namespaces possible: /proc/sys/user/max_user_namespaces > 0",
+    "cgroup": "v2: the unified hierarchy at /sys/fs/cgroup (cgroup.controllers there), so task "
+    "containers see cgroup v2; v1: v1 hierarchies (hybrid hosts included)",
 }
 
 
-def _read(path: str) -> str | None:
+def _read(path: Path) -> str | None:
     try:
-        with open(path, encoding="ascii") as handle:
-            return handle.read().strip()
+        return path.read_text(encoding="ascii").strip()
     except OSError:
         return None
 
 
-def detect_host_facts() -> dict[str, str]:
-    """The host facts of :data:`HOST_FACTS`, from this (the test) process."""
+def _af_alg_available() -> bool:
     try:
         socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET, 0).close()
-        af_alg = "yes"
     except OSError:
-        af_alg = "no"
-    max_userns = _read("/proc/sys/user/max_user_namespaces")
+        return False
+    return True
+
+
+def detect_host_facts(root: Path = Path("/"), *, af_alg: bool | None = None) -> dict[str, str]:
+    """The host facts of :data:`HOST_FACTS`, from this (the test) process.
+
+    ``root`` and ``af_alg`` stand in for the host's file system and socket families
+    (tests simulate other hosts with them); by default, this host's own.
+    """
+    if af_alg is None:
+        af_alg = _af_alg_available()
+    max_userns = _read(root / "proc/sys/user/max_user_namespaces")
     vsock = "no"
-    if os.path.exists("/dev/vsock"):
+    if (root / "dev/vsock").exists():
         vsock = "other"
-        virtio = Path("/sys/bus/virtio/drivers/vmw_vsock_virtio_transport")
+        virtio = root / "sys/bus/virtio/drivers/vmw_vsock_virtio_transport"
         if virtio.is_dir() and any(p.name.startswith("virtio") for p in virtio.iterdir()):
             vsock = "virtio"
     return {
         "machine": platform.machine(),
         "vsock": vsock,
-        "af_alg": af_alg,
-        "kcore": "yes" if os.path.exists("/proc/kcore") else "no",
-        "io_uring_disabled": _read("/proc/sys/kernel/io_uring_disabled") or "absent",
+        "af_alg": "yes" if af_alg else "no",
+        "kcore": "yes" if (root / "proc/kcore").exists() else "no",
+        "io_uring_disabled": _read(root / "proc/sys/kernel/io_uring_disabled") or "absent",
         "userns": "yes" if max_userns is not None and int(max_userns) > 0 else "no",
+        "cgroup": "v2" if (root / "sys/fs/cgroup/cgroup.controllers").exists() else "v1",
     }
 
 
@@ -285,6 +298,11 @@ class Probe:
     # it is one layer more than under Docker's)? Stated for kernel probes held by
     # at most one layer under Docker's default profile.
     ours_refuses: bool | None = None
+    # Modes whose expectation was never established on a host with this one's facts:
+    # mode -> why. They run and are recorded, but not judged.
+    unjudged: dict[str, str] = field(default_factory=dict)
+    # Why the layers line has no value for this host (None: it has one).
+    layers_unknown: str | None = None
 
     @property
     def id(self) -> str:
@@ -292,7 +310,8 @@ class Probe:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        return tuple(mode for mode in MODES if mode in self.expects)
+        """Every mode the probe runs in, judged here or not."""
+        return tuple(mode for mode in MODES if mode in self.expects or mode in self.unjudged)
 
 
 def _parse_expect(text: str, where: str) -> Expect:
@@ -343,23 +362,32 @@ def load_probe(path: Path, facts: dict[str, str]) -> Probe:
             expects[mode] = _parse_expect(value, where)
         else:
             fields[key] = (fields[key] + " " + value) if key in fields else value
+    unjudged: dict[str, str] = {}
+    layers_unknown = None
     for (key, mode), (fact, values) in keyed.items():
-        if facts[fact] not in values:
-            what = f"{key} {mode}" if mode else key
-            raise CatalogError(
-                f"{where}: its '{what}' line is established only on hosts where {fact} is "
-                f"{' or '.join(values)} ({HOST_FACTS[fact]}); this host has "
-                f"{fact}={facts[fact]}. Run the probe here, see what holds it, and add a "
-                f"'# {what} when {fact}={facts[fact]}: ...' line."
-            )
+        if facts[fact] in values:
+            continue
+        what = f"{key} {mode}" if mode else key
+        reason = (
+            f"its '{what}' line is established only on hosts where {fact} is "
+            f"{' or '.join(values)} ({HOST_FACTS[fact]}); this host has {fact}={facts[fact]} "
+            f"(to judge it here: run the probe, see what holds it, and add a "
+            f"'# {what} when {fact}={facts[fact]}: ...' line)"
+        )
+        if key == "expect" and mode in MODES:
+            unjudged[mode] = reason
+        elif key == "layers":
+            layers_unknown = reason
+        else:
+            raise CatalogError(f"{where}: only expect and layers lines may be keyed on facts")
     threat = fields.get("threat", "")
     if threat not in THREATS or THREATS[threat][0] != klass:
         raise CatalogError(f"{where}: threat {threat!r} is not a bullet of class {klass}")
     required = MODES if klass == "kernel" else MODES[:2]
-    if set(expects) != set(required):
+    if set(expects) | set(unjudged) != set(required) or set(expects) & set(unjudged):
         raise CatalogError(f"{where}: needs exactly the expectations {required}")
     layers = tuple(item.strip() for item in fields.get("layers", "").split(",") if item.strip())
-    if klass == "kernel" and "layers" not in fields:
+    if klass == "kernel" and "layers" not in fields and layers_unknown is None:
         raise CatalogError(f"{where}: a kernel-and-container probe needs a layers line")
     unknown = set(layers) - set(LAYERS) - {"none"}
     if unknown:
@@ -368,7 +396,7 @@ def load_probe(path: Path, facts: dict[str, str]) -> Probe:
     if ours not in (None, "refuses", "allows"):
         raise CatalogError(f"{where}: 'ours' is 'refuses' or 'allows', not {ours!r}")
     real_layers = [layer for layer in layers if layer != "none"]
-    if klass == "kernel" and len(real_layers) <= 1 and ours is None:
+    if klass == "kernel" and len(real_layers) <= 1 and ours is None and layers_unknown is None:
         raise CatalogError(f"{where}: held by at most one layer: say whether ours refuses it")
     action = None
     if "action" in fields:
@@ -389,7 +417,14 @@ def load_probe(path: Path, facts: dict[str, str]) -> Probe:
         action=action,
         note=fields.get("note", ""),
         ours_refuses=None if ours is None else ours == "refuses",
+        unjudged=unjudged,
+        layers_unknown=layers_unknown,
     )
+
+
+def unjudged_runs(probes: list[Probe]) -> list[tuple[str, str, str]]:
+    """(probe id, mode, why) of every run whose expectation this host's facts leave open."""
+    return [(probe.id, mode, why) for probe in probes for mode, why in probe.unjudged.items()]
 
 
 def load_catalog(facts: dict[str, str]) -> list[Probe]:

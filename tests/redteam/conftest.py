@@ -4,7 +4,9 @@ Everything here is marked ``docker``; the fixtures come from
 ``tests/integration/conftest.py`` (the same task image, client and settings).
 
 The probes hard-code x86_64 system call numbers: on any other machine the suite
-stops at collection with that message (it never skips).
+stops at collection with that message (it never skips). Runs whose expectation was
+never established for this host's facts run unjudged; the end of the pytest output
+says how many and why (:func:`pytest_terminal_summary`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 from integration.conftest import base_settings, docker_client, pipeline_factory, task_image
 
 HERE = Path(__file__).parent
+COLLECTED = pytest.StashKey[bool]()
 
 __all__ = ["base_settings", "docker_client", "pipeline_factory", "task_image"]
 
@@ -24,6 +27,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     ours = [item for item in items if HERE in Path(str(item.path)).parents]
     for item in ours:
         item.add_marker(pytest.mark.docker)
+    if ours:
+        ours[0].config.stash[COLLECTED] = True
     if ours and platform.machine() != "x86_64":
         pytest.exit(
             "tests/redteam: the probes call x86_64 system call numbers (272 unshare, 425 "
@@ -31,3 +36,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             "Run the red-team suite on an x86_64 host.",
             returncode=pytest.ExitCode.USAGE_ERROR,
         )
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    """Say which probe runs this host's facts leave unjudged, and why (never silent)."""
+    if not config.stash.get(COLLECTED, False) or platform.machine() != "x86_64":
+        return
+    from .catalog import CatalogError, detect_host_facts, load_catalog, unjudged_runs
+
+    facts = detect_host_facts()
+    try:
+        probes = load_catalog(facts)
+    except CatalogError:
+        return  # collection already failed with the message
+    runs = unjudged_runs(probes)
+    total = sum(len(probe.modes) for probe in probes)
+    described = ", ".join(f"{key}={value}" for key, value in sorted(facts.items()))
+    terminalreporter.section("red-team probe runs not judged on this host")
+    terminalreporter.write_line(
+        f"{len(runs)} of {total} probe runs not judged here (host facts: {described}); "
+        "they ran and are recorded:"
+        if runs
+        else f"all {total} probe runs judged here (host facts: {described})"
+    )
+    for probe_id, mode, why in runs:
+        terminalreporter.write_line(f"  {probe_id} [{mode}]: {why}")

@@ -323,7 +323,7 @@ async def run_suite(
         for mode in MODES:
             pipeline = pipelines[mode]
             for probe in probes:
-                if mode not in probe.expects:
+                if mode not in probe.modes:
                     continue
                 started = time.monotonic()
                 report = await run_one(pipeline, probe)
@@ -381,9 +381,18 @@ def record(
     version = client.version()
     entries = {}
     for probe in probes:
-        modes = {}
-        for mode, expect in probe.expects.items():
+        modes: dict[str, dict[str, Any]] = {}
+        for mode in probe.modes:
             observed = run.observations.get(probe.id, {}).get(mode)
+            expect = probe.expects.get(mode)
+            if expect is None:  # not judged on this host: recorded, with the reason
+                modes[mode] = {
+                    "expected": None,
+                    "unjudged": probe.unjudged[mode],
+                    "observed": observed,
+                    "holds": None,
+                }
+                continue
             modes[mode] = {
                 "expected": expect.describe(),
                 "observed": observed,

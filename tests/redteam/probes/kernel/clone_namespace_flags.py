@@ -3,7 +3,8 @@
 # expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
 # expect guards_off: success {"clone_newuser": "EPERM", "clone_newns": "EPERM", "clone3": "ENOSYS"}
 # expect ablation: success {"clone_newuser": "EPERM", "clone_newns": "EPERM", "clone3": "ENOSYS"}
-# layers: docker-seccomp
+# layers when userns=yes: docker-seccomp
+# layers when userns=no: docker-seccomp, kernel
 # ours: refuses
 # note: CLONE_NEWUSER is refused only by a seccomp profile (Docker's masks the namespace flags of clone); CLONE_NEWNS would also need CAP_SYS_ADMIN
 import ctypes

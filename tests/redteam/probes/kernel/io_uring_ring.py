@@ -11,7 +11,7 @@
 # layers when io_uring_disabled=1: kernel
 # layers when io_uring_disabled=2: kernel
 # ours: refuses
-# note: Docker 20.10's default profile allows io_uring: with our profile swapped out the ring is created where the kernel allows io_uring (sysctl kernel.io_uring_disabled 0, the reference host, or absent before 6.6); with 1 (uid 10001 is in no io_uring group) or 2 the kernel refuses it with EPERM (derived, not yet observed)
+# note: Docker 20.10's default profile allows io_uring: with our profile swapped out the ring is created where the kernel allows io_uring (sysctl kernel.io_uring_disabled 0, the reference host, or absent before 6.6); with 1 (uid 10001 is in no io_uring group) or 2 the kernel refuses it with EPERM (observed by tests/redteam/test_host_facts.py, which sets the sysctl)
 import ctypes
 
 libc = ctypes.CDLL(None, use_errno=True)

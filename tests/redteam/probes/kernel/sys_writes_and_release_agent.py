@@ -1,8 +1,8 @@
 # title: /sys writes: uevent_helper, the cgroup release_agent, notify_on_release, cgroup.procs
 # threat: k.proc-sys
 # expect default: security_violation@analyze "Import of standard library module 'os' is disallowed"
-# expect guards_off: success {"uevent_helper": "ENOENT", "release_agent": "ENOENT", "notify_on_release": "EACCES", "cgroup_procs": "EACCES", "sys_mount": "ro", "memory_cgroup_mount": "ro"}
-# expect ablation: success {"uevent_helper": "ENOENT", "release_agent": "ENOENT", "notify_on_release": "EACCES", "cgroup_procs": "EACCES", "sys_mount": "ro", "memory_cgroup_mount": "ro"}
+# expect guards_off when cgroup=v1: success {"uevent_helper": "ENOENT", "release_agent": "ENOENT", "notify_on_release": "EACCES", "cgroup_procs": "EACCES", "sys_mount": "ro", "memory_cgroup_mount": "ro"}
+# expect ablation when cgroup=v1: success {"uevent_helper": "ENOENT", "release_agent": "ENOENT", "notify_on_release": "EACCES", "cgroup_procs": "EACCES", "sys_mount": "ro", "memory_cgroup_mount": "ro"}
 # layers: rootfs, uid
 # note: release_agent exists only in a hierarchy's root cgroup, which a private cgroup namespace does not show; the files that exist are root's, on read-only mounts
 import os

@@ -3,7 +3,8 @@
 # expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
 # expect guards_off: success {"user": "EPERM", "user+mount": "EPERM", "net": "EPERM", "setns": "EPERM"}
 # expect ablation: success {"user": "EPERM", "user+mount": "EPERM", "net": "EPERM", "setns": "EPERM"}
-# layers: docker-seccomp
+# layers when userns=yes: docker-seccomp
+# layers when userns=no: docker-seccomp, kernel
 # ours: refuses
 # note: without any seccomp profile unshare(CLONE_NEWUSER) succeeds here (policies/README.md 1.6): only a seccomp profile, ours or Docker's, refuses it
 import ctypes

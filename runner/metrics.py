@@ -216,6 +216,11 @@ class BrokerMetrics:
         self.offers = Counter(
             "sandbox_broker_offers", "Offers received from runners.", registry=registry
         )
+        self.prints_dropped = Counter(
+            "sandbox_broker_prints_dropped",
+            "Print entries a runner sent beyond the broker's per-task cap (calls or bytes).",
+            registry=registry,
+        )
 
     def watch(self, read: Callable[[], Mapping[str, int]]) -> None:
         """Expose the broker's current state (runners, offers, queue) as gauges."""

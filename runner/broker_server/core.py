@@ -38,6 +38,7 @@ from pydantic import BaseModel
 
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
+    EXTENSION_PRINTS,
     EXTENSION_SANDBOX,
     LOG_NODE_OUTPUT,
     Drain,
@@ -151,6 +152,7 @@ class BrokerTask:
     started_at: float | None = None
     finished_at: float | None = None
     prints: list[list[str]] = field(default_factory=list)
+    print_bytes: int = 0  # characters of the prints kept, for the broker's cap
     document: dict[str, Any] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     timer: asyncio.TimerHandle | None = None
@@ -183,6 +185,11 @@ class BrokerConfig:
     tenant_quotas: dict[str, int] = field(default_factory=dict)
     max_tasks_kept: int = 1000  # finished tasks kept per tenant (older ones are forgotten)
     max_unfinished_per_tenant: int = 1000  # queued + offered + running; more is a 429
+    # What a runner reports is untrusted: the broker keeps at most this many print
+    # entries and characters per task, whatever a runner (or a task that forged its
+    # frames) sends; the rest is dropped and counted.
+    max_print_calls: int = 100
+    max_print_chars: int = 16 * 1024 * 1024
 
 
 class TenantBacklogFull(Exception):
@@ -266,7 +273,7 @@ class Broker:
             case RunnerInfo():
                 runner.registered = True
                 self._runners_changed()
-                connection.send(RunnerRegistered(extensions=(EXTENSION_SANDBOX,)))
+                connection.send(RunnerRegistered(extensions=(EXTENSION_SANDBOX, EXTENSION_PRINTS)))
                 if self._draining:
                     connection.send(Drain())
             case TaskOffer(offer_id=offer_id, valid_for=valid_for):
@@ -283,8 +290,13 @@ class Broker:
                 self._declined(connection.runner_id, task_id, "deferred by a launcher")
             case Rpc(task_id=task_id, name=name, params=params):
                 task = self._tasks.get(task_id)
-                if task is not None and not task.status.is_finished and name == LOG_NODE_OUTPUT:
-                    task.prints.append([str(p) for p in params])
+                if (
+                    task is not None
+                    and task.status is TaskStatus.RUNNING
+                    and task.runner_id == connection.runner_id
+                    and name == LOG_NODE_OUTPUT
+                ):
+                    self._keep_prints(task, [params])
             case TaskDone() | TaskErrorMessage():
                 self._completed(connection.runner_id, message)
             case _:
@@ -545,6 +557,7 @@ class Broker:
             return
         report = message.sandbox or {}
         audit = report.get("audit")
+        self._keep_prints(task, report.get("prints"))
         if isinstance(message, TaskDone):
             result = message.data.result
             rows = len(result) if isinstance(result, list) else 1
@@ -573,6 +586,41 @@ class Broker:
                 audit,
             )
         self.dispatch()
+
+    def _keep_prints(self, task: BrokerTask, entries: Any) -> None:
+        """Keep a runner's print entries up to the broker's caps; count what is dropped.
+
+        ``entries``: print calls, each a list of strings (rpc params, or the report's
+        ``prints`` under the sandbox-prints extension). Anything else is dropped whole.
+        """
+        if entries is None:
+            return
+        if not isinstance(entries, list | tuple):
+            self._metrics.prints_dropped.inc()
+            return
+        dropped = 0
+        for entry in entries:
+            if (
+                len(task.prints) >= self.config.max_print_calls
+                or not isinstance(entry, list | tuple)
+                or not all(isinstance(arg, str) for arg in entry)
+            ):
+                dropped += 1
+                continue
+            size = sum(len(arg) for arg in entry)
+            if task.print_bytes + size > self.config.max_print_chars:
+                dropped += 1
+                continue
+            task.print_bytes += size
+            task.prints.append(list(entry))
+        if dropped:
+            self._metrics.prints_dropped.inc(dropped)
+            log.warning(
+                "task %s: %d print entries beyond the broker's cap dropped",
+                task.task_id,
+                dropped,
+                extra={"taskId": task.task_id},
+            )
 
     def _finish_error(
         self,

@@ -73,12 +73,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 def broker_config(settings: Settings, limits: Limits | None = None) -> BrokerConfig:
     """The broker's configuration; ``limits``: the policy's (loaded here when not given)."""
+    limits = limits or load_policy(settings).limits
     return BrokerConfig(
-        default_timeout_s=(limits or load_policy(settings).limits).timeout_s,
+        default_timeout_s=limits.timeout_s,
         timeout_grace_s=settings.broker_timeout_grace_s,
         queue_timeout_s=settings.queue_timeout_s,
         tenant_quota=settings.tenant_quota,
         tenant_quotas=settings.tenant_quota_overrides,
+        max_print_calls=settings.max_print_calls,
+        max_print_chars=limits.output_bytes,
     )
 
 

@@ -19,6 +19,9 @@ caller owns the socket and the timers; this class owns the rules:
 - completion: print RPCs, then exactly one ``runner:taskdone``/``runner:taskerror`` per
   accepted task; a completion that cannot be delivered now (socket down) is held and
   sent after the next registration, or reported as undeliverable when it expires.
+  A broker that lists the ``sandbox-prints`` extension (ours) gets the prints inside
+  the completion's report instead: one frame per task, whatever it printed. The
+  prints arrive here already capped by the pipeline (entries and bytes).
 
 Must not import asyncio, websockets or docker.
 """
@@ -35,6 +38,7 @@ from pydantic import BaseModel
 
 from runner.protocol.codec import ProtocolError, UnknownMessageType, decode_broker_message, encode
 from runner.protocol.messages import (
+    EXTENSION_PRINTS,
     EXTENSION_SANDBOX,
     LOG_NODE_OUTPUT,
     Drain,
@@ -298,7 +302,9 @@ class RunnerProtocol:
             return
         self._finished.add(task_id)
         self._last_activity = self._clock()
-        frames = [self._encode_rpc(task_id, params) for params in completion.prints]
+        frames = []
+        if not self._prints_in_report:
+            frames = [self._encode_rpc(task_id, params) for params in completion.prints]
         frames.append(self._encode_completion(task_id, completion))
         if self._registered:
             self._outbox.extend(frames)
@@ -415,8 +421,14 @@ class RunnerProtocol:
         )
         return Outgoing(encode(rpc), task_id)
 
+    @property
+    def _prints_in_report(self) -> bool:
+        return {EXTENSION_SANDBOX, EXTENSION_PRINTS} <= self._extensions
+
     def _encode_completion(self, task_id: str, completion: Completion) -> Outgoing:
         report = completion.report if EXTENSION_SANDBOX in self._extensions else None
+        if report is not None and self._prints_in_report:
+            report = {**report, "prints": completion.prints}
         if not completion.is_error:
             done = TaskDone(
                 task_id=task_id, data=TaskDoneData(result=completion.result), sandbox=report

@@ -22,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 EXTENSION_SANDBOX = "sandbox-report"
+# Prints travel in the completion's ``sandbox`` report (``sandbox.prints``), one frame
+# per task, instead of one ``runner:rpc`` frame per print call (n8n's way, kept for
+# brokers that do not list this extension).
+EXTENSION_PRINTS = "sandbox-prints"
 LOG_NODE_OUTPUT = "logNodeOutput"
 
 

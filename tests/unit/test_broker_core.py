@@ -17,6 +17,7 @@ from runner.broker_server.core import (
     TenantBacklogFull,
     validate_input,
 )
+from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
     Drain,
     Rpc,
@@ -58,7 +59,7 @@ async def test_registration_is_required_and_answered() -> None:
     assert type(runner.sent[0]).__name__ == "InfoRequest"
     broker.runner_message(runner, RunnerInfo())
     assert type(runner.sent[-1]).__name__ == "RunnerRegistered"
-    assert runner.sent[-1].extensions == ("sandbox-report",)
+    assert runner.sent[-1].extensions == ("sandbox-report", "sandbox-prints")
     broker.submit(submission())
     assert runner.of(TaskOfferAccept) == []  # the early offer was ignored
 
@@ -593,3 +594,39 @@ async def test_ordinary_large_payloads_fit_the_budget() -> None:
     }
     items = [{"json": {"id": n, "name": "x", "ok": True, "score": 1.5}} for n in range(12_000)]
     assert validate_input(row, items) is None
+
+
+async def test_prints_are_capped_whatever_a_runner_sends() -> None:
+    """A runner's prints are untrusted: at most max_print_calls entries and
+    max_print_chars characters per task, from rpcs and from the report alike; wrong
+    shapes and prints of a task the runner does not run are dropped and counted."""
+    registry = CollectorRegistry()
+    broker = Broker(
+        BrokerConfig(max_print_calls=3, max_print_chars=10), metrics=BrokerMetrics(registry)
+    )
+    runner = connect(broker, offers=2)
+    other = connect(broker, "r2")
+    task = broker.submit(submission())
+    (task_id,) = run_accepted(broker, runner)
+    assert task_id == task.task_id
+    for params in (("'a'",), ("x" * 20,), ("'b'",)):
+        broker.runner_message(
+            runner, Rpc(call_id="c", task_id=task_id, name="logNodeOutput", params=params)
+        )
+    # Not this runner's task: ignored.
+    broker.runner_message(
+        other, Rpc(call_id="c", task_id=task_id, name="logNodeOutput", params=("'z'",))
+    )
+    flood = [["'c'"], "not a list", [1], ["'d'"], ["'e'"]] + [[]] * 300_000
+    broker.runner_message(
+        runner,
+        TaskDone(
+            task_id=task_id,
+            data=TaskDoneData(result=1),
+            sandbox={"code": None, "stage": None, "audit": None, "prints": flood},
+        ),
+    )
+    assert task.document is not None
+    assert task.document["prints"] == [["'a'"], ["'b'"], ["'c'"]]
+    dropped = registry.get_sample_value("sandbox_broker_prints_dropped_total")
+    assert dropped == 1 + len(flood) - 1  # x*20 over the chars, then all but 'c'

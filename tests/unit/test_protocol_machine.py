@@ -434,3 +434,39 @@ def test_shutdown_stops_offers_and_accepts(clock: Clock) -> None:
     assert accept(machine, "t1", offer["offerId"])[0]["reason"] == REJECT_EXPIRED
     machine.tick()
     assert sent(machine) == []
+
+
+def test_prints_ride_in_the_report_when_the_broker_lists_sandbox_prints(clock: Clock) -> None:
+    """Our broker gets one frame per task whatever it printed (no rpc per print call)."""
+    report = {"code": None, "stage": None, "audit": {"taskId": "t1"}}
+    prints = [[f"'{n}'"] for n in range(50)]
+    ours = make(clock, max_concurrency=1)
+    extensions = ["sandbox-report", "sandbox-prints"]
+    offers = [m for m in register(ours, extensions) if m["type"] == "runner:taskoffer"]
+    accept(ours, "t1", offers[0]["offerId"])
+    feed(ours, type="broker:tasksettings", taskId="t1", settings=SETTINGS)
+    ours.finish_task("t1", Completion(result=[1], prints=prints, report=report))
+    out = sent(ours)
+    assert [m["type"] for m in out] == ["runner:taskdone", "runner:taskoffer"]
+    assert out[0]["sandbox"] == {**report, "prints": prints}
+    # An error completion too, and an oversized result's error keeps them.
+    small = make(clock, max_concurrency=1, max_payload=2000)
+    offers = [m for m in register(small, extensions) if m["type"] == "runner:taskoffer"]
+    accept(small, "t1", offers[0]["offerId"])
+    feed(small, type="broker:tasksettings", taskId="t1", settings=SETTINGS)
+    small.finish_task("t1", Completion(result="x" * 5000, prints=[["'p'"]], report=report))
+    (error,) = [m for m in sent(small) if m["type"] != "runner:taskoffer"]
+    assert error["type"] == "runner:taskerror"
+    assert error["sandbox"]["prints"] == [["'p'"]]
+
+
+def test_prints_stay_rpcs_for_a_broker_without_the_extension(clock: Clock) -> None:
+    """n8n (and a broker listing only sandbox-report) gets n8n's one rpc per print call."""
+    for extensions in ([], ["sandbox-report"], ["sandbox-prints"]):
+        machine = make(clock, max_concurrency=1)
+        offers = [m for m in register(machine, extensions) if m["type"] == "runner:taskoffer"]
+        accept(machine, "t1", offers[0]["offerId"])
+        feed(machine, type="broker:tasksettings", taskId="t1", settings=SETTINGS)
+        machine.finish_task("t1", Completion(result=1, prints=[["'a'"], ["'b'"]], report={}))
+        types = [m["type"] for m in sent(machine)]
+        assert types[:3] == ["runner:rpc", "runner:rpc", "runner:taskdone"], extensions

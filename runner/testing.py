@@ -1,31 +1,41 @@
-"""testcontainers for sandbox-runner: a real sandbox service in your pytest, in a few lines.
+"""testcontainers for sandbox-runner: a real sandbox service in your pytest, in one line.
 
 ::
 
-    from runner.testing import EmbeddedBrokerContainer, SandboxRunnerContainer
+    from runner.testing import SandboxContainer
 
-    with EmbeddedBrokerContainer() as broker, SandboxRunnerContainer(broker) as runner:
-        document = runner.run_task("return [{'json': {'n': len(_items)}}]", items=[{"a": 1}])
+    with SandboxContainer() as sandbox:
+        document = sandbox.run_task("return [{'json': {'n': len(_items)}}]", items=[{"a": 1}])
         assert document["result"] == [{"json": {"n": 1}}]
 
-- :class:`EmbeddedBrokerContainer`: the runner image running ``sandbox-runner broker``
-  (the HTTP API and the runner endpoint on one port), on a network of its own.
-- :class:`SandboxRunnerContainer`: the runner image running ``sandbox-runner serve``,
-  wired to a broker (an :class:`EmbeddedBrokerContainer`, or any broker by URI and
-  auth token). It reaches the Docker API through the mounted socket (or
-  ``DOCKER_HOST``); the task containers it creates are its siblings on the host's
-  daemon and never get the socket.
+- :class:`SandboxContainer`: the runner image running ``sandbox-runner up``, the
+  embedded broker and one runner in one container. The simple case.
 
-Both are context managers that wait until the service is ready (its health endpoint
-answers; the runner is connected to its broker), and both have ``run_task(code,
-items=None, mode="all_items")``, which returns the document ``sandbox-runner exec``
-prints, and ``metrics()`` (Prometheus text).
+For wiring runners to a broker, the pair:
+
+- :class:`EmbeddedBrokerContainer`: the runner image running ``sandbox-runner broker``
+  (the HTTP API and the runner endpoint on one port), on a network of its own. It
+  runs no task by itself: give it a runner.
+- :class:`SandboxRunnerContainer`: the runner image running ``sandbox-runner serve``,
+  wired to a broker (an :class:`EmbeddedBrokerContainer` or a :class:`SandboxContainer`,
+  or any broker by URI and auth token).
+
+The containers that run tasks (:class:`SandboxContainer`, :class:`SandboxRunnerContainer`)
+reach the Docker API through the mounted socket (or ``DOCKER_HOST``); the task
+containers they create are their siblings on the host's daemon and never get the socket.
+
+All are context managers that wait until the service is ready (the broker answers; a
+runner is connected to its broker), and all have ``run_task(code, items=None,
+mode="all_items")``, which returns the document ``sandbox-runner exec`` prints, and
+``metrics()`` (Prometheus text). ``run_task`` fails fast, with
+:class:`SandboxServiceError` saying so, when the broker has no runner connected for
+:data:`NO_RUNNER_GRACE_S` (it cancels the task first).
 
 Clean-up does not depend on Ryuk (set ``TESTCONTAINERS_RYUK_DISABLED=true`` where
-its image cannot be pulled): on exit the runner is stopped with SIGTERM (it drains
-and removes its warm pool), then every container still labelled with its runner id
-(``io.sandbox-runner.owner``) is removed, and the network. Containers of a test
-process that died are reaped when the next one starts (labels
+its image cannot be pulled): on exit the service is stopped with SIGTERM (a runner
+drains and removes its warm pool), then every container still labelled with its
+runner id (``io.sandbox-runner.owner``) is removed, and the network. Containers of a
+test process that died are reaped when the next one starts (labels
 ``io.sandbox-runner.testing.*`` name the process).
 
 The image: ``image=...``, else ``SANDBOX_RUNNER_IMAGE``, else the one built from
@@ -48,7 +58,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import docker
 import docker.errors
@@ -72,11 +82,25 @@ CONTAINER_SOCKET = "/var/run/docker.sock"
 DEFAULT_SOCKET = "/var/run/docker.sock"
 STARTUP_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15
+# run_task gives up this long after submission when the broker has had no runner all the
+# time (a runner that connects meanwhile starts the count again): a broker nobody serves
+# would otherwise hold the caller for the whole timeout and say nothing.
+NO_RUNNER_GRACE_S = 3.0
+# Long-poll lengths: short while nobody could take the task, so the grace is noticed.
+SHORT_WAIT_S = 1.0
+LONG_WAIT_S = 30.0
+NO_RUNNER_HELP = (
+    "Add one: SandboxRunnerContainer(broker) next to an EmbeddedBrokerContainer, or "
+    "SandboxContainer() instead (the broker and a runner in one container); outside "
+    "testcontainers, `sandbox-runner serve` with N8N_RUNNERS_TASK_BROKER_URI set to the "
+    "broker's URL and N8N_RUNNERS_AUTH_TOKEN to its auth token."
+)
 Mode = Literal["all_items", "per_item", "runOnceForAllItems", "runOnceForEachItem"]
 
 
 class SandboxServiceError(RuntimeError):
-    """The service in the container did not start, or a task could not be submitted."""
+    """The service in the container did not start, or a task could not be run through it
+    (refused, no runner connected to the broker, not finished in time)."""
 
 
 def runner_image(client: docker.DockerClient | None = None) -> str:
@@ -237,9 +261,11 @@ class _ServiceReady(WaitStrategy):
 
 
 class _SandboxContainer(DockerContainer):
-    """What the broker and the runner container share: image, labels, hardening, clean-up."""
+    """What our containers share: image, labels, hardening, network, clean-up; and, for
+    those that run tasks, the Docker API and a runner id of their own."""
 
     role = "service"
+    runs_tasks = False  # creates task containers (sandbox-runner serve or up)
 
     def __init__(
         self,
@@ -255,24 +281,41 @@ class _SandboxContainer(DockerContainer):
         self.network = network
         self._own_network: Network | None = None
         self._startup_timeout_s = startup_timeout_s
+        # Owner label of its task containers: what the clean-up looks for.
+        self.runner_id = f"testcontainers-{self.instance}" if self.runs_tasks else None
         for key, value in (env or {}).items():
             self.with_env(key, value)
 
     # -- configuration ------------------------------------------------------------------
 
-    def _labels(self, **extra: str) -> dict[str, str]:
-        return {**session_labels(), LABEL_ROLE: self.role, **extra}
-
-    def _harden(self, **kwargs: Any) -> None:
+    def _harden(self) -> None:
+        """The last step of configuring: container options (``with_kwargs`` replaces them)."""
+        labels = {**session_labels(), LABEL_ROLE: self.role}
+        extra: dict[str, Any] = {}
+        if self.runner_id is not None:
+            labels[LABEL_TESTING_RUNNER] = self.runner_id
+            extra = self._reach_docker(self.runner_id)
         # The service needs no privilege at all; its writable places are tmpfs.
         self.tmpfs.update({"/tmp": "", "/var/lib/sandbox-runner": ""})  # noqa: S108 (a tmpfs)
         self.with_kwargs(
-            labels=self._labels(**kwargs.pop("labels", {})),
+            labels=labels,
             read_only=True,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges:true"],
-            **kwargs,
+            **extra,
         )
+
+    def _reach_docker(self, runner_id: str) -> dict[str, Any]:
+        """Let the service create task containers; the container options that takes."""
+        socket_path, socket_env = docker_socket()
+        self.with_env("SANDBOX_RUNNER_ID", runner_id)
+        for key, value in socket_env.items():
+            self.env.setdefault(key, value)  # a DOCKER_HOST of the caller's env= wins
+        if socket_path is None:
+            return {}
+        self.with_volume_mapping(socket_path, CONTAINER_SOCKET, "rw")
+        # The service user is not root: the socket's group lets it in.
+        return {"group_add": [str(os.stat(socket_path).st_gid)]}
 
     def _ensure_network(self) -> Network:
         if self.network is None:
@@ -282,7 +325,7 @@ class _SandboxContainer(DockerContainer):
 
     # -- life ---------------------------------------------------------------------------
 
-    def start(self) -> _SandboxContainer:
+    def start(self) -> Self:
         _check_ryuk()
         reap_leftovers(self._client)
         network = self._ensure_network()
@@ -298,17 +341,16 @@ class _SandboxContainer(DockerContainer):
                 container.stop(timeout=STOP_TIMEOUT_S)  # SIGTERM: drain, remove the pool
         with contextlib.suppress(docker.errors.DockerException):
             super().stop(force, delete_volume)
-        self._after_stop()
+        if self.runner_id is not None:
+            # Backstop: anything the runner could not remove before it stopped.
+            remove_owned(self._client, self.runner_id)
         if self._own_network is not None:
             with contextlib.suppress(docker.errors.DockerException):
                 self._own_network.remove()
             self._own_network = None
         self._client.close()
 
-    def _after_stop(self) -> None:
-        pass
-
-    def __enter__(self) -> _SandboxContainer:
+    def __enter__(self) -> Self:
         try:
             return self.start()
         except BaseException:
@@ -339,22 +381,30 @@ class _SandboxContainer(DockerContainer):
 
 
 class EmbeddedBrokerContainer(_SandboxContainer):
-    """``sandbox-runner broker`` in the runner image: HTTP API + runner endpoint, one port."""
+    """``sandbox-runner broker`` in the runner image: HTTP API + runner endpoint, one port.
+
+    It runs no task itself: wire a :class:`SandboxRunnerContainer` to it (or use a
+    :class:`SandboxContainer`, which is this broker with a runner inside).
+    """
 
     role = "broker"
+    subcommand = "broker"
+    default_startup_timeout_s = 60.0
 
     def __init__(
         self,
         image: str | None = None,
         *,
         network: Network | None = None,
-        startup_timeout_s: float = 60.0,
+        startup_timeout_s: float | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
+        if startup_timeout_s is None:
+            startup_timeout_s = self.default_startup_timeout_s
         super().__init__(image, network=network, startup_timeout_s=startup_timeout_s, env=env)
         self.auth_token = secrets.token_urlsafe(24)
         self.api_key = secrets.token_urlsafe(24)
-        self.with_command(["broker", "--host", "0.0.0.0", "--port", str(BROKER_PORT)])  # noqa: S104
+        self.with_command([self.subcommand, "--host", "0.0.0.0", "--port", str(BROKER_PORT)])  # noqa: S104
         self.with_env("SANDBOX_AUTH_TOKEN", self.auth_token)
         # Reached through a published port, so not from loopback: the API needs a key.
         self.with_env("SANDBOX_API_KEYS", f"{self.api_key}=default")
@@ -398,7 +448,8 @@ class EmbeddedBrokerContainer(_SandboxContainer):
         """Submit a task and wait for its document (the one ``sandbox-runner exec`` prints).
 
         ``options``: more fields of ``POST /v1/tasks`` (``continueOnFail``,
-        ``timeoutSeconds``, ``memoryMb``, ``cpus``, ``query``, ...).
+        ``timeoutSeconds``, ``memoryMb``, ``cpus``, ``query``, ...). With no runner
+        connected it fails within seconds (see :func:`submit_task`).
         """
         return submit_task(
             self.url, self.api_key, code, items=items, mode=mode, timeout_s=timeout_s, **options
@@ -419,25 +470,102 @@ def submit_task(
     items: list[Any] | None = None,
     mode: Mode = "all_items",
     timeout_s: float = 120.0,
+    no_runner_grace_s: float = NO_RUNNER_GRACE_S,
     **options: Any,
 ) -> dict[str, Any]:
-    """``POST /v1/tasks`` on a broker's API and wait (polling) for the task's document."""
+    """``POST /v1/tasks`` on a broker's API and wait (polling) for the task's document.
+
+    Fails fast when nobody can run it: once the broker has had no runner connected for
+    ``no_runner_grace_s`` (counted from submission; a runner that connects meanwhile
+    starts the count again), the task is cancelled and :class:`SandboxServiceError`
+    says that no runner is connected and how to add one. A task not finished within
+    ``timeout_s`` is cancelled too, and the error says what it was waiting for.
+    """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = {"code": code, "items": items or [], "mode": mode, **options}
-    deadline = time.monotonic() + timeout_s
-    wait = min(30.0, timeout_s)
-    with httpx.Client(base_url=api_url, headers=headers, timeout=wait + 10) as client:
-        response = client.post("/v1/tasks", params={"wait": wait}, json=body)
+    submitted = time.monotonic()
+    deadline = submitted + timeout_s
+    last_runner_seen = submitted
+    with httpx.Client(base_url=api_url, headers=headers, timeout=LONG_WAIT_S + 10) as client:
+        # A short first wait: with no runner, a long one would hide it.
+        response = client.post(
+            "/v1/tasks", params={"wait": min(SHORT_WAIT_S, timeout_s)}, json=body
+        )
         if response.status_code not in (200, 202):
             raise SandboxServiceError(f"submit failed: {response.status_code} {response.text}")
         while response.status_code == 202:
-            if time.monotonic() > deadline:
-                raise SandboxServiceError(f"task did not finish within {timeout_s:.0f}s")
-            task_id = response.json()["taskId"]
-            response = client.get(f"/v1/tasks/{task_id}", params={"wait": wait})
+            state: dict[str, Any] = response.json()
+            now = time.monotonic()
+            no_runner = _waits_for_a_runner(state)
+            if not no_runner:
+                last_runner_seen = now
+            elif now - last_runner_seen >= no_runner_grace_s:
+                _cancel(client, state["taskId"])
+                raise SandboxServiceError(
+                    f"No runner is connected to this broker ({api_url}): the task waited "
+                    f"{now - submitted:.1f}s and was cancelled. {NO_RUNNER_HELP}"
+                )
+            if now >= deadline:
+                _cancel(client, state["taskId"])
+                raise SandboxServiceError(
+                    f"task did not finish within {timeout_s:.0f}s and was cancelled "
+                    f"(it was {_describe(state)})"
+                )
+            wait = min(SHORT_WAIT_S if no_runner else LONG_WAIT_S, deadline - now)
+            response = client.get(f"/v1/tasks/{state['taskId']}", params={"wait": wait})
         response.raise_for_status()
         document: dict[str, Any] = response.json()
         return document
+
+
+def _waits_for_a_runner(state: dict[str, Any]) -> bool:
+    """Whether a task state from the API says no runner is connected (``waitReason``)."""
+    reason = state.get("waitReason")
+    return isinstance(reason, dict) and reason.get("code") == "no_runner"
+
+
+def _describe(state: dict[str, Any]) -> str:
+    reason = state.get("waitReason")
+    if isinstance(reason, dict) and reason.get("message"):
+        return f"{state.get('status')}: {reason['message']}"
+    return str(state.get("status"))
+
+
+def _cancel(client: httpx.Client, task_id: str) -> None:
+    # Nothing is left queued behind an error we raise (best effort: the broker may be gone).
+    with contextlib.suppress(httpx.HTTPError):
+        client.delete(f"/v1/tasks/{task_id}", timeout=10)
+
+
+class SandboxContainer(EmbeddedBrokerContainer):
+    """``sandbox-runner up`` in the runner image: the embedded broker and one runner,
+    in one container. The simple case: ``with SandboxContainer() as sandbox:``.
+
+    Ready when its broker answers and its runner is connected (after the runner's
+    isolation self-check and warm pool). It is an :class:`EmbeddedBrokerContainer`
+    (``url``, ``api_key``, ``auth_token``, ``runners()``), so more
+    :class:`SandboxRunnerContainer` can join it. ``env`` sets more variables of the
+    service (``SANDBOX_POOL_SIZE``, ``N8N_RUNNERS_MAX_CONCURRENCY``, ...).
+    """
+
+    role = "sandbox"
+    subcommand = "up"
+    runs_tasks = True
+    default_startup_timeout_s = STARTUP_TIMEOUT_S  # the runner's self-check and pool first
+
+    def probe(self) -> tuple[bool, str]:
+        ok, reason = super().probe()
+        if not ok:
+            return False, f"{reason} (self-check, task image, warm pool)"
+        response = self._get(f"{self.url}/v1/health", headers=self._auth())
+        if response is None or response.status_code != 200 or not response.json()["runners"]:
+            return False, "its runner is not connected to its broker yet"
+        return True, "ok"
+
+    def metrics(self) -> str:
+        """Prometheus metrics (text format) of the broker and of its runner, in one scrape:
+        ``up`` keeps both in one registry (``sandbox_broker_*`` and ``sandbox_runner_*``)."""
+        return super().metrics()
 
 
 class SandboxRunnerContainer(_SandboxContainer):
@@ -450,6 +578,7 @@ class SandboxRunnerContainer(_SandboxContainer):
     """
 
     role = "runner"
+    runs_tasks = True
 
     def __init__(
         self,
@@ -470,28 +599,18 @@ class SandboxRunnerContainer(_SandboxContainer):
             image,
             network=network or (broker.network if broker is not None else None),
             startup_timeout_s=startup_timeout_s,
-            env=None,
+            env=env,
         )
         self.broker = broker
         self._broker_uri = broker_uri
         self._auth_token = auth_token
         self._api_url = api_url
         self._api_key = api_key
-        self.runner_id = f"testcontainers-{self.instance}"
-        socket_path, socket_env = docker_socket()
-        self.with_env("SANDBOX_RUNNER_ID", self.runner_id)
-        for key, value in {**socket_env, **(env or {})}.items():
-            self.with_env(key, value)
         self.with_command(["serve"])
         self.with_exposed_ports(HEALTH_PORT)
-        extra: dict[str, Any] = {}
-        if socket_path is not None:
-            self.with_volume_mapping(socket_path, CONTAINER_SOCKET, "rw")
-            # The service user is not root: the socket's group lets it in.
-            extra["group_add"] = [str(os.stat(socket_path).st_gid)]
-        self._harden(labels={LABEL_TESTING_RUNNER: self.runner_id}, **extra)
+        self._harden()
 
-    def start(self) -> SandboxRunnerContainer:
+    def start(self) -> Self:
         if self.broker is not None:
             self.network = self.broker.network
             self.with_env("N8N_RUNNERS_TASK_BROKER_URI", self.broker.internal_url)
@@ -501,19 +620,7 @@ class SandboxRunnerContainer(_SandboxContainer):
             assert self._auth_token is not None
             self.with_env("N8N_RUNNERS_TASK_BROKER_URI", self._broker_uri)
             self.with_env("N8N_RUNNERS_AUTH_TOKEN", self._auth_token)
-        super().start()
-        return self
-
-    def __enter__(self) -> SandboxRunnerContainer:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _after_stop(self) -> None:
-        # Backstop: anything the runner could not remove before it stopped.
-        remove_owned(self._client, self.runner_id)
+        return super().start()
 
     @property
     def health_url(self) -> str:
@@ -626,6 +733,7 @@ class ServeProcess:
 
 __all__ = [
     "EmbeddedBrokerContainer",
+    "SandboxContainer",
     "SandboxRunnerContainer",
     "SandboxServiceError",
     "ServeProcess",

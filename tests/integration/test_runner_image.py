@@ -5,7 +5,12 @@
 - a runner container, wired to an embedded broker in this test process, runs tasks
   in task containers (siblings on the host's daemon), and its ``/metrics`` and the
   broker's count exactly what ran;
-- the example in docs/testing.md runs as is (a user's pytest file).
+- a ``SandboxContainer`` (``sandbox-runner up``, broker and runner in one container)
+  runs a task end to end, counts it in one scrape of both sides' metrics, takes a
+  second runner container, and leaves nothing behind;
+- ``run_task`` on an ``EmbeddedBrokerContainer`` with no runner fails within 10 s
+  saying so (not after its 120 s timeout), and leaves no task queued;
+- both examples in docs/testing.md run as is (a user's pytest file each).
 
 Ryuk cannot be pulled here: TESTCONTAINERS_RYUK_DISABLED=true, and the containers
 clean up after themselves (checked).
@@ -41,14 +46,28 @@ from testcontainers.core.network import Network
 
 from runner.testing import (
     LABEL_TESTING,
+    LABEL_TESTING_RUNNER,
+    EmbeddedBrokerContainer,
+    SandboxContainer,
     SandboxRunnerContainer,
+    SandboxServiceError,
     runner_image,
     session_labels,
 )
 
 API_KEY = "runner-image-test-key"
 DOCS = PROJECT_ROOT / "docs" / "testing.md"
-EXAMPLE_MARKER = "<!-- example: executed by tests/integration/test_runner_image.py -->"
+# The examples of docs/testing.md, by the marker before each, and how many tests each has.
+EXAMPLES = {
+    "sandbox-container": (
+        "<!-- example: SandboxContainer, executed by tests/integration/test_runner_image.py -->",
+        3,
+    ),
+    "broker-and-runner": (
+        "<!-- example: the pair, executed by tests/integration/test_runner_image.py -->",
+        3,
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -298,20 +317,22 @@ def _check_broker_metrics(text: str) -> None:
     assert (_sample(text, "sandbox_broker_offers_total") or 0) >= 4
 
 
-def docs_example() -> str:
+def docs_example(marker: str) -> str:
     text = DOCS.read_text(encoding="utf-8")
-    _, marker, rest = text.partition(EXAMPLE_MARKER)
-    assert marker, f"{DOCS} lost its example marker"
+    _, found, rest = text.partition(marker)
+    assert found, f"{DOCS} lost its example marker {marker}"
     match = re.search(r"```python\n(.*?)```", rest, re.S)
     assert match, "no python block after the marker"
     return match.group(1)
 
 
-def test_the_example_in_docs_testing_md_runs_as_is(
-    image: str, tmp_path: Path, docker_client: docker.DockerClient
+@pytest.mark.parametrize("example_name", EXAMPLES)
+def test_the_examples_in_docs_testing_md_run_as_is(
+    image: str, tmp_path: Path, docker_client: docker.DockerClient, example_name: str
 ) -> None:
+    marker, tests = EXAMPLES[example_name]
     example = tmp_path / "test_user_example.py"
-    example.write_text(docs_example(), encoding="utf-8")
+    example.write_text(docs_example(marker), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("N8N_", "SANDBOX_"))}
     env.update({"TESTCONTAINERS_RYUK_DISABLED": "true", "SANDBOX_RUNNER_IMAGE": image})
     before = {c["Id"] for c in docker_client.api.containers(all=True)}
@@ -325,9 +346,106 @@ def test_the_example_in_docs_testing_md_runs_as_is(
         check=False,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    # Exactly the example's three tests ran and passed: none skipped, none deselected.
-    assert re.search(r"^3 passed in ", result.stdout, re.MULTILINE), result.stdout
+    # Exactly the example's tests ran and passed: none skipped, none deselected.
+    assert re.search(rf"^{tests} passed in ", result.stdout, re.MULTILINE), result.stdout
     assert "skipped" not in result.stdout, result.stdout
     # It cleaned up after itself: no container of ours that was not there before.
     after = docker_client.api.containers(all=True, filters={"label": f"{LABEL_TESTING}=true"})
     assert [c["Id"] for c in after if c["Id"] not in before] == []
+
+
+def _ours(client: docker.DockerClient) -> set[str]:
+    """Ids of the containers runner.testing made (every one carries its label)."""
+    return {
+        c["Id"] for c in client.api.containers(all=True, filters={"label": f"{LABEL_TESTING}=true"})
+    }
+
+
+def test_sandbox_container_runs_a_task_in_one_container_and_leaves_nothing(
+    image: str, docker_client: docker.DockerClient
+) -> None:
+    before = _ours(docker_client)
+    sandbox = SandboxContainer(image=image, env={"SANDBOX_POOL_SIZE": "1"})
+    started = time.monotonic()
+    with sandbox:
+        print(f"SandboxContainer ready in {time.monotonic() - started:.1f}s")
+        container_id = sandbox.get_container_id()
+        assert sandbox.network is not None
+        network_id = sandbox.network.id
+        # One container: `up`, hardened like the others, owning its task containers.
+        attrs = docker_client.api.inspect_container(container_id)
+        assert attrs["Config"]["Cmd"] == ["up", "--host", "0.0.0.0", "--port", "5679"]
+        assert attrs["HostConfig"]["ReadonlyRootfs"] is True
+        assert attrs["HostConfig"]["CapDrop"] == ["ALL"]
+        assert attrs["HostConfig"]["SecurityOpt"] == ["no-new-privileges:true"]
+        assert attrs["Config"]["Labels"][LABEL_TESTING_RUNNER] == sandbox.runner_id
+        assert _ours(docker_client) - before == {container_id}
+        assert len(sandbox.runners()) == 1  # its own runner, connected when ready
+
+        document = sandbox.run_task(
+            "print('in a container')\n"
+            "return [{'json': {'sum': sum(i['json']['n'] for i in _items)}}]",
+            items=[{"n": 1}, {"n": 2}],
+        )
+        assert document["status"] == "success", document
+        assert document["result"] == [{"json": {"sum": 3}}]
+        assert document["prints"] == [["'in a container'"]]
+        assert document["audit"]["containerId"]
+        assert document["audit"]["runnerId"] == sandbox.runner_id
+
+        # One scrape, both sides: the broker's counts and its runner's.
+        metrics = sandbox.metrics()
+        assert _sample(metrics, "sandbox_broker_tasks_total", status="success", error_code="") == 1
+        assert _sample(metrics, "sandbox_runner_tasks_total", outcome="success", error_code="") == 1
+        assert _sample(metrics, "sandbox_broker_runners") == 1
+        assert _sample(metrics, "sandbox_broker_queued_tasks") == 0
+
+        # It is a broker too: a runner container joins it on its network.
+        with SandboxRunnerContainer(sandbox, image=image, env={"SANDBOX_POOL_SIZE": "0"}) as extra:
+            assert len(sandbox.runners()) == 2
+    # Nothing left: not the service containers, not a task or pool container of their
+    # runners, not the network.
+    assert not docker_client.api.containers(all=True, filters={"id": container_id})
+    for runner_id in (sandbox.runner_id, extra.runner_id):
+        owned = docker_client.api.containers(
+            all=True, filters={"label": f"{LABEL_OWNER}={runner_id}"}
+        )
+        assert owned == []
+    assert _ours(docker_client) - before == set()
+    assert docker_client.networks.list(ids=[network_id]) == []
+
+
+def test_run_task_with_no_runner_fails_within_seconds_saying_so(image: str) -> None:
+    with EmbeddedBrokerContainer(image=image) as broker:
+        auth = {"Authorization": f"Bearer {broker.api_key}"}
+        with httpx.Client(base_url=broker.url, headers=auth, timeout=30) as api:
+            # The HTTP API says why a task waits.
+            queued = api.post("/v1/tasks", json={"code": "return 1"})
+            assert queued.status_code == 202, queued.text
+            state = api.get(f"/v1/tasks/{queued.json()['taskId']}")
+            assert state.status_code == 202
+            assert state.json()["waitReason"]["code"] == "no_runner"
+            assert state.json()["waitReason"]["message"].startswith(
+                "No runner is connected to this broker. Start one with `sandbox-runner serve`"
+            )
+            assert api.delete(f"/v1/tasks/{queued.json()['taskId']}").status_code == 200
+
+            # What a new user wrote, with the default 120 s timeout.
+            started = time.monotonic()
+            with pytest.raises(SandboxServiceError) as raised:
+                broker.run_task("return [{'x': 1}]")
+            elapsed_s = time.monotonic() - started
+            print(f"run_task with no runner failed after {elapsed_s:.1f}s")
+            assert elapsed_s < 10  # the requirement: within a few seconds, not 120 s
+            message = str(raised.value)
+            assert message.startswith(f"No runner is connected to this broker ({broker.url})")
+            assert "SandboxRunnerContainer(broker)" in message
+            assert "SandboxContainer()" in message
+            assert "N8N_RUNNERS_TASK_BROKER_URI" in message
+
+            # Nothing was left queued: the task was cancelled before the error.
+            tasks = api.get("/v1/tasks").json()["tasks"]
+            assert [t["status"] for t in tasks] == ["error", "error"]
+            for task in tasks:
+                document = api.get(f"/v1/tasks/{task['taskId']}").json()
+                assert document["error"]["code"] == "cancelled"

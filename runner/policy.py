@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from runner.analyzer import ImportPolicy, parse_allowlist
 from runner.errors import ConfigurationError
-from runner.sandbox.base import MIB, GuardConfig, Limits
+from runner.sandbox.base import MAXIMUM_CODE_BYTES, MIB, MINIMUM_LIMITS, GuardConfig, Limits
 from runner.settings import DATA_ROOT, Settings, env_name
 
 POLICY_FILE = "sandbox.toml"
@@ -103,6 +103,7 @@ GUARANTEES: Mapping[str, str] = {
     "non-root-user": "the task runs as the policy's non-root uid",
     "memory-limit": "the memory limit is set, and an allocation past it is OOM-killed",
     "pids-limit": "the pids limit is set, and a thread bomb stops at it",
+    "cpu-limit": "the CFS quota in the task's cgroup is the policy's cpus (never unlimited)",
     "apparmor": "the task is confined by the AppArmor profile",
 }
 #: Guarantees a bundle may list as optional (the host kernel may lack AppArmor).
@@ -165,6 +166,7 @@ class LimitsSection(_Frozen):
     nofile: IntBound
     fsize_mb: IntBound
     nproc: IntBound
+    code_bytes: IntBound
 
     def bounds(self) -> dict[str, IntBound | FloatBound]:
         return {name: getattr(self, name) for name in type(self).model_fields}
@@ -609,11 +611,47 @@ def _check_limits(config: PolicyConfig) -> list[Finding]:
                     f"{bound.ceiling}",
                 )
             )
+    # Floors in code (runner.sandbox.base.MINIMUM_LIMITS): a bundle cannot lower them.
+    # Below them a limit can round to nothing (cpus 1e-10 -> NanoCpus 0 -> unlimited).
+    for _, bound_name, _, _ in _LIMIT_FIELDS:
+        bound, minimum = getattr(config.limits, bound_name), _minimum(bound_name)
+        for which in ("default", "ceiling"):
+            value = getattr(bound, which)
+            if value < minimum:
+                findings.append(
+                    Finding(
+                        "limits.below-minimum",
+                        POLICY_FILE,
+                        f"[limits] {bound_name}.{which} = {_number(value)} is below the "
+                        f"minimum {_number(minimum)} (a limit that rounds to nothing is "
+                        "no limit)",
+                    )
+                )
+    if config.limits.code_bytes.ceiling > MAXIMUM_CODE_BYTES:
+        findings.append(
+            Finding(
+                "limits.above-maximum",
+                POLICY_FILE,
+                f"[limits] code_bytes.ceiling = {config.limits.code_bytes.ceiling} is above "
+                f"the most the runner parses, {MAXIMUM_CODE_BYTES} bytes (parsing costs ~500 "
+                "bytes of memory and ~3 us of CPU per byte)",
+            )
+        )
     selfcheck, limits = config.selfcheck, config.limits
-    for name, value, bound in (
-        ("canary_memory_mb", selfcheck.canary_memory_mb, limits.memory_mb),
-        ("canary_pids", selfcheck.canary_pids, limits.pids),
-        ("canary_timeout_s", selfcheck.canary_timeout_s, limits.timeout_s),
+    for name, value, bound, minimum in (
+        (
+            "canary_memory_mb",
+            selfcheck.canary_memory_mb,
+            limits.memory_mb,
+            MINIMUM_LIMITS.memory_bytes // MIB,
+        ),
+        ("canary_pids", selfcheck.canary_pids, limits.pids, MINIMUM_LIMITS.pids),
+        (
+            "canary_timeout_s",
+            selfcheck.canary_timeout_s,
+            limits.timeout_s,
+            MINIMUM_LIMITS.timeout_s,
+        ),
     ):
         if value > bound.ceiling:
             findings.append(
@@ -621,6 +659,14 @@ def _check_limits(config: PolicyConfig) -> list[Finding]:
                     "limits.above-ceiling",
                     POLICY_FILE,
                     f"[selfcheck] {name} = {value} is above the ceiling {bound.ceiling}",
+                )
+            )
+        if value < minimum:
+            findings.append(
+                Finding(
+                    "limits.below-minimum",
+                    POLICY_FILE,
+                    f"[selfcheck] {name} = {value} is below the minimum {_number(minimum)}",
                 )
             )
     return findings
@@ -1121,8 +1167,9 @@ def explain_bundle(bundle: PolicyBundle) -> dict[str, Any]:
     """What a task may and may not do, read from the bundle's files (JSON-ready)."""
     config = bundle.config
     c = config.container
+    minimums = {bound_name: _minimum(bound_name) for _, bound_name, _, _ in _LIMIT_FIELDS}
     limits = {
-        name: {"default": bound.default, "ceiling": bound.ceiling}
+        name: {"default": bound.default, "ceiling": bound.ceiling, "minimum": minimums[name]}
         for name, bound in config.limits.bounds().items()
     }
     groups_allowed: list[dict[str, Any]] = []
@@ -1242,11 +1289,17 @@ class EffectivePolicy:
         )
 
     def check_timeout(self, timeout_s: float, source: str) -> float:
-        """A per-run timeout (``--timeout``) must stay under the ceiling too."""
+        """A per-run timeout (``--timeout``) must stay between the minimum and the ceiling."""
         ceiling = self.bundle.config.limits.timeout_s.ceiling
         if timeout_s > ceiling:
             raise _above_ceiling(
                 source, timeout_s, "[limits] timeout_s", ceiling, self.bundle.directory
+            )
+        if not timeout_s >= MINIMUM_LIMITS.timeout_s:  # NaN too
+            raise ConfigurationError(
+                f"{source}={_number(timeout_s)} is below the minimum timeout of "
+                f"{_number(MINIMUM_LIMITS.timeout_s)} s",
+                hint="a limit below its minimum is refused everywhere (policies/README.md 3.1)",
             )
         return timeout_s
 
@@ -1262,7 +1315,17 @@ _LIMIT_FIELDS: tuple[tuple[str, str, int, str], ...] = (
     ("nofile", "nofile", 1, "nofile"),
     ("fsize_mb", "fsize_mb", MIB, "fsize_bytes"),
     ("nproc", "nproc", 1, "nproc"),
+    ("code_bytes", "code_bytes", 1, "code_bytes"),
 )
+
+
+def _minimum(bound_name: str) -> float | int:
+    """The floor of a ``[limits]`` key, in the bundle's unit (MiB for ``*_mb``)."""
+    for _, name, factor, limits_field in _LIMIT_FIELDS:
+        if name == bound_name:
+            minimum: float | int = getattr(MINIMUM_LIMITS, limits_field)
+            return minimum // factor if factor != 1 else minimum
+    raise KeyError(bound_name)
 
 
 def _limits(section: LimitsSection, which: Literal["default", "ceiling"]) -> Limits:
@@ -1341,6 +1404,16 @@ def resolve_policy(bundle: PolicyBundle, settings: Settings) -> EffectivePolicy:
     for setting in ("stdlib_allow", "external_allow", "builtins_deny"):
         if getattr(settings, setting) is not None:
             tightened.append(setting)
+    limits = Limits(**limit_values)
+    below = limits.below_minimum()
+    if below:
+        # Settings cannot get here (their fields carry the same floors); a bundle loaded
+        # with enforce=False can. Never run a task under a limit that means "none".
+        raise ConfigurationError(
+            f"Limits below their minimum ({bundle.directory / POLICY_FILE} or settings): "
+            + ", ".join(below),
+            hint="a limit below its minimum is refused everywhere (policies/README.md 3.1)",
+        )
     import_policy = ImportPolicy(stdlib, external)
     guards = GuardConfig(
         stdlib_allow=tuple(sorted(stdlib)),
@@ -1351,7 +1424,7 @@ def resolve_policy(bundle: PolicyBundle, settings: Settings) -> EffectivePolicy:
     )
     return EffectivePolicy(
         bundle=bundle,
-        limits=Limits(**limit_values),
+        limits=limits,
         import_policy=import_policy,
         guards=guards,
         apparmor_profile=settings.apparmor_profile or config.apparmor.profile,

@@ -9,8 +9,10 @@ the kernel directly:
 - the *facts* canary reads ``/proc/self/status`` (Seccomp, NoNewPrivs, capability
   sets), lists network interfaces, tries to write the root filesystem, makes system
   calls that only our profile refuses (``io_uring_setup`` answers EPERM under ours,
-  EFAULT under Docker's default), reads its cgroup limits and starts threads until
-  the pids limit stops it;
+  EFAULT under Docker's default), reads its cgroup limits (memory, pids, and the CPU
+  quota and period, from ``cpu.max`` on cgroup v2 or ``cpu.cfs_quota_us`` /
+  ``cpu.cfs_period_us`` on v1, whichever the host has, detected at run time) and
+  starts threads until the pids limit stops it;
 - the *memory* canary allocates past its (small) memory limit and must end as
   ``memory_limit_exceeded``.
 
@@ -49,11 +51,11 @@ from runner.analyzer import Analyzer, ImportPolicy
 from runner.errors import IsolationNotEnforcedError
 from runner.pipeline import AuditContext, TaskPipeline, TaskReport, TaskRequest
 from runner.policy import GUARANTEES, EffectivePolicy
-from runner.sandbox.base import MIB, GuardConfig, Outcome, Sandbox
+from runner.sandbox.base import MIB, NANOS_PER_CPU, GuardConfig, Outcome, Sandbox
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the cpu-limit guarantee
 # The in-process guards off: the canary must read /proc and call the kernel itself.
 CANARY_GUARDS = GuardConfig(
     stdlib_allow=("*",), external_allow=("*",), builtins_deny=(), block_env_access=False
@@ -131,6 +133,20 @@ facts = {
     ),
     "pids_max": first_readable(["/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"]),
 }
+
+# The CPU quota in force, as the kernel sees it. cgroup v2 has cgroup.controllers at
+# its root and "quota period" (or "max period") in cpu.max; v1 has one file each,
+# where the quota -1 means unlimited. Detected here, never assumed from the host.
+if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+    quota, _, period = (first_readable(["/sys/fs/cgroup/cpu.max"]) or "").partition(" ")
+    facts["cpu"] = {"cgroup": "v2", "quota": quota or None, "period": period or None}
+else:
+    v1 = ["/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpuacct,cpu"]
+    facts["cpu"] = {
+        "cgroup": "v1",
+        "quota": first_readable([d + "/cpu.cfs_quota_us" for d in v1]),
+        "period": first_readable([d + "/cpu.cfs_period_us" for d in v1]),
+    }
 try:
     fd = os.open("/.sandbox-selfcheck", os.O_WRONLY | os.O_CREAT, 0o600)
 except OSError as exc:
@@ -345,6 +361,7 @@ def _from_facts(
         f"cgroup pids.max {pids_max} (canary: {pids}); {started} threads started, then "
         f"{refused or 'none refused'}",
     )
+    out["cpu-limit"] = _cpu_limit(facts.get("cpu"), policy.canary_limits().nano_cpus)
     label = facts.get("apparmor")
     if apparmor_profile is None:
         out["apparmor"] = (
@@ -357,6 +374,30 @@ def _from_facts(
             f"confined by {label!r} (policy: {apparmor_profile!r} in enforce mode)",
         )
     return out
+
+
+def _cpu_limit(cpu: object, nano_cpus: int) -> tuple[Status, str]:
+    """The CFS quota the canary read against the one the policy's cpus asks for.
+
+    Docker turns ``NanoCpus`` into ``quota = NanoCpus * period / 1e9`` over its
+    period (100 ms); unlimited (``max`` on v2, ``-1`` on v1) or any other quota fails.
+    """
+    if not isinstance(cpu, dict):
+        return Status.FAIL, "the canary could not read its CPU quota"
+    version, quota, period = cpu.get("cgroup"), cpu.get("quota"), cpu.get("period")
+    try:
+        quota_us, period_us = int(str(quota)), int(str(period))
+    except ValueError:
+        return (
+            Status.FAIL,
+            f"cgroup {version}: CPU quota {quota!r} per period {period!r}: unlimited",
+        )
+    want = nano_cpus * period_us // NANOS_PER_CPU
+    detail = (
+        f"cgroup {version}: CFS quota {quota_us} us per {period_us} us "
+        f"(policy: {nano_cpus / NANOS_PER_CPU:g} CPUs = {want} us)"
+    )
+    return (Status.PASS if quota_us == want and quota_us > 0 else Status.FAIL), detail
 
 
 def _hex_is_zero(value: object) -> bool:

@@ -38,7 +38,7 @@ from runner.protocol.machine import (
     Undeliverable,
 )
 from runner.protocol.settings import TaskLimitsRequest, TaskSettings
-from runner.sandbox.base import MIB, Limits
+from runner.sandbox.base import MIB, MINIMUM_LIMITS, Limits
 from runner.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -389,6 +389,12 @@ class RunnerService:
                 raise LimitAboveCeiling(
                     f"{name} {value} exceeds this runner's ceiling of {ceiling}"
                 )
+            minimum = getattr(MINIMUM_LIMITS, field)
+            minimum = minimum // MIB if field == "memory_bytes" else minimum
+            if not value >= minimum:
+                # A request that rounds to nothing (cpus 1e-10 -> NanoCpus 0) would be no
+                # limit at all: refused like one above the ceiling (the same error path).
+                raise LimitAboveCeiling(f"{name} {value:g} is below the minimum of {minimum:g}")
             changes[field] = value * MIB if field == "memory_bytes" else value
         return replace(base, **changes)
 

@@ -11,8 +11,13 @@ Limits, allowlists, the builtins deny list and the AppArmor profile name have no
 default here: unset means "the policy bundle's default" (``policies/sandbox.toml``),
 and :mod:`runner.policy` refuses any value beyond the bundle's ceilings.
 
-Must not: read the environment at import time, import docker, the sandbox or the
-policy (the policy imports this).
+Every limit carries the floor of :data:`runner.sandbox.base.MINIMUM_LIMITS` (in this
+model's units): a value that would round to nothing (``SANDBOX_CPUS=1e-10``) stops
+the runner here, with the variable named.
+
+Must not: read the environment at import time, import docker, the sandbox
+implementations or the policy (the policy imports this); ``runner.sandbox.base``
+(values only) is fine.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pydantic_settings import (
 )
 
 from runner.analyzer import parse_allowlist
+from runner.sandbox.base import MINIMUM_LIMITS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +58,7 @@ def _data_root() -> Path:
 DATA_ROOT = _data_root()
 
 MIB = 1024 * 1024
+FLOOR = MINIMUM_LIMITS  # the least of every limit (bytes converted to this model's units)
 PIPE_FRAME_LIMIT = 0xFFFFFFFF
 
 
@@ -134,7 +141,7 @@ class Settings(BaseSettings):
     # Unset (None): the policy bundle's default; a value must stay within its ceiling.
     task_timeout_s: float | None = Field(
         None,
-        gt=0,
+        ge=FLOOR.timeout_s,
         validation_alias=_aliases("N8N_RUNNERS_TASK_TIMEOUT", "SANDBOX_TASK_TIMEOUT"),
         description="Wall-clock limit of one task, in seconds.",
         json_schema_extra=_from_policy("limits.timeout_s"),
@@ -166,55 +173,62 @@ class Settings(BaseSettings):
     # --- per-task container limits (unset: the policy bundle's default) ---
     memory_mb: int | None = Field(
         None,
-        ge=16,
+        ge=FLOOR.memory_bytes // MIB,
         description="Memory limit (swap included), MiB.",
         json_schema_extra=_from_policy("limits.memory_mb"),
     )
     cpus: float | None = Field(
         None,
-        gt=0,
+        ge=FLOOR.cpus,
         le=64,
         description="CPU quota, in CPUs.",
         json_schema_extra=_from_policy("limits.cpus"),
     )
     pids_limit: int | None = Field(
         None,
-        ge=8,
+        ge=FLOOR.pids,
         description="Maximum processes and threads.",
         json_schema_extra=_from_policy("limits.pids"),
     )
     tmpfs_mb: int | None = Field(
         None,
-        ge=1,
+        ge=FLOOR.tmpfs_bytes // MIB,
         description="Size of the task's /tmp tmpfs, MiB.",
         json_schema_extra=_from_policy("limits.tmpfs_mb"),
     )
     output_bytes: int | None = Field(
         None,
-        ge=4096,
+        ge=FLOOR.output_bytes,
         description="Cap on what a task may output (result, prints, stdout/stderr), bytes.",
         json_schema_extra=_from_policy("limits.output_bytes"),
     )
     nofile: int | None = Field(
         None,
-        ge=32,
+        ge=FLOOR.nofile,
         description="Open-file limit (RLIMIT_NOFILE).",
         json_schema_extra=_from_policy("limits.nofile"),
     )
     fsize_mb: int | None = Field(
         None,
-        ge=1,
+        ge=FLOOR.fsize_bytes // MIB,
         description="Largest file a task may write, MiB.",
         json_schema_extra=_from_policy("limits.fsize_mb"),
     )
     nproc: int | None = Field(
         None,
-        ge=64,
+        ge=FLOOR.nproc,
         description=(
             "RLIMIT_NPROC backstop. It counts every process of the task uid on the host, "
             "so it must exceed pids_limit x concurrency; the pids cgroup is the real limit."
         ),
         json_schema_extra=_from_policy("limits.nproc"),
+    )
+    code_bytes: int | None = Field(
+        None,
+        ge=FLOOR.code_bytes,
+        description="Largest task code the runner accepts, UTF-8 bytes; larger code is "
+        "refused (code_too_large) before it is parsed.",
+        json_schema_extra=_from_policy("limits.code_bytes"),
     )
     max_print_calls: int = Field(100, ge=0, description="Print calls kept per task.")
 

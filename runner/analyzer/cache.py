@@ -3,6 +3,9 @@
 Owns: :class:`Verdict` (what the analyzer concluded about one task's code) and
 :class:`Analyzer` (the core's checks behind an LRU cache, like n8n's validation
 cache: at most 500 entries keyed by the code's sha256 and the import policy).
+:meth:`Analyzer.check` analyzes in the calling thread; the runner's pipeline sends
+all but tiny code to worker processes instead (:mod:`runner.analyzer.pool`), through
+:meth:`Analyzer.lookup` and :meth:`Analyzer.store`, so the cache stays in the runner.
 
 Must not import: pydantic, asyncio, docker, or anything of the sandbox. The core
 (:mod:`runner.analyzer.core`) stays standard-library only; this module is the
@@ -37,14 +40,17 @@ class Verdict:
 
     ``syntax_error`` is ``str(SyntaxError)`` exactly as n8n sends it (for example
     ``"'[' was never closed (<unknown>, line 1)"``); ``violations`` are empty then.
+    ``limit_exceeded`` says why the analysis itself was stopped (its worker ran out of
+    CPU time or memory, or died): the code is refused without a verdict on its content.
     """
 
     violations: tuple[Violation, ...] = ()
     syntax_error: str | None = None
+    limit_exceeded: str | None = None
 
     @property
     def is_allowed(self) -> bool:
-        return not self.violations and self.syntax_error is None
+        return not self.violations and self.syntax_error is None and self.limit_exceeded is None
 
     @property
     def description(self) -> str:
@@ -85,6 +91,16 @@ class Analyzer:
         return self._policy
 
     def check(self, code: str) -> Verdict:
+        """The verdict on ``code``: cached, or analyzed here (in the calling thread)."""
+        cached = self.lookup(code)
+        if cached is not None:
+            return cached
+        verdict = self._analyze(code)
+        self.store(code, verdict)
+        return verdict
+
+    def lookup(self, code: str) -> Verdict | None:
+        """The cached verdict (a hit), or ``None`` (a miss: analyze, then :meth:`store`)."""
         if self._policy.allows_everything:
             return ALLOWED  # n8n's exemption: nothing to analyze, nothing to cache
         key = cache_key(code, self._policy)
@@ -95,13 +111,16 @@ class Analyzer:
                 self._hits += 1
                 return cached
             self._misses += 1
-        verdict = self._analyze(code)
+        return None
+
+    def store(self, code: str, verdict: Verdict) -> None:
+        """Remember a verdict reached elsewhere (an analysis worker)."""
+        key = cache_key(code, self._policy)
         with self._lock:
             self._cache[key] = verdict
             self._cache.move_to_end(key)
             while len(self._cache) > self._maxsize:
                 self._cache.popitem(last=False)
-        return verdict
 
     def cache_info(self) -> CacheInfo:
         with self._lock:

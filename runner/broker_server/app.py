@@ -47,7 +47,7 @@ from runner.broker_server.core import (
 from runner.broker_server.tokens import GrantTokens, same_secret
 from runner.metrics import CONTENT_TYPE, CollectorRegistry, exposition
 from runner.protocol.codec import ProtocolError, decode_runner_message, encode
-from runner.sandbox.base import Mode
+from runner.sandbox.base import MAXIMUM_CODE_BYTES, MIB, MINIMUM_LIMITS, Mode
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,12 @@ class TaskCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    code: str = Field(description="Python function body; use `return` for the result.")
+    # Field bounds: the floors of every limit (runner.sandbox.base.MINIMUM_LIMITS: a
+    # limit that rounds to nothing is no limit) and the most code any policy accepts.
+    code: str = Field(
+        max_length=MAXIMUM_CODE_BYTES,
+        description="Python function body; use `return` for the result.",
+    )
     items: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Input items: n8n items ({'json': {...}}) or plain objects (wrapped).",
@@ -90,9 +95,9 @@ class TaskCreate(BaseModel):
     )
     continue_on_fail: bool = Field(False, alias="continueOnFail")
     query: Any = Field(None, description="Exposed to all-items code as `_query`.")
-    timeout_seconds: float | None = Field(None, gt=0, alias="timeoutSeconds")
-    memory_mb: int | None = Field(None, ge=16, alias="memoryMb")
-    cpus: float | None = Field(None, gt=0)
+    timeout_seconds: float | None = Field(None, ge=MINIMUM_LIMITS.timeout_s, alias="timeoutSeconds")
+    memory_mb: int | None = Field(None, ge=MINIMUM_LIMITS.memory_bytes // MIB, alias="memoryMb")
+    cpus: float | None = Field(None, ge=MINIMUM_LIMITS.cpus)
     input_schema: dict[str, Any] | None = Field(
         None, alias="inputSchema", description="JSON Schema every item's `json` must match."
     )

@@ -12,7 +12,7 @@ subprocess, fakes) import this, not the other way round.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -61,6 +61,8 @@ class Outcome(StrEnum):
     SUCCESS = "success"
     SECURITY_VIOLATION = "security_violation"
     SYNTAX_ERROR = "syntax_error"
+    CODE_TOO_LARGE = "code_too_large"
+    ANALYSIS_LIMIT = "analysis_limit_exceeded"
     USER_ERROR = "user_error"
     PROCESS_EXIT = "process_exit"
     TIMEOUT = "timeout"
@@ -76,9 +78,19 @@ class Outcome(StrEnum):
         return self is Outcome.SUCCESS
 
 
+NANOS_PER_CPU = 1_000_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Resource limits of one task container. Bytes and seconds, units in the names."""
+    """Resource limits of one task container. Bytes and seconds, units in the names.
+
+    A value below :data:`MINIMUM_LIMITS` does not mean "a smaller limit" to every
+    engine: ``NanoCpus`` 0 is *no* CPU limit, a tmpfs ``size=0`` is an unbounded one.
+    Every place a limit enters (policy bundle, settings, the broker's per-task
+    request, the HTTP API, the pipeline) refuses such a value; :meth:`below_minimum`
+    names the offenders.
+    """
 
     timeout_s: float = 60.0
     memory_bytes: int = 256 * MIB
@@ -89,19 +101,65 @@ class Limits:
     nofile: int = 256
     fsize_bytes: int = 16 * MIB
     nproc: int = 4096
+    # Largest task code the runner will parse (UTF-8 bytes): parsing costs the runner
+    # ~3 us of CPU and ~500 bytes of memory per byte of code (policies/README.md 3.1).
+    code_bytes: int = 256 * 1024
+
+    @property
+    def nano_cpus(self) -> int:
+        """The CPU quota as Docker's ``NanoCpus``: rounded, never 0 (0 means unlimited).
+
+        ``int(1e-10 * 1e9)`` is 0, and Docker reads a zero ``NanoCpus`` as "no limit";
+        1 instead is refused by the daemon (its minimum is 0.01 CPU): fail closed.
+        """
+        return max(1, round(self.cpus * NANOS_PER_CPU))
+
+    def below_minimum(self) -> list[str]:
+        """``"name value < minimum"`` for every field under :data:`MINIMUM_LIMITS`."""
+        names = [item.name for item in fields(self)]
+        return [
+            f"{name} {getattr(self, name):g} < {getattr(MINIMUM_LIMITS, name):g}"
+            for name in names
+            if getattr(self, name) < getattr(MINIMUM_LIMITS, name)
+        ]
 
     def as_audit(self) -> dict[str, float | int]:
         return {
             "timeoutSeconds": self.timeout_s,
             "memoryBytes": self.memory_bytes,
             "cpus": self.cpus,
+            # What the engine was asked to enforce, not only what was requested.
+            "nanoCpus": self.nano_cpus,
             "pids": self.pids,
             "tmpfsBytes": self.tmpfs_bytes,
             "outputBytes": self.output_bytes,
             "nofile": self.nofile,
             "fsizeBytes": self.fsize_bytes,
             "nproc": self.nproc,
+            "codeBytes": self.code_bytes,
         }
+
+
+#: The least each limit may be, in :class:`Limits` units. These live in code, not in
+#: the policy bundle, so that a bundle cannot lower its own floor. Each is explained
+#: (and was measured) in policies/README.md section 3.1.
+MINIMUM_LIMITS = Limits(
+    timeout_s=1.0,  # a container does not even start faster than this
+    memory_bytes=16 * MIB,  # Docker's minimum is 6 MiB; the agent and a trivial task need ~12
+    cpus=0.01,  # Docker's minimum (1 ms of CFS quota per 100 ms period); below it 0 = unlimited
+    pids=8,  # tini, the agent and the task child, with room to spare (3 is the measured floor)
+    tmpfs_bytes=1 * MIB,  # a tmpfs size of 0 is an *unbounded* tmpfs
+    output_bytes=4096,  # room for an error envelope
+    nofile=32,  # runc itself needs ~11 descriptors to start the container
+    fsize_bytes=1 * MIB,
+    nproc=64,
+    code_bytes=1024,
+)
+
+#: The most any bundle may let a task's code be, in bytes (lint rule
+#: ``limits.above-maximum``): parsing 4 MiB already costs an analysis worker ~12 s of
+#: CPU and ~2 GiB of memory.
+MAXIMUM_CODE_BYTES = 4 * MIB
 
 
 @dataclass(frozen=True, slots=True)

@@ -735,7 +735,7 @@ class DockerSandbox:
             security_opt=self._isolation.security_opt(),
             mem_limit=limits.memory_bytes,
             memswap_limit=limits.memory_bytes,  # no swap: memory means memory
-            nano_cpus=int(limits.cpus * 1e9),
+            nano_cpus=limits.nano_cpus,  # rounded, never 0 (0 would mean unlimited)
             pids_limit=limits.pids,
             ulimits=[
                 Ulimit(name="nofile", soft=limits.nofile, hard=limits.nofile),

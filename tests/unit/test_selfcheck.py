@@ -63,6 +63,12 @@ def good_facts(policy: EffectivePolicy) -> dict[str, Any]:
         "root_write": "EROFS",
         "threads_started": limits.pids - 3,
         "thread_refused": "RuntimeError: can't start new thread",
+        # Docker: quota = NanoCpus * period / 1e9 (1 CPU: 100000 us per 100000 us).
+        "cpu": {
+            "cgroup": "v1",
+            "quota": str(limits.nano_cpus * 100_000 // 1_000_000_000),
+            "period": "100000",
+        },
     }
 
 
@@ -128,6 +134,11 @@ def _set(facts: dict[str, Any], key: str, value: Any) -> None:
         ("memory-limit", "memory_limit", "9223372036854771712"),  # no limit
         ("pids-limit", "pids_max", "max"),
         ("pids-limit", "thread_refused", None),
+        ("cpu-limit", "cpu.quota", "-1"),  # v1: unlimited (what cpus 1e-10 gave)
+        ("cpu-limit", "cpu.quota", "max"),  # v2: unlimited
+        ("cpu-limit", "cpu.quota", "50000"),  # half the policy's quota
+        ("cpu-limit", "cpu.quota", None),  # unreadable
+        ("cpu-limit", "cpu", None),  # an older canary, no CPU facts at all
     ],
 )
 def test_each_guarantee_fails_on_its_own_fact(
@@ -138,6 +149,25 @@ def test_each_guarantee_fails_on_its_own_fact(
     results = evaluate(CanaryOutcome(Outcome.SUCCESS, facts), OOM, policy, apparmor_profile=None)
     failed = {name for name, status in statuses(results).items() if status is Status.FAIL}
     assert failed == {guarantee}
+
+
+def test_cpu_limit_reads_cgroup_v2_too(policy: EffectivePolicy) -> None:
+    facts = good_facts(policy)
+    quota = policy.canary_limits().nano_cpus * 100_000 // 1_000_000_000
+    facts["cpu"] = {"cgroup": "v2", "quota": str(quota), "period": "100000"}
+    results = evaluate(CanaryOutcome(Outcome.SUCCESS, facts), OOM, policy, apparmor_profile=None)
+    cpu = next(result for result in results if result.name == "cpu-limit")
+    assert cpu.status is Status.PASS
+    assert cpu.required
+    assert f"cgroup v2: CFS quota {quota} us per 100000 us" in cpu.detail
+
+
+def test_the_facts_canary_detects_the_cgroup_version_at_run_time() -> None:
+    # Both layouts are in the canary; which one is read is decided inside the container.
+    assert '"/sys/fs/cgroup/cgroup.controllers"' in FACTS_CANARY
+    assert "cpu.max" in FACTS_CANARY
+    assert "cpu.cfs_quota_us" in FACTS_CANARY
+    assert "cpu.cfs_period_us" in FACTS_CANARY
 
 
 def test_memory_limit_fails_when_the_memory_canary_is_not_killed(

@@ -173,6 +173,13 @@ _NAME_MANGLED = (
 _DYNAMIC_IMPORT = "Dynamic __import__() calls are not allowed for security reasons."
 _MATCH_ATTRIBUTE = "Match pattern extracting attribute '{}' is disallowed, " + _BYPASS
 _MATCH_POSITIONAL = "Positional match patterns are disallowed for security reasons."
+# Ours, not n8n's (its 2.27.4 lets ``random._os`` through): an allowlisted module must
+# not hand out what the allowlist refuses. Private names of what an import bound are
+# where modules keep their own imports (``random._os``, ``json.decoder._json``).
+_PRIVATE_ATTRIBUTE = (
+    "Access to private attribute '{}' of imported name '{}' is disallowed, " + _BYPASS
+)
+_PRIVATE_IMPORT = "Import of private name '{}' from '{}' is disallowed, " + _BYPASS
 _GLOBAL_NAME = "Global declaration of '{}' is disallowed, " + _BYPASS
 _FUNCTION_NAME = "Function named '{}' is disallowed, " + _BYPASS
 _CLASS_NAME = "Class named '{}' is disallowed, " + _BYPASS
@@ -378,6 +385,34 @@ def _fold_concatenations(nodes: list[ast.AST]) -> tuple[dict[ast.AST, str], ast.
     return folded, None
 
 
+def _is_private(name: str) -> bool:
+    """``_name`` but not ``__dunder__`` (dunders have their own list: BLOCKED_ATTRIBUTES)."""
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _imported_names(nodes: list[ast.AST]) -> frozenset[str]:
+    """Every name an ``import`` binds anywhere in the task (``import a.b`` binds ``a``).
+
+    Scopes are not tracked: a name imported anywhere counts everywhere, which can only
+    refuse more (a later ``random = 5`` still counts as the module).
+    """
+    names: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names.update(alias.asname or alias.name.split(".", 1)[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.update(alias.asname or alias.name for alias in node.names if alias.name != "*")
+    return frozenset(names)
+
+
+def _chain_root(node: ast.Attribute) -> str | None:
+    """``a`` of ``a.b.c`` (a dotted chain of names), else ``None`` (``f().x``)."""
+    value = node.value
+    while isinstance(value, ast.Attribute):
+        value = value.value
+    return value.id if isinstance(value, ast.Name) else None
+
+
 def _literal(node: ast.AST, folded: dict[ast.AST, str]) -> str | None:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
@@ -392,6 +427,7 @@ class _Checker:
         self._checked_modules: set[str] = set()
         self._called_attributes: set[ast.AST] = set()
         self._folded: dict[ast.AST, str] = {}
+        self._imported: frozenset[str] = frozenset()
         self.violations: list[Violation] = []
         self._checks: dict[type[ast.AST], Callable[[Any], None]] = {
             ast.Import: self._import,
@@ -413,6 +449,7 @@ class _Checker:
 
     def run(self, tree: ast.AST) -> None:
         nodes = _walk(tree)
+        self._imported = _imported_names(nodes)
         self._folded, stopped_at = _fold_concatenations(nodes)
         if stopped_at is not None:
             self._add(getattr(stopped_at, "lineno", 1), _CONCATENATION_TOO_LARGE)
@@ -463,8 +500,10 @@ class _Checker:
         elif node.module:
             self._check_module(node.module, node.lineno)
         for alias in node.names:
-            if not self._check_binding(alias.asname, node.lineno):
-                self._check_binding(alias.name, node.lineno)
+            if self._check_binding(alias.asname, node.lineno):
+                continue
+            if not self._check_binding(alias.name, node.lineno) and _is_private(alias.name):
+                self._add(node.lineno, _PRIVATE_IMPORT.format(alias.name, node.module or "."))
 
     # names and attributes
 
@@ -482,6 +521,10 @@ class _Checker:
             self._add(node.lineno, _BARE_FORMAT.format(attr))
         if attr.startswith("_") and "__" in attr and attr.split("__", 1)[0].startswith("_"):
             self._add(node.lineno, _NAME_MANGLED)
+        elif _is_private(attr):
+            root = _chain_root(node)
+            if root is not None and root in self._imported:
+                self._add(node.lineno, _PRIVATE_ATTRIBUTE.format(attr, root))
 
     def _call(self, node: ast.Call) -> None:
         func = node.func

@@ -594,6 +594,82 @@ def test_no_false_positives(code: str) -> None:
     assert messages(code, JSON) == []
 
 
+# -- private attributes of imported names (ours: n8n 2.27.4 lets random._os through) ---
+
+STDLIB = ImportPolicy(
+    frozenset({"random", "json", "collections", "datetime", "re", "typing", "enum", "uuid"})
+)
+PRIVATE = "Access to private attribute '{}' of imported name '{}' is disallowed, " + BYPASS
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        pytest.param(
+            "import random\nreturn random._os.getpid()",
+            [f"Line 2: {PRIVATE.format('_os', 'random')}"],
+            id="random-_os",
+        ),
+        pytest.param(
+            "import random as r\nx = r._inst",
+            [f"Line 2: {PRIVATE.format('_inst', 'r')}"],
+            id="alias",
+        ),
+        pytest.param(
+            "import json.decoder\nx = json.decoder._json",
+            [f"Line 2: {PRIVATE.format('_json', 'json')}"],
+            id="down-a-dotted-chain",
+        ),
+        pytest.param(
+            "from json import decoder\nx = decoder.c_scanstring._x",
+            [f"Line 2: {PRIVATE.format('_x', 'decoder')}"],
+            id="from-import-binding",
+        ),
+        pytest.param(
+            "from random import _os",
+            ["Line 1: Import of private name '_os' from 'random' is disallowed, " + BYPASS],
+            id="from-import-private",
+        ),
+        pytest.param(
+            "def f():\n    import random\n    return random._os\nreturn f()",
+            [f"Line 3: {PRIVATE.format('_os', 'random')}"],
+            id="inside-a-function",
+        ),
+        pytest.param(
+            "import random\nx = random._Random__x",
+            [
+                "Line 2: Access to name-mangled attributes (pattern: _ClassName__attr) is "
+                "disallowed for security reasons."
+            ],
+            id="mangled-reported-once",
+        ),
+    ],
+)
+def test_private_attributes_of_imported_names(code: str, expected: list[str]) -> None:
+    assert messages(code, STDLIB) == expected
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        pytest.param("import datetime\nreturn datetime.datetime.now().year", id="datetime"),
+        pytest.param("import collections.abc\nx = collections.abc.Mapping", id="abc"),
+        pytest.param("from collections import abc\nx = abc.Mapping", id="from-abc"),
+        pytest.param("import json\nx = json.decoder.JSONDecodeError", id="json-decoder"),
+        pytest.param("import re\nx = re.Match", id="re-match"),
+        pytest.param("import random\nx = random.Random(1)", id="random-random"),
+        pytest.param("import random\nx = random.Random(1)._randbelow(5)", id="on-a-call"),
+        pytest.param("import typing\nx = typing.List[int]", id="typing"),
+        pytest.param("import enum\nx = enum.Enum", id="enum"),
+        pytest.param("import random\nx = random.__name__", id="dunder-name"),
+        pytest.param("x = y._private", id="not-imported"),
+        pytest.param("import json\nx = _items[0]._private", id="other-root"),
+    ],
+)
+def test_public_attributes_of_imported_names_are_fine(code: str) -> None:
+    assert messages(code, STDLIB) == []
+
+
 # -- the n8n proof of concept (references 10.1 and 11) ---------------------------------
 
 POC = """global __builtins__

@@ -805,6 +805,111 @@ EXECUTIONS = [
 ]
 
 
+# Allowlisted modules must not hand out what the allowlist refuses (the proxy layer;
+# `execute` runs no static analysis, so these reach the runtime guards).
+PRIVATE_OF = (
+    "Access to private attribute '{}' of module '{}' is disallowed, because it can be "
+    "used to bypass security restrictions."
+)
+STDLIB_DISALLOWED = (
+    "Import of standard library module '{}' is disallowed. Allowed stdlib modules: {}"
+)
+LEGITIMATE = """
+import collections.abc
+import collections.abc as cabc
+import datetime, enum, json, random, re, typing
+from collections import abc
+from json import decoder
+return [
+    isinstance({}, collections.abc.Mapping) and cabc.Mapping is abc.Mapping,
+    datetime.datetime(2024, 1, 2).isoformat(),
+    str(datetime.datetime.strptime("2024-01-02", "%Y-%m-%d").date()),
+    decoder.JSONDecodeError is json.JSONDecodeError,
+    json.loads("[1]"),
+    isinstance(re.match("a", "a"), re.Match),
+    random.Random(1).randint(1, 6) == random.Random(1).randint(1, 6),
+    repr(typing.List[int]),
+    enum.Enum("Color", "RED GREEN").GREEN.value,
+    json.__name__,
+    repr(random).startswith("<module 'random'"),
+    re.enum.Enum is enum.Enum,
+]
+"""
+LEGITIMATE_STDLIB = ("collections", "datetime", "enum", "json", "random", "re", "typing")
+
+EXECUTIONS += [
+    pytest.param(
+        "import random\nr = random\nreturn r._os.getpid()",
+        {"stdlib": ("random",)},
+        {"error": violation(PRIVATE_OF.format("_os", "random"))},
+        id="proxy-refuses-a-private-name",
+    ),
+    pytest.param(
+        "import uuid\nreturn uuid.os.getpid()",
+        {"stdlib": ("uuid",)},
+        {"error": violation(STDLIB_DISALLOWED.format("os", "uuid"))},
+        id="proxy-refuses-a-public-module-not-allowed",
+    ),
+    pytest.param(
+        "import re\nreturn re.enum.sys.modules['os']",
+        {"stdlib": ("enum", "re")},
+        {"error": violation(STDLIB_DISALLOWED.format("sys", "enum, re"))},
+        id="proxy-refuses-down-a-chain-of-allowed-modules",
+    ),
+    pytest.param(
+        "import enum\nreturn enum.bltns.eval('1')",
+        {"stdlib": ("enum",)},
+        {"error": violation(STDLIB_DISALLOWED.format("builtins", "enum"))},
+        id="proxy-refuses-the-real-builtins",
+    ),
+    pytest.param(
+        "import random\ntry:\n    random.__dict__\nexcept AttributeError as e:\n    return str(e)",
+        {"stdlib": ("random",)},
+        {"result": "module 'random' has no attribute '__dict__'"},
+        id="proxy-hides-the-module-dict",
+    ),
+    pytest.param(
+        "import json\ntry:\n    json.dumps = None\nexcept AttributeError as e:\n    return str(e)",
+        {"stdlib": ("json",)},
+        {"result": "modules are read-only for task code"},
+        id="proxy-is-read-only",
+    ),
+    pytest.param(
+        "import string\nimport random\nreturn string.Formatter().get_field('0._os', (random,), {})",
+        {"stdlib": ("random", "string")},
+        {"error": violation(PRIVATE_OF.format("_os", "random"))},
+        id="proxy-holds-for-a-format-field-too",
+    ),
+    pytest.param(
+        LEGITIMATE,
+        {"stdlib": LEGITIMATE_STDLIB},
+        {
+            "result": [
+                True,
+                "2024-01-02T00:00:00",
+                "2024-01-02",
+                True,
+                [1],
+                True,
+                True,
+                "typing.List[int]",
+                2,
+                "json",
+                True,
+                True,
+            ]
+        },
+        id="proxy-keeps-what-legitimate-code-needs",
+    ),
+    pytest.param(
+        "import random\nreturn random._os.name",
+        {"stdlib": ("*",), "external": ("*",)},
+        {"result": "posix"},
+        id="no-proxy-when-everything-is-allowed",
+    ),
+]
+
+
 @pytest.mark.parametrize(("code", "options", "expected"), EXECUTIONS)
 def test_execution_after_hardening(
     agent_path: Path, code: str, options: dict[str, Any], expected: dict[str, Any]

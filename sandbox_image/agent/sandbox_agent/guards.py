@@ -2,16 +2,22 @@
 
 Owns (reference 5.7, 6.4, 6.5): the filtered, read-only builtins; the guarded
 ``__import__`` and the ``importlib`` entry points; the purge of ``sys.modules``;
+the read-only module proxies task code gets instead of the modules it imports;
 the capturing ``print``; the safe-format entry the format rewrite calls; and the
 hardened callables that carry them.
 
 All of this is a speed bump, not a wall. An in-process denylist over CPython
-cannot be complete: any allowlisted module that holds ``sys`` or ``os`` (``re``
-reaches ``sys`` through ``enum``, ``random`` has ``_os``) hands over everything.
-The guards exist so that n8n users get n8n's behaviour and error texts, and so
-that the casual and the scripted attempts fail early and loudly. The container
-around the task (no network, read-only root, seccomp, caps dropped, limits) is
-the wall.
+cannot be complete. But an allowlisted module must not hand out a module that is
+not allowlisted: ``random._os``, ``uuid.os``, ``re.enum.sys``, ``enum.bltns`` and
+``dataclasses.inspect`` all did (n8n's runner has the same hole). Task code
+therefore gets a :class:`ModuleProxy` for every module it imports: private names
+are refused, and a module found on it passes the import allowlist or is refused
+(an allowlisted one comes back as a proxy too). The static analyzer refuses
+``random._os`` before the task runs; the proxy catches what it cannot see
+(``r = random; r._os`` is still refused, here). The guards exist so that n8n users
+get n8n's behaviour and error texts, and so that the casual and the scripted
+attempts fail early and loudly. The container around the task (no network,
+read-only root, seccomp, caps dropped, limits) is the wall.
 
 Standard library only. The analyzer core is imported as ``.analyzer_core``: it is
 ``runner/analyzer/core.py``, copied next to this file when the image is built.
@@ -25,6 +31,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, NoReturn
 
@@ -177,9 +184,14 @@ class ImportGuard(_Hardened):
     itself is checked, and refused: fail closed. The original receives the same
     arguments, except that a ``str`` subclass in the name or the anchor is replaced
     by a plain copy, so the check and the import see the same text.
+
+    With ``proxy_modules`` (the task's own ``__import__``) the module comes back as a
+    :class:`ModuleProxy`, unless the policy allows everything (n8n's exemption: no
+    speed bumps at all) or it is a runtime helper imported for C code. The
+    ``importlib`` entry points hand library code the real modules.
     """
 
-    __slots__ = ("_helpers", "_original", "_policy")
+    __slots__ = ("_helpers", "_original", "_policy", "_proxy_modules")
     _display_name = "__import__"
     _wraps_an_import: ClassVar[bool] = True
 
@@ -189,6 +201,7 @@ class ImportGuard(_Hardened):
         original: Callable[..., Any],
         *,
         allow_runtime_helpers: bool = False,
+        proxy_modules: bool = False,
     ) -> None:
         helpers = frozenset(
             helper
@@ -198,16 +211,110 @@ class ImportGuard(_Hardened):
         object.__setattr__(self, "_policy", policy)
         object.__setattr__(self, "_original", _unwrap_import(original))
         object.__setattr__(self, "_helpers", helpers if allow_runtime_helpers else frozenset())
+        object.__setattr__(self, "_proxy_modules", proxy_modules and not policy.allows_everything)
 
     def __call__(self, name: object, *args: Any, **kwargs: Any) -> Any:
         module = _exact_str(name)
         if module is None:
             raise TypeError(f"module name must be str, not {type(name).__name__}")
         args, kwargs, target = _import_target(module, args, kwargs)
-        error = import_error(target, object.__getattribute__(self, "_policy"))
-        if error is not None and target not in object.__getattribute__(self, "_helpers"):
-            raise SecurityViolation(error)
-        return object.__getattribute__(self, "_original")(module, *args, **kwargs)
+        policy = object.__getattribute__(self, "_policy")
+        error = import_error(target, policy)
+        if error is not None:
+            if target not in object.__getattribute__(self, "_helpers"):
+                raise SecurityViolation(error)
+            return object.__getattribute__(self, "_original")(module, *args, **kwargs)
+        imported = object.__getattribute__(self, "_original")(module, *args, **kwargs)
+        if object.__getattribute__(self, "_proxy_modules") and isinstance(
+            imported, types.ModuleType
+        ):
+            return ModuleProxy(imported, policy)
+        return imported
+
+
+# Dunders of a module that hold what the allowlist refuses: every private name, the
+# real builtins (with the real ``__import__``), a loader that loads any module. A
+# module proxy reads them as missing; other dunders (``__name__``, ``__doc__``,
+# ``__all__``, ``__class__`` for isinstance) pass, through the same module check.
+_PROXY_HIDDEN_DUNDERS = frozenset(
+    {
+        "__dict__",
+        "__builtins__",
+        "__spec__",
+        "__loader__",
+        "__getattr__",
+        "__getattribute__",
+        "__setattr__",
+        "__delattr__",
+        "__dir__",
+        "__reduce__",
+        "__reduce_ex__",
+        "__getstate__",
+    }
+)
+_PRIVATE_ATTRIBUTE = (
+    "Access to private attribute '{}' of module '{}' is disallowed, because it can be "
+    "used to bypass security restrictions."
+)
+
+
+class ModuleProxy:
+    """A read-only view of an allowlisted module: what task code gets from ``import``.
+
+    An attribute read returns the module's attribute, except that a private name
+    (``_os``) is refused with a :class:`SecurityViolation`, a dunder of
+    :data:`_PROXY_HIDDEN_DUNDERS` reads as missing (``AttributeError``, so that
+    ``getattr(x, "__dict__", None)`` in library code behaves), and a value that is
+    a module passes the import allowlist first: an allowlisted one comes back as a
+    proxy too (``collections.abc``, ``json.decoder``, ``re.enum``), any other is
+    refused with the import check's own text (``uuid.os``, ``re.enum.sys``). Every
+    set or delete is refused. The module is held in a slot that no attribute read
+    reaches (its name is private). Values that are not modules come back as they are:
+    a function's ``__globals__`` is refused by the static analyzer (both on the host
+    and in the agent), not here.
+    """
+
+    __slots__ = ("_module", "_policy")
+
+    def __init__(self, module: types.ModuleType, policy: ImportPolicy) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_policy", policy)
+
+    def __getattribute__(self, name: str) -> Any:
+        module = object.__getattribute__(self, "_module")
+        text = _exact_str(name)
+        if text is None:
+            raise TypeError("attribute name must be str")
+        is_dunder = text.startswith("__") and text.endswith("__")
+        if text in _PROXY_HIDDEN_DUNDERS:
+            raise AttributeError(
+                f"module {module.__name__!r} has no attribute {str.__repr__(text)}", name=text
+            )
+        if text.startswith("_") and not is_dunder:
+            raise SecurityViolation(_PRIVATE_ATTRIBUTE.format(text, module.__name__))
+        value = getattr(module, text)
+        if isinstance(value, types.ModuleType):
+            return _proxy_of(value, object.__getattribute__(self, "_policy"))
+        return value
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError("modules are read-only for task code", name=name)
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError("modules are read-only for task code", name=name)
+
+    def __repr__(self) -> str:
+        return repr(object.__getattribute__(self, "_module"))
+
+
+def _proxy_of(module: types.ModuleType, policy: ImportPolicy) -> ModuleProxy:
+    """A proxy of a module found on another one, if the allowlist admits it."""
+    # The module's own name, not the path it was found on: ``uuid.os`` is ``os``.
+    name = _exact_str(getattr(module, "__name__", None)) or "?"
+    error = import_error(name, policy)
+    if error is not None:
+        raise SecurityViolation(error)
+    return ModuleProxy(module, policy)
 
 
 def _import_target(
@@ -518,7 +625,7 @@ def harden_process(policy: ImportPolicy) -> ImportGuard:
     purge_modules(policy)
     importlib.import_module = ImportGuard(policy, _REAL_IMPORT_MODULE)
     importlib.__import__ = ImportGuard(policy, _REAL_IMPORTLIB_IMPORT)
-    return ImportGuard(policy, _REAL_BUILTIN_IMPORT, allow_runtime_helpers=True)
+    return ImportGuard(policy, _REAL_BUILTIN_IMPORT, allow_runtime_helpers=True, proxy_modules=True)
 
 
 def make_globals(

@@ -1,6 +1,6 @@
 # title: see or signal another task's processes (the listener runs meanwhile)
 # threat: k.cross-task
-# expect default: success {"pid1": "tini", "foreign_processes": [], "kill_all": "only own pid namespace"}
+# expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: success {"pid1": "tini", "foreign_processes": [], "kill_all": "only own pid namespace"}
 # expect ablation: success {"pid1": "tini", "foreign_processes": [], "kill_all": "only own pid namespace"}
 # layers: pidns

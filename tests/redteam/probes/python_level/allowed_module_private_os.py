@@ -1,7 +1,7 @@
 # title: random._os: an allowed module hands over os itself (guards are speed bumps)
 # threat: py.dynamic-import
-# note: the default policy lets this through on purpose (random is allowed); the container holds and the environment is already empty
-# expect default: success {"uid": 10001, "environ": [], "proc1_environ": "EACCES", "etc_write": "EROFS"}
+# note: b3a21b2 let this through (random is allowed, and n8n's analyzer has the same hole); now the analyzer refuses private attributes of imported names, and the agent's module proxies refuse them again at run time (r = random; r._os). With guards off the container holds
+# expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: success {"uid": 10001, "environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "proc1_environ": "EACCES", "etc_write": "EROFS"}
 import random
 

@@ -1,7 +1,7 @@
 # title: the real builtins module from sys.modules (through re -> enum -> sys), then eval with them
 # threat: py.introspection
-# note: a full bypass of the speed bumps with the default policy: only the container stands
-# expect default: success {"uid": 10001, "environ": [], "proc1_environ": "EACCES", "etc_write": "EROFS"}
+# note: b3a21b2: a full bypass of the speed bumps with the default policy; now the module proxy refuses re.enum.sys (not on the allowlist). With guards off only the container stands
+# expect default: security_violation@run "Import of standard library module 'sys' is disallowed"
 # expect guards_off: success {"uid": 10001, "environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "proc1_environ": "EACCES", "etc_write": "EROFS"}
 import re
 

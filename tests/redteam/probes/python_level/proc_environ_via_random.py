@@ -1,6 +1,6 @@
 # title: /proc/self, the agent's and /proc/1/environ read through random._os (allowed module)
 # threat: py.secrets
-# expect default: success {"self": "EACCES", "agent": "EACCES", "proc1": "EACCES"}
+# expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: success {"self": "EACCES", "agent": "EACCES", "proc1": "EACCES"}
 # note: all three belong to root: tini is execute-only, the agent undumpable, the task forked from it
 import random

@@ -1,7 +1,7 @@
 # title: re -> enum -> sys -> sys.modules['os'] through allowed modules only
 # threat: py.dynamic-import
-# expect default: user_error@run "KeyError: 'os'"
-# note: with the guards on, sys.modules is purged of everything outside the allowlist
+# expect default: security_violation@run "Import of standard library module 'sys' is disallowed"
+# note: with the guards on, re.enum is a module proxy and sys is not on the allowlist: refused when it is read (b3a21b2 handed sys over and only the purged sys.modules stopped it)
 # expect guards_off: success {"uid": 10001, "environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "proc1_environ": "EACCES", "etc_write": "EROFS"}
 import re
 

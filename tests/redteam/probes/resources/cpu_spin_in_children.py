@@ -1,7 +1,7 @@
 # title: CPU spin in forked children in their own sessions (out of the task's process group)
 # threat: res.bombs
 # limits: {"timeout_s": 2}
-# expect default: timeout@run "Task execution timed out after 2 seconds"
+# expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: timeout@run "Task execution timed out after 2 seconds"
 import random
 

@@ -1,6 +1,6 @@
 # title: double-fork daemon in its own session that would outlive the task
 # threat: res.bombs
-# expect default: success {"returned_while_daemon_runs": true}
+# expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: success {"returned_while_daemon_runs": true}
 # note: the task returns at once; the daemon dies with its container (the suite checks no container of this runner is left)
 import random

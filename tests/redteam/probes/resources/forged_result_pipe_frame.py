@@ -1,6 +1,6 @@
 # title: a broken frame written straight onto the task's own result pipe (every fd from 3 up)
 # threat: res.disk-output
-# expect default: agent_protocol_error@result "Failed to read result from child process"
+# expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: agent_protocol_error@result "Failed to read result from child process"
 # note: the task can only spoil its own answer: the agent refuses the frame and says so; the runner serves on
 import random

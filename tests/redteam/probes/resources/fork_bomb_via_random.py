@@ -1,7 +1,7 @@
 # title: fork bomb through random._os.fork (an allowed module), guards on or off
 # threat: res.bombs
 # limits: {"pids": 32, "timeout_s": 20}
-# expect default: pids_limit_exceeded@run "Task hit the process limit (32 processes and threads)"
+# expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: pids_limit_exceeded@run "Task hit the process limit (32 processes and threads)"
 import random
 

@@ -1,7 +1,7 @@
 # title: inode exhaustion: empty files in /tmp until something stops it
 # threat: res.disk-output
 # limits: {"timeout_s": 30, "tmpfs_bytes": 1048576, "memory_bytes": 67108864}
-# expect default: memory_limit_exceeded@run "Task ran out of memory (limit 64 MiB)"
+# expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: memory_limit_exceeded@run "Task ran out of memory (limit 64 MiB)"
 # note: empty files cost no blocks, so the size cap never bites; their inodes are charged to the task's memory cgroup, which does
 import random

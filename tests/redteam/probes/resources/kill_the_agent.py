@@ -1,6 +1,6 @@
 # title: SIGKILL the agent (the task's parent) so that nothing reports a result
 # threat: res.lifecycle
-# expect default: crashed@run "Task container was killed by SIGKILL"
+# expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: crashed@run "Task container was killed by SIGKILL"
 # note: tini exits with its child's status, so the container ends as killed; no result is invented
 import random

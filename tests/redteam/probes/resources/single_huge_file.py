@@ -1,7 +1,7 @@
 # title: one file past RLIMIT_FSIZE
 # threat: res.disk-output
 # limits: {"tmpfs_bytes": 16777216, "fsize_bytes": 2097152}
-# expect default: success {"errno": "EFBIG", "written": 2097152}
+# expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: success {"errno": "EFBIG", "written": 2097152}
 import random
 

@@ -1,6 +1,6 @@
 # title: forged result frames on stdout, stderr, PID 1's stdout and the agent's stdout
 # threat: res.disk-output
-# expect default: success {"real": true, "pid1_stdout": "EACCES", "agent_stdout": "EACCES"}
+# expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: success {"real": true, "pid1_stdout": "EACCES", "agent_stdout": "EACCES"}
 import json
 import random

@@ -1,7 +1,7 @@
 # title: fill /tmp until the tmpfs cap
 # threat: res.disk-output
 # limits: {"tmpfs_bytes": 8388608, "fsize_bytes": 67108864}
-# expect default: success {"errno": "ENOSPC", "written_near_cap": true}
+# expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: success {"errno": "ENOSPC", "written_near_cap": true}
 import random
 

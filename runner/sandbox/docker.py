@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import select
 import socket
@@ -67,7 +68,7 @@ from runner.errors import (
 )
 from runner.sandbox.base import ExecutionResult, Limits, Outcome, Stage, TaskError, TaskSpec
 from runner.sandbox.envelope import encode_task, frame_complete
-from runner.sandbox.interpret import ProcessFacts, interpret
+from runner.sandbox.interpret import ProcessFacts, interpret, killed_before_report
 from runner.sandbox.pool import Miss, PoolConfig, Slot, WarmPool
 
 if TYPE_CHECKING:
@@ -289,6 +290,25 @@ class _Output:
     def has_frame(self) -> bool:
         """Has a whole length-prefixed frame arrived on stdout?"""
         return frame_complete(self.stdout)
+
+
+@dataclass(frozen=True, slots=True)
+class _ExitState:
+    """What the daemon recorded of an ended container; times are its clock (unix s)."""
+
+    oom_killed: bool
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+def _daemon_time(text: object) -> float | None:
+    """An RFC 3339 time of the daemon (nanoseconds cut to microseconds) as unix seconds."""
+    if not isinstance(text, str) or text.startswith("0001-"):
+        return None  # absent, or Go's zero time
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 class DockerSandbox:
@@ -514,6 +534,8 @@ class DockerSandbox:
         stdout = bytes(output.stdout)
         exit_code: int | None = None
         oom_killed = False
+        outside_kill: bool | None = None
+        max_print_calls = run.spec.guards.max_print_calls
         if output.early_result is not None:
             # A complete, valid, successful result: the exit code and the daemon's
             # view add nothing, so neither ``wait`` nor ``inspect`` is paid for.
@@ -535,29 +557,24 @@ class DockerSandbox:
                         stage=Stage.RUN.value,
                     ) from None
             facts_needed = output.timed_out or output.overflow
-            result = interpret(
-                stdout,
-                ProcessFacts(
-                    exit_code=exit_code,
-                    timed_out=output.timed_out,
-                    output_overflow=output.overflow,
-                    stderr_tail=output.stderr_tail.decode("utf-8", "replace"),
-                ),
-                run.limits,
+            facts = ProcessFacts(
+                exit_code=exit_code,
+                timed_out=output.timed_out,
+                output_overflow=output.overflow,
+                stderr_tail=output.stderr_tail.decode("utf-8", "replace"),
             )
+            result = interpret(stdout, facts, run.limits, max_print_calls=max_print_calls)
             if not result.outcome.is_success and not facts_needed:
-                # Only a failure needs the daemon's OOM verdict; success skips the call.
-                oom_killed = self._oom_killed(container.container_id)
-                if oom_killed:
-                    result = interpret(
-                        stdout,
-                        ProcessFacts(
-                            exit_code=exit_code,
-                            oom_killed=True,
-                            stderr_tail=output.stderr_tail.decode("utf-8", "replace"),
-                        ),
-                        run.limits,
-                    )
+                # Only a failure needs the daemon's view; success skips the calls. The
+                # daemon's OOM record, not the agent's stats, decides a memory verdict;
+                # its record of kills tells who ended a container that died unreported.
+                exit_state = self._exit_state(container.container_id)
+                oom_killed = exit_state.oom_killed
+                if killed_before_report(stdout, exit_code) and not oom_killed:
+                    outside_kill = self._outside_kill(container.container_id, exit_state)
+                if oom_killed or outside_kill is not None:
+                    facts = replace(facts, oom_killed=oom_killed, outside_kill=outside_kill)
+                    result = interpret(stdout, facts, run.limits, max_print_calls=max_print_calls)
         if run.spec.task_id in self._cancelled:
             self._cancelled.discard(run.spec.task_id)
             result = ExecutionResult(
@@ -577,6 +594,7 @@ class DockerSandbox:
                 "exitCode": exit_code,
                 "exitWaited": output.early_result is None,
                 "oomKilled": oom_killed,
+                "killedFromOutside": outside_kill,
                 "setupAttempts": container.attempts,
                 "stdoutBytes": len(stdout),
                 "stderrBytes": output.stderr_bytes,
@@ -781,7 +799,12 @@ class DockerSandbox:
                 ended = self._pump(sock, output, deadline, *caps, until_frame=True)
                 if not ended and output.has_frame():
                     facts = ProcessFacts(exit_code=None)
-                    early = interpret(bytes(output.stdout), facts, run.limits)
+                    early = interpret(
+                        bytes(output.stdout),
+                        facts,
+                        run.limits,
+                        max_print_calls=run.spec.guards.max_print_calls,
+                    )
                     if early.outcome.is_success:
                         output.early_result = early
                     else:
@@ -863,12 +886,59 @@ class DockerSandbox:
             log.warning("could not wait for container %s: %s", container_id[:12], exc)
             return None
 
-    def _oom_killed(self, container_id: str) -> bool:
+    def _exit_state(self, container_id: str) -> _ExitState:
+        """The daemon's record of the ended container: OOM kill, start and end (its clock)."""
         try:
             state = self._api.inspect_container(container_id)["State"]
-            return bool(state.get("OOMKilled"))
-        except (docker.errors.DockerException, requests.exceptions.RequestException):
-            return False
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            log.warning("could not inspect container %s: %s", container_id[:12], exc)
+            return _ExitState(oom_killed=False)
+        return _ExitState(
+            oom_killed=bool(state.get("OOMKilled")),
+            started_at=_daemon_time(state.get("StartedAt")),
+            finished_at=_daemon_time(state.get("FinishedAt")),
+        )
+
+    def _outside_kill(self, container_id: str, state: _ExitState) -> bool | None:
+        """Did the daemon kill the container for someone (True), surely not (False), or
+        cannot it be told (None)?
+
+        The task runs as the agent's uid and can kill the agent itself; only a kill
+        recorded by the daemon (``docker kill``/``stop``, a daemon shutdown) is from
+        outside. The daemon logs a kill under the container's lock before the exit is
+        processed, so its record of this container up to ``die`` holds every kill.
+        It keeps only its last 256 events (moby ``daemon/events``, oldest dropped
+        first): the record is complete only if it still holds this container's
+        ``start``. The window is the daemon's own clock (from inspect), so a skewed
+        host clock does not matter; reading stops at ``die``, and ``until`` bounds it.
+        """
+        if state.started_at is None or state.finished_at is None:
+            return None
+        started_seen = killed = False
+        try:
+            stream = self._api.events(
+                since=math.floor(state.started_at) - 1,
+                until=math.ceil(state.finished_at) + 1,
+                filters={"container": container_id},
+                decode=True,
+            )
+            try:
+                for event in stream:
+                    action = event.get("Action") or event.get("status")
+                    if action == "start":
+                        started_seen = True
+                    elif action == "kill":
+                        killed = True
+                    elif action == "die":
+                        break
+            finally:
+                stream.close()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            log.warning("could not read the events of container %s: %s", container_id[:12], exc)
+            return None
+        if killed:
+            return True
+        return False if started_seen else None
 
     # -- cleanup ------------------------------------------------------------------
 

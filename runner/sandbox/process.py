@@ -77,7 +77,7 @@ class ProcessSandbox:
             output_overflow=out_over or err_over,
             stderr_tail=stderr[-STDERR_TAIL_BYTES:].decode("utf-8", "replace"),
         )
-        result = interpret(stdout, facts, limits)
+        result = interpret(stdout, facts, limits, max_print_calls=spec.guards.max_print_calls)
         result.durations_ms["run"] = (time.monotonic() - started) * 1000
         return result
 

@@ -1,4 +1,5 @@
-"""A fake agent in a real task container: every way its result framing can be wrong.
+"""A fake agent in a real task container: every way its result framing can be wrong,
+and a hostile envelope the host must cap itself.
 
 The image is the task image with another entrypoint: a script that reads the task
 envelope like the agent, then writes what the task's ``code`` names instead of a
@@ -29,9 +30,12 @@ FAKE_AGENT = r"""
 import json, struct, sys, time
 header = sys.stdin.buffer.read(4)
 envelope = json.loads(sys.stdin.buffer.read(struct.unpack(">I", header)[0]))
-good = json.dumps({"version": 1, "status": "success", "result": 1}).encode()
+good = json.dumps({"version": 2, "status": "success", "result": 1}).encode()
 frame = struct.pack(">I", len(good)) + good
+# A hostile envelope: 300,000 empty print entries after a valid one (about 1 MB).
+flood = good + b"\n[]" * 300_000
 outputs = {
+    "print-flood": struct.pack(">I", len(flood)) + flood,
     "control": frame,
     "length-prefix-too-long": struct.pack(">I", len(good) + 10) + good,
     "length-prefix-4-gib": struct.pack(">I", 2**32 - 1) + good,
@@ -132,3 +136,17 @@ async def test_a_fake_agents_broken_framing_is_an_agent_protocol_error(
     assert report.audit["details"]["exitCode"] == 0
     container_id = report.audit["containerId"]
     assert docker_client.api.containers(all=True, filters={"id": container_id}) == []
+
+
+async def test_the_host_caps_a_hostile_envelopes_print_entries(
+    base_settings: Settings, fake_agent_image: str
+) -> None:
+    # Issue item 1, the runner's side: whatever the agent sends, the host keeps at
+    # most max-print-calls entries (100 by default) and counts the rest.
+    client = docker.from_env(timeout=60)
+    async with fake_pipeline(base_settings, client, fake_agent_image) as (pipeline, _):
+        report = await pipeline.run(request("print-flood"))
+    assert report.outcome is Outcome.SUCCESS, report.error
+    assert report.prints == [[]] * 100 + [["[Output truncated - 299900 more print statements]"]]
+    assert report.audit["details"]["printsReceived"] == 300_000
+    assert report.audit["details"]["printsDropped"] == 299_900

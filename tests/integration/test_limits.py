@@ -8,6 +8,7 @@ started, never what it enforces.
 from __future__ import annotations
 
 import functools
+import json
 
 import docker
 import pytest
@@ -82,6 +83,73 @@ except OSError as exc:
 SEGFAULT = """
 import os, signal
 os.kill(os.getpid(), signal.SIGSEGV)
+"""
+
+# Issue item 5: move into the agent's process group (so that killing the child's
+# group misses it), then spin past the timeout. The child now has a session of its
+# own, where joining another session's group is refused (EPERM); either way the
+# agent must end it and report the timeout itself.
+JOIN_AGENT_GROUP = """
+import os
+try:
+    os.setpgid(0, os.getpgid(os.getppid()))
+except OSError:
+    pass
+while True:
+    pass
+"""
+
+# Issue item 4: the task (same uid as the agent) kills its supervising agent.
+KILL_THE_AGENT = """
+import os, signal
+os.kill(os.getppid(), signal.SIGKILL)
+while True:
+    pass
+"""
+
+# Issue item 1: the task writes its own frame to the result pipe with 300,000 empty
+# print entries (about 1 MB).
+RESULT_PIPE_PRINT_FLOOD = """
+import os
+body = b'{"result": "flooded", "print_args": [' + b",".join([b"[]"] * 300_000) + b"]}"
+for fd in range(3, 64):
+    try:
+        os.write(fd, len(body).to_bytes(4, "big") + body)
+    except OSError:
+        pass
+return "never seen"  # the agent reads the first complete frame: the one above
+"""
+
+# Run inside a task container under tini, as the agent is: processes that left the
+# child's process group (a session of their own, a group of their own, the caller's
+# group) all die from one ``stop_task_processes``; the caller and tini do not.
+KILL_EVERY_TASK_PROCESS = r"""
+import json, os, sys, time
+sys.path.insert(0, "/opt/sandbox-agent")
+from sandbox_agent.agent import stop_task_processes
+pids = []
+for how in ("session", "group", "callers-group"):
+    pid = os.fork()
+    if pid == 0:
+        if how == "session":
+            os.setsid()
+        elif how == "group":
+            os.setpgid(0, 0)
+        while True:
+            time.sleep(1)
+    pids.append(pid)
+time.sleep(0.3)
+stop_task_processes(pids[0], own_pid_namespace=True)
+killed = {}
+deadline = time.monotonic() + 10
+for pid in pids:
+    while True:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+        if reaped or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    killed[pid] = bool(reaped) and os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9
+print(json.dumps({"killed": list(killed.values()), "caller": os.getpid(), "parent": os.getppid()}))
 """
 
 
@@ -167,6 +235,8 @@ async def test_print_flood_ends_in_output_limit(
     assert report.outcome is Outcome.OUTPUT_LIMIT, report.document()
     assert report.error is not None
     assert "output limit of 1048576 bytes" in report.error.message
+    # The agent counted the bytes on the result pipe: its verdict, not the child's word.
+    assert report.audit["details"]["verdictSource"] == "agent:output_cap"
     # What was captured before the limit is kept, with n8n's truncation marker.
     assert len(report.prints) == 101
     assert report.prints[-1][0].startswith("[Output truncated - ")
@@ -221,3 +291,60 @@ async def test_crash_by_signal_is_reported_as_a_crash(
     assert '<all_items_task_execution>", line 3' in report.error.description
     assert "sandbox_agent" not in report.error.description
     assert_clean(docker_client, report, start)
+
+
+async def test_a_task_in_the_agents_process_group_is_timed_out_by_the_agent(
+    pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
+) -> None:
+    async with pipeline_for(guards_off=True, task_timeout_s=2) as pipeline:
+        report = await pipeline.run(request(JOIN_AGENT_GROUP))
+    assert report.outcome is Outcome.TIMEOUT, report.document()
+    details = report.audit["details"]
+    # The agent's envelope said so (not the host's deadline, 5 s later, which kills
+    # the container): a container that exited by itself, and the verdict's source.
+    assert details["exitCode"] == 0, details
+    assert details.get("verdictSource") == "agent:deadline", details
+    assert details["childExitCode"] == -9
+    assert_clean(docker_client, report, start)
+
+
+async def test_a_task_that_kills_its_agent_is_blamed_not_an_outside_stop(
+    pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
+) -> None:
+    async with pipeline_for(guards_off=True) as pipeline:
+        report = await pipeline.run(request(KILL_THE_AGENT))
+    assert report.outcome is Outcome.CRASHED, report.document()
+    assert report.error is not None
+    assert report.error.message == "Task killed its supervising agent (SIGKILL)"
+    details = report.audit["details"]
+    assert details["exitCode"] == 137
+    # The daemon's record covers the container's life and holds no kill.
+    assert details["killedFromOutside"] is False
+    assert_clean(docker_client, report, start)
+
+
+async def test_a_print_flood_on_the_result_pipe_keeps_max_print_calls(
+    pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
+) -> None:
+    async with pipeline_for(guards_off=True) as pipeline:
+        report = await pipeline.run(request(RESULT_PIPE_PRINT_FLOOD))
+    assert report.outcome is Outcome.SUCCESS, report.document()
+    assert report.result == "flooded"
+    assert report.prints == [[]] * 100 + [["[Output truncated - 299900 more print statements]"]]
+    assert report.audit["details"]["agentPrintsDropped"] == 299_900
+    assert_clean(docker_client, report, start)
+
+
+def test_the_agents_kill_reaches_every_task_process_but_itself_and_tini(
+    docker_client: docker.DockerClient, task_image: str
+) -> None:
+    output = docker_client.containers.run(
+        task_image,
+        entrypoint=["tini", "--", "python3", "-I", "-B", "-c", KILL_EVERY_TASK_PROCESS],
+        user="10001:10001",
+        network_mode="none",
+        remove=True,
+    )
+    seen = json.loads(output)
+    assert seen["killed"] == [True, True, True], seen
+    assert seen["parent"] == 1  # tini, still there: it reaped nothing of ours early

@@ -7,6 +7,7 @@ exception, never a hang (each example has a deadline; the module a timeout).
 from __future__ import annotations
 
 import json
+import re
 import struct
 from typing import Any
 
@@ -28,7 +29,7 @@ from runner.protocol.messages import (
     TaskSettingsMessage,
 )
 from runner.sandbox.base import ExecutionResult, Limits, Outcome, Stage
-from runner.sandbox.envelope import HEADER, decode_result
+from runner.sandbox.envelope import HEADER, PrintCaps, decode_result
 from runner.sandbox.interpret import ProcessFacts, interpret
 
 pytestmark = pytest.mark.timeout(120)
@@ -275,13 +276,25 @@ def stdouts() -> st.SearchStrategy[bytes]:
         optional={
             "result": json_values,
             "error": st.dictionaries(
-                st.sampled_from(["kind", "message", "description", "signal", "exitCode"]),
+                st.sampled_from(["kind", "message", "description", "source", "signal", "exitCode"]),
                 json_values,
             ),
             "prints": json_values,
             "stats": json_values,
         },
     ).map(lambda d: json.dumps(d).encode())
+    # Print entries travel as lines after the envelope: valid ones, and anything else.
+    print_lines = st.lists(
+        st.one_of(
+            st.lists(st.text(max_size=8), max_size=3).map(lambda e: json.dumps(e).encode()),
+            st.binary(max_size=16),
+        ),
+        max_size=5,
+    )
+    envelope = st.one_of(
+        envelope,
+        st.tuples(envelope, print_lines).map(lambda t: b"\n".join([t[0], *t[1]])),
+    )
     bodies = st.one_of(st.binary(max_size=512), envelope)
     return st.one_of(
         st.binary(max_size=1024),
@@ -295,13 +308,23 @@ def stdouts() -> st.SearchStrategy[bytes]:
 @FUZZ
 @given(stdouts())
 @example(framed(b"[" * 100_000))
-@example(framed(b'{"version": 1, "status": "success", "result": ' + b"[" * 100_000))
+@example(framed(b'{"version": 2, "status": "success", "result": ' + b"[" * 100_000))
+@example(framed(b'{"version": 2, "status": "success"}\n' + b"[" * 100_000))
 def test_the_result_decoder_decodes_or_raises_an_agent_protocol_error(stdout: bytes) -> None:
     try:
-        envelope = decode_result(stdout)
+        envelope = decode_result(stdout, PrintCaps(max_calls=3, max_bytes=16))
     except AgentProtocolError:
         return
     assert (envelope.status == "error") == (envelope.error is not None)
+    # The host's caps hold whatever the frame carried: 3 entries of at most 16 bytes of
+    # text in all, then at most one truncation marker.
+    assert len(envelope.prints) <= 4
+    kept = envelope.prints
+    marker = r"\[Output truncated - \d+ more print statements\]"
+    if kept and kept[-1] and re.fullmatch(marker, kept[-1][0]):
+        kept = kept[:-1]
+    assert len(kept) <= 3
+    assert sum(len(arg.encode("utf-8", "surrogatepass")) for e in kept for arg in e) <= 16
 
 
 @FUZZ
@@ -322,14 +345,14 @@ def test_any_agent_output_and_container_facts_become_one_outcome(
     stderr: str,
 ) -> None:
     facts = ProcessFacts(exit_code, timed_out, overflow, oom, stderr)
-    result = interpret(stdout, facts, Limits())
+    result = interpret(stdout, facts, Limits(), max_print_calls=3)
     assert isinstance(result, ExecutionResult)
     assert (result.error is None) == (result.outcome is Outcome.SUCCESS)
 
 
 # -- a fake agent: every way its framing can be wrong -----------------------------------
 
-GOOD = json.dumps({"version": 1, "status": "success", "result": 1}).encode()
+GOOD = json.dumps({"version": 2, "status": "success", "result": 1}).encode()
 
 
 @pytest.mark.parametrize(
@@ -339,7 +362,7 @@ GOOD = json.dumps({"version": 1, "status": "success", "result": 1}).encode()
         pytest.param(framed(GOOD, len(GOOD) - 3), "more than one", id="length-prefix-too-short"),
         pytest.param(framed(GOOD)[:-1], "truncated", id="truncated-frame"),
         pytest.param(framed(GOOD)[:2], "no result", id="truncated-header"),
-        pytest.param(framed(b'{"version": 1, "status": '), "not valid", id="invalid-json"),
+        pytest.param(framed(b'{"version": 2, "status": '), "not valid", id="invalid-json"),
         pytest.param(framed(GOOD) * 2, "more than one", id="two-frames"),
         pytest.param(
             b"Traceback (most recent call last):\n",
@@ -360,7 +383,7 @@ GOOD = json.dumps({"version": 1, "status": "success", "result": 1}).encode()
 def test_a_fake_agents_broken_framing_is_an_agent_protocol_error(
     stdout: bytes, hint: str, exit_code: int | None
 ) -> None:
-    result = interpret(stdout, ProcessFacts(exit_code=exit_code), Limits())
+    result = interpret(stdout, ProcessFacts(exit_code=exit_code), Limits(), max_print_calls=100)
     assert result.outcome is Outcome.AGENT_ERROR
     assert result.error is not None
     assert result.error.code is Outcome.AGENT_ERROR
@@ -373,7 +396,9 @@ def test_a_fake_agents_broken_framing_is_an_agent_protocol_error(
 def test_a_container_killed_from_outside_before_any_frame_is_a_crash(
     exit_code: int, name: str
 ) -> None:
-    result = interpret(b"", ProcessFacts(exit_code=exit_code), Limits())
+    # The daemon recorded the kill (DockerSandbox reads its events): from outside.
+    facts = ProcessFacts(exit_code=exit_code, outside_kill=True)
+    result = interpret(b"", facts, Limits(), max_print_calls=100)
     assert result.outcome is Outcome.CRASHED
     assert result.error is not None
     assert result.error.message == f"Task container was killed by {name}"
@@ -382,5 +407,5 @@ def test_a_container_killed_from_outside_before_any_frame_is_a_crash(
 
 def test_a_complete_but_broken_frame_stays_an_agent_error_even_when_killed() -> None:
     # A whole frame arrived: whatever killed the container, the frame is what is judged.
-    result = interpret(framed(b"{nope"), ProcessFacts(exit_code=137), Limits())
+    result = interpret(framed(b"{nope"), ProcessFacts(exit_code=137), Limits(), max_print_calls=100)
     assert result.outcome is Outcome.AGENT_ERROR

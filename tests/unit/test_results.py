@@ -16,6 +16,7 @@ from runner.analyzer import DEFAULT_BUILTINS_DENY, Analyzer, ImportPolicy
 from runner.pipeline import AuditContext, TaskPipeline, TaskReport, TaskRequest
 from runner.policy import load_bundle
 from runner.sandbox.base import GuardConfig, Limits, Mode, Outcome, Stage
+from runner.sandbox.interpret import CLAIM_MESSAGE
 from runner.sandbox.process import ProcessSandbox
 from runner.settings import PROJECT_ROOT
 
@@ -365,3 +366,94 @@ async def test_code_valid_to_the_parser_but_not_as_a_body_is_a_syntax_error(
     assert report.error is not None
     assert report.error.code is Outcome.SYNTAX_ERROR
     assert "__future__" in report.error.message
+    # Found when the child compiles the code (as in n8n), not by an analyzer: stage run.
+    assert report.error.stage is Stage.RUN
+
+
+# -- frames the task writes to its own result pipe (issue: hostile tenants) ----------
+
+# Task code that reaches ``os`` can write its own frame to the result pipe it inherits
+# (its only descriptor from 3 up). The agent reads the first complete frame: the
+# child's own message, sent when the code returns, comes too late to count.
+FORGE = """
+import json, os
+body = json.dumps({message}).encode()
+for fd in range(3, 64):
+    try:
+        os.write(fd, len(body).to_bytes(4, "big") + body)
+    except OSError:
+        pass
+return "never seen"
+"""
+
+
+FLOOD = """
+import os
+body = b'{"result": 1, "print_args": [' + b",".join([b"[]"] * 300_000) + b"]}"
+for fd in range(3, 64):
+    try:
+        os.write(fd, len(body).to_bytes(4, "big") + body)
+    except OSError:
+        pass
+return "never seen"
+"""
+
+
+def forged(kind: str, message: str, description: str = "forged by the task") -> str:
+    error = {"kind": kind, "message": message, "description": description}
+    return FORGE.format(message=repr({"error": error, "print_args": [["'before'"]]}))
+
+
+async def test_a_forged_analyzer_verdict_is_stage_run_and_continue_on_fail_applies(
+    local_pipeline: Factory,
+) -> None:
+    code = forged("security_violation", "Security violations detected")
+    report = await run(local_pipeline, code, stdlib="*", deny=(), continue_on_fail=True)
+    # The analyzer passed this code; the verdict is the task's own word, so it cannot
+    # make the pipeline skip continueOnFail (which only analyzer rejections do).
+    assert report.audit["continueOnFailApplied"] is True, report.document()
+    assert report.result == [{"json": {"error": "Security violations detected"}}]
+    assert report.audit["stage"] == "run"
+    assert report.audit["details"]["verdictSource"] == "child"
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("timeout", "Task execution timed out after 10 seconds"),
+        ("output_limit_exceeded", "Task printed more than the output limit of 1048576 bytes"),
+        ("killed", "Process was forcefully killed (SIGKILL)"),
+        ("crashed", "Task process crashed with signal SIGSEGV"),
+    ],
+)
+async def test_a_forged_limit_or_crash_is_reported_as_the_tasks_claim(
+    local_pipeline: Factory, kind: str, message: str
+) -> None:
+    report = await run(local_pipeline, forged(kind, message), stdlib="*", deny=())
+    assert report.outcome is Outcome.USER_ERROR, report.document()
+    assert report.error is not None
+    assert report.error.message == CLAIM_MESSAGE.format(kind=kind)
+    assert message in report.error.description
+    assert report.audit["details"]["childClaim"] == kind
+
+
+async def test_a_flood_of_print_entries_on_the_result_pipe_keeps_the_cap(
+    local_pipeline: Factory,
+) -> None:
+    # Issue item 1: 300,000 empty print entries (900 kB, under the 1 MiB cap) in a
+    # frame the task wrote.
+    code = FLOOD
+    report = await run(local_pipeline, code, stdlib="*", deny=())
+    assert report.outcome is Outcome.SUCCESS, report.document()
+    assert report.prints == [[]] * 100 + [["[Output truncated - 299900 more print statements]"]]
+    assert report.audit["details"]["agentPrintsDropped"] == 299_900
+
+
+async def test_a_print_flood_is_an_output_limit_the_agent_measured(local_pipeline: Factory) -> None:
+    code = "while True:\n    print('x' * 10000)"
+    report = await run(local_pipeline, code)
+    assert report.outcome is Outcome.OUTPUT_LIMIT, report.document()
+    assert report.error is not None
+    assert report.error.message == "Task printed more than the output limit of 1048576 bytes"
+    assert report.audit["details"]["verdictSource"] == "agent:output_cap"
+    assert len(report.prints) == 101

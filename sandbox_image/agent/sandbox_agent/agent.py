@@ -7,10 +7,21 @@ Lifecycle (one task per container, then exit):
    block on stdin: a pre-started container waits here for its task;
 2. read exactly one task envelope, validate it, re-run the static analyzer (the
    runner already did; this copy protects against a runner bug or a changed image);
-3. fork the child (the agent is its fork server) and supervise it: read its result
-   pipe with a byte cap, enforce the task timeout with SIGKILL to the whole process
-   group, and collect how it ended;
+3. fork the child (the agent is its fork server) into a session of its own and
+   supervise it: count every byte it writes to the result pipe against the cap,
+   enforce the task timeout, and collect how it ended; then kill every process of
+   the task (in the container: ``kill(-1, SIGKILL)``, which reaches every process
+   the agent may signal, whatever group or session it moved to) and reap the child
+   without ever blocking on it;
 4. write one result envelope to stdout and exit 0.
+
+Whose word is a verdict: the child runs the task's code, so its message is the
+task's own claim. Every error in the envelope names its ``source``: ``analysis``
+(the pre-fork analyzer), ``deadline`` (the timeout this agent enforced),
+``output_cap`` (more bytes on the result pipe than the cap, counted here),
+``exit`` (how the child ended, from ``waitpid``), ``agent`` (a fault of the agent or
+of the task envelope) or ``child`` (whatever the child's message says). The runner
+decides what a ``child`` claim may mean; nothing here promotes one.
 
 Standard library only; ``runner`` is never imported here.
 """
@@ -21,6 +32,8 @@ import contextlib
 import ctypes
 import json
 import os
+import re
+import select
 import selectors
 import signal
 import sys
@@ -35,6 +48,7 @@ from .protocol import (
     FrameError,
     dumps,
     encode_frame,
+    encode_result,
     read_frame,
     write_all,
 )
@@ -45,6 +59,27 @@ PR_SET_DUMPABLE = 4
 # The runner's own deadline is later than ours, so a timeout normally gets a clean
 # envelope (prints kept) instead of a killed container.
 READ_CHUNK = 1 << 16
+# After SIGKILL the child is gone within milliseconds (freeing its memory); a child
+# that is not (stuck in the kernel) is left to the container's removal rather than
+# let the agent block past the runner's deadline.
+REAP_TIMEOUT_S = 2.0
+# The image's entrypoint passes this: the agent runs under tini in the container's
+# own PID namespace, where ``kill(-1)`` reaches only the task's processes. Run any
+# other way (a local process in tests) it never sends ``kill(-1)``: there it would
+# reach every process of the user.
+OWN_PID_NAMESPACE_FLAG = "--own-pid-namespace"
+
+# Where a verdict comes from (see the module docstring).
+ANALYSIS, DEADLINE, OUTPUT_CAP, EXIT, AGENT, CHILD = (
+    "analysis",
+    "deadline",
+    "output_cap",
+    "exit",
+    "agent",
+    "child",
+)
+# The print capture's own last entry when it dropped calls (n8n's text).
+_TRUNCATION_MARKER = re.compile(r"\[Output truncated - \d+ more print statements\]")
 
 
 class InvalidTask(Exception):
@@ -118,16 +153,45 @@ def timeout_message(timeout_s: float) -> str:
     return f"Task execution timed out after {seconds} {unit}"
 
 
-def _kill_group(pid: int) -> None:
+def stop_task_processes(child_pid: int, *, own_pid_namespace: bool) -> None:
+    """SIGKILL every process of the task; never the agent itself.
+
+    In the container, ``kill(-1, SIGKILL)`` reaches every process the agent may
+    signal except itself and the namespace's init (tini): all of the task's
+    processes, whatever process group or session they moved to (a task that joins
+    the agent's own group makes ``killpg`` of the child's group miss it), and a
+    ``docker exec`` of the same uid into the container as well. Outside a PID
+    namespace of its own, only the child's session (its process group) is killed.
+    """
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+        if own_pid_namespace:
+            os.kill(-1, signal.SIGKILL)
+        else:
+            os.killpg(child_pid, signal.SIGKILL)
+
+
+def reap(pid: int, pidfd: int, timeout_s: float) -> int | None:
+    """The child's exit code once it is gone, waiting at most ``timeout_s``; else None."""
+    select.select([pidfd], [], [], timeout_s)
+    try:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    if reaped == 0:
+        return None
+    return os.waitstatus_to_exitcode(status)
 
 
 class Supervision:
-    """Outcome of supervising the child: its raw message (if any) and how it ended."""
+    """Outcome of supervising the child: its raw message (if any) and how it ended.
+
+    ``received`` counts every byte the child wrote to the pipe; ``frame`` keeps them
+    only until its first message is complete (bytes after it are counted, not kept).
+    """
 
     def __init__(self) -> None:
         self.frame = bytearray()
+        self.received = 0
         self.exit_code: int | None = None
         self.timed_out = False
         self.overflowed = False
@@ -142,8 +206,11 @@ class Supervision:
         return length is not None and len(self.frame) >= HEADER.size + length
 
 
-def supervise(pid: int, read_fd: int, timeout_s: float, max_bytes: int) -> Supervision:
-    """Read the child's message and reap it, within ``timeout_s``; never blocks longer."""
+def supervise(
+    pid: int, read_fd: int, timeout_s: float, max_bytes: int, *, own_pid_namespace: bool = False
+) -> Supervision:
+    """Read the child's message and reap it, within ``timeout_s``; never blocks longer
+    (but for the bounded reap after the kill)."""
     state = Supervision()
     deadline = time.monotonic() + timeout_s
     os.set_blocking(read_fd, False)
@@ -160,6 +227,7 @@ def supervise(pid: int, read_fd: int, timeout_s: float, max_bytes: int) -> Super
                 break
             for key, _ in selector.select(remaining):
                 if key.data == "exit":
+                    # The pidfd is readable: the child has exited, so this returns at once.
                     _, status = os.waitpid(pid, 0)
                     state.exit_code = os.waitstatus_to_exitcode(status)
                     selector.unregister(pidfd)
@@ -175,11 +243,11 @@ def supervise(pid: int, read_fd: int, timeout_s: float, max_bytes: int) -> Super
             _drain(read_fd, state, max_bytes)
     finally:
         selector.close()
-        os.close(pidfd)
-        _kill_group(pid)
+        # Every path ends here, success included: nothing the task started outlives it.
+        stop_task_processes(pid, own_pid_namespace=own_pid_namespace)
         if state.exit_code is None:
-            _, status = os.waitpid(pid, 0)
-            state.exit_code = os.waitstatus_to_exitcode(status)
+            state.exit_code = reap(pid, pidfd, REAP_TIMEOUT_S)
+        os.close(pidfd)
     return state
 
 
@@ -192,45 +260,75 @@ def _drain(read_fd: int, state: Supervision, max_bytes: int) -> bool:
             return True
         if not chunk:
             return False
-        state.frame += chunk
-        if len(state.frame) > HEADER.size + max_bytes:
+        state.received += len(chunk)
+        if not state.has_full_message():
+            state.frame += chunk
+        if state.received > HEADER.size + max_bytes:
+            # Measured here, whoever wrote the bytes: the output cap is exceeded.
             state.overflowed = True
             return True
 
 
-def _error(kind: str, message: str, description: str = "", **extra: Any) -> dict[str, Any]:
-    return {"kind": kind, "message": message, "description": description, **extra}
+def _error(
+    kind: str, message: str, description: str = "", *, source: str, **extra: Any
+) -> dict[str, Any]:
+    return {"kind": kind, "message": message, "description": description, "source": source, **extra}
+
+
+class ChildMessage:
+    """The child's message, checked: what it says (``part``) and its print entries.
+
+    ``prints`` holds at most ``maxPrintCalls`` entries (plus the capture's own
+    truncation marker); ``dropped`` counts the entries beyond that, which were
+    neither checked nor kept.
+    """
+
+    def __init__(self, part: dict[str, Any], prints: list[list[str]], dropped: int) -> None:
+        self.part = part
+        self.prints = prints
+        self.dropped = dropped
 
 
 def interpret(state: Supervision, task: dict[str, Any]) -> dict[str, Any]:
-    """Turn what the child did into the result envelope's ``status``/``result``/``error``."""
+    """Turn what the child did into the result envelope (``prints`` and their count
+    included); every error names its source."""
     limits = task["limits"]
+    message = _read_child_message(state, limits["maxPrintCalls"])
+    prints = message.prints if message is not None else []
+    dropped = message.dropped if message is not None else 0
+    envelope = _verdict(state, limits, message)
+    envelope["prints"], envelope["printsDropped"] = prints, dropped
+    return envelope
+
+
+def _verdict(
+    state: Supervision, limits: dict[str, Any], message: ChildMessage | None
+) -> dict[str, Any]:
     if state.timed_out:
-        return {"status": "error", "error": _error("timeout", timeout_message(limits["timeoutS"]))}
+        error = _error("timeout", timeout_message(limits["timeoutS"]), source=DEADLINE)
+        return {"status": "error", "error": error}
     if state.overflowed:
+        # The verdict is ours (bytes counted on the pipe); the child's own message, when
+        # a complete one came first and says why, lends its words and its prints.
+        text = f"Task result exceeds the output limit of {limits['outputBytes']} bytes"
+        description = ""
+        said = message.part.get("error") if message is not None else None
+        if said is not None and said["kind"] == "output_limit_exceeded":
+            text, description = said["message"], said["description"]
         return {
             "status": "error",
-            "error": _error(
-                "output_limit_exceeded",
-                f"Task result exceeds the output limit of {limits['outputBytes']} bytes",
-            ),
+            "error": _error("output_limit_exceeded", text, description, source=OUTPUT_CAP),
         }
     if state.has_full_message():
-        length = state.message_length() or 0
-        body = bytes(state.frame[HEADER.size : HEADER.size + length])
-        try:
-            message = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            message = None
-        checked = _check_child_message(message)
-        if checked is not None:
-            return checked
+        if message is not None:
+            return dict(message.part)
         return {
             "status": "error",
             "error": _error(
                 "agent_error",
                 "Failed to read result from child process",
                 "Invalid pipe message content",
+                source=AGENT,
             ),
         }
     code = state.exit_code
@@ -240,57 +338,113 @@ def interpret(state: Supervision, task: dict[str, Any]) -> dict[str, Any]:
         if number == signal.SIGKILL:
             return {
                 "status": "error",
-                "error": _error("killed", "Process was forcefully killed (SIGKILL)", signal=number),
+                "error": _error(
+                    "killed",
+                    "Process was forcefully killed (SIGKILL)",
+                    source=EXIT,
+                    signal=number,
+                ),
             }
         return {
             "status": "error",
-            "error": _error("crashed", f"Task process crashed with signal {name}", signal=number),
+            "error": _error(
+                "crashed", f"Task process crashed with signal {name}", source=EXIT, signal=number
+            ),
         }
     if code:
         return {
             "status": "error",
-            "error": _error("crashed", f"Task subprocess exited with code {code}", exitCode=code),
+            "error": _error(
+                "crashed", f"Task subprocess exited with code {code}", source=EXIT, exitCode=code
+            ),
         }
     return {
         "status": "error",
         "error": _error(
             "agent_error",
             "Process completed but returned no result. This is likely an internal error.",
+            source=EXIT,
         ),
     }
 
 
-def _check_child_message(message: Any) -> dict[str, Any] | None:
+def _read_child_message(state: Supervision, max_calls: int) -> ChildMessage | None:
+    """The child's first complete message, checked, or None (none, or not valid)."""
+    if not state.has_full_message():
+        return None
+    length = state.message_length() or 0
+    body = bytes(state.frame[HEADER.size : HEADER.size + length])
+    try:
+        message = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return _check_child_message(message, max_calls)
+
+
+def cap_prints(entries: list[Any], max_calls: int) -> tuple[list[list[str]], int] | None:
+    """At most ``max_calls`` entries, each checked to be a list of strings, plus the
+    capture's own truncation marker; or None when a kept entry is not a list of strings.
+
+    Entries beyond the cap are counted, never looked at: a child that sends 300,000
+    of them costs a length. Dropped entries get n8n's marker, with their number.
+    """
+    kept = entries[:max_calls]
+    if not all(
+        isinstance(entry, list) and all(isinstance(a, str) for a in entry) for entry in kept
+    ):
+        return None
+    rest = entries[max_calls:]
+    if not rest:
+        return list(kept), 0
+    if len(rest) == 1 and _is_truncation_marker(rest[0]):
+        return [*kept, rest[0]], 0
+    return [*kept, [f"[Output truncated - {len(rest)} more print statements]"]], len(rest)
+
+
+def _is_truncation_marker(entry: Any) -> bool:
+    return (
+        isinstance(entry, list)
+        and len(entry) == 1
+        and isinstance(entry[0], str)
+        and _TRUNCATION_MARKER.fullmatch(entry[0]) is not None
+    )
+
+
+def _check_child_message(message: Any, max_calls: int) -> ChildMessage | None:
     """Validate the child's message (it comes from untrusted code's process)."""
     if not isinstance(message, dict):
         return None
-    prints = message.get("print_args")
-    if not isinstance(prints, list) or not all(
-        isinstance(entry, list) and all(isinstance(arg, str) for arg in entry) for entry in prints
-    ):
+    raw_prints = message.get("print_args")
+    if not isinstance(raw_prints, list):
         return None
+    capped = cap_prints(raw_prints, max_calls)
+    if capped is None:
+        return None
+    prints, dropped = capped
     if ("result" in message) == ("error" in message):
         return None
     if "result" in message:
-        return {"status": "success", "result": message["result"], "prints": prints}
+        return ChildMessage({"status": "success", "result": message["result"]}, prints, dropped)
     error = message["error"]
     if not isinstance(error, dict) or not all(
         isinstance(error.get(key), str) for key in ("kind", "message", "description")
     ):
         return None
-    return {
+    part = {
         "status": "error",
-        "error": {
-            "kind": error["kind"],
-            "message": error["message"],
-            "description": error["description"],
-            "stderr": str(error.get("stderr", "")),
-        },
-        "prints": prints,
+        # The child's word, whatever kind it names: the runner decides what it may mean.
+        "error": _error(
+            error["kind"],
+            error["message"],
+            error["description"],
+            source=CHILD,
+            stderr=str(error.get("stderr", "")),
+        ),
     }
+    return ChildMessage(part, prints, dropped)
 
 
-def run_task(task: dict[str, Any]) -> dict[str, Any]:
+def run_task(task: dict[str, Any], *, own_pid_namespace: bool = False) -> dict[str, Any]:
     guards_cfg = task["guards"]
     policy = ImportPolicy(
         frozenset(guards_cfg["stdlibAllow"]), frozenset(guards_cfg["externalAllow"])
@@ -298,12 +452,15 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     try:
         violations = analyze(task["code"], policy)
     except SyntaxError as exc:
-        return {"status": "error", "error": _error("syntax_error", str(exc))}
+        return {"status": "error", "error": _error("syntax_error", str(exc), source=ANALYSIS)}
     if violations:
         return {
             "status": "error",
             "error": _error(
-                "security_violation", SECURITY_VIOLATIONS_MESSAGE, "\n".join(map(str, violations))
+                "security_violation",
+                SECURITY_VIOLATIONS_MESSAGE,
+                "\n".join(map(str, violations)),
+                source=ANALYSIS,
             ),
         }
     if guards_cfg["blockEnvAccess"]:
@@ -316,17 +473,24 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         os.close(read_fd)
         Child(task, write_fd).run()
     os.close(write_fd)
-    state = supervise(pid, read_fd, task["limits"]["timeoutS"], task["limits"]["outputBytes"])
+    limits = task["limits"]
+    state = supervise(
+        pid,
+        read_fd,
+        limits["timeoutS"],
+        limits["outputBytes"],
+        own_pid_namespace=own_pid_namespace,
+    )
     os.close(read_fd)
     run_ms = (time.monotonic() - started) * 1000
     envelope = interpret(state, task)
-    envelope.setdefault("prints", [])
     oom_after, pids_after = oom_kills(), pids_max_events()
     envelope["stats"] = {
         "childExitCode": state.exit_code,
         "runMs": round(run_ms, 3),
         "oomKilled": _increased(oom_before, oom_after),
         "pidsLimitHit": _increased(pids_before, pids_after),
+        "printsDropped": envelope.pop("printsDropped"),
     }
     return envelope
 
@@ -337,29 +501,32 @@ def _increased(before: int | None, after: int | None) -> bool | None:
     return after > before
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     undumpable = make_undumpable()
+    # Both the image's word and the fact: tini (PID 1 of our namespace) is our parent.
+    own_pid_namespace = OWN_PID_NAMESPACE_FLAG in (argv or []) and os.getppid() == 1
     try:
         task = _validate(read_frame(STDIN_FD))
     except (FrameError, InvalidTask) as exc:
         envelope: dict[str, Any] = {
             "status": "error",
-            "error": _error("invalid_task", str(exc)),
-            "prints": [],
+            "error": _error("invalid_task", str(exc), source=AGENT),
         }
     else:
-        envelope = run_task(task)
+        envelope = run_task(task, own_pid_namespace=own_pid_namespace)
+    prints = envelope.pop("prints", [])
     envelope["version"] = VERSION
     envelope.setdefault("stats", {})["agentUndumpable"] = undumpable
     try:
-        body = dumps(envelope)
+        body = encode_result(envelope, prints)
     except (TypeError, ValueError, RecursionError) as exc:
         body = dumps(
             {
                 "version": VERSION,
                 "status": "error",
-                "prints": [],
-                "error": _error("agent_error", f"Agent could not encode the result: {exc}"),
+                "error": _error(
+                    "agent_error", f"Agent could not encode the result: {exc}", source=AGENT
+                ),
             }
         )
     write_all(STDOUT_FD, encode_frame(body))
@@ -367,4 +534,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

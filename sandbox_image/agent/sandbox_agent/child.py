@@ -1,7 +1,7 @@
 """The task child: forked by the agent, runs the user's code, sends one message.
 
 The child is where untrusted code runs, so it is set up to have as little as
-possible: its own process group (the agent kills the whole group), no stdin, fd 1
+possible: a session of its own (so it cannot join the agent's process group), no stdin, fd 1
 pointing at the container's stderr (never at the result channel, so nothing the
 code writes can be taken for a result), no other inherited descriptors but its end
 of the result pipe, an empty environment, purged ``sys.modules``, guarded imports
@@ -10,6 +10,12 @@ the wall.
 
 Result shaping follows n8n exactly (reference 5.3); the message on the pipe is
 n8n's child message (reference 8), with an added ``kind`` in ``error``.
+
+Everything this process says is the task's claim (task code can write its own
+frame to the pipe): the agent marks it so. A limit this process detects itself
+(the print bytes, a result too large) is therefore never *claimed*: the child
+sends its message and then pushes the pipe past the output cap, so that the agent
+measures the overflow and the verdict is the agent's.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any, NoReturn
 
 from . import guards
 from .analyzer_core import ALL_ITEMS_FILENAME, PER_ITEM_FILENAME, ImportPolicy, wrap_user_code
-from .protocol import dumps, encode_frame, write_all
+from .protocol import HEADER, dumps, encode_frame, write_all
 
 EXIT_SENT = 0
 EXIT_SEND_FAILED = 71
@@ -99,7 +105,7 @@ class Child:
         try:
             body = dumps(message)
             if len(body) > self.output_bytes:
-                body = dumps(
+                self._overflow(
                     self._error_message(
                         OUTPUT_LIMIT,
                         f"Task result of {len(body)} bytes exceeds the output limit of "
@@ -107,6 +113,27 @@ class Child:
                     )
                 )
             write_all(self.write_fd, encode_frame(body))
+        except BaseException:
+            os._exit(EXIT_SEND_FAILED)
+        os._exit(EXIT_SENT)
+
+    def _overflow(self, message: dict[str, Any]) -> NoReturn:
+        """Send ``message`` (why, and the prints so far), then write past the output cap.
+
+        The agent counts the bytes on the pipe: past the cap the verdict is its own
+        measurement, not this process's word, and the message that came first lends
+        it its text and prints. The filler costs at most the cap, once.
+        """
+        if os.getpid() != self.pid:
+            os._exit(EXIT_SENT)
+        try:
+            frame = encode_frame(dumps(message))
+            write_all(self.write_fd, frame)
+            remaining = HEADER.size + self.output_bytes + 1 - len(frame)
+            filler = bytes(min(max(remaining, 0), 1 << 16))
+            while remaining > 0:
+                write_all(self.write_fd, filler[:remaining])
+                remaining -= len(filler)
         except BaseException:
             os._exit(EXIT_SEND_FAILED)
         os._exit(EXIT_SENT)
@@ -124,7 +151,7 @@ class Child:
 
     def _print_overflow(self, total_bytes: int) -> None:
         # Uncatchable by design: user code cannot swallow the limit and keep printing.
-        self._send(
+        self._overflow(
             self._error_message(
                 OUTPUT_LIMIT,
                 f"Task printed more than the output limit of {self.output_bytes} bytes",
@@ -135,7 +162,9 @@ class Child:
     # -- running ------------------------------------------------------------------
 
     def isolate_process(self) -> None:
-        os.setpgid(0, 0)
+        # A session of its own: a process group may only be joined from the same
+        # session, so no process of the task can move into the agent's group.
+        os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(2, 1)  # the container's stderr, a capped log stream; never the result channel
@@ -180,6 +209,8 @@ class Child:
                         result.append(shaped)
             else:
                 result = run_once(_items=self.task["items"], _query=self.task.get("query"))
+        except guards.OutputLimitExceeded as exc:
+            self._overflow(self._error_message(OUTPUT_LIMIT, str(exc)))
         except BaseException as exc:
             self._send(self._exception_message(exc))
         self._send_result(result)
@@ -200,8 +231,6 @@ class Child:
         if isinstance(exc, SystemExit):
             code = 0 if exc.code is None else exc.code
             return self._error_message(PROCESS_EXIT, f"Process exited with code {code}")
-        if isinstance(exc, guards.OutputLimitExceeded):
-            return self._error_message(OUTPUT_LIMIT, str(exc))
         message = str(exc) or type(exc).__name__
         description = getattr(exc, "description", None)
         if not isinstance(description, str):

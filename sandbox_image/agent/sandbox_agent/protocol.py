@@ -6,7 +6,12 @@ bytes of UTF-8 JSON (the same framing n8n's runner uses on its child pipe).
 - runner -> agent, on the container's stdin: one *task envelope*;
 - child -> agent, on a private pipe: one *child message*
   (``{"result": ..., "print_args": [...]}`` or ``{"error": {...}, "print_args": [...]}``);
-- agent -> runner, on the container's stdout: one *result envelope*.
+- agent -> runner, on the container's stdout: one *result envelope*. Its body is
+  lines (``\n``-separated): the first is the envelope's JSON object, every further
+  line is one print entry (a JSON array of strings). JSON text never holds a raw
+  newline, so the runner can find, count and cap the print entries by their line
+  breaks without parsing the ones it drops (a hostile envelope of 300,000 empty
+  entries costs it a byte count, not 300,000 objects).
 
 Standard library only: this runs inside the task image and never imports ``runner``.
 """
@@ -19,7 +24,8 @@ import os
 import struct
 from typing import Any
 
-VERSION = 1
+# 2: print entries are lines after the envelope, verdicts name their source.
+VERSION = 2
 HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 0xFFFFFFFF
 
@@ -94,3 +100,10 @@ def dumps(value: Any) -> bytes:
         return json.dumps(
             finite(value), default=str, ensure_ascii=True, allow_nan=False, separators=(",", ":")
         ).encode("ascii")
+
+
+def encode_result(envelope: dict[str, Any], prints: list[list[str]]) -> bytes:
+    """The result envelope's body: the envelope's JSON, then one line per print entry."""
+    lines = [dumps(envelope)]
+    lines.extend(dumps(entry) for entry in prints)
+    return b"\n".join(lines)

@@ -1,8 +1,8 @@
 # title: SIGKILL the agent (the task's parent) so that nothing reports a result
 # threat: res.lifecycle
 # expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
-# expect guards_off: crashed@run "Task container was killed by SIGKILL"
-# note: tini exits with its child's status, so the container ends as killed; no result is invented
+# expect guards_off: crashed@run "Task killed its supervising agent (SIGKILL)"
+# note: tini exits with its child's status, so the container ends as killed; no result is invented, and the Docker daemon recorded no kill, so the task is blamed (not a stop from outside)
 import random
 
 random._os.kill(random._os.getppid(), 9)

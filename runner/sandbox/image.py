@@ -7,7 +7,12 @@ Two layers:
    Otherwise a minimal Debian root filesystem is bootstrapped from the host's own
    apt mirror (``debootstrap --variant=minbase``, python3 and tini included) and
    turned into an image with ``docker import``. The mirror is read from the host's
-   apt sources at run time, never written down here.
+   apt sources at run time, never written down here. A mirror URI with credentials
+   (``https://user:pass@mirror/debian``) is split: debootstrap gets the URI without
+   them (so the image's ``sources.list``, apt lists and logs never hold them) and
+   wget, which does its downloads, reads them from a private wgetrc outside the root
+   filesystem; build output is redacted, and the finished root filesystem is searched
+   for them before it becomes an image.
 2. **Task image.** ``sandbox_image/Dockerfile`` on top of the base: tini, the
    agent (with the analyzer core copied in), a dedicated non-root user, no
    setuid/setgid bits, labels. Its tag is a hash of every input (Dockerfile, agent
@@ -26,7 +31,8 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +118,110 @@ def debian_mirror_from_apt(sources: tuple[Path, ...] = APT_SOURCES) -> str | Non
             if "security" not in uri and "/debian" in uri:
                 return uri
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorAccess:
+    """A mirror URI split into what may be written down and what may not."""
+
+    uri: str  # without credentials: what debootstrap (and so the image) gets
+    username: str | None = None
+    password: str | None = None
+    userinfo: str | None = None  # ``user:pass`` as the URI spelled it (percent-encoded)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Strings never to show in build output (longest first: none leaves a tail)."""
+        found = {self.userinfo or "", self.password or ""}
+        if self.password:
+            found.add(urllib.parse.quote(self.password, safe=""))
+        return tuple(sorted(found - {""}, key=len, reverse=True))
+
+    @property
+    def leak_markers(self) -> tuple[str, ...]:
+        """What a file of the image holding the credentials would contain.
+
+        The URI's ``user:pass@`` (how a sources.list or apt list name would carry it)
+        and a password long enough not to turn up in binaries by chance.
+        """
+        markers = {f"{self.userinfo}@"} if self.userinfo else set()
+        if self.password and len(self.password) >= 8:
+            markers.add(self.password)
+        return tuple(sorted(markers))
+
+    def wgetrc(self) -> str | None:
+        """wget's settings carrying the credentials (None when there are none)."""
+        if self.username is None and self.password is None:
+            return None
+        lines = []
+        if self.username is not None:
+            lines.append(f"user = {self.username}")
+        if self.password is not None:
+            lines.append(f"password = {self.password}")
+        return "\n".join(lines) + "\n"
+
+
+def mirror_access(mirror: str) -> MirrorAccess:
+    """Split ``scheme://user:pass@host/path`` into the bare URI and the credentials."""
+    parts = urllib.parse.urlsplit(mirror)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return MirrorAccess(mirror)
+    username, colon, password = userinfo.partition(":")
+    access = MirrorAccess(
+        urllib.parse.urlunsplit(parts._replace(netloc=host)),
+        urllib.parse.unquote(username),
+        urllib.parse.unquote(password) if colon else None,
+        userinfo,
+    )
+    for secret in (access.username, access.password):
+        # One setting per line in a wgetrc: a line break would end it (and start another).
+        if secret and any(char in secret for char in "\r\n"):
+            raise ImageBuildError(
+                "The Debian mirror's credentials contain a line break",
+                hint="set SANDBOX_DEBIAN_MIRROR to a URI without one",
+            )
+    return access
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def bootstrap_command(debootstrap: str, suite: str, root: Path, access: MirrorAccess) -> list[str]:
+    """The debootstrap command line: the mirror without its credentials."""
+    return [
+        debootstrap,
+        "--variant=minbase",
+        f"--include={','.join(BOOTSTRAP_PACKAGES)}",
+        suite,
+        str(root),
+        access.uri,
+    ]
+
+
+def files_holding(root: Path, secrets: Iterable[str]) -> list[str]:
+    """Paths under ``root`` (relative) whose name or content holds one of ``secrets``."""
+    needles = [secret.encode() for secret in secrets if secret]
+    if not needles:
+        return []
+    found = []
+    for path in sorted(root.rglob("*")):
+        relative = str(path.relative_to(root))
+        if any(needle in relative.encode() for needle in needles):
+            found.append(relative)
+            continue
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            content = path.read_bytes()
+        except OSError:
+            continue
+        if any(needle in content for needle in needles):
+            found.append(relative)
+    return found
 
 
 def docker_build(
@@ -244,24 +354,33 @@ class ImageBuilder:
                 "No Debian mirror found in the host's apt sources",
                 hint="set SANDBOX_DEBIAN_MIRROR",
             )
+        access = mirror_access(mirror)
         suite = self._recipe.debian_suite
         self._progress(f"bootstrapping a minimal Debian {suite} root filesystem (takes ~1 min)")
         with tempfile.TemporaryDirectory(prefix="sandbox-base-") as tmp:
             root = Path(tmp) / "root"
-            command = [
-                debootstrap,
-                "--variant=minbase",
-                f"--include={','.join(BOOTSTRAP_PACKAGES)}",
-                suite,
-                str(root),
-                mirror,
-            ]
-            self._stream_command(command)
+            env = None
+            wgetrc = access.wgetrc()
+            if wgetrc is not None:
+                # Beside the root filesystem, never in it; readable by root only.
+                rc_path = Path(tmp) / "wgetrc"
+                rc_path.touch(mode=0o600)
+                rc_path.write_text(wgetrc, encoding="utf-8")
+                env = {**os.environ, "WGETRC": str(rc_path)}
+            self._stream_command(
+                bootstrap_command(debootstrap, suite, root, access), env, access.secrets
+            )
             for relative in BOOTSTRAP_PRUNE:
                 target = root / relative
                 if target.is_dir():
                     shutil.rmtree(target)
                     target.mkdir(parents=True)
+            leaked = files_holding(root, access.leak_markers)
+            if leaked:
+                raise ImageBuildError(
+                    "The bootstrapped root filesystem holds the Debian mirror's credentials",
+                    hint=f"in {', '.join(leaked[:5])}; no image was made",
+                )
             self._progress(f"importing the root filesystem as {tag}")
             archive = Path(tmp) / "rootfs.tar"
             self._stream_command(
@@ -284,14 +403,21 @@ class ImageBuilder:
                     "docker import of the base image failed", hint=str(exc)
                 ) from exc
 
-    def _stream_command(self, command: list[str]) -> None:
+    def _stream_command(
+        self,
+        command: list[str],
+        env: dict[str, str] | None = None,
+        secrets: Iterable[str] = (),
+    ) -> None:
+        """Run ``command``, its output to the progress callback (``secrets`` redacted)."""
+        secrets = tuple(secrets)
         with subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         ) as process:
             assert process.stdout is not None
             tail: list[str] = []
-            for line in process.stdout:
-                line = line.rstrip()
+            for raw in process.stdout:
+                line = redact(raw.rstrip(), secrets)
                 tail = [*tail[-20:], line]
                 if line.startswith(_QUIET_PREFIXES):
                     continue  # one line per package; the phases show progress well enough

@@ -39,7 +39,7 @@ from runner.protocol.machine import (
 )
 from runner.protocol.settings import TaskLimitsRequest, TaskSettings
 from runner.sandbox.base import MIB, MINIMUM_LIMITS, Limits
-from runner.settings import Settings
+from runner.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger(AUDIT_LOGGER)
@@ -386,8 +386,14 @@ class RunnerService:
             if value is None:
                 continue
             if value > ceiling:
+                # The runner's limit is its setting or, unset, the bundle's default (not
+                # the bundle's ceiling): say which variable sets it.
+                setting = {"timeout_s": "task_timeout_s", "memory_bytes": "memory_mb"}.get(
+                    field, field
+                )
                 raise LimitAboveCeiling(
-                    f"{name} {value} exceeds this runner's ceiling of {ceiling}"
+                    f"{name} {value:g} exceeds {ceiling:g}, this runner's per-task limit "
+                    f"({env_name(setting)}, or the policy bundle's default when unset)"
                 )
             minimum = getattr(MINIMUM_LIMITS, field)
             minimum = minimum // MIB if field == "memory_bytes" else minimum

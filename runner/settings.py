@@ -377,6 +377,19 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         16 * MIB, ge=1024, description="Largest HTTP request body the API accepts."
     )
+    tenant_queued_bytes: int = Field(
+        128 * MIB,
+        ge=MIB,
+        description="Bytes one tenant's unfinished tasks may hold in the broker (their "
+        "code, items, query and outputSchema as JSON); a submission beyond it gets 429 "
+        "(413 if it alone is larger).",
+    )
+    tenant_retained_bytes: int = Field(
+        128 * MIB,
+        ge=MIB,
+        description="Bytes of one tenant's finished result documents the broker keeps; "
+        "past it, its oldest results are forgotten (the newest is always kept).",
+    )
     queue_timeout_s: float = Field(
         300, gt=0, description="How long a submitted task may wait for a runner."
     )

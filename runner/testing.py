@@ -457,7 +457,7 @@ class EmbeddedBrokerContainer(_SandboxContainer):
 
     def metrics(self) -> str:
         """The broker's Prometheus metrics (text format)."""
-        response = httpx.get(f"{self.url}/metrics", timeout=10)
+        response = httpx.get(f"{self.url}/metrics", headers=self._auth(), timeout=10)
         response.raise_for_status()
         return response.text
 

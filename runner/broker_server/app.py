@@ -9,7 +9,10 @@ API side (``/v1/tasks``): submit, wait for, read, list and cancel tasks as JSON,
 documented by the OpenAPI schema FastAPI serves at ``/docs`` and ``/openapi.json``.
 Callers authenticate with bearer API keys, each mapped to a tenant; with no keys
 configured the API serves loopback clients only, as tenant ``default``. A tenant
-sees only its own tasks (anyone else's id is a 404). Request bodies are capped.
+sees only its own tasks (anyone else's id is a 404). ``/v1/health`` and ``/metrics``
+follow the same rule (they show runner ids and every tenant's load); ``/healthz``
+stays open for liveness probes. Request bodies are capped (413, which the client
+gets to read: see :class:`BodyLimit`).
 
 No ``from __future__ import annotations`` here: FastAPI reads the annotations of the
 route functions (defined inside :func:`create_app`) at run time.
@@ -21,7 +24,8 @@ import ipaddress
 import json
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, WebSocket
@@ -37,12 +41,14 @@ from runner.broker_server.core import (
     Broker,
     BrokerTask,
     Submission,
+    SubmissionRefused,
     TaskLimits,
     TaskStatus,
+    TaskTooLarge,
     TenantBacklogFull,
     WaitReason,
     check_schema,
-    validate_input,
+    prepare,
 )
 from runner.broker_server.tokens import GrantTokens, same_secret
 from runner.metrics import CONTENT_TYPE, CollectorRegistry, exposition
@@ -65,11 +71,53 @@ class SafeJSONResponse(JSONResponse):
 
 
 @dataclass(frozen=True, slots=True)
+class LimitSource:
+    """Where one of the API's per-task ceilings came from, for the refusal's message."""
+
+    variable: str  # the setting that sets this limit (SANDBOX_MEMORY_MB)
+    is_set: bool  # True: that setting gave the value; False: the bundle's default did
+    bundle_key: str  # limits.memory_mb
+    bundle_file: str  # the policy bundle's sandbox.toml
+    bundle_ceiling: float  # the most the setting may ask for
+
+
+@dataclass(frozen=True, slots=True)
 class ApiConfig:
     auth_token: str
     api_keys: dict[str, str]  # key -> tenant
     max_request_bytes: int
     ceilings: TaskLimits  # what a caller may ask for at most
+    # API field (timeoutSeconds, memoryMb, cpus) -> where its ceiling came from.
+    ceiling_sources: Mapping[str, LimitSource] = field(default_factory=dict)
+
+
+CEILING_UNITS = {"timeoutSeconds": "s", "memoryMb": "MiB", "cpus": "CPUs"}
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def ceiling_refusal(name: str, value: float, ceiling: float, source: LimitSource | None) -> str:
+    """Why a per-task limit asked for is refused: the limit that applied, and its origin.
+
+    The broker's ceilings are the runner's effective limits, which are often the policy
+    bundle's defaults rather than its ceilings: naming only a number would leave the
+    caller comparing it with the wrong line of the bundle.
+    """
+    unit = CEILING_UNITS.get(name, "")
+    text = f"{name} {_number(value)} exceeds {_number(ceiling)} {unit}, "
+    text += "this broker's per-task limit"
+    if source is None:
+        return text
+    bundle_ceiling = _number(source.bundle_ceiling)
+    if source.is_set:
+        return f"{text} ({source.variable}; the policy bundle's ceiling is {bundle_ceiling})"
+    return (
+        f"{text} (the policy bundle's default, {source.bundle_key} in {source.bundle_file}; "
+        f"the operator may raise it up to the bundle's ceiling of {bundle_ceiling} "
+        f"with {source.variable})"
+    )
 
 
 # --- API models ----------------------------------------------------------------------
@@ -130,7 +178,19 @@ class TaskList(BaseModel):
 
 
 class BodyLimit:
-    """Refuse HTTP bodies over ``max_bytes`` with 413, before any of it is parsed."""
+    """Refuse HTTP bodies over ``max_bytes`` with 413, before any of it is parsed.
+
+    The client must get to read the 413. It is usually still sending, and a server that
+    answers and closes with unread data on the socket makes the kernel reset the
+    connection, which throws away the answer too: the client sees a reset and no status
+    (uvicorn closes right after the answer whenever the client sent ``Connection:
+    close``, as urllib does). So the rest of a refused body is read and dropped before
+    the answer, up to :data:`DISCARD_FACTOR` times the limit; a body larger still is cut
+    off (its sender gets the reset; a client that waits for ``100 Continue`` gets the
+    413 without sending anything).
+    """
+
+    DISCARD_FACTOR = 4
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -143,6 +203,11 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            # Reading would send "100 Continue" to a client that waits for it: it
+            # would then send the body for nothing. Such a client reads the 413 first.
+            expects = headers.get(b"expect", b"").lower() == b"100-continue"
+            if not expects and int(declared) <= self.max_bytes * self.DISCARD_FACTOR:
+                await self._discard(receive, 0)
             await self._refuse(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -154,6 +219,8 @@ class BodyLimit:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
+                if message.get("more_body"):
+                    await self._discard(receive, size)
                 await self._refuse(scope, receive, send)
                 return
             chunks.append(body)
@@ -166,16 +233,57 @@ class BodyLimit:
             if replayed:
                 return await receive()
             replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            body = b"".join(chunks)
+            chunks.clear()  # this closure lives as long as the request (a long-poll)
+            return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
 
+    async def _discard(self, receive: Receive, size: int) -> None:
+        """Read the rest of the body and drop it, up to the discard cap."""
+        while size <= self.max_bytes * self.DISCARD_FACTOR:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                return
+
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = JSONResponse(
-            {"detail": f"Request body exceeds the limit of {self.max_bytes} bytes"},
+            {
+                "detail": f"Request body exceeds the limit of {self.max_bytes} bytes "
+                "(SANDBOX_MAX_REQUEST_BYTES)"
+            },
             status_code=413,
+            headers={"Connection": "close"},
         )
         await response(scope, receive, send)
+
+
+class LateResponse(Response):
+    """A response made when it is sent: ``answer`` runs once the endpoint has returned.
+
+    FastAPI holds an endpoint's arguments (the parsed request body) until the endpoint
+    returns; a long-poll that waited inside the endpoint kept them for up to
+    :data:`MAX_WAIT_S`: ~100 times the body's size for many small items.
+    """
+
+    def __init__(self, answer: Callable[[], Awaitable[Response]]) -> None:
+        super().__init__()
+        self._answer = answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self._answer()
+        response.background = self.background
+        await response(scope, receive, send)
+
+
+def forget_body(request: Request) -> None:
+    """Drop starlette's caches of the request body (the bytes and their ``json.loads``):
+    once the task is encoded, they are only memory held for the rest of the request."""
+    for cache in ("_body", "_json"):
+        request.__dict__.pop(cache, None)
 
 
 # --- runner connections ------------------------------------------------------------------
@@ -274,18 +382,6 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    if registry is not None:
-        metrics_registry = registry
-
-        @app.get(
-            "/metrics",
-            tags=["runners"],
-            summary="Prometheus metrics (no API key needed, like /healthz)",
-            response_class=PlainTextResponse,
-        )
-        async def metrics() -> Response:
-            return Response(exposition(metrics_registry), media_type=CONTENT_TYPE)
-
     @app.websocket("/runners/_ws")
     async def runner_socket(websocket: WebSocket) -> None:
         runner_id = websocket.query_params.get("id")
@@ -356,12 +452,15 @@ def create_app(
 
     def own_task(task_id: str, tenant: str) -> BrokerTask:
         task = broker.get(task_id)
-        if task is None or task.submission.tenant != tenant:
+        if task is None or task.tenant != tenant:
             raise HTTPException(404, f"No task {task_id}")
         return task
 
-    def task_body(task: BrokerTask) -> dict[str, Any]:
-        return task.document if task.document is not None else broker.summary(task)
+    def task_body(task: BrokerTask, headers: Mapping[str, str] | None = None) -> Response:
+        """The result document (200, its bytes as kept) or the task's state (202)."""
+        if task.document_json is not None:
+            return Response(task.document_json, media_type="application/json", headers=headers)
+        return SafeJSONResponse(broker.summary(task), status_code=202, headers=headers)
 
     def never_runs(task: BrokerTask) -> bool:
         # A closing broker dispatches nothing more; a task already with a runner may
@@ -371,7 +470,7 @@ def create_app(
 
     async def wait_for(task: BrokerTask, wait: float) -> None:
         """Until the task ends or ``wait`` seconds pass; a queued one, until closing."""
-        if wait <= 0 or task.document is not None or never_runs(task):
+        if wait <= 0 or task.document_json is not None or never_runs(task):
             return
         deadline = asyncio.get_running_loop().time() + wait
         waiters = [asyncio.ensure_future(task.done.wait())]
@@ -380,7 +479,7 @@ def create_app(
         try:
             await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             remaining = deadline - asyncio.get_running_loop().time()
-            if task.document is None and not never_runs(task) and remaining > 0:
+            if task.document_json is None and not never_runs(task) and remaining > 0:
                 await asyncio.wait([waiters[0]], timeout=remaining)
         finally:
             for waiter in waiters:
@@ -401,11 +500,11 @@ def create_app(
         response_model=None,
     )
     async def submit(
+        request: Request,
         body: TaskCreate,
         tenant: Tenant,
-        response: Response,
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait")] = 0,
-    ) -> dict[str, Any]:
+    ) -> Response:
         ceilings = config.ceilings
         for name, value, ceiling in (
             ("timeoutSeconds", body.timeout_seconds, ceilings.timeout_s),
@@ -413,9 +512,8 @@ def create_app(
             ("cpus", body.cpus, ceilings.cpus),
         ):
             if value is not None and ceiling is not None and value > ceiling:
-                raise HTTPException(
-                    422, f"{name} {value} exceeds the policy's ceiling of {ceiling}"
-                )
+                source = config.ceiling_sources.get(name)
+                raise HTTPException(422, ceiling_refusal(name, value, ceiling, source))
         for name, schema in (
             ("inputSchema", body.input_schema),
             ("outputSchema", body.output_schema),
@@ -423,31 +521,39 @@ def create_app(
             problem = check_schema(schema, name)
             if problem is not None:
                 raise HTTPException(422, problem)
-        items = [item if "json" in item else {"json": item} for item in body.items]
-        problem = validate_input(body.input_schema, items)
-        if problem is not None:
-            raise HTTPException(422, f"Items do not match inputSchema: {problem}")
+        submission = Submission(
+            tenant=tenant,
+            code=body.code,
+            items=body.items,
+            mode=Mode.parse(body.mode),
+            continue_on_fail=body.continue_on_fail,
+            query=body.query,
+            limits=TaskLimits(body.timeout_seconds, body.memory_mb, body.cpus),
+            output_schema=body.output_schema,
+        )
         try:
-            task = broker.submit(
-                Submission(
-                    tenant=tenant,
-                    code=body.code,
-                    items=items,
-                    mode=Mode.parse(body.mode),
-                    continue_on_fail=body.continue_on_fail,
-                    query=body.query,
-                    limits=TaskLimits(body.timeout_seconds, body.memory_mb, body.cpus),
-                    output_schema=body.output_schema,
-                )
-            )
+            # Walking and encoding millions of values takes seconds: off the event loop.
+            prepared = await asyncio.to_thread(prepare, submission, body.input_schema)
+            task = broker.submit(prepared)
+        except SubmissionRefused as exc:
+            raise HTTPException(422, str(exc)) from None
+        except TaskTooLarge as exc:
+            raise HTTPException(413, str(exc)) from None
         except TenantBacklogFull as exc:
-            raise HTTPException(429, str(exc), headers={"Retry-After": "1"}) from exc
-        response.headers["Location"] = f"/v1/tasks/{task.task_id}"
-        await wait_for(task, wait)
-        if task.document is not None:
-            response.status_code = 200
-            return task.document
-        return broker.summary(task)
+            raise HTTPException(429, str(exc), headers={"Retry-After": "1"}) from None
+        # From here on the broker holds the task as JSON text, within the tenant's
+        # budget; the request's own copies (the body, its parse, the model) go now,
+        # not when a long-poll ends.
+        forget_body(request)
+        headers = {"Location": f"/v1/tasks/{task.task_id}"}
+        if wait <= 0 or task.document_json is not None:
+            return task_body(task, headers)
+
+        async def answer() -> Response:
+            await wait_for(task, wait)
+            return task_body(task, headers)
+
+        return LateResponse(answer)
 
     @app.get(
         "/v1/tasks/{task_id}",
@@ -458,13 +564,10 @@ def create_app(
     async def read(
         task_id: str,
         tenant: Tenant,
-        response: Response,
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
-    ) -> dict[str, Any]:
+    ) -> Response:
         task = own_task(task_id, tenant)
         await wait_for(task, wait)
-        if task.document is None:
-            response.status_code = 202
         return task_body(task)
 
     @app.get("/v1/tasks", tags=["tasks"], summary="Recent tasks of the caller's tenant")
@@ -474,14 +577,28 @@ def create_app(
         )
 
     @app.delete("/v1/tasks/{task_id}", tags=["tasks"], summary="Cancel a task", response_model=None)
-    async def cancel(task_id: str, tenant: Tenant) -> dict[str, Any]:
+    async def cancel(task_id: str, tenant: Tenant) -> Response:
         task = own_task(task_id, tenant)
         broker.cancel(task)
         return task_body(task)
 
-    @app.get("/v1/health", tags=["tasks"], summary="Broker state")
-    async def health() -> dict[str, Any]:
+    # Broker-wide views (runner ids, every tenant's load): behind the API's own rule,
+    # any tenant's key (or loopback when no keys are set). /healthz stays open.
+    @app.get("/v1/health", tags=["tasks"], summary="Broker state (needs an API key)")
+    async def health(tenant: Tenant) -> dict[str, Any]:
         return {"status": "ok", "runners": broker.runner_ids(), "running": broker.running_count()}
+
+    if registry is not None:
+        metrics_registry = registry
+
+        @app.get(
+            "/metrics",
+            tags=["tasks"],
+            summary="Prometheus metrics (needs an API key, as /v1/health)",
+            response_class=PlainTextResponse,
+        )
+        async def metrics(tenant: Tenant) -> Response:
+            return Response(exposition(metrics_registry), media_type=CONTENT_TYPE)
 
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     return app

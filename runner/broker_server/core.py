@@ -8,6 +8,14 @@ quotas and round-robin fairness (one busy tenant cannot starve the others), the
 results from a runner that reconnected, drain on shutdown, and the result
 documents the HTTP API serves.
 
+Memory is a tenant's to spend only within its budgets. A task's settings are encoded
+once, at submission (:func:`prepare`: what cannot be encoded or nests too deeply is
+refused there, never at dispatch), and kept as that JSON text until they are sent; a
+finished task keeps its result document as JSON text. As Python objects the same data
+would take up to ~100 times its size in JSON (a dict per ``{}``), so a tenant could
+hold gigabytes with one 16 MiB request; as ASCII-only JSON text (one byte per
+character), what the byte budgets count is what the broker holds.
+
 It is driven by the web layer (:mod:`runner.broker_server.app`) through plain
 method calls; each runner connection is an object with a non-blocking ``send``.
 Timers use the event loop's ``call_later`` with an injected clock for deadlines.
@@ -19,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import itertools
+import json
 import logging
 import secrets
 import string
@@ -37,6 +46,7 @@ import referencing.exceptions
 from pydantic import BaseModel
 
 from runner.metrics import BrokerMetrics, CollectorRegistry
+from runner.protocol.codec import encode
 from runner.protocol.messages import (
     EXTENSION_PRINTS,
     EXTENSION_SANDBOX,
@@ -63,6 +73,12 @@ log = logging.getLogger(__name__)
 ACCEPT_TIMEOUT_S = 2.0
 TIMED_OUT_REASON = "Task execution timed out"
 NOT_WANTED_REASON = "Task is no longer wanted"
+NOT_SENT_REASON = "The broker could not send the task's settings"
+# Deepest nesting of ``query`` and of each item's ``json``. The runner re-encodes what
+# a task returns with pydantic, which gives up at ~250 levels, and a task often returns
+# its input wrapped in a few levels more; 128 leaves room for that and for any real
+# workflow data.
+MAX_INPUT_DEPTH = 128
 TASK_ID_ALPHABET = string.ascii_letters + string.digits + "_-"
 
 
@@ -116,6 +132,7 @@ class RunnerConnection(Protocol):
     runner_id: str
 
     def send(self, message: BaseModel) -> None: ...
+    def send_frame(self, frame: str) -> None: ...
     def close(self, code: int, reason: str) -> None: ...
 
 
@@ -128,7 +145,7 @@ class TaskLimits:
 
 @dataclass(frozen=True, slots=True)
 class Submission:
-    """A task as submitted through the API."""
+    """A task as submitted through the API (``items``: n8n items or plain objects)."""
 
     tenant: str
     code: str
@@ -140,10 +157,142 @@ class Submission:
     output_schema: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A submission as the broker keeps it: the runner's settings already encoded.
+
+    ``settings``: the ``settings`` object of ``broker:tasksettings`` as JSON text;
+    ``output_schema``: the caller's schema as JSON, decoded again only to check a result.
+    """
+
+    tenant: str
+    mode: Mode
+    limits: TaskLimits
+    settings: str
+    output_schema: str | None = None
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.settings) + len(self.output_schema or "")
+
+
+class SubmissionRefused(ValueError):
+    """A submission the broker cannot take as it is (a 422: the message says why)."""
+
+
+def to_json(value: Any) -> str:
+    """Compact JSON, ASCII only; never bare ``NaN`` (clients and Node refuse it).
+
+    ASCII: one byte per character in memory, so ``len`` is what it costs (a string
+    with one character beyond Latin-1 would take 2 or 4 bytes for every character),
+    and lone surrogates (``"\\ud800"`` is valid JSON, but no UTF-8) travel as escapes.
+    Raises ``ValueError`` (NaN, Infinity, a non-JSON value) or ``RecursionError``.
+    """
+    return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
+def nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists/objects in ``value`` nest more than ``limit`` levels (any depth).
+
+    Level by level, with one list per level: a walk that made a tuple per node spent
+    most of its time in the garbage collector on millions of small items.
+    """
+    level: list[Any] = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        below: list[Any] = []
+        for node in level:
+            children = node.values() if isinstance(node, dict) else node
+            below.extend([child for child in children if isinstance(child, dict | list)])
+        level = below
+    return False
+
+
+def prepare(submission: Submission, input_schema: dict[str, Any] | None = None) -> Prepared:
+    """Wrap plain items, apply ``input_schema``, check nesting, encode the settings.
+
+    Raises :class:`SubmissionRefused` for items that do not match the schema and for
+    what cannot travel: nesting beyond :data:`MAX_INPUT_DEPTH`, ``NaN``/``Infinity``
+    (Python's JSON parser accepts them; no JSON encoder should emit them). Whatever
+    passes here is exactly what is sent, so a task can no longer fail to encode at
+    dispatch and leave a runner's slot waiting. CPU-bound for large submissions (seconds
+    for millions of values): the API calls it in a worker thread.
+    """
+    items = [
+        item if isinstance(item, dict) and "json" in item else {"json": item}
+        for item in submission.items
+    ]
+    problem = validate_input(input_schema, items)
+    if problem is not None:
+        raise SubmissionRefused(f"Items do not match inputSchema: {problem}")
+    for name, value in (("query", submission.query), ("items", items)):
+        # items: the list and each {"json": ...} wrapper are two levels more.
+        limit = MAX_INPUT_DEPTH + (2 if name == "items" else 0)
+        if nests_deeper_than(value, limit):
+            raise SubmissionRefused(
+                f"{name} nests deeper than {MAX_INPUT_DEPTH} levels "
+                f"{'in an item ' if name == 'items' else ''}(the broker's limit); "
+                "flatten it or send it as a JSON string"
+            )
+    settings: dict[str, Any] = {
+        "code": submission.code,
+        "nodeMode": submission.mode.n8n_name,
+        "items": items,
+        "continueOnFail": submission.continue_on_fail,
+        "workflowMode": "api",
+        "workflowName": f"tenant {submission.tenant}",
+        "nodeName": "sandbox-runner API",
+        "query": submission.query,
+    }
+    limits = {
+        key: value
+        for key, value in (
+            ("timeoutSeconds", submission.limits.timeout_s),
+            ("memoryMb", submission.limits.memory_mb),
+            ("cpus", submission.limits.cpus),
+        )
+        if value is not None
+    }
+    if limits:
+        settings["limits"] = limits
+    try:
+        encoded = to_json(settings)
+        schema = None if submission.output_schema is None else to_json(submission.output_schema)
+    except (ValueError, TypeError, RecursionError) as exc:
+        reason = "it nests too deeply" if isinstance(exc, RecursionError) else _plain(str(exc))
+        raise SubmissionRefused(f"The task cannot be encoded as JSON: {reason}") from None
+    return Prepared(submission.tenant, submission.mode, submission.limits, encoded, schema)
+
+
+def _plain(message: str) -> str:
+    if "Out of range float values" in message:
+        return "NaN and Infinity are not JSON (send null or a string)"
+    return message[:200]
+
+
+def settings_frame(task_id: str, settings: str) -> str:
+    """The ``broker:tasksettings`` frame around settings encoded at submission.
+
+    The frame's envelope comes from the message model (its ``type`` is the only copy of
+    the wire string); only the already-encoded ``settings`` is spliced in, so the
+    task's data is never decoded or re-encoded on the way out.
+    """
+    envelope = encode(TaskSettingsMessage(task_id=task_id, settings=None))
+    head, null, tail = envelope.rpartition("null")
+    if not null or tail != "}":
+        raise ValueError(f"unexpected broker:tasksettings envelope: {envelope!r}")
+    return head + settings + tail
+
+
 @dataclass
 class BrokerTask:
     task_id: str
-    submission: Submission
+    tenant: str
+    mode: Mode
+    limits: TaskLimits
     submitted_at: float
     submitted_wall: datetime
     status: TaskStatus = TaskStatus.QUEUED
@@ -153,15 +302,32 @@ class BrokerTask:
     finished_at: float | None = None
     prints: list[list[str]] = field(default_factory=list)
     print_bytes: int = 0  # characters of the prints kept, for the broker's cap
-    document: dict[str, Any] | None = None
+    # Held while the task is unfinished (settings: until they are sent), counted in
+    # its tenant's queued bytes; the result document once it has finished.
+    settings: str | None = None
+    output_schema: str | None = None
+    document_json: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     timer: asyncio.TimerHandle | None = None
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of settings and schema this unfinished task still holds."""
+        return len(self.settings or "") + len(self.output_schema or "")
+
+    @property
+    def document(self) -> dict[str, Any] | None:
+        """The result document (decoded on every call: the API serves the text)."""
+        if self.document_json is None:
+            return None
+        document: dict[str, Any] = json.loads(self.document_json)
+        return document
 
     def summary(self) -> dict[str, Any]:
         return {
             "taskId": self.task_id,
             "status": self.status.value,
-            "mode": self.submission.mode.value,
+            "mode": self.mode.value,
             "submittedAt": self.submitted_wall.isoformat(timespec="milliseconds"),
             "runnerId": self.runner_id,
         }
@@ -190,10 +356,20 @@ class BrokerConfig:
     # frames) sends; the rest is dropped and counted.
     max_print_calls: int = 100
     max_print_chars: int = 16 * 1024 * 1024
+    # Bytes per tenant (SANDBOX_TENANT_QUEUED_BYTES, SANDBOX_TENANT_RETAINED_BYTES):
+    # encoded settings and schemas of its unfinished tasks (a submission beyond it is
+    # refused), and result documents of its finished ones (the oldest are forgotten).
+    max_queued_bytes_per_tenant: int = 128 * 1024 * 1024
+    max_retained_bytes_per_tenant: int = 128 * 1024 * 1024
 
 
 class TenantBacklogFull(Exception):
-    """A tenant already has ``max_unfinished_per_tenant`` tasks that have not finished."""
+    """A tenant already has ``max_unfinished_per_tenant`` tasks that have not finished,
+    or their bytes would exceed its queued-bytes budget (both a 429: wait and retry)."""
+
+
+class TaskTooLarge(Exception):
+    """One task alone needs more than its tenant's queued-bytes budget (a 413)."""
 
 
 class Broker:
@@ -217,6 +393,8 @@ class Broker:
         self._round_robin: deque[str] = deque()
         self._active: dict[str, int] = {}  # tenant -> offered + running
         self._unfinished: dict[str, int] = {}  # tenant -> queued + offered + running
+        self._queued_bytes: dict[str, int] = {}  # tenant -> bytes its unfinished tasks hold
+        self._retained_bytes: dict[str, int] = {}  # tenant -> bytes of its kept documents
         self._finished: dict[str, deque[str]] = {}  # tenant -> finished task ids, oldest first
         self._draining = False
         # When the broker last had no registered runner (None while it has one): a task
@@ -304,23 +482,49 @@ class Broker:
 
     # -- tasks --------------------------------------------------------------------------
 
-    def submit(self, submission: Submission) -> BrokerTask:
-        """Queue a task; :class:`TenantBacklogFull` if its tenant has too many unfinished."""
-        tenant = submission.tenant
+    def submit(self, submission: Submission | Prepared) -> BrokerTask:
+        """Queue a task.
+
+        Raises :class:`SubmissionRefused` (a :class:`Submission` that cannot be encoded),
+        :class:`TenantBacklogFull` (too many unfinished tasks, or too many bytes of
+        them) or :class:`TaskTooLarge` (more bytes than the tenant's budget, alone).
+        """
+        prepared = submission if isinstance(submission, Prepared) else prepare(submission)
+        tenant = prepared.tenant
         cap = self.config.max_unfinished_per_tenant
         if self._unfinished.get(tenant, 0) >= cap:
             raise TenantBacklogFull(
                 f"Tenant {tenant!r} already has {cap} unfinished tasks (the broker's limit); "
                 "wait for some to finish or cancel some"
             )
+        budget = self.config.max_queued_bytes_per_tenant
+        size = prepared.size_bytes
+        if size > budget:
+            raise TaskTooLarge(
+                f"The task takes {size} bytes as JSON (code, items, query and outputSchema), "
+                f"more than the {budget} bytes a tenant may have queued "
+                "(SANDBOX_TENANT_QUEUED_BYTES); send less data per task"
+            )
+        queued = self._queued_bytes.get(tenant, 0)
+        if queued + size > budget:
+            raise TenantBacklogFull(
+                f"Tenant {tenant!r} already has {queued} bytes of unfinished tasks; "
+                f"this one ({size} bytes) would exceed its budget of {budget} bytes "
+                "(SANDBOX_TENANT_QUEUED_BYTES); wait for some to start or cancel some"
+            )
         task = BrokerTask(
             task_id=new_task_id(),
-            submission=submission,
+            tenant=tenant,
+            mode=prepared.mode,
+            limits=prepared.limits,
             submitted_at=self._clock(),
             submitted_wall=datetime.now(UTC),
+            settings=prepared.settings,
+            output_schema=prepared.output_schema,
         )
         self._tasks[task.task_id] = task
         self._unfinished[tenant] = self._unfinished.get(tenant, 0) + 1
+        self._queued_bytes[tenant] = queued + size
         self._metrics.submitted.inc()
         self._queue(task, front=False)
         self._arm(task, self.config.queue_timeout_s, self._queue_expired, task.task_id)
@@ -347,7 +551,7 @@ class Broker:
             return Waiting(
                 WaitReason.NO_RUNNER, f"No runner is connected to this broker. {NO_RUNNER_HELP}"
             )
-        tenant = task.submission.tenant
+        tenant = task.tenant
         quota = self._quota(tenant)
         if self._active.get(tenant, 0) >= quota:
             return Waiting(
@@ -357,7 +561,7 @@ class Broker:
         return Waiting(WaitReason.RUNNERS_BUSY, "Every connected runner is busy (no free slot).")
 
     def recent(self, tenant: str, limit: int) -> list[BrokerTask]:
-        mine = [t for t in self._tasks.values() if t.submission.tenant == tenant]
+        mine = [t for t in self._tasks.values() if t.tenant == tenant]
         return sorted(mine, key=lambda t: t.submitted_at, reverse=True)[:limit]
 
     def cancel(self, task: BrokerTask) -> None:
@@ -450,7 +654,7 @@ class Broker:
         return None if best is None else (best[1], best[2])
 
     def _queue(self, task: BrokerTask, *, front: bool) -> None:
-        tenant = task.submission.tenant
+        tenant = task.tenant
         queue = self._queues.setdefault(tenant, deque())
         if tenant not in self._round_robin:
             self._round_robin.append(tenant)
@@ -460,12 +664,12 @@ class Broker:
             queue.append(task.task_id)
 
     def _unqueue(self, task: BrokerTask) -> None:
-        queue = self._queues.get(task.submission.tenant)
+        queue = self._queues.get(task.tenant)
         if queue and task.task_id in queue:
             queue.remove(task.task_id)
 
     def _release(self, task: BrokerTask) -> None:
-        tenant = task.submission.tenant
+        tenant = task.tenant
         if task.status in (TaskStatus.OFFERED, TaskStatus.RUNNING):
             self._active[tenant] = max(0, self._active.get(tenant, 0) - 1)
 
@@ -503,33 +707,34 @@ class Broker:
         task.status = TaskStatus.RUNNING
         task.started_at = self._clock()
         self._metrics.queue_wait.observe(task.started_at - task.submitted_at)
-        submission = task.submission
-        timeout_s = submission.limits.timeout_s or self.config.default_timeout_s
+        timeout_s = task.limits.timeout_s or self.config.default_timeout_s
         self._arm(task, timeout_s + self.config.timeout_grace_s, self._task_timed_out, task_id)
-        settings: dict[str, Any] = {
-            "code": submission.code,
-            "nodeMode": submission.mode.n8n_name,
-            "items": submission.items,
-            "continueOnFail": submission.continue_on_fail,
-            "workflowMode": "api",
-            "workflowName": f"tenant {submission.tenant}",
-            "nodeName": "sandbox-runner API",
-            "query": submission.query,
-        }
-        limits = {
-            key: value
-            for key, value in (
-                ("timeoutSeconds", submission.limits.timeout_s),
-                ("memoryMb", submission.limits.memory_mb),
-                ("cpus", submission.limits.cpus),
+        connection = self._runners[runner_id].connection
+        try:
+            if task.settings is None:
+                raise RuntimeError("the task's settings are gone")
+            connection.send_frame(settings_frame(task_id, task.settings))
+        except Exception as exc:
+            # The settings were encoded at submission, so this is a bug, not the
+            # tenant's data; whatever it is, the runner now holds a slot waiting for
+            # settings that will not come (n8n's runner waits forever, ours until the
+            # broker's task timer). Free the slot and end the task now, with the cause.
+            log.exception(
+                "task %s: sending its settings failed", task_id, extra={"taskId": task_id}
             )
-            if value is not None
-        }
-        if limits:
-            settings["limits"] = limits
-        self._runners[runner_id].connection.send(
-            TaskSettingsMessage(task_id=task_id, settings=settings)
-        )
+            connection.send(TaskCancel(task_id=task_id, reason=NOT_SENT_REASON))
+            self._finish_error(
+                task,
+                "The broker could not send the task's settings to the runner",
+                f"{type(exc).__name__}: {exc}"[:500],
+                "dispatch_failed",
+                "dispatch",
+            )
+            self.dispatch()
+            return
+        # Sent: the runner has them now; the broker keeps only what it still needs.
+        self._queued_bytes[task.tenant] -= len(task.settings)
+        task.settings = None
 
     def _declined(self, runner_id: str, task_id: str, reason: str) -> None:
         task = self._tasks.get(task_id)
@@ -561,9 +766,8 @@ class Broker:
         if isinstance(message, TaskDone):
             result = message.data.result
             rows = len(result) if isinstance(result, list) else 1
-            schema_error = _schema_error(
-                task.submission.output_schema, result, "result", _Budget(budget_for(rows))
-            )
+            schema = None if task.output_schema is None else json.loads(task.output_schema)
+            schema_error = _schema_error(schema, result, "result", _Budget(budget_for(rows)))
             if schema_error is not None:
                 self._finish_error(
                     task,
@@ -638,15 +842,34 @@ class Broker:
         if task.status.is_finished:
             return
         self._release(task)
-        tenant = task.submission.tenant
+        tenant = task.tenant
         self._unfinished[tenant] = max(0, self._unfinished.get(tenant, 0) - 1)
+        self._queued_bytes[tenant] = max(0, self._queued_bytes.get(tenant, 0) - task.held_bytes)
+        task.settings = task.output_schema = None
+        try:
+            document = to_json({**body, "prints": task.prints, "audit": audit})
+        except (ValueError, TypeError, RecursionError) as exc:
+            # Only a runner that breaks the protocol gets here (ours never sends NaN):
+            # the caller gets an error it can parse, not invalid JSON.
+            log.warning("task %s: the runner's report is not JSON: %s", task.task_id, exc)
+            body = {
+                "status": "error",
+                "error": {
+                    "message": "The runner's report cannot be encoded as JSON",
+                    "description": f"{type(exc).__name__}: {exc}"[:500],
+                    "code": "invalid_report",
+                    "stage": "result",
+                },
+            }
+            document = to_json({**body, "prints": [], "audit": None})
+        task.prints = []  # now in the document
         task.status = TaskStatus.SUCCESS if body["status"] == "success" else TaskStatus.ERROR
         task.finished_at = self._clock()
         code = body["error"]["code"] if "error" in body else ""
         self._metrics.tasks.labels(status=task.status.value, error_code=code).inc()
         if task.started_at is not None:
             self._metrics.duration.observe(task.finished_at - task.started_at)
-        task.document = {**body, "prints": task.prints, "audit": audit}
+        task.document_json = document
         if task.timer is not None:
             task.timer.cancel()
             task.timer = None
@@ -720,7 +943,7 @@ class Broker:
                     f"no runner is connected to this broker (the last one left {gone_s:.0f} s ago)"
                 )
             case WaitReason.TENANT_QUOTA:
-                quota = self._quota(task.submission.tenant)
+                quota = self._quota(task.tenant)
                 return f"its tenant had its quota of {quota} tasks running"
             case WaitReason.DRAINING:
                 return "the broker is shutting down"
@@ -732,7 +955,7 @@ class Broker:
         if task is None or task.status is not TaskStatus.RUNNING:
             return
         if task.runner_id in self._runners:  # it came back: wait for its report
-            timeout_s = task.submission.limits.timeout_s or self.config.default_timeout_s
+            timeout_s = task.limits.timeout_s or self.config.default_timeout_s
             self._arm(task, timeout_s + self.config.timeout_grace_s, self._task_timed_out, task_id)
             return
         self._finish_error(
@@ -741,14 +964,24 @@ class Broker:
         self.dispatch()
 
     def _retain(self, task: BrokerTask) -> None:
-        """Keep the tenant's last ``max_tasks_kept`` finished tasks; forget older ones.
+        """Keep the tenant's last finished tasks; forget the oldest ones first.
 
-        Per tenant: one tenant's volume never evicts another's results.
+        At most ``max_tasks_kept`` of them and ``max_retained_bytes_per_tenant`` bytes of
+        their documents; the newest is always kept, whatever its size (a document is
+        bounded by what a runner may send), so its caller can read it once. Per tenant:
+        one tenant's volume never evicts another's results.
         """
-        kept = self._finished.setdefault(task.submission.tenant, deque())
+        tenant = task.tenant
+        kept = self._finished.setdefault(tenant, deque())
         kept.append(task.task_id)
-        while len(kept) > self.config.max_tasks_kept:
-            self._tasks.pop(kept.popleft(), None)
+        retained = self._retained_bytes.get(tenant, 0) + len(task.document_json or "")
+        while len(kept) > self.config.max_tasks_kept or (
+            retained > self.config.max_retained_bytes_per_tenant and len(kept) > 1
+        ):
+            evicted = self._tasks.pop(kept.popleft(), None)
+            if evicted is not None:
+                retained -= len(evicted.document_json or "")
+        self._retained_bytes[tenant] = retained
 
     # -- shutdown -----------------------------------------------------------------------
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from runner.broker_server.app import ApiConfig, create_app
+from runner.broker_server.app import ApiConfig, LimitSource, create_app
 from runner.broker_server.core import Broker, BrokerConfig, TaskLimits
 from runner.broker_server.tokens import GrantTokens
 from runner.errors import InfrastructureError
 from runner.metrics import BrokerMetrics, CollectorRegistry
-from runner.policy import load_policy
+from runner.policy import POLICY_FILE, EffectivePolicy, load_policy
 from runner.sandbox.base import MIB, Limits
-from runner.settings import Settings
+from runner.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,28 @@ def broker_config(settings: Settings, limits: Limits | None = None) -> BrokerCon
         tenant_quotas=settings.tenant_quota_overrides,
         max_print_calls=settings.max_print_calls,
         max_print_chars=limits.output_bytes,
+        max_queued_bytes_per_tenant=settings.tenant_queued_bytes,
+        max_retained_bytes_per_tenant=settings.tenant_retained_bytes,
     )
+
+
+def ceiling_sources(policy: EffectivePolicy) -> dict[str, LimitSource]:
+    """Where each per-task ceiling of the API comes from: a setting, or the bundle."""
+    bounds = policy.bundle.config.limits
+    sources = {}
+    for api_name, setting, key in (
+        ("timeoutSeconds", "task_timeout_s", "timeout_s"),
+        ("memoryMb", "memory_mb", "memory_mb"),
+        ("cpus", "cpus", "cpus"),
+    ):
+        sources[api_name] = LimitSource(
+            variable=env_name(setting),
+            is_set=setting in policy.tightened,
+            bundle_key=f"limits.{key}",
+            bundle_file=str(policy.bundle.directory / POLICY_FILE),
+            bundle_ceiling=getattr(bounds, key).ceiling,
+        )
+    return sources
 
 
 @contextlib.asynccontextmanager
@@ -101,7 +122,8 @@ async def running_broker(
     token = auth_token or (
         settings.auth_token.get_secret_value() if settings.auth_token else secrets.token_urlsafe(24)
     )
-    limits = load_policy(settings).limits
+    policy = load_policy(settings)
+    limits = policy.limits
     registry = registry if registry is not None else CollectorRegistry()
     broker = Broker(broker_config(settings, limits), metrics=BrokerMetrics(registry))
     app = create_app(
@@ -113,6 +135,7 @@ async def running_broker(
             max_request_bytes=settings.max_request_bytes,
             # The runner's effective limits (policy bundle + settings) cap API requests.
             ceilings=TaskLimits(limits.timeout_s, limits.memory_bytes // MIB, limits.cpus),
+            ceiling_sources=ceiling_sources(policy),
         ),
         registry=registry,
     )

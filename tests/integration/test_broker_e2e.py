@@ -264,6 +264,44 @@ async def test_cancel_during_execution(broker: RunningBroker, runner: RunnerProc
     ]
 
 
+def nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = {"d": value}
+    return value
+
+
+async def test_input_as_deep_as_the_broker_allows_runs_and_comes_back(
+    broker: RunningBroker, runner: RunnerProcess
+) -> None:
+    deepest = nested(128)  # MAX_INPUT_DEPTH: the broker's limit for query and items
+    document, _ = await run_on(
+        broker,
+        runner.runner_id,
+        "return [{'json': {'query': _query, 'item': _items[0]['json']}}]",
+        [{"json": deepest}],
+        query=deepest,
+    )
+    assert document["status"] == "success", document
+    assert document["result"] == [{"json": {"query": deepest, "item": deepest}}]
+
+
+async def test_input_too_deep_is_refused_before_any_runner_sees_it(
+    broker: RunningBroker, runner: RunnerProcess
+) -> None:
+    # It used to be accepted, then fail to encode at dispatch: the runner held the
+    # slot waiting for settings until the broker's timer (timeout + grace) fired.
+    async with httpx.AsyncClient(base_url=broker.url, timeout=30) as http:
+        response = await http.post("/v1/tasks", json={"code": "return 1", "query": nested(300)})
+        assert response.status_code == 422
+        assert "query nests deeper than 128 levels" in response.json()["detail"]
+        # and the runner's slots are all free for the next task
+        document = (
+            await http.post("/v1/tasks?wait=30", json={"code": "return [{'json': {'ok': 1}}]"})
+        ).json()
+    assert document["status"] == "success", document
+
+
 async def test_health_check(runner: RunnerProcess) -> None:
     async with httpx.AsyncClient() as http:
         response = await http.get(f"http://127.0.0.1:{runner.health_port}/anything")

@@ -179,7 +179,11 @@ async def test_runner_container_runs_tasks_for_the_embedded_broker_and_counts_th
 
             runner_metrics = await asyncio.to_thread(runner.metrics)
             async with httpx.AsyncClient() as client:
-                broker_metrics = (await client.get(f"{running.url}/metrics")).text
+                broker_metrics = (
+                    await client.get(
+                        f"{running.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}
+                    )
+                ).text
             _check_runner_metrics(runner_metrics, documents)
             _check_broker_metrics(broker_metrics)
             _check_json_logs(runner.logs(), documents)

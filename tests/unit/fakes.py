@@ -5,19 +5,29 @@ from __future__ import annotations
 from typing import Any
 
 from runner.broker_server.core import Broker
+from runner.protocol.codec import decode_broker_message
 from runner.protocol.messages import RunnerInfo, TaskOffer
 
 
 class FakeRunner:
-    """A runner connection to the broker core that records what it was sent."""
+    """A runner connection to the broker core that records what it was sent.
+
+    Raw frames (the settings, encoded at submission) are kept in ``frames`` and also
+    decoded into ``sent`` as a runner would read them, so tests see one message list.
+    """
 
     def __init__(self, runner_id: str = "r1") -> None:
         self.runner_id = runner_id
         self.sent: list[Any] = []
+        self.frames: list[str] = []
         self.closed: tuple[int, str] | None = None
 
     def send(self, message: Any) -> None:
         self.sent.append(message)
+
+    def send_frame(self, frame: str) -> None:
+        self.frames.append(frame)
+        self.sent.append(decode_broker_message(frame))
 
     def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)

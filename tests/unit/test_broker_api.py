@@ -7,8 +7,13 @@ runners is tested in tests/integration). Requests go through httpx's ASGI transp
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import socket
+import tracemalloc
 from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -17,14 +22,20 @@ import uvicorn
 from fakes import FakeRunner
 from fastapi import FastAPI
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 from runner.broker_server import server as server_module
-from runner.broker_server.app import ApiConfig, create_app
+from runner.broker_server.app import ApiConfig, LimitSource, create_app
 from runner.broker_server.core import Broker, BrokerConfig, TaskLimits
 from runner.broker_server.server import running_broker
 from runner.broker_server.tokens import GrantTokens
+from runner.metrics import BrokerMetrics, CollectorRegistry
+from runner.policy import load_policy
 from runner.protocol.codec import encode
 from runner.protocol.messages import RunnerInfo, TaskDone, TaskDoneData, TaskOffer
+from runner.protocol.settings import TaskLimitsRequest
+from runner.sandbox.base import MIB, Limits
+from runner.service import LimitAboveCeiling, RunnerService
 from runner.settings import Settings
 
 KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
@@ -201,8 +212,14 @@ async def test_queue_timeout_through_the_api_names_the_missing_runner() -> None:
         ({"code": "x", "items": [1, 2]}, "items"),
         ({"code": "x", "surprise": True}, "surprise"),
         ({"code": "x", "timeoutSeconds": -1}, "timeoutSeconds"),
-        ({"code": "x", "timeoutSeconds": 500}, "exceeds the policy's ceiling of 120"),
-        ({"code": "x", "memoryMb": 4096}, "exceeds the policy's ceiling of 512"),
+        (
+            {"code": "x", "timeoutSeconds": 500},
+            "timeoutSeconds 500 exceeds 120 s, this broker's per-task limit",
+        ),
+        (
+            {"code": "x", "memoryMb": 4096},
+            "memoryMb 4096 exceeds 512 MiB, this broker's per-task limit",
+        ),
         (
             {"code": "x", "inputSchema": {"type": "nonsense"}},
             "inputSchema is not a valid JSON Schema",
@@ -576,3 +593,325 @@ async def test_drain_keeps_long_polls_of_a_running_task_until_it_ends(api: Any) 
     # ... and gets the result, not a 202 that would send the client round in a loop.
     assert answer.status_code == 200
     assert answer.json()["result"] == [1]
+
+
+# --- the edge: what a hostile caller sends ------------------------------------------
+
+
+def send_whole_body(port: int, size: int, *, chunked: bool) -> tuple[int | None, str]:
+    """POST ``size`` bytes the way urllib does (all of it, then read; ``Connection:
+    close``) over a real socket: (status or None on a reset, the response's text)."""
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
+    head = (
+        f"POST /v1/tasks HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\n"
+        f"Connection: close\r\n{framing}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        try:
+            sock.sendall(head.encode())
+            piece = b"x" * 65536
+            for start in range(0, size, len(piece)):
+                data = piece[: min(len(piece), size - start)]
+                sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            return None, "connection reset"
+    status_line, _, rest = answer.decode().partition("\r\n")
+    return int(status_line.split()[1]), rest.partition("\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_an_oversized_body_gets_a_413_the_client_can_read(chunked: bool) -> None:
+    # A real server: the reset this is about happens at the socket, which the ASGI
+    # transport has not got.
+    limit = 256 * 1024
+    settings = Settings(
+        broker_host="127.0.0.1",
+        broker_port=0,
+        max_request_bytes=limit,
+        graceful_shutdown_timeout_s=1,
+    )
+    async with running_broker(settings, auth_token="secret-auth-token") as running:
+        status, text = await asyncio.to_thread(
+            send_whole_body, running.port, 3 * limit, chunked=chunked
+        )
+        assert status == 413, text  # b3a21b2: "connection reset"
+        assert (status, json.loads(text)) == (
+            413,
+            {"detail": f"Request body exceeds the limit of {limit} bytes "
+             "(SANDBOX_MAX_REQUEST_BYTES)"},
+        )  # fmt: skip
+        # and it keeps serving
+        async with httpx.AsyncClient(base_url=running.url) as client:
+            ok = await client.post("/v1/tasks", json={"code": "return 1"})
+            assert ok.status_code == 202
+
+
+async def test_a_runner_message_over_the_limit_closes_that_runner_with_1009() -> None:
+    settings = Settings(
+        broker_host="127.0.0.1", broker_port=0, max_payload=64 * 1024, graceful_shutdown_timeout_s=1
+    )
+    async with running_broker(settings, auth_token="secret-auth-token") as running:
+
+        async def connect(runner_id: str) -> Any:
+            async with httpx.AsyncClient(base_url=running.url) as client:
+                grant = await client.post("/runners/auth", json={"token": "secret-auth-token"})
+            return ws_connect(
+                running.url.replace("http://", "ws://") + f"/runners/_ws?id={runner_id}",
+                additional_headers={"Authorization": f"Bearer {grant.json()['data']['token']}"},
+                max_size=None,
+            )
+
+        async def register(socket: Any) -> None:
+            assert json.loads(await asyncio.wait_for(socket.recv(), 30))["type"] == (
+                "broker:inforequest"
+            )
+            await socket.send(encode(RunnerInfo()))
+            assert json.loads(await asyncio.wait_for(socket.recv(), 30))["type"] == (
+                "broker:runnerregistered"
+            )
+
+        async with await connect("big") as big, await connect("other") as other:
+            await register(big)
+            await register(other)
+            await big.send(json.dumps({"type": "runner:taskoffer", "pad": "x" * 100_000}))
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(big.recv(), 30)  # hang guard
+            assert big.close_code == 1009
+            assert "exceeds limit of 65536 bytes" in (big.close_reason or "")
+            await until(lambda: running.broker.runner_ids() == ["other"])
+            # The endpoint and the other runner are unaffected.
+            await other.send(encode(RunnerInfo()))
+            assert json.loads(await asyncio.wait_for(other.recv(), 30))["type"] == (
+                "broker:runnerregistered"
+            )
+            async with await connect("again") as again:
+                await register(again)
+
+
+def app_with_metrics(api_keys: dict[str, str], client: tuple[str, int]) -> httpx.AsyncClient:
+    registry = CollectorRegistry()
+    app = create_app(
+        Broker(BrokerConfig(), metrics=BrokerMetrics(registry)),
+        GrantTokens(30),
+        ApiConfig(
+            auth_token="secret-auth-token",
+            api_keys=api_keys,
+            max_request_bytes=64 * 1024,
+            ceilings=TaskLimits(),
+        ),
+        registry=registry,
+    )
+    transport = httpx.ASGITransport(app=app, client=client)
+    return httpx.AsyncClient(transport=transport, base_url="http://broker")
+
+
+async def test_health_and_metrics_need_a_key_when_keys_are_set() -> None:
+    async with app_with_metrics(KEYS, ("203.0.113.9", 5000)) as client:
+        for path in ("/v1/health", "/metrics"):
+            assert (await client.get(path)).status_code == 401, path
+            assert (await client.get(path, headers={"Authorization": "Bearer no"})).status_code == (
+                401
+            )
+            assert (await client.get(path, headers=A)).status_code == 200, path
+        assert (await client.get("/v1/health", headers=B)).json()["runners"] == []
+        assert "sandbox_broker_runners" in (await client.get("/metrics", headers=B)).text
+        assert (await client.get("/healthz")).json() == {"status": "ok"}  # liveness: open
+    # Without keys, as the rest of the API: loopback only.
+    async with app_with_metrics({}, ("203.0.113.9", 5000)) as remote:
+        assert (await remote.get("/v1/health")).status_code == 403
+        assert (await remote.get("/metrics")).status_code == 403
+        assert (await remote.get("/healthz")).status_code == 200
+    async with app_with_metrics({}, ("127.0.0.1", 5000)) as local:
+        assert (await local.get("/v1/health")).status_code == 200
+        assert (await local.get("/metrics")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (
+            {"code": "x", "query": _nested(1, "q", 300)},
+            "query nests deeper than 128 levels (the broker's limit)",
+        ),
+        (
+            {"code": "x", "items": [{"json": _nested(1, "q", 200)}]},
+            "items nests deeper than 128 levels in an item",
+        ),
+        (
+            {"code": "x", "items": [{"a": _nested([], "q", 129)}]},
+            "items nests deeper than 128 levels in an item",
+        ),
+    ],
+    ids=["query-300", "item-200", "plain-item-130"],
+)
+async def test_input_too_deep_to_travel_is_a_422_at_submission(
+    api: Any, body: dict[str, Any], fragment: str
+) -> None:
+    client, broker = api
+    response = await client.post("/v1/tasks", json=body, headers=A)
+    assert response.status_code == 422
+    assert fragment in response.json()["detail"]
+    assert broker.recent("tenant-a", 10) == []
+
+
+async def test_input_at_the_depth_limit_is_accepted(api: Any) -> None:
+    client, _ = api
+    body = {"code": "x", "query": _nested(1, "q", 128), "items": [_nested(1, "i", 128)]}
+    assert (await client.post("/v1/tasks", json=body, headers=A)).status_code == 202
+
+
+async def test_nan_in_items_is_a_422_at_submission(api: Any) -> None:
+    client, _ = api
+    response = await client.post(
+        "/v1/tasks",
+        content=b'{"code": "x", "items": [{"a": NaN}]}',  # Python's parser takes it
+        headers={**A, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert "NaN and Infinity are not JSON" in response.json()["detail"]
+
+
+async def test_the_ceiling_message_names_the_limit_and_where_it_came_from() -> None:
+    bundle = str(Path("policies/sandbox.toml"))
+    sources = {
+        "memoryMb": LimitSource("SANDBOX_MEMORY_MB", True, "limits.memory_mb", bundle, 2048),
+        "cpus": LimitSource("SANDBOX_CPUS", False, "limits.cpus", bundle, 4.0),
+    }
+    app = create_app(
+        Broker(BrokerConfig()),
+        GrantTokens(30),
+        ApiConfig(
+            auth_token="t",
+            api_keys=KEYS,
+            max_request_bytes=64 * 1024,
+            ceilings=TaskLimits(timeout_s=60, memory_mb=256, cpus=1.0),
+            ceiling_sources=sources,
+        ),
+    )
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
+        memory = await client.post("/v1/tasks", json={"code": "x", "memoryMb": 300}, headers=A)
+        cpus = await client.post("/v1/tasks", json={"code": "x", "cpus": 2}, headers=A)
+        timeout = await client.post(
+            "/v1/tasks", json={"code": "x", "timeoutSeconds": 90}, headers=A
+        )
+    assert memory.status_code == cpus.status_code == timeout.status_code == 422
+    assert memory.json()["detail"] == (
+        "memoryMb 300 exceeds 256 MiB, this broker's per-task limit "
+        "(SANDBOX_MEMORY_MB; the policy bundle's ceiling is 2048)"
+    )
+    assert cpus.json()["detail"] == (
+        "cpus 2 exceeds 1 CPUs, this broker's per-task limit (the policy bundle's default, "
+        f"limits.cpus in {bundle}; the operator may raise it up to the bundle's ceiling "
+        "of 4 with SANDBOX_CPUS)"
+    )
+    assert timeout.json()["detail"] == (
+        "timeoutSeconds 90 exceeds 60 s, this broker's per-task limit"
+    )
+
+
+@pytest.mark.parametrize("memory_mb", [None, 200], ids=["bundle-default", "setting"])
+async def test_a_running_broker_names_its_real_limit_source(memory_mb: int | None) -> None:
+    settings = Settings(
+        broker_host="127.0.0.1",
+        broker_port=0,
+        memory_mb=memory_mb,
+        graceful_shutdown_timeout_s=1,
+    )
+    bounds = load_policy(settings).bundle.config.limits.memory_mb
+    limit = memory_mb or bounds.default
+    async with (
+        running_broker(settings, auth_token="secret-auth-token") as running,
+        httpx.AsyncClient(base_url=running.url) as client,
+    ):
+        refused = await client.post("/v1/tasks", json={"code": "x", "memoryMb": limit + 1})
+    assert refused.status_code == 422
+    detail = refused.json()["detail"]
+    assert detail.startswith(
+        f"memoryMb {limit + 1} exceeds {limit} MiB, this broker's per-task limit ("
+    )
+    if memory_mb is None:
+        assert f"the policy bundle's default, limits.memory_mb in {settings.policy_dir}" in detail
+        assert f"ceiling of {bounds.ceiling} with SANDBOX_MEMORY_MB" in detail
+    else:
+        assert detail.endswith(
+            f"(SANDBOX_MEMORY_MB; the policy bundle's ceiling is {bounds.ceiling})"
+        )
+
+
+async def test_byte_budgets_through_the_api_413_alone_429_together() -> None:
+    client, broker = make(
+        max_request_bytes=4 * 1024 * 1024,
+        config=BrokerConfig(max_queued_bytes_per_tenant=1024 * 1024),
+    )
+    items = [{"v": "x" * 1000} for _ in range(400)]  # ~400 KB
+    async with client:
+        for _ in range(2):
+            accepted = await client.post("/v1/tasks", json={"code": "x", "items": items}, headers=A)
+            assert accepted.status_code == 202
+        full = await client.post("/v1/tasks", json={"code": "x", "items": items}, headers=A)
+        assert full.status_code == 429
+        assert "SANDBOX_TENANT_QUEUED_BYTES" in full.json()["detail"]
+        assert full.headers["retry-after"] == "1"
+        # another tenant is served
+        other = await client.post("/v1/tasks", json={"code": "x", "items": items}, headers=B)
+        assert other.status_code == 202
+        big = await client.post(
+            "/v1/tasks", json={"code": "x", "items": [*items, *items, *items]}, headers=B
+        )
+        assert big.status_code == 413
+        assert "more than the 1048576 bytes a tenant may have queued" in big.json()["detail"]
+    assert len(broker.recent("tenant-a", 10)) == 2
+
+
+def test_the_runner_names_its_per_task_limit_too() -> None:
+    service = SimpleNamespace(pipeline=SimpleNamespace(limits=Limits(memory_bytes=256 * MIB)))
+    with pytest.raises(LimitAboveCeiling) as refused:
+        RunnerService.limits_for(service, TaskLimitsRequest(memory_mb=300))  # type: ignore[arg-type]
+    assert str(refused.value) == (
+        "memoryMb 300 exceeds 256, this runner's per-task limit "
+        "(SANDBOX_MEMORY_MB, or the policy bundle's default when unset)"
+    )
+
+
+async def test_a_long_poll_does_not_keep_the_parsed_request_alive() -> None:
+    # A long-poll used to wait inside the endpoint, with FastAPI holding the parsed
+    # body (json.loads and the model: ~100 times the body for small items) for up to
+    # 300 s. Now what stays is the task as JSON text, counted in the tenant's budget.
+    settings = Settings(broker_host="127.0.0.1", broker_port=0, graceful_shutdown_timeout_s=1)
+    body = json.dumps({"code": "return 1", "items": [{}] * 200_000}).encode()
+    async with (
+        running_broker(settings, auth_token="secret-auth-token") as running,
+        httpx.AsyncClient(base_url=running.url, timeout=60) as client,
+    ):
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            poll = asyncio.create_task(
+                client.post(
+                    "/v1/tasks?wait=300",
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                )
+            )
+            await until(lambda: running.broker.recent("default", 1))
+            await asyncio.sleep(0.2)  # the endpoint has returned; the answer waits
+            assert not poll.done()
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        (task,) = running.broker.recent("default", 1)
+        running.broker.drain()
+        answer = await asyncio.wait_for(poll, 30)  # hang guard
+    assert answer.status_code == 202
+    assert answer.headers["location"] == f"/v1/tasks/{task.task_id}"
+    # {"json":{}} per {} item: the task's text is 3 times the body here (b3a21b2 held
+    # ~40 times it while the poll waited).
+    assert held < 4 * len(body) + 2 * 1024 * 1024, (held, len(body))

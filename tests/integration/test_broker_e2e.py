@@ -213,9 +213,11 @@ async def test_bypass_attempts_are_refused(
     assert f"Line 1: {violation} {BYPASS}" in text, text
 
 
-async def test_prints_become_log_node_output_rpcs(
+async def test_prints_ride_in_the_completion_for_our_broker(
     broker: RunningBroker, runner: RunnerProcess
 ) -> None:
+    """Our broker lists sandbox-prints: one frame per task, no rpc per print call
+    (n8n, which does not, gets n8n's rpcs: tests/unit/test_protocol_machine.py)."""
     code = (
         "print('Hello, World!', 42, 3.14, True, None)\n"
         "print({'a': [1]}, [1, 'x'])\n"
@@ -224,22 +226,27 @@ async def test_prints_become_log_node_output_rpcs(
         "print([], {})\n"
         "return 1"
     )
-    _, messages = await run_on(broker, runner.runner_id, code)
-    rpcs = [m for m in messages if m["type"] == "runner:rpc"]
-    assert all(m["name"] == "logNodeOutput" for m in rpcs)
-    assert [m["params"] for m in rpcs] == [
+    document, messages = await run_on(broker, runner.runner_id, code)
+    assert [m for m in messages if m["type"] == "runner:rpc"] == []
+    expected = [
         ["'Hello, World!'", "42", "3.14", "True", "None"],
         ['{"a": [1]}', '[1, "x"]'],
         ["'unicode: ü ✓ 🎉'"],
         [],
         ["[]", "{}"],
     ]
-    assert messages.index(rpcs[-1]) < messages.index(done_of(messages))
+    assert done_of(messages)["sandbox"]["prints"] == expected
+    assert document["prints"] == expected
 
 
 async def test_prints_are_sent_on_failure_too(broker: RunningBroker, runner: RunnerProcess) -> None:
-    _, messages = await run_on(broker, runner.runner_id, "print('before')\nraise RuntimeError('x')")
-    assert [m["type"] for m in messages][-2:] == ["runner:rpc", "runner:taskerror"]
+    document, messages = await run_on(
+        broker, runner.runner_id, "print('before')\nraise RuntimeError('x')"
+    )
+    error = done_of(messages)
+    assert error["type"] == "runner:taskerror"
+    assert error["sandbox"]["prints"] == [["'before'"]]
+    assert document["prints"] == [["'before'"]]
 
 
 async def test_timeout_during_execution(broker: RunningBroker, runner: RunnerProcess) -> None:

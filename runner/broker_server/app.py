@@ -52,6 +52,7 @@ from runner.broker_server.core import (
 )
 from runner.broker_server.tokens import GrantTokens, same_secret
 from runner.metrics import CONTENT_TYPE, CollectorRegistry, exposition
+from runner.pipeline import code_size, code_too_large_message
 from runner.protocol.codec import ProtocolError, decode_runner_message, encode
 from runner.sandbox.base import MAXIMUM_CODE_BYTES, MIB, MINIMUM_LIMITS, Mode
 
@@ -89,6 +90,9 @@ class ApiConfig:
     ceilings: TaskLimits  # what a caller may ask for at most
     # API field (timeoutSeconds, memoryMb, cpus) -> where its ceiling came from.
     ceiling_sources: Mapping[str, LimitSource] = field(default_factory=dict)
+    # The runner's limits.code_bytes: larger code is refused at submission (the runner
+    # would refuse it before parsing anyway; this saves queueing and sending it).
+    max_code_bytes: int | None = None
 
 
 CEILING_UNITS = {"timeoutSeconds": "s", "memoryMb": "MiB", "cpus": "CPUs"}
@@ -505,6 +509,10 @@ def create_app(
         tenant: Tenant,
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait")] = 0,
     ) -> Response:
+        if config.max_code_bytes is not None:
+            size = code_size(body.code)
+            if size > config.max_code_bytes:
+                raise HTTPException(422, code_too_large_message(size, config.max_code_bytes))
         ceilings = config.ceilings
         for name, value, ceiling in (
             ("timeoutSeconds", body.timeout_seconds, ceilings.timeout_s),

@@ -136,6 +136,7 @@ async def running_broker(
             # The runner's effective limits (policy bundle + settings) cap API requests.
             ceilings=TaskLimits(limits.timeout_s, limits.memory_bytes // MIB, limits.cpus),
             ceiling_sources=ceiling_sources(policy),
+            max_code_bytes=limits.code_bytes,
         ),
         registry=registry,
     )

@@ -915,3 +915,30 @@ async def test_a_long_poll_does_not_keep_the_parsed_request_alive() -> None:
     # {"json":{}} per {} item: the task's text is 3 times the body here (b3a21b2 held
     # ~40 times it while the poll waited).
     assert held < 4 * len(body) + 2 * 1024 * 1024, (held, len(body))
+
+
+async def test_code_above_the_runners_code_bytes_is_a_422_before_it_queues() -> None:
+    """The runner would refuse it before parsing (code_too_large); the API says so at
+    once, with the same text, and nothing is queued."""
+    broker = Broker(BrokerConfig())
+    app = create_app(
+        broker,
+        GrantTokens(30),
+        ApiConfig(
+            auth_token="t",
+            api_keys=KEYS,
+            max_request_bytes=1024 * 1024,
+            ceilings=TaskLimits(timeout_s=60, memory_mb=256, cpus=1.0),
+            max_code_bytes=1000,
+        ),
+    )
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
+        big = await client.post("/v1/tasks", json={"code": "x" * 999 + "é"}, headers=A)
+        fits = await client.post("/v1/tasks", json={"code": "x" * 1000}, headers=A)
+    assert big.status_code == 422
+    assert big.json()["detail"] == (
+        "Task code is 1,001 bytes, above the limit of 1,000 bytes (limits.code_bytes)"
+    )
+    assert fits.status_code == 202
+    assert broker.state()["queued_tasks"] == 1

@@ -665,30 +665,21 @@ class SandboxRunnerContainer(_SandboxContainer):
         return response.text
 
 
-class ServeProcess:
-    """``sandbox-runner serve`` as a child process of this Python, for a broker you run
-    yourself (e.g. :func:`runner.broker_server.server.running_broker` in your test's
-    event loop). Configured like an operator would: environment variables only; the
-    caller's own ``N8N_*``/``SANDBOX_*`` variables are not inherited. Its output is kept
-    in :attr:`lines` (the last ``keep_lines`` of them, when given).
-    """
+class _ServiceProcess:
+    """A ``sandbox-runner`` command as a child process of this Python, configured like an
+    operator would: environment variables only; the caller's own ``N8N_*``/``SANDBOX_*``
+    variables are not inherited. Its output is kept in :attr:`lines` (the last
+    ``keep_lines`` of them, when given)."""
 
     def __init__(
-        self,
-        broker_url: str,
-        auth_token: str,
-        env: dict[str, str] | None = None,
-        *,
-        keep_lines: int | None = None,
+        self, argv: list[str], env: dict[str, str], *, keep_lines: int | None = None
     ) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("N8N_", "SANDBOX_"))}
-        full_env.update(env or {})
-        full_env.update(
-            {"N8N_RUNNERS_TASK_BROKER_URI": broker_url, "N8N_RUNNERS_AUTH_TOKEN": auth_token}
-        )
+        full_env.update(env)
         self.lines: collections.deque[str] = collections.deque(maxlen=keep_lines)
+        self._line_added = threading.Condition()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "runner", "serve"],
+            [sys.executable, "-m", "runner", *argv],
             env=full_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -700,7 +691,28 @@ class ServeProcess:
     def _collect(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
+            with self._line_added:
+                self.lines.append(line.rstrip("\n"))
+                self._line_added.notify_all()
+        with self._line_added:
+            self._line_added.notify_all()
+
+    def wait_for_line(self, prefix: str, timeout_s: float) -> str:
+        """The first output line starting with ``prefix``; SandboxServiceError if the
+        process exits or ``timeout_s`` passes first."""
+        deadline = time.monotonic() + timeout_s
+        with self._line_added:
+            while True:
+                for line in self.lines:
+                    if line.startswith(prefix):
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._reader.is_alive():
+                    raise SandboxServiceError(
+                        f"no line starting with {prefix!r} within {timeout_s:.0f}s:\n"
+                        + self.output[-4000:]
+                    )
+                self._line_added.wait(min(remaining, 1.0))
 
     @property
     def output(self) -> str:
@@ -731,12 +743,64 @@ class ServeProcess:
         return await asyncio.to_thread(self.stop, timeout_s)
 
 
+class ServeProcess(_ServiceProcess):
+    """``sandbox-runner serve`` as a child process, for a broker you run yourself (e.g.
+    :func:`runner.broker_server.server.running_broker` in your test's event loop)."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        auth_token: str,
+        env: dict[str, str] | None = None,
+        *,
+        keep_lines: int | None = None,
+    ) -> None:
+        super().__init__(
+            ["serve"],
+            {
+                **(env or {}),
+                "N8N_RUNNERS_TASK_BROKER_URI": broker_url,
+                "N8N_RUNNERS_AUTH_TOKEN": auth_token,
+            },
+            keep_lines=keep_lines,
+        )
+
+
+UP_LINE = "sandbox-runner is up: POST "
+
+
+class UpProcess(_ServiceProcess):
+    """``sandbox-runner up`` (the embedded broker and one runner in one process) as a
+    child process on a free loopback port; :attr:`url` is its API once it is up.
+
+    ``env`` configures it (``SANDBOX_API_KEYS``, ``SANDBOX_STDLIB_ALLOW``, ...).
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        keep_lines: int | None = None,
+    ) -> None:
+        super().__init__(
+            ["up", "--host", "127.0.0.1", "--port", "0"], env or {}, keep_lines=keep_lines
+        )
+        try:
+            line = self.wait_for_line(UP_LINE, startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.url = line.removeprefix(UP_LINE).split()[0].removesuffix("/v1/tasks")
+
+
 __all__ = [
     "EmbeddedBrokerContainer",
     "SandboxContainer",
     "SandboxRunnerContainer",
     "SandboxServiceError",
     "ServeProcess",
+    "UpProcess",
     "reap_leftovers",
     "remove_owned",
     "runner_image",

@@ -545,6 +545,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"{(task['cgroupPeakKiB'] or 0) / 1024:.1f} MiB in its cgroup. The runner process "
             f"(pool of {runner['poolSize']}) holds {runner['rssMiB']} MiB RSS.",
         ]
+    if results.get("neighbour"):
+        from bench import neighbour
+
+        lines += neighbour.markdown(results["neighbour"])
     return "\n".join(lines)
 
 
@@ -702,6 +706,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     if not args.skip_memory:
         print("memory ...", flush=True)
         results["memory"] = await measure_memory(bench, args)
+    if not args.no_neighbour:
+        from bench import neighbour
+
+        print("noisy neighbour: tenant B alone, then under tenant A's attacks ...", flush=True)
+        results["neighbour"] = await neighbour.measure(args.rounds)
     results["meta"] = {
         "startedAt": started.isoformat(timespec="seconds"),
         "finishedAt": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -743,6 +752,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=2.0, help=argparse.SUPPRESS)
     parser.add_argument("--skip-memory", action="store_true", help="no memory measurements")
     parser.add_argument("--no-broker", action="store_true", help="skip way (e), the broker")
+    parser.add_argument(
+        "--no-neighbour", action="store_true", help="skip tenant B's latency under A's attacks"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--chart", type=Path, default=HERE / "results.png")
     parser.add_argument("--no-chart", action="store_true")

@@ -25,65 +25,28 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.neighbour import (
+    FORGED_VERDICT,
+    HEAVY_CODE,
+    JOIN_AGENT_GROUP,
+    KILL_THE_AGENT,
+    PRINT_FLOOD,
+    TRIVIAL,
+    A,
+    B,
+    up_env,
+)
 from runner.testing import UpProcess
 
 pytestmark = pytest.mark.timeout(600)
 
-A = {"Authorization": "Bearer key-of-a"}
-B = {"Authorization": "Bearer key-of-b"}
 SENTINEL_S = 8
 SENTINEL = f"import time\ntime.sleep({SENTINEL_S})\nreturn 'sentinel'"
-TRIVIAL = "return [{'json': {'n': sum(i['json']['n'] for i in _items)}}]"
 B_TASKS = 3
 # The `up` process (broker + runner) after every attack, analysis workers not counted:
 # ~70 MiB idle; the bound leaves room for allocator high-water marks, not for copies
 # of a 16 MiB body or of 300,000 print entries (each of those alone took gigabytes).
 RSS_BOUND_MIB = 200
-
-# The task writes its own child message to the result pipe: 300,000 empty prints.
-PRINT_FLOOD = """
-import os
-body = b'{"result": "flooded", "print_args": [' + b",".join([b"[]"] * 300_000) + b"]}"
-for fd in range(3, 64):
-    try:
-        os.write(fd, len(body).to_bytes(4, "big") + body)
-    except OSError:
-        pass
-return "never seen"
-"""
-# The child claims the analyzer refused it; it ran.
-FORGED_VERDICT = """
-import json, os
-error = {"kind": "security_violation", "message": "Security violations detected",
-    "description": "forged", "stderr": ""}
-body = json.dumps({"error": error, "print_args": []}).encode()
-for fd in range(3, 64):
-    try:
-        os.write(fd, len(body).to_bytes(4, "big") + body)
-    except OSError:
-        pass
-return "never seen"
-"""
-# Tries to join the agent's process group (refused now: the child has a session of
-# its own), then spins past its timeout.
-JOIN_AGENT_GROUP = """
-import os
-try:
-    os.setpgid(0, os.getpgid(os.getppid()))
-except OSError:
-    pass
-while True:
-    pass
-"""
-KILL_THE_AGENT = """
-import os, signal
-os.kill(os.getppid(), signal.SIGKILL)
-while True:
-    pass
-"""
-# Code at the runner's size ceiling (256 KiB) that is expensive to parse: analyzed in
-# a worker process, never on the loop.
-HEAVY_CODE = "x = [" + "(1, 2)," * 36_000 + "]\nreturn len(x)"
 
 
 def nested(depth: int) -> Any:
@@ -96,13 +59,7 @@ def nested(depth: int) -> Any:
 @pytest.fixture(scope="module")
 def up() -> Iterator[UpProcess]:
     process = UpProcess(
-        {
-            "SANDBOX_API_KEYS": "key-of-a=tenant-a,key-of-b=tenant-b",
-            "SANDBOX_STDLIB_ALLOW": "*",
-            "SANDBOX_RUNNER_ID": "pytest-noisy-neighbour",
-            "N8N_RUNNERS_MAX_CONCURRENCY": "5",
-        },
-        keep_lines=2000,
+        {**up_env(), "SANDBOX_RUNNER_ID": "pytest-noisy-neighbour"}, keep_lines=2000
     )
     yield process
     process.stop()

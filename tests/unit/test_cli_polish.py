@@ -262,10 +262,10 @@ def test_docker_socket(
 def test_image_progress_follows_the_log_format(capsys: pytest.CaptureFixture[str]) -> None:
     import asyncio
 
-    from runner.cli_support import _progress
+    from runner.cli.support import progress
 
     async def from_a_worker_thread() -> None:
-        await asyncio.to_thread(_progress, "building task image")
+        await asyncio.to_thread(progress, "building task image")
 
     stream = io.StringIO()
     setup_logging(level=logging.WARNING, log_format="json", stream=stream)
@@ -280,7 +280,7 @@ def test_image_progress_follows_the_log_format(capsys: pytest.CaptureFixture[str
 
 
 def test_pretty_output_is_for_people() -> None:
-    from runner.cli import _pretty
+    from runner.cli.exec import render_pretty
 
     audit = {
         "containerId": "0123456789abcdef0123",
@@ -288,7 +288,7 @@ def test_pretty_output_is_for_people() -> None:
         "details": {"containerStart": "warm"},
     }
     document = {"status": "success", "result": [{"json": {"n": 1}}], "prints": [["'hi'", "3"]]}
-    text = _pretty({**document, "audit": audit})
+    text = render_pretty({**document, "audit": audit})
     assert text.splitlines()[0] == "print: 'hi' 3"
     assert '"n": 1' in text
     assert text.endswith("took 31 ms (warm container 0123456789ab: set-up 1 ms, run 20 ms)")
@@ -303,16 +303,16 @@ def test_pretty_output_is_for_people() -> None:
         "prints": [],
         "audit": {"containerId": None, "durationsMs": {"total": 0.2}, "details": {}},
     }
-    lines = _pretty(rejected).splitlines()
+    lines = render_pretty(rejected).splitlines()
     assert lines[0] == "error [security_violation at analyze]: Security violations detected"
     assert lines[-1] == "took 0 ms (no container: stopped by the analyzer)"
 
 
 def test_status_lines_follow_the_log_format(capsys: pytest.CaptureFixture[str]) -> None:
-    from runner.cli_support import _say
+    from runner.cli.support import say
 
     setup_logging(level=logging.WARNING, log_format="json", stream=io.StringIO())
-    _say("broker listening on http://127.0.0.1:5679")
+    say("broker listening on http://127.0.0.1:5679")
     line = json.loads(capsys.readouterr().err)
     assert line == {
         **line,
@@ -320,5 +320,5 @@ def test_status_lines_follow_the_log_format(capsys: pytest.CaptureFixture[str]) 
         "message": "broker listening on http://127.0.0.1:5679",
     }
     setup_logging(level=logging.WARNING, log_format="text", stream=io.StringIO())
-    _say("broker listening on http://127.0.0.1:5679")
+    say("broker listening on http://127.0.0.1:5679")
     assert capsys.readouterr().err == "broker listening on http://127.0.0.1:5679\n"

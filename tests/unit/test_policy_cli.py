@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import main
-from runner.cli_policy import render_selfcheck
+from runner.cli.selfcheck import render_selfcheck
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"

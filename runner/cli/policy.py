@@ -1,45 +1,35 @@
-"""``sandbox-runner policy lint|explain`` and ``sandbox-runner selfcheck``.
+"""``sandbox-runner policy lint|explain``: the policy bundle, for auditors.
 
-Owns: the auditor-facing output of the policy bundle (text and ``--json``) and of
-the self-check. The rules, the comparison with Docker's default profile and the
-explanation itself come from :mod:`runner.policy`; the canaries from
-:mod:`runner.selfcheck`. Registered in :mod:`runner.cli` with ``main.add_command``.
+Owns: the auditor-facing output of the policy bundle (text and ``--json``): the lint
+report with its comparison to Docker's default seccomp profile, and the
+explanation of what a task may and may not do. The rules, the comparison and the
+explanation itself come from :mod:`runner.policy`. Registered in
+:mod:`runner.cli.app` with ``main.add_command``.
 
 Exit codes: ``policy lint`` 0 when the bundle has no error (warnings are fine), 1
-when it has; ``selfcheck`` 0 when every required guarantee holds, 1 when one does
-not; 2 for usage, configuration or infrastructure errors (as everywhere).
+when it has; 2 for usage, configuration or infrastructure errors (as everywhere).
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import click
 
-from runner.cli_support import _fail, _progress, _run, _settings
+from runner.cli import support
+from runner.cli.support import EXIT_FINDINGS, report_json, wrap
 from runner.policy import (
     ARCHES,
     DOCKER_DEFAULT_PROFILE,
     LintReport,
-    Severity,
-    check_bundle,
     explain_bundle,
     lint_bundle,
     parse_bundle,
 )
 from runner.settings import DATA_ROOT
-
-EXIT_FINDINGS = 1
-WIDTH = 100
-
-
-def to_json(document: object, indent: int | None = 1) -> str:
-    return json.dumps(document, ensure_ascii=False, indent=indent)
 
 
 def _host_arch() -> str:
@@ -50,7 +40,7 @@ def _host_arch() -> str:
 def _bundle_dir(directory: Path | None) -> Path:
     if directory is not None:
         return directory
-    return _settings().policy_dir
+    return support.settings().policy_dir
 
 
 @click.group("policy")
@@ -77,7 +67,7 @@ def policy_lint(directory: Path | None, as_json: bool, arch: str | None) -> None
     """
     arch = arch or (_host_arch() if _host_arch() in ARCHES else "x86_64")
     report = lint_bundle(_bundle_dir(directory), arch=arch)
-    click.echo(to_json(report.as_json(), indent=1) if as_json else render_lint(report))
+    click.echo(report_json(report.as_json()) if as_json else render_lint(report))
     if not report.is_ok:
         sys.exit(EXIT_FINDINGS)
 
@@ -90,64 +80,12 @@ def policy_explain(directory: Path | None, as_json: bool) -> None:
     bundle_dir = _bundle_dir(directory)
     bundle, findings = parse_bundle(bundle_dir)
     if bundle is None:
-        _fail(f"cannot read the policy bundle {bundle_dir}: {findings[0]}")
+        support.fail(f"cannot read the policy bundle {bundle_dir}: {findings[0]}")
     document = explain_bundle(bundle)
-    click.echo(to_json(document, indent=1) if as_json else render_explain(document))
-
-
-@click.command("selfcheck")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
-@click.option(
-    "--policy-dir",
-    type=click.Path(path_type=Path, file_okay=False, exists=True),
-    help="Check this bundle instead of the configured one (SANDBOX_POLICY_DIR).",
-)
-@click.option(
-    "--skip-lint",
-    is_flag=True,
-    help="Diagnose a bundle the linter rejects (to see what it really enforces). "
-    "Never used for running tasks; the result is not cached.",
-)
-def selfcheck(as_json: bool, policy_dir: Path | None, skip_lint: bool) -> None:
-    """Prove, from inside canary containers, which isolation guarantees are in force.
-
-    Prints every guarantee as pass, fail or not-available; exits 1 when a required
-    one is not in force. A passing result is cached per Docker daemon and policy
-    hash, so `serve` and `exec` start without running the canaries again.
-    """
-    from runner.wiring import docker_selfcheck
-
-    settings = _settings({"policy_dir": policy_dir} if policy_dir else None)
-    if skip_lint:
-        bundle, _ = parse_bundle(settings.policy_dir)
-        errors = [f for f in check_bundle(bundle) if f.severity is Severity.ERROR] if bundle else []
-        if errors:
-            click.echo(
-                f"note: {settings.policy_dir} fails `policy lint` ({len(errors)} error(s)); "
-                "no task ever runs under it",
-                err=True,
-            )
-    report = _run(lambda: docker_selfcheck(settings, _progress, enforce_lint=not skip_lint))
-    if as_json:
-        click.echo(to_json(report.as_json(), indent=1))
-    else:
-        click.echo(render_selfcheck(report.as_json()))
-    if not report.is_ok:
-        sys.exit(EXIT_FINDINGS)
+    click.echo(report_json(document) if as_json else render_explain(document))
 
 
 # -- rendering --------------------------------------------------------------------------
-
-
-def _wrap(text: str, indent: str, first: str | None = None) -> str:
-    return textwrap.fill(
-        text,
-        width=WIDTH,
-        initial_indent=first if first is not None else indent,
-        subsequent_indent=indent,
-        break_on_hyphens=False,
-        break_long_words=False,
-    )
 
 
 def render_lint(report: LintReport) -> str:
@@ -159,7 +97,7 @@ def render_lint(report: LintReport) -> str:
     ]
     for finding in report.findings:
         lines.append(
-            _wrap(
+            wrap(
                 f"{finding.file}: {finding.message}",
                 " " * 10,
                 f"{finding.severity.value:<8}  [{finding.rule}] ",
@@ -192,7 +130,7 @@ def render_lint(report: LintReport) -> str:
                 lines.extend(f"{' ' * 29}{condition}" for condition in difference.ours_conditions)
                 continue
             lines.append(
-                _wrap(
+                wrap(
                     f"ours: {difference.ours}; Docker: {difference.docker}",
                     " " * 27,
                     f"    {difference.name:<22} ",
@@ -204,7 +142,7 @@ def render_lint(report: LintReport) -> str:
             f"  names in Docker's profile that are no {comparison.arch} system call "
             f"({len(comparison.docker_names_not_on_arch)}, other ABIs):"
         )
-        lines.append(_wrap(names, "    "))
+        lines.append(wrap(names, "    "))
     return "\n".join(lines)
 
 
@@ -258,16 +196,16 @@ def render_explain(doc: dict[str, Any]) -> str:
     ]
     for group in s["allowed"]:
         only = f" [{', '.join(group['only'])} only]" if "only" in group else ""
-        out.append(_wrap(group["why"] + only, "      ", "    - "))
-        out.append(_wrap(" ".join(group["syscalls"]), "        ", "      "))
+        out.append(wrap(group["why"] + only, "      ", "    - "))
+        out.append(wrap(" ".join(group["syscalls"]), "        ", "      "))
     out.append("  may, with these arguments only:")
     for entry in s["allowedWithArguments"]:
-        out.append(_wrap(f"{' '.join(entry['syscalls'])} if {entry['when']}", "      ", "    - "))
-        out.append(_wrap(entry["why"], "        ", "      "))
+        out.append(wrap(f"{' '.join(entry['syscalls'])} if {entry['when']}", "      ", "    - "))
+        out.append(wrap(entry["why"], "        ", "      "))
     out.append("  may not (listed explicitly; the default refuses them too):")
     for entry in s["refusedExplicitly"]:
-        out.append(_wrap(f"{' '.join(entry['syscalls'])} -> {entry['answer']}", "      ", "    - "))
-        out.append(_wrap(entry["why"], "        ", "      "))
+        out.append(wrap(f"{' '.join(entry['syscalls'])} -> {entry['answer']}", "      ", "    - "))
+        out.append(wrap(entry["why"], "        ", "      "))
 
     a = doc["apparmor"]
     out += [
@@ -276,7 +214,7 @@ def render_explain(doc: dict[str, Any]) -> str:
         "  applied where the host kernel has AppArmor; elsewhere reported as not available",
     ]
     for section in a["rules"]:
-        out.append(_wrap("; ".join(section["rules"]), "      ", f"  {section['section']}: "))
+        out.append(wrap("; ".join(section["rules"]), "      ", f"  {section['section']}: "))
 
     i = doc["imports"]
 
@@ -290,11 +228,11 @@ def render_explain(doc: dict[str, Any]) -> str:
         "",
         "IMPORTS AND BUILTINS (speed bumps in front of the container)",
         "  settings may change them within the bounds shown",
-        _wrap(listed(i["stdlibAllow"]), "      ", "  standard library allowed: "),
+        wrap(listed(i["stdlibAllow"]), "      ", "  standard library allowed: "),
         f"      bound: {ceiling(i['stdlibAllowCeiling'])}",
         f"  third-party allowed: {listed(i['externalAllow'])}; bound: "
         f"{ceiling(i['externalAllowCeiling'])}",
-        _wrap(listed(i["builtinsDeny"]), "      ", "  builtins removed: "),
+        wrap(listed(i["builtinsDeny"]), "      ", "  builtins removed: "),
         f"      every setting must still remove: {listed(i['builtinsDenyFloor'])}",
     ]
 
@@ -314,31 +252,4 @@ def render_explain(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def render_selfcheck(doc: dict[str, Any]) -> str:
-    marks = {"pass": "PASS", "fail": "FAIL", "not-available": "N/A"}
-    cached = " (cached)" if doc["cached"] else ""
-    lines = [
-        f"selfcheck: policy sha256 {doc['policySha256']}",
-        f"  daemon {doc['daemonId'] or '?'}, checked {doc['checkedAt']} in "
-        f"{doc['durationMs']:.0f} ms{cached}",
-    ]
-    for item in doc["guarantees"]:
-        kind = "required" if item["required"] else "optional"
-        lines.append(
-            _wrap(
-                item["detail"],
-                " " * 41,
-                f"  {marks[item['status']]:<5} {item['name']:<21} {kind:<9}  ",
-            )
-        )
-    missing = [g["name"] for g in doc["guarantees"] if g["required"] and g["status"] != "pass"]
-    optional = [g["name"] for g in doc["guarantees"] if not g["required"] and g["status"] != "pass"]
-    if missing:
-        lines.append(f"result: FAILED: required guarantees not in force: {', '.join(missing)}")
-    else:
-        note = f"; optional not in force: {', '.join(optional)}" if optional else ""
-        lines.append(f"result: OK: every required guarantee holds{note}")
-    return "\n".join(lines)
-
-
-__all__ = ["policy", "render_explain", "render_lint", "render_selfcheck", "selfcheck"]
+__all__ = ["policy", "render_explain", "render_lint"]

@@ -1,9 +1,18 @@
-"""``serve``, ``broker`` and ``up``: the long-running commands; ``healthcheck`` probes them."""
+"""``serve``, ``broker``, ``up`` and ``sweep``: running the service; ``healthcheck`` probes it.
+
+Owns: the long-running commands (a runner for a broker, the embedded broker, both
+in one process), how they stop on SIGTERM/SIGINT, the health probe the runner
+image's HEALTHCHECK runs, and ``sweep`` (this runner's leftover task containers).
+What runs is built by :mod:`runner.wiring`, :mod:`runner.service` and
+:mod:`runner.broker_server`. Registered in :mod:`runner.cli.app` with
+``main.add_command``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -12,7 +21,8 @@ import urllib.request
 
 import click
 
-from runner.cli_support import EXIT_TASK_FAILED, _progress, _run, _say, _settings
+from runner.cli import support
+from runner.cli.support import EXIT_TASK_FAILED
 from runner.settings import Settings
 
 log = logging.getLogger("runner")
@@ -58,14 +68,14 @@ def serve(ctx: click.Context) -> None:
     from runner.service import RunnerService
     from runner.wiring import docker_pipeline
 
-    settings = _settings()
+    settings = support.settings()
     _log_level(bool(ctx.find_root().params.get("verbose")))
 
     async def go() -> int:
-        async with docker_pipeline(settings, _progress) as pipeline:
+        async with docker_pipeline(settings, support.progress) as pipeline:
             return await RunnerService(settings, pipeline).run()
 
-    sys.exit(_run(go))
+    sys.exit(support.run(go))
 
 
 @click.command("broker")
@@ -76,17 +86,17 @@ def broker(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Run the embedded broker: runner endpoints and the HTTP API on one port."""
     from runner.broker_server.server import running_broker
 
-    settings = _host_port(_settings(), host, port)
+    settings = _host_port(support.settings(), host, port)
     _log_level(bool(ctx.find_root().params.get("verbose")))
 
     async def go() -> int:
         async with running_broker(settings) as running:
-            _say(f"broker listening on {running.url} (API docs: {running.url}/docs)")
+            support.say(f"broker listening on {running.url} (API docs: {running.url}/docs)")
             signame = await _wait_for_signal()
-            _say(f"{signame}: draining")
+            support.say(f"{signame}: draining")
         return 0
 
-    sys.exit(_run(go))
+    sys.exit(support.run(go))
 
 
 @click.command("up")
@@ -100,13 +110,13 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
     from runner.service import RunnerService
     from runner.wiring import docker_pipeline
 
-    settings = _host_port(_settings(), host, port)
+    settings = _host_port(support.settings(), host, port)
     _log_level(bool(ctx.find_root().params.get("verbose")))
 
     async def go() -> int:
         registry = CollectorRegistry()  # one /metrics for the broker and its runner
         async with (
-            docker_pipeline(settings, _progress) as pipeline,
+            docker_pipeline(settings, support.progress) as pipeline,
             running_broker(settings, registry=registry) as running,
         ):
             service = RunnerService(
@@ -118,7 +128,7 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
                 registry=registry,
             )
             serving = asyncio.create_task(service.run())
-            _say(
+            support.say(
                 f"sandbox-runner is up: POST {running.url}/v1/tasks (API docs: {running.url}/docs)"
             )
             signal_wait = asyncio.create_task(_wait_for_signal())
@@ -129,7 +139,38 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
                 await signal_wait
             return await serving
 
-    sys.exit(_run(go))
+    sys.exit(support.run(go))
+
+
+@click.command("sweep")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+def sweep(as_json: bool) -> None:
+    """Remove this runner's leftover task containers and any orphan past its deadline."""
+    from runner.sandbox.docker import DockerSandbox, connect
+    from runner.wiring import load_isolation
+
+    settings = support.settings()
+
+    async def go() -> list[str]:
+        client = await asyncio.to_thread(connect, settings.docker_api_timeout_s)
+        sandbox = DockerSandbox(
+            client,
+            image=settings.image or "unused",
+            isolation=load_isolation(settings),
+            runner_id=settings.runner_id,
+        )
+        try:
+            return await sandbox.sweep()
+        finally:
+            await sandbox.aclose()
+
+    removed = support.run(go)
+    if as_json:
+        click.echo(json.dumps({"removed": removed}))
+    elif removed:
+        click.echo(f"removed {len(removed)} container(s): {' '.join(c[:12] for c in removed)}")
+    else:
+        click.echo("nothing to remove")
 
 
 def _loopback(host: str) -> str:
@@ -154,7 +195,7 @@ def healthcheck(urls: tuple[str, ...], timeout_s: float) -> None:
     enabled) and the embedded broker's /healthz (`broker`, `up`); one answer is enough.
     The runner image's HEALTHCHECK runs it.
     """
-    settings = _settings()
+    settings = support.settings()
     candidates = list(urls)
     if not candidates:
         if settings.health_check_server_enabled:
@@ -169,3 +210,6 @@ def healthcheck(urls: tuple[str, ...], timeout_s: float) -> None:
             return
     click.echo(f"unhealthy: no answer from {', '.join(candidates)}", err=True)
     sys.exit(EXIT_TASK_FAILED)
+
+
+__all__ = ["broker", "healthcheck", "serve", "sweep", "up"]

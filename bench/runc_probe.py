@@ -37,10 +37,10 @@ import docker
 
 from bench.memory import process_memory
 from bench.run import host_cpu_s, percentile
+from runner.cli.wiring import docker_pipeline
 from runner.sandbox.base import GuardConfig, Mode, TaskSpec
 from runner.sandbox.envelope import decode_result, encode_task
 from runner.settings import Settings
-from runner.wiring import docker_pipeline
 
 HERE = Path(__file__).resolve().parent
 OCI_STATE = Path("/run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby")

@@ -18,9 +18,9 @@ import sys
 from typing import Any
 
 from bench.memory import process_memory
+from runner.cli.wiring import docker_pipeline
 from runner.pipeline import TaskRequest
 from runner.settings import Settings
-from runner.wiring import docker_pipeline
 
 VALUES = list(range(1000))
 CODE = "return [{'json': {'sum': sum(_items[0]['json']['values'])}}]"

@@ -108,10 +108,10 @@ def runner_image(client: docker.DockerClient | None = None) -> str:
     configured = os.environ.get("SANDBOX_RUNNER_IMAGE")
     if configured:
         return configured
+    from runner.cli.wiring import image_recipe
     from runner.runner_image import RunnerImageBuilder, RunnerImageRecipe
     from runner.sandbox.image import ImageBuilder
     from runner.settings import PROJECT_ROOT, Settings
-    from runner.wiring import image_recipe
 
     if not (PROJECT_ROOT / "Dockerfile").is_file():
         raise SandboxServiceError(

@@ -1,4 +1,4 @@
-"""The command line, ``sandbox-runner``: a module per command group.
+"""The command line, ``sandbox-runner``: a module per command group, wiring beside them.
 
 Owns nothing itself: ``main`` (:mod:`runner.cli.app`) is re-exported because it is
 the console script's entry point (``runner.cli:main`` in pyproject.toml) and what
@@ -7,7 +7,8 @@ the console script's entry point (``runner.cli:main`` in pyproject.toml) and wha
 - :mod:`runner.cli.app`: the click group, global options, the command tree;
 - :mod:`runner.cli.exec`, :mod:`runner.cli.image`, :mod:`runner.cli.policy`,
   :mod:`runner.cli.selfcheck`, :mod:`runner.cli.service`: one command group each;
-- :mod:`runner.cli.support`: exit codes and the helpers the commands share.
+- :mod:`runner.cli.support`: exit codes and the helpers the commands share;
+- :mod:`runner.cli.wiring`: settings into pipelines, sandboxes and isolation.
 """
 
 from runner.cli.app import main

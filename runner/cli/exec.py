@@ -2,7 +2,7 @@
 
 Owns: reading the task's code and ``--items``, the result document as JSON (or,
 with ``--pretty``, as text for people) and the exit code (1 when the task failed).
-The pipeline that runs it comes from :mod:`runner.wiring`. Registered in
+The pipeline that runs it comes from :mod:`runner.cli.wiring`. Registered in
 :mod:`runner.cli.app` with ``main.add_command``.
 """
 
@@ -89,7 +89,7 @@ def exec_command(
     The code is the body of a function, as in n8n's Code node: it reads ``_items``
     (all items) or ``_item`` (per item) and ``return``s the result.
     """
-    from runner.wiring import docker_pipeline
+    from runner.cli.wiring import docker_pipeline
 
     code = _read_code(source)
     items = parse_items(items_raw)

@@ -3,7 +3,8 @@
 Owns: the commands that build the images (each only when its inputs changed) or
 print the tag the current sources map to. The builds themselves are
 :mod:`runner.sandbox.image` and :mod:`runner.runner_image`, their recipe from
-:mod:`runner.wiring`. Registered in :mod:`runner.cli.app` with ``main.add_command``.
+:mod:`runner.cli.wiring`. Registered in :mod:`runner.cli.app` with
+``main.add_command``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ def image() -> None:
 @image.command("build")
 def image_build() -> None:
     """Build the task image if its inputs changed (bootstraps the Debian base if needed)."""
+    from runner.cli.wiring import image_recipe
     from runner.sandbox.docker import connect
     from runner.sandbox.image import ImageBuilder
-    from runner.wiring import image_recipe
 
     settings = support.settings()
 
@@ -51,11 +52,11 @@ def image_build_runner(project_dir: Path | None) -> None:
     Same base as the task image; the wheels are built on the host and installed
     offline in the image, so no registry is needed.
     """
+    from runner.cli.wiring import image_recipe
     from runner.runner_image import RunnerImageBuilder, RunnerImageRecipe
     from runner.sandbox.docker import connect
     from runner.sandbox.image import ImageBuilder
     from runner.settings import PROJECT_ROOT
-    from runner.wiring import image_recipe
 
     settings = support.settings()
 
@@ -73,9 +74,9 @@ def image_build_runner(project_dir: Path | None) -> None:
 @image.command("tag")
 def image_tag() -> None:
     """Print the tag the current sources map to (nothing is built)."""
+    from runner.cli.wiring import image_recipe
     from runner.sandbox.docker import connect
     from runner.sandbox.image import ImageBuilder
-    from runner.wiring import image_recipe
 
     settings = support.settings()
 

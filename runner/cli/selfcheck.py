@@ -2,8 +2,8 @@
 
 Owns: running the self-check on demand and its auditor-facing output (text and
 ``--json``). The canaries come from :mod:`runner.selfcheck`, the self-check's
-Docker set-up from :mod:`runner.wiring`. Registered in :mod:`runner.cli.app` with
-``main.add_command``.
+Docker set-up from :mod:`runner.cli.wiring`. Registered in :mod:`runner.cli.app`
+with ``main.add_command``.
 
 Exit codes: 0 when every required guarantee holds, 1 when one does not; 2 for
 usage, configuration or infrastructure errors (as everywhere).
@@ -42,7 +42,7 @@ def selfcheck(as_json: bool, policy_dir: Path | None, skip_lint: bool) -> None:
     one is not in force. A passing result is cached per Docker daemon and policy
     hash, so `serve` and `exec` start without running the canaries again.
     """
-    from runner.wiring import docker_selfcheck
+    from runner.cli.wiring import docker_selfcheck
 
     settings = support.settings({"policy_dir": policy_dir} if policy_dir else None)
     if skip_lint:

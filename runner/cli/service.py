@@ -3,7 +3,7 @@
 Owns: the long-running commands (a runner for a broker, the embedded broker, both
 in one process), how they stop on SIGTERM/SIGINT, the health probe the runner
 image's HEALTHCHECK runs, and ``sweep`` (this runner's leftover task containers).
-What runs is built by :mod:`runner.wiring`, :mod:`runner.service` and
+What runs is built by :mod:`runner.cli.wiring`, :mod:`runner.service` and
 :mod:`runner.broker_server`. Registered in :mod:`runner.cli.app` with
 ``main.add_command``.
 """
@@ -65,8 +65,8 @@ def serve(ctx: click.Context) -> None:
     Configured like n8n's Python runner: N8N_RUNNERS_TASK_BROKER_URI, N8N_RUNNERS_AUTH_TOKEN
     (or N8N_RUNNERS_GRANT_TOKEN), N8N_RUNNERS_MAX_CONCURRENCY, N8N_RUNNERS_TASK_TIMEOUT, ...
     """
+    from runner.cli.wiring import docker_pipeline
     from runner.service import RunnerService
-    from runner.wiring import docker_pipeline
 
     settings = support.settings()
     _log_level(bool(ctx.find_root().params.get("verbose")))
@@ -106,9 +106,9 @@ def broker(ctx: click.Context, host: str | None, port: int | None) -> None:
 def up(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Embedded broker and one runner in one process: submit tasks over HTTP."""
     from runner.broker_server.server import running_broker
+    from runner.cli.wiring import docker_pipeline
     from runner.metrics import CollectorRegistry
     from runner.service import RunnerService
-    from runner.wiring import docker_pipeline
 
     settings = _host_port(support.settings(), host, port)
     _log_level(bool(ctx.find_root().params.get("verbose")))
@@ -146,8 +146,8 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
 def sweep(as_json: bool) -> None:
     """Remove this runner's leftover task containers and any orphan past its deadline."""
+    from runner.cli.wiring import load_isolation
     from runner.sandbox.docker import DockerSandbox, connect
-    from runner.wiring import load_isolation
 
     settings = support.settings()
 

@@ -9,13 +9,13 @@ from typing import Any
 import docker
 import pytest
 
+from runner.cli.wiring import image_recipe, make_docker_sandbox, make_pipeline
 from runner.errors import RunnerError
 from runner.pipeline import TaskPipeline, TaskRequest
 from runner.sandbox.base import Mode
 from runner.sandbox.docker import LABEL_MANAGED, DockerSandbox, IsolationConfig, connect
 from runner.sandbox.image import ImageBuilder
 from runner.settings import Settings
-from runner.wiring import image_recipe, make_docker_sandbox, make_pipeline
 
 # The in-process guards switched off: the container alone must hold.
 GUARDS_OFF = {

@@ -18,11 +18,11 @@ from contextlib import asynccontextmanager
 import docker
 import pytest
 
+from runner.cli.wiring import make_docker_sandbox, make_pipeline
 from runner.pipeline import TaskPipeline
 from runner.sandbox.base import Outcome, Stage
 from runner.sandbox.docker import DockerSandbox
 from runner.settings import Settings
-from runner.wiring import make_docker_sandbox, make_pipeline
 
 from .conftest import request
 

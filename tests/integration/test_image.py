@@ -8,11 +8,11 @@ from pathlib import Path
 import docker
 import pytest
 
+from runner.cli.wiring import make_docker_sandbox, make_pipeline
 from runner.pipeline import TaskRequest
 from runner.sandbox.base import Outcome
 from runner.sandbox.image import ImageBuilder, ImageRecipe
 from runner.settings import PROJECT_ROOT, Settings
-from runner.wiring import make_docker_sandbox, make_pipeline
 
 REGISTRY_LIKE_BASE = "sandbox-runner-test/registry-base:bookworm-no-tini"
 

@@ -28,11 +28,11 @@ import docker
 import pytest
 from redteam.catalog import detect_host_facts
 
+from runner.cli.wiring import load_isolation, make_docker_sandbox, make_pipeline
 from runner.pipeline import TaskReport
 from runner.policy import DOCKER_DEFAULT_PROFILE, load_bundle
 from runner.sandbox.base import Outcome
 from runner.settings import PROJECT_ROOT, Settings
-from runner.wiring import load_isolation, make_docker_sandbox, make_pipeline
 
 from .conftest import GUARDS_OFF, PipelineFactory, request
 

@@ -21,6 +21,7 @@ from typing import Any
 import docker
 import pytest
 
+from runner.cli.wiring import make_docker_sandbox, make_pipeline
 from runner.pipeline import TaskPipeline
 from runner.sandbox import docker as docker_sandbox
 from runner.sandbox.base import MIB
@@ -33,7 +34,6 @@ from runner.sandbox.docker import (
     DockerSandbox,
 )
 from runner.settings import Settings
-from runner.wiring import make_docker_sandbox, make_pipeline
 
 from .conftest import PipelineFactory, container_exists, request
 
@@ -283,7 +283,7 @@ async def test_a_sweep_spares_live_pool_slots_and_reaps_a_dead_runners(
 DEAD_RUNNER = """
 import asyncio, sys, docker
 from runner.settings import Settings
-from runner.wiring import make_docker_sandbox
+from runner.cli.wiring import make_docker_sandbox
 
 async def main():
     settings = Settings(pool_size=2)

@@ -110,7 +110,7 @@ async def test_client_error_from_docker_is_not_retried(
 async def test_missing_image_is_built_once_then_the_set_up_retried(
     base_settings, docker_client: docker.DockerClient, task_image: str
 ) -> None:
-    from runner.wiring import make_docker_sandbox, make_pipeline
+    from runner.cli.wiring import make_docker_sandbox, make_pipeline
 
     builds: list[str] = []
 

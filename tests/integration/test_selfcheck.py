@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from runner.cli.wiring import docker_selfcheck
 from runner.policy import DOCKER_DEFAULT_PROFILE, load_bundle
 from runner.selfcheck import SelfCheckCache, Status
 from runner.settings import PROJECT_ROOT, Settings
-from runner.wiring import docker_selfcheck
 
 POLICIES = PROJECT_ROOT / "policies"
 

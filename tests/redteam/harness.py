@@ -40,6 +40,7 @@ from typing import Any
 
 import docker
 
+from runner.cli.wiring import load_isolation
 from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
 from runner.policy import DOCKER_DEFAULT_PROFILE
 from runner.sandbox.docker import (
@@ -50,7 +51,6 @@ from runner.sandbox.docker import (
     IsolationConfig,
 )
 from runner.settings import Settings
-from runner.wiring import load_isolation
 
 from .catalog import LAST_RUN, MODES, Probe
 

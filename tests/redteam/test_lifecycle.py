@@ -24,9 +24,9 @@ import uuid
 import docker
 import pytest
 
+from runner.cli.wiring import load_isolation, make_docker_sandbox
 from runner.sandbox.docker import LABEL_MANAGED, LABEL_OWNER
 from runner.settings import PROJECT_ROOT, Settings
-from runner.wiring import load_isolation, make_docker_sandbox
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,7 +48,7 @@ RUNNER = """
 import asyncio, sys, docker
 from runner.pipeline import TaskRequest
 from runner.settings import Settings
-from runner.wiring import make_docker_sandbox, make_pipeline
+from runner.cli.wiring import make_docker_sandbox, make_pipeline
 
 async def main():
     settings = Settings(pool_size=0, stdlib_allow="*", external_allow="*", builtins_deny="",

@@ -13,6 +13,7 @@ import docker
 import pytest
 from pydantic import ValidationError
 
+from runner.cli.wiring import image_recipe, limits_from
 from runner.errors import ConfigurationError
 from runner.policy import (
     GUARANTEES,
@@ -30,7 +31,6 @@ from runner.policy import (
 from runner.sandbox.base import Limits
 from runner.sandbox.docker import DockerSandbox, IsolationConfig
 from runner.settings import PROJECT_ROOT, Settings
-from runner.wiring import image_recipe, limits_from
 
 POLICIES = PROJECT_ROOT / "policies"
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures"

@@ -297,8 +297,8 @@ def test_pool_settings_default_to_two_slots_and_zero_means_cold_only(
 ) -> None:
     from pydantic import ValidationError
 
+    from runner.cli.wiring import pool_config
     from runner.settings import Settings
-    from runner.wiring import pool_config
 
     for name in ("SANDBOX_POOL_SIZE", "SANDBOX_POOL_REFILL_CONCURRENCY", "SANDBOX_POOL_MAX_IDLE_S"):
         monkeypatch.delenv(name, raising=False)

@@ -1,10 +1,11 @@
 """Builds the pipeline from settings: Docker client, image, isolation, sandbox.
 
-The only place that turns :class:`~runner.settings.Settings` into objects; the CLI
-(and later the service) calls it once and passes the result down. Limits, guards,
-the image's uid and the isolation come from the policy bundle with the settings
-applied (:func:`runner.policy.load_policy`); a docker pipeline proves the isolation
-with the self-check (:mod:`runner.selfcheck`) before it runs any task.
+The only place that turns :class:`~runner.settings.Settings` into objects; each
+command of :mod:`runner.cli` calls it once and passes the result down (the tests,
+``bench/`` and :mod:`runner.testing` call it too, to build what a command would).
+Limits, guards, the image's uid and the isolation come from the policy bundle with
+the settings applied (:func:`runner.policy.load_policy`); a docker pipeline proves
+the isolation with the self-check (:mod:`runner.selfcheck`) before it runs any task.
 """
 
 from __future__ import annotations

@@ -29,19 +29,30 @@ import sys
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from runner.analyzer import ImportPolicy, parse_allowlist
 from runner.errors import ConfigurationError
+from runner.policy.model import (
+    GUARANTEES,
+    LIMIT_FIELDS,
+    POLICY_FILE,
+    AppArmorSection,
+    Finding,
+    FrozenModel,
+    PolicyConfig,
+    Severity,
+    format_number,
+    limit_minimum,
+    limits_of,
+    wider_than,
+)
 from runner.sandbox.base import MAXIMUM_CODE_BYTES, MIB, MINIMUM_LIMITS, GuardConfig, Limits
 from runner.settings import DATA_ROOT, Settings, env_name
 
-POLICY_FILE = "sandbox.toml"
 REFERENCE_DIR = DATA_ROOT / "policies" / "reference"
 DOCKER_DEFAULT_PROFILE = REFERENCE_DIR / "docker-default-seccomp.json"
 SYSCALL_TABLE = REFERENCE_DIR / "syscalls.json"
@@ -92,172 +103,20 @@ ARCHES: Mapping[str, tuple[str, str]] = {
 DOCKER_SOCKETS = ("docker.sock", "containerd.sock", "dockershim.sock", "crio.sock")
 REQUIRED_TMPFS_OPTIONS = frozenset({"noexec", "nosuid", "nodev"})
 
-#: Every guarantee the self-check proves, and what it means.
-GUARANTEES: Mapping[str, str] = {
-    "seccomp-filter": "a seccomp filter is installed (Seccomp: 2)",
-    "seccomp-profile": "the filter is our profile: calls only it refuses answer EPERM",
-    "no-new-privileges": "no process can gain privileges (NoNewPrivs: 1)",
-    "capabilities-dropped": "no capability at all (CapEff, CapPrm, CapBnd, CapAmb are 0)",
-    "network-none": "no network interface but lo",
-    "read-only-rootfs": "the root filesystem is read-only",
-    "non-root-user": "the task runs as the policy's non-root uid",
-    "memory-limit": "the memory limit is set, and an allocation past it is OOM-killed",
-    "pids-limit": "the pids limit is set, and a thread bomb stops at it",
-    "cpu-limit": "the CFS quota in the task's cgroup is the policy's cpus (never unlimited)",
-    "apparmor": "the task is confined by the AppArmor profile",
-}
 #: Guarantees a bundle may list as optional (the host kernel may lack AppArmor).
 MAY_BE_OPTIONAL = frozenset({"apparmor"})
-
-
-# -- findings ---------------------------------------------------------------------------
-
-
-class Severity(StrEnum):
-    ERROR = "error"
-    WARNING = "warning"
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """One problem in a bundle: the file, the rule, what is wrong."""
-
-    rule: str
-    file: str
-    message: str
-    severity: Severity = Severity.ERROR
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.message} [{self.rule}]"
-
-    def as_json(self) -> dict[str, str]:
-        return {
-            "severity": self.severity.value,
-            "rule": self.rule,
-            "file": self.file,
-            "message": self.message,
-        }
-
-
-# -- sandbox.toml schema ----------------------------------------------------------------
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class IntBound(_Frozen):
-    default: int = Field(gt=0)
-    ceiling: int = Field(gt=0)
-
-
-class FloatBound(_Frozen):
-    default: float = Field(gt=0)
-    ceiling: float = Field(gt=0)
-
-
-class LimitsSection(_Frozen):
-    timeout_s: FloatBound
-    memory_mb: IntBound
-    cpus: FloatBound
-    pids: IntBound
-    tmpfs_mb: IntBound
-    output_bytes: IntBound
-    nofile: IntBound
-    fsize_mb: IntBound
-    nproc: IntBound
-    code_bytes: IntBound
-
-    def bounds(self) -> dict[str, IntBound | FloatBound]:
-        return {name: getattr(self, name) for name in type(self).model_fields}
-
-
-class ImageSection(_Frozen):
-    repository: str = Field(pattern=r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*$")
-    uid: int = Field(ge=0, le=2**31 - 1)
-
-
-class ImportsSection(_Frozen):
-    stdlib_allow: tuple[str, ...]
-    stdlib_allow_ceiling: tuple[str, ...]
-    external_allow: tuple[str, ...]
-    external_allow_ceiling: tuple[str, ...]
-    builtins_deny: tuple[str, ...]
-    builtins_deny_floor: tuple[str, ...]
-
-
-class MountEntry(_Frozen):
-    type: str
-    source: str = ""
-    target: str
-    read_only: bool = False
-
-
-class TmpfsEntry(_Frozen):
-    target: str
-    options: str
-
-
-class ContainerSection(_Frozen):
-    network_mode: str
-    read_only_rootfs: bool
-    privileged: bool
-    cap_drop: tuple[str, ...]
-    cap_add: tuple[str, ...]
-    no_new_privileges: bool
-    pid_mode: str
-    ipc_mode: str
-    cgroupns: str
-    mounts: tuple[MountEntry, ...]
-    devices: tuple[str, ...]
-    tmpfs: Mapping[str, str]
-
-    @field_validator("tmpfs")
-    @classmethod
-    def _freeze_tmpfs(cls, value: Mapping[str, str]) -> Mapping[str, str]:
-        return MappingProxyType(dict(value))
-
-
-class SeccompSection(_Frozen):
-    profile: str
-
-
-class AppArmorSection(_Frozen):
-    profile: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    file: str
-
-
-class SelfCheckSection(_Frozen):
-    required: tuple[str, ...]
-    optional: tuple[str, ...]
-    canary_memory_mb: int = Field(ge=16)
-    canary_pids: int = Field(ge=8)
-    canary_timeout_s: float = Field(gt=0)
-
-
-class PolicyConfig(_Frozen):
-    """``sandbox.toml``, validated."""
-
-    version: Literal[1]
-    limits: LimitsSection
-    image: ImageSection
-    imports: ImportsSection
-    container: ContainerSection
-    seccomp: SeccompSection
-    apparmor: AppArmorSection
-    selfcheck: SelfCheckSection
 
 
 # -- seccomp profile schema (Docker's JSON format) -------------------------------------
 
 
-class SeccompFilter(_Frozen):
+class SeccompFilter(FrozenModel):
     caps: tuple[str, ...] | None = None
     arches: tuple[str, ...] | None = None
     minKernel: str | None = None
 
 
-class SeccompArg(_Frozen):
+class SeccompArg(FrozenModel):
     index: int = Field(ge=0, le=5)
     value: int = Field(ge=0)
     valueTwo: int = Field(0, ge=0)
@@ -285,7 +144,7 @@ class SeccompArg(_Frozen):
         return f"{arg} {symbol} {self.value:#x}"
 
 
-class SeccompRule(_Frozen):
+class SeccompRule(FrozenModel):
     names: tuple[str, ...] = Field(min_length=1)
     action: str
     errnoRet: int | None = Field(None, ge=0, le=4095)
@@ -317,12 +176,12 @@ class SeccompRule(_Frozen):
         return True  # minKernel: every supported kernel is newer than any rule's minimum
 
 
-class ArchMapEntry(_Frozen):
+class ArchMapEntry(FrozenModel):
     architecture: str
     subArchitectures: tuple[str, ...] | None = None
 
 
-class SeccompProfile(_Frozen):
+class SeccompProfile(FrozenModel):
     """A seccomp profile in Docker's JSON format, validated."""
 
     defaultAction: str
@@ -376,7 +235,7 @@ class SyscallVerdict:
         if self.kind == "filtered":
             return "allowed if " + " or ".join(self.conditions)
         if self.kind == "errno":
-            return f"refused ({_errno_name(self.errno)})"
+            return f"refused ({errno_name(self.errno)})"
         return self.kind
 
 
@@ -402,7 +261,7 @@ def _verdict(name: str, rules: list[SeccompRule]) -> SyscallVerdict:
     return SyscallVerdict(name, _action_kind(first.action), comments=comments)
 
 
-def _errno_name(number: int | None) -> str:
+def errno_name(number: int | None) -> str:
     if number is None:
         return "?"
     return errno_module.errorcode.get(number, str(number))
@@ -435,7 +294,7 @@ class PolicyBundle:
 
     @property
     def default_limits(self) -> Limits:
-        return _limits(self.config.limits, "default")
+        return limits_of(self.config.limits, "default")
 
 
 def bundle_sha256(files: Iterable[tuple[str, bytes]]) -> str:
@@ -594,7 +453,7 @@ def check_bundle(bundle: PolicyBundle) -> list[Finding]:
         *_check_imports(bundle.config),
         *_check_container(bundle.config),
         *_check_selfcheck(bundle.config),
-        *_check_seccomp(bundle.config.seccomp.profile, bundle.seccomp),
+        *check_seccomp(bundle.config.seccomp.profile, bundle.seccomp),
         *_check_apparmor(bundle.config.apparmor, bundle.apparmor_text),
     ]
 
@@ -613,8 +472,8 @@ def _check_limits(config: PolicyConfig) -> list[Finding]:
             )
     # Floors in code (runner.sandbox.base.MINIMUM_LIMITS): a bundle cannot lower them.
     # Below them a limit can round to nothing (cpus 1e-10 -> NanoCpus 0 -> unlimited).
-    for _, bound_name, _, _ in _LIMIT_FIELDS:
-        bound, minimum = getattr(config.limits, bound_name), _minimum(bound_name)
+    for _, bound_name, _, _ in LIMIT_FIELDS:
+        bound, minimum = getattr(config.limits, bound_name), limit_minimum(bound_name)
         for which in ("default", "ceiling"):
             value = getattr(bound, which)
             if value < minimum:
@@ -622,8 +481,8 @@ def _check_limits(config: PolicyConfig) -> list[Finding]:
                     Finding(
                         "limits.below-minimum",
                         POLICY_FILE,
-                        f"[limits] {bound_name}.{which} = {_number(value)} is below the "
-                        f"minimum {_number(minimum)} (a limit that rounds to nothing is "
+                        f"[limits] {bound_name}.{which} = {format_number(value)} is below the "
+                        f"minimum {format_number(minimum)} (a limit that rounds to nothing is "
                         "no limit)",
                     )
                 )
@@ -666,7 +525,7 @@ def _check_limits(config: PolicyConfig) -> list[Finding]:
                 Finding(
                     "limits.below-minimum",
                     POLICY_FILE,
-                    f"[selfcheck] {name} = {value} is below the minimum {_number(minimum)}",
+                    f"[selfcheck] {name} = {value} is below the minimum {format_number(minimum)}",
                 )
             )
     return findings
@@ -688,7 +547,7 @@ def _check_imports(config: PolicyConfig) -> list[Finding]:
                 parse_allowlist(",".join(entries), f"[imports] {key}")
             except ValueError as exc:
                 findings.append(Finding("imports.wildcard", POLICY_FILE, str(exc)))
-        wider = _wider_than(frozenset(default), frozenset(ceiling))
+        wider = wider_than(frozenset(default), frozenset(ceiling))
         if wider:
             findings.append(
                 Finding(
@@ -722,13 +581,6 @@ def _check_imports(config: PolicyConfig) -> list[Finding]:
             )
         )
     return findings
-
-
-def _wider_than(allowed: frozenset[str], ceiling: frozenset[str]) -> list[str]:
-    """The entries of ``allowed`` the ``ceiling`` does not cover (``*`` covers all)."""
-    if "*" in ceiling:
-        return []
-    return sorted(allowed - ceiling)
 
 
 def _check_container(config: PolicyConfig) -> list[Finding]:
@@ -810,7 +662,7 @@ def _check_selfcheck(config: PolicyConfig) -> list[Finding]:
     return findings
 
 
-def _check_seccomp(file: str, profile: SeccompProfile) -> list[Finding]:
+def check_seccomp(file: str, profile: SeccompProfile) -> list[Finding]:
     findings = []
 
     def add(rule: str, message: str, severity: Severity = Severity.ERROR) -> None:
@@ -1167,7 +1019,7 @@ def explain_bundle(bundle: PolicyBundle) -> dict[str, Any]:
     """What a task may and may not do, read from the bundle's files (JSON-ready)."""
     config = bundle.config
     c = config.container
-    minimums = {bound_name: _minimum(bound_name) for _, bound_name, _, _ in _LIMIT_FIELDS}
+    minimums = {bound_name: limit_minimum(bound_name) for _, bound_name, _, _ in LIMIT_FIELDS}
     limits = {
         name: {"default": bound.default, "ceiling": bound.ceiling, "minimum": minimums[name]}
         for name, bound in config.limits.bounds().items()
@@ -1187,7 +1039,7 @@ def explain_bundle(bundle: PolicyBundle) -> dict[str, Any]:
             filtered.append(entry)
         else:
             errno = rule.errnoRet if rule.errnoRet is not None else 1
-            entry["answer"] = _errno_name(errno) if rule.action == "SCMP_ACT_ERRNO" else rule.action
+            entry["answer"] = errno_name(errno) if rule.action == "SCMP_ACT_ERRNO" else rule.action
             refused.append(entry)
     native = [entry.architecture for entry in bundle.seccomp.archMap or ()]
     return {
@@ -1222,7 +1074,7 @@ def explain_bundle(bundle: PolicyBundle) -> dict[str, Any]:
             "file": config.seccomp.profile,
             "sha256": bundle.seccomp_sha256,
             "defaultAction": bundle.seccomp.defaultAction,
-            "defaultAnswer": _errno_name(bundle.seccomp.default_errno())
+            "defaultAnswer": errno_name(bundle.seccomp.default_errno())
             if bundle.seccomp.default_errno()
             else bundle.seccomp.defaultAction,
             "architectures": native,
@@ -1297,65 +1149,29 @@ class EffectivePolicy:
             )
         if not timeout_s >= MINIMUM_LIMITS.timeout_s:  # NaN too
             raise ConfigurationError(
-                f"{source}={_number(timeout_s)} is below the minimum timeout of "
-                f"{_number(MINIMUM_LIMITS.timeout_s)} s",
+                f"{source}={format_number(timeout_s)} is below the minimum timeout of "
+                f"{format_number(MINIMUM_LIMITS.timeout_s)} s",
                 hint="a limit below its minimum is refused everywhere (policies/README.md 3.1)",
             )
         return timeout_s
-
-
-# Settings field -> (bound in [limits], factor to the Limits unit, Limits field).
-_LIMIT_FIELDS: tuple[tuple[str, str, int, str], ...] = (
-    ("task_timeout_s", "timeout_s", 1, "timeout_s"),
-    ("memory_mb", "memory_mb", MIB, "memory_bytes"),
-    ("cpus", "cpus", 1, "cpus"),
-    ("pids_limit", "pids", 1, "pids"),
-    ("tmpfs_mb", "tmpfs_mb", MIB, "tmpfs_bytes"),
-    ("output_bytes", "output_bytes", 1, "output_bytes"),
-    ("nofile", "nofile", 1, "nofile"),
-    ("fsize_mb", "fsize_mb", MIB, "fsize_bytes"),
-    ("nproc", "nproc", 1, "nproc"),
-    ("code_bytes", "code_bytes", 1, "code_bytes"),
-)
-
-
-def _minimum(bound_name: str) -> float | int:
-    """The floor of a ``[limits]`` key, in the bundle's unit (MiB for ``*_mb``)."""
-    for _, name, factor, limits_field in _LIMIT_FIELDS:
-        if name == bound_name:
-            minimum: float | int = getattr(MINIMUM_LIMITS, limits_field)
-            return minimum // factor if factor != 1 else minimum
-    raise KeyError(bound_name)
-
-
-def _limits(section: LimitsSection, which: Literal["default", "ceiling"]) -> Limits:
-    values: dict[str, Any] = {}
-    for _, bound_name, factor, limits_field in _LIMIT_FIELDS:
-        value = getattr(getattr(section, bound_name), which)
-        values[limits_field] = value * factor if factor != 1 else value
-    return Limits(**values)
 
 
 def _above_ceiling(
     source: str, value: object, key: str, ceiling: object, directory: Path
 ) -> ConfigurationError:
     return ConfigurationError(
-        f"{source}={_number(value)} is above the policy ceiling {key} = {_number(ceiling)} "
-        f"({directory / POLICY_FILE})",
+        f"{source}={format_number(value)} is above the policy ceiling {key} = "
+        f"{format_number(ceiling)} ({directory / POLICY_FILE})",
         hint="settings may only tighten the policy bundle; raise the ceiling in a reviewed "
         "change of the bundle instead",
     )
-
-
-def _number(value: object) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def resolve_policy(bundle: PolicyBundle, settings: Settings) -> EffectivePolicy:
     """Apply settings to the bundle: tighter is fine, beyond a ceiling is an error."""
     config, tightened = bundle.config, []
     limit_values: dict[str, Any] = {}
-    for setting, bound_name, factor, limits_field in _LIMIT_FIELDS:
+    for setting, bound_name, factor, limits_field in LIMIT_FIELDS:
         bound = getattr(config.limits, bound_name)
         value = getattr(settings, setting)
         if value is None:
@@ -1443,7 +1259,7 @@ def _allowlist(
     if raw is None:
         return frozenset(default)
     entries = parse_allowlist(raw, variable)
-    wider = _wider_than(entries, frozenset(ceiling))
+    wider = wider_than(entries, frozenset(ceiling))
     if wider:
         raise ConfigurationError(
             f"{variable} allows {', '.join(wider)}, beyond the policy's {ceiling_key} "
@@ -1459,6 +1275,8 @@ def load_policy(settings: Settings, *, enforce: bool = True) -> EffectivePolicy:
 
 
 __all__ = [
+    "ARCHES",
+    "DOCKER_DEFAULT_PROFILE",
     "GUARANTEES",
     "MAY_BE_OPTIONAL",
     "POLICY_FILE",

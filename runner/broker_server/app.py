@@ -47,9 +47,9 @@ from runner.broker_server.core import (
     TaskTooLarge,
     TenantBacklogFull,
     WaitReason,
-    check_schema,
     prepare,
 )
+from runner.broker_server.schemas import check_schema
 from runner.broker_server.tokens import GrantTokens, same_secret
 from runner.metrics import CONTENT_TYPE, CollectorRegistry, exposition
 from runner.pipeline import code_size, code_too_large_message

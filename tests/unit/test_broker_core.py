@@ -22,8 +22,8 @@ from runner.broker_server.core import (
     TaskStatus,
     TaskTooLarge,
     TenantBacklogFull,
-    validate_input,
 )
+from runner.broker_server.schemas import validate_input
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
     Drain,

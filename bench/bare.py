@@ -24,13 +24,8 @@ import docker
 from docker.types import Ulimit
 
 from runner.sandbox.base import Limits
-from runner.sandbox.docker import (
-    LABEL_DEADLINE,
-    LABEL_MANAGED,
-    LABEL_OWNER,
-    SANDBOX_USER,
-    IsolationConfig,
-)
+from runner.sandbox.isolation import SANDBOX_USER, IsolationConfig
+from runner.sandbox.labels import LABEL_DEADLINE, LABEL_MANAGED, LABEL_OWNER
 
 BENCH_OWNER = "sandbox-runner-bench"
 SUM_SCRIPT = (

@@ -45,7 +45,7 @@ from bench.bare import BENCH_OWNER, BareDocker
 from bench.memory import container_cgroup, daemon_memory, host_used_kib, shim_memory
 from runner.cli.wiring import docker_pipeline
 from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
-from runner.sandbox.docker import LABEL_OWNER
+from runner.sandbox.labels import LABEL_OWNER
 from runner.sandbox.process import ProcessSandbox
 from runner.settings import Settings
 

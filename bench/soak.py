@@ -49,7 +49,7 @@ import docker
 from runner.broker_server.core import Broker, BrokerTask, Submission, TaskLimits
 from runner.broker_server.server import running_broker
 from runner.sandbox.base import Mode
-from runner.sandbox.docker import LABEL_MANAGED, LABEL_OWNER
+from runner.sandbox.labels import LABEL_MANAGED, LABEL_OWNER
 from runner.settings import Settings
 from runner.testing import ServeProcess
 

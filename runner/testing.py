@@ -69,7 +69,7 @@ from testcontainers.core.container import DockerContainer
 from testcontainers.core.network import Network
 from testcontainers.core.waiting_utils import WaitStrategy, WaitStrategyTarget
 
-from runner.sandbox.docker import LABEL_OWNER, process_identity
+from runner.sandbox.labels import LABEL_OWNER, process_identity
 
 LABEL_TESTING = "io.sandbox-runner.testing"
 LABEL_TESTING_PROCESS = f"{LABEL_TESTING}.process"

@@ -20,8 +20,9 @@ from runner.analyzer import Analyzer
 from runner.pipeline import AuditContext, TaskPipeline
 from runner.policy import EffectivePolicy, load_bundle, load_policy
 from runner.sandbox.base import Limits, Sandbox
-from runner.sandbox.docker import DockerSandbox, IsolationConfig, connect, describe_daemon
+from runner.sandbox.docker import DockerSandbox, connect, describe_daemon
 from runner.sandbox.image import ImageBuilder, ImageRecipe, Progress
+from runner.sandbox.isolation import IsolationConfig
 from runner.sandbox.pool import PoolConfig
 from runner.selfcheck import (
     SelfCheckCache,

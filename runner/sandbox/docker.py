@@ -44,9 +44,8 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from datetime import datetime
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
@@ -60,180 +59,41 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from runner.errors import (
-    ContainerSetupError,
-    DockerUnavailableError,
-    ImageBuildError,
-    InfrastructureError,
-)
+from runner.errors import DockerUnavailableError, ImageBuildError
 from runner.sandbox.base import ExecutionResult, Limits, Outcome, Stage, TaskError, TaskSpec
-from runner.sandbox.envelope import encode_task, frame_complete
+from runner.sandbox.docker_errors import (
+    DOCKER_FAULTS,
+    docker_errors,
+    is_transient,
+    retry_cause,
+    translate,
+)
+from runner.sandbox.envelope import encode_task
 from runner.sandbox.interpret import ProcessFacts, interpret, killed_before_report
+from runner.sandbox.isolation import IsolationConfig
+from runner.sandbox.labels import (
+    LABEL_DEADLINE,
+    LABEL_MANAGED,
+    is_leftover,
+    ownership_labels,
+    process_identity,
+)
 from runner.sandbox.pool import Miss, PoolConfig, Slot, WarmPool
-
-if TYPE_CHECKING:
-    from runner.policy import EffectivePolicy
+from runner.sandbox.stream import STDOUT, StreamDemux
+from runner.sandbox.stream import Output as _Output
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-LABEL = "io.sandbox-runner"
-LABEL_MANAGED = f"{LABEL}.managed"
-LABEL_OWNER = f"{LABEL}.owner"
-LABEL_BOOT = f"{LABEL}.boot"
-LABEL_TASK = f"{LABEL}.task"
-LABEL_CREATED = f"{LABEL}.created-at"
-LABEL_DEADLINE = f"{LABEL}.deadline"
-LABEL_POLICY = f"{LABEL}.seccomp-sha256"
-LABEL_PROCESS = f"{LABEL}.process"
-# Pool slots: the task label says "pool" (the task is not known yet), this one the key.
-LABEL_POOL = f"{LABEL}.pool"
-POOL_TASK_LABEL = "pool"
-
-SANDBOX_USER = "10001:10001"
-STDERR_TAIL_BYTES = 64 * 1024
-ENVELOPE_OVERHEAD_BYTES = 1024 * 1024
 # Past the task timeout the agent reports a timeout itself; the host deadline is
 # the wall behind it (for an agent that cannot report) and kills the container.
 HOST_GRACE_S = 5.0
-# A container whose deadline passed this long ago is an orphan, whoever owns it.
-ORPHAN_MARGIN_S = 60.0
 # Room in a pool slot's deadline label for its own set-up (with retries) before it idles.
 POOL_SETUP_SLACK_S = 30.0
 KEY_MEMO_ENTRIES = 256
-STREAM_STDOUT, STREAM_STDERR = 1, 2
-
-
-def process_identity(pid: int) -> str | None:
-    """``pid:start-time`` of a live process (start time defeats pid reuse), else None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22 (starttime); the command name (field 2) may hold spaces, so split after ')'.
-    fields = stat.rpartition(")")[2].split()
-    return f"{pid}:{fields[19]}" if len(fields) > 19 else None
-
-
-def host_has_apparmor() -> bool:
-    try:
-        return Path("/sys/module/apparmor/parameters/enabled").read_text().strip() == "Y"
-    except OSError:
-        return False
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Set-up failures worth another attempt: daemon unreachable, 5xx, 409, timeouts."""
-    if isinstance(exc, docker.errors.ImageNotFound):
-        return True  # the image is (re)built once, then the set-up is retried
-    if isinstance(exc, docker.errors.APIError):
-        status = exc.status_code or 0
-        return status >= 500 or status == 409
-    return isinstance(
-        exc,
-        requests.exceptions.ConnectionError
-        | requests.exceptions.Timeout
-        | docker.errors.DockerException
-        | ConnectionError
-        | TimeoutError,
-    ) and not isinstance(exc, docker.errors.APIError)
-
-
-def retry_cause(exc: BaseException | None) -> str:
-    """A retried set-up failure as a metrics label (``sandbox_runner_retries_total``)."""
-    if isinstance(exc, docker.errors.ImageNotFound):
-        return "image_missing"
-    if isinstance(exc, docker.errors.APIError):
-        return "conflict" if exc.status_code == 409 else "daemon_error"
-    if isinstance(exc, requests.exceptions.Timeout | TimeoutError):
-        return "timeout"
-    return "daemon_unreachable"
-
-
-def translate(exc: BaseException, what: str) -> InfrastructureError:
-    """Docker/requests exceptions -> our tree, once, at the edge."""
-    if isinstance(exc, InfrastructureError):
-        return exc
-    if isinstance(exc, docker.errors.APIError):
-        status = exc.status_code or 0
-        detail = exc.explanation or str(exc)
-        if status >= 500:
-            return DockerUnavailableError(f"Docker daemon failed to {what}", hint=str(detail))
-        return ContainerSetupError(f"Docker refused to {what}", hint=str(detail))
-    return DockerUnavailableError(
-        f"Docker daemon unreachable while trying to {what}", hint=str(exc) or type(exc).__name__
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class IsolationConfig:
-    """What every task container gets, fixed for the life of the sandbox.
-
-    Built from the policy bundle (:meth:`from_policy`); every field is hashable (the
-    warm pool keys its slots on this object).
-    """
-
-    seccomp_profile: Path
-    seccomp_json: str
-    seccomp_sha256: str
-    apparmor_profile: str | None
-    user: str = SANDBOX_USER
-    policy_sha256: str | None = None
-    # Required by the policy linter, and by our seccomp profile itself: without it
-    # runc installs the filter before dropping privileges and container start fails.
-    no_new_privileges: bool = True
-
-    @classmethod
-    def from_policy(
-        cls, policy: EffectivePolicy, *, apparmor_available: bool | None = None
-    ) -> IsolationConfig:
-        """The bundle's seccomp profile, uid and AppArmor profile (when the host has it)."""
-        bundle = policy.bundle
-        if apparmor_available is None:
-            apparmor_available = host_has_apparmor()
-        return cls(
-            seccomp_profile=bundle.seccomp_path,
-            seccomp_json=bundle.seccomp_json,
-            seccomp_sha256=bundle.seccomp_sha256,
-            apparmor_profile=policy.apparmor_profile if apparmor_available else None,
-            user=policy.user,
-            policy_sha256=bundle.sha256,
-            no_new_privileges=bundle.config.container.no_new_privileges,
-        )
-
-    def security_opt(self) -> list[str]:
-        opts = [f"seccomp={self.seccomp_json}"]
-        if self.no_new_privileges:
-            opts.insert(0, "no-new-privileges:true")
-        if self.apparmor_profile:
-            opts.append(f"apparmor={self.apparmor_profile}")
-        return opts
-
-    def report(self, guarantees: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The isolation of every task, for the audit record.
-
-        ``guarantees`` is what the self-check proved in force (per guarantee: pass,
-        fail or not-available); without one the record says so rather than claim it.
-        """
-        return {
-            "policySha256": self.policy_sha256,
-            "network": "none",
-            "readOnlyRootfs": True,
-            "capabilities": "all dropped",
-            "noNewPrivileges": self.no_new_privileges,
-            "seccomp": {"profile": str(self.seccomp_profile), "sha256": self.seccomp_sha256},
-            "apparmor": self.apparmor_profile or "unavailable (host kernel has no AppArmor)",
-            "user": self.user,
-            "init": "tini (from the image)",
-            "ipc": "none",
-            "cgroupns": "private",
-            "environment": "empty (image defaults only)",
-            "mounts": "tmpfs /tmp only",
-            "guarantees": guarantees
-            if guarantees is not None
-            else "not verified (no self-check ran for this pipeline)",
-        }
+# What a set-up attempt may fail with once its retries are spent (socket errors too).
+SETUP_FAULTS: tuple[type[Exception], ...] = (*DOCKER_FAULTS, OSError)
 
 
 @dataclass
@@ -272,24 +132,6 @@ class _Run:
     @property
     def container_id(self) -> str | None:
         return self.container.container_id if self.container else None
-
-
-@dataclass
-class _Output:
-    stdout: bytearray = field(default_factory=bytearray)
-    stderr_tail: bytearray = field(default_factory=bytearray)
-    stderr_bytes: int = 0
-    overflow: bool = False
-    timed_out: bool = False
-    # Bytes of the attach stream not yet demultiplexed (kept across ``_pump`` calls).
-    pending: bytearray = field(default_factory=bytearray)
-    # A successful result decoded from a complete stdout frame, read before the
-    # stream ended: the task is over, no need to wait for the container to exit.
-    early_result: ExecutionResult | None = None
-
-    def has_frame(self) -> bool:
-        """Has a whole length-prefixed frame arrived on stdout?"""
-        return frame_complete(self.stdout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,7 +229,7 @@ class DockerSandbox:
             return
         if not self._pool.is_started:
             # Known before the first hand-over, so a task's key can match the slots'.
-            with contextlib.suppress(docker.errors.DockerException, requests.RequestException):
+            with contextlib.suppress(*DOCKER_FAULTS):
                 self._image_id = await asyncio.to_thread(self._resolve_image_id)
             self._pool.start()
         if wait:
@@ -629,11 +471,7 @@ class DockerSandbox:
             raise ImageBuildError(
                 f"Task image {self._image} is missing", hint="run `sandbox-runner image build`"
             ) from exc
-        except (
-            docker.errors.DockerException,
-            requests.exceptions.RequestException,
-            OSError,
-        ) as exc:
+        except SETUP_FAULTS as exc:
             raise translate(exc, what) from exc
         raise AssertionError("unreachable: tenacity reraises the last failure")
 
@@ -729,19 +567,16 @@ class DockerSandbox:
             # must leave it alone that long, and reap it after a dead runner.
             max_idle_s = self._pool.config.max_idle_s if self._pool else 0.0
             deadline = now + POOL_SETUP_SLACK_S + max_idle_s + limits.timeout_s + HOST_GRACE_S
-        labels = {
-            LABEL_MANAGED: "true",
-            LABEL_OWNER: self._runner_id,
-            LABEL_BOOT: self._boot_id,
-            LABEL_TASK: task_id or POOL_TASK_LABEL,
-            LABEL_CREATED: datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
-            LABEL_DEADLINE: f"{deadline:.0f}",
-            LABEL_POLICY: self._isolation.seccomp_sha256,
-            LABEL_PROCESS: self._process,
-        }
-        if pool_key is not None:
-            labels[LABEL_POOL] = pool_key[:16]
-        return labels
+        return ownership_labels(
+            runner_id=self._runner_id,
+            boot_id=self._boot_id,
+            process=self._process,
+            policy_sha256=self._isolation.seccomp_sha256,
+            deadline=deadline,
+            now=now,
+            task_id=task_id,
+            pool_key=pool_key,
+        )
 
     def _host_config(self, limits: Limits) -> HostConfig:
         tmpfs_opts = f"rw,noexec,nosuid,nodev,size={limits.tmpfs_bytes},mode=1777"
@@ -782,10 +617,9 @@ class DockerSandbox:
         """
         assert run.container is not None
         container = run.container
-        sock, output = container.sock, _Output()
+        sock, output = container.sock, _Output.for_output_cap(run.limits.output_bytes)
+        demux = StreamDemux()
         deadline = run.started_at + run.limits.timeout_s + HOST_GRACE_S
-        stdout_cap = run.limits.output_bytes + ENVELOPE_OVERHEAD_BYTES
-        caps = (stdout_cap, run.limits.output_bytes)
         try:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             try:
@@ -796,7 +630,7 @@ class DockerSandbox:
             except OSError:
                 pass  # the container is already gone; its exit tells why
             if not output.timed_out:
-                ended = self._pump(sock, output, deadline, *caps, until_frame=True)
+                ended = pump(sock, demux, output, deadline, until_frame=True)
                 if not ended and output.has_frame():
                     facts = ProcessFacts(exit_code=None)
                     early = interpret(
@@ -808,67 +642,12 @@ class DockerSandbox:
                     if early.outcome.is_success:
                         output.early_result = early
                     else:
-                        self._pump(sock, output, deadline, *caps, until_frame=False)
+                        pump(sock, demux, output, deadline, until_frame=False)
         finally:
             _close_stream(container.stream, sock)
         if output.timed_out or output.overflow:
             self._kill_quietly(container.container_id)
         return output
-
-    @staticmethod
-    def _pump(
-        sock: socket.socket,
-        output: _Output,
-        deadline: float,
-        stdout_cap: int,
-        stderr_cap: int,
-        *,
-        until_frame: bool,
-    ) -> bool:
-        """Demultiplex Docker's attach stream (8-byte frame headers) with caps and a deadline.
-
-        Returns True when the stream is over (EOF, deadline, cap), False when it
-        stopped early because ``until_frame`` and a whole stdout frame is in.
-        """
-        pending = output.pending
-        sock.setblocking(False)
-        while True:
-            while len(pending) >= 8:
-                stream, size = pending[0], int.from_bytes(pending[4:8], "big")
-                if len(pending) < 8 + size:
-                    break
-                payload = bytes(pending[8 : 8 + size])
-                del pending[: 8 + size]
-                if stream == STREAM_STDOUT:
-                    output.stdout += payload
-                    if len(output.stdout) > stdout_cap:
-                        output.overflow = True
-                        return True
-                    if until_frame and output.has_frame():
-                        return False
-                else:
-                    output.stderr_bytes += len(payload)
-                    output.stderr_tail += payload
-                    del output.stderr_tail[:-STDERR_TAIL_BYTES]
-                    if output.stderr_bytes > stderr_cap:
-                        output.overflow = True
-                        return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                output.timed_out = True
-                return True
-            readable, _, _ = select.select([sock], [], [], remaining)
-            if not readable:
-                continue
-            try:
-                chunk = sock.recv(1 << 16)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return True
-            if not chunk:
-                return True
-            pending += chunk
 
     def _wait_exit(self, container_id: str) -> int | None:
         """The container's exit code, or None when the daemon cannot say.
@@ -882,7 +661,7 @@ class DockerSandbox:
         except requests.exceptions.ConnectionError as exc:
             log.warning("could not wait for container %s: %s", container_id[:12], exc)
             raise DockerUnavailableError("Docker daemon unreachable", hint=str(exc)) from exc
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        except DOCKER_FAULTS as exc:
             log.warning("could not wait for container %s: %s", container_id[:12], exc)
             return None
 
@@ -890,7 +669,7 @@ class DockerSandbox:
         """The daemon's record of the ended container: OOM kill, start and end (its clock)."""
         try:
             state = self._api.inspect_container(container_id)["State"]
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        except DOCKER_FAULTS as exc:
             log.warning("could not inspect container %s: %s", container_id[:12], exc)
             return _ExitState(oom_killed=False)
         return _ExitState(
@@ -933,7 +712,7 @@ class DockerSandbox:
                         break
             finally:
                 stream.close()
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        except DOCKER_FAULTS as exc:
             log.warning("could not read the events of container %s: %s", container_id[:12], exc)
             return None
         if killed:
@@ -953,7 +732,7 @@ class DockerSandbox:
             self._api.remove_container(container_id, force=True, v=True)
         except docker.errors.NotFound:
             pass
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        except DOCKER_FAULTS as exc:
             # Retried before the next container is made, on sweep and on close; the
             # next runner's start-up sweep is the backstop if this process dies first.
             self._unremoved.add(container_id)
@@ -969,31 +748,16 @@ class DockerSandbox:
                 return  # the daemon is still unreachable: try again next time
 
     def _kill_quietly(self, container_id: str) -> None:
-        with contextlib.suppress(
-            docker.errors.DockerException, requests.exceptions.RequestException
-        ):
+        with contextlib.suppress(*DOCKER_FAULTS):
             self._api.kill(container_id)
 
     def _sweep_blocking(self) -> list[str]:
-        try:
+        with docker_errors("list containers"):
             containers = self._api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=true"})
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise translate(exc, "list containers") from exc
         now, removed = time.time(), []
         for container in containers:
             labels = container.get("Labels") or {}
-            # An earlier run of this runner whose process is gone (a concurrent `exec`
-            # with the same runner id is alive and keeps its containers).
-            stale_boot = (
-                labels.get(LABEL_OWNER) == self._runner_id
-                and labels.get(LABEL_BOOT) != self._boot_id
-                and not _is_alive_identity(labels.get(LABEL_PROCESS, ""))
-            )
-            try:
-                past_deadline = float(labels.get(LABEL_DEADLINE, "0")) + ORPHAN_MARGIN_S < now
-            except ValueError:
-                past_deadline = True
-            if stale_boot or past_deadline:
+            if is_leftover(labels, runner_id=self._runner_id, boot_id=self._boot_id, now=now):
                 self._remove_quietly(container["Id"])
                 removed.append(container["Id"])
         if removed:
@@ -1017,9 +781,46 @@ def _is_slot_alive(container: _Container) -> bool:
     return not readable
 
 
-def _is_alive_identity(identity: str) -> bool:
-    pid, _, _ = identity.partition(":")
-    return pid.isdigit() and process_identity(int(pid)) == identity
+def pump(
+    sock: socket.socket,
+    demux: StreamDemux,
+    output: _Output,
+    deadline: float,
+    *,
+    until_frame: bool,
+) -> bool:
+    """Read Docker's attach stream into ``output`` within its caps and ``deadline``.
+
+    Returns True when the stream is over (EOF, deadline, cap), False when it stopped
+    early because ``until_frame`` and a whole stdout frame is in (what arrived after
+    it waits in ``demux`` for the next call).
+    """
+    sock.setblocking(False)
+    pieces = demux.feed(b"")  # what an earlier call left after its frame
+    while True:
+        while pieces:
+            stream, payload = pieces.pop(0)
+            if output.add(stream, payload):
+                return True
+            if until_frame and stream == STDOUT and output.has_frame():
+                demux.push_back(pieces)
+                return False
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            output.timed_out = True
+            return True
+        readable, _, _ = select.select([sock], [], [], remaining)
+        if not readable:
+            continue
+        try:
+            chunk = sock.recv(1 << 16)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return True
+        if not chunk:
+            return True
+        pieces = demux.feed(chunk)
 
 
 def connect(timeout_s: float) -> docker.DockerClient:
@@ -1027,7 +828,7 @@ def connect(timeout_s: float) -> docker.DockerClient:
     try:
         client = docker.from_env(timeout=int(timeout_s))
         client.ping()
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+    except DOCKER_FAULTS as exc:
         raise DockerUnavailableError(
             "Cannot reach the Docker daemon",
             hint=f"{exc}; start it (`make setup` does on Debian) or set DOCKER_HOST",
@@ -1037,10 +838,8 @@ def connect(timeout_s: float) -> docker.DockerClient:
 
 def describe_daemon(client: docker.DockerClient) -> dict[str, str]:
     """Who the daemon is (id, version, kernel, security options): the self-check cache key."""
-    try:
+    with docker_errors("describe itself"):
         info = client.info()
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-        raise translate(exc, "describe itself") from exc
     return {
         "id": str(info.get("ID", "")),
         "serverVersion": str(info.get("ServerVersion", "")),
@@ -1059,10 +858,7 @@ def describe_daemon(client: docker.DockerClient) -> dict[str, str]:
 
 __all__ = [
     "DockerSandbox",
-    "IsolationConfig",
-    "Stage",
     "connect",
     "describe_daemon",
-    "host_has_apparmor",
-    "is_transient",
+    "pump",
 ]

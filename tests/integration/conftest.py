@@ -13,8 +13,10 @@ from runner.cli.wiring import image_recipe, make_docker_sandbox, make_pipeline
 from runner.errors import RunnerError
 from runner.pipeline import TaskPipeline, TaskRequest
 from runner.sandbox.base import Mode
-from runner.sandbox.docker import LABEL_MANAGED, DockerSandbox, IsolationConfig, connect
+from runner.sandbox.docker import DockerSandbox, connect
 from runner.sandbox.image import ImageBuilder
+from runner.sandbox.isolation import IsolationConfig
+from runner.sandbox.labels import LABEL_MANAGED
 from runner.settings import Settings
 
 # The in-process guards switched off: the container alone must hold.

@@ -23,7 +23,8 @@ import pytest
 
 from runner.broker_server.core import BrokerTask
 from runner.sandbox.base import Outcome, Stage
-from runner.sandbox.docker import LABEL_MANAGED, LABEL_OWNER, LABEL_PROCESS, DockerSandbox
+from runner.sandbox.docker import DockerSandbox
+from runner.sandbox.labels import LABEL_MANAGED, LABEL_OWNER, LABEL_PROCESS
 
 from .conftest import PipelineFactory, request
 from .harness import RunnerProcess, completions, finished, start_broker, submit, until

@@ -25,14 +25,8 @@ from runner.cli.wiring import make_docker_sandbox, make_pipeline
 from runner.pipeline import TaskPipeline
 from runner.sandbox import docker as docker_sandbox
 from runner.sandbox.base import MIB
-from runner.sandbox.docker import (
-    LABEL_BOOT,
-    LABEL_DEADLINE,
-    LABEL_MANAGED,
-    LABEL_POOL,
-    LABEL_TASK,
-    DockerSandbox,
-)
+from runner.sandbox.docker import DockerSandbox
+from runner.sandbox.labels import LABEL_BOOT, LABEL_DEADLINE, LABEL_MANAGED, LABEL_POOL, LABEL_TASK
 from runner.settings import Settings
 
 from .conftest import PipelineFactory, container_exists, request

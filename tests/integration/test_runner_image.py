@@ -35,7 +35,7 @@ import httpx
 import pytest
 
 from runner.policy import load_bundle
-from runner.sandbox.docker import LABEL_OWNER
+from runner.sandbox.labels import LABEL_OWNER
 from runner.settings import PROJECT_ROOT
 
 from .harness import AUTH_TOKEN, broker_settings, until

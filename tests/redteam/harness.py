@@ -43,13 +43,9 @@ import docker
 from runner.cli.wiring import load_isolation
 from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
 from runner.policy import DOCKER_DEFAULT_PROFILE
-from runner.sandbox.docker import (
-    LABEL_MANAGED,
-    LABEL_OWNER,
-    LABEL_TASK,
-    DockerSandbox,
-    IsolationConfig,
-)
+from runner.sandbox.docker import DockerSandbox
+from runner.sandbox.isolation import IsolationConfig
+from runner.sandbox.labels import LABEL_MANAGED, LABEL_OWNER, LABEL_TASK
 from runner.settings import Settings
 
 from .catalog import LAST_RUN, MODES, Probe

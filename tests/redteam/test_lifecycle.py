@@ -25,7 +25,7 @@ import docker
 import pytest
 
 from runner.cli.wiring import load_isolation, make_docker_sandbox
-from runner.sandbox.docker import LABEL_MANAGED, LABEL_OWNER
+from runner.sandbox.labels import LABEL_MANAGED, LABEL_OWNER
 from runner.settings import PROJECT_ROOT, Settings
 
 pytestmark = pytest.mark.timeout(300)

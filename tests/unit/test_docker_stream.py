@@ -1,7 +1,9 @@
-"""The attach-stream reader of DockerSandbox, without Docker: frames over a socketpair.
+"""The attach-stream reader of DockerSandbox, without Docker: frames over a socketpair,
+and the pure demultiplexer under it (runner/sandbox/stream.py).
 
 A complete stdout frame ends the read early (the result is in; the daemon's view of
-the exit is not waited for); bytes after it stay in ``pending`` for a read to EOF.
+the exit is not waited for); what came after it stays in the demultiplexer for a
+read to EOF.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from runner.sandbox.docker import DockerSandbox, _Output
+from runner.sandbox.docker import pump as docker_pump
+from runner.sandbox.stream import Output, StreamDemux
 
 STDOUT, STDERR = 1, 2
 
@@ -34,9 +37,21 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     theirs.close()
 
 
-def pump(sock: socket.socket, output: _Output, *, until_frame: bool) -> bool:
+class ReadOutput(Output):
+    """An output with the demultiplexer of its exchange (the sandbox keeps one each)."""
+
+    def __init__(self) -> None:
+        super().__init__(stdout_cap=1 << 20, stderr_cap=1 << 20)
+        self.demux = StreamDemux()
+
+
+def new_output() -> ReadOutput:
+    return ReadOutput()
+
+
+def pump(sock: socket.socket, output: ReadOutput, *, until_frame: bool) -> bool:
     deadline = time.monotonic() + 5
-    return DockerSandbox._pump(sock, output, deadline, 1 << 20, 1 << 20, until_frame=until_frame)
+    return docker_pump(sock, output.demux, output, deadline, until_frame=until_frame)
 
 
 def test_a_complete_stdout_frame_ends_the_read_before_the_stream_ends(
@@ -47,7 +62,7 @@ def test_a_complete_stdout_frame_ends_the_read_before_the_stream_ends(
     # Split across docker frames and socket writes; stderr interleaved; stream left open.
     theirs.sendall(docker_frame(STDERR, b"warning\n") + docker_frame(STDOUT, frame[:5]))
     theirs.sendall(docker_frame(STDOUT, frame[5:]) + docker_frame(STDERR, b"late"))
-    output = _Output()
+    output = new_output()
     assert pump(ours, output, until_frame=True) is False
     assert bytes(output.stdout) == frame
     assert output.has_frame()
@@ -65,7 +80,7 @@ def test_without_a_complete_frame_the_read_goes_on_to_eof(
     ours, theirs = pair
     theirs.sendall(docker_frame(STDOUT, struct.pack(">I", 100) + b"truncated"))
     theirs.shutdown(socket.SHUT_WR)
-    output = _Output()
+    output = new_output()
     assert pump(ours, output, until_frame=True) is True
     assert not output.has_frame()
     assert not output.timed_out
@@ -76,7 +91,24 @@ def test_the_stdout_cap_still_holds_when_reading_until_a_frame(
 ) -> None:
     ours, theirs = pair
     theirs.sendall(docker_frame(STDOUT, struct.pack(">I", 1 << 30) + b"x" * 4096))
-    output = _Output()
+    output = new_output()
     deadline = time.monotonic() + 5
-    assert DockerSandbox._pump(ours, output, deadline, 1024, 1 << 20, until_frame=True) is True
+    output.stdout_cap = 1024
+    assert docker_pump(ours, StreamDemux(), output, deadline, until_frame=True) is True
     assert output.overflow
+
+
+def test_the_demultiplexer_cuts_pieces_whatever_the_chunking() -> None:
+    stream = docker_frame(STDOUT, b"abc") + docker_frame(STDERR, b"") + docker_frame(STDERR, b"e")
+    for size in (1, 2, 7, 8, 9, len(stream)):
+        demux, pieces = StreamDemux(), []
+        for start in range(0, len(stream), size):
+            pieces += demux.feed(stream[start : start + size])
+        assert pieces == [(STDOUT, b"abc"), (STDERR, b""), (STDERR, b"e")], size
+
+
+def test_pieces_pushed_back_come_first() -> None:
+    demux = StreamDemux()
+    first = demux.feed(docker_frame(STDOUT, b"a") + docker_frame(STDERR, b"b"))
+    demux.push_back(first[1:])
+    assert demux.feed(docker_frame(STDOUT, b"c")) == [(STDERR, b"b"), (STDOUT, b"c")]

@@ -29,7 +29,8 @@ from runner.policy import (
     resolve_policy,
 )
 from runner.sandbox.base import Limits
-from runner.sandbox.docker import DockerSandbox, IsolationConfig
+from runner.sandbox.docker import DockerSandbox
+from runner.sandbox.isolation import IsolationConfig
 from runner.settings import PROJECT_ROOT, Settings
 
 POLICIES = PROJECT_ROOT / "policies"

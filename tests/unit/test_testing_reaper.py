@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from runner.sandbox.docker import process_identity
+from runner.sandbox.labels import process_identity
 from runner.testing import (
     LABEL_TESTING,
     LABEL_TESTING_NAMESPACE,

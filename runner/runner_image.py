@@ -31,10 +31,10 @@ from pathlib import Path
 
 import docker
 import docker.errors
-import requests.exceptions
 
 from runner.errors import ImageBuildError
 from runner.sandbox.bundle import hash_files
+from runner.sandbox.docker_errors import DOCKER_FAULTS, docker_errors
 from runner.sandbox.image import BASE_REPOSITORY, ImageBuilder, Progress, docker_build
 
 RUNNER_REPOSITORY = "sandbox-runner"
@@ -113,10 +113,8 @@ class RunnerImageBuilder:
         return tag
 
     def _tag_latest(self, tag: str) -> None:
-        try:
+        with docker_errors(f"Cannot tag {tag} as {LATEST}", into=ImageBuildError):
             self._client.api.tag(tag, self._recipe.repository, LATEST)
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise ImageBuildError(f"Cannot tag {tag} as {LATEST}", hint=str(exc)) from exc
 
     def _check_python(self, base_tag: str) -> None:
         """The host builds the wheels, so its Python must match the base's (minor)."""
@@ -128,7 +126,7 @@ class RunnerImageBuilder:
                 network_mode="none",
                 remove=True,
             )
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        except DOCKER_FAULTS as exc:
             raise ImageBuildError(
                 f"Cannot run python3 in the base image {base_tag}", hint=str(exc)
             ) from exc

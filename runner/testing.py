@@ -63,12 +63,12 @@ from typing import Any, Literal, Self
 import docker
 import docker.errors
 import httpx
-import requests.exceptions
 from testcontainers.core.config import testcontainers_config
 from testcontainers.core.container import DockerContainer
 from testcontainers.core.network import Network
 from testcontainers.core.waiting_utils import WaitStrategy, WaitStrategyTarget
 
+from runner.sandbox.docker_errors import DOCKER_FAULTS
 from runner.sandbox.labels import LABEL_OWNER, process_identity
 
 LABEL_TESTING = "io.sandbox-runner.testing"
@@ -173,22 +173,22 @@ def reap_leftovers(client: docker.DockerClient) -> list[str]:
     removed: list[str] = []
     try:
         found = client.api.containers(all=True, filters={"label": f"{LABEL_TESTING}=true"})
-    except (docker.errors.DockerException, requests.exceptions.RequestException):
+    except DOCKER_FAULTS:
         return removed
     for container in found:
         labels = container.get("Labels") or {}
         if not _is_orphan(labels):
             continue
-        with contextlib.suppress(docker.errors.DockerException):
+        with contextlib.suppress(*DOCKER_FAULTS):
             client.api.remove_container(container["Id"], force=True)
             removed.append(container["Id"])
         runner_id = labels.get(LABEL_TESTING_RUNNER)
         if runner_id:
             removed.extend(remove_owned(client, runner_id))
-    with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
+    with contextlib.suppress(*DOCKER_FAULTS):
         for network in client.networks.list(filters={"label": f"{LABEL_TESTING}=true"}):
             if _is_orphan(network.attrs.get("Labels") or {}):
-                with contextlib.suppress(docker.errors.DockerException):
+                with contextlib.suppress(*DOCKER_FAULTS):
                     network.remove()
     return removed
 
@@ -196,11 +196,11 @@ def reap_leftovers(client: docker.DockerClient) -> list[str]:
 def remove_owned(client: docker.DockerClient, runner_id: str) -> list[str]:
     """Remove every task (or pool) container still labelled with ``runner_id``."""
     removed: list[str] = []
-    with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
+    with contextlib.suppress(*DOCKER_FAULTS):
         for container in client.api.containers(
             all=True, filters={"label": f"{LABEL_OWNER}={runner_id}"}
         ):
-            with contextlib.suppress(docker.errors.DockerException):
+            with contextlib.suppress(*DOCKER_FAULTS):
                 client.api.remove_container(container["Id"], force=True)
                 removed.append(container["Id"])
     return removed
@@ -337,15 +337,15 @@ class _SandboxContainer(DockerContainer):
     def stop(self, force: bool = True, delete_volume: bool = True) -> None:
         container = self._container
         if container is not None:
-            with contextlib.suppress(docker.errors.DockerException):
+            with contextlib.suppress(*DOCKER_FAULTS):
                 container.stop(timeout=STOP_TIMEOUT_S)  # SIGTERM: drain, remove the pool
-        with contextlib.suppress(docker.errors.DockerException):
+        with contextlib.suppress(*DOCKER_FAULTS):
             super().stop(force, delete_volume)
         if self.runner_id is not None:
             # Backstop: anything the runner could not remove before it stopped.
             remove_owned(self._client, self.runner_id)
         if self._own_network is not None:
-            with contextlib.suppress(docker.errors.DockerException):
+            with contextlib.suppress(*DOCKER_FAULTS):
                 self._own_network.remove()
             self._own_network = None
         self._client.close()
@@ -362,7 +362,7 @@ class _SandboxContainer(DockerContainer):
     def logs(self) -> str:
         if self._container is None:
             return ""
-        with contextlib.suppress(docker.errors.DockerException):
+        with contextlib.suppress(*DOCKER_FAULTS):
             return bytes(self._container.logs()).decode("utf-8", "replace")
         return ""
 

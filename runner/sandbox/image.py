@@ -23,6 +23,7 @@ Progress (debootstrap and build output) is reported through a callback.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -38,10 +39,10 @@ from pathlib import Path
 
 import docker
 import docker.errors
-import requests.exceptions
 
 from runner.errors import ImageBuildError
 from runner.sandbox.bundle import agent_sources, hash_files
+from runner.sandbox.docker_errors import DOCKER_FAULTS, docker_errors
 
 TASK_REPOSITORY = "sandbox-runner-task"
 BASE_REPOSITORY = "sandbox-runner-base"
@@ -264,7 +265,7 @@ def docker_build(
             if text:
                 tail = [*tail[-10:], text]
                 progress(text)
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+    except DOCKER_FAULTS as exc:
         raise ImageBuildError(f"docker build of {what} failed", hint=str(exc)) from exc
 
 
@@ -298,43 +299,39 @@ class ImageBuilder:
 
     def image_id(self, tag: str) -> str | None:
         """The id of ``tag``, or None when it does not exist (yet)."""
-        try:
+        with contextlib.suppress(*DOCKER_FAULTS):
             return str(self._client.images.get(tag).id)
-        except (docker.errors.DockerException, requests.exceptions.RequestException):
-            return None
+        return None
 
     def current_tag(self) -> str | None:
         """The tag the current inputs map to, if its base exists (no building)."""
-        try:
-            base = self._client.images.get(self._recipe.base_tag)
-        except docker.errors.ImageNotFound:
-            return None
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise ImageBuildError("Cannot inspect the base image", hint=str(exc)) from exc
+        with docker_errors("Cannot inspect the base image", into=ImageBuildError):
+            try:
+                base = self._client.images.get(self._recipe.base_tag)
+            except docker.errors.ImageNotFound:
+                return None
         return self._recipe.task_tag(str(base.id))
 
     def _exists(self, tag: str) -> bool:
-        try:
-            self._client.images.get(tag)
-        except docker.errors.ImageNotFound:
-            return False
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise ImageBuildError("Cannot inspect images", hint=str(exc)) from exc
+        with docker_errors("Cannot inspect images", into=ImageBuildError):
+            try:
+                self._client.images.get(tag)
+            except docker.errors.ImageNotFound:
+                return False
         return True
 
     def _ensure_base(self) -> str:
         tag = self._recipe.base_tag
-        try:
-            return str(self._client.images.get(tag).id)
-        except docker.errors.ImageNotFound:
-            pass
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise ImageBuildError("Cannot inspect the base image", hint=str(exc)) from exc
+        with docker_errors("Cannot inspect the base image", into=ImageBuildError):
+            try:
+                return str(self._client.images.get(tag).id)
+            except docker.errors.ImageNotFound:
+                pass
         if self._recipe.base_image:
             self._progress(f"pulling base image {tag}")
             try:
                 return str(self._client.images.pull(tag).id)
-            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            except DOCKER_FAULTS as exc:
                 raise ImageBuildError(
                     f"Base image {tag} is not available", hint=f"pull failed: {exc}"
                 ) from exc
@@ -398,7 +395,7 @@ class ImageBuilder:
                     ],
                 )
                 return str(self._client.images.get(tag).id)
-            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            except DOCKER_FAULTS as exc:
                 raise ImageBuildError(
                     "docker import of the base image failed", hint=str(exc)
                 ) from exc

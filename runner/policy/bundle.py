@@ -1,0 +1,165 @@
+"""A bundle's files, read, validated and hashed: :class:`PolicyBundle`.
+
+Owns: reading ``sandbox.toml`` and the two profiles it names (which must stay inside
+the bundle's directory), their validation against the schemas of
+:mod:`runner.policy.model` and :mod:`runner.policy.seccomp`, and the bundle's sha256
+(over names and contents: a rename changes it too). :func:`parse_bundle` turns every
+problem into a :class:`~runner.policy.model.Finding` and raises nothing; judging a
+valid bundle is :mod:`runner.policy.lint`'s job, refusing to run under a bad one is
+:func:`runner.policy.effective.load_bundle`'s.
+
+Must not import: the docker_default, lint, explain or effective modules of this
+package (they build on this one), :mod:`runner.settings`, docker or the sandbox
+implementations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from pydantic import ValidationError
+
+from runner.policy.model import POLICY_FILE, Finding, PolicyConfig, limits_of
+from runner.policy.seccomp import SeccompProfile
+from runner.sandbox.base import Limits
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyBundle:
+    """The files of one bundle, validated and hashed. Immutable."""
+
+    directory: Path
+    config: PolicyConfig
+    seccomp: SeccompProfile
+    seccomp_json: str  # compact, as handed to Docker
+    apparmor_text: str
+    sha256: str
+    seccomp_sha256: str
+    files: tuple[str, ...]  # the hashed files, relative, in hashing order
+    warnings: tuple[Finding, ...] = ()
+
+    @property
+    def seccomp_path(self) -> Path:
+        return self.directory / self.config.seccomp.profile
+
+    @property
+    def apparmor_path(self) -> Path:
+        return self.directory / self.config.apparmor.file
+
+    @property
+    def default_limits(self) -> Limits:
+        return limits_of(self.config.limits, "default")
+
+
+def bundle_sha256(files: Iterable[tuple[str, bytes]]) -> str:
+    """sha256 over (relative name, content) pairs in name order: a rename changes it too."""
+    digest = hashlib.sha256()
+    for name, content in sorted(files):
+        digest.update(name.encode() + b"\0")
+        digest.update(content)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def parse_bundle(directory: Path) -> tuple[PolicyBundle | None, list[Finding]]:
+    """Read and validate a bundle; every problem becomes a finding (nothing raises)."""
+    findings: list[Finding] = []
+    toml_path = directory / POLICY_FILE
+    try:
+        raw_toml = toml_path.read_bytes()
+    except OSError as exc:
+        return None, [Finding("files.missing", POLICY_FILE, f"cannot read: {exc.strerror}")]
+    try:
+        config = PolicyConfig.model_validate(tomllib.loads(raw_toml.decode("utf-8")))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return None, [Finding("schema.syntax", POLICY_FILE, f"not valid TOML: {exc}")]
+    except ValidationError as exc:
+        return None, _schema_findings(POLICY_FILE, exc)
+
+    files: list[tuple[str, bytes]] = [(POLICY_FILE, raw_toml)]
+    seccomp: SeccompProfile | None = None
+    raw_seccomp = b""
+    seccomp_name = config.seccomp.profile
+    if seccomp_name == "unconfined":
+        findings.append(
+            Finding("seccomp.unconfined", POLICY_FILE, "[seccomp] profile = 'unconfined'")
+        )
+    elif (problem := _bundle_path_problem(directory, seccomp_name)) is not None:
+        findings.append(Finding("files.outside-bundle", POLICY_FILE, f"[seccomp] {problem}"))
+    else:
+        try:
+            raw_seccomp = (directory / seccomp_name).read_bytes()
+            seccomp = SeccompProfile.model_validate(json.loads(raw_seccomp))
+            files.append((seccomp_name, raw_seccomp))
+        except OSError as exc:
+            findings.append(
+                Finding("files.missing", POLICY_FILE, f"[seccomp] {seccomp_name}: {exc.strerror}")
+            )
+        except ValueError as exc:  # JSON syntax (ValidationError is a ValueError too)
+            if isinstance(exc, ValidationError):
+                findings.extend(_schema_findings(seccomp_name, exc))
+            else:
+                findings.append(Finding("schema.syntax", seccomp_name, f"not valid JSON: {exc}"))
+
+    apparmor_text = ""
+    apparmor_name = config.apparmor.file
+    if (problem := _bundle_path_problem(directory, apparmor_name)) is not None:
+        findings.append(Finding("files.outside-bundle", POLICY_FILE, f"[apparmor] {problem}"))
+    else:
+        try:
+            raw_apparmor = (directory / apparmor_name).read_bytes()
+            apparmor_text = raw_apparmor.decode("utf-8")
+            files.append((apparmor_name, raw_apparmor))
+        except OSError as exc:
+            findings.append(
+                Finding("files.missing", POLICY_FILE, f"[apparmor] {apparmor_name}: {exc.strerror}")
+            )
+        except UnicodeDecodeError:
+            findings.append(Finding("schema.syntax", apparmor_name, "not UTF-8 text"))
+
+    if seccomp is None or findings:
+        return None, findings
+    bundle = PolicyBundle(
+        directory=directory,
+        config=config,
+        seccomp=seccomp,
+        seccomp_json=json.dumps(json.loads(raw_seccomp), separators=(",", ":")),
+        apparmor_text=apparmor_text,
+        sha256=bundle_sha256(files),
+        seccomp_sha256=hashlib.sha256(raw_seccomp).hexdigest(),
+        files=tuple(sorted(name for name, _ in files)),
+    )
+    return bundle, findings
+
+
+def _schema_findings(file: str, exc: ValidationError) -> list[Finding]:
+    findings = []
+    for error in exc.errors():
+        where = _location(error["loc"])
+        findings.append(Finding("schema", file, f"{where}: {error['msg']}"))
+    return findings
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    """``('limits', 'memory_mb', 'default')`` -> ``[limits] memory_mb.default``."""
+    parts = [str(part) for part in loc]
+    if not parts:
+        return "(top level)"
+    if len(parts) == 1:
+        return parts[0]
+    return f"[{parts[0]}] " + ".".join(parts[1:])
+
+
+def _bundle_path_problem(directory: Path, relative: str) -> str | None:
+    path = PurePosixPath(relative)
+    if path.is_absolute() or ".." in path.parts:
+        return f"{relative!r} must be a path inside the bundle"
+    resolved = (directory / relative).resolve()
+    if directory.resolve() not in resolved.parents:
+        return f"{relative!r} resolves outside the bundle"
+    return None

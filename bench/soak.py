@@ -15,7 +15,7 @@ It reports five figures and exits 1 when any of the first three is not zero:
 1. tasks **lost**: submitted, but no completion on the wire from the runner (or not
    finished at all by the deadline);
 2. tasks **duplicated**: more than one completion on the wire for one task id
-   (``Broker.message_log`` holds every message a runner sent);
+   (:class:`CountingBroker` counts the completions runners sent, per task id);
 3. containers **leaked**: after the last task and before the runner stops, containers
    with this run's owner label beyond the warm pool's idle slots (``--pool-size``,
    default 2) once removals had up to 30 s to finish (``during run``), plus
@@ -45,16 +45,20 @@ from pathlib import Path
 from typing import Any
 
 import docker
+from pydantic import BaseModel
 
-from runner.broker_server.core import Broker, BrokerTask, Submission, TaskLimits
-from runner.broker_server.server import running_broker
+from runner.broker_server.core import Broker
+from runner.broker_server.runners import RunnerConnection
+from runner.broker_server.server import RunningBroker, running_broker
+from runner.broker_server.submission import Submission, TaskLimits
+from runner.broker_server.tasks import BrokerTask
+from runner.protocol.messages import TaskDone, TaskErrorMessage
 from runner.sandbox.base import Mode
 from runner.sandbox.labels import LABEL_MANAGED, LABEL_OWNER
 from runner.settings import Settings
 from runner.testing import ServeProcess
 
 AUTH_TOKEN = "soak-auth-token-0123456789"  # noqa: S105 - a loopback broker of its own
-COMPLETION_TYPES = ("runner:taskdone", "runner:taskerror")
 TIMEOUT_TASK_S = 1.0
 POOL_SIZE = 2  # SANDBOX_POOL_SIZE for the runner: the idle slots allowed to remain
 LEAK_SETTLE_S = 30.0  # how long the removals of the last tasks' containers may take
@@ -194,10 +198,24 @@ async def _wait_for(predicate: Any, timeout_s: float, what: str, runner: ServePr
         await asyncio.sleep(0.05)
 
 
-async def _run_one(broker: Broker, outcome: Outcome, deadline: float) -> None:
+class CountingBroker(Broker):
+    """The broker core, counting the completions runners send (``runner:taskdone`` and
+    ``runner:taskerror``) per task id, whether the broker knows the task or not."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.completions: collections.Counter[str] = collections.Counter()
+
+    def runner_message(self, connection: RunnerConnection, message: BaseModel) -> None:
+        if isinstance(message, TaskDone | TaskErrorMessage):
+            self.completions[message.task_id] += 1
+        super().runner_message(connection, message)
+
+
+async def _run_one(running: RunningBroker, outcome: Outcome, deadline: float) -> None:
     code, limits, _ = KINDS[outcome.kind]
     began = time.monotonic()
-    task = broker.submit(
+    task = running.broker.submit(
         Submission(
             tenant="soak",
             code=code.format(n=outcome.index),
@@ -207,9 +225,7 @@ async def _run_one(broker: Broker, outcome: Outcome, deadline: float) -> None:
         )
     )
     outcome.task_id = task.task_id
-    try:
-        await asyncio.wait_for(task.done.wait(), max(0.1, deadline - time.monotonic()))
-    except TimeoutError:
+    if not await running.driver.wait_finished(task, max(0.1, deadline - time.monotonic())):
         return
     outcome.latency_s = time.monotonic() - began
     outcome.code = _code_of(task)
@@ -271,9 +287,11 @@ async def soak(
     deadline_s = deadline_s or 120 + tasks * 1.5
     client = docker.from_env(timeout=60)
     outcomes = [Outcome(i, ROTATION[i % len(ROTATION)]) for i in range(tasks)]
-    async with running_broker(settings, auth_token=AUTH_TOKEN) as running:
+    async with running_broker(
+        settings, auth_token=AUTH_TOKEN, broker_factory=CountingBroker
+    ) as running:
         broker = running.broker
-        broker.log_messages = True
+        assert isinstance(broker, CountingBroker)
         runner = ServeProcess(
             running.url,
             AUTH_TOKEN,
@@ -299,7 +317,7 @@ async def soak(
             async def one(outcome: Outcome) -> None:
                 nonlocal done
                 async with gate:
-                    await _run_one(broker, outcome, deadline)
+                    await _run_one(running, outcome, deadline)
                 done += 1
                 if progress and done % 100 == 0:
                     print(f"soak: {done}/{tasks} tasks done", file=sys.stderr, flush=True)
@@ -314,11 +332,7 @@ async def soak(
             leaked_during_run = await containers_beyond_pool(client, owner, pool_size)
         finally:
             exit_code = await asyncio.to_thread(runner.stop, 60)
-        counts = collections.Counter(
-            message["taskId"]
-            for _, message in broker.message_log
-            if message.get("type") in COMPLETION_TYPES
-        )
+        counts = broker.completions
     leaked = [str(c["Id"]) for c in owned_containers(client, owner)]
     client.close()
     lost = [o.task_id or f"#{o.index}" for o in outcomes if o.code is None or not counts[o.task_id]]

@@ -14,6 +14,10 @@ follow the same rule (they show runner ids and every tenant's load); ``/healthz`
 stays open for liveness probes. Request bodies are capped (413, which the client
 gets to read: see :class:`BodyLimit`).
 
+The broker's rules are the sans-I/O core's (:mod:`runner.broker_server.core`); the app
+reaches it through its :class:`~runner.broker_server.driver.BrokerDriver`, which times
+it and wakes the long-polls when a task ends or the drain starts.
+
 No ``from __future__ import annotations`` here: FastAPI reads the annotations of the
 route functions (defined inside :func:`create_app`) at run time.
 """
@@ -37,19 +41,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from runner import __version__
-from runner.broker_server.core import (
-    Broker,
-    BrokerTask,
-    Submission,
-    SubmissionRefused,
-    TaskLimits,
-    TaskStatus,
-    TaskTooLarge,
-    TenantBacklogFull,
-    WaitReason,
-    prepare,
-)
+from runner.broker_server.driver import BrokerDriver
 from runner.broker_server.schemas import check_schema
+from runner.broker_server.submission import Submission, SubmissionRefused, TaskLimits, prepare
+from runner.broker_server.tasks import BrokerTask, TaskStatus, WaitReason
+from runner.broker_server.tenants import TaskTooLarge, TenantBacklogFull
 from runner.broker_server.tokens import GrantTokens, same_secret
 from runner.metrics import CONTENT_TYPE, CollectorRegistry, exposition
 from runner.pipeline import code_size, code_too_large_message
@@ -305,7 +301,8 @@ class WsRunner:
         self._queue.put_nowait(encode(message))
 
     def send_frame(self, frame: str) -> None:
-        """A raw frame, as is (tests use it to send what a faulty broker would)."""
+        """A frame already encoded, as is: a ``broker:tasksettings`` frame whose settings
+        were encoded at submission (:func:`runner.broker_server.submission.settings_frame`)."""
         self._queue.put_nowait(frame)
 
     def close(self, code: int, reason: str) -> None:
@@ -331,13 +328,15 @@ def _is_loopback(host: str | None) -> bool:
 
 
 def create_app(
-    broker: Broker,
+    driver: BrokerDriver,
     tokens: GrantTokens,
     config: ApiConfig,
     *,
     registry: CollectorRegistry | None = None,
 ) -> FastAPI:
-    """``registry``: the metrics served at ``/metrics`` (none: no such route)."""
+    """The app over ``driver.broker``; ``registry``: the metrics served at ``/metrics``
+    (none: no such route)."""
+    broker = driver.broker
     app = FastAPI(
         title="sandbox-runner broker",
         default_response_class=SafeJSONResponse,
@@ -348,6 +347,7 @@ def create_app(
         ),
     )
     app.state.broker = broker
+    app.state.driver = driver
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
@@ -470,16 +470,16 @@ def create_app(
         # A closing broker dispatches nothing more; a task already with a runner may
         # still finish within the drain, so its waiters keep waiting (bounded by `wait`
         # and by the server's graceful shutdown).
-        return broker.closing.is_set() and task.status is TaskStatus.QUEUED
+        return broker.is_draining and task.status is TaskStatus.QUEUED
 
     async def wait_for(task: BrokerTask, wait: float) -> None:
         """Until the task ends or ``wait`` seconds pass; a queued one, until closing."""
         if wait <= 0 or task.document_json is not None or never_runs(task):
             return
         deadline = asyncio.get_running_loop().time() + wait
-        waiters = [asyncio.ensure_future(task.done.wait())]
-        if not broker.closing.is_set():
-            waiters.append(asyncio.ensure_future(broker.closing.wait()))
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(driver.wait_finished(task))]
+        if not broker.is_draining:
+            waiters.append(asyncio.ensure_future(driver.wait_closing()))
         try:
             await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             remaining = deadline - asyncio.get_running_loop().time()

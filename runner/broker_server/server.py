@@ -17,11 +17,14 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import uvicorn
 
 from runner.broker_server.app import ApiConfig, LimitSource, create_app
-from runner.broker_server.core import Broker, BrokerConfig, TaskLimits
+from runner.broker_server.core import Broker, BrokerConfig
+from runner.broker_server.driver import BrokerDriver
+from runner.broker_server.submission import TaskLimits
 from runner.broker_server.tokens import GrantTokens
 from runner.errors import InfrastructureError
 from runner.metrics import BrokerMetrics, CollectorRegistry
@@ -51,10 +54,18 @@ class _Server(uvicorn.Server):
 @dataclass
 class RunningBroker:
     broker: Broker
+    driver: BrokerDriver  # the broker's timer, and waits for its tasks
     url: str
     auth_token: str
     port: int
     registry: CollectorRegistry | None = None
+
+
+class BrokerFactory(Protocol):
+    """Makes the broker core that :func:`running_broker` serves (:class:`Broker` itself,
+    or a subclass of the caller's: tests record what runners send with one)."""
+
+    def __call__(self, config: BrokerConfig, *, metrics: BrokerMetrics) -> Broker: ...
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -113,11 +124,13 @@ async def running_broker(
     auth_token: str | None = None,
     log_level: str = "warning",
     registry: CollectorRegistry | None = None,
+    broker_factory: BrokerFactory = Broker,
 ) -> AsyncIterator[RunningBroker]:
     """Serve the broker until the block ends; then drain, close runners and stop.
 
     Its metrics go to ``registry`` (a new one by default) and are served at ``/metrics``;
     ``up`` passes one registry to the broker and its runner, so one scrape sees both.
+    ``broker_factory`` makes the broker core (:class:`Broker` by default).
     """
     token = auth_token or (
         settings.auth_token.get_secret_value() if settings.auth_token else secrets.token_urlsafe(24)
@@ -125,9 +138,10 @@ async def running_broker(
     policy = load_policy(settings)
     limits = policy.limits
     registry = registry if registry is not None else CollectorRegistry()
-    broker = Broker(broker_config(settings, limits), metrics=BrokerMetrics(registry))
+    broker = broker_factory(broker_config(settings, limits), metrics=BrokerMetrics(registry))
+    driver = BrokerDriver(broker)
     app = create_app(
-        broker,
+        driver,
         GrantTokens(settings.grant_token_ttl_s),
         ApiConfig(
             auth_token=token,
@@ -164,14 +178,15 @@ async def running_broker(
         serving.result()  # re-raise what went wrong at start-up
     host = settings.broker_host if ":" not in settings.broker_host else f"[{settings.broker_host}]"
     try:
-        yield RunningBroker(broker, f"http://{host}:{port}", token, port, registry)
+        yield RunningBroker(broker, driver, f"http://{host}:{port}", token, port, registry)
     finally:
-        broker.drain()
-        drained = await broker.wait_idle(settings.graceful_shutdown_timeout_s)
+        driver.drain()
+        drained = await driver.wait_idle(settings.graceful_shutdown_timeout_s)
         if not drained:
             log.warning("broker stopping with %d task(s) still running", broker.running_count())
         broker.close_all(1001, "broker shutting down")
         await asyncio.sleep(0)  # let the writers send their close frames
         server.should_exit = True
         await serving
+        driver.close()
         sock.close()

@@ -2,7 +2,8 @@
 
 The runner is started exactly as an operator would start it (a separate process,
 configured by environment variables); the broker runs in-process so tests can read
-every message a runner sent (``Broker.message_log``) and submit tasks directly.
+every message a runner sent (:class:`RecordingBroker`, the broker core that
+:func:`start_broker` serves) and submit tasks directly.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from runner.broker_server.core import Broker, BrokerTask, Submission
+from pydantic import BaseModel
+
+from runner.broker_server.core import Broker
+from runner.broker_server.runners import RunnerConnection
 from runner.broker_server.server import RunningBroker, running_broker
+from runner.broker_server.submission import Submission
+from runner.broker_server.tasks import BrokerTask
 from runner.sandbox.base import Mode
 from runner.settings import Settings
 from runner.testing import ServeProcess
@@ -35,8 +41,42 @@ def broker_settings(**overrides: Any) -> Settings:
     return Settings(**values)
 
 
+class RecordingBroker(Broker):
+    """The broker core, recording at its boundary with the web layer: every message a
+    runner sent, once ``log_messages`` is set (``message_log``: runner id and the
+    message as on the wire), and each runner's current connection
+    (:meth:`connection`), through which a test sends what a faulty broker would."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.log_messages = False
+        self.message_log: list[tuple[str, dict[str, Any]]] = []
+        self._connections: dict[str, RunnerConnection] = {}
+
+    def runner_connected(self, connection: RunnerConnection) -> None:
+        self._connections[connection.runner_id] = connection
+        super().runner_connected(connection)
+
+    def runner_disconnected(self, connection: RunnerConnection) -> None:
+        if self._connections.get(connection.runner_id) is connection:
+            del self._connections[connection.runner_id]
+        super().runner_disconnected(connection)
+
+    def runner_message(self, connection: RunnerConnection, message: BaseModel) -> None:
+        if self.log_messages:
+            self.message_log.append(
+                (connection.runner_id, message.model_dump(mode="json", by_alias=True))
+            )
+        super().runner_message(connection, message)
+
+    def connection(self, runner_id: str) -> RunnerConnection | None:
+        return self._connections.get(runner_id)
+
+
 def start_broker(**overrides: Any) -> AbstractAsyncContextManager[RunningBroker]:
-    return running_broker(broker_settings(**overrides), auth_token=AUTH_TOKEN)
+    return running_broker(
+        broker_settings(**overrides), auth_token=AUTH_TOKEN, broker_factory=RecordingBroker
+    )
 
 
 async def until(predicate: Callable[[], Any], timeout_s: float = 20, what: str = "") -> Any:
@@ -115,13 +155,13 @@ def submit(
 
 
 async def finished(task: BrokerTask, timeout_s: float = 30) -> dict[str, Any]:
-    await asyncio.wait_for(task.done.wait(), timeout_s)
+    await until(lambda: task.document_json is not None, timeout_s, f"task {task.task_id} to end")
     assert task.document is not None
     return task.document
 
 
 def wire(broker: Broker, task_id: str) -> list[dict[str, Any]]:
-    """Every message runners sent about one task, in order."""
+    """Every message runners sent about one task, in order (a :class:`RecordingBroker`'s)."""
     return [m for _, m in broker.message_log if m.get("taskId") == task_id]
 
 

@@ -339,7 +339,7 @@ async def test_bad_frames_unknown_types_and_bad_settings_get_clear_errors(
         if rid == runner.runner_id and m["type"] == "runner:taskoffer"
     ]
     offer_id = offers[-1]["offerId"]
-    core._runners[runner.runner_id].offers.pop(offer_id, None)  # keep it from real tasks
+    core._runners.get(runner.runner_id).offers.pop(offer_id, None)  # keep it from real tasks
     connection.send_frame(
         json.dumps({"type": "broker:taskofferaccept", "taskId": "manual-1", "offerId": offer_id})
     )  # type: ignore[attr-defined]

@@ -9,6 +9,23 @@ from runner.protocol.codec import decode_broker_message
 from runner.protocol.messages import RunnerInfo, TaskOffer
 
 
+class FakeClock:
+    """A clock that moves only when told (``clock.now += 2``): the broker core's deadlines
+    fire when a test calls ``broker.tick(clock())`` after moving it (:func:`advance`)."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def advance(broker: Broker, clock: FakeClock, seconds: float) -> None:
+    """Move ``clock`` on by ``seconds`` and fire what is due, as the web layer's timer would."""
+    clock.now += seconds
+    broker.tick(clock())
+
+
 class FakeRunner:
     """A runner connection to the broker core that records what it was sent.
 

@@ -17,7 +17,9 @@ from fakes import FakeRunner
 from hypothesis import HealthCheck, settings
 
 from runner.broker_server.app import ApiConfig, create_app
-from runner.broker_server.core import Broker, BrokerConfig, TaskLimits
+from runner.broker_server.core import Broker, BrokerConfig
+from runner.broker_server.driver import BrokerDriver
+from runner.broker_server.submission import TaskLimits
 from runner.broker_server.tokens import GrantTokens
 from runner.protocol.codec import decode_broker_message, encode
 from runner.protocol.messages import (
@@ -39,7 +41,7 @@ MAX_WAIT_S = 0.05  # `?wait=` up to 300 s is valid, but no runner will ever answ
 def make_app() -> Any:
     broker = Broker(BrokerConfig(default_timeout_s=60, queue_timeout_s=0.01))
     return create_app(
-        broker,
+        BrokerDriver(broker),
         GrantTokens(30),
         ApiConfig(
             auth_token="fuzz-auth-token",

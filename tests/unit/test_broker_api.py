@@ -26,8 +26,10 @@ from websockets.exceptions import ConnectionClosed
 
 from runner.broker_server import server as server_module
 from runner.broker_server.app import ApiConfig, LimitSource, create_app
-from runner.broker_server.core import Broker, BrokerConfig, TaskLimits
+from runner.broker_server.core import Broker, BrokerConfig
+from runner.broker_server.driver import BrokerDriver
 from runner.broker_server.server import running_broker
+from runner.broker_server.submission import TaskLimits
 from runner.broker_server.tokens import GrantTokens
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.policy import load_policy
@@ -63,7 +65,7 @@ def make_app(
     tokens: GrantTokens | None = None,
 ) -> FastAPI:
     return create_app(
-        broker,
+        BrokerDriver(broker),
         tokens or GrantTokens(30),
         ApiConfig(
             auth_token="secret-auth-token",
@@ -696,7 +698,7 @@ async def test_a_runner_message_over_the_limit_closes_that_runner_with_1009() ->
 def app_with_metrics(api_keys: dict[str, str], client: tuple[str, int]) -> httpx.AsyncClient:
     registry = CollectorRegistry()
     app = create_app(
-        Broker(BrokerConfig(), metrics=BrokerMetrics(registry)),
+        BrokerDriver(Broker(BrokerConfig(), metrics=BrokerMetrics(registry))),
         GrantTokens(30),
         ApiConfig(
             auth_token="secret-auth-token",
@@ -783,7 +785,7 @@ async def test_the_ceiling_message_names_the_limit_and_where_it_came_from() -> N
         "cpus": LimitSource("SANDBOX_CPUS", False, "limits.cpus", bundle, 4.0),
     }
     app = create_app(
-        Broker(BrokerConfig()),
+        BrokerDriver(Broker(BrokerConfig())),
         GrantTokens(30),
         ApiConfig(
             auth_token="t",
@@ -922,7 +924,7 @@ async def test_code_above_the_runners_code_bytes_is_a_422_before_it_queues() -> 
     once, with the same text, and nothing is queued."""
     broker = Broker(BrokerConfig())
     app = create_app(
-        broker,
+        BrokerDriver(broker),
         GrantTokens(30),
         ApiConfig(
             auth_token="t",

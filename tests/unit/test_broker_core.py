@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import gc
@@ -12,18 +11,13 @@ import urllib.request
 from typing import Any
 
 import pytest
-from fakes import FakeRunner, connect
+from fakes import FakeClock, FakeRunner, advance, connect
 
-from runner.broker_server.core import (
-    Broker,
-    BrokerConfig,
-    Submission,
-    SubmissionRefused,
-    TaskStatus,
-    TaskTooLarge,
-    TenantBacklogFull,
-)
+from runner.broker_server.core import Broker, BrokerConfig, Draining
 from runner.broker_server.schemas import validate_input
+from runner.broker_server.submission import Submission, SubmissionRefused, TaskLimits
+from runner.broker_server.tasks import TaskStatus
+from runner.broker_server.tenants import TaskTooLarge, TenantBacklogFull
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
     Drain,
@@ -58,7 +52,7 @@ def run_accepted(broker: Broker, runner: FakeRunner) -> list[str]:
     return ids
 
 
-async def test_registration_is_required_and_answered() -> None:
+def test_registration_is_required_and_answered() -> None:
     broker = Broker(BrokerConfig())
     runner = FakeRunner("r1")
     broker.runner_connected(runner)
@@ -71,15 +65,13 @@ async def test_registration_is_required_and_answered() -> None:
     assert runner.of(TaskOfferAccept) == []  # the early offer was ignored
 
 
-async def test_a_task_goes_to_an_offer_then_gets_its_settings() -> None:
+def test_a_task_goes_to_an_offer_then_gets_its_settings() -> None:
     broker = Broker(BrokerConfig())
     runner = connect(broker, offers=1)
     task = broker.submit(
         submission(
             code="return 42",
-            limits=__import__("runner.broker_server.core", fromlist=["TaskLimits"]).TaskLimits(
-                timeout_s=5
-            ),
+            limits=TaskLimits(timeout_s=5),
         )
     )
     (accept,) = runner.of(TaskOfferAccept)
@@ -96,18 +88,18 @@ async def test_a_task_goes_to_an_offer_then_gets_its_settings() -> None:
     assert task.document == {"status": "success", "result": 42, "prints": [["'hi'"]], "audit": None}
 
 
-async def test_expired_offers_are_not_used_and_the_newest_live_one_is() -> None:
-    now = [100.0]
-    broker = Broker(BrokerConfig(), clock=lambda: now[0])
+def test_expired_offers_are_not_used_and_the_newest_live_one_is() -> None:
+    clock = FakeClock()
+    broker = Broker(BrokerConfig(), clock=clock)
     runner = connect(broker)
     broker.runner_message(runner, TaskOffer(offer_id="short", valid_for=1000))
     broker.runner_message(runner, TaskOffer(offer_id="long", valid_for=5000))
-    now[0] += 2
+    clock.now += 2
     broker.submit(submission())
     assert [a.offer_id for a in runner.of(TaskOfferAccept)] == ["long"]
 
 
-async def test_rejection_requeues_the_task_for_the_next_offer() -> None:
+def test_rejection_requeues_the_task_for_the_next_offer() -> None:
     broker = Broker(BrokerConfig())
     runner = connect(broker, offers=1)
     task = broker.submit(submission())
@@ -117,16 +109,17 @@ async def test_rejection_requeues_the_task_for_the_next_offer() -> None:
     assert runner.of(TaskOfferAccept)[-1].offer_id == "again"
 
 
-async def test_no_answer_within_the_accept_timeout_requeues() -> None:
-    broker = Broker(BrokerConfig(accept_timeout_s=0.05))
+def test_no_answer_within_the_accept_timeout_requeues() -> None:
+    clock = FakeClock()
+    broker = Broker(BrokerConfig(accept_timeout_s=0.05), clock=clock)
     connect(broker, offers=1)
     task = broker.submit(submission())
     assert task.status is TaskStatus.OFFERED
-    await asyncio.sleep(0.1)
+    advance(broker, clock, 0.1)
     assert task.status is TaskStatus.QUEUED
 
 
-async def test_a_busy_tenant_cannot_starve_another() -> None:
+def test_a_busy_tenant_cannot_starve_another() -> None:
     broker = Broker(BrokerConfig(tenant_quota=4, tenant_quotas={"a": 1}))
     runner = connect(broker, offers=0)
     a_tasks = [broker.submit(submission("a")) for _ in range(10)]
@@ -139,7 +132,7 @@ async def test_a_busy_tenant_cannot_starve_another() -> None:
     assert sum(t.status is TaskStatus.OFFERED for t in a_tasks) == 1
 
 
-async def test_round_robin_across_tenants() -> None:
+def test_round_robin_across_tenants() -> None:
     broker = Broker(BrokerConfig(tenant_quota=10))
     runner = connect(broker)
     for tenant in ("a", "a", "a", "b", "b", "c"):
@@ -150,12 +143,13 @@ async def test_round_robin_across_tenants() -> None:
     assert order == ["a", "b", "c", "a", "b", "a"]
 
 
-async def test_broker_side_timeout_cancels_on_the_runner() -> None:
-    broker = Broker(BrokerConfig(default_timeout_s=0.05, timeout_grace_s=0.0))
+def test_broker_side_timeout_cancels_on_the_runner() -> None:
+    clock = FakeClock()
+    broker = Broker(BrokerConfig(default_timeout_s=0.05, timeout_grace_s=0.0), clock=clock)
     runner = connect(broker, offers=1)
     task = broker.submit(submission())
     run_accepted(broker, runner)
-    await asyncio.sleep(0.15)
+    advance(broker, clock, 0.15)
     assert task.status is TaskStatus.ERROR
     assert task.document is not None
     assert task.document["error"]["message"] == "Task execution timed out"
@@ -168,7 +162,7 @@ async def test_broker_side_timeout_cancels_on_the_runner() -> None:
     assert task.document["error"]["code"] == "timeout"
 
 
-async def test_offered_task_goes_back_to_the_queue_when_its_runner_leaves() -> None:
+def test_offered_task_goes_back_to_the_queue_when_its_runner_leaves() -> None:
     broker = Broker(BrokerConfig())
     first = connect(broker, "r1", offers=1)
     task = broker.submit(submission())
@@ -178,14 +172,15 @@ async def test_offered_task_goes_back_to_the_queue_when_its_runner_leaves() -> N
     assert second.of(TaskOfferAccept)[0].task_id == task.task_id
 
 
-async def test_running_task_survives_a_reconnect_of_its_runner_and_reports_once() -> None:
-    broker = Broker(BrokerConfig(runner_lost_grace_s=0.05))
+def test_running_task_survives_a_reconnect_of_its_runner_and_reports_once() -> None:
+    clock = FakeClock()
+    broker = Broker(BrokerConfig(runner_lost_grace_s=0.05), clock=clock)
     runner = connect(broker, "r1", offers=1)
     task = broker.submit(submission())
     run_accepted(broker, runner)
     broker.runner_disconnected(runner)
     again = connect(broker, "r1")
-    await asyncio.sleep(0.1)
+    advance(broker, clock, 0.1)
     assert task.status is TaskStatus.RUNNING
     broker.runner_message(again, TaskDone(task_id=task.task_id, data=TaskDoneData(result=1)))
     broker.runner_message(again, TaskDone(task_id=task.task_id, data=TaskDoneData(result=2)))
@@ -193,18 +188,19 @@ async def test_running_task_survives_a_reconnect_of_its_runner_and_reports_once(
     assert task.document["result"] == 1
 
 
-async def test_running_task_is_failed_when_its_runner_never_returns() -> None:
-    broker = Broker(BrokerConfig(runner_lost_grace_s=0.05))
+def test_running_task_is_failed_when_its_runner_never_returns() -> None:
+    clock = FakeClock()
+    broker = Broker(BrokerConfig(runner_lost_grace_s=0.05), clock=clock)
     runner = connect(broker, offers=1)
     task = broker.submit(submission())
     run_accepted(broker, runner)
     broker.runner_disconnected(runner)
-    await asyncio.sleep(0.1)
+    advance(broker, clock, 0.1)
     assert task.document is not None
     assert task.document["error"]["code"] == "runner_lost"
 
 
-async def test_output_schema_is_checked_with_the_failing_path() -> None:
+def test_output_schema_is_checked_with_the_failing_path() -> None:
     broker = Broker(BrokerConfig())
     runner = connect(broker, offers=1)
     schema = {"type": "array", "items": {"type": "object", "required": ["id"]}}
@@ -218,7 +214,7 @@ async def test_output_schema_is_checked_with_the_failing_path() -> None:
     assert task.document["error"]["description"] == "result[1]: 'id' is a required property"
 
 
-async def test_error_report_carries_our_code_and_stage() -> None:
+def test_error_report_carries_our_code_and_stage() -> None:
     broker = Broker(BrokerConfig())
     runner = connect(broker, offers=1)
     task = broker.submit(submission())
@@ -248,7 +244,7 @@ async def test_error_report_carries_our_code_and_stage() -> None:
     }
 
 
-async def test_drain_tells_runners_and_stops_dispatch() -> None:
+def test_drain_tells_runners_and_stops_dispatch() -> None:
     broker = Broker(BrokerConfig())
     runner = connect(broker, offers=1)
     broker.drain()
@@ -257,7 +253,7 @@ async def test_drain_tells_runners_and_stops_dispatch() -> None:
     assert runner.of(TaskOfferAccept) == []
 
 
-async def test_a_second_connection_with_the_same_id_replaces_the_first() -> None:
+def test_a_second_connection_with_the_same_id_replaces_the_first() -> None:
     broker = Broker(BrokerConfig())
     first = connect(broker, "same")
     connect(broker, "same")
@@ -265,10 +261,11 @@ async def test_a_second_connection_with_the_same_id_replaces_the_first() -> None
     assert broker.runner_ids() == ["same"]
 
 
-async def test_queue_timeout_fails_a_task_nobody_takes() -> None:
-    broker = Broker(BrokerConfig(queue_timeout_s=0.05))
+def test_queue_timeout_fails_a_task_nobody_takes() -> None:
+    clock = FakeClock()
+    broker = Broker(BrokerConfig(queue_timeout_s=0.05), clock=clock)
     task = broker.submit(submission())
-    await asyncio.sleep(0.1)
+    advance(broker, clock, 0.1)
     assert task.document is not None
     assert task.document["error"]["code"] == "queue_timeout"
 
@@ -281,7 +278,7 @@ def reason(broker: Broker, task: Any) -> str | None:
     return None if waiting is None else str(waiting["code"])
 
 
-async def test_a_queued_task_says_why_it_waits() -> None:
+def test_a_queued_task_says_why_it_waits() -> None:
     broker = Broker(BrokerConfig(tenant_quota=1))
     first = broker.submit(submission())
     assert reason(broker, first) == "no_runner"
@@ -319,10 +316,11 @@ async def test_a_queued_task_says_why_it_waits() -> None:
     }
 
 
-async def test_queue_timeout_with_no_runner_ever_says_so_and_how_to_add_one() -> None:
-    broker = Broker(BrokerConfig(queue_timeout_s=0.05))
+def test_queue_timeout_with_no_runner_ever_says_so_and_how_to_add_one() -> None:
+    clock = FakeClock()
+    broker = Broker(BrokerConfig(queue_timeout_s=0.05), clock=clock)
     task = broker.submit(submission())
-    await asyncio.sleep(0.1)
+    advance(broker, clock, 0.1)
     assert task.document is not None
     assert task.document["error"] == {
         "message": "No runner took the task in time: "
@@ -336,15 +334,14 @@ async def test_queue_timeout_with_no_runner_ever_says_so_and_how_to_add_one() ->
     }
 
 
-async def test_queue_timeout_after_the_last_runner_left_says_when() -> None:
-    now = [100.0]
-    broker = Broker(BrokerConfig(queue_timeout_s=0.05), clock=lambda: now[0])
+def test_queue_timeout_after_the_last_runner_left_says_when() -> None:
+    clock = FakeClock()
+    broker = Broker(BrokerConfig(queue_timeout_s=0.05), clock=clock)
     runner = connect(broker)
     task = broker.submit(submission())
-    now[0] += 1
+    clock.now += 1
     broker.runner_disconnected(runner)
-    now[0] += 7
-    await asyncio.sleep(0.1)
+    advance(broker, clock, 7)
     assert task.document is not None
     assert task.document["error"]["message"] == (
         "No runner took the task in time: "
@@ -352,14 +349,15 @@ async def test_queue_timeout_after_the_last_runner_left_says_when() -> None:
     )
 
 
-async def test_queue_timeout_with_busy_runners_or_a_full_quota_says_which() -> None:
-    broker = Broker(BrokerConfig(queue_timeout_s=0.05, tenant_quotas={"full": 1}))
+def test_queue_timeout_with_busy_runners_or_a_full_quota_says_which() -> None:
+    clock = FakeClock()
+    broker = Broker(BrokerConfig(queue_timeout_s=0.05, tenant_quotas={"full": 1}), clock=clock)
     runner = connect(broker, offers=1)
     broker.submit(submission("full"))  # takes the one offer: "full" is at its quota
     over_quota = broker.submit(submission("full"))
     busy = broker.submit(submission("other"))
     assert runner.of(TaskOfferAccept)
-    await asyncio.sleep(0.1)
+    advance(broker, clock, 0.1)
     assert over_quota.document is not None
     assert busy.document is not None
     assert over_quota.document["error"]["message"] == (
@@ -377,7 +375,7 @@ async def test_queue_timeout_with_busy_runners_or_a_full_quota_says_which() -> N
 # -- late acceptances ---------------------------------------------------------------------
 
 
-async def test_acceptance_after_the_api_cancelled_the_offer_frees_the_runner_slot() -> None:
+def test_acceptance_after_the_api_cancelled_the_offer_frees_the_runner_slot() -> None:
     broker = Broker(BrokerConfig())
     runner = connect(broker, offers=1)
     task = broker.submit(submission())
@@ -392,11 +390,12 @@ async def test_acceptance_after_the_api_cancelled_the_offer_frees_the_runner_slo
     assert task.document["error"]["code"] == "cancelled"
 
 
-async def test_acceptance_after_the_accept_timeout_frees_the_slot_and_the_task_runs_later() -> None:
-    broker = Broker(BrokerConfig(accept_timeout_s=0.05))
+def test_acceptance_after_the_accept_timeout_frees_the_slot_and_the_task_runs_later() -> None:
+    clock = FakeClock()
+    broker = Broker(BrokerConfig(accept_timeout_s=0.05), clock=clock)
     runner = connect(broker, offers=1)
     task = broker.submit(submission())
-    await asyncio.sleep(0.1)
+    advance(broker, clock, 0.1)
     assert task.status is TaskStatus.QUEUED
     broker.runner_message(runner, TaskAccepted(task_id=task.task_id))
     assert [(c.task_id, c.reason) for c in runner.of(TaskCancel)] == [
@@ -409,7 +408,7 @@ async def test_acceptance_after_the_accept_timeout_frees_the_slot_and_the_task_r
     assert [s.task_id for s in runner.of(TaskSettingsMessage)] == [task.task_id]
 
 
-async def test_acceptance_of_an_unknown_task_is_answered_with_a_cancel() -> None:
+def test_acceptance_of_an_unknown_task_is_answered_with_a_cancel() -> None:
     broker = Broker(BrokerConfig())
     runner = connect(broker)
     broker.runner_message(runner, TaskAccepted(task_id="never-offered"))
@@ -418,7 +417,7 @@ async def test_acceptance_of_an_unknown_task_is_answered_with_a_cancel() -> None
     ]
 
 
-async def test_acceptance_by_a_runner_the_task_was_not_offered_to_does_not_touch_it() -> None:
+def test_acceptance_by_a_runner_the_task_was_not_offered_to_does_not_touch_it() -> None:
     broker = Broker(BrokerConfig())
     owner = connect(broker, "r1", offers=1)
     other = connect(broker, "r2")
@@ -430,7 +429,7 @@ async def test_acceptance_by_a_runner_the_task_was_not_offered_to_does_not_touch
     assert task.runner_id == "r1"
 
 
-async def test_a_repeated_acceptance_of_a_running_task_is_ignored() -> None:
+def test_a_repeated_acceptance_of_a_running_task_is_ignored() -> None:
     broker = Broker(BrokerConfig())
     runner = connect(broker, offers=1)
     task = broker.submit(submission())
@@ -444,7 +443,7 @@ async def test_a_repeated_acceptance_of_a_running_task_is_ignored() -> None:
 # -- per-tenant retention and backlog -------------------------------------------------------
 
 
-async def test_one_tenants_volume_does_not_evict_another_tenants_results() -> None:
+def test_one_tenants_volume_does_not_evict_another_tenants_results() -> None:
     broker = Broker(BrokerConfig(max_tasks_kept=2))
     kept = broker.submit(submission("b"))
     broker.cancel(kept)
@@ -457,7 +456,7 @@ async def test_one_tenants_volume_does_not_evict_another_tenants_results() -> No
     assert [broker.get(t.task_id) for t in a_tasks[:3]] == [None, None, None]
 
 
-async def test_unfinished_tasks_are_not_evicted_however_many_finish() -> None:
+def test_unfinished_tasks_are_not_evicted_however_many_finish() -> None:
     broker = Broker(BrokerConfig(max_tasks_kept=1))
     waiting = broker.submit(submission("a"))
     for _ in range(3):
@@ -466,7 +465,7 @@ async def test_unfinished_tasks_are_not_evicted_however_many_finish() -> None:
     assert len(broker.recent("a", 10)) == 2  # the queued one and the last finished one
 
 
-async def test_a_tenant_over_its_backlog_cap_is_refused_and_others_are_not() -> None:
+def test_a_tenant_over_its_backlog_cap_is_refused_and_others_are_not() -> None:
     broker = Broker(BrokerConfig(max_unfinished_per_tenant=2))
     runner = connect(broker, offers=1)
     first = broker.submit(submission("a"))  # offered
@@ -490,7 +489,7 @@ def sized(tenant: str, size: int) -> Submission:
     return submission(tenant, code="#" * size)
 
 
-async def test_a_tenant_over_its_queued_bytes_is_refused_and_others_are_not() -> None:
+def test_a_tenant_over_its_queued_bytes_is_refused_and_others_are_not() -> None:
     broker = Broker(BrokerConfig(max_queued_bytes_per_tenant=MIB))
     broker.submit(sized("a", 400_000))
     broker.submit(sized("a", 400_000))
@@ -503,7 +502,7 @@ async def test_a_tenant_over_its_queued_bytes_is_refused_and_others_are_not() ->
         broker.submit(sized("c", 2 * MIB))  # can never fit: not a "retry later"
 
 
-async def test_sent_settings_no_longer_count_against_the_tenant() -> None:
+def test_sent_settings_no_longer_count_against_the_tenant() -> None:
     broker = Broker(BrokerConfig(max_queued_bytes_per_tenant=MIB))
     runner = connect(broker, offers=1)
     first = broker.submit(sized("a", 600_000))
@@ -525,7 +524,7 @@ def finish(broker: Broker, runner: FakeRunner, tenant: str, result: Any) -> Any:
     return task
 
 
-async def test_retained_results_past_the_byte_budget_are_forgotten_oldest_first() -> None:
+def test_retained_results_past_the_byte_budget_are_forgotten_oldest_first() -> None:
     broker = Broker(BrokerConfig(max_retained_bytes_per_tenant=MIB))
     runner = connect(broker)
     other = finish(broker, runner, "b", "y" * 900_000)
@@ -542,7 +541,7 @@ async def test_retained_results_past_the_byte_budget_are_forgotten_oldest_first(
     assert broker.get(other.task_id) is other
 
 
-async def test_a_queued_task_holds_about_its_json_size_not_a_hundred_times_more() -> None:
+def test_a_queued_task_holds_about_its_json_size_not_a_hundred_times_more() -> None:
     # One {} item is 3 bytes of JSON but ~64 bytes as a dict (and ~250 once wrapped in
     # {"json": ...} and copied by the API's model): the issue measured 1.4 GB kept for
     # one 16 MiB request. The submitted objects are parsed here, measured.
@@ -565,7 +564,7 @@ async def test_a_queued_task_holds_about_its_json_size_not_a_hundred_times_more(
     assert held < 5 * len(body), (held, len(body))
 
 
-async def test_a_settings_frame_that_cannot_be_sent_ends_the_task_at_once() -> None:
+def test_a_settings_frame_that_cannot_be_sent_ends_the_task_at_once() -> None:
     class BrokenRunner(FakeRunner):
         """Sending the settings raises (b3a21b2 encoded them in ``send``)."""
 
@@ -598,7 +597,7 @@ async def test_a_settings_frame_that_cannot_be_sent_ends_the_task_at_once() -> N
     assert [c.task_id for c in runner.of(TaskCancel)] == [task.task_id]
 
 
-async def test_a_report_that_is_not_json_becomes_an_error_the_caller_can_parse() -> None:
+def test_a_report_that_is_not_json_becomes_an_error_the_caller_can_parse() -> None:
     broker = Broker(BrokerConfig())
     runner = connect(broker)
     task = finish(broker, runner, "a", float("nan"))  # json.loads takes NaN from a runner
@@ -615,7 +614,7 @@ async def test_a_report_that_is_not_json_becomes_an_error_the_caller_can_parse()
     ],
     ids=["infinity", "too-deep"],
 )
-async def test_settings_that_cannot_travel_are_refused_at_submission(
+def test_settings_that_cannot_travel_are_refused_at_submission(
     kwargs: dict[str, Any], fragment: str
 ) -> None:
     broker = Broker(BrokerConfig())
@@ -650,7 +649,7 @@ def finish_with(result: Any, output_schema: dict[str, Any]) -> dict[str, Any]:
     return task.document["error"]  # type: ignore[no-any-return]
 
 
-async def test_a_deep_result_against_a_recursive_output_schema_is_a_violation() -> None:
+def test_a_deep_result_against_a_recursive_output_schema_is_a_violation() -> None:
     schema = {"anyOf": [{"allOf": [{"type": "array", "items": {"$ref": "#"}}]}]}
     error = finish_with(nested_list(125), schema)
     assert error["code"] == "output_schema_violation"
@@ -669,7 +668,7 @@ async def test_a_deep_result_against_a_recursive_output_schema_is_a_violation() 
     assert task.document["status"] == "success"
 
 
-async def test_a_ref_cycle_that_consumes_no_data_is_a_violation_not_a_crash() -> None:
+def test_a_ref_cycle_that_consumes_no_data_is_a_violation_not_a_crash() -> None:
     error = finish_with(1, {"anyOf": [{"$ref": "#"}]})
     assert error["code"] == "output_schema_violation"
     assert error["description"] == (
@@ -677,7 +676,7 @@ async def test_a_ref_cycle_that_consumes_no_data_is_a_violation_not_a_crash() ->
     )
 
 
-async def test_exponential_validation_work_is_cut_off_by_the_budget() -> None:
+def test_exponential_validation_work_is_cut_off_by_the_budget() -> None:
     # each level tries both branches in full: 2**30 checks without the budget
     schema = {"anyOf": [{"items": {"$ref": "#"}, "minItems": 5}, {"items": {"$ref": "#"}}]}
     error = finish_with(nested_list(30), schema)
@@ -688,7 +687,7 @@ async def test_exponential_validation_work_is_cut_off_by_the_budget() -> None:
     )
 
 
-async def test_a_nested_dollar_schema_does_not_escape_the_budget() -> None:
+def test_a_nested_dollar_schema_does_not_escape_the_budget() -> None:
     # jsonschema switches validator class on a subschema's $schema; ours stays metered
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -700,7 +699,7 @@ async def test_a_nested_dollar_schema_does_not_escape_the_budget() -> None:
     assert "takes more checks than the broker allows" in error
 
 
-async def test_references_are_never_fetched(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_references_are_never_fetched(monkeypatch: pytest.MonkeyPatch) -> None:
     fetched: list[str] = []
 
     def urlopen(request: Any, *args: Any, **kwargs: Any) -> Any:
@@ -715,14 +714,16 @@ async def test_references_are_never_fetched(monkeypatch: pytest.MonkeyPatch) -> 
     assert fetched == []
 
 
-async def test_drain_sets_the_closing_event() -> None:
+def test_drain_is_reported_to_the_web_layer() -> None:
+    # The web layer's `closing` (long-polls of queued tasks answer at once) follows it.
     broker = Broker(BrokerConfig())
-    assert not broker.closing.is_set()
+    assert not broker.is_draining
     broker.drain()
-    assert broker.closing.is_set()
+    assert broker.is_draining
+    assert broker.events() == [Draining()]
 
 
-async def test_errors_stop_the_work_early_and_their_messages_stay_short() -> None:
+def test_errors_stop_the_work_early_and_their_messages_stay_short() -> None:
     # 40,000 dependent names per element, 30 elements: millions of errors if all were
     # collected; the first ones name the problem, and a long value is shortened.
     names = [f"k{n}" for n in range(40_000)]
@@ -733,7 +734,7 @@ async def test_errors_stop_the_work_early_and_their_messages_stay_short() -> Non
     assert error.endswith("... (shortened)") or len(error) < 600
 
 
-async def test_ordinary_large_payloads_fit_the_budget() -> None:
+def test_ordinary_large_payloads_fit_the_budget() -> None:
     row = {
         "type": "object",
         "properties": {
@@ -748,7 +749,7 @@ async def test_ordinary_large_payloads_fit_the_budget() -> None:
     assert validate_input(row, items) is None
 
 
-async def test_prints_are_capped_whatever_a_runner_sends() -> None:
+def test_prints_are_capped_whatever_a_runner_sends() -> None:
     """A runner's prints are untrusted: at most max_print_calls entries and
     max_print_chars characters per task, from rpcs and from the report alike; wrong
     shapes and prints of a task the runner does not run are dropped and counted."""

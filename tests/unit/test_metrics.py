@@ -19,11 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
-from fakes import FakeRunner
+from fakes import FakeClock, FakeRunner, advance
 
 from runner.analyzer import Analyzer, ImportPolicy
-from runner.broker_server.core import Broker, BrokerConfig, Submission
+from runner.broker_server.core import Broker, BrokerConfig
 from runner.broker_server.server import RunningBroker, running_broker
+from runner.broker_server.submission import Submission
 from runner.errors import DockerUnavailableError
 from runner.metrics import BrokerMetrics, CollectorRegistry, RunnerMetrics, exposition
 from runner.pipeline import AuditContext, TaskPipeline
@@ -131,9 +132,9 @@ async def service_and_broker() -> AsyncIterator[tuple[RunnerService, RunningBrok
             assert await asyncio.wait_for(serving, 10) == 0
 
 
-async def finished(broker: Broker, code: str) -> dict[str, Any]:
-    task = broker.submit(Submission(tenant="t", code=code, items=[], mode=Mode.ALL_ITEMS))
-    await asyncio.wait_for(task.done.wait(), 10)
+async def finished(running: RunningBroker, code: str) -> dict[str, Any]:
+    task = running.broker.submit(Submission(tenant="t", code=code, items=[], mode=Mode.ALL_ITEMS))
+    await running.driver.wait_finished(task, 10)
     assert task.document is not None
     return task.document
 
@@ -141,10 +142,10 @@ async def finished(broker: Broker, code: str) -> dict[str, Any]:
 async def test_runner_and_broker_metrics_count_exactly_what_ran() -> None:
     async with service_and_broker() as (service, running):
         documents = [
-            await finished(running.broker, "return [{'json': {'ok': True}}]"),
-            await finished(running.broker, "return [{'json': {'ok': True}}]"),
-            await finished(running.broker, "raise ValueError('boom')"),
-            await finished(running.broker, "import os\nreturn os.getcwd()"),
+            await finished(running, "return [{'json': {'ok': True}}]"),
+            await finished(running, "return [{'json': {'ok': True}}]"),
+            await finished(running, "raise ValueError('boom')"),
+            await finished(running, "import os\nreturn os.getcwd()"),
         ]
         assert [d["status"] for d in documents] == ["success", "success", "error", "error"]
         assert service.health_port is not None
@@ -230,7 +231,10 @@ async def test_up_serves_both_sides_on_one_registry() -> None:
 
 async def test_broker_counts_offers_and_requeues_by_cause() -> None:
     registry = CollectorRegistry()
-    broker = Broker(BrokerConfig(accept_timeout_s=0.05), metrics=BrokerMetrics(registry))
+    clock = FakeClock()
+    broker = Broker(
+        BrokerConfig(accept_timeout_s=0.05), clock=clock, metrics=BrokerMetrics(registry)
+    )
     runner = FakeRunner("r1")
     broker.runner_connected(runner)
     broker.runner_message(runner, RunnerInfo())
@@ -240,7 +244,7 @@ async def test_broker_counts_offers_and_requeues_by_cause() -> None:
     broker.runner_message(runner, TaskOffer(offer_id="o1", valid_for=5000))
     broker.runner_message(runner, TaskRejected(task_id=task.task_id, reason="busy"))
     broker.runner_message(runner, TaskOffer(offer_id="o2", valid_for=5000))
-    await asyncio.sleep(0.15)  # no acceptance within the accept timeout: requeued
+    advance(broker, clock, 0.15)  # no acceptance within the accept timeout: requeued
     broker.runner_message(runner, TaskOffer(offer_id="o3", valid_for=5000))
     broker.runner_message(runner, TaskOffer(offer_id="o4", valid_for=5000))
     broker.runner_message(runner, TaskAccepted(task_id=task.task_id))
@@ -307,8 +311,8 @@ async def test_tasks_that_never_reach_a_sandbox_report_are_counted_and_audited(
 ) -> None:
     caplog.set_level(logging.INFO, logger="runner.audit")
     async with service_and_broker() as (service, running):
-        gone = await finished(running.broker, "return 'daemon-gone'")
-        bug = await finished(running.broker, "return 'our-bug'")
+        gone = await finished(running, "return 'daemon-gone'")
+        bug = await finished(running, "return 'our-bug'")
         async with httpx.AsyncClient() as client:
             text = (await client.get(f"http://127.0.0.1:{service.health_port}/metrics")).text
     assert gone["error"]["message"] == "Task could not be run: The Docker daemon went away"

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from fakes import FakeRunner
+from fakes import FakeClock, FakeRunner, advance
 from fastapi import FastAPI
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
@@ -203,6 +203,24 @@ async def test_queue_timeout_through_the_api_names_the_missing_runner() -> None:
         "No runner took the task in time: no runner was connected to this broker while it waited"
     )
     assert "sandbox-runner serve" in error["description"]
+
+
+async def test_a_deadline_the_core_fires_answers_the_long_poll_at_once() -> None:
+    # The core's time is a fake clock here: its deadline passes when the test says, and
+    # the poll is answered from the core's event, not from a real timer.
+    clock = FakeClock()
+    broker = Broker(BrokerConfig(queue_timeout_s=60), clock=clock)
+    transport = httpx.ASGITransport(app=make_app(broker), client=("127.0.0.1", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
+        poll = asyncio.create_task(
+            client.post("/v1/tasks?wait=300", json={"code": "return 1"}, headers=A)
+        )
+        await until(lambda: broker.recent("tenant-a", 1))
+        assert not poll.done()
+        advance(broker, clock, 60)
+        answer = await asyncio.wait_for(poll, timeout=30)  # a hang guard, far below 300 s
+    assert answer.status_code == 200
+    assert answer.json()["error"]["code"] == "queue_timeout"
 
 
 @pytest.mark.parametrize(

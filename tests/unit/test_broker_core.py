@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from fakes import FakeClock, FakeRunner, advance, connect
 
-from runner.broker_server.core import Broker, BrokerConfig, Draining
+from runner.broker_server.core import Broker, BrokerConfig, Draining, TaskFinished
+from runner.broker_server.deadlines import Deadlines
 from runner.broker_server.schemas import validate_input
 from runner.broker_server.submission import Submission, SubmissionRefused, TaskLimits
 from runner.broker_server.tasks import TaskStatus
@@ -783,3 +784,52 @@ def test_prints_are_capped_whatever_a_runner_sends() -> None:
     assert task.document["prints"] == [["'a'"], ["'b'"], ["'c'"]]
     dropped = registry.get_sample_value("sandbox_broker_prints_dropped_total")
     assert dropped == 1 + len(flood) - 1  # x*20 over the chars, then all but 'c'
+
+
+# -- time comes in through tick(now) ------------------------------------------------------
+
+
+def test_a_deadline_fires_at_its_time_not_before_and_the_next_one_is_announced() -> None:
+    clock = FakeClock()
+    changes: list[None] = []
+    broker = Broker(BrokerConfig(accept_timeout_s=2, queue_timeout_s=300), clock=clock)
+    broker.subscribe(lambda: changes.append(None))
+    assert broker.next_deadline() is None
+    connect(broker, offers=1)
+    task = broker.submit(submission())
+    assert changes  # the web layer is told to look at next_deadline() again
+    assert (task.timer, task.deadline) == ("accept", 102.0)
+    assert broker.next_deadline() == 102.0
+    broker.tick(101.99)
+    assert task.status is TaskStatus.OFFERED
+    advance(broker, clock, 2)
+    assert task.status is TaskStatus.QUEUED
+    assert (task.timer, broker.next_deadline()) == ("queue", 402.0)
+    broker.cancel(task)
+    assert (task.timer, task.deadline, broker.next_deadline()) == (None, None, None)
+
+
+def test_each_finished_task_is_reported_once() -> None:
+    broker = Broker(BrokerConfig())
+    first, second = broker.submit(submission()), broker.submit(submission())
+    assert broker.events() == []
+    broker.cancel(second)
+    broker.cancel(first)
+    broker.cancel(first)
+    assert broker.events() == [TaskFinished(second.task_id), TaskFinished(first.task_id)]
+    assert broker.events() == []
+
+
+def test_deadlines_come_due_earliest_first_and_rearming_replaces() -> None:
+    deadlines = Deadlines()
+    for key, when in (("a", 5.0), ("b", 3.0), ("c", 3.0), ("d", 9.0)):
+        deadlines.arm(key, when)
+    deadlines.arm("a", 1.0)  # re-armed: only the new time counts
+    deadlines.disarm("d")
+    assert deadlines.next() == 1.0
+    assert [deadlines.pop_due(4.0) for _ in range(4)] == ["a", "b", "c", None]
+    assert (deadlines.next(), len(deadlines)) == (None, 0)
+    for n in range(1000):  # many re-arms leave no pile of stale entries behind
+        deadlines.arm("x", float(n))
+    assert len(deadlines._heap) < 200
+    assert (deadlines.next(), deadlines.pop_due(1e9), deadlines.pop_due(1e9)) == (999.0, "x", None)

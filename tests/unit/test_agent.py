@@ -171,3 +171,37 @@ def test_supervision_kills_and_reaps_a_child_on_time(agent: Any) -> None:
         os.close(read_fd)
     assert state.timed_out
     assert state.exit_code == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("pidfd", ["pidfd", "no pidfd (gVisor)"])
+def test_supervision_sees_the_exit_with_or_without_pidfd_open(
+    agent: Any, pidfd: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gVisor's 2022 build has no pidfd_open (ENOSYS): the agent then learns of the
+    child's exit from SIGCHLD, through a wakeup pipe; either way the child's message and
+    its exit code are read, well before the timeout, and SIGCHLD is left as it was."""
+    if pidfd != "pidfd":
+
+        def no_pidfd(pid: int, flags: int = 0) -> int:
+            raise OSError(38, "Function not implemented")
+
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            time.sleep(0.2)  # exits after the watch is set up: the wakeup must come
+            body = json.dumps({"result": 1, "print_args": []}).encode()
+            os.write(write_fd, agent.HEADER.pack(len(body)) + body)
+        finally:
+            os._exit(3)
+    os.close(write_fd)
+    try:
+        state = agent.supervise(pid, read_fd, 30, 1024, own_pid_namespace=False)
+    finally:
+        os.close(read_fd)
+    assert not state.timed_out
+    assert state.exit_code == 3
+    assert state.has_full_message()
+    assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL

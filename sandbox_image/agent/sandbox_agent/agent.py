@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import re
@@ -170,16 +171,63 @@ def stop_task_processes(child_pid: int, *, own_pid_namespace: bool) -> None:
             os.killpg(child_pid, signal.SIGKILL)
 
 
-def reap(pid: int, pidfd: int, timeout_s: float) -> int | None:
+class ChildExit:
+    """A descriptor that turns readable when the child may have exited, and its reaping.
+
+    The child's pidfd where the kernel has ``pidfd_open``; where it has not (gVisor's
+    2022 build answers ENOSYS), a pipe that a SIGCHLD handler writes to
+    (``signal.set_wakeup_fd``). The agent has one child, so a wakeup is its exit or a
+    stop; :meth:`poll` tells which without blocking.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._wakeup: int | None = None
+        try:
+            self.fd = os.pidfd_open(pid)
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            self.fd, self._wakeup = os.pipe()
+            for fd in (self.fd, self._wakeup):
+                os.set_blocking(fd, False)
+            # A handler (not SIG_DFL, which ignores SIGCHLD), so the wakeup fd is written.
+            signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+            signal.set_wakeup_fd(self._wakeup)
+
+    def poll(self) -> int | None:
+        """The child's exit code if it has exited (reaped now); None while it runs."""
+        if self._wakeup is not None:
+            with contextlib.suppress(OSError):
+                while os.read(self.fd, 512):
+                    pass
+        try:
+            reaped, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        return os.waitstatus_to_exitcode(status) if reaped else None
+
+    def wait(self, timeout_s: float) -> int | None:
+        """:meth:`poll` until the child is gone or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            code = self.poll()
+            remaining = deadline - time.monotonic()
+            if code is not None or remaining <= 0:
+                return code
+            select.select([self.fd], [], [], remaining)
+
+    def close(self) -> None:
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.close(self._wakeup)
+        os.close(self.fd)
+
+
+def reap(exit_watch: ChildExit, timeout_s: float) -> int | None:
     """The child's exit code once it is gone, waiting at most ``timeout_s``; else None."""
-    select.select([pidfd], [], [], timeout_s)
-    try:
-        reaped, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return None
-    if reaped == 0:
-        return None
-    return os.waitstatus_to_exitcode(status)
+    return exit_watch.wait(timeout_s)
 
 
 class Supervision:
@@ -214,10 +262,14 @@ def supervise(
     state = Supervision()
     deadline = time.monotonic() + timeout_s
     os.set_blocking(read_fd, False)
-    pidfd = os.pidfd_open(pid)
+    exit_watch = ChildExit(pid)
     selector = selectors.DefaultSelector()
     selector.register(read_fd, selectors.EVENT_READ, "pipe")
-    selector.register(pidfd, selectors.EVENT_READ, "exit")
+    selector.register(exit_watch.fd, selectors.EVENT_READ, "exit")
+    # An exit before the watch existed sent no wakeup: look once now.
+    state.exit_code = exit_watch.poll()
+    if state.exit_code is not None:
+        selector.unregister(exit_watch.fd)
     pipe_open = True
     try:
         while state.exit_code is None:
@@ -227,10 +279,9 @@ def supervise(
                 break
             for key, _ in selector.select(remaining):
                 if key.data == "exit":
-                    # The pidfd is readable: the child has exited, so this returns at once.
-                    _, status = os.waitpid(pid, 0)
-                    state.exit_code = os.waitstatus_to_exitcode(status)
-                    selector.unregister(pidfd)
+                    state.exit_code = exit_watch.poll()
+                    if state.exit_code is not None:
+                        selector.unregister(exit_watch.fd)
                 elif pipe_open:
                     pipe_open = _drain(read_fd, state, max_bytes)
                     if not pipe_open:
@@ -246,8 +297,8 @@ def supervise(
         # Every path ends here, success included: nothing the task started outlives it.
         stop_task_processes(pid, own_pid_namespace=own_pid_namespace)
         if state.exit_code is None:
-            state.exit_code = reap(pid, pidfd, REAP_TIMEOUT_S)
-        os.close(pidfd)
+            state.exit_code = reap(exit_watch, REAP_TIMEOUT_S)
+        exit_watch.close()
     return state
 
 

@@ -299,10 +299,10 @@ class Broker:
             return
         if task.status is TaskStatus.QUEUED:
             self._tenants.unqueue(task.tenant, task.task_id)
-            self._finish_error(task, "Task was cancelled", "", "cancelled", "queue")
+            self._finish(task, error_body("Task was cancelled", "", "cancelled", "queue"))
             return
         self._tell_runner_cancel(task, "Task was cancelled by the API caller")
-        self._finish_error(task, "Task was cancelled", "", "cancelled", "run")
+        self._finish(task, error_body("Task was cancelled", "", "cancelled", "run"))
 
     def in_flight(self) -> list[BrokerTask]:
         """The tasks a runner has: offered or running."""
@@ -399,13 +399,13 @@ class Broker:
                 "task %s: sending its settings failed", task_id, extra={"taskId": task_id}
             )
             connection.send(TaskCancel(task_id=task_id, reason=NOT_SENT_REASON))
-            self._finish_error(
-                task,
+            body = error_body(
                 "The broker could not send the task's settings to the runner",
                 f"{type(exc).__name__}: {exc}"[:500],
                 "dispatch_failed",
                 "dispatch",
             )
+            self._finish(task, body)
             self.dispatch()
             return
         # Sent: the runner has them now; the broker keeps only what it still needs.
@@ -463,18 +463,7 @@ class Broker:
                 extra={"taskId": task.task_id},
             )
 
-    def _finish_error(
-        self,
-        task: BrokerTask,
-        message: str,
-        description: str,
-        code: str,
-        stage: str,
-        audit: Any = None,
-    ) -> None:
-        self._finish(task, error_body(message, description, code, stage), audit)
-
-    def _finish(self, task: BrokerTask, body: dict[str, Any], audit: Any) -> None:
+    def _finish(self, task: BrokerTask, body: dict[str, Any], audit: Any = None) -> None:
         if task.status.is_finished:
             return
         self._release(task)
@@ -545,8 +534,8 @@ class Broker:
         if task is None or task.status is not TaskStatus.RUNNING:
             return
         # As n8n's broker: forget the task first, then tell the runner.
-        self._finish_error(
-            task, TIMED_OUT_REASON, "The broker's task timer fired.", "timeout", "run"
+        self._finish(
+            task, error_body(TIMED_OUT_REASON, "The broker's task timer fired.", "timeout", "run")
         )
         runner = self._runners.get(task.runner_id)
         if runner is not None:
@@ -567,14 +556,14 @@ class Broker:
             quota=self._quota(task.tenant),
         )
         self._tenants.unqueue(task.tenant, task.task_id)
-        self._finish_error(
-            task,
+        body = error_body(
             f"No runner took the task in time: {cause}",
             f"It waited {self.config.queue_timeout_s:g} s in the queue "
             f"(SANDBOX_QUEUE_TIMEOUT_S). {waiting.message}",
             "queue_timeout",
             "queue",
         )
+        self._finish(task, body)
 
     def _runner_lost(self, task_id: str) -> None:
         task = self._tasks.get(task_id)
@@ -584,9 +573,8 @@ class Broker:
             timeout_s = task.limits.timeout_s or self.config.default_timeout_s
             self._arm(task, timeout_s + self.config.timeout_grace_s, TaskTimer.RUN)
             return
-        self._finish_error(
-            task, "The runner disconnected while running the task", "", "runner_lost", "run"
-        )
+        lost = "The runner disconnected while running the task"
+        self._finish(task, error_body(lost, "", "runner_lost", "run"))
         self.dispatch()
 
     # -- shutdown -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ configured the API serves loopback clients only, as tenant ``default``. A tenant
 sees only its own tasks (anyone else's id is a 404). ``/v1/health`` and ``/metrics``
 follow the same rule (they show runner ids and every tenant's load); ``/healthz``
 stays open for liveness probes. Request bodies are capped (413, which the client
-gets to read: see :class:`BodyLimit`).
+gets to read: see :class:`~runner.broker_server.edge.BodyLimit`).
 
 The broker's rules are the sans-I/O core's (:mod:`runner.broker_server.core`); the app
 reaches it through its :class:`~runner.broker_server.driver.BrokerDriver`, which times
@@ -25,23 +25,22 @@ route functions (defined inside :func:`create_app`) at run time.
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, WebSocket
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from runner import __version__
 from runner.broker_server.driver import BrokerDriver
+from runner.broker_server.edge import BodyLimit, LateResponse, SafeJSONResponse, forget_body
 from runner.broker_server.schemas import check_schema
 from runner.broker_server.submission import Submission, SubmissionRefused, TaskLimits, prepare
 from runner.broker_server.tasks import BrokerTask, TaskStatus, WaitReason
@@ -56,15 +55,6 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 300.0
 BEARER = re.compile(r"^Bearer (.+)$", re.IGNORECASE)
-
-
-class SafeJSONResponse(JSONResponse):
-    """JSON that can always be sent: text the caller gave us may hold lone surrogates
-    (``"\\ud800"`` is valid JSON), which UTF-8 cannot encode; ASCII escapes can. Without
-    it, echoing such input (a 422's ``input``, a result) would be a 500."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,118 +162,6 @@ class TaskState(BaseModel):
 
 class TaskList(BaseModel):
     tasks: list[TaskState]
-
-
-# --- request size cap ------------------------------------------------------------------
-
-
-class BodyLimit:
-    """Refuse HTTP bodies over ``max_bytes`` with 413, before any of it is parsed.
-
-    The client must get to read the 413. It is usually still sending, and a server that
-    answers and closes with unread data on the socket makes the kernel reset the
-    connection, which throws away the answer too: the client sees a reset and no status
-    (uvicorn closes right after the answer whenever the client sent ``Connection:
-    close``, as urllib does). So the rest of a refused body is read and dropped before
-    the answer, up to :data:`DISCARD_FACTOR` times the limit; a body larger still is cut
-    off (its sender gets the reset; a client that waits for ``100 Continue`` gets the
-    413 without sending anything).
-    """
-
-    DISCARD_FACTOR = 4
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            # Reading would send "100 Continue" to a client that waits for it: it
-            # would then send the body for nothing. Such a client reads the 413 first.
-            expects = headers.get(b"expect", b"").lower() == b"100-continue"
-            if not expects and int(declared) <= self.max_bytes * self.DISCARD_FACTOR:
-                await self._discard(receive, 0)
-            await self._refuse(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.max_bytes:
-                if message.get("more_body"):
-                    await self._discard(receive, size)
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(body)
-            if not message.get("more_body"):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            body = b"".join(chunks)
-            chunks.clear()  # this closure lives as long as the request (a long-poll)
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _discard(self, receive: Receive, size: int) -> None:
-        """Read the rest of the body and drop it, up to the discard cap."""
-        while size <= self.max_bytes * self.DISCARD_FACTOR:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            size += len(message.get("body", b""))
-            if not message.get("more_body"):
-                return
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse(
-            {
-                "detail": f"Request body exceeds the limit of {self.max_bytes} bytes "
-                "(SANDBOX_MAX_REQUEST_BYTES)"
-            },
-            status_code=413,
-            headers={"Connection": "close"},
-        )
-        await response(scope, receive, send)
-
-
-class LateResponse(Response):
-    """A response made when it is sent: ``answer`` runs once the endpoint has returned.
-
-    FastAPI holds an endpoint's arguments (the parsed request body) until the endpoint
-    returns; a long-poll that waited inside the endpoint kept them for up to
-    :data:`MAX_WAIT_S`: ~100 times the body's size for many small items.
-    """
-
-    def __init__(self, answer: Callable[[], Awaitable[Response]]) -> None:
-        super().__init__()
-        self._answer = answer
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = await self._answer()
-        response.background = self.background
-        await response(scope, receive, send)
-
-
-def forget_body(request: Request) -> None:
-    """Drop starlette's caches of the request body (the bytes and their ``json.loads``):
-    once the task is encoded, they are only memory held for the rest of the request."""
-    for cache in ("_body", "_json"):
-        request.__dict__.pop(cache, None)
 
 
 # --- runner connections ------------------------------------------------------------------

@@ -211,6 +211,7 @@ def limit_minimum(bound_name: str) -> float | int:
 
 
 def limits_of(section: LimitsSection, which: Literal["default", "ceiling"]) -> Limits:
+    """The :class:`Limits` made of a ``[limits]`` section's defaults, or of its ceilings."""
     values: dict[str, Any] = {}
     for _, bound_name, factor, limits_field in LIMIT_FIELDS:
         value = getattr(getattr(section, bound_name), which)
@@ -219,6 +220,7 @@ def limits_of(section: LimitsSection, which: Literal["default", "ceiling"]) -> L
 
 
 def format_number(value: object) -> str:
+    """A limit as the messages write it: ``0.5``, ``1e-10``, ``512``."""
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

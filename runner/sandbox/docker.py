@@ -1,25 +1,14 @@
-"""``DockerSandbox``: one fresh, hardened, short-lived container per task.
+"""``DockerSandbox``: task containers made by the Docker daemon.
 
-Owns: the container's hardened configuration, its life (create, attach, start,
-feed the task, read the capped output, wait, remove), labels and the sweep of our
-leftovers, the classification of Docker failures, and the tenacity retry of
-**set-up** failures only. Translates docker/requests exceptions into
-:mod:`runner.errors` here, at the edge, with ``raise ... from exc``.
-
-Retry boundary: everything before the task envelope is written to the container's
-stdin is set-up and may be retried (a fresh container each time); once the
-envelope is written the user's code may be running, and nothing is retried.
-
-Every blocking Docker call runs in a worker thread (``asyncio.to_thread``); one
-task's whole blocking life runs in one worker thread, so the event loop never
-waits on the daemon.
-
-Warm pool (:mod:`runner.sandbox.pool`): containers created, attached and started
-ahead of time under the same configuration and labels, their agent blocked on
-stdin. A task whose container would be identical (same key: image id + the whole
-create request, labels aside) takes one; its clock (agent timeout and host
-deadline) starts at the hand-over. Other tasks, or any task finding the pool
-empty, start a cold container. A container serves one task, then is removed.
+Owns what is Docker's in a task container's life (the rest, shared with the OCI
+backend, is :class:`~runner.sandbox.container.ContainerSandbox`): the rendering of
+the :class:`~runner.sandbox.spec.ContainerSpec` as Docker's create request, create,
+attach and start (a warm slot is all three done ahead of time), feeding the task and
+reading its output over the hijacked attach stream (:func:`pump` over
+:class:`~runner.sandbox.stream.StreamDemux`), ``wait``, the daemon's records of how a
+container ended (``OOMKilled``, its ``kill`` events), removal, the list of our
+containers for the sweep, building the image once when it is missing, and the
+classification of Docker's faults (:mod:`runner.sandbox.docker_errors`).
 
 Per-container daemon cost, where it goes (bench/README.md has the numbers): the
 slowest phase is ``start`` (shim, dockerd's network hook, runc), which the pool
@@ -30,37 +19,26 @@ without waiting for the daemon to notice the exit or calling ``wait``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import math
-import os
 import select
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import docker
 import docker.errors
 import requests.exceptions
 from docker.types import HostConfig, LogConfig, Ulimit
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
-from runner.errors import DockerUnavailableError, ImageBuildError
-from runner.sandbox.base import ExecutionResult, Limits, Outcome, Stage, TaskError, TaskSpec
+from runner.errors import DockerUnavailableError, ImageBuildError, InfrastructureError
+from runner.sandbox.base import Limits
+from runner.sandbox.container import Container, ContainerSandbox, ExitFacts, Run
 from runner.sandbox.docker_errors import (
     DOCKER_FAULTS,
     docker_errors,
@@ -69,69 +47,26 @@ from runner.sandbox.docker_errors import (
     translate,
 )
 from runner.sandbox.envelope import encode_task
-from runner.sandbox.interpret import ProcessFacts, interpret, killed_before_report
 from runner.sandbox.isolation import IsolationConfig
-from runner.sandbox.labels import (
-    LABEL_DEADLINE,
-    LABEL_MANAGED,
-    is_leftover,
-    ownership_labels,
-    process_identity,
-)
-from runner.sandbox.pool import Miss, PoolConfig, Slot, WarmPool
-from runner.sandbox.stream import STDOUT, StreamDemux
-from runner.sandbox.stream import Output as _Output
+from runner.sandbox.labels import LABEL_DEADLINE, LABEL_MANAGED
+from runner.sandbox.pool import PoolConfig
+from runner.sandbox.spec import ContainerSpec, container_spec
+from runner.sandbox.stream import STDOUT, Output, StreamDemux
 
 log = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
-
-# Past the task timeout the agent reports a timeout itself; the host deadline is
-# the wall behind it (for an agent that cannot report) and kills the container.
-HOST_GRACE_S = 5.0
-# Room in a pool slot's deadline label for its own set-up (with retries) before it idles.
-POOL_SETUP_SLACK_S = 30.0
-KEY_MEMO_ENTRIES = 256
 # What a set-up attempt may fail with once its retries are spent (socket errors too).
 SETUP_FAULTS: tuple[type[Exception], ...] = (*DOCKER_FAULTS, OSError)
 
 
 @dataclass
-class _Container:
-    """A created, attached and started task container (cold, or a warm pool slot)."""
+class DockerContainer(Container):
+    """A Docker task container with its attach stream."""
 
-    container_id: str
     # docker-py hands back a file-like wrapper holding a reference to the socket;
     # both must be closed or the descriptor stays open.
-    stream: Any
-    sock: socket.socket
-    started_at: float  # monotonic, when ``start`` returned
-    attempts: int
-    durations_ms: dict[str, float]
-    # Monotonic twin of the container's deadline label: a pool slot may only serve a
-    # task that ends (timeout + grace) before it, or the orphan sweep could take it.
-    deadline_at: float = float("inf")
-
-
-@dataclass
-class _Run:
-    """Mutable state of one task's container while it lives (one worker thread)."""
-
-    spec: TaskSpec
-    limits: Limits
-    container: _Container | None = None
-    # When the task's clock starts: ``start`` for a cold container, the hand-over for
-    # a warm one (a slot may have idled for minutes; that is not the task's time).
-    started_at: float = 0.0
-    warm: bool = False
-    cold_reason: str | None = None
-    pool_wait_s: float | None = None
-    slot_age_s: float | None = None
-    durations_ms: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def container_id(self) -> str | None:
-        return self.container.container_id if self.container else None
+    stream: Any = None
+    sock: socket.socket | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,15 +88,68 @@ def _daemon_time(text: object) -> float | None:
         return None
 
 
-class DockerSandbox:
-    """Runs each task in its own hardened container on one Docker host.
+def create_config(
+    api: docker.APIClient, spec: ContainerSpec, image: str, labels: dict[str, str]
+) -> dict[str, Any]:
+    """Docker's create request for ``spec`` (the image's entrypoint runs as is)."""
+    config: dict[str, Any] = api.create_container_config(
+        image=image,
+        command=[],  # the image's entrypoint (tini + agent) takes no arguments
+        user=f"{spec.uid}:{spec.gid}",
+        stdin_open=True,
+        tty=False,
+        # network_mode "none" in the host config is the isolation; the legacy
+        # NetworkDisabled flag would also leave /etc/hosts without localhost.
+        hostname=spec.hostname,
+        labels=labels,
+        host_config=host_config(api, spec),
+    )
+    # Close the container's stdin when our side of the attach stream closes.
+    config["StdinOnce"] = True
+    return config
 
-    With a warm pool (``pool.size > 0``), containers are created, attached and
-    started ahead of time under the same configuration and labels; a task whose
-    container would be identical takes one (hand-over), any other task, or one that
-    finds the pool empty, starts a cold container. Either way the container serves
-    one task and is destroyed.
-    """
+
+def security_opt(spec: ContainerSpec) -> list[str]:
+    opts = [f"seccomp={spec.seccomp_json}"]
+    if spec.no_new_privileges:
+        opts.insert(0, "no-new-privileges:true")
+    if spec.apparmor_profile:
+        opts.append(f"apparmor={spec.apparmor_profile}")
+    return opts
+
+
+def host_config(api: docker.APIClient, spec: ContainerSpec) -> HostConfig:
+    config: HostConfig = api.create_host_config(
+        network_mode="none",
+        read_only=spec.read_only_root,
+        tmpfs={
+            tmpfs.path: ",".join(
+                [*tmpfs.options, f"size={tmpfs.size_bytes}", f"mode={tmpfs.mode:o}"]
+            )
+            for tmpfs in spec.tmpfs
+        },
+        cap_drop=["ALL"],
+        security_opt=security_opt(spec),
+        mem_limit=spec.memory_bytes,
+        memswap_limit=spec.swap_bytes,  # no swap: memory means memory
+        nano_cpus=spec.nano_cpus,  # rounded, never 0 (0 would mean unlimited)
+        pids_limit=spec.pids,
+        ulimits=[Ulimit(name=r.name, soft=r.soft, hard=r.hard) for r in spec.rlimits],
+        ipc_mode="none",
+        cgroupns="private",
+        # Output comes through the attach stream; a log driver would only copy it to disk.
+        log_config=LogConfig(type="none"),
+        init=False,  # tini from the image is PID 1
+        privileged=False,
+    )
+    return config
+
+
+class DockerSandbox(ContainerSandbox[DockerContainer]):
+    """Runs each task in its own hardened container on one Docker host."""
+
+    backend = "docker"
+    engine_title = "The Docker daemon"
 
     def __init__(
         self,
@@ -175,320 +163,62 @@ class DockerSandbox:
         setup_backoff_max_s: float = 4.0,
         pool: PoolConfig | None = None,
         pool_limits: Limits | None = None,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
+        super().__init__(
+            isolation=isolation,
+            runner_id=runner_id,
+            setup_attempts=setup_attempts,
+            setup_backoff_max_s=setup_backoff_max_s,
+            pool=pool,
+            pool_limits=pool_limits,
+            on_retry=on_retry,
+        )
         self._client = client
         self._api = client.api
         self._image = image
         self._image_id: str | None = None
-        self._isolation = isolation
-        self._runner_id = runner_id
-        self._boot_id = uuid.uuid4().hex[:12]
-        self._process = process_identity(os.getpid()) or f"{os.getpid()}:?"
         self._ensure_image = ensure_image
         self._image_built = False
         self._image_lock = threading.Lock()
-        self._setup_attempts = setup_attempts
-        self._setup_backoff_max_s = setup_backoff_max_s
-        self._running: dict[str, str] = {}
-        self._cancelled: set[str] = set()
-        self._removals: set[asyncio.Future[None]] = set()
-        # Containers whose removal failed (daemon unreachable): retried before the next
-        # container is made, by the sweep and on close, so a daemon restart leaks none.
-        self._unremoved: set[str] = set()
-        self._keys: dict[tuple[Any, ...], str] = {}
-        self._pool_limits = pool_limits or Limits()
-        self._pool: WarmPool[_Container] | None = None
-        if pool is not None and pool.is_enabled:
-            self._pool = WarmPool(
-                pool,
-                create=self._create_slot,
-                destroy=self._destroy_slot,
-                is_alive=_is_slot_alive,
-            )
-        self.retries_logged = 0
-        # Told the cause of every set-up retry (the service counts them in its metrics).
-        self.on_retry: Callable[[str], None] | None = None
 
-    @property
-    def boot_id(self) -> str:
-        return self._boot_id
+    # -- the image ----------------------------------------------------------------
 
-    @property
-    def isolation(self) -> IsolationConfig:
-        return self._isolation
-
-    @property
-    def pool(self) -> WarmPool[_Container] | None:
-        return self._pool
-
-    # -- public API ---------------------------------------------------------------
-
-    async def warm_up(self, *, wait: bool = False) -> None:
-        """Start filling the warm pool (no-op without one); ``wait`` until it is full."""
-        if self._pool is None:
-            return
-        if not self._pool.is_started:
-            # Known before the first hand-over, so a task's key can match the slots'.
-            with contextlib.suppress(*DOCKER_FAULTS):
-                self._image_id = await asyncio.to_thread(self._resolve_image_id)
-            self._pool.start()
-        if wait:
-            await self._pool.wait_filled()
-
-    def set_pool_limits(self, limits: Limits) -> None:
-        """Fill the pool for these limits from now on; idle slots of the old ones go."""
-        if limits == self._pool_limits:
-            return
-        self._pool_limits = limits
-        if self._pool is not None:
-            self._pool.invalidate()
-
-    async def run(self, spec: TaskSpec, limits: Limits) -> ExecutionResult:
-        run = _Run(spec, limits)
-        try:
-            await self._hand_over(run)
-            result = await asyncio.to_thread(self._run_blocking, run)
-        finally:
-            if run.container is not None:
-                self._schedule_removal(run.container)
-            self._running.pop(spec.task_id, None)
-            self._cancelled.discard(spec.task_id)  # a cancel that found no container
-        return result
-
-    async def cancel(self, task_id: str) -> bool:
-        """Kill the task's container; its ``run`` then ends with outcome ``cancelled``."""
-        # Mark first, then look: the worker thread registers the container and then
-        # checks the mark, so one of the two always sees the other.
-        self._cancelled.add(task_id)
-        container_id = self._running.get(task_id)
-        if container_id is None:
-            return False
-        await asyncio.to_thread(self._kill_quietly, container_id)
-        return True
-
-    async def sweep(self) -> list[str]:
-        """Remove our leftovers: earlier boots of this runner, and orphans past deadline."""
-        await asyncio.to_thread(self._retry_removals)
-        return await asyncio.to_thread(self._sweep_blocking)
-
-    async def wait_removals(self) -> None:
-        """Until every container removal scheduled so far has finished."""
-        while self._removals:
-            await asyncio.gather(*list(self._removals), return_exceptions=True)
-
-    async def aclose(self) -> None:
-        """Close the pool (every idle slot removed), wait for pending removals, so
-        nothing outlives the sandbox."""
-        if self._pool is not None:
-            await self._pool.aclose()
-        await self.wait_removals()
-        await asyncio.to_thread(self._retry_removals)
-        await asyncio.to_thread(self._client.close)
-
-    # -- warm pool ----------------------------------------------------------------
-
-    async def _hand_over(self, run: _Run) -> None:
-        """Give the task a warm slot if one fits; its clock starts now, not at ``start``."""
-        if self._pool is None:
-            run.cold_reason = Miss.DISABLED.value
-            return
-        if not self._pool.is_started:
-            await self.warm_up()
-        limits = run.limits
-        key = self._key_for(limits)
-
-        def fits(slot: Slot[_Container]) -> bool:
-            return time.monotonic() + limits.timeout_s + HOST_GRACE_S <= slot.resource.deadline_at
-
-        taken = await self._pool.take(key, fits)
-        run.pool_wait_s = taken.waited_s
-        if taken.slot is None:
-            run.cold_reason = taken.miss.value if taken.miss else None
-            return
-        run.container, run.warm = taken.slot.resource, True
-        run.started_at = time.monotonic()
-        run.slot_age_s = taken.slot.age_s(run.started_at)
-
-    def _create_slot(self) -> tuple[str, _Container]:
-        """One pool slot, in a pool worker thread, with the same set-up retries as a task."""
-        limits = self._pool_limits
-        self._retry_removals()
-
-        def attempt(number: int) -> tuple[str, _Container]:
-            self._image_id = self._resolve_image_id()
-            key = self._key_for(limits)
-            container = self._start_container(self._labels(limits, pool_key=key), limits, number)
-            return key, container
-
-        return self._with_setup_retries(attempt, "start a warm pool container")
-
-    def _destroy_slot(self, container: _Container) -> None:
-        _close_stream(container.stream, container.sock)
-        self._remove_quietly(container.container_id)
-
-    def _resolve_image_id(self) -> str:
+    def _prepare(self) -> None:
+        """Resolve the image's id (a retagged image changes the pool's key)."""
         try:
             # The stub leaves this one untyped; it returns the daemon's JSON answer.
             image = self._api.inspect_image(self._image)  # type: ignore[no-untyped-call]
-            return str(image["Id"])
         except docker.errors.ImageNotFound:
             self._build_image_once()
             raise
+        self._image_id = str(image["Id"])
 
-    def _key_for(self, limits: Limits) -> str:
-        """Digest of everything that shapes a container: image id and its create request.
+    def _build_image_once(self) -> None:
+        with self._image_lock:
+            if self._image_built or self._ensure_image is None:
+                return
+            self._image_built = True
+            log.warning("task image %s is missing; building it once", self._image)
+            self._image = self._ensure_image()
 
-        Labels are left out (they differ per container); the task's timeout and output
-        cap are too: they travel in the task envelope and are enforced from hand-over,
-        so a task with its own timeout still gets a warm slot.
-        """
-        shape = replace(limits, timeout_s=0.0, output_bytes=0)
-        memo = (self._image, self._image_id, self._isolation, shape)
-        key = self._keys.get(memo)
-        if key is None:
-            if len(self._keys) >= KEY_MEMO_ENTRIES:
-                self._keys.clear()  # tasks with many different limits: start over
-            config = self._container_config(shape, labels={})
-            payload = json.dumps([self._image_id, config], sort_keys=True, default=str)
-            key = hashlib.sha256(payload.encode()).hexdigest()
-            self._keys[memo] = key
-        return key
+    def _image_ref(self) -> str | None:
+        return self._image
 
-    # -- one task, blocking, in a worker thread -----------------------------------
+    def _memo_salt(self) -> Any:
+        return (self._image, self._image_id)
 
-    def _run_blocking(self, run: _Run) -> ExecutionResult:
-        begin = time.monotonic()
-        self._retry_removals()
-        if run.container is None:
-            labels = self._labels(run.limits, task_id=run.spec.task_id)
-            run.container = self._with_setup_retries(
-                lambda number: self._start_container(labels, run.limits, number),
-                "set up the task container",
-            )
-            run.started_at = run.container.started_at
-            run.durations_ms.update(run.container.durations_ms)
-        container = run.container
-        self._running[run.spec.task_id] = container.container_id
-        if run.spec.task_id in self._cancelled:
-            self._kill_quietly(container.container_id)
-        output = self._exchange(run)
-        waited = time.monotonic()
-        stdout = bytes(output.stdout)
-        exit_code: int | None = None
-        oom_killed = False
-        outside_kill: bool | None = None
-        max_print_calls = run.spec.guards.max_print_calls
-        if output.early_result is not None:
-            # A complete, valid, successful result: the exit code and the daemon's
-            # view add nothing, so neither ``wait`` nor ``inspect`` is paid for.
-            result = output.early_result
-        else:
-            try:
-                exit_code = self._wait_exit(container.container_id)
-            except DockerUnavailableError:
-                if output.has_frame():
-                    exit_code = None  # the agent's complete frame still says how it ended
-                else:
-                    # The stream ended because the daemon went away (stopped or restarted),
-                    # taking the container with it: an infrastructure fault, not the
-                    # task's. The user's code may have run in part: never retried.
-                    raise DockerUnavailableError(
-                        "The Docker daemon went away while the task was running",
-                        hint="the task's container was lost with it; the task was not "
-                        "retried because its code may have run in part",
-                        stage=Stage.RUN.value,
-                    ) from None
-            facts_needed = output.timed_out or output.overflow
-            facts = ProcessFacts(
-                exit_code=exit_code,
-                timed_out=output.timed_out,
-                output_overflow=output.overflow,
-                stderr_tail=output.stderr_tail.decode("utf-8", "replace"),
-            )
-            result = interpret(stdout, facts, run.limits, max_print_calls=max_print_calls)
-            if not result.outcome.is_success and not facts_needed:
-                # Only a failure needs the daemon's view; success skips the calls. The
-                # daemon's OOM record, not the agent's stats, decides a memory verdict;
-                # its record of kills tells who ended a container that died unreported.
-                exit_state = self._exit_state(container.container_id)
-                oom_killed = exit_state.oom_killed
-                if killed_before_report(stdout, exit_code) and not oom_killed:
-                    outside_kill = self._outside_kill(container.container_id, exit_state)
-                if oom_killed or outside_kill is not None:
-                    facts = replace(facts, oom_killed=oom_killed, outside_kill=outside_kill)
-                    result = interpret(stdout, facts, run.limits, max_print_calls=max_print_calls)
-        if run.spec.task_id in self._cancelled:
-            self._cancelled.discard(run.spec.task_id)
-            result = ExecutionResult(
-                outcome=Outcome.CANCELLED,
-                error=TaskError(Outcome.CANCELLED, "Task was cancelled", has_description=False),
-                prints=result.prints,
-            )
-        end = time.monotonic()
-        if run.pool_wait_s is not None:
-            run.durations_ms["poolWait"] = run.pool_wait_s * 1000
-        run.durations_ms["run"] = (waited - run.started_at) * 1000
-        run.durations_ms["wait"] = (end - waited) * 1000
-        run.durations_ms["sandboxTotal"] = (end - begin) * 1000
-        details = dict(result.details)
-        details.update(
-            {
-                "exitCode": exit_code,
-                "exitWaited": output.early_result is None,
-                "oomKilled": oom_killed,
-                "killedFromOutside": outside_kill,
-                "setupAttempts": container.attempts,
-                "stdoutBytes": len(stdout),
-                "stderrBytes": output.stderr_bytes,
-                "containerStart": "warm" if run.warm else "cold",
-            }
-        )
-        if run.warm:
-            details["poolSlotAgeMs"] = round((run.slot_age_s or 0.0) * 1000, 3)
-        else:
-            details["coldReason"] = run.cold_reason
-        return replace(
-            result,
-            container_id=container.container_id,
-            image_id=self._image,
-            durations_ms={**result.durations_ms, **run.durations_ms},
-            details=details,
+    def _shape(self, limits: Limits) -> Any:
+        return [self._image_id, self._container_config(limits, labels={})]
+
+    def _container_config(self, limits: Limits, labels: dict[str, str]) -> dict[str, Any]:
+        return create_config(
+            self._api, container_spec(self._isolation, limits), self._image, labels
         )
 
-    def _with_setup_retries(self, attempt: Callable[[int], _T], what: str) -> _T:
-        retrying = Retrying(
-            stop=stop_after_attempt(self._setup_attempts),
-            wait=wait_exponential_jitter(multiplier=0.2, max=self._setup_backoff_max_s, jitter=0.2),
-            retry=retry_if_exception(is_transient),
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
-        try:
-            for retry in retrying:
-                with retry:
-                    return attempt(retry.retry_state.attempt_number)
-        except docker.errors.ImageNotFound as exc:
-            raise ImageBuildError(
-                f"Task image {self._image} is missing", hint="run `sandbox-runner image build`"
-            ) from exc
-        except SETUP_FAULTS as exc:
-            raise translate(exc, what) from exc
-        raise AssertionError("unreachable: tenacity reraises the last failure")
+    # -- a container's life -------------------------------------------------------
 
-    def _log_retry(self, state: RetryCallState) -> None:
-        self.retries_logged += 1
-        exc = state.outcome.exception() if state.outcome else None
-        if self.on_retry is not None:
-            self.on_retry(retry_cause(exc))
-        log.warning(
-            "container set-up failed (attempt %d of %d), retrying: %s: %s",
-            state.attempt_number,
-            self._setup_attempts,
-            type(exc).__name__,
-            exc,
-        )
-
-    def _start_container(self, labels: dict[str, str], limits: Limits, attempt: int) -> _Container:
+    def _start(self, labels: dict[str, str], limits: Limits, attempt: int) -> DockerContainer:
         """Create, attach, start. On any failure the half-made container is removed."""
         t0 = time.monotonic()
         deadline_at = t0 + float(labels[LABEL_DEADLINE]) - time.time()
@@ -517,7 +247,7 @@ class DockerSandbox:
             self._remove_quietly(container_id)
             raise
         t3 = time.monotonic()
-        return _Container(
+        return DockerContainer(
             container_id=container_id,
             stream=raw,
             sock=sock,
@@ -531,81 +261,7 @@ class DockerSandbox:
             deadline_at=deadline_at,
         )
 
-    def _container_config(self, limits: Limits, labels: dict[str, str]) -> dict[str, Any]:
-        config: dict[str, Any] = self._api.create_container_config(
-            image=self._image,
-            command=[],  # the image's entrypoint (tini + agent) takes no arguments
-            user=self._isolation.user,
-            stdin_open=True,
-            tty=False,
-            # network_mode "none" in the host config is the isolation; the legacy
-            # NetworkDisabled flag would also leave /etc/hosts without localhost.
-            hostname="sandbox",
-            labels=labels,
-            host_config=self._host_config(limits),
-        )
-        # Close the container's stdin when our side of the attach stream closes.
-        config["StdinOnce"] = True
-        return config
-
-    def _build_image_once(self) -> None:
-        with self._image_lock:
-            if self._image_built or self._ensure_image is None:
-                return
-            self._image_built = True
-            log.warning("task image %s is missing; building it once", self._image)
-            self._image = self._ensure_image()
-
-    def _labels(
-        self, limits: Limits, *, task_id: str | None = None, pool_key: str | None = None
-    ) -> dict[str, str]:
-        now = time.time()
-        if pool_key is None:
-            deadline = now + limits.timeout_s + HOST_GRACE_S
-        else:
-            # A slot may idle up to max_idle_s, then serve one task: the orphan sweep
-            # must leave it alone that long, and reap it after a dead runner.
-            max_idle_s = self._pool.config.max_idle_s if self._pool else 0.0
-            deadline = now + POOL_SETUP_SLACK_S + max_idle_s + limits.timeout_s + HOST_GRACE_S
-        return ownership_labels(
-            runner_id=self._runner_id,
-            boot_id=self._boot_id,
-            process=self._process,
-            policy_sha256=self._isolation.seccomp_sha256,
-            deadline=deadline,
-            now=now,
-            task_id=task_id,
-            pool_key=pool_key,
-        )
-
-    def _host_config(self, limits: Limits) -> HostConfig:
-        tmpfs_opts = f"rw,noexec,nosuid,nodev,size={limits.tmpfs_bytes},mode=1777"
-        config: HostConfig = self._api.create_host_config(
-            network_mode="none",
-            read_only=True,
-            tmpfs={"/tmp": tmpfs_opts},  # noqa: S108 - the container's own private tmpfs
-            cap_drop=["ALL"],
-            security_opt=self._isolation.security_opt(),
-            mem_limit=limits.memory_bytes,
-            memswap_limit=limits.memory_bytes,  # no swap: memory means memory
-            nano_cpus=limits.nano_cpus,  # rounded, never 0 (0 would mean unlimited)
-            pids_limit=limits.pids,
-            ulimits=[
-                Ulimit(name="nofile", soft=limits.nofile, hard=limits.nofile),
-                Ulimit(name="fsize", soft=limits.fsize_bytes, hard=limits.fsize_bytes),
-                Ulimit(name="nproc", soft=limits.nproc, hard=limits.nproc),
-                Ulimit(name="core", soft=0, hard=0),
-            ],
-            ipc_mode="none",
-            cgroupns="private",
-            # Output comes through the attach stream; a log driver would only copy it to disk.
-            log_config=LogConfig(type="none"),
-            init=False,  # tini from the image is PID 1
-            privileged=False,
-        )
-        return config
-
-    def _exchange(self, run: _Run) -> _Output:
+    def _exchange(self, run: Run[DockerContainer]) -> Output:
         """Write the task envelope, then read stdout/stderr until the result, EOF, the cap
         or the deadline.
 
@@ -615,11 +271,13 @@ class DockerSandbox:
         stay off the task's latency. Any other frame is read on to EOF, so the
         stderr tail (crash reports) and a stray second frame are still seen.
         """
-        assert run.container is not None
         container = run.container
-        sock, output = container.sock, _Output.for_output_cap(run.limits.output_bytes)
+        assert container is not None
+        sock = container.sock
+        assert sock is not None
+        output = Output.for_output_cap(run.limits.output_bytes)
         demux = StreamDemux()
-        deadline = run.started_at + run.limits.timeout_s + HOST_GRACE_S
+        deadline = run.deadline
         try:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             try:
@@ -632,16 +290,8 @@ class DockerSandbox:
             if not output.timed_out:
                 ended = pump(sock, demux, output, deadline, until_frame=True)
                 if not ended and output.has_frame():
-                    facts = ProcessFacts(exit_code=None)
-                    early = interpret(
-                        bytes(output.stdout),
-                        facts,
-                        run.limits,
-                        max_print_calls=run.spec.guards.max_print_calls,
-                    )
-                    if early.outcome.is_success:
-                        output.early_result = early
-                    else:
+                    output.early_result = self._early_result(run, output)
+                    if output.early_result is None:
                         pump(sock, demux, output, deadline, until_frame=False)
         finally:
             _close_stream(container.stream, sock)
@@ -649,12 +299,13 @@ class DockerSandbox:
             self._kill_quietly(container.container_id)
         return output
 
-    def _wait_exit(self, container_id: str) -> int | None:
+    def _wait_exit(self, container: DockerContainer) -> int | None:
         """The container's exit code, or None when the daemon cannot say.
 
         Raises :class:`DockerUnavailableError` when the daemon cannot be reached at all
         (its socket is gone or refuses us): the caller decides what that means.
         """
+        container_id = container.container_id
         try:
             status = self._api.wait(container_id, timeout=30)
             return int(status.get("StatusCode", -1))
@@ -664,6 +315,15 @@ class DockerSandbox:
         except DOCKER_FAULTS as exc:
             log.warning("could not wait for container %s: %s", container_id[:12], exc)
             return None
+
+    def _exit_facts(self, container: DockerContainer, *, attribute_kill: bool) -> ExitFacts:
+        """The daemon's OOM record, and, for a death before any report, its kill record."""
+        state = self._exit_state(container.container_id)
+        if state.oom_killed:
+            return ExitFacts(oom_killed=True)
+        if not attribute_kill:
+            return ExitFacts()
+        return ExitFacts(outside_kill=self._outside_kill(container.container_id, state))
 
     def _exit_state(self, container_id: str) -> _ExitState:
         """The daemon's record of the ended container: OOM kill, start and end (its clock)."""
@@ -719,50 +379,53 @@ class DockerSandbox:
             return True
         return False if started_seen else None
 
-    # -- cleanup ------------------------------------------------------------------
-
-    def _schedule_removal(self, container: _Container) -> None:
-        """Remove off the critical path; ``aclose`` waits for every pending removal."""
-        future = asyncio.ensure_future(asyncio.to_thread(self._destroy_slot, container))
-        self._removals.add(future)
-        future.add_done_callback(self._removals.discard)
-
-    def _remove_quietly(self, container_id: str) -> None:
-        try:
-            self._api.remove_container(container_id, force=True, v=True)
-        except docker.errors.NotFound:
-            pass
-        except DOCKER_FAULTS as exc:
-            # Retried before the next container is made, on sweep and on close; the
-            # next runner's start-up sweep is the backstop if this process dies first.
-            self._unremoved.add(container_id)
-            log.warning("could not remove container %s (will retry): %s", container_id[:12], exc)
-            return
-        self._unremoved.discard(container_id)
-
-    def _retry_removals(self) -> None:
-        """One more attempt at every removal that failed; stops at the first failure."""
-        for container_id in list(self._unremoved):
-            self._remove_quietly(container_id)
-            if container_id in self._unremoved:
-                return  # the daemon is still unreachable: try again next time
-
-    def _kill_quietly(self, container_id: str) -> None:
+    def _kill(self, container_id: str) -> None:
         with contextlib.suppress(*DOCKER_FAULTS):
             self._api.kill(container_id)
 
-    def _sweep_blocking(self) -> list[str]:
+    def _release(self, container: DockerContainer) -> None:
+        if container.sock is not None:
+            _close_stream(container.stream, container.sock)
+
+    def _remove(self, container_id: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            self._api.remove_container(container_id, force=True, v=True)
+
+    def _list_ours(self) -> list[tuple[str, dict[str, str]]]:
         with docker_errors("list containers"):
-            containers = self._api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=true"})
-        now, removed = time.time(), []
-        for container in containers:
-            labels = container.get("Labels") or {}
-            if is_leftover(labels, runner_id=self._runner_id, boot_id=self._boot_id, now=now):
-                self._remove_quietly(container["Id"])
-                removed.append(container["Id"])
-        if removed:
-            log.info("swept %d leftover task container(s)", len(removed))
-        return removed
+            found = self._api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=true"})
+        return [(container["Id"], container.get("Labels") or {}) for container in found]
+
+    def _is_slot_alive(self, container: DockerContainer) -> bool:
+        """An idle slot's agent is silent until it gets a task: anything readable on its
+        stream (output, or EOF because the container died) makes it unusable. No I/O."""
+        if container.sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([container.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    # -- faults -------------------------------------------------------------------
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        return is_transient(exc)
+
+    def _retry_cause(self, exc: BaseException | None) -> str:
+        return retry_cause(exc)
+
+    def _setup_failed(self, exc: BaseException, what: str) -> InfrastructureError | None:
+        if isinstance(exc, docker.errors.ImageNotFound):
+            return ImageBuildError(
+                f"Task image {self._image} is missing", hint="run `sandbox-runner image build`"
+            )
+        if isinstance(exc, SETUP_FAULTS):
+            return translate(exc, what)
+        return None
+
+    def _close(self) -> None:
+        self._client.close()
 
 
 def _close_stream(stream: Any, sock: socket.socket) -> None:
@@ -771,20 +434,10 @@ def _close_stream(stream: Any, sock: socket.socket) -> None:
             closable.close()
 
 
-def _is_slot_alive(container: _Container) -> bool:
-    """An idle slot's agent is silent until it gets a task: anything readable on its
-    stream (output, or EOF because the container died) makes it unusable. No I/O."""
-    try:
-        readable, _, _ = select.select([container.sock], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return not readable
-
-
 def pump(
     sock: socket.socket,
     demux: StreamDemux,
-    output: _Output,
+    output: Output,
     deadline: float,
     *,
     until_frame: bool,

@@ -23,7 +23,7 @@ import pytest
 
 from runner.cli.wiring import make_docker_sandbox, make_pipeline
 from runner.pipeline import TaskPipeline
-from runner.sandbox import docker as docker_sandbox
+from runner.sandbox import container as container_sandbox
 from runner.sandbox.base import MIB
 from runner.sandbox.docker import DockerSandbox
 from runner.sandbox.labels import LABEL_BOOT, LABEL_DEADLINE, LABEL_MANAGED, LABEL_POOL, LABEL_TASK
@@ -163,7 +163,7 @@ async def test_a_warm_task_clock_starts_at_hand_over_not_at_container_start(
 ) -> None:
     # With a short host grace, a slot that idled longer than timeout + grace would be
     # killed at once if the host deadline counted from the container's start.
-    monkeypatch.setattr(docker_sandbox, "HOST_GRACE_S", 0.5)
+    monkeypatch.setattr(container_sandbox, "HOST_GRACE_S", 0.5)
     async with make_docker_pipeline(pool_size=1, task_timeout_s=1) as pipeline:
         (slot,) = sandbox_of(pipeline).pool.idle_resources()  # type: ignore[union-attr]
         await asyncio.sleep(2.0)  # the slot idles past timeout + grace

@@ -224,8 +224,6 @@ def create_app(
             "Runners connect on /runners/_ws with n8n's task-runner protocol."
         ),
     )
-    app.state.broker = broker
-    app.state.driver = driver
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:

@@ -38,8 +38,8 @@ KEY = "fuzz-key"
 MAX_WAIT_S = 0.05  # `?wait=` up to 300 s is valid, but no runner will ever answer here
 
 
-def make_app() -> Any:
-    broker = Broker(BrokerConfig(default_timeout_s=60, queue_timeout_s=0.01))
+def make_app(broker: Broker | None = None) -> Any:
+    broker = broker or Broker(BrokerConfig(default_timeout_s=60, queue_timeout_s=0.01))
     return create_app(
         BrokerDriver(broker),
         GrantTokens(30),
@@ -75,10 +75,10 @@ def test_no_request_gets_a_server_error(case: Any) -> None:
 
 
 def api_client() -> tuple[httpx.AsyncClient, Broker]:
-    app = make_app()
-    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+    broker = Broker(BrokerConfig(default_timeout_s=60, queue_timeout_s=0.01))
+    transport = httpx.ASGITransport(app=make_app(broker), client=("127.0.0.1", 5000))
     client = httpx.AsyncClient(transport=transport, base_url="http://broker")
-    return client, app.state.broker
+    return client, broker
 
 
 HEADERS = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}

@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 from runner.broker_server.core import Broker, Draining, TaskFinished
 from runner.broker_server.tasks import BrokerTask
-
-log = logging.getLogger(__name__)
 
 
 class BrokerDriver:

@@ -468,9 +468,14 @@ async def run_selfcheck(target: SelfCheckTarget) -> SelfCheckReport:
     )
     memory_cap_mb = limits.memory_bytes // MIB * OVERSHOOT
     memory_request = TaskRequest(code=MEMORY_CANARY, items=[{"json": {"capMb": memory_cap_mb}}])
-    async with asyncio.TaskGroup() as group:
-        facts_task = group.create_task(pipeline.run(facts_request))
-        memory_task = group.create_task(pipeline.run(memory_request))
+    try:
+        async with asyncio.TaskGroup() as group:
+            facts_task = group.create_task(pipeline.run(facts_request))
+            memory_task = group.create_task(pipeline.run(memory_request))
+    except ExceptionGroup as failed:
+        # A fault of the engine (it cannot start a canary) is one error, as it would be
+        # for a task: the caller handles our error tree, not a group of them.
+        raise failed.exceptions[0] from None
     duration_ms = (time.monotonic() - begin) * 1000
     results = evaluate(
         CanaryOutcome.from_report(facts_task.result()),

@@ -404,6 +404,25 @@ class Settings(BaseSettings):
         "runner's leftovers from earlier runs.",
     )
     docker_api_timeout_s: float = Field(60, gt=0, description="Timeout of one Docker API call.")
+
+    # --- how task containers are made ---
+    backend: Literal["auto", "docker", "oci"] = Field(
+        "auto",
+        description="What makes task containers: docker (the daemon), oci (an OCI runtime "
+        "driven directly: no dockerd, containerd or shim per task; needs root and writable "
+        "cgroups), or auto (oci when it can run here and its self-check passes, else docker; "
+        "the log says why).",
+    )
+    oci_runtime: str = Field(
+        "runc",
+        description="The OCI backend's runtime: runc, crun, runsc (gVisor: another kernel "
+        "between the task and the host) or a path to one of them.",
+    )
+    state_dir: Path | None = Field(
+        None,
+        description="The OCI backend's state: unpacked task images, bundles, the runtime's "
+        "state. Unset: /var/lib/sandbox-runner as root, else $XDG_STATE_HOME/sandbox-runner.",
+    )
     setup_attempts: int = Field(
         4, ge=1, le=20, description="Attempts for container set-up (create/attach/start)."
     )

@@ -3,7 +3,8 @@
 #
 # - `docker info` works: nothing to do for the engine.
 # - Otherwise, as root on Debian/Ubuntu: install docker.io (and debootstrap for the
-#   task image's base, apparmor_parser to compile-check the AppArmor profile), clear
+#   task image's base, apparmor_parser to compile-check the AppArmor profile, runc and
+#   runsc for the OCI backend and its gVisor tier), clear
 #   the pid files an uncleanly killed daemon leaves behind, start dockerd in the
 #   background with its log in a file, and wait until it answers.
 # - Otherwise: say exactly what is missing and fail.
@@ -20,6 +21,10 @@ install_missing() {
     command -v dockerd >/dev/null 2>&1 || packages+=(docker.io)
     command -v debootstrap >/dev/null 2>&1 || packages+=(debootstrap)
     command -v apparmor_parser >/dev/null 2>&1 || packages+=(apparmor)
+    # The OCI backend drives runc (it comes with docker.io) directly; runsc is the
+    # gVisor tier.
+    command -v runc >/dev/null 2>&1 || packages+=(runc)
+    command -v runsc >/dev/null 2>&1 || packages+=(runsc)
     [ ${#packages[@]} -eq 0 ] && return 0
     say "installing ${packages[*]} from the Debian archive"
     export DEBIAN_FRONTEND=noninteractive

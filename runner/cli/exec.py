@@ -89,7 +89,7 @@ def exec_command(
     The code is the body of a function, as in n8n's Code node: it reads ``_items``
     (all items) or ``_item`` (per item) and ``return``s the result.
     """
-    from runner.cli.wiring import docker_pipeline
+    from runner.cli.wiring import task_pipeline
 
     code = _read_code(source)
     items = parse_items(items_raw)
@@ -99,7 +99,7 @@ def exec_command(
     )
 
     async def go() -> dict[str, Any]:
-        async with docker_pipeline(
+        async with task_pipeline(
             settings, support.progress, timeout_s=timeout_s, warm_pool=False
         ) as pipeline:
             report = await pipeline.run(request)

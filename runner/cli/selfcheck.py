@@ -39,10 +39,12 @@ def selfcheck(as_json: bool, policy_dir: Path | None, skip_lint: bool) -> None:
     """Prove, from inside canary containers, which isolation guarantees are in force.
 
     Prints every guarantee as pass, fail or not-available; exits 1 when a required
-    one is not in force. A passing result is cached per Docker daemon and policy
-    hash, so `serve` and `exec` start without running the canaries again.
+    one is not in force. The engine checked is the one tasks would use
+    (SANDBOX_BACKEND; auto: the OCI backend when it can run here, else Docker). A
+    passing result is cached per engine and policy hash, so `serve` and `exec` start
+    without running the canaries again.
     """
-    from runner.cli.wiring import docker_selfcheck
+    from runner.cli.wiring import backend_selfcheck
 
     settings = support.settings({"policy_dir": policy_dir} if policy_dir else None)
     if skip_lint:
@@ -54,13 +56,14 @@ def selfcheck(as_json: bool, policy_dir: Path | None, skip_lint: bool) -> None:
                 "no task ever runs under it",
                 err=True,
             )
-    report = support.run(
-        lambda: docker_selfcheck(settings, support.progress, enforce_lint=not skip_lint)
+    report, engine = support.run(
+        lambda: backend_selfcheck(settings, support.progress, enforce_lint=not skip_lint)
     )
+    document = {**report.as_json(), "engine": engine}
     if as_json:
-        click.echo(report_json(report.as_json()))
+        click.echo(report_json(document))
     else:
-        click.echo(render_selfcheck(report.as_json()))
+        click.echo(render_selfcheck(document))
     if not report.is_ok:
         sys.exit(EXIT_FINDINGS)
 
@@ -71,9 +74,11 @@ def selfcheck(as_json: bool, policy_dir: Path | None, skip_lint: bool) -> None:
 def render_selfcheck(doc: dict[str, Any]) -> str:
     marks = {"pass": "PASS", "fail": "FAIL", "not-available": "N/A"}
     cached = " (cached)" if doc["cached"] else ""
+    engine = doc.get("engine") or {}
     lines = [
         f"selfcheck: policy sha256 {doc['policySha256']}",
-        f"  daemon {doc['daemonId'] or '?'}, checked {doc['checkedAt']} in "
+        f"  {engine.get('backend', 'docker')} backend ({engine.get('runtime') or '?'}), "
+        f"engine {doc['daemonId'] or '?'}, checked {doc['checkedAt']} in "
         f"{doc['durationMs']:.0f} ms{cached}",
     ]
     for item in doc["guarantees"]:

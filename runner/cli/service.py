@@ -65,14 +65,14 @@ def serve(ctx: click.Context) -> None:
     Configured like n8n's Python runner: N8N_RUNNERS_TASK_BROKER_URI, N8N_RUNNERS_AUTH_TOKEN
     (or N8N_RUNNERS_GRANT_TOKEN), N8N_RUNNERS_MAX_CONCURRENCY, N8N_RUNNERS_TASK_TIMEOUT, ...
     """
-    from runner.cli.wiring import docker_pipeline
+    from runner.cli.wiring import task_pipeline
     from runner.service import RunnerService
 
     settings = support.settings()
     _log_level(bool(ctx.find_root().params.get("verbose")))
 
     async def go() -> int:
-        async with docker_pipeline(settings, support.progress) as pipeline:
+        async with task_pipeline(settings, support.progress) as pipeline:
             return await RunnerService(settings, pipeline).run()
 
     sys.exit(support.run(go))
@@ -106,7 +106,7 @@ def broker(ctx: click.Context, host: str | None, port: int | None) -> None:
 def up(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Embedded broker and one runner in one process: submit tasks over HTTP."""
     from runner.broker_server.server import running_broker
-    from runner.cli.wiring import docker_pipeline
+    from runner.cli.wiring import task_pipeline
     from runner.metrics import CollectorRegistry
     from runner.service import RunnerService
 
@@ -116,7 +116,7 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
     async def go() -> int:
         registry = CollectorRegistry()  # one /metrics for the broker and its runner
         async with (
-            docker_pipeline(settings, support.progress) as pipeline,
+            task_pipeline(settings, support.progress) as pipeline,
             running_broker(settings, registry=registry) as running,
         ):
             service = RunnerService(

@@ -4,25 +4,40 @@ The only place that turns :class:`~runner.settings.Settings` into objects; each
 command of :mod:`runner.cli` calls it once and passes the result down (the tests,
 ``bench/`` and :mod:`runner.testing` call it too, to build what a command would).
 Limits, guards, the image's uid and the isolation come from the policy bundle with
-the settings applied (:func:`runner.policy.load_policy`); a docker pipeline proves
-the isolation with the self-check (:mod:`runner.selfcheck`) before it runs any task.
+the settings applied (:func:`runner.policy.load_policy`); a pipeline proves the
+isolation with the self-check (:mod:`runner.selfcheck`) before it runs any task.
+
+Which engine makes task containers (``SANDBOX_BACKEND``): Docker, or an OCI runtime
+driven directly (:mod:`runner.sandbox.oci`); ``auto`` takes the OCI backend when it
+can run here and its self-check passes, else Docker, and logs why. Docker builds the
+task image either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import platform
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.analyzer import Analyzer
+from runner.errors import ConfigurationError, InfrastructureError
 from runner.pipeline import AuditContext, TaskPipeline
 from runner.policy import EffectivePolicy, load_bundle, load_policy
 from runner.sandbox.base import Limits, Sandbox
+from runner.sandbox.container import ContainerSandbox
 from runner.sandbox.docker import DockerSandbox, connect, describe_daemon
 from runner.sandbox.image import ImageBuilder, ImageRecipe, Progress
 from runner.sandbox.isolation import IsolationConfig
+from runner.sandbox.oci import cgroups
+from runner.sandbox.oci.rootfs import RootfsStore
+from runner.sandbox.oci.runtime import OciRuntime, find_runtime, why_not
+from runner.sandbox.oci.sandbox import OciSandbox
 from runner.sandbox.pool import PoolConfig
 from runner.selfcheck import (
     SelfCheckCache,
@@ -36,6 +51,8 @@ from runner.settings import Settings
 
 if TYPE_CHECKING:
     from docker import DockerClient
+
+log = logging.getLogger(__name__)
 
 
 def limits_from(
@@ -70,21 +87,48 @@ def selfcheck_cache(settings: Settings) -> SelfCheckCache:
     return SelfCheckCache(settings.selfcheck_cache_dir or default_cache_dir())
 
 
+def describe_engine(sandbox: ContainerSandbox[Any], client: DockerClient) -> dict[str, str]:
+    """Who makes the containers (the self-check's cache key, and the audit record's)."""
+    if isinstance(sandbox, OciSandbox):
+        runtime = sandbox.runtime
+        return {
+            "backend": "oci",
+            "id": f"oci:{runtime.kind}:{platform.node()}",
+            "runtime": runtime.kind,
+            "runtimePath": runtime.path,
+            "runtimeVersion": runtime.version(),
+            "kernelVersion": platform.release(),
+            "architecture": platform.machine(),
+            "cgroupLayout": cgroups.layout(),
+        }
+    return {"backend": "docker", **describe_daemon(client)}
+
+
+def engine_report(engine: dict[str, str]) -> dict[str, str]:
+    """The audit record's words for who made a task's container."""
+    if engine.get("backend") == "oci":
+        return {"backend": "oci", "runtime": engine.get("runtimeVersion", "")}
+    return {
+        "backend": "docker",
+        "runtime": f"{engine.get('defaultRuntime', '')} (Docker {engine.get('serverVersion', '')})",
+    }
+
+
 async def selfcheck_target(
     settings: Settings,
-    sandbox: DockerSandbox,
+    sandbox: ContainerSandbox[Any],
     client: DockerClient,
     *,
     policy: EffectivePolicy,
     image: str,
     image_id: str | None,
 ) -> SelfCheckTarget:
-    daemon = await asyncio.to_thread(describe_daemon, client)
+    engine = await asyncio.to_thread(describe_engine, sandbox, client)
     return SelfCheckTarget(
         sandbox=sandbox,
         policy=policy,
         apparmor_profile=sandbox.isolation.apparmor_profile,
-        daemon=daemon,
+        daemon=engine,
         image=image,
         image_id=image_id,
         runner_id=settings.runner_id,
@@ -143,6 +187,60 @@ def make_docker_sandbox(
     )
 
 
+def state_dir(settings: Settings) -> Path:
+    """The OCI backend's state directory."""
+    if settings.state_dir is not None:
+        return settings.state_dir
+    if os.geteuid() == 0:
+        return Path("/var/lib/sandbox-runner")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "sandbox-runner"
+
+
+def oci_runtime(settings: Settings) -> OciRuntime | str:
+    """The runtime ``SANDBOX_OCI_RUNTIME`` names, or why the OCI backend cannot run here."""
+    found = find_runtime(settings.oci_runtime)
+    if found is None:
+        return (
+            f"no OCI runtime {settings.oci_runtime!r} is installed "
+            "(`make setup` installs runc; runsc and crun are Debian packages too)"
+        )
+    kind, path = found
+    problem = why_not(kind)
+    if problem is not None:
+        return problem
+    return OciRuntime(kind, path, state_dir(settings) / f"runtime-{kind}")
+
+
+def make_oci_sandbox(
+    settings: Settings,
+    client: DockerClient,
+    runtime: OciRuntime,
+    *,
+    image: str,
+    warm_pool: bool = True,
+    timeout_s: float | None = None,
+    policy: EffectivePolicy | None = None,
+    isolation: IsolationConfig | None = None,
+) -> OciSandbox:
+    """The OCI backend over ``runtime``; the image is unpacked from ``client``'s daemon."""
+    policy = policy or load_policy(settings)
+    isolation = isolation or load_isolation(settings, policy=policy)
+    directory = state_dir(settings)
+    return OciSandbox(
+        runtime,
+        RootfsStore(directory / "rootfs", client, task_uid=isolation.uid_gid[0]),
+        image=image,
+        isolation=isolation,
+        runner_id=settings.runner_id,
+        state_dir=directory,
+        setup_attempts=settings.setup_attempts,
+        setup_backoff_max_s=settings.setup_backoff_max_s,
+        pool=pool_config(settings) if warm_pool else None,
+        pool_limits=limits_from(settings, timeout_s=timeout_s, policy=policy),
+    )
+
+
 def pool_config(settings: Settings) -> PoolConfig:
     return PoolConfig(
         size=settings.pool_size,
@@ -152,66 +250,147 @@ def pool_config(settings: Settings) -> PoolConfig:
 
 
 @asynccontextmanager
-async def docker_pipeline(
+async def task_pipeline(
     settings: Settings,
     progress: Progress,
     *,
     timeout_s: float | None = None,
     warm_pool: bool = True,
     selfcheck: SelfCheckCache | None = None,
+    backend: str | None = None,
 ) -> AsyncIterator[TaskPipeline]:
-    """A ready pipeline on the local Docker host; removes what it created on exit.
+    """A ready pipeline on this host; removes what it created on exit.
 
-    ``warm_pool=False`` for one-shot use (``exec``): a pool would start containers
-    that no task takes. Before any task, the self-check proves the policy's
-    guarantees (cached per daemon and policy hash in ``selfcheck``, by default the
-    settings' cache) and raises :class:`~runner.errors.IsolationNotEnforcedError`
-    when a required one is missing; what it proved goes into every audit record.
+    ``backend`` (default: ``SANDBOX_BACKEND``) chooses the engine: ``docker``, ``oci``,
+    or ``auto`` (the OCI backend when it can run here and its self-check passes, else
+    Docker; the log says why). ``warm_pool=False`` for one-shot use (``exec``): a pool
+    would start containers that no task takes. Before any task, the self-check proves
+    the policy's guarantees on the chosen engine (cached per engine, policy hash and
+    image in ``selfcheck``, by default the settings' cache) and raises
+    :class:`~runner.errors.IsolationNotEnforcedError` when a required one is missing;
+    what it proved, and which engine and runtime, go into every audit record.
     """
     policy = load_policy(settings)  # a bad bundle or setting stops here, before Docker
     if timeout_s is not None:
         policy.check_timeout(timeout_s, "--timeout")
     client = await asyncio.to_thread(connect, settings.docker_api_timeout_s)
-    builder = ImageBuilder(client, image_recipe(settings, policy=policy), progress)
-    image: str = settings.image if settings.image else await asyncio.to_thread(builder.ensure)
-    image_id = await asyncio.to_thread(builder.image_id, image)
-    sandbox = make_docker_sandbox(
-        settings,
-        client,
-        image=image,
-        ensure_image=None if settings.image else builder.ensure,
-        warm_pool=warm_pool,
-        timeout_s=timeout_s,
-        policy=policy,
-    )
     try:
-        await sandbox.sweep()
-        target = await selfcheck_target(
-            settings, sandbox, client, policy=policy, image=image, image_id=image_id
-        )
-        report = await ensure_selfcheck(target, cache=selfcheck or selfcheck_cache(settings))
-        await sandbox.warm_up()
-        yield make_pipeline(
-            settings,
-            sandbox,
-            image=image,
-            image_id=image_id,
-            isolation=sandbox.isolation.report(report.audit()),
-            timeout_s=timeout_s,
-            policy=policy,
-        )
+        builder = ImageBuilder(client, image_recipe(settings, policy=policy), progress)
+        image: str = settings.image if settings.image else await asyncio.to_thread(builder.ensure)
+        image_id = await asyncio.to_thread(builder.image_id, image)
+        cache = selfcheck or selfcheck_cache(settings)
+        choice = backend or settings.backend
+        sandbox: ContainerSandbox[Any] | None = None
+        report: SelfCheckReport | None = None
+        if choice in ("auto", "oci"):
+            runtime = oci_runtime(settings)
+            if isinstance(runtime, str):
+                if choice == "oci":
+                    raise ConfigurationError("SANDBOX_BACKEND=oci cannot run here", hint=runtime)
+                log.warning(
+                    "task containers through Docker: the OCI backend cannot run here: %s", runtime
+                )
+            else:
+                oci = make_oci_sandbox(
+                    settings,
+                    client,
+                    runtime,
+                    image=image,
+                    warm_pool=warm_pool,
+                    timeout_s=timeout_s,
+                    policy=policy,
+                )
+                try:
+                    report = await _prove(settings, oci, client, policy, image, image_id, cache)
+                except InfrastructureError as exc:
+                    await oci.aclose()
+                    if choice == "oci":
+                        raise
+                    log.warning(
+                        "task containers through Docker: the OCI backend (%s) failed: %s",
+                        runtime.kind,
+                        exc,
+                    )
+                else:
+                    sandbox = oci
+        if sandbox is None:
+            sandbox = make_docker_sandbox(
+                settings,
+                client,
+                image=image,
+                ensure_image=None if settings.image else builder.ensure,
+                warm_pool=warm_pool,
+                timeout_s=timeout_s,
+                policy=policy,
+            )
+            report = await _prove(settings, sandbox, client, policy, image, image_id, cache)
+        assert report is not None
+        engine = await asyncio.to_thread(describe_engine, sandbox, client)
+        log.info("task containers: %s", engine_report(engine))
+        try:
+            await sandbox.warm_up()
+            yield make_pipeline(
+                settings,
+                sandbox,
+                image=image,
+                image_id=image_id,
+                isolation={**sandbox.isolation.report(report.audit()), **engine_report(engine)},
+                timeout_s=timeout_s,
+                policy=policy,
+            )
+        finally:
+            await sandbox.aclose()
     finally:
-        await sandbox.aclose()
+        await asyncio.to_thread(client.close)
 
 
-async def docker_selfcheck(
+async def _prove(
+    settings: Settings,
+    sandbox: ContainerSandbox[Any],
+    client: DockerClient,
+    policy: EffectivePolicy,
+    image: str,
+    image_id: str | None,
+    cache: SelfCheckCache,
+) -> SelfCheckReport:
+    """Sweep the engine's leftovers, then the self-check (cached when it passed before)."""
+    await sandbox.sweep()
+    target = await selfcheck_target(
+        settings, sandbox, client, policy=policy, image=image, image_id=image_id
+    )
+    return await ensure_selfcheck(target, cache=cache)
+
+
+def docker_pipeline(
+    settings: Settings,
+    progress: Progress,
+    *,
+    timeout_s: float | None = None,
+    warm_pool: bool = True,
+    selfcheck: SelfCheckCache | None = None,
+) -> AbstractAsyncContextManager[TaskPipeline]:
+    """:func:`task_pipeline` on the Docker backend, whatever the settings say."""
+    return task_pipeline(
+        settings,
+        progress,
+        timeout_s=timeout_s,
+        warm_pool=warm_pool,
+        selfcheck=selfcheck,
+        backend="docker",
+    )
+
+
+async def backend_selfcheck(
     settings: Settings,
     progress: Progress,
     *,
     enforce_lint: bool = True,
     cache: SelfCheckCache | None = None,
-) -> SelfCheckReport:
-    """Run the self-check now (``sandbox-runner selfcheck``) and cache it when it passes.
+    backend: str | None = None,
+) -> tuple[SelfCheckReport, dict[str, str]]:
+    """Run the self-check now (``sandbox-runner selfcheck``) on the engine tasks would
+    use (``auto``: the OCI backend when it can run here, else Docker), cache it when it
+    passes, and say which engine it checked.
 
     Never raises for a missing guarantee: the report says which. ``enforce_lint=False``
     runs it on a bundle the linter rejects (to see what such a bundle really gives);
@@ -219,19 +398,32 @@ async def docker_selfcheck(
     """
     policy = load_policy(settings, enforce=enforce_lint)
     client = await asyncio.to_thread(connect, settings.docker_api_timeout_s)
-    builder = ImageBuilder(client, image_recipe(settings, policy=policy), progress)
-    image: str = settings.image if settings.image else await asyncio.to_thread(builder.ensure)
-    image_id = await asyncio.to_thread(builder.image_id, image)
-    sandbox = make_docker_sandbox(
-        settings, client, image=image, ensure_image=None, warm_pool=False, policy=policy
-    )
     try:
-        target = await selfcheck_target(
-            settings, sandbox, client, policy=policy, image=image, image_id=image_id
-        )
-        report = await run_selfcheck(target)
-        if report.is_ok and enforce_lint:
-            await asyncio.to_thread((cache or selfcheck_cache(settings)).put, report)
-        return report
+        builder = ImageBuilder(client, image_recipe(settings, policy=policy), progress)
+        image: str = settings.image if settings.image else await asyncio.to_thread(builder.ensure)
+        image_id = await asyncio.to_thread(builder.image_id, image)
+        choice = backend or settings.backend
+        runtime = oci_runtime(settings) if choice in ("auto", "oci") else "not asked for"
+        if choice == "oci" and isinstance(runtime, str):
+            raise ConfigurationError("SANDBOX_BACKEND=oci cannot run here", hint=runtime)
+        sandbox: ContainerSandbox[Any]
+        if isinstance(runtime, OciRuntime):
+            sandbox = make_oci_sandbox(
+                settings, client, runtime, image=image, warm_pool=False, policy=policy
+            )
+        else:
+            sandbox = make_docker_sandbox(
+                settings, client, image=image, ensure_image=None, warm_pool=False, policy=policy
+            )
+        try:
+            target = await selfcheck_target(
+                settings, sandbox, client, policy=policy, image=image, image_id=image_id
+            )
+            report = await run_selfcheck(target)
+            if report.is_ok and enforce_lint:
+                await asyncio.to_thread((cache or selfcheck_cache(settings)).put, report)
+            return report, engine_report(dict(target.daemon))
+        finally:
+            await sandbox.aclose()
     finally:
-        await sandbox.aclose()
+        await asyncio.to_thread(client.close)

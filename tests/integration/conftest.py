@@ -9,10 +9,17 @@ from typing import Any
 import docker
 import pytest
 
-from runner.cli.wiring import image_recipe, make_docker_sandbox, make_pipeline
+from runner.cli.wiring import (
+    image_recipe,
+    make_docker_sandbox,
+    make_oci_sandbox,
+    make_pipeline,
+    oci_runtime,
+)
 from runner.errors import RunnerError
 from runner.pipeline import TaskPipeline, TaskRequest
 from runner.sandbox.base import Mode
+from runner.sandbox.container import ContainerSandbox
 from runner.sandbox.docker import DockerSandbox, connect
 from runner.sandbox.image import ImageBuilder
 from runner.sandbox.isolation import IsolationConfig
@@ -28,6 +35,9 @@ GUARDS_OFF = {
 }
 
 PipelineFactory = Callable[..., AbstractAsyncContextManager[TaskPipeline]]
+# The engines every backend-neutral test runs on: Docker, and an OCI runtime (runc)
+# driven directly. The gVisor tier (runsc) has tests of its own.
+BACKENDS = ("docker", "oci")
 
 
 @pytest.fixture(scope="session")
@@ -64,12 +74,31 @@ def make_docker_pipeline(
     return pipeline_factory(base_settings, task_image)
 
 
-def pipeline_factory(base_settings: Settings, task_image: str) -> PipelineFactory:
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The engine a backend-neutral test runs on (each such test runs on both)."""
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def make_task_pipeline(
+    base_settings: Settings, task_image: str, docker_client: docker.DockerClient, backend: str
+) -> PipelineFactory:
+    """As ``make_docker_pipeline``, on the engine of the ``backend`` fixture."""
+    return pipeline_factory(base_settings, task_image, backend=backend)
+
+
+def pipeline_factory(
+    base_settings: Settings, task_image: str, *, backend: str = "docker"
+) -> PipelineFactory:
     """The factory behind ``make_docker_pipeline``, for fixtures of a wider scope.
 
     ``warm=True`` gives the sandbox a pool of one slot and waits until it is ready,
     so the first task is handed a pre-started container. ``isolation`` replaces the
     policy's (e.g. Docker's default seccomp profile swapped in, to compare).
+    ``backend``: ``docker`` or ``oci`` (an OCI runtime directly: ``oci_runtime`` in
+    the overrides names it, runc by default).
     """
 
     @asynccontextmanager
@@ -86,9 +115,18 @@ def pipeline_factory(base_settings: Settings, task_image: str) -> PipelineFactor
             values["pool_size"] = overrides.get("pool_size", 1)
         settings = Settings(**values)
         own_client = client or docker.from_env(timeout=60)
-        sandbox = make_docker_sandbox(
-            settings, own_client, image=task_image, ensure_image=None, isolation=isolation
-        )
+        sandbox: ContainerSandbox[Any]
+        if backend == "oci":
+            runtime = oci_runtime(settings)
+            if isinstance(runtime, str):
+                pytest.fail(f"the OCI backend cannot run here: {runtime}", pytrace=False)
+            sandbox = make_oci_sandbox(
+                settings, own_client, runtime, image=task_image, isolation=isolation
+            )
+        else:
+            sandbox = make_docker_sandbox(
+                settings, own_client, image=task_image, ensure_image=None, isolation=isolation
+            )
         pipeline = make_pipeline(
             settings,
             sandbox,
@@ -101,6 +139,8 @@ def pipeline_factory(base_settings: Settings, task_image: str) -> PipelineFactor
             yield pipeline
         finally:
             await sandbox.aclose()
+            if backend == "oci":
+                own_client.close()
 
     return factory
 
@@ -124,4 +164,11 @@ def containers_of_task(client: docker.DockerClient, task_id: str) -> list[dict[s
     return found
 
 
-__all__ = ["GUARDS_OFF", "DockerSandbox", "container_exists", "containers_of_task", "request"]
+__all__ = [
+    "BACKENDS",
+    "GUARDS_OFF",
+    "DockerSandbox",
+    "container_exists",
+    "containers_of_task",
+    "request",
+]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.cli.wiring import docker_selfcheck
+from runner.cli.wiring import backend_selfcheck
 from runner.policy import DOCKER_DEFAULT_PROFILE, load_bundle
 from runner.selfcheck import SelfCheckCache, Status
 from runner.settings import PROJECT_ROOT, Settings
@@ -58,11 +58,13 @@ def weakened(tmp_path: Path, seccomp: str) -> Path:
 
 
 @pytest.mark.usefixtures("task_image")
+@pytest.mark.parametrize("backend", ["docker", "oci"])
 async def test_canaries_prove_every_required_guarantee(
-    base_settings: Settings, tmp_path: Path
+    base_settings: Settings, tmp_path: Path, backend: str
 ) -> None:
     settings = Settings(**{**base_settings.model_dump(), "selfcheck_cache_dir": tmp_path})
-    report = await docker_selfcheck(settings, lambda _: None)
+    report, engine = await backend_selfcheck(settings, lambda _: None, backend=backend)
+    assert engine["backend"] == backend
     assert report.is_ok, report.as_json()
     found = {result.name: result for result in report.results}
     for name in load_bundle(POLICIES).config.selfcheck.required:

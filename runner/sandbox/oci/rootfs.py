@@ -1,0 +1,188 @@
+"""The task image as a read-only root filesystem on the host, shared by every task.
+
+Owns: unpacking the task image (still built with Docker) once per image id into a
+directory of the runner's state directory (``rootfs/<image id>``), with the image's
+command, environment and working directory beside it; hardening it on the way in
+(no setuid or setgid bit, no file or directory writable by anyone but root: a
+writable directory in a shared root would be a channel between tenants, even though
+every container also mounts it read-only); checking that nothing in it belongs to
+the task user; a variant for gVisor, whose loader must read the binaries it runs
+(the image makes tini execute-only, which Linux honours and gVisor cannot exec);
+and removing the directories of images no container uses any more.
+
+Unpacking is atomic (into a directory of this process's own, then renamed), so two
+runners unpacking the same image at once each finish their own copy and one wins,
+and a runner killed half-way leaves a ``.partial-<pid>-...`` directory that a later
+unpack removes once that process is gone, never a half root filesystem in use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import stat
+import tarfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+
+from runner.errors import ImageBuildError
+from runner.sandbox.docker_errors import docker_errors
+from runner.sandbox.spec import ImageConfig
+
+PARTIAL = ".partial"
+GVISOR = "gvisor"
+# The image's init: execute-only (0711) under Linux, readable for gVisor's loader.
+TINI_PATHS = ("usr/bin/tini", "usr/bin/tini-static", "sbin/tini")
+
+
+@dataclass(frozen=True, slots=True)
+class Rootfs:
+    """An unpacked image: where its root is, which image it is, how to run it."""
+
+    path: Path
+    image_id: str
+    image: ImageConfig
+
+
+class _Chunks(io.RawIOBase):
+    """A stream of byte chunks (docker-py's ``export``) as a file for tarfile."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._buffer:
+            try:
+                self._buffer = next(self._chunks)
+            except StopIteration:
+                return 0
+        size = min(len(target), len(self._buffer))
+        target[:size] = self._buffer[:size]
+        self._buffer = self._buffer[size:]
+        return size
+
+
+def image_config(attrs: dict[str, Any]) -> ImageConfig:
+    """How the image says to run it (``docker inspect``'s ``Config``)."""
+    config = attrs.get("Config") or {}
+    args = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+    return ImageConfig(
+        args=tuple(args), env=tuple(config.get("Env") or []), cwd=config.get("WorkingDir") or "/"
+    )
+
+
+class RootfsStore:
+    """Unpacked task images under ``directory`` (the runner's state directory)."""
+
+    def __init__(self, directory: Path, client: docker.DockerClient, *, task_uid: int) -> None:
+        self.directory = directory
+        self._client = client
+        self._task_uid = task_uid
+
+    def ensure(self, image: str, *, variant: str | None = None) -> Rootfs:
+        """The root filesystem of ``image`` (unpacked now if this image id is new)."""
+        with docker_errors(f"Cannot inspect the task image {image}", into=ImageBuildError):
+            attrs = self._client.api.inspect_image(image)  # type: ignore[no-untyped-call]
+        image_id = str(attrs["Id"])
+        name = image_id.removeprefix("sha256:")[:16] + (f"-{variant}" if variant else "")
+        target = self.directory / name
+        config = image_config(attrs)
+        if not target.is_dir():
+            self._unpack(image, target, variant)
+        return Rootfs(path=target, image_id=image_id, image=config)
+
+    def _unpack(self, image: str, target: Path, variant: str | None) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+        self._remove_stale_partials()
+        # Ours alone: another runner may be unpacking the same image right now.
+        partial = target.with_name(f"{target.name}{PARTIAL}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        partial.mkdir()
+        api = self._client.api
+        with docker_errors(f"Cannot unpack the task image {image}", into=ImageBuildError):
+            created = api.create_container(image, command=["true"], network_disabled=True)
+            try:
+                stream = _Chunks(iter(api.export(created["Id"])))
+                with tarfile.open(fileobj=stream, mode="r|") as archive:
+                    # "tar": no path outside the target, no device of the host's, and
+                    # no setuid/setgid/sticky bit or group/other write bit survives.
+                    archive.extractall(partial, numeric_owner=True, filter="tar")
+            finally:
+                with contextlib.suppress(docker.errors.DockerException):
+                    api.remove_container(created["Id"], force=True)
+        if variant == GVISOR:
+            for relative in TINI_PATHS:
+                tini = partial / relative
+                if tini.is_file() and not tini.is_symlink():
+                    tini.chmod(0o755)
+        problems = self.check(partial)
+        if problems:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise ImageBuildError(
+                f"The task image {image} is not fit to be a shared root filesystem",
+                hint="; ".join(problems[:5]),
+            )
+        os.chmod(partial, 0o755)  # noqa: S103 - root-owned, mounted read-only: traversable
+        try:
+            partial.rename(target)
+        except OSError:
+            # Another runner finished the same image first: its copy serves.
+            shutil.rmtree(partial, ignore_errors=True)
+            if not target.is_dir():
+                raise
+
+    def _remove_stale_partials(self) -> None:
+        """Half-unpacked images of runners that died while unpacking."""
+        for entry in self.directory.glob(f"*{PARTIAL}-*"):
+            pid = entry.name.rpartition(PARTIAL + "-")[2].partition("-")[0]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def check(self, root: Path) -> list[str]:
+        """What makes an unpacked root unfit to be shared: a setuid/setgid file, a file
+        or directory writable by others than its owner, anything the task user owns."""
+        problems = []
+        for directory, names, files in os.walk(root):
+            for name in (*names, *files):
+                path = Path(directory, name)
+                info = path.lstat()
+                if stat.S_ISLNK(info.st_mode):
+                    continue
+                relative = "/" + str(path.relative_to(root))
+                if info.st_uid == self._task_uid or info.st_gid == self._task_uid:
+                    problems.append(f"{relative} belongs to the task user")
+                if info.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(info.st_mode):
+                    problems.append(f"{relative} is setuid or setgid")
+                if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                    problems.append(f"{relative} is writable by others than its owner")
+        return problems
+
+    def prune(self, keep: set[Path]) -> list[Path]:
+        """Remove every unpacked root but ``keep`` (the current ones and those in use)."""
+        removed: list[Path] = []
+        if not self.directory.is_dir():
+            return removed
+        for entry in self.directory.iterdir():
+            if entry.is_dir() and entry not in keep:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        return removed
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as JSON at ``path``, whole or not at all."""
+    partial = path.with_name(path.name + PARTIAL)
+    partial.write_text(json.dumps(value), encoding="utf-8")
+    partial.rename(path)

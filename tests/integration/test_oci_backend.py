@@ -1,0 +1,232 @@
+"""The OCI backend on this host: a runtime (runc) driven directly, no daemon per task.
+
+- The config we write is the one Docker's daemon generates for the same policy and
+  limits, daemon-specific parts aside (its network hook, its /etc binds, its cgroup
+  path, its root path): the two backends cannot drift.
+- How a container ended is the host's word: the OOM kill from the memory cgroup's
+  counter, who killed PID 1 from its wait status; nothing of a container is left after
+  any outcome (bundle, runtime state, cgroups), and a runner killed with SIGKILL leaves
+  leftovers that the next start of its runner id sweeps.
+- The gVisor tier (runsc) runs the same tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from runner.cli.wiring import make_oci_sandbox, oci_runtime
+from runner.pipeline import TaskPipeline
+from runner.sandbox.base import Outcome
+from runner.sandbox.docker import DockerSandbox
+from runner.sandbox.oci import cgroups
+from runner.sandbox.oci.config import render
+from runner.sandbox.oci.rootfs import image_config
+from runner.sandbox.oci.runtime import OciRuntime
+from runner.sandbox.oci.sandbox import OciSandbox
+from runner.sandbox.spec import container_spec
+from runner.settings import Settings
+
+from .conftest import PipelineFactory, pipeline_factory, request
+from .harness import until
+
+pytestmark = pytest.mark.timeout(300)
+
+DOCKER_STATE = Path("/run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby")
+DOCKERD_BINDS = {"/etc/resolv.conf", "/etc/hostname", "/etc/hosts"}
+
+
+def oci_of(pipeline: TaskPipeline) -> OciSandbox:
+    sandbox = pipeline.sandbox
+    assert isinstance(sandbox, OciSandbox)
+    return sandbox
+
+
+def assert_nothing_left(sandbox: OciSandbox, container_id: str | None) -> None:
+    assert container_id
+    runtime = sandbox.runtime
+    assert runtime.state(container_id) is None, "the runtime still knows the container"
+    assert not (state_dir_of(sandbox) / "bundles" / container_id).exists(), "bundle left"
+    assert cgroups.oom_kills(cgroups.path_of("pytest-runner", container_id)) is None, "cgroup left"
+
+
+def state_dir_of(sandbox: OciSandbox) -> Path:
+    return sandbox.runtime.root.parent
+
+
+@pytest.fixture
+def make_oci_pipeline(base_settings: Settings, task_image: str) -> PipelineFactory:
+    return pipeline_factory(base_settings, task_image, backend="oci")
+
+
+# -- one spec, two renderings ---------------------------------------------------------------
+
+
+async def test_the_oci_config_is_what_docker_generates_for_the_same_policy(
+    make_docker_pipeline: PipelineFactory, base_settings: Settings, task_image: str
+) -> None:
+    """Every field Docker puts in a task container's config.json, ours puts too, with
+    the same value; what differs is the daemon's own (and defaultErrnoRet, which Docker
+    20.10 drops: runc's default errno for SCMP_ACT_ERRNO is EPERM, the profile's 1)."""
+    async with make_docker_pipeline(warm=True, memory_mb=96, cpus=0.5, pids_limit=48) as pipeline:
+        sandbox = pipeline.sandbox
+        assert isinstance(sandbox, DockerSandbox)
+        assert sandbox.pool is not None
+        (slot,) = sandbox.pool.idle_resources()
+        theirs = json.loads((DOCKER_STATE / slot.container_id / "config.json").read_text())
+        limits = pipeline.limits
+        isolation = sandbox.isolation
+    client = docker.from_env()
+    try:
+        attrs = client.api.inspect_image(task_image)
+    finally:
+        client.close()
+    ours = render(
+        container_spec(isolation, limits),
+        image_config(attrs),
+        rootfs="ROOT",
+        cgroups_path="CGROUP",
+        machine=platform.machine(),
+        kernel_release=platform.release(),
+    )
+    # The daemon's own parts.
+    theirs.pop("hooks", None)
+    theirs["root"]["path"] = "ROOT"
+    theirs["linux"]["cgroupsPath"] = "CGROUP"
+    theirs["mounts"] = [m for m in theirs["mounts"] if m["destination"] not in DOCKERD_BINDS]
+    assert ours["linux"]["seccomp"].pop("defaultErrnoRet") == 1
+    assert "defaultErrnoRet" not in theirs["linux"]["seccomp"]
+    assert ours == theirs
+
+
+# -- outcomes, from the host --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+async def test_outcomes_on_the_oci_backend_leave_nothing(
+    make_oci_pipeline: PipelineFactory, warm: bool
+) -> None:
+    cases: list[tuple[str, dict[str, Any], Outcome]] = [
+        ("return [{'json': {'n': len(_items)}}]", {}, Outcome.SUCCESS),
+        ("raise ValueError('bad')", {}, Outcome.USER_ERROR),
+        ("while True:\n    pass", {"task_timeout_s": 2}, Outcome.TIMEOUT),
+        ("x = bytearray(512 * 1024 * 1024)", {"memory_mb": 64}, Outcome.MEMORY_LIMIT),
+        ("return 'x' * 3_000_000", {"output_bytes": 1_000_000}, Outcome.OUTPUT_LIMIT),
+    ]
+    for code, overrides, expected in cases:
+        async with make_oci_pipeline(guards_off=True, warm=warm, **overrides) as pipeline:
+            report = await pipeline.run(request(code, [{"json": {}}]))
+            sandbox = oci_of(pipeline)
+        assert report.outcome is expected, report.document()
+        assert report.audit["details"]["containerStart"] == ("warm" if warm else "cold")
+        assert_nothing_left(sandbox, report.audit["containerId"])
+
+
+async def test_a_task_that_kills_its_agent_is_blamed_and_an_outside_kill_is_not(
+    make_oci_pipeline: PipelineFactory,
+) -> None:
+    kill_agent = "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nwhile True:\n    pass"
+    async with make_oci_pipeline(guards_off=True) as pipeline:
+        blamed = await pipeline.run(request(kill_agent))
+        sandbox = oci_of(pipeline)
+        spin = asyncio.create_task(pipeline.run(request("import time\ntime.sleep(30)")))
+        await until(lambda: sandbox._containers, 20, "the container")
+        await asyncio.sleep(1.0)  # the agent is up: its PID 1 is what an operator kills
+        (container,) = sandbox._containers.values()
+        os.kill(container.pid, signal.SIGKILL)  # an operator on the host
+        outside = await spin
+    assert blamed.error is not None
+    assert "Task killed its supervising agent" in blamed.error.message, blamed.document()
+    assert outside.error is not None
+    assert "killed" in outside.error.message
+    assert outside.audit["details"]["killedFromOutside"] is True, outside.document()
+
+
+async def test_cancel_kills_the_container(make_oci_pipeline: PipelineFactory) -> None:
+    async with make_oci_pipeline(guards_off=True) as pipeline:
+        sandbox = oci_of(pipeline)
+        task = request("import time\ntime.sleep(30)")
+        running = asyncio.create_task(pipeline.run(task))
+        await until(lambda: sandbox._containers, 20, "the container")
+        await sandbox.cancel(task.task_id)
+        report = await running
+    assert report.outcome is Outcome.CANCELLED
+    assert_nothing_left(sandbox, report.audit["containerId"])
+
+
+# -- a runner killed with SIGKILL --------------------------------------------------------------
+
+LEAVE_A_SLOT = """
+import asyncio, sys
+import docker
+from runner.cli.wiring import make_oci_sandbox, oci_runtime
+from runner.settings import Settings
+settings = Settings(runner_id=sys.argv[1], pool_size=1, state_dir=sys.argv[2])
+sandbox = make_oci_sandbox(settings, docker.from_env(), oci_runtime(settings), image=sys.argv[3])
+async def main():
+    await sandbox.warm_up(wait=True)
+    print(next(iter(sandbox._containers)), flush=True)
+    await asyncio.sleep(600)
+asyncio.run(main())
+"""
+
+
+def test_a_runner_killed_with_sigkill_leaves_leftovers_the_next_start_sweeps(
+    task_image: str, tmp_path: Path
+) -> None:
+    runner_id = f"pytest-oci-{os.getpid()}"
+    state = tmp_path / "state"
+    child = subprocess.Popen(
+        [sys.executable, "-c", LEAVE_A_SLOT, runner_id, str(state), task_image],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    container_id = child.stdout.readline().strip()
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stdout.close()
+    settings = Settings(runner_id=runner_id, pool_size=0, state_dir=state)
+    runtime = oci_runtime(settings)
+    assert isinstance(runtime, OciRuntime)
+    assert runtime.state(container_id) is not None  # left running by the dead runner
+    assert (state / "bundles" / container_id).is_dir()
+    client = docker.from_env()
+    try:
+        sandbox = make_oci_sandbox(settings, client, runtime, image=task_image, warm_pool=False)
+        removed = asyncio.run(sandbox.sweep())
+        asyncio.run(sandbox.aclose())
+    finally:
+        client.close()
+    assert container_id in removed
+    assert runtime.state(container_id) is None
+    assert not (state / "bundles" / container_id).exists()
+    assert cgroups.leftover_containers(runner_id) == []
+
+
+# -- gVisor ---------------------------------------------------------------------------------
+
+
+async def test_the_gvisor_tier_runs_the_same_tasks(
+    base_settings: Settings, task_image: str
+) -> None:
+    factory = pipeline_factory(base_settings, task_image, backend="oci")
+    async with factory(oci_runtime="runsc") as pipeline:
+        sandbox = oci_of(pipeline)
+        assert sandbox.runtime.kind == "runsc"
+        ok = await pipeline.run(request("return [{'json': {'n': sum(range(10))}}]"))
+        failed = await pipeline.run(request("raise ValueError('under gVisor')"))
+    assert ok.result == [{"json": {"n": 45}}], ok.document()
+    assert failed.error is not None
+    assert failed.error.message == "under gVisor"
+    assert_nothing_left(sandbox, ok.audit["containerId"])

@@ -1,0 +1,268 @@
+"""The OCI backend's pure parts, without a runtime: the cgroup layouts and counters on
+fake trees, the seccomp conversion, the rendered config, the runtime's verdict on a
+host, and the shared root's fitness check.
+
+What the rendering must equal is Docker's own ``config.json`` for the same policy:
+tests/integration/test_oci_config.py compares them on this host's daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.policy import load_policy
+from runner.sandbox.base import Limits
+from runner.sandbox.isolation import IsolationConfig
+from runner.sandbox.oci import cgroups, runtime
+from runner.sandbox.oci.config import MASKED_PATHS, READONLY_PATHS, oci_seccomp, render
+from runner.sandbox.oci.rootfs import RootfsStore
+from runner.sandbox.spec import ImageConfig, container_spec
+from runner.settings import Settings
+
+TASK_UID = 10001
+
+
+def tree(root: Path, files: dict[str, str | None]) -> Path:
+    for relative, content in files.items():
+        path = root / relative
+        if content is None:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+    return root
+
+
+# -- cgroups ----------------------------------------------------------------------------
+
+V1_COUNTERS = {
+    "memory/sandbox-runner/r1/c1/memory.oom_control": (
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n"
+    ),
+    "pids/sandbox-runner/r1/c1/pids.events": "max 7\n",
+    "pids/sandbox-runner/r1/c2": None,
+}
+V2_COUNTERS = {
+    "cgroup.controllers": "cpu memory pids\n",
+    "sandbox-runner/r1/c1/memory.events": "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+    "sandbox-runner/r1/c1/pids.events": "max 0\n",
+}
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"memory": None, "pids": None}, "v1"),
+        ({"memory": None, "unified/cgroup.controllers": ""}, "hybrid"),
+        ({"cgroup.controllers": ""}, "v2"),
+        ({}, "none"),
+    ],
+)
+def test_the_layout_is_read_from_the_tree(
+    tmp_path: Path, files: dict[str, str | None], expected: str
+) -> None:
+    assert cgroups.layout(tree(tmp_path, files)) == expected
+
+
+def test_counters_are_the_kernels_on_v1(tmp_path: Path) -> None:
+    root = tree(tmp_path, V1_COUNTERS)
+    path = cgroups.path_of("r1", "c1")
+    assert path == "/sandbox-runner/r1/c1"
+    assert cgroups.oom_kills(path, root) == 2
+    assert cgroups.pids_max_hits(path, root) == 7
+    assert cgroups.oom_kills(cgroups.path_of("r1", "gone"), root) is None
+    assert cgroups.leftover_containers("r1", root) == ["c1", "c2"]
+
+
+def test_counters_are_the_kernels_on_v2(tmp_path: Path) -> None:
+    root = tree(tmp_path, V2_COUNTERS)
+    path = cgroups.path_of("r1", "c1")
+    assert cgroups.oom_kills(path, root) == 1
+    assert cgroups.pids_max_hits(path, root) == 0
+    assert cgroups.leftover_containers("r1", root) == ["c1"]
+
+
+def test_a_runner_id_cannot_climb_out_of_our_parent() -> None:
+    assert cgroups.path_of("../../etc", "c1") == "/sandbox-runner/.._.._etc/c1"
+    assert cgroups.path_of("", "c1") == "/sandbox-runner/_/c1"
+
+
+def test_removal_of_an_empty_leftover_cgroup(tmp_path: Path) -> None:
+    root = tree(tmp_path, {"memory/sandbox-runner/r1/c9": None, "pids/sandbox-runner/r1/c9": None})
+    (root / "memory/sandbox-runner/r1/c9/cgroup.procs").write_text("")
+    cgroups.remove("r1", "c9", root)
+    # A real cgroup directory goes with rmdir; in this fake one the file keeps it, so
+    # only the one without files is gone: what matters is that nothing raises.
+    assert not (root / "pids/sandbox-runner/r1/c9").exists()
+
+
+# -- seccomp ------------------------------------------------------------------------------
+
+PROFILE = {
+    "defaultAction": "SCMP_ACT_ERRNO",
+    "defaultErrnoRet": 1,
+    "archMap": [
+        {"architecture": "SCMP_ARCH_X86_64", "subArchitectures": ["SCMP_ARCH_X86"]},
+        {"architecture": "SCMP_ARCH_AARCH64", "subArchitectures": []},
+    ],
+    "syscalls": [
+        {"names": ["read"], "action": "SCMP_ACT_ALLOW", "comment": "kept"},
+        {"names": ["arch_prctl"], "action": "SCMP_ACT_ALLOW", "includes": {"arches": ["amd64"]}},
+        {"names": ["arm_only"], "action": "SCMP_ACT_ALLOW", "includes": {"arches": ["arm64"]}},
+        {"names": ["mount"], "action": "SCMP_ACT_ALLOW", "includes": {"caps": ["CAP_SYS_ADMIN"]}},
+        {"names": ["ptrace"], "action": "SCMP_ACT_ALLOW", "excludes": {"caps": ["CAP_SYS_ADMIN"]}},
+        {"names": ["new_call"], "action": "SCMP_ACT_ALLOW", "includes": {"minKernel": "6.9"}},
+        {"names": ["old_call"], "action": "SCMP_ACT_ALLOW", "excludes": {"minKernel": "6.9"}},
+        {
+            "names": ["clone"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [{"index": 0, "value": 2114060288, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}],
+        },
+        {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38},
+    ],
+}
+
+
+def test_seccomp_is_converted_as_dockers_daemon_converts_it() -> None:
+    converted = oci_seccomp(json.dumps(PROFILE), machine="x86_64", kernel_release="6.1.0-17-amd64")
+    assert converted["defaultAction"] == "SCMP_ACT_ERRNO"
+    assert converted["defaultErrnoRet"] == 1
+    assert converted["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"]
+    names = [rule["names"][0] for rule in converted["syscalls"]]
+    # arm64-only, capability-granted and too-new rules go; the task holds no capability,
+    # so nothing is excluded by one.
+    assert names == ["read", "arch_prctl", "ptrace", "old_call", "clone", "clone3"]
+    clone = converted["syscalls"][4]
+    assert clone["args"] == [{"index": 0, "value": 2114060288, "op": "SCMP_CMP_MASKED_EQ"}]
+    assert converted["syscalls"][5]["errnoRet"] == 38
+    assert all("comment" not in rule for rule in converted["syscalls"])
+    newer = oci_seccomp(json.dumps(PROFILE), machine="x86_64", kernel_release="6.18.44-fc")
+    assert [rule["names"][0] for rule in newer["syscalls"]][3] == "new_call"
+
+
+# -- the rendered config ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, Any]:
+    policy = load_policy(Settings())
+    isolation = IsolationConfig.from_policy(policy, apparmor_available=False)
+    limits = Limits(memory_bytes=64 << 20, cpus=0.01, pids=32, tmpfs_bytes=1 << 20)
+    image = ImageConfig(args=("tini", "--", "python3"), env=("PATH=/bin", "LANG=C.UTF-8"))
+    return render(
+        container_spec(isolation, limits),
+        image,
+        rootfs="/var/lib/sandbox-runner/rootfs/x",
+        cgroups_path="/sandbox-runner/r/c",
+        machine="x86_64",
+        kernel_release="6.1.0",
+    )
+
+
+def test_the_task_process_gets_nothing_it_need_not_have(rendered: dict[str, Any]) -> None:
+    process = rendered["process"]
+    assert process["user"] == {"uid": TASK_UID, "gid": TASK_UID, "additionalGids": [TASK_UID]}
+    assert process["capabilities"] == {}
+    assert process["noNewPrivileges"] is True
+    # Docker's order: its PATH replaced by the image's, HOSTNAME, then the image's rest.
+    assert process["env"] == ["PATH=/bin", "HOSTNAME=sandbox", "LANG=C.UTF-8"]
+    assert {r["type"] for r in process["rlimits"]} == {
+        "RLIMIT_NOFILE",
+        "RLIMIT_FSIZE",
+        "RLIMIT_NPROC",
+        "RLIMIT_CORE",
+    }
+    assert rendered["root"] == {"path": "/var/lib/sandbox-runner/rootfs/x", "readonly": True}
+
+
+def test_the_container_has_docker_defaults_made_explicit(rendered: dict[str, Any]) -> None:
+    linux = rendered["linux"]
+    assert [n["type"] for n in linux["namespaces"]] == [
+        "mount",
+        "network",
+        "uts",
+        "pid",
+        "ipc",
+        "cgroup",
+    ]
+    assert all("path" not in n for n in linux["namespaces"])  # new ones, never a host's
+    # THREATS.md's list, at least.
+    for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug"):
+        assert path in MASKED_PATHS
+    assert "/sys/firmware" in linux["maskedPaths"]
+    assert {"/proc/sys", "/proc/sysrq-trigger"} <= set(READONLY_PATHS)
+    assert linux["resources"]["devices"][0] == {"allow": False, "access": "rwm"}
+    mounts = {m["destination"]: m for m in rendered["mounts"]}
+    assert "ro" in mounts["/sys"]["options"]
+    assert "ro" in mounts["/sys/fs/cgroup"]["options"]
+    assert {"noexec", "nosuid", "nodev", "size=1048576", "mode=1777"} <= set(
+        mounts["/tmp"]["options"]
+    )
+    assert not [m for m in rendered["mounts"] if m["type"] == "bind"]  # no host path, ever
+
+
+def test_limits_are_rendered_exactly_and_never_as_unlimited(rendered: dict[str, Any]) -> None:
+    resources = rendered["linux"]["resources"]
+    assert resources["memory"] == {"limit": 64 << 20, "swap": 64 << 20, "disableOOMKiller": False}
+    assert resources["pids"] == {"limit": 32}
+    # 0.01 CPU: 1 ms per 100 ms period (a quota of 0 or -1 would be no limit).
+    assert (resources["cpu"]["quota"], resources["cpu"]["period"]) == (1000, 100_000)
+
+
+# -- the runtime's verdict on this host ----------------------------------------------------
+
+
+def test_crun_on_a_hybrid_host_is_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(cgroups, "layout", lambda root=cgroups.ROOT: "hybrid")
+    monkeypatch.setattr(cgroups, "writable", lambda root=cgroups.ROOT: True)
+    reason = runtime.why_not("crun")
+    assert reason is not None
+    assert "hybrid" in reason
+    assert runtime.why_not("runc") is None
+    monkeypatch.setattr(cgroups, "layout", lambda root=cgroups.ROOT: "v2")
+    assert runtime.why_not("crun") is None
+
+
+def test_without_root_or_writable_cgroups_the_oci_backend_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "root" in (runtime.why_not("runc") or "")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(cgroups, "layout", lambda root=cgroups.ROOT: "v1")
+    monkeypatch.setattr(cgroups, "writable", lambda root=cgroups.ROOT: False)
+    assert "not writable" in (runtime.why_not("runc") or "")
+
+
+def test_a_runtime_is_found_by_name_or_path(tmp_path: Path) -> None:
+    assert runtime.find_runtime("not-a-runtime") is None
+    binary = tmp_path / "runsc-2022"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    assert runtime.find_runtime(str(binary)) == ("runsc", str(binary))
+    assert runtime.find_runtime(str(tmp_path / "missing")) is None
+
+
+# -- the shared root ------------------------------------------------------------------------
+
+
+def test_an_unfit_shared_root_is_refused_with_every_reason(tmp_path: Path) -> None:
+    store = RootfsStore(tmp_path / "store", client=None, task_uid=TASK_UID)  # type: ignore[arg-type]
+    root = tree(tmp_path / "root", {"usr/bin/ok": "", "usr/bin/suid": "", "var/open": None})
+    (root / "usr/bin/suid").chmod(0o4755)
+    (root / "var/open").chmod(0o777)
+    (root / "usr/bin/ok").chmod(0o755)
+    mine = root / "usr/bin/mine"
+    mine.write_text("")
+    os.chown(mine, TASK_UID, 0)
+    problems = store.check(root)
+    assert "/usr/bin/suid is setuid or setgid" in problems
+    assert "/var/open is writable by others than its owner" in problems
+    assert "/usr/bin/mine belongs to the task user" in problems
+    assert not any(p.startswith("/usr/bin/ok") for p in problems)

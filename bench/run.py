@@ -1,15 +1,18 @@
-"""``make bench``: the same small task four ways, latency, throughput and memory.
+"""``make bench``: the same small task several ways, latency, throughput and memory.
 
-The task: sum 1,000 ints, JSON in and JSON out. The ways:
+The task: sum 1,000 ints, JSON in and JSON out. The ways (:data:`WAYS`, one row each):
 
-(a) ``forkserver`` -- our pipeline over :class:`~runner.sandbox.process.ProcessSandbox`:
-    the real agent as a host process that forks a child per task (what n8n does;
-    no isolation between tasks);
+(a) ``forkserver`` -- our pipeline over :class:`~bench.forkserver.ForkserverSandbox`:
+    one long-lived host process with the interpreter and the agent's modules loaded
+    forks a child per task that runs the agent's own child code (what n8n does; no
+    isolation between tasks). The base of every "/ (a)" ratio;
+(a') ``spawn`` -- our pipeline over :class:`~runner.sandbox.process.ProcessSandbox`:
+    the agent started as a fresh host process per task, so every task pays an
+    interpreter start (what (a) was before; kept as an extra line, never a base);
 (b) ``bare`` -- a bare docker SDK container per task (create/start/wait/logs/remove)
     with the same image, limits and security options (:mod:`bench.bare`);
 (c) ``cold`` -- our pipeline over DockerSandbox, no pool: a fresh container per task;
-(d) ``warm`` -- the same with the warm pool (a fresh, pre-started container per task).
-
+(d) ``warm`` -- the same with the warm pool (a fresh, pre-started container per task);
 (e) ``broker`` -- our service behind the embedded broker: submitted over HTTP
     (``POST /v1/tasks?wait=``), offered to the runner over the websocket protocol,
     run in a warm container (the same pool as (d)), the result sent back.
@@ -35,6 +38,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ from typing import Any
 import docker
 
 from bench.bare import BENCH_OWNER, BareDocker
+from bench.forkserver import ForkserverSandbox
 from bench.memory import container_cgroup, daemon_memory, host_used_kib, shim_memory
 from runner.cli.wiring import docker_pipeline
 from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
@@ -53,14 +58,37 @@ HERE = Path(__file__).resolve().parent
 VALUES = list(range(1000))
 EXPECTED_SUM = sum(VALUES)
 CODE = "return [{'json': {'sum': sum(_items[0]['json']['values'])}}]"
-WAYS = ("forkserver", "bare", "cold", "warm", "broker")
-LABELS = {
-    "forkserver": "(a) forkserver child on the host",
-    "bare": "(b) bare docker SDK container",
-    "cold": "(c) our pipeline, cold container",
-    "warm": "(d) our pipeline, warm pool",
-    "broker": "(e) our service behind the embedded broker",
-}
+
+
+@dataclass(frozen=True, slots=True)
+class Way:
+    """One way to run the task: one line of the table, one key in results.json.
+
+    Adding a way is a row here and, in :func:`main`, the pipeline that runs it (or a
+    coroutine function, for a way that is not our pipeline).
+    """
+
+    key: str
+    label: str  # "(x) what runs"; the chart shows the part after "(x) "
+    isolation: str  # between tasks
+
+
+ON_HOST, FRESH, PRESTARTED = (
+    "none (a process on the host)",
+    "fresh container",
+    "fresh container (pre-started)",
+)
+WAYS: tuple[Way, ...] = (
+    Way("forkserver", "(a) forkserver on the host, a fork per task", ON_HOST),
+    Way("spawn", "(a') agent spawned per task on the host (the old (a))", ON_HOST),
+    Way("bare", "(b) bare docker SDK container", FRESH),
+    Way("cold", "(c) our pipeline, cold container", FRESH),
+    Way("warm", "(d) our pipeline, warm pool", PRESTARTED),
+    Way("broker", "(e) our service behind the embedded broker", PRESTARTED),
+)
+WAY = {way.key: way for way in WAYS}
+# The bases of the ratios: the strongest process baseline, and the plainest container.
+FORKSERVER, BARE = "forkserver", "bare"
 MIB_KIB = 1024
 
 One = Callable[[], Awaitable[TaskReport | None]]
@@ -91,8 +119,8 @@ def summary(values: list[float]) -> dict[str, Any]:
 def other_containers(client: Any) -> int:
     """Running containers that are not this benchmark's: a sign the numbers are noisy.
 
-    Through the SDK, not the docker CLI: the CLI would be a child process, and the
-    forkserver's memory is read from this process's children's peak RSS.
+    Through the SDK, not the docker CLI: the CLI would be a child process, and the CPU
+    of this process's reaped children is way (a')'s.
     """
     running = client.api.containers(filters={"status": "running"})
     owners = {"bench", BENCH_OWNER}
@@ -114,12 +142,15 @@ def process_cpu_s(pid: int, *, reaped_children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def stack_cpu_s() -> dict[str, float]:
+def stack_cpu_s(processes: dict[str, int] | None = None) -> dict[str, float]:
     """CPU seconds so far: the whole host, the two daemons, what PID 1 reaped, and us.
 
     containerd shims daemonize and end up children of PID 1; when one exits, its CPU
     and that of everything it reaped (runc, runc's hooks such as dockerd's
-    libnetwork-setkey, the container's own processes) lands in PID 1's cutime.
+    libnetwork-setkey, the container's own processes) lands in PID 1's cutime. The
+    agents way (a') spawns are this process's children: theirs lands in our cutime
+    (``runnerChildren``). ``processes``: long-lived processes of a way, by name (the
+    forkserver), each counted with the children it reaped (its tasks).
     """
     counters = {"host": host_cpu_s()}
     for name in ("dockerd", "containerd"):
@@ -128,7 +159,11 @@ def stack_cpu_s() -> dict[str, float]:
         ]
         counters[name] = sum(process_cpu_s(pid) for pid in pids)
     counters["shimsRuncContainers"] = process_cpu_s(1, reaped_children=True)
-    counters["runner"] = process_cpu_s(os.getpid())  # this process: the runner side
+    runner = process_cpu_s(os.getpid())  # this process: the runner side
+    counters["runner"] = runner
+    counters["runnerChildren"] = process_cpu_s(os.getpid(), reaped_children=True) - runner
+    for name, pid in (processes or {}).items():
+        counters[name] = process_cpu_s(pid, reaped_children=True)
     return counters
 
 
@@ -153,85 +188,87 @@ def host_facts(client: Any) -> dict[str, Any]:
 
 
 class Bench:
+    """Runs the ways: interleaved latency rounds, then sustained throughput windows.
+
+    ``pipelines``: the ways that are our pipeline over some sandbox. A sandbox with
+    work behind its tasks (removals, a pool's refill) has ``wait_removals`` and
+    ``warm_up``, and is brought to rest before every sample. ``cpu_processes``:
+    long-lived processes of a way whose CPU is reported on its own (the forkserver).
+    """
+
     def __init__(
         self,
         args: argparse.Namespace,
-        cold: TaskPipeline,
-        warm: TaskPipeline,
+        client: Any,
+        pipelines: dict[str, TaskPipeline],
+        bare: BareDocker,
         broker: Callable[[], Awaitable[None]] | None,
+        cpu_processes: dict[str, int],
     ) -> None:
         self.args = args
+        self.client = client
+        self.pipelines = pipelines
+        self.bare = bare
         self.broker = broker
-        self.way_names = [way for way in WAYS if way != "broker" or broker is not None]
-        self.cold = cold
-        self.warm = warm
-        self.cold_sandbox: Any = cold.sandbox
-        self.warm_sandbox: Any = warm.sandbox
-        self.forkserver = TaskPipeline(
-            sandbox=ProcessSandbox(args.image_dir),
-            analyzer=cold.analyzer,
-            guards=cold.guards,
-            limits=cold.limits,
-            context=cold.context,
-        )
-        self.client = docker.from_env(timeout=120)
-        self.bare = BareDocker(
-            self.client, cold.context.image, self.cold_sandbox.isolation, cold.limits
-        )
+        self.cpu_processes = cpu_processes
+        self.runs = self._runs()
+        self.way_names = [way.key for way in WAYS if way.key in self.runs]
         self.noise: list[int] = []
-        self.cgroup_peaks: dict[str, list[int]] = {"cold": [], "warm": []}
-        self.bare_phases: list[dict[str, float]] = []
+        self.cgroup_peaks: dict[str, list[int]] = {}
+        self.phases: dict[str, list[dict[str, float]]] = {}
 
-    def ways(self) -> dict[str, One]:
-        ways: dict[str, One] = {
-            "forkserver": lambda: self._pipeline(self.forkserver, "forkserver"),
-            "bare": self._bare,
-            "cold": lambda: self._pipeline(self.cold, "cold"),
-            "warm": lambda: self._pipeline(self.warm, "warm"),
-        }
+    def _runs(self) -> dict[str, One]:
+        def pipeline_way(key: str, pipeline: TaskPipeline) -> One:
+            return lambda: self._pipeline(pipeline, key)
+
+        runs = {key: pipeline_way(key, pipeline) for key, pipeline in self.pipelines.items()}
+        runs[BARE] = self._bare
         if self.broker is not None:
             broker = self.broker
 
             async def via_broker() -> None:
                 await broker()
 
-            ways["broker"] = via_broker
-        return ways
+            runs["broker"] = via_broker
+        return runs
 
     async def _pipeline(self, pipeline: TaskPipeline, way: str) -> TaskReport:
         report = await pipeline.run(TaskRequest(code=CODE, items=[{"json": {"values": VALUES}}]))
         if report.result != [{"json": {"sum": EXPECTED_SUM}}]:
             raise RuntimeError(f"{way}: wrong result {report.document()}")
-        if way in self.cgroup_peaks:
+        container_id = report.audit.get("containerId")
+        if container_id:
             # Read at once, before the removal behind the task runs (the container is
             # still there: a successful result does not wait for its exit).
-            cgroup = container_cgroup(report.audit["containerId"])
+            cgroup = container_cgroup(container_id)
             if cgroup and cgroup.get("peak_kib"):
-                self.cgroup_peaks[way].append(cgroup["peak_kib"])
+                self.cgroup_peaks.setdefault(way, []).append(cgroup["peak_kib"])
         return report
 
     async def _bare(self) -> None:
         result = await asyncio.to_thread(self.bare.run, VALUES)
         if result != {"sum": EXPECTED_SUM}:
             raise RuntimeError(f"bare: wrong result {result}")
-        self.bare_phases.append(dict(self.bare.last_phases_ms))
+        self.phases.setdefault(BARE, []).append(dict(self.bare.last_phases_ms))
 
     async def quiesce(self) -> None:
-        """Nothing of ours in the background: removals done, the pool full."""
-        await self.cold_sandbox.wait_removals()
-        await self.warm_sandbox.wait_removals()
-        await self.warm_sandbox.warm_up(wait=True)
+        """Nothing of ours in the background: removals done, pools full."""
+        for pipeline in self.pipelines.values():
+            sandbox: Any = pipeline.sandbox
+            if hasattr(sandbox, "wait_removals"):
+                await sandbox.wait_removals()
+            if hasattr(sandbox, "warm_up"):
+                await sandbox.warm_up(wait=True)
 
     # -- latency ---------------------------------------------------------------------
 
     async def latency(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        ways = self.ways()
-        for one in ways.values():  # warm every path once (imports, caches, page cache)
+        for one in self.runs.values():  # warm every path once (imports, caches, page cache)
             await self.quiesce()
             await one()
+        self.phases.clear()
         names = self.way_names
         samples: dict[str, list[float]] = {way: [] for way in names}
-        phases: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
         for round_number in range(self.args.rounds):
             shift = round_number % len(names)
             order = names[shift:] + names[:shift]
@@ -239,18 +276,16 @@ class Bench:
             for way in order:
                 await self.quiesce()
                 began = time.perf_counter()
-                report = await ways[way]()
+                report = await self.runs[way]()
                 samples[way].append((time.perf_counter() - began) * 1000)
-                if report is not None and way in phases:
-                    phases[way].append(report.audit["durationsMs"])
-        breakdown = {way: _median_phases(rows) for way, rows in phases.items()}
-        breakdown["bare"] = _median_phases(self.bare_phases)
+                if report is not None:
+                    self.phases.setdefault(way, []).append(report.audit["durationsMs"])
+        breakdown = {way: _median_phases(rows) for way, rows in self.phases.items()}
         return {way: summary(values) for way, values in samples.items()}, breakdown
 
     # -- throughput ------------------------------------------------------------------
 
     async def throughput(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
-        ways = self.ways()
         names = self.way_names
         results: dict[str, dict[str, float]] = {way: {} for way in names}
         cpu: dict[str, dict[str, Any]] = {way: {} for way in names}
@@ -260,7 +295,7 @@ class Bench:
             for way in order:
                 await self.quiesce()
                 self.noise.append(await asyncio.to_thread(other_containers, self.client))
-                rate, cpu_ms = await self._sustained(ways[way], concurrency)
+                rate, cpu_ms = await self._sustained(self.runs[way], concurrency)
                 results[way][str(concurrency)] = round(rate, 2)
                 cpu[way][str(concurrency)] = cpu_ms
                 print(
@@ -286,7 +321,7 @@ class Bench:
         async def cpu_meter() -> None:
             for moment in (window_start, window_end):
                 await asyncio.sleep(max(0.0, moment - time.monotonic()))
-                cpu.append(stack_cpu_s())
+                cpu.append(stack_cpu_s(self.cpu_processes))
 
         await asyncio.gather(cpu_meter(), *(worker() for _ in range(concurrency)))
         counted = [t for t in finished if window_start <= t < window_end]
@@ -392,7 +427,7 @@ async def measure_memory(bench: Bench, args: argparse.Namespace) -> dict[str, An
     runner_delta = max(0.0, (held["rss_kib"] - runner0["rss_kib"]) / slots_n)
     counted = cgroup_kib + shim_pss + daemon_delta + runner_delta
     upper = cgroup_kib + shim_rss + daemon_delta + runner_delta
-    task_peaks = bench.cgroup_peaks["cold"] + bench.cgroup_peaks["warm"]
+    task_peaks = bench.cgroup_peaks.get("cold", []) + bench.cgroup_peaks.get("warm", [])
     return {
         "idleSlot": {
             "slots": slots_n,
@@ -430,25 +465,26 @@ async def measure_memory(bench: Bench, args: argparse.Namespace) -> dict[str, An
 def evaluate(results: dict[str, Any]) -> dict[str, Any]:
     latency, throughput = results["latencyMs"], results["throughputPerS"]
     memory = results.get("memory", {}).get("idleSlot", {})
-    ways = [way for way in WAYS if way in latency]
+    ways = [way.key for way in WAYS if way.key in latency]
     p50 = {way: latency[way]["p50"] for way in ways}
     ratios = {
-        "latencyP50VsForkserver": {way: round(p50[way] / p50["forkserver"], 2) for way in ways},
-        "latencyP50VsBare": {way: round(p50[way] / p50["bare"], 2) for way in ways},
+        "latencyP50VsForkserver": {way: round(p50[way] / p50[FORKSERVER], 2) for way in ways},
+        "latencyP50VsBare": {way: round(p50[way] / p50[BARE], 2) for way in ways},
         "throughputVsForkserver": {},
         "throughputVsBare": {},
     }
-    for concurrency in throughput["bare"]:
-        for base, key in (("forkserver", "throughputVsForkserver"), ("bare", "throughputVsBare")):
+    for concurrency in throughput[BARE]:
+        for base, key in ((FORKSERVER, "throughputVsForkserver"), (BARE, "throughputVsBare")):
             ratios[key][concurrency] = {
                 way: round(throughput[way][concurrency] / throughput[base][concurrency], 2)
                 for way in ways
                 if throughput[base][concurrency]
             }
-    top = str(max(int(c) for c in throughput["bare"]))
+    top = str(max(int(c) for c in throughput[BARE]))
     targets = [
         {
-            "target": "warm-pool p50 latency <= 1.3 x forkserver's",
+            # (a): a fork per task from a preloaded process, not an interpreter start.
+            "target": "warm-pool p50 latency <= 1.3 x (a) forkserver's",
             "value": ratios["latencyP50VsForkserver"]["warm"],
             "limit": 1.3,
             "met": ratios["latencyP50VsForkserver"]["warm"] <= 1.3,
@@ -478,13 +514,6 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
     return {"ratios": ratios, "targets": targets}
 
 
-ISOLATION = {
-    "forkserver": "none (a process on the host)",
-    "bare": "fresh container",
-    "cold": "fresh container",
-    "warm": "fresh container (pre-started)",
-    "broker": "fresh container (pre-started)",
-}
 README = HERE.parent / "README.md"
 README_START = "<!-- bench:start (generated by `make bench` from bench/results.json) -->"
 README_END = "<!-- bench:end -->"
@@ -494,7 +523,7 @@ def markdown(results: dict[str, Any]) -> str:
     """The README's benchmark block: the latest run, its ratios, and the targets."""
     latency, throughput = results["latencyMs"], results["throughputPerS"]
     ratios, meta = results["ratios"], results["meta"]
-    levels = list(throughput["bare"])
+    levels = list(throughput[BARE])
     top = levels[-1]
     host = meta["host"]
     lines = [
@@ -516,9 +545,9 @@ def markdown(results: dict[str, Any]) -> str:
         + " | ".join("---:" for _ in levels)
         + " | ---: | ---: |",
     ]
-    for way in (way for way in WAYS if way in latency):
+    for way in (way.key for way in WAYS if way.key in latency):
         lines.append(
-            f"| {LABELS[way]} | {ISOLATION[way]} | {latency[way]['p50']:.0f} | "
+            f"| {WAY[way].label} | {WAY[way].isolation} | {latency[way]['p50']:.0f} | "
             f"{latency[way]['p95']:.0f} | {ratios['latencyP50VsForkserver'][way]:.2f} | "
             f"{ratios['latencyP50VsBare'][way]:.2f} | "
             + " | ".join(f"{throughput[way][c]:.1f}" for c in levels)
@@ -572,12 +601,12 @@ def chart(results: dict[str, Any], path: Path) -> None:
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     latency, throughput = results["latencyMs"], results["throughputPerS"]
-    ways = [way for way in WAYS if way in latency]
+    ways = [way.key for way in WAYS if way.key in latency]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5.6))
     positions = range(len(ways))
     left.bar([p - 0.2 for p in positions], [latency[w]["p50"] for w in ways], 0.4, label="p50")
     left.bar([p + 0.2 for p in positions], [latency[w]["p95"] for w in ways], 0.4, label="p95")
-    left.set_xticks(list(positions), [LABELS[w].split(") ")[1] for w in ways], rotation=20)
+    left.set_xticks(list(positions), [WAY[w].label.split(") ", 1)[1] for w in ways], rotation=20)
     left.set_ylabel("latency, ms (log)")
     left.set_yscale("log")
     left.yaxis.set_major_formatter(ScalarFormatter())
@@ -586,11 +615,11 @@ def chart(results: dict[str, Any], path: Path) -> None:
         left.bar_label(bars, fmt="%.0f", fontsize=8)
     left.set_title("Latency of one small task, quiet system")
     left.legend()
-    levels = list(throughput["bare"])
+    levels = list(throughput[BARE])
     width = 0.8 / len(ways)
     for index, way in enumerate(ways):
         xs = [i + (index - (len(ways) - 1) / 2) * width for i in range(len(levels))]
-        right.bar(xs, [throughput[way][c] for c in levels], width, label=LABELS[way])
+        right.bar(xs, [throughput[way][c] for c in levels], width, label=WAY[way].label)
     right.set_xticks(range(len(levels)), [f"concurrency {c}" for c in levels])
     right.set_ylabel("tasks per second")
     for bars in right.containers:
@@ -655,6 +684,17 @@ async def embedded_broker(
                     await asyncio.wait_for(serving, 30)
 
 
+def _same_pipeline(like: TaskPipeline, sandbox: Any) -> TaskPipeline:
+    """Our pipeline over another sandbox: the same analyzer, guards, limits and audit."""
+    return TaskPipeline(
+        sandbox=sandbox,
+        analyzer=like.analyzer,
+        guards=like.guards,
+        limits=like.limits,
+        context=like.context,
+    )
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=32, thread_name_prefix="bench")
@@ -680,22 +720,33 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as exc:  # the broker is another team's moving target
                 broker_note = f"not measured: {type(exc).__name__}: {exc}"
                 print(f"  (e) {broker_note}", flush=True)
-        bench = Bench(args, cold, warm, submit)
-        try:
-            print(f"latency: {args.rounds} interleaved rounds ...", flush=True)
-            latency, phases = await bench.latency()
-            for way, numbers in latency.items():
-                print(f"  {LABELS[way]:44s} {numbers}", flush=True)
-            print(f"throughput: concurrency {args.concurrency} ...", flush=True)
-            throughput, cpu_per_task = await bench.throughput()
-            await bench.quiesce()
-        finally:
-            await bench.forkserver.sandbox.aclose()
+        # Way (a): started once for the whole run, like a runner's forkserver.
+        forkserver = await ForkserverSandbox.start(args.image_dir)
+        stack.push_async_callback(forkserver.aclose)
+        sandboxes: dict[str, Any] = {FORKSERVER: forkserver}
+        if not args.no_spawn:
+            spawn = ProcessSandbox(args.image_dir)
+            stack.push_async_callback(spawn.aclose)
+            sandboxes["spawn"] = spawn
+        pipelines = {key: _same_pipeline(cold, sandbox) for key, sandbox in sandboxes.items()}
+        pipelines |= {"cold": cold, "warm": warm}
+        client = docker.from_env(timeout=120)
+        docker_sandbox: Any = cold.sandbox  # a DockerSandbox: its isolation is (b)'s too
+        bare = BareDocker(client, cold.context.image, docker_sandbox.isolation, cold.limits)
+        bench = Bench(args, client, pipelines, bare, submit, {FORKSERVER: forkserver.pid})
+        print(f"latency: {args.rounds} interleaved rounds ...", flush=True)
+        latency, phases = await bench.latency()
+        for way, numbers in latency.items():
+            print(f"  {WAY[way].label:52s} {numbers}", flush=True)
+        print(f"throughput: concurrency {args.concurrency} ...", flush=True)
+        throughput, cpu_per_task = await bench.throughput()
+        await bench.quiesce()
         results["latencyMs"] = latency
         results["phasesMs"] = phases
         results["throughputPerS"] = throughput
         results["cpuMsPerTask"] = cpu_per_task
-        pool_stats = bench.warm_sandbox.pool.stats()
+        warm_sandbox: Any = warm.sandbox
+        pool_stats = warm_sandbox.pool.stats()
         results["pool"] = {
             "created": pool_stats.created,
             "taken": pool_stats.taken,
@@ -723,6 +774,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "refillConcurrency": args.refill,
         "otherContainersSeen": max(bench.noise, default=0),
         "brokerPath": broker_note,
+        "forkserver": "(a): one host process, started once, the agent's modules loaded, "
+        "forks a child per task running the agent's child code (bench/forkserver/)",
     }
     results.update(evaluate(results))
     return results
@@ -752,6 +805,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=2.0, help=argparse.SUPPRESS)
     parser.add_argument("--skip-memory", action="store_true", help="no memory measurements")
     parser.add_argument("--no-broker", action="store_true", help="skip way (e), the broker")
+    parser.add_argument(
+        "--no-spawn", action="store_true", help="skip way (a'), the agent spawned per task"
+    )
     parser.add_argument(
         "--no-neighbour", action="store_true", help="skip tenant B's latency under A's attacks"
     )

@@ -2,10 +2,11 @@
 
 It runs exactly the code that runs inside the task image (staged from
 ``sandbox_image/``), with the same framing, guards, timeouts and result
-interpretation, but without any container around it. It exists for two reasons:
-fast unit tests of everything above the container boundary, and the benchmark
-baseline "a forkserver child on the host" (what n8n does). Never use it for
-untrusted code.
+interpretation, but without any container around it, one process started per task.
+It exists for fast unit tests of everything above the container boundary, and for
+the benchmark's extra line (a'): a task that pays an interpreter start on the host.
+It is not the benchmark's forkserver baseline (a), which forks each task from one
+long-lived process (``bench/forkserver/``). Never use it for untrusted code.
 """
 
 from __future__ import annotations

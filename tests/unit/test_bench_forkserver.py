@@ -157,3 +157,33 @@ async def test_a_dead_server_is_an_infrastructure_fault(forkserver: ForkserverSa
 
     with pytest.raises(InfrastructureError, match="forkserver"):
         await forkserver.run(spec("return []"), Limits())
+
+
+def test_the_ratios_are_against_the_forkserver_and_the_spawned_agent_is_an_extra_line() -> None:
+    from bench import run
+
+    p50 = {"forkserver": 5.0, "spawn": 75.0, "bare": 240.0, "cold": 200.0, "warm": 12.0}
+    rate = {"forkserver": 200.0, "spawn": 25.0, "bare": 8.0, "cold": 6.0, "warm": 6.0}
+    results: dict[str, Any] = {
+        "latencyMs": {way: {"n": 30, "p50": ms, "p95": ms * 1.2} for way, ms in p50.items()},
+        "throughputPerS": {way: {"4": r} for way, r in rate.items()},
+        "meta": {
+            "finishedAt": "2026-01-01T00:00:00+00:00",
+            "host": {"cpus": 2, "docker": "x", "runtime": "runc", "cgroup": "1", "kernel": "k"},
+            "durationS": 5.0,
+            "poolSize": 2,
+            "refillConcurrency": 2,
+            "otherContainersSeen": 0,
+        },
+    }
+    results.update(run.evaluate(results))
+
+    ratios = results["ratios"]
+    assert ratios["latencyP50VsForkserver"]["warm"] == 2.4
+    assert ratios["latencyP50VsForkserver"]["spawn"] == 15.0
+    assert ratios["throughputVsForkserver"]["4"]["warm"] == 0.03
+    rows = [line for line in run.markdown(results).splitlines() if line.startswith("| (")]
+    assert [row.split(" | ")[0] for row in rows] == [
+        f"| {run.WAY[way].label}" for way in ("forkserver", "spawn", "bare", "cold", "warm")
+    ]
+    assert rows[1].startswith("| (a') agent spawned per task on the host")

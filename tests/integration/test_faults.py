@@ -91,6 +91,9 @@ async def test_a_runner_killed_mid_tasks_leaves_no_container_after_its_restart(
         "SANDBOX_RUNNER_ID": owner,
         "N8N_RUNNERS_MAX_CONCURRENCY": "3",
         "N8N_RUNNERS_TASK_TIMEOUT": "30",
+        # Docker's containers are what this test watches (the OCI backend's own
+        # leftovers after a SIGKILL: tests/integration/test_oci_backend.py).
+        "SANDBOX_BACKEND": "docker",
     }
     async with start_broker() as running:
         core = running.broker
@@ -177,6 +180,7 @@ async def test_a_docker_daemon_restart_fails_running_tasks_clearly_and_the_runne
         # Enough set-up attempts (at most 1 s apart) to outlast the restart.
         "SANDBOX_SETUP_ATTEMPTS": "15",
         "SANDBOX_SETUP_BACKOFF_MAX_S": "1",
+        "SANDBOX_BACKEND": "docker",  # the daemon that restarts is the one making containers
     }
     try:
         async with start_broker() as running:

@@ -4,24 +4,11 @@ gets one parseable thing on stdout (JSON, or a tag), progress goes to stderr."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import docker
+from helpers import sandbox_runner
 
-from runner.settings import PROJECT_ROOT
 from runner.testing import runner_image
-
-
-def sandbox_runner(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runner", *args],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def test_sweep_speaks_text_to_people_and_json_to_programs() -> None:

@@ -33,12 +33,13 @@ from unittest import mock
 import docker
 import httpx
 import pytest
+from helpers import runner_free_env, sample, until
 
 from runner.policy import load_bundle
 from runner.sandbox.labels import LABEL_OWNER
 from runner.settings import PROJECT_ROOT
 
-from .harness import AUTH_TOKEN, broker_settings, until
+from .harness import AUTH_TOKEN, broker_settings
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
@@ -103,20 +104,6 @@ def test_the_runner_image_is_non_root_and_finds_its_policy_bundle(
     # found by the installed wheel where the image put it.
     assert lint["sha256"] == load_bundle(PROJECT_ROOT / "policies").sha256
     assert lint["bundle"] == "/opt/sandbox-runner/share/sandbox-runner/policies"
-
-
-def _sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of one sample in Prometheus' text format (None when absent)."""
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
-        if match is None or match.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
-        if found == labels:
-            return float(match.group(3))
-    return None
 
 
 @pytest.fixture
@@ -256,13 +243,13 @@ async def _run_tasks(url: str) -> list[dict[str, Any]]:
 
 
 def _check_runner_metrics(text: str, documents: list[dict[str, Any]]) -> None:
-    assert _sample(text, "sandbox_runner_tasks_total", outcome="success", error_code="") == 2
+    assert sample(text, "sandbox_runner_tasks_total", outcome="success", error_code="") == 2
     assert (
-        _sample(text, "sandbox_runner_tasks_total", outcome="user_error", error_code="user_error")
+        sample(text, "sandbox_runner_tasks_total", outcome="user_error", error_code="user_error")
         == 1
     )
     assert (
-        _sample(
+        sample(
             text,
             "sandbox_runner_tasks_total",
             outcome="security_violation",
@@ -272,20 +259,20 @@ def _check_runner_metrics(text: str, documents: list[dict[str, Any]]) -> None:
     )
     # Three tasks reached a container (the analyzer stopped the fourth before one).
     starts = {
-        kind: _sample(text, "sandbox_runner_container_start_seconds_count", start=kind) or 0
+        kind: sample(text, "sandbox_runner_container_start_seconds_count", start=kind) or 0
         for kind in ("warm", "cold")
     }
     assert sum(starts.values()) == 3
     kinds = [d["audit"]["details"]["containerStart"] for d in documents[:3]]
     assert starts == {"warm": kinds.count("warm"), "cold": kinds.count("cold")}
-    assert _sample(text, "sandbox_runner_task_run_seconds_count") == 3
-    assert _sample(text, "sandbox_runner_task_duration_seconds_count") == 4
-    assert _sample(text, "sandbox_runner_queue_wait_seconds_count") == 4
-    assert _sample(text, "sandbox_runner_task_run_seconds_bucket", le="+Inf") == 3
-    run_sum = _sample(text, "sandbox_runner_task_run_seconds_sum")
+    assert sample(text, "sandbox_runner_task_run_seconds_count") == 3
+    assert sample(text, "sandbox_runner_task_duration_seconds_count") == 4
+    assert sample(text, "sandbox_runner_queue_wait_seconds_count") == 4
+    assert sample(text, "sandbox_runner_task_run_seconds_bucket", le="+Inf") == 3
+    run_sum = sample(text, "sandbox_runner_task_run_seconds_sum")
     expected = sum(d["audit"]["durationsMs"]["run"] for d in documents[:3]) / 1000
     assert run_sum == pytest.approx(expected, abs=0.01)
-    assert _sample(text, "sandbox_runner_running_tasks") == 0
+    assert sample(text, "sandbox_runner_running_tasks") == 0
     policy = load_bundle(PROJECT_ROOT / "policies").sha256
     info = [line for line in text.splitlines() if line.startswith("sandbox_runner_policy_info{")]
     assert len(info) == 1
@@ -306,19 +293,19 @@ def _check_json_logs(logs: str, documents: list[dict[str, Any]]) -> None:
 
 
 def _check_broker_metrics(text: str) -> None:
-    assert _sample(text, "sandbox_broker_tasks_submitted_total") == 4
-    assert _sample(text, "sandbox_broker_tasks_total", status="success", error_code="") == 2
-    assert _sample(text, "sandbox_broker_tasks_total", status="error", error_code="user_error") == 1
+    assert sample(text, "sandbox_broker_tasks_submitted_total") == 4
+    assert sample(text, "sandbox_broker_tasks_total", status="success", error_code="") == 2
+    assert sample(text, "sandbox_broker_tasks_total", status="error", error_code="user_error") == 1
     assert (
-        _sample(text, "sandbox_broker_tasks_total", status="error", error_code="security_violation")
+        sample(text, "sandbox_broker_tasks_total", status="error", error_code="security_violation")
         == 1
     )
-    assert _sample(text, "sandbox_broker_queue_wait_seconds_count") == 4
-    assert _sample(text, "sandbox_broker_task_duration_seconds_count") == 4
-    assert _sample(text, "sandbox_broker_runners") == 1
-    assert _sample(text, "sandbox_broker_queued_tasks") == 0
-    assert _sample(text, "sandbox_broker_running_tasks") == 0
-    assert (_sample(text, "sandbox_broker_offers_total") or 0) >= 4
+    assert sample(text, "sandbox_broker_queue_wait_seconds_count") == 4
+    assert sample(text, "sandbox_broker_task_duration_seconds_count") == 4
+    assert sample(text, "sandbox_broker_runners") == 1
+    assert sample(text, "sandbox_broker_queued_tasks") == 0
+    assert sample(text, "sandbox_broker_running_tasks") == 0
+    assert (sample(text, "sandbox_broker_offers_total") or 0) >= 4
 
 
 def docs_example(marker: str) -> str:
@@ -337,7 +324,7 @@ def test_the_examples_in_docs_testing_md_run_as_is(
     marker, tests = EXAMPLES[example_name]
     example = tmp_path / "test_user_example.py"
     example.write_text(docs_example(marker), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("N8N_", "SANDBOX_"))}
+    env = runner_free_env()
     env.update({"TESTCONTAINERS_RYUK_DISABLED": "true", "SANDBOX_RUNNER_IMAGE": image})
     before = {c["Id"] for c in docker_client.api.containers(all=True)}
     result = subprocess.run(
@@ -399,10 +386,10 @@ def test_sandbox_container_runs_a_task_in_one_container_and_leaves_nothing(
 
         # One scrape, both sides: the broker's counts and its runner's.
         metrics = sandbox.metrics()
-        assert _sample(metrics, "sandbox_broker_tasks_total", status="success", error_code="") == 1
-        assert _sample(metrics, "sandbox_runner_tasks_total", outcome="success", error_code="") == 1
-        assert _sample(metrics, "sandbox_broker_runners") == 1
-        assert _sample(metrics, "sandbox_broker_queued_tasks") == 0
+        assert sample(metrics, "sandbox_broker_tasks_total", status="success", error_code="") == 1
+        assert sample(metrics, "sandbox_runner_tasks_total", outcome="success", error_code="") == 1
+        assert sample(metrics, "sandbox_broker_runners") == 1
+        assert sample(metrics, "sandbox_broker_queued_tasks") == 0
 
         # It is a broker too: a runner container joins it on its network.
         with SandboxRunnerContainer(sandbox, image=image, env={"SANDBOX_POOL_SIZE": "0"}) as extra:

@@ -5,13 +5,11 @@ every task's audit record carries the policy hash and the guarantees in force.""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import sandbox_runner
 
 from runner.cli.wiring import backend_selfcheck
 from runner.policy import DOCKER_DEFAULT_PROFILE, load_bundle
@@ -30,23 +28,6 @@ def apparmor_enabled_here() -> bool:
 
 
 HOST_HAS_APPARMOR = apparmor_enabled_here()
-
-
-def sandbox_runner(
-    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("N8N_", "SANDBOX_"))}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "runner", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=PROJECT_ROOT,
-        timeout=300,
-        check=False,
-    )
 
 
 def weakened(tmp_path: Path, seccomp: str) -> Path:

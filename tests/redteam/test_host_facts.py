@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import write_tree
 from integration.conftest import pipeline_factory
 
 from runner.pipeline import TaskRequest
@@ -46,18 +47,6 @@ from .report import (
 )
 
 TRACKED = load_record()
-
-
-def fake_host(root: Path, **files: str | None) -> Path:
-    """A host's file system as detect_host_facts reads it: path -> content (None: dir)."""
-    for relative, content in files.items():
-        path = root / relative
-        if content is None:
-            path.mkdir(parents=True, exist_ok=True)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-    return root
 
 
 # Three hosts of the same kind, each by its files. The first is the reference machine
@@ -103,7 +92,7 @@ OTHER_DOCKER = "27.5.1"
 @pytest.fixture(params=sorted(HOSTS))
 def host(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, str]]:
     name: str = request.param
-    root = fake_host(tmp_path, **HOSTS[name])
+    root = write_tree(tmp_path, HOSTS[name])  # a host as detect_host_facts reads it
     return name, detect_host_facts(root, af_alg=AF_ALG.get(name, True))
 
 

@@ -7,20 +7,32 @@ agent's own files plus ``runner/analyzer/core.py`` copied in as
 ``sandbox_agent.analyzer_core`` included). Tests that mutate process state
 (``harden_process``) must run in a subprocess with ``PYTHONPATH`` set to the
 ``agent_path`` fixture.
+
+``clean_env`` takes the developer's own runner settings (``N8N_*``, ``SANDBOX_*``) out
+of the environment for one test, for modules whose tests build ``Settings()`` from it.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from helpers import SETTINGS_PREFIXES
 
 from runner.sandbox.bundle import stage_agent
 from runner.settings import PROJECT_ROOT
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(SETTINGS_PREFIXES):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 from fakes import FakeClock, FakeRunner, advance
 from fastapi import FastAPI
+from helpers import until
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -486,14 +487,6 @@ async def test_another_tenants_volume_does_not_evict_my_result() -> None:
         assert kept.status_code == 200
         assert kept.json()["error"]["code"] == "cancelled"
         assert len((await client.get("/v1/tasks", headers=A)).json()["tasks"]) == 3
-
-
-async def until(condition: Any) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never became true")
 
 
 async def test_drain_answers_open_long_polls_with_the_current_state(api: Any) -> None:

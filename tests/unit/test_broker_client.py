@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
+from helpers import free_port
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from runner.broker import BrokerAuthError, BrokerClient, BrokerEndpoint, BrokerUnavailable
 from runner.protocol.machine import Outgoing
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def client_for(port: int, grant: str | None, auth: str | None = None) -> BrokerClient:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from fakes import FakeClock, FakeRunner, advance
+from helpers import sample
 
 from runner.analyzer import Analyzer, ImportPolicy
 from runner.broker_server.core import Broker, BrokerConfig
@@ -42,16 +42,6 @@ from runner.service import RunnerService
 from runner.settings import Settings
 
 AUTH = "metrics-test-token-0123456789"
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    for line in text.splitlines():
-        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
-        if line.startswith("#") or match is None or match.group(1) != name:
-            continue
-        if dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or "")) == labels:
-            return float(match.group(3))
-    return None
 
 
 class StubSandbox:

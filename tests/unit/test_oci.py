@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import write_tree
 
 from runner.policy import load_policy
 from runner.sandbox.base import Limits
@@ -25,17 +26,6 @@ from runner.sandbox.spec import ImageConfig, container_spec
 from runner.settings import Settings
 
 TASK_UID = 10001
-
-
-def tree(root: Path, files: dict[str, str | None]) -> Path:
-    for relative, content in files.items():
-        path = root / relative
-        if content is None:
-            path.mkdir(parents=True, exist_ok=True)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-    return root
 
 
 # -- cgroups ----------------------------------------------------------------------------
@@ -66,11 +56,11 @@ V2_COUNTERS = {
 def test_the_layout_is_read_from_the_tree(
     tmp_path: Path, files: dict[str, str | None], expected: str
 ) -> None:
-    assert cgroups.layout(tree(tmp_path, files)) == expected
+    assert cgroups.layout(write_tree(tmp_path, files)) == expected
 
 
 def test_counters_are_the_kernels_on_v1(tmp_path: Path) -> None:
-    root = tree(tmp_path, V1_COUNTERS)
+    root = write_tree(tmp_path, V1_COUNTERS)
     path = cgroups.path_of("r1", "c1")
     assert path == "/sandbox-runner/r1/c1"
     assert cgroups.oom_kills(path, root) == 2
@@ -80,7 +70,7 @@ def test_counters_are_the_kernels_on_v1(tmp_path: Path) -> None:
 
 
 def test_counters_are_the_kernels_on_v2(tmp_path: Path) -> None:
-    root = tree(tmp_path, V2_COUNTERS)
+    root = write_tree(tmp_path, V2_COUNTERS)
     path = cgroups.path_of("r1", "c1")
     assert cgroups.oom_kills(path, root) == 1
     assert cgroups.pids_max_hits(path, root) == 0
@@ -93,7 +83,9 @@ def test_a_runner_id_cannot_climb_out_of_our_parent() -> None:
 
 
 def test_removal_of_an_empty_leftover_cgroup(tmp_path: Path) -> None:
-    root = tree(tmp_path, {"memory/sandbox-runner/r1/c9": None, "pids/sandbox-runner/r1/c9": None})
+    root = write_tree(
+        tmp_path, {"memory/sandbox-runner/r1/c9": None, "pids/sandbox-runner/r1/c9": None}
+    )
     (root / "memory/sandbox-runner/r1/c9/cgroup.procs").write_text("")
     cgroups.remove("r1", "c9", root)
     # A real cgroup directory goes with rmdir; in this fake one the file keeps it, so
@@ -254,7 +246,7 @@ def test_a_runtime_is_found_by_name_or_path(tmp_path: Path) -> None:
 
 def test_an_unfit_shared_root_is_refused_with_every_reason(tmp_path: Path) -> None:
     store = RootfsStore(tmp_path / "store", client=None, task_uid=TASK_UID)  # type: ignore[arg-type]
-    root = tree(tmp_path / "root", {"usr/bin/ok": "", "usr/bin/suid": "", "var/open": None})
+    root = write_tree(tmp_path / "root", {"usr/bin/ok": "", "usr/bin/suid": "", "var/open": None})
     (root / "usr/bin/suid").chmod(0o4755)
     (root / "var/open").chmod(0o777)
     (root / "usr/bin/ok").chmod(0o755)

@@ -38,13 +38,8 @@ FIXTURES = PROJECT_ROOT / "tests" / "fixtures"
 MIB = 1024 * 1024
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith(("N8N_", "SANDBOX_")):
-            monkeypatch.delenv(name)
+# Settings read from the environment: none of the developer's own (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 @pytest.fixture(scope="module")

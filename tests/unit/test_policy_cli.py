@@ -32,12 +32,10 @@ SNAPSHOT_JSON = FIXTURES / "policy_explain.json"
 
 
 @pytest.fixture(autouse=True)
-def in_project_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Paths in the output are as given on the command line: relative to the project.
+def in_project_root(monkeypatch: pytest.MonkeyPatch, clean_env: None) -> None:
+    # Paths in the output are as given on the command line: relative to the project;
+    # settings from the environment are none of the developer's own (clean_env).
     monkeypatch.chdir(ROOT)
-    for name in list(os.environ):
-        if name.startswith(("N8N_", "SANDBOX_")):
-            monkeypatch.delenv(name)
 
 
 def invoke(*args: str) -> tuple[int, str]:

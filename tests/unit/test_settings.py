@@ -10,19 +10,13 @@ from pydantic import ValidationError
 from runner.policy import EffectivePolicy, load_policy
 from runner.settings import Settings
 
+# Settings read from the environment: none of the developer's own (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("clean_env")
+
 
 def effective(settings: Settings) -> EffectivePolicy:
     """The policy bundle in policies/ with ``settings`` applied."""
     return load_policy(settings)
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith(("N8N_", "SANDBOX_")):
-            monkeypatch.delenv(name)
 
 
 def test_defaults_come_from_the_policy_bundle() -> None:

@@ -7,10 +7,10 @@ runner; a runner that is connected but busy is waited for, however long.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import pytest
 from fakes import connect
+from helpers import until
 
 from runner.broker_server.server import running_broker
 from runner.protocol.messages import (
@@ -24,14 +24,6 @@ from runner.settings import Settings
 from runner.testing import SandboxServiceError, submit_task
 
 SETTINGS = Settings(broker_host="127.0.0.1", broker_port=0, graceful_shutdown_timeout_s=1)
-
-
-async def until(condition: Callable[[], object]) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never became true")
 
 
 async def test_no_runner_fails_within_the_grace_cancels_and_says_how_to_add_one() -> None:

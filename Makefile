@@ -62,8 +62,9 @@ docs: venv ## Regenerate the settings tables (README.md, docs/settings.md) from 
 snapshots: venv ## Refresh the `policy explain` snapshots after a reviewed policy change
 	UPDATE_SNAPSHOTS=1 $(BIN)/pytest tests/unit/test_policy_cli.py -q
 
-types: venv ## mypy --strict on runner/
+types: venv ## mypy --strict on runner/ and on the in-container agent (staged as the image stages it)
 	$(BIN)/mypy
+	$(BIN)/python scripts/typecheck_agent.py
 
 check: lint types test ## Lint, types and the whole test suite
 

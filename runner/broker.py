@@ -87,6 +87,8 @@ class BrokerClient:
         endpoint: BrokerEndpoint,
         machine: RunnerProtocol,
         on_input: Callable[[], None],
+        *,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
         self._endpoint = endpoint
         self._machine = machine
@@ -96,7 +98,7 @@ class BrokerClient:
         self._wake = asyncio.Event()
         self.connections = 0
         # Told of every connection retry (the service counts them in its metrics).
-        self.on_retry: Callable[[str], None] | None = None
+        self._on_retry = on_retry
 
     @property
     def url(self) -> str:
@@ -211,8 +213,8 @@ class BrokerClient:
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning("Failed to connect to broker: %s - retrying...", exc)
-        if self.on_retry is not None:
-            self.on_retry("broker_connect")
+        if self._on_retry is not None:
+            self._on_retry("broker_connect")
 
     # -- serving a connection -----------------------------------------------------------
 

@@ -93,13 +93,16 @@ class RunnerService:
         broker_uri: str | None = None,
         auth_token: str | None = None,
         handle_signals: bool = True,
-        registry: CollectorRegistry | None = None,
+        metrics: RunnerMetrics | None = None,
     ) -> None:
+        """``metrics``: where this runner counts (default: its own, on a registry of its
+        own). Its pipeline's sandbox counts its set-up retries there when it was made
+        with ``on_retry=metrics.retry`` (:func:`runner.cli.wiring.task_pipeline`)."""
         self.settings = settings
         self.pipeline = pipeline
         self.runner_id = new_runner_id()
         # Served at /metrics on the health-check server (and by `up`'s broker).
-        self.metrics = RunnerMetrics(registry if registry is not None else CollectorRegistry())
+        self.metrics = metrics if metrics is not None else RunnerMetrics(CollectorRegistry())
         self.machine = RunnerProtocol(
             max_concurrency=settings.max_concurrency,
             max_payload=settings.max_payload,
@@ -118,7 +121,9 @@ class RunnerService:
             max_payload=settings.max_payload,
             backoff_max_s=settings.reconnect_backoff_max_s,
         )
-        self.client = BrokerClient(endpoint, self.machine, on_input=self._handle_events)
+        self.client = BrokerClient(
+            endpoint, self.machine, on_input=self._handle_events, on_retry=self.metrics.retry
+        )
         self._wire_metrics()
         self._handle_signals = handle_signals
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -140,10 +145,6 @@ class RunnerService:
         )
         self.metrics.running.set_function(lambda: float(len(self._running)))
         self.metrics.track_offers(lambda: self.machine.open_offer_count)
-        # Retries are counted where they happen: container set-up and broker connects.
-        for retrying in (self.pipeline.sandbox, self.client):
-            if hasattr(retrying, "on_retry"):
-                retrying.on_retry = self.metrics.retry
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -300,9 +301,7 @@ class RunnerService:
         task.add_done_callback(self._helpers.discard)
 
     async def _cancel(self, task_id: str) -> None:
-        cancel = getattr(self.pipeline.sandbox, "cancel", None)
-        if cancel is not None:
-            await cancel(task_id)
+        await self.pipeline.sandbox.cancel(task_id)
 
     # -- running a task -----------------------------------------------------------------
 

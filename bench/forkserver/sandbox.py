@@ -10,8 +10,9 @@ code; it supervises any number of tasks at once.
 This side is a :class:`~runner.sandbox.base.Sandbox`, so the benchmark drives it through
 the same pipeline as the containers: the same analyzer, task envelope, result envelope
 and :func:`~runner.sandbox.interpret.interpret`. Owns the server process, the
-numbering of requests and matching the answers to them, and the host-side deadline
-and output cap, as the other sandboxes have them.
+numbering of requests and matching the answers to them, the host-side deadline and
+output cap, as the other sandboxes have them, and cancelling a task (a cancel request
+to the server, which stops it as the agent would).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 from runner.errors import InfrastructureError
-from runner.sandbox.base import ExecutionResult, Limits, TaskSpec
+from runner.sandbox.base import ExecutionResult, Limits, TaskSpec, cancelled_result
 from runner.sandbox.bundle import stage_agent
 from runner.sandbox.envelope import HEADER, encode_task
 from runner.sandbox.interpret import ProcessFacts, interpret
@@ -34,6 +35,7 @@ from runner.sandbox.interpret import ProcessFacts, interpret
 SERVER_SOURCE = Path(__file__).with_name("server.py")
 SERVER_SCRIPT = "forkserver.py"  # staged beside the agent bundle
 NUMBER_BYTES = 4
+CANCEL = 1 << 31  # in a request's number: stop that task (as in server.py)
 STDERR_TAIL_BYTES = 64 * 1024
 ANSWER_HEADROOM_BYTES = 1024 * 1024  # room for the envelope around the result
 START_TIMEOUT_S = 30.0
@@ -53,6 +55,10 @@ class ForkserverSandbox:
         self._grace_s = 5.0
         self._numbers = itertools.count(1)
         self._waiting: dict[int, tuple[Waiter, int]] = {}
+        self._numbers_of: dict[str, int] = {}  # task id -> its request's number, while it runs
+        # Marked first, then looked up (as ContainerSandbox does): a cancel that comes
+        # before the task is sent stops it before it starts.
+        self._cancelled: set[str] = set()
         self._stderr = bytearray()
         self._failure: InfrastructureError | None = None
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -101,11 +107,33 @@ class ForkserverSandbox:
         return self._process.pid
 
     async def run(self, spec: TaskSpec, limits: Limits) -> ExecutionResult:
+        try:
+            if spec.task_id in self._cancelled:
+                return cancelled_result([])
+            result = await self._run(spec, limits)
+            return cancelled_result(result.prints) if spec.task_id in self._cancelled else result
+        finally:
+            self._cancelled.discard(spec.task_id)
+
+    async def cancel(self, task_id: str) -> bool:
+        """Ask the server to stop the task now; its ``run`` then ends ``cancelled``."""
+        self._cancelled.add(task_id)
+        number = self._numbers_of.get(task_id)
+        stdin = self._process.stdin
+        if number is None or stdin is None or stdin.is_closing():
+            return False
+        stdin.write((number | CANCEL).to_bytes(NUMBER_BYTES, "big") + HEADER.pack(0))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await stdin.drain()  # a server that is gone fails the task's run anyway
+        return True
+
+    async def _run(self, spec: TaskSpec, limits: Limits) -> ExecutionResult:
         if self._failure is not None:
             raise self._failure
         assert self._process.stdin is not None
         started = time.monotonic()
         number = next(self._numbers)
+        self._numbers_of[spec.task_id] = number
         waiter: Waiter = asyncio.get_running_loop().create_future()
         self._waiting[number] = (waiter, limits.output_bytes + ANSWER_HEADROOM_BYTES)
         answer, overflow, timed_out = b"", False, False
@@ -122,6 +150,8 @@ class ForkserverSandbox:
             raise self._failed("the forkserver stopped reading tasks") from exc
         finally:
             self._waiting.pop(number, None)
+            if self._numbers_of.get(spec.task_id) == number:
+                del self._numbers_of[spec.task_id]
         # No agent process ends per task: there is no exit code to report, and the
         # children's stderr is the server's (the child's own stderr text comes in its
         # message, as in the container).

@@ -26,6 +26,9 @@ as the agent does outside a PID namespace of its own).
 Wire, over the process's stdin and stdout: a request is a 4-byte big-endian task
 number and then the agent's framed task envelope; an answer is the task number and
 then the agent's framed result envelope. Number 0 with an empty frame says "ready".
+A task number with the :data:`CANCEL` bit set, and an empty frame, asks to stop that
+task now (as the agent stops one: its child's session killed); its answer comes as
+for any task that ended.
 Standard library and ``sandbox_agent`` only: this never imports ``runner`` or
 ``bench``.
 """
@@ -51,6 +54,7 @@ from sandbox_agent.child import Child
 from sandbox_agent.protocol import HEADER, VERSION, dumps, encode_frame, encode_result, write_all
 
 NUMBER = struct.Struct(">I")
+CANCEL = 1 << 31  # in a request's number: stop that task (bench/forkserver/sandbox.py too)
 STDIN_FD, STDOUT_FD = 0, 1
 READ_CHUNK = 1 << 16
 # The child never returns from Child.run(); if setting it up raises, it must not fall
@@ -130,7 +134,10 @@ class Server:
                 break
             body = bytes(self.inbox[head : head + length])
             del self.inbox[: head + length]
-            self._start(number, body)
+            if number & CANCEL:
+                self._cancel(number & ~CANCEL)
+            else:
+                self._start(number, body)
 
     # -- one task: what agent.run_task does, without blocking the others ---------------
 
@@ -167,6 +174,12 @@ class Server:
             self._stop(running)
         else:
             self.selector.register(running.watch.fd, selectors.EVENT_READ, (running, "exit"))
+
+    def _cancel(self, number: int) -> None:
+        """Stop a running task now; one that has ended (or is being reaped) is left be."""
+        task = self.tasks.get(number)
+        if task is not None and not task.stopped:
+            self._stop(task)
 
     def _analyze(self, task: dict[str, Any]) -> dict[str, Any] | None:
         """The agent's pre-fork check (agent.run_task): the envelope of a refusal, or None."""

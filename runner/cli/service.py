@@ -66,14 +66,16 @@ def serve(ctx: click.Context) -> None:
     (or N8N_RUNNERS_GRANT_TOKEN), N8N_RUNNERS_MAX_CONCURRENCY, N8N_RUNNERS_TASK_TIMEOUT, ...
     """
     from runner.cli.wiring import task_pipeline
+    from runner.metrics import CollectorRegistry, RunnerMetrics
     from runner.service import RunnerService
 
     settings = support.settings()
     _log_level(bool(ctx.find_root().params.get("verbose")))
 
     async def go() -> int:
-        async with task_pipeline(settings, support.progress) as pipeline:
-            return await RunnerService(settings, pipeline).run()
+        metrics = RunnerMetrics(CollectorRegistry())  # the sandbox counts its retries there
+        async with task_pipeline(settings, support.progress, on_retry=metrics.retry) as pipeline:
+            return await RunnerService(settings, pipeline, metrics=metrics).run()
 
     sys.exit(support.run(go))
 
@@ -107,7 +109,7 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Embedded broker and one runner in one process: submit tasks over HTTP."""
     from runner.broker_server.server import running_broker
     from runner.cli.wiring import task_pipeline
-    from runner.metrics import CollectorRegistry
+    from runner.metrics import CollectorRegistry, RunnerMetrics
     from runner.service import RunnerService
 
     settings = _host_port(support.settings(), host, port)
@@ -115,8 +117,9 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
 
     async def go() -> int:
         registry = CollectorRegistry()  # one /metrics for the broker and its runner
+        metrics = RunnerMetrics(registry)  # the sandbox counts its retries there
         async with (
-            task_pipeline(settings, support.progress) as pipeline,
+            task_pipeline(settings, support.progress, on_retry=metrics.retry) as pipeline,
             running_broker(settings, registry=registry) as running,
         ):
             service = RunnerService(
@@ -125,7 +128,7 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
                 broker_uri=running.url,
                 auth_token=running.auth_token,
                 handle_signals=False,
-                registry=registry,
+                metrics=metrics,
             )
             serving = asyncio.create_task(service.run())
             support.say(

@@ -171,8 +171,10 @@ def make_docker_sandbox(
     timeout_s: float | None = None,
     policy: EffectivePolicy | None = None,
     isolation: IsolationConfig | None = None,
+    on_retry: Callable[[str], None] | None = None,
 ) -> DockerSandbox:
-    """``isolation`` overrides the policy's (tests swap in Docker's default profile)."""
+    """``isolation`` overrides the policy's (tests swap in Docker's default profile);
+    ``on_retry`` is told the cause of every set-up retry (the service's metrics)."""
     policy = policy or load_policy(settings)
     return DockerSandbox(
         client,
@@ -184,6 +186,7 @@ def make_docker_sandbox(
         setup_backoff_max_s=settings.setup_backoff_max_s,
         pool=pool_config(settings) if warm_pool else None,
         pool_limits=limits_from(settings, timeout_s=timeout_s, policy=policy),
+        on_retry=on_retry,
     )
 
 
@@ -222,8 +225,10 @@ def make_oci_sandbox(
     timeout_s: float | None = None,
     policy: EffectivePolicy | None = None,
     isolation: IsolationConfig | None = None,
+    on_retry: Callable[[str], None] | None = None,
 ) -> OciSandbox:
-    """The OCI backend over ``runtime``; the image is unpacked from ``client``'s daemon."""
+    """The OCI backend over ``runtime``; the image is unpacked from ``client``'s daemon;
+    ``on_retry`` is told the cause of every set-up retry (the service's metrics)."""
     policy = policy or load_policy(settings)
     isolation = isolation or load_isolation(settings, policy=policy)
     directory = state_dir(settings)
@@ -238,6 +243,7 @@ def make_oci_sandbox(
         setup_backoff_max_s=settings.setup_backoff_max_s,
         pool=pool_config(settings) if warm_pool else None,
         pool_limits=limits_from(settings, timeout_s=timeout_s, policy=policy),
+        on_retry=on_retry,
     )
 
 
@@ -258,6 +264,7 @@ async def task_pipeline(
     warm_pool: bool = True,
     selfcheck: SelfCheckCache | None = None,
     backend: str | None = None,
+    on_retry: Callable[[str], None] | None = None,
 ) -> AsyncIterator[TaskPipeline]:
     """A ready pipeline on this host; removes what it created on exit.
 
@@ -269,6 +276,8 @@ async def task_pipeline(
     image in ``selfcheck``, by default the settings' cache) and raises
     :class:`~runner.errors.IsolationNotEnforcedError` when a required one is missing;
     what it proved, and which engine and runtime, go into every audit record.
+    ``on_retry`` goes to the sandbox: told the cause of every container set-up retry
+    (``serve`` and ``up`` pass their metrics' counter).
     """
     policy = load_policy(settings)  # a bad bundle or setting stops here, before Docker
     if timeout_s is not None:
@@ -299,6 +308,7 @@ async def task_pipeline(
                     warm_pool=warm_pool,
                     timeout_s=timeout_s,
                     policy=policy,
+                    on_retry=on_retry,
                 )
                 try:
                     report = await _prove(settings, oci, client, policy, image, image_id, cache)
@@ -322,6 +332,7 @@ async def task_pipeline(
                 warm_pool=warm_pool,
                 timeout_s=timeout_s,
                 policy=policy,
+                on_retry=on_retry,
             )
             report = await _prove(settings, sandbox, client, policy, image, image_id, cache)
         assert report is not None
@@ -368,6 +379,7 @@ def docker_pipeline(
     timeout_s: float | None = None,
     warm_pool: bool = True,
     selfcheck: SelfCheckCache | None = None,
+    on_retry: Callable[[str], None] | None = None,
 ) -> AbstractAsyncContextManager[TaskPipeline]:
     """:func:`task_pipeline` on the Docker backend, whatever the settings say."""
     return task_pipeline(
@@ -377,6 +389,7 @@ def docker_pipeline(
         warm_pool=warm_pool,
         selfcheck=selfcheck,
         backend="docker",
+        on_retry=on_retry,
     )
 
 

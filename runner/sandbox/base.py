@@ -211,11 +211,40 @@ class ExecutionResult:
     details: dict[str, JSON] = field(default_factory=dict)
 
 
+#: The error message of a task stopped by :meth:`Sandbox.cancel` (n8n's words).
+CANCELLED_MESSAGE = "Task was cancelled"
+
+
+def cancelled_result(prints: list[list[str]]) -> ExecutionResult:
+    """What ``run`` returns for a task that :meth:`Sandbox.cancel` stopped: outcome
+    ``cancelled`` (whatever the stopped code or its agent made of it), the prints kept."""
+    error = TaskError(Outcome.CANCELLED, CANCELLED_MESSAGE, has_description=False)
+    return ExecutionResult(outcome=Outcome.CANCELLED, error=error, prints=prints)
+
+
 class Sandbox(Protocol):
-    """Runs one task in isolation. Implementations: Docker, and fakes for unit tests."""
+    """Runs one task in isolation. Implementations: the container engines
+    (:mod:`runner.sandbox.docker`, :mod:`runner.sandbox.oci`), the agent as a host
+    process (:mod:`runner.sandbox.process`, ``bench/forkserver``: tests and benchmarks
+    only), and fakes for unit tests.
+
+    The whole seam is these three methods: the service uses nothing else. A sandbox that
+    retries its own set-up is told whom to tell of each retry by its constructor (an
+    ``on_retry`` callable taking the cause: the service's metrics), not through the seam.
+    """
 
     async def run(self, spec: TaskSpec, limits: Limits) -> ExecutionResult:
         """Run ``spec`` under ``limits``; raise only for infrastructure faults."""
+        ...
+
+    async def cancel(self, task_id: str) -> bool:
+        """Stop the task ``task_id``: its ``run`` then returns :func:`cancelled_result`.
+
+        True when its code was running and was stopped; False when nothing of it runs
+        here (unknown, finished, or not started yet: a cancel that comes before its
+        ``run`` has started the code stops it as soon as it starts). Never raises for
+        an unknown task.
+        """
         ...
 
     async def aclose(self) -> None:

@@ -147,6 +147,9 @@ class InstantSandbox:
         self.ran.append(spec.task_id)
         return ExecutionResult(Outcome.SUCCESS, result=[])
 
+    async def cancel(self, task_id: str) -> bool:
+        return False  # every task ends at once
+
     async def aclose(self) -> None:
         return None
 

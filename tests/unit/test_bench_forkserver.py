@@ -45,10 +45,15 @@ async def forkserver() -> AsyncIterator[ForkserverSandbox]:
 
 
 def spec(
-    code: str, *, mode: Mode = Mode.ALL_ITEMS, guards: GuardConfig = GUARDS, items: Any = None
+    code: str,
+    *,
+    mode: Mode = Mode.ALL_ITEMS,
+    guards: GuardConfig = GUARDS,
+    items: Any = None,
+    task_id: str = "t",
 ) -> TaskSpec:
     return TaskSpec(
-        task_id="t",
+        task_id=task_id,
         code=code,
         mode=mode,
         items=ITEMS if items is None else items,
@@ -150,6 +155,32 @@ async def test_a_task_is_answered_while_another_still_runs(
             break
         await asyncio.sleep(0.1)
     assert not processes_running(script)
+
+
+async def test_a_cancelled_task_ends_cancelled_its_child_is_killed_and_the_server_serves_on(
+    forkserver: ForkserverSandbox,
+) -> None:
+    script = forkserver.script
+    running = asyncio.create_task(
+        forkserver.run(spec("while True:\n    pass", task_id="t1"), Limits(timeout_s=60))
+    )
+    for _ in range(500):  # until the server has forked the task's child
+        if len(processes_running(script)) == 2:
+            break
+        await asyncio.sleep(0.01)
+    (child,) = set(processes_running(script)) - {forkserver.pid}
+
+    assert await forkserver.cancel("t1") is True
+    result = await running
+
+    assert result.outcome is Outcome.CANCELLED
+    assert result.error is not None
+    assert result.error.message == "Task was cancelled"
+    assert processes_running(script) == [forkserver.pid]  # answered once reaped
+    assert child not in processes_running(script)
+    assert await forkserver.cancel("t1") is False  # finished: nothing left to stop
+    again = await forkserver.run(spec("return []", task_id="t2"), Limits())
+    assert again.outcome is Outcome.SUCCESS
 
 
 async def test_a_dead_server_is_an_infrastructure_fault(forkserver: ForkserverSandbox) -> None:

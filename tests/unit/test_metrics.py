@@ -47,8 +47,8 @@ AUTH = "metrics-test-token-0123456789"
 class StubSandbox:
     """Known durations: a warm success (with one set-up retry), a cold user error."""
 
-    def __init__(self) -> None:
-        self.on_retry: Any = None
+    def __init__(self, on_retry: Any = None) -> None:
+        self.on_retry = on_retry
 
     async def run(self, spec: TaskSpec, limits: Limits) -> ExecutionResult:
         if "daemon-gone" in spec.code:
@@ -73,13 +73,16 @@ class StubSandbox:
             details={"containerStart": "warm"},
         )
 
+    async def cancel(self, task_id: str) -> bool:
+        return False  # every task ends at once
+
     async def aclose(self) -> None:
         pass
 
 
-def stub_pipeline() -> TaskPipeline:
+def stub_pipeline(sandbox: StubSandbox | None = None) -> TaskPipeline:
     return TaskPipeline(
-        sandbox=StubSandbox(),
+        sandbox=sandbox or StubSandbox(),
         analyzer=Analyzer(ImportPolicy.from_env_strings("json", "")),
         guards=GuardConfig(stdlib_allow=("json",), external_allow=(), builtins_deny=()),
         limits=Limits(),
@@ -106,8 +109,14 @@ async def service_and_broker() -> AsyncIterator[tuple[RunnerService, RunningBrok
         runner_id="metrics-unit",
     )
     async with running_broker(settings, auth_token=AUTH) as running:
+        # As `serve` does: the sandbox is told of its retries by its constructor.
+        metrics = RunnerMetrics(CollectorRegistry())
         service = RunnerService(
-            settings, stub_pipeline(), broker_uri=running.url, handle_signals=False
+            settings,
+            stub_pipeline(StubSandbox(on_retry=metrics.retry)),
+            broker_uri=running.url,
+            handle_signals=False,
+            metrics=metrics,
         )
         serving = asyncio.create_task(service.run())
         try:

@@ -228,6 +228,9 @@ class CanarySandbox:
         error = TaskError(Outcome.MEMORY_LIMIT, "Task ran out of memory (limit 64 MiB)")
         return ExecutionResult(Outcome.MEMORY_LIMIT, error=error)
 
+    async def cancel(self, task_id: str) -> bool:
+        return False  # every canary ends at once
+
     async def aclose(self) -> None:
         return None
 

@@ -8,13 +8,11 @@ every message a runner sent (:class:`RecordingBroker`, the broker core that
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from helpers import until
 from pydantic import BaseModel
 
 from runner.broker_server.core import Broker
@@ -77,17 +75,6 @@ def start_broker(**overrides: Any) -> AbstractAsyncContextManager[RunningBroker]
     return running_broker(
         broker_settings(**overrides), auth_token=AUTH_TOKEN, broker_factory=RecordingBroker
     )
-
-
-async def until(predicate: Callable[[], Any], timeout_s: float = 20, what: str = "") -> Any:
-    """Wait for a condition in an end-to-end test (real processes, real time)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
 
 
 class RunnerProcess(ServeProcess):

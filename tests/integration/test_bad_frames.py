@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import until
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -36,7 +37,6 @@ from .harness import (
     finished,
     start_broker,
     submit,
-    until,
 )
 
 pytestmark = pytest.mark.usefixtures("task_image")

@@ -6,11 +6,11 @@ import asyncio
 import collections
 import itertools
 import re
-import socket
 from collections.abc import Callable
 
 import httpx
 import pytest
+from helpers import free_port, until
 
 from runner.broker_server.core import Broker
 
@@ -20,18 +20,11 @@ from .harness import (
     finished,
     start_broker,
     submit,
-    until,
 )
 
 pytestmark = pytest.mark.usefixtures("task_image")
 
 A_TASKS = 6  # the busy tenant's backlog in the starvation test
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_two_runners_share_twenty_tasks_none_twice_none_lost() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from helpers import until
 
 from runner.broker_server.server import RunningBroker
 
@@ -22,7 +23,6 @@ from .harness import (
     finished,
     start_broker,
     submit,
-    until,
     wire,
 )
 

@@ -16,10 +16,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
 
 import docker
 import pytest
+from helpers import owned, until
 
 from runner.broker_server.core import BrokerTask
 from runner.sandbox.base import Outcome, Stage
@@ -27,18 +27,10 @@ from runner.sandbox.docker import DockerSandbox
 from runner.sandbox.labels import LABEL_MANAGED, LABEL_OWNER, LABEL_PROCESS
 
 from .conftest import PipelineFactory, request
-from .harness import RunnerProcess, completions, finished, start_broker, submit, until
+from .harness import RunnerProcess, completions, finished, start_broker, submit
 from .private_docker import PrivateDockerd, PrivateDockerdError
 
 LONG_TASK = "import time\ntime.sleep(30)\nreturn {n}"
-
-
-def owned(client: docker.DockerClient, owner: str) -> list[dict[str, Any]]:
-    """Every container (running or not) that carries our labels and this owner."""
-    found: list[dict[str, Any]] = client.api.containers(
-        all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]}
-    )
-    return found
 
 
 def running_user_code(client: docker.DockerClient, owner: str) -> int:

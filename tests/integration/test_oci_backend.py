@@ -24,6 +24,7 @@ from typing import Any
 
 import docker
 import pytest
+from helpers import until
 
 from runner.cli.wiring import make_oci_sandbox, oci_runtime
 from runner.pipeline import TaskPipeline
@@ -38,7 +39,6 @@ from runner.sandbox.spec import container_spec
 from runner.settings import Settings
 
 from .conftest import PipelineFactory, pipeline_factory, request
-from .harness import until
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -23,9 +23,9 @@ import uuid
 
 import docker
 import pytest
+from helpers import owned
 
 from runner.cli.wiring import load_isolation, make_docker_sandbox
-from runner.sandbox.labels import LABEL_MANAGED, LABEL_OWNER
 from runner.settings import PROJECT_ROOT, Settings
 
 pytestmark = pytest.mark.timeout(300)
@@ -62,13 +62,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-def owned(client: docker.DockerClient, runner_id: str) -> list[dict[str, object]]:
-    found: list[dict[str, object]] = client.api.containers(
-        all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={runner_id}"]}
-    )
-    return found
 
 
 async def test_a_runner_killed_mid_task_leaves_a_container_the_next_start_reaps(

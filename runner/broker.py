@@ -32,7 +32,7 @@ from tenacity import (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from runner.errors import ConfigurationError, InfrastructureError
+from runner.errors import BrokerAuthError, BrokerUnavailable
 from runner.protocol.machine import TICK_INTERVAL_S, RunnerProtocol
 
 log = logging.getLogger(__name__)
@@ -40,18 +40,6 @@ log = logging.getLogger(__name__)
 WS_PATH = "/runners/_ws"
 CLOSE_TIMEOUT_S = 2.0
 AUTH_PATH = "/runners/auth"
-
-
-class BrokerAuthError(ConfigurationError):
-    """The broker refused our credentials (401/403): retrying cannot help."""
-
-    code = "broker_auth_failed"
-
-
-class BrokerUnavailable(InfrastructureError):
-    """The broker cannot be reached right now (retried)."""
-
-    code = "broker_unavailable"
 
 
 @dataclass(frozen=True, slots=True)

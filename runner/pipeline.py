@@ -19,6 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from runner.analyzer import SECURITY_VIOLATIONS_MESSAGE, Analyzer
@@ -54,6 +55,15 @@ def code_size(code: str) -> int:
 def code_too_large_message(size: int, limit: int) -> str:
     """The error text of ``code_too_large`` (the HTTP API may reuse it)."""
     return f"Task code is {size:,} bytes, above the limit of {limit:,} bytes (limits.code_bytes)"
+
+
+class ServiceOutcome(StrEnum):
+    """The ``outcome`` of a task that no sandbox report came back for, in the runner
+    service's audit record and metrics (beside the :class:`Outcome` values)."""
+
+    REJECTED = "rejected"  # refused before it ran: a limit asked for above the runner's
+    RUNNER_ERROR = "runner_error"  # a fault of the runner or of what it depends on
+    INTERNAL_ERROR = "internal_error"  # a bug of ours
 
 
 @dataclass(frozen=True, slots=True)

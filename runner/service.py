@@ -25,10 +25,10 @@ from dataclasses import replace
 from typing import Any
 
 from runner.broker import BrokerClient, BrokerEndpoint
-from runner.errors import RunnerError
+from runner.errors import LimitAboveCeiling, RunnerError
 from runner.logs import AUDIT_LOGGER, current_task_id
 from runner.metrics import CONTENT_TYPE, CollectorRegistry, RunnerMetrics, exposition
-from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
+from runner.pipeline import ServiceOutcome, TaskPipeline, TaskReport, TaskRequest
 from runner.protocol.machine import (
     CancelTask,
     Completion,
@@ -38,7 +38,7 @@ from runner.protocol.machine import (
     Undeliverable,
 )
 from runner.protocol.settings import TaskLimitsRequest, TaskSettings
-from runner.sandbox.base import MIB, MINIMUM_LIMITS, Limits
+from runner.sandbox.base import MIB, MINIMUM_LIMITS, ErrorCode, Limits, Stage
 from runner.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,6 @@ def _metrics_response(body: bytes) -> bytes:
 def new_runner_id() -> str:
     """22 characters from [A-Za-z0-9], as n8n's runner ids (CSPRNG)."""
     return "".join(secrets.choice(RUNNER_ID_ALPHABET) for _ in range(22))
-
-
-class LimitAboveCeiling(ValueError):
-    """The broker asked for a per-task limit above this runner's own."""
 
 
 def completion_of(report: TaskReport) -> Completion:
@@ -332,31 +328,38 @@ class RunnerService:
             )
         except LimitAboveCeiling as exc:
             completion = Completion(error_message=str(exc), error_description="")
+            outcome, code = ServiceOutcome.REJECTED, ErrorCode.LIMIT_ABOVE_CEILING
             self.metrics.task_finished(
-                outcome="rejected", error_code="limit_above_ceiling", audit=None, queue_wait_s=None
+                outcome=outcome, error_code=code, audit=None, queue_wait_s=None
             )
-            self._audit_failure(task_id, settings, started, "rejected", "limit_above_ceiling")
+            self._audit_failure(task_id, settings, started, outcome, code)
         except RunnerError as exc:
             log.error("task %s failed in the runner: %s", task_id, exc)
             self.metrics.task_finished(
-                outcome="runner_error", error_code=exc.code, audit=None, queue_wait_s=None
+                outcome=ServiceOutcome.RUNNER_ERROR,
+                error_code=exc.code,
+                audit=None,
+                queue_wait_s=None,
             )
             completion = Completion(
                 error_message=f"Task could not be run: {exc.message}",
                 error_description=exc.hint or "",
                 report={"code": exc.code, "stage": exc.stage, "audit": None},
             )
-            self._audit_failure(task_id, settings, started, "runner_error", exc.code, exc.stage)
+            self._audit_failure(
+                task_id, settings, started, ServiceOutcome.RUNNER_ERROR, exc.code, exc.stage
+            )
         except Exception as exc:  # never leave a task stuck on a bug of ours
             log.exception("task %s: internal error", task_id)
+            outcome, code = ServiceOutcome.INTERNAL_ERROR, ErrorCode.INTERNAL_ERROR
             self.metrics.task_finished(
-                outcome="internal_error", error_code="internal_error", audit=None, queue_wait_s=None
+                outcome=outcome, error_code=code, audit=None, queue_wait_s=None
             )
             completion = Completion(
                 error_message=f"Internal error of the runner: {type(exc).__name__}",
                 error_description="",
             )
-            self._audit_failure(task_id, settings, started, "internal_error", "internal_error")
+            self._audit_failure(task_id, settings, started, outcome, code)
         finally:
             self._accepted_at.pop(task_id, None)
         self.machine.finish_task(task_id, completion)
@@ -410,7 +413,7 @@ class RunnerService:
         started: float,
         outcome: str,
         code: str,
-        stage: str | None = "setup",
+        stage: str | None = Stage.SETUP,
     ) -> None:
         """The audit line of a task that never reached a sandbox report (one per task)."""
         record = {

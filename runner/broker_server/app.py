@@ -42,13 +42,13 @@ from runner import __version__
 from runner.broker_server.driver import BrokerDriver
 from runner.broker_server.edge import BodyLimit, LateResponse, SafeJSONResponse, forget_body
 from runner.broker_server.schemas import check_schema
-from runner.broker_server.submission import Submission, SubmissionRefused, TaskLimits, prepare
+from runner.broker_server.submission import Submission, TaskLimits, prepare
 from runner.broker_server.tasks import BrokerTask, TaskStatus, WaitReason
-from runner.broker_server.tenants import TaskTooLarge, TenantBacklogFull
 from runner.broker_server.tokens import GrantTokens, same_secret
+from runner.errors import ProtocolError, SubmissionRefused, TaskTooLarge, TenantBacklogFull
 from runner.metrics import CONTENT_TYPE, CollectorRegistry, exposition
 from runner.pipeline import code_size, code_too_large_message
-from runner.protocol.codec import ProtocolError, decode_runner_message, encode
+from runner.protocol.codec import decode_runner_message, encode
 from runner.sandbox.base import MAXIMUM_CODE_BYTES, MIB, MINIMUM_LIMITS, Mode
 
 log = logging.getLogger(__name__)

@@ -68,6 +68,7 @@ from runner.protocol.messages import (
     TaskOfferAccept,
     TaskRejected,
 )
+from runner.sandbox.base import CANCELLED_MESSAGE, ErrorCode, Stage
 
 log = logging.getLogger(__name__)
 
@@ -299,10 +300,10 @@ class Broker:
             return
         if task.status is TaskStatus.QUEUED:
             self._tenants.unqueue(task.tenant, task.task_id)
-            self._finish(task, error_body("Task was cancelled", "", "cancelled", "queue"))
+            self._finish(task, error_body(CANCELLED_MESSAGE, "", ErrorCode.CANCELLED, Stage.QUEUE))
             return
         self._tell_runner_cancel(task, "Task was cancelled by the API caller")
-        self._finish(task, error_body("Task was cancelled", "", "cancelled", "run"))
+        self._finish(task, error_body(CANCELLED_MESSAGE, "", ErrorCode.CANCELLED, Stage.RUN))
 
     def in_flight(self) -> list[BrokerTask]:
         """The tasks a runner has: offered or running."""
@@ -402,8 +403,8 @@ class Broker:
             body = error_body(
                 "The broker could not send the task's settings to the runner",
                 f"{type(exc).__name__}: {exc}"[:500],
-                "dispatch_failed",
-                "dispatch",
+                ErrorCode.DISPATCH_FAILED,
+                Stage.DISPATCH,
             )
             self._finish(task, body)
             self.dispatch()
@@ -534,9 +535,10 @@ class Broker:
         if task is None or task.status is not TaskStatus.RUNNING:
             return
         # As n8n's broker: forget the task first, then tell the runner.
-        self._finish(
-            task, error_body(TIMED_OUT_REASON, "The broker's task timer fired.", "timeout", "run")
+        body = error_body(
+            TIMED_OUT_REASON, "The broker's task timer fired.", ErrorCode.TIMEOUT, Stage.RUN
         )
+        self._finish(task, body)
         runner = self._runners.get(task.runner_id)
         if runner is not None:
             runner.connection.send(TaskCancel(task_id=task_id, reason=TIMED_OUT_REASON))
@@ -560,8 +562,8 @@ class Broker:
             f"No runner took the task in time: {cause}",
             f"It waited {self.config.queue_timeout_s:g} s in the queue "
             f"(SANDBOX_QUEUE_TIMEOUT_S). {waiting.message}",
-            "queue_timeout",
-            "queue",
+            ErrorCode.QUEUE_TIMEOUT,
+            Stage.QUEUE,
         )
         self._finish(task, body)
 
@@ -574,7 +576,7 @@ class Broker:
             self._arm(task, timeout_s + self.config.timeout_grace_s, TaskTimer.RUN)
             return
         lost = "The runner disconnected while running the task"
-        self._finish(task, error_body(lost, "", "runner_lost", "run"))
+        self._finish(task, error_body(lost, "", ErrorCode.RUNNER_LOST, Stage.RUN))
         self.dispatch()
 
     # -- shutdown -----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.broker_server.schemas import validate_input
+from runner.errors import SubmissionRefused
 from runner.protocol.codec import encode
 from runner.protocol.messages import TaskSettingsMessage
 from runner.sandbox.base import Mode
@@ -75,10 +76,6 @@ class Prepared:
     @property
     def size_bytes(self) -> int:
         return len(self.settings) + len(self.output_schema or "")
-
-
-class SubmissionRefused(ValueError):
-    """A submission the broker cannot take as it is (a 422: the message says why)."""
 
 
 def to_json(value: Any) -> str:

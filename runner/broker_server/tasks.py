@@ -31,7 +31,7 @@ from typing import Any
 from runner.broker_server.schemas import validate_result
 from runner.broker_server.submission import TaskLimits, to_json
 from runner.protocol.messages import TaskDone, TaskErrorMessage
-from runner.sandbox.base import Mode
+from runner.sandbox.base import ErrorCode, Mode, Stage
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ class TaskTimer(StrEnum):
     ACCEPT = "accept"  # offered, no answer from the runner: back to the queue
     QUEUE = "queue"  # queued too long: queue_timeout
     RUN = "run"  # running past its timeout and the grace: the broker's taskcancel
-    RUNNER_LOST = "runner_lost"  # its runner left while running it and has not come back
+    # Its runner left while running it and has not come back: the task ends runner_lost.
+    RUNNER_LOST = ErrorCode.RUNNER_LOST.value
 
 
 @dataclass
@@ -207,8 +208,12 @@ def keep_prints(
 
 
 def error_body(message: str, description: str, code: str, stage: str) -> dict[str, Any]:
-    """An error document's body (:func:`result_document` adds prints and audit)."""
-    error = {"message": message, "description": description, "code": code, "stage": stage}
+    """An error document's body (:func:`result_document` adds prints and audit).
+
+    ``code``: an :class:`ErrorCode`, or the code a runner reported (passed on as it
+    came); ``stage``: a :class:`Stage`, or the one a runner reported.
+    """
+    error = {"message": message, "description": description, "code": str(code), "stage": str(stage)}
     return {"status": "error", "error": error}
 
 
@@ -223,14 +228,17 @@ def completion_body(task: BrokerTask, message: TaskDone | TaskErrorMessage) -> d
         if problem is None:
             return {"status": "success", "result": result}
         return error_body(
-            "Result does not match outputSchema", problem, "output_schema_violation", "result"
+            "Result does not match outputSchema",
+            problem,
+            ErrorCode.OUTPUT_SCHEMA_VIOLATION,
+            Stage.RESULT,
         )
     error = message.error
     return error_body(
         error.message,
         error.description or "",
-        str(report.get("code") or "task_error"),
-        str(report.get("stage") or "run"),
+        str(report.get("code") or ErrorCode.TASK_ERROR),
+        str(report.get("stage") or Stage.RUN),
     )
 
 
@@ -250,15 +258,12 @@ def result_document(
         # Only a runner that breaks the protocol gets here (ours never sends NaN):
         # the caller gets an error it can parse, not invalid JSON.
         log.warning("task %s: the runner's report is not JSON: %s", task.task_id, exc)
-        body = {
-            "status": "error",
-            "error": {
-                "message": "The runner's report cannot be encoded as JSON",
-                "description": f"{type(exc).__name__}: {exc}"[:500],
-                "code": "invalid_report",
-                "stage": "result",
-            },
-        }
+        body = error_body(
+            "The runner's report cannot be encoded as JSON",
+            f"{type(exc).__name__}: {exc}"[:500],
+            ErrorCode.INVALID_REPORT,
+            Stage.RESULT,
+        )
         return to_json({**body, "prints": [], "audit": None}), body
 
 

@@ -16,14 +16,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-
-class TenantBacklogFull(Exception):
-    """A tenant already has ``max_unfinished_per_tenant`` tasks that have not finished,
-    or their bytes would exceed its queued-bytes budget (both a 429: wait and retry)."""
-
-
-class TaskTooLarge(Exception):
-    """One task alone needs more than its tenant's queued-bytes budget (a 413)."""
+from runner.errors import TaskTooLarge, TenantBacklogFull
 
 
 class Tenants:

@@ -1,4 +1,4 @@
-"""Frames <-> messages. Every malformed frame becomes one :class:`ProtocolError`.
+"""Frames <-> messages. Every malformed frame becomes one :class:`~runner.errors.ProtocolError`.
 
 Frames are JSON text (binary frames are decoded as UTF-8, as n8n's runner does).
 Encoding never emits bare ``NaN``/``Infinity`` (Node's JSON.parse rejects them and
@@ -12,26 +12,13 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from runner.errors import RunnerError
+from runner.errors import ProtocolError, UnknownMessageType
 from runner.protocol.messages import (
     BROKER_MESSAGE_TYPES,
     RUNNER_MESSAGE_TYPES,
     BrokerMessage,
     RunnerMessage,
 )
-
-
-class ProtocolError(RunnerError):
-    """A frame that is not a valid message of the protocol."""
-
-    code = "protocol_error"
-
-
-class UnknownMessageType(ProtocolError):
-    """A well-formed frame whose ``type`` we do not handle (logged and ignored)."""
-
-    code = "unknown_message_type"
-
 
 _BROKER = TypeAdapter[Any](BrokerMessage)
 _RUNNER = TypeAdapter[Any](RunnerMessage)

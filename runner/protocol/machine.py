@@ -36,7 +36,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from runner.protocol.codec import ProtocolError, UnknownMessageType, decode_broker_message, encode
+from runner.errors import ProtocolError, UnknownMessageType
+from runner.protocol.codec import decode_broker_message, encode
 from runner.protocol.messages import (
     EXTENSION_PRINTS,
     EXTENSION_SANDBOX,

@@ -53,6 +53,9 @@ class Stage(StrEnum):
     SETUP = "setup"
     RUN = "run"
     RESULT = "result"
+    # The embedded broker's, before any runner had the task or while it was sent one.
+    QUEUE = "queue"
+    DISPATCH = "dispatch"
 
 
 class Outcome(StrEnum):
@@ -76,6 +79,60 @@ class Outcome(StrEnum):
     @property
     def is_success(self) -> bool:
         return self is Outcome.SUCCESS
+
+    @property
+    def error_code(self) -> ErrorCode:
+        """This failure's error code (a success has none: ``ValueError``)."""
+        return ErrorCode(self.value)
+
+
+class ErrorCode(StrEnum):
+    """Every error code the runner and its broker give: ``error.code`` of a result
+    document, ``errorCode`` of an audit record, the ``error_code`` label of the metrics,
+    and the ``code`` of each fault class of :mod:`runner.errors`.
+
+    The documented contract: docs/protocol.md ("Error codes") lists every member, and
+    README's "Error codes" only members (tests/unit/test_error_codes.py). An error code
+    a runner *reports* is passed on as it came (another runner than ours may send its
+    own); every code produced here is a member.
+    """
+
+    # The task's own failures: the failure outcomes, whose values are their codes.
+    SECURITY_VIOLATION = Outcome.SECURITY_VIOLATION.value
+    SYNTAX_ERROR = Outcome.SYNTAX_ERROR.value
+    CODE_TOO_LARGE = Outcome.CODE_TOO_LARGE.value
+    ANALYSIS_LIMIT = Outcome.ANALYSIS_LIMIT.value
+    USER_ERROR = Outcome.USER_ERROR.value
+    PROCESS_EXIT = Outcome.PROCESS_EXIT.value
+    TIMEOUT = Outcome.TIMEOUT.value
+    MEMORY_LIMIT = Outcome.MEMORY_LIMIT.value
+    PIDS_LIMIT = Outcome.PIDS_LIMIT.value
+    OUTPUT_LIMIT = Outcome.OUTPUT_LIMIT.value
+    CRASHED = Outcome.CRASHED.value
+    CANCELLED = Outcome.CANCELLED.value
+    AGENT_ERROR = Outcome.AGENT_ERROR.value
+    # Faults of the runner and of what it depends on (runner.errors: each class's code).
+    RUNNER_ERROR = "runner_error"
+    CONFIGURATION_ERROR = "configuration_error"
+    INFRASTRUCTURE_ERROR = "infrastructure_error"
+    DOCKER_UNAVAILABLE = "docker_unavailable"
+    IMAGE_BUILD_FAILED = "image_build_failed"
+    CONTAINER_SETUP_FAILED = "container_setup_failed"
+    ISOLATION_NOT_ENFORCED = "isolation_not_enforced"
+    BROKER_AUTH_FAILED = "broker_auth_failed"
+    BROKER_UNAVAILABLE = "broker_unavailable"
+    PROTOCOL_ERROR = "protocol_error"
+    UNKNOWN_MESSAGE_TYPE = "unknown_message_type"
+    # The runner service's, for a task no sandbox report came back for.
+    LIMIT_ABOVE_CEILING = "limit_above_ceiling"
+    INTERNAL_ERROR = "internal_error"
+    # The embedded broker's.
+    QUEUE_TIMEOUT = "queue_timeout"
+    RUNNER_LOST = "runner_lost"
+    OUTPUT_SCHEMA_VIOLATION = "output_schema_violation"
+    DISPATCH_FAILED = "dispatch_failed"
+    INVALID_REPORT = "invalid_report"
+    TASK_ERROR = "task_error"  # a runner's error that came with no code of ours
 
 
 NANOS_PER_CPU = 1_000_000_000

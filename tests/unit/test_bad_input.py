@@ -16,13 +16,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from runner.analyzer import Analyzer, ImportPolicy, Verdict
-from runner.errors import AgentProtocolError
-from runner.protocol.codec import (
-    ProtocolError,
-    decode_broker_message,
-    decode_runner_message,
-    encode,
-)
+from runner.errors import AgentProtocolError, ProtocolError
+from runner.protocol.codec import decode_broker_message, decode_runner_message, encode
 from runner.protocol.messages import (
     BROKER_MESSAGE_TYPES,
     RUNNER_MESSAGE_TYPES,

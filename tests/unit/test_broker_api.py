@@ -32,13 +32,14 @@ from runner.broker_server.driver import BrokerDriver
 from runner.broker_server.server import running_broker
 from runner.broker_server.submission import TaskLimits
 from runner.broker_server.tokens import GrantTokens
+from runner.errors import LimitAboveCeiling
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.policy import load_policy
 from runner.protocol.codec import encode
 from runner.protocol.messages import RunnerInfo, TaskDone, TaskDoneData, TaskOffer
 from runner.protocol.settings import TaskLimitsRequest
 from runner.sandbox.base import MIB, Limits
-from runner.service import LimitAboveCeiling, RunnerService
+from runner.service import RunnerService
 from runner.settings import Settings
 
 KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}

@@ -10,7 +10,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from runner.broker import BrokerAuthError, BrokerClient, BrokerEndpoint, BrokerUnavailable
+from runner.broker import BrokerClient, BrokerEndpoint
+from runner.errors import BrokerAuthError, BrokerUnavailable
 from runner.protocol.machine import Outgoing
 
 

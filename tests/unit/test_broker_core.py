@@ -16,9 +16,9 @@ from fakes import FakeClock, FakeRunner, advance, connect
 from runner.broker_server.core import Broker, BrokerConfig, Draining, TaskFinished
 from runner.broker_server.deadlines import Deadlines
 from runner.broker_server.schemas import validate_input
-from runner.broker_server.submission import Submission, SubmissionRefused, TaskLimits
+from runner.broker_server.submission import Submission, TaskLimits
 from runner.broker_server.tasks import TaskStatus
-from runner.broker_server.tenants import TaskTooLarge, TenantBacklogFull
+from runner.errors import SubmissionRefused, TaskTooLarge, TenantBacklogFull
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
     Drain,

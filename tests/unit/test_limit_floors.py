@@ -18,11 +18,11 @@ from pydantic import ValidationError
 from test_broker_api import make
 
 from runner.broker_server.app import TaskCreate
-from runner.errors import ConfigurationError
+from runner.errors import ConfigurationError, LimitAboveCeiling
 from runner.policy import load_bundle, load_policy, resolve_policy
 from runner.protocol.settings import TaskLimitsRequest
 from runner.sandbox.base import MAXIMUM_CODE_BYTES, MIB, MINIMUM_LIMITS, Limits
-from runner.service import LimitAboveCeiling, RunnerService
+from runner.service import RunnerService
 from runner.settings import PROJECT_ROOT, Settings
 
 FIXTURES = PROJECT_ROOT / "tests" / "fixtures"

@@ -2,8 +2,10 @@
 
 Owns: the order of the stages, n8n's ``continueOnFail`` substitution, the
 document that ``sandbox-runner exec`` prints (and the HTTP API returns), and the
-audit record of every task. It knows nothing of Docker or of the wire: it is
-handed a :class:`~runner.sandbox.base.Sandbox` and an analyzer.
+audit record of every task (:class:`AuditRecord`, one type however the task ended:
+the pipeline makes it, the runner service adds what it knows and writes it). It
+knows nothing of Docker or of the wire: it is handed a
+:class:`~runner.sandbox.base.Sandbox` and an analyzer.
 
 A tenant's code is hostile input to the runner itself, before any container
 exists: it is measured first (larger than ``limits.code_bytes``: ``code_too_large``,
@@ -15,9 +17,10 @@ so that one tenant's input cannot stall every other tenant's task.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -77,6 +80,120 @@ class TaskRequest:
     limits: Limits | None = None  # None: the pipeline's defaults
 
 
+#: The ``event`` of the audit line the runner service writes for every finished task.
+AUDIT_EVENT = "task_completed"
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineFacts:
+    """What the pipeline records of a task it took (to a sandbox, or refused before)."""
+
+    started_at: datetime  # wall clock: records are read by people and log stores
+    mode: Mode
+    continue_on_fail_applied: bool
+    image: str
+    image_id: str | None
+    limits: Limits
+    policy_sha256: str | None
+    isolation: dict[str, Any]
+    details: dict[str, JSON]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceFacts:
+    """What the runner service adds to the record of a task it was handed."""
+
+    # The id the broker knows this process by (new on every start); the record's
+    # ``runnerId`` is the stable owner of our containers (SANDBOX_RUNNER_ID).
+    broker_runner_id: str
+    workflow_id: str
+    workflow_name: str
+    node_id: str
+    node_name: str
+    queue_ms: float | None = None  # accepted -> the pipeline started (when it did)
+
+    def workflow_json(self) -> dict[str, str]:
+        return {
+            "workflowId": self.workflow_id,
+            "workflowName": self.workflow_name,
+            "nodeId": self.node_id,
+            "nodeName": self.node_name,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """The audit record of one finished task: one type, however the task ended.
+
+    ``pipeline``: set when the pipeline took the task (the record of its report: the
+    ``audit`` of ``exec``'s document and of the report a runner sends its broker); None
+    when the runner service ended it first (a limit refused, a fault, a bug of ours).
+    ``service``: set on the line the service writes to the ``runner.audit`` logger.
+    ``durations_ms`` in milliseconds, as measured (:meth:`as_json` rounds them).
+    """
+
+    task_id: str
+    runner_id: str
+    outcome: Outcome | ServiceOutcome
+    error_code: str | None  # an ErrorCode (a fault class's code is one)
+    stage: str | None  # a Stage (a fault's is one)
+    container_id: str | None
+    durations_ms: dict[str, float]
+    pipeline: PipelineFacts | None = None
+    service: ServiceFacts | None = None
+
+    def with_service(self, service: ServiceFacts) -> AuditRecord:
+        return replace(self, service=service)
+
+    def as_json(self) -> dict[str, Any]:
+        """The record as JSON values. Its keys and their order are a contract (log
+        stores, ``exec``'s document, the broker's result document): one shape when the
+        pipeline took the task, a short one when it did not."""
+        service = self.service
+        record: dict[str, Any] = {"event": AUDIT_EVENT} if service is not None else {}
+        record |= {"taskId": self.task_id, "runnerId": self.runner_id}
+        durations = {name: round(value, 3) for name, value in self.durations_ms.items()}
+        error_code = None if self.error_code is None else str(self.error_code)
+        stage = None if self.stage is None else str(self.stage)
+        facts = self.pipeline
+        if facts is None:
+            if service is not None:
+                record["brokerRunnerId"] = service.broker_runner_id
+            record |= {
+                "outcome": self.outcome.value,
+                "errorCode": error_code,
+                "stage": stage,
+                "containerId": self.container_id,
+                "durationsMs": durations,
+            }
+            return record if service is None else record | service.workflow_json()
+        record |= {
+            "startedAt": facts.started_at.isoformat(timespec="milliseconds"),
+            "mode": facts.mode.value,
+            "outcome": self.outcome.value,
+            "errorCode": error_code,
+            "stage": stage,
+            "continueOnFailApplied": facts.continue_on_fail_applied,
+            "containerId": self.container_id,
+            "image": facts.image,
+            "imageId": facts.image_id,
+            "limits": facts.limits.as_audit(),
+            "policySha256": facts.policy_sha256,
+            "isolation": facts.isolation,
+            "durationsMs": durations,
+            "details": facts.details,
+        }
+        if service is None:
+            return record
+        queue_ms = None if service.queue_ms is None else round(service.queue_ms, 3)
+        record["brokerRunnerId"] = service.broker_runner_id
+        return record | service.workflow_json() | {"queueMs": queue_ms}
+
+    def log_line(self) -> str:
+        """The record as the ``runner.audit`` logger's line: one JSON object."""
+        return json.dumps(self.as_json(), ensure_ascii=False, default=str)
+
+
 @dataclass(frozen=True, slots=True)
 class TaskReport:
     """How one task ended, with its audit record."""
@@ -86,7 +203,12 @@ class TaskReport:
     result: JSON
     error: TaskError | None
     prints: list[list[str]]
-    audit: dict[str, Any]
+    record: AuditRecord
+
+    @property
+    def audit(self) -> dict[str, Any]:
+        """The audit record as JSON values (what ``exec`` prints, what a broker gets)."""
+        return self.record.as_json()
 
     @property
     def is_success(self) -> bool:
@@ -203,7 +325,7 @@ class TaskPipeline:
         if error is not None and request.continue_on_fail and error.stage is not Stage.ANALYZE:
             # n8n: a failure while running becomes one error item; analyzer rejections stay.
             result, error, substituted = [{"json": {"error": error.message}}], None, True
-        audit = self._audit(
+        record = self._audit(
             request, execution, limits, started_wall, analyze_ms, total_ms, substituted
         )
         return TaskReport(
@@ -212,7 +334,7 @@ class TaskPipeline:
             result=result,
             error=error,
             prints=execution.prints,
-            audit=audit,
+            record=record,
         )
 
     def _audit(
@@ -224,7 +346,7 @@ class TaskPipeline:
         analyze_ms: float,
         total_ms: float,
         substituted: bool,
-    ) -> dict[str, Any]:
+    ) -> AuditRecord:
         phases = execution.durations_ms
         durations = {"analyze": analyze_ms, **phases, "total": total_ms}
         setup_phases = ("poolWait", "create", "attach", "start")
@@ -232,24 +354,26 @@ class TaskPipeline:
             # Warm: only the wait for a pool slot (its set-up happened before the task).
             durations["containerSetup"] = sum(phases.get(name, 0.0) for name in setup_phases)
         error = execution.error
-        return {
-            "taskId": request.task_id,
-            "runnerId": self.context.runner_id,
-            "startedAt": started_wall.isoformat(timespec="milliseconds"),
-            "mode": request.mode.value,
-            "outcome": execution.outcome.value,
-            "errorCode": error.code.value if error else None,
-            "stage": error.stage.value if error else None,
-            "continueOnFailApplied": substituted,
-            "containerId": execution.container_id,
-            "image": self.context.image,
-            "imageId": self.context.image_id,
-            "limits": limits.as_audit(),
-            "policySha256": self.context.policy_sha256,
-            "isolation": self.context.isolation,
-            "durationsMs": {name: round(value, 3) for name, value in durations.items()},
-            "details": execution.details,
-        }
+        return AuditRecord(
+            task_id=request.task_id,
+            runner_id=self.context.runner_id,
+            outcome=execution.outcome,
+            error_code=error.code.error_code if error else None,
+            stage=error.stage if error else None,
+            container_id=execution.container_id,
+            durations_ms=durations,
+            pipeline=PipelineFacts(
+                started_at=started_wall,
+                mode=request.mode,
+                continue_on_fail_applied=substituted,
+                image=self.context.image,
+                image_id=self.context.image_id,
+                limits=limits,
+                policy_sha256=self.context.policy_sha256,
+                isolation=self.context.isolation,
+                details=execution.details,
+            ),
+        )
 
 
 def _analyzer_failure(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import secrets
 import signal
@@ -28,7 +27,14 @@ from runner.broker import BrokerClient, BrokerEndpoint
 from runner.errors import LimitAboveCeiling, RunnerError
 from runner.logs import AUDIT_LOGGER, current_task_id
 from runner.metrics import CONTENT_TYPE, CollectorRegistry, RunnerMetrics, exposition
-from runner.pipeline import ServiceOutcome, TaskPipeline, TaskReport, TaskRequest
+from runner.pipeline import (
+    AuditRecord,
+    ServiceFacts,
+    ServiceOutcome,
+    TaskPipeline,
+    TaskReport,
+    TaskRequest,
+)
 from runner.protocol.machine import (
     CancelTask,
     Completion,
@@ -411,42 +417,36 @@ class RunnerService:
         task_id: str,
         settings: TaskSettings,
         started: float,
-        outcome: str,
+        outcome: ServiceOutcome,
         code: str,
         stage: str | None = Stage.SETUP,
     ) -> None:
         """The audit line of a task that never reached a sandbox report (one per task)."""
-        record = {
-            "event": "task_completed",
-            "taskId": task_id,
-            "runnerId": self.settings.runner_id,
-            "brokerRunnerId": self.runner_id,
-            "outcome": outcome,
-            "errorCode": code,
-            "stage": stage,
-            "containerId": None,
-            "durationsMs": {"total": round((time.monotonic() - started) * 1000, 3)},
-            "workflowId": settings.workflow_id,
-            "workflowName": settings.workflow_name,
-            "nodeId": settings.node_id,
-            "nodeName": settings.node_name,
-        }
-        audit_log.info(json.dumps(record, ensure_ascii=False, default=str))
+        record = AuditRecord(
+            task_id=task_id,
+            runner_id=self.settings.runner_id,
+            outcome=outcome,
+            error_code=code,
+            stage=stage,
+            container_id=None,
+            durations_ms={"total": (time.monotonic() - started) * 1000},
+            service=self._service_facts(settings),
+        )
+        audit_log.info(record.log_line())
 
     def _audit(
         self, task_id: str, settings: TaskSettings, report: TaskReport, started: float
     ) -> None:
         accepted = self._accepted_at.pop(task_id, started)
-        record = {
-            "event": "task_completed",
-            **report.audit,
-            # runnerId (above) is the stable owner of our containers (SANDBOX_RUNNER_ID);
-            # this is the id the broker knows this process by (new on every start).
-            "brokerRunnerId": self.runner_id,
-            "workflowId": settings.workflow_id,
-            "workflowName": settings.workflow_name,
-            "nodeId": settings.node_id,
-            "nodeName": settings.node_name,
-            "queueMs": round((started - accepted) * 1000, 3),
-        }
-        audit_log.info(json.dumps(record, ensure_ascii=False, default=str))
+        facts = self._service_facts(settings, queue_ms=(started - accepted) * 1000)
+        audit_log.info(report.record.with_service(facts).log_line())
+
+    def _service_facts(self, settings: TaskSettings, queue_ms: float | None = None) -> ServiceFacts:
+        return ServiceFacts(
+            broker_runner_id=self.runner_id,
+            workflow_id=settings.workflow_id,
+            workflow_name=settings.workflow_name,
+            node_id=settings.node_id,
+            node_name=settings.node_name,
+            queue_ms=queue_ms,
+        )

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from bench.run import percentile
+from bench.stats import percentile
 from runner.testing import UpProcess
 
 KEYS = "key-of-a=tenant-a,key-of-b=tenant-b"

@@ -48,6 +48,7 @@ import docker
 from bench.bare import BENCH_OWNER, BareDocker
 from bench.forkserver import ForkserverSandbox
 from bench.memory import container_cgroup, daemon_memory, host_used_kib, shim_memory
+from bench.stats import percentile
 from runner.cli.wiring import docker_pipeline
 from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
 from runner.sandbox.labels import LABEL_OWNER
@@ -92,17 +93,6 @@ FORKSERVER, BARE = "forkserver", "bare"
 MIB_KIB = 1024
 
 One = Callable[[], Awaitable[TaskReport | None]]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100)."""
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def summary(values: list[float]) -> dict[str, Any]:

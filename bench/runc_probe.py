@@ -36,7 +36,8 @@ from typing import Any
 import docker
 
 from bench.memory import process_memory
-from bench.run import host_cpu_s, percentile
+from bench.run import host_cpu_s
+from bench.stats import percentile
 from runner.cli.wiring import docker_pipeline
 from runner.sandbox.base import GuardConfig, Mode, TaskSpec
 from runner.sandbox.envelope import decode_result, encode_task

@@ -47,6 +47,7 @@ from typing import Any
 import docker
 from pydantic import BaseModel
 
+from bench.stats import percentile
 from runner.broker_server.core import Broker
 from runner.broker_server.runners import RunnerConnection
 from runner.broker_server.server import RunningBroker, running_broker
@@ -173,14 +174,6 @@ class SoakReport:
                 )
         lines.append("soak: OK" if self.is_ok else "soak: FAILED")
         return "\n".join(lines)
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))
-    return ordered[index]
 
 
 def expected_result(kind: str, n: int) -> Any:
@@ -352,8 +345,8 @@ async def soak(
         ]
         if values:
             latency[kind] = {
-                "p50": round(percentile(values, 0.50), 1),
-                "p95": round(percentile(values, 0.95), 1),
+                "p50": round(percentile(values, 50), 1),
+                "p95": round(percentile(values, 95), 1),
                 "max": round(max(values), 1),
                 "mean": round(statistics.fmean(values), 1),
             }

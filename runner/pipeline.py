@@ -3,7 +3,9 @@
 Owns: the order of the stages, n8n's ``continueOnFail`` substitution, the
 document that ``sandbox-runner exec`` prints (and the HTTP API returns), and the
 audit record of every task (:class:`AuditRecord`, one type however the task ended:
-the pipeline makes it, the runner service adds what it knows and writes it). It
+the pipeline makes it, the runner service adds what it knows and writes it), and
+the one check of the per-task limits a task may ask for against a ceiling
+(:func:`check_requested_limits`: the runner service's and the broker API's). It
 knows nothing of Docker or of the wire: it is handed a
 :class:`~runner.sandbox.base.Sandbox` and an analyzer.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -27,7 +30,7 @@ from typing import Any
 
 from runner.analyzer import SECURITY_VIOLATIONS_MESSAGE, Analyzer
 from runner.analyzer.pool import AnalysisPool
-from runner.errors import ConfigurationError
+from runner.errors import ConfigurationError, LimitAboveCeiling
 from runner.logs import task_context
 from runner.sandbox.base import (
     JSON,
@@ -58,6 +61,44 @@ def code_size(code: str) -> int:
 def code_too_large_message(size: int, limit: int) -> str:
     """The error text of ``code_too_large`` (the HTTP API may reuse it)."""
     return f"Task code is {size:,} bytes, above the limit of {limit:,} bytes (limits.code_bytes)"
+
+
+def per_task(
+    timeout_s: float | None, memory_mb: float | None, cpus: float | None
+) -> dict[str, float | None]:
+    """The three limits a task may ask for, by their names on the wire (the ``limits``
+    of ``broker:tasksettings``) and in the HTTP API, in the order they are checked."""
+    return {"timeoutSeconds": timeout_s, "memoryMb": memory_mb, "cpus": cpus}
+
+
+def check_requested_limits(
+    requested: Mapping[str, float | None],
+    ceilings: Mapping[str, float | None],
+    refusal: Callable[[str, float, float], str],
+    *,
+    floors: Mapping[str, float | None] | None = None,
+) -> None:
+    """Refuse per-task limits asked for above their ceilings, or below their floors.
+
+    The one check of both places a task asks for limits: the runner service (what its
+    broker sends with a task, against the runner's own limits) and the broker's HTTP
+    API (what a caller submits, against the runner's limits it was started with).
+    Limit by limit (:func:`per_task` order), the ceiling first; a value or a ceiling of
+    None is not checked. Raises :class:`~runner.errors.LimitAboveCeiling` with
+    ``refusal(name, value, ceiling)``, the caller's own words (the runner names its
+    setting, the broker where its ceiling came from), or with the floor's message.
+    """
+    for name, value in requested.items():
+        if value is None:
+            continue
+        ceiling = ceilings.get(name)
+        if ceiling is not None and value > ceiling:
+            raise LimitAboveCeiling(refusal(name, value, ceiling))
+        minimum = None if floors is None else floors.get(name)
+        if minimum is not None and not value >= minimum:
+            # A request that rounds to nothing (cpus 1e-10 -> NanoCpus 0) would be no
+            # limit at all: refused like one above the ceiling (the same error path).
+            raise LimitAboveCeiling(f"{name} {value:g} is below the minimum of {minimum:g}")
 
 
 class ServiceOutcome(StrEnum):

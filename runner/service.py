@@ -34,6 +34,8 @@ from runner.pipeline import (
     TaskPipeline,
     TaskReport,
     TaskRequest,
+    check_requested_limits,
+    per_task,
 )
 from runner.protocol.machine import (
     CancelTask,
@@ -67,6 +69,19 @@ def _metrics_response(body: bytes) -> bytes:
 def new_runner_id() -> str:
     """22 characters from [A-Za-z0-9], as n8n's runner ids (CSPRNG)."""
     return "".join(secrets.choice(RUNNER_ID_ALPHABET) for _ in range(22))
+
+
+# The runner's limit is its setting or, unset, the bundle's default (not the bundle's
+# ceiling): a refusal says which variable sets it.
+_SETTING_OF_LIMIT = {"timeoutSeconds": "task_timeout_s", "memoryMb": "memory_mb", "cpus": "cpus"}
+
+
+def _runner_refusal(name: str, value: float, ceiling: float) -> str:
+    """The runner's words for a per-task limit above its own (the broker's differ)."""
+    return (
+        f"{name} {value:g} exceeds {ceiling:g}, this runner's per-task limit "
+        f"({env_name(_SETTING_OF_LIMIT[name])}, or the policy bundle's default when unset)"
+    )
 
 
 def completion_of(report: TaskReport) -> Completion:
@@ -385,31 +400,21 @@ class RunnerService:
         if requested is None:
             return None
         base = self.pipeline.limits
+        check_requested_limits(
+            per_task(requested.timeout_seconds, requested.memory_mb, requested.cpus),
+            per_task(base.timeout_s, base.memory_bytes // MIB, base.cpus),
+            _runner_refusal,
+            floors=per_task(
+                MINIMUM_LIMITS.timeout_s, MINIMUM_LIMITS.memory_bytes // MIB, MINIMUM_LIMITS.cpus
+            ),
+        )
         changes: dict[str, Any] = {}
-        for name, value, ceiling, field in (
-            ("timeoutSeconds", requested.timeout_seconds, base.timeout_s, "timeout_s"),
-            ("memoryMb", requested.memory_mb, base.memory_bytes // MIB, "memory_bytes"),
-            ("cpus", requested.cpus, base.cpus, "cpus"),
-        ):
-            if value is None:
-                continue
-            if value > ceiling:
-                # The runner's limit is its setting or, unset, the bundle's default (not
-                # the bundle's ceiling): say which variable sets it.
-                setting = {"timeout_s": "task_timeout_s", "memory_bytes": "memory_mb"}.get(
-                    field, field
-                )
-                raise LimitAboveCeiling(
-                    f"{name} {value:g} exceeds {ceiling:g}, this runner's per-task limit "
-                    f"({env_name(setting)}, or the policy bundle's default when unset)"
-                )
-            minimum = getattr(MINIMUM_LIMITS, field)
-            minimum = minimum // MIB if field == "memory_bytes" else minimum
-            if not value >= minimum:
-                # A request that rounds to nothing (cpus 1e-10 -> NanoCpus 0) would be no
-                # limit at all: refused like one above the ceiling (the same error path).
-                raise LimitAboveCeiling(f"{name} {value:g} is below the minimum of {minimum:g}")
-            changes[field] = value * MIB if field == "memory_bytes" else value
+        if requested.timeout_seconds is not None:
+            changes["timeout_s"] = requested.timeout_seconds
+        if requested.memory_mb is not None:
+            changes["memory_bytes"] = requested.memory_mb * MIB
+        if requested.cpus is not None:
+            changes["cpus"] = requested.cpus
         return replace(base, **changes)
 
     def _audit_failure(

@@ -45,9 +45,15 @@ from runner.broker_server.schemas import check_schema
 from runner.broker_server.submission import Submission, TaskLimits, prepare
 from runner.broker_server.tasks import BrokerTask, TaskStatus, WaitReason
 from runner.broker_server.tokens import GrantTokens, same_secret
-from runner.errors import ProtocolError, SubmissionRefused, TaskTooLarge, TenantBacklogFull
+from runner.errors import (
+    LimitAboveCeiling,
+    ProtocolError,
+    SubmissionRefused,
+    TaskTooLarge,
+    TenantBacklogFull,
+)
 from runner.metrics import CONTENT_TYPE, CollectorRegistry, exposition
-from runner.pipeline import code_size, code_too_large_message
+from runner.pipeline import check_requested_limits, code_size, code_too_large_message, per_task
 from runner.protocol.codec import decode_runner_message, encode
 from runner.sandbox.base import MAXIMUM_CODE_BYTES, MIB, MINIMUM_LIMITS, Mode
 
@@ -390,14 +396,17 @@ def create_app(
             if size > config.max_code_bytes:
                 raise HTTPException(422, code_too_large_message(size, config.max_code_bytes))
         ceilings = config.ceilings
-        for name, value, ceiling in (
-            ("timeoutSeconds", body.timeout_seconds, ceilings.timeout_s),
-            ("memoryMb", body.memory_mb, ceilings.memory_mb),
-            ("cpus", body.cpus, ceilings.cpus),
-        ):
-            if value is not None and ceiling is not None and value > ceiling:
-                source = config.ceiling_sources.get(name)
-                raise HTTPException(422, ceiling_refusal(name, value, ceiling, source))
+        try:
+            # The runner's check, in the broker's words; the floors are the model's.
+            check_requested_limits(
+                per_task(body.timeout_seconds, body.memory_mb, body.cpus),
+                per_task(ceilings.timeout_s, ceilings.memory_mb, ceilings.cpus),
+                lambda name, value, ceiling: ceiling_refusal(
+                    name, value, ceiling, config.ceiling_sources.get(name)
+                ),
+            )
+        except LimitAboveCeiling as exc:
+            raise HTTPException(422, str(exc)) from None
         for name, schema in (
             ("inputSchema", body.input_schema),
             ("outputSchema", body.output_schema),

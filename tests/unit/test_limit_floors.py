@@ -19,6 +19,7 @@ from test_broker_api import make
 
 from runner.broker_server.app import TaskCreate
 from runner.errors import ConfigurationError, LimitAboveCeiling
+from runner.pipeline import check_requested_limits, per_task
 from runner.policy import load_bundle, load_policy, resolve_policy
 from runner.protocol.settings import TaskLimitsRequest
 from runner.sandbox.base import MAXIMUM_CODE_BYTES, MIB, MINIMUM_LIMITS, Limits
@@ -163,6 +164,24 @@ def test_the_runner_refuses_a_per_task_limit_below_its_floor(
 ) -> None:
     with pytest.raises(LimitAboveCeiling, match=fragment):
         limits_for(requested)
+
+
+def test_one_ceiling_check_limit_by_limit_the_ceiling_first_in_the_callers_words() -> None:
+    ceilings, floors = per_task(60, 256, 1), per_task(1, 16, 0.01)
+
+    def refusal(name: str, value: float, ceiling: float) -> str:
+        return f"{name} {value:g} > {ceiling:g}, in the caller's words"
+
+    # The timeout is checked before the memory: its floor's refusal comes first.
+    with pytest.raises(LimitAboveCeiling, match=r"^timeoutSeconds 0.5 is below the minimum of 1$"):
+        check_requested_limits(per_task(0.5, 999, None), ceilings, refusal, floors=floors)
+    with pytest.raises(LimitAboveCeiling, match=r"^memoryMb 999 > 256, in the caller's words$"):
+        check_requested_limits(per_task(None, 999, None), ceilings, refusal, floors=floors)
+    # Without floors (the API's model has them), a tiny value is the caller's to refuse.
+    check_requested_limits(per_task(0.5, None, None), ceilings, refusal)
+    # Nothing asked, or no ceiling known: nothing to refuse.
+    check_requested_limits(per_task(None, None, None), ceilings, refusal, floors=floors)
+    check_requested_limits(per_task(900, None, None), per_task(None, None, None), refusal)
 
 
 def test_the_runner_takes_a_per_task_limit_at_its_floor() -> None:

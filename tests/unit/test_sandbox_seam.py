@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import until
 
 from runner.analyzer import DEFAULT_BUILTINS_DENY, Analyzer, ImportPolicy
 from runner.pipeline import AuditContext, TaskPipeline
@@ -101,14 +102,6 @@ def is_gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-async def until(condition: Any) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never became true")
-
-
 async def test_a_cancelled_process_task_ends_cancelled_and_its_child_is_killed() -> None:
     sandbox = ProcessSandbox(IMAGE_DIR)
     try:
@@ -116,7 +109,10 @@ async def test_a_cancelled_process_task_ends_cancelled_and_its_child_is_killed()
             sandbox.run(spec("print('before')\nwhile True:\n    pass"), Limits(timeout_s=60))
         )
         # The task's code runs once the agent has forked its child.
-        await until(lambda: "t1" in sandbox._running and children(sandbox._running["t1"].pid))
+        await until(
+            lambda: "t1" in sandbox._running and children(sandbox._running["t1"].pid),
+            what="the agent's child",
+        )
         agent = sandbox._running["t1"].pid
         (child,) = children(agent)
 
@@ -126,7 +122,7 @@ async def test_a_cancelled_process_task_ends_cancelled_and_its_child_is_killed()
         assert result.outcome is Outcome.CANCELLED
         assert result.error is not None
         assert (result.error.message, result.error.has_description) == (CANCELLED_MESSAGE, False)
-        await until(lambda: is_gone(child) and is_gone(agent))
+        await until(lambda: is_gone(child) and is_gone(agent), what="both to be dead")
         assert await sandbox.cancel("t1") is False  # finished: nothing left to stop
     finally:
         await sandbox.aclose()

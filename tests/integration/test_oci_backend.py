@@ -31,7 +31,7 @@ from runner.pipeline import TaskPipeline
 from runner.sandbox.base import Outcome
 from runner.sandbox.docker import DockerSandbox
 from runner.sandbox.oci import cgroups
-from runner.sandbox.oci.config import render
+from runner.sandbox.oci.config import NETWORK_NONE_SYSCTL, render
 from runner.sandbox.oci.rootfs import image_config
 from runner.sandbox.oci.runtime import OciRuntime
 from runner.sandbox.oci.sandbox import OciSandbox
@@ -106,6 +106,9 @@ async def test_the_oci_config_is_what_docker_generates_for_the_same_policy(
     theirs["mounts"] = [m for m in theirs["mounts"] if m["destination"] not in DOCKERD_BINDS]
     assert ours["linux"]["seccomp"].pop("defaultErrnoRet") == 1
     assert "defaultErrnoRet" not in theirs["linux"]["seccomp"]
+    # What dockerd's network hook does itself (IPv6 off), ours says as sysctls.
+    for name in NETWORK_NONE_SYSCTL:
+        assert ours["linux"]["sysctl"].pop(name) == "1"
     assert ours == theirs
 
 

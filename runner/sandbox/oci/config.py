@@ -3,7 +3,8 @@
 Owns the OCI rendering of a task container, written to be what Docker 20.10's daemon
 generates for the same create request (``daemon/oci_linux.go``, ``oci/defaults.go``,
 ``profiles/seccomp``) minus what belongs to dockerd itself: its libnetwork prestart
-hook, the bind mounts of ``/etc/hosts``, ``/etc/hostname`` and ``/etc/resolv.conf``
+hook (whose one effect on a container with network "none", IPv6 off, is done here by
+sysctls), the bind mounts of ``/etc/hosts``, ``/etc/hostname`` and ``/etc/resolv.conf``
 from its state directory, and its own cgroup path. So every default Docker gave us
 for free is here, explicitly: the masked and read-only ``/proc`` and ``/sys`` paths,
 the device cgroup's allow-list, the ``/dev`` tmpfs, the read-only ``/sys`` and cgroup
@@ -57,6 +58,14 @@ DEVICES: tuple[dict[str, Any], ...] = (
 NAMESPACES = ("mount", "network", "uts", "pid", "ipc", "cgroup")
 # Per network namespace in the kernels we run on: what Docker sets in every container.
 SYSCTL = {"net.ipv4.ip_unprivileged_port_start": "0", "net.ipv4.ping_group_range": "0 2147483647"}
+# What dockerd's network hook does for a container with network "none", which is not in
+# its config.json: IPv6 off on every interface, lo included (a task sees EADDRNOTAVAIL
+# for IPv6 under both engines, not an IPv6 loopback that Docker's containers lack).
+NETWORK_NONE_SYSCTL = {
+    "net.ipv6.conf.all.disable_ipv6": "1",
+    "net.ipv6.conf.default.disable_ipv6": "1",
+    "net.ipv6.conf.lo.disable_ipv6": "1",
+}
 
 # Docker's Go architecture names and libseccomp's (moby profiles/seccomp).
 SECCOMP_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "x86", "armv7l": "arm"}
@@ -245,7 +254,7 @@ def render(
         "hostname": spec.hostname,
         "mounts": [*_mounts(spec), *extra_mounts],
         "linux": {
-            "sysctl": dict(SYSCTL),
+            "sysctl": {**SYSCTL, **NETWORK_NONE_SYSCTL},
             "resources": {
                 "devices": [dict(device) for device in DEVICES],
                 "memory": {

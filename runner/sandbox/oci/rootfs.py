@@ -34,11 +34,16 @@ from typing import Any
 import docker
 
 from runner.errors import ImageBuildError
-from runner.sandbox.docker_errors import docker_errors
+from runner.sandbox.docker_errors import DOCKER_FAULTS, docker_errors
 from runner.sandbox.spec import ImageConfig
 
 PARTIAL = ".partial"
+# Part of every unpacked root's name: a change in how a root is prepared (hardening,
+# mount points) unpacks every image again instead of reusing an old directory.
+FORMAT = 2
 GVISOR = "gvisor"
+# Directories every container mounts its own tmpfs on, with the mode the tmpfs gets.
+MOUNT_POINTS = {"tmp": 0o1777}
 # The image's init: execute-only (0711) under Linux, readable for gVisor's loader.
 TINI_PATHS = ("usr/bin/tini", "usr/bin/tini-static", "sbin/tini")
 
@@ -96,7 +101,8 @@ class RootfsStore:
         with docker_errors(f"Cannot inspect the task image {image}", into=ImageBuildError):
             attrs = self._client.api.inspect_image(image)  # type: ignore[no-untyped-call]
         image_id = str(attrs["Id"])
-        name = image_id.removeprefix("sha256:")[:16] + (f"-{variant}" if variant else "")
+        name = f"v{FORMAT}-" + image_id.removeprefix("sha256:")[:16]
+        name += f"-{variant}" if variant else ""
         target = self.directory / name
         config = image_config(attrs)
         if not target.is_dir():
@@ -120,8 +126,15 @@ class RootfsStore:
                     # no setuid/setgid/sticky bit or group/other write bit survives.
                     archive.extractall(partial, numeric_owner=True, filter="tar")
             finally:
-                with contextlib.suppress(docker.errors.DockerException):
+                with contextlib.suppress(*DOCKER_FAULTS):
                     api.remove_container(created["Id"], force=True)
+        for relative, mode in MOUNT_POINTS.items():
+            # runc gives a tmpfs the mode of the directory it is mounted on: /tmp keeps
+            # the image's 1777 (every container mounts its own tmpfs there; the shared
+            # root under it is read-only).
+            point = partial / relative
+            if point.is_dir():
+                point.chmod(mode)
         if variant == GVISOR:
             for relative in TINI_PATHS:
                 tini = partial / relative
@@ -165,7 +178,10 @@ class RootfsStore:
                     problems.append(f"{relative} belongs to the task user")
                 if info.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(info.st_mode):
                     problems.append(f"{relative} is setuid or setgid")
-                if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                if (
+                    info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+                    and relative.lstrip("/") not in MOUNT_POINTS
+                ):
                     problems.append(f"{relative} is writable by others than its owner")
         return problems
 

@@ -215,7 +215,11 @@ class ChildExit:
             remaining = deadline - time.monotonic()
             if code is not None or remaining <= 0:
                 return code
-            select.select([self.fd], [], [], remaining)
+            # poll, not select: gVisor answers select(2) with EPERM under a seccomp
+            # profile that allows it (its 2022 build); poll works on both kernels.
+            watch = select.poll()
+            watch.register(self.fd, select.POLLIN)
+            watch.poll(remaining * 1000)
 
     def close(self) -> None:
         if self._wakeup is not None:

@@ -62,7 +62,7 @@ from runner.sandbox.oci.config import render
 from runner.sandbox.oci.rootfs import GVISOR, Rootfs, RootfsStore, write_json
 from runner.sandbox.oci.runtime import OciRuntime, RuntimeFailure
 from runner.sandbox.pool import PoolConfig
-from runner.sandbox.spec import container_spec
+from runner.sandbox.spec import ContainerSpec, container_spec
 from runner.sandbox.stream import STDERR, STDOUT, Output
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ READ_CHUNK = 1 << 16
 RECORD = "record.json"
 # How long a container that was killed, or whose output ended, may take to exit.
 EXIT_WAIT_S = 10.0
+# Room in a gVisor container's pids cgroup for the sandbox kernel's own threads.
+GVISOR_SENTRY_PIDS = 256
 # gVisor's own processes (runsc re-executes itself as "exe"), reaped before a delete.
 RUNSC_HELPERS = frozenset({"exe", "runsc", "runsc-gofer", "runsc-sandbox"})
 HELPER_REAP_ATTEMPTS = 20
@@ -184,8 +186,17 @@ class OciSandbox(ContainerSandbox[OciContainer]):
 
     def _shape(self, limits: Limits) -> Any:
         rootfs = self._root()
-        spec = container_spec(self._isolation, limits)
+        spec = self._spec(limits)
         return [rootfs.image_id, self._runtime.kind, dataclasses.asdict(spec)]
+
+    def _spec(self, limits: Limits) -> ContainerSpec:
+        """The container for ``limits``; under gVisor its pids cgroup also holds the
+        sandbox kernel's own threads (the sentry and its gofer: Go runtimes that die
+        when they cannot start a thread), so they get room beside the task's limit."""
+        spec = container_spec(self._isolation, limits)
+        if self._runtime.kind == "runsc":
+            spec = dataclasses.replace(spec, pids=spec.pids + GVISOR_SENTRY_PIDS)
+        return spec
 
     # -- a container's life -------------------------------------------------------
 
@@ -204,7 +215,7 @@ class OciSandbox(ContainerSandbox[OciContainer]):
         # finds who owns it.
         write_json(bundle / RECORD, {"labels": labels, "cgroupsPath": cgroups_path})
         config = render(
-            container_spec(self._isolation, limits),
+            self._spec(limits),
             rootfs.image,
             rootfs=str(rootfs.path),
             cgroups_path=cgroups_path,

@@ -23,7 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from redteam.catalog import load_catalog
-from redteam.report import SECURITY_DOC, load_record, record_facts, render_document
+from redteam.report import (
+    SECURITY_DOC,
+    load_record,
+    load_records,
+    record_facts,
+    render_document,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     current = SECURITY_DOC.read_text(encoding="utf-8")
     record = load_record()
-    rendered = render_document(current, record, load_catalog(record_facts(record)))
+    records = load_records()
+    probes_of = {engine: load_catalog(record_facts(r)) for engine, r in records.items()}
+    rendered = render_document(
+        current, record, load_catalog(record_facts(record)), (records, probes_of)
+    )
     if args.check:
         if rendered != current:
             print(f"{SECURITY_DOC} is stale: run scripts/redteam_report.py", file=sys.stderr)

@@ -28,6 +28,14 @@ from the test process, independently of the runner)::
     # expect ablation when kcore=yes: success {"/proc/kcore": 0, ...}
     # layers when kcore=no: masked, uid, kernel
 
+A line may also say ``unjudged "why"``: on hosts it applies to, the probe runs and is
+recorded but not judged, for the reason given (an outcome known to vary there).
+
+A line may name several facts (``when cgroup=v1,runtime=gvisor``): it applies when
+all hold, and of the lines that apply, the one naming the most facts is in force, so
+an unkeyed line is the default that a keyed one refines (``when runtime=gvisor``: the
+engine's runtime is a fact too, set per engine by the suite).
+
 The line whose fact matches this host is the one in force. Where no line matches
 (the expectation was never established on a host with that fact), the mode is
 *not judged here*: the probe still runs in it and its outcome is recorded, but no
@@ -62,6 +70,22 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 PROBE_DIR = HERE / "probes"
 LAST_RUN = HERE / "last_run.json"
+# The engines the suite runs on: Docker (runc under dockerd), the OCI backend driving
+# runc itself, and the gVisor tier (runsc). Each has its tracked record.
+ENGINES = ("docker", "oci", "gvisor")
+ENGINE_TITLES = {
+    "docker": "runc via Docker",
+    "oci": "runc direct (OCI backend)",
+    "gvisor": "gVisor (runsc)",
+}
+# The OCI runtime under each engine: what a probe's "when runtime=..." lines key on.
+ENGINE_RUNTIME = {"docker": "runc", "oci": "runc", "gvisor": "gvisor"}
+
+
+def last_run(engine: str) -> Path:
+    """The tracked record of the last run on ``engine``."""
+    return LAST_RUN if engine == "docker" else HERE / f"last_run.{engine}.json"
+
 
 MODES = ("default", "guards_off", "ablation")
 MODE_TITLES = {
@@ -180,6 +204,9 @@ HOST_FACTS: dict[str, str] = {
     "userns": "unprivileged user namespaces possible: /proc/sys/user/max_user_namespaces > 0",
     "cgroup": "v2: the unified hierarchy at /sys/fs/cgroup (cgroup.controllers there), so task "
     "containers see cgroup v2; v1: v1 hierarchies (hybrid hosts included)",
+    "runtime": "the OCI runtime under the task: runc (Docker's, and the OCI backend's) or "
+    "gvisor (runsc: another kernel between the task and the host); set per engine by the "
+    "suite, runc unless it says otherwise",
 }
 
 
@@ -221,6 +248,7 @@ def detect_host_facts(root: Path = Path("/"), *, af_alg: bool | None = None) -> 
         "io_uring_disabled": _read(root / "proc/sys/kernel/io_uring_disabled") or "absent",
         "userns": "yes" if max_userns is not None and int(max_userns) > 0 else "no",
         "cgroup": "v2" if (root / "sys/fs/cgroup/cgroup.controllers").exists() else "v1",
+        "runtime": "runc",
     }
 
 
@@ -236,9 +264,9 @@ def machine_problem(facts: dict[str, str]) -> str | None:
     )
 
 
-_HEADER = re.compile(
-    r"^#\s*([a-z_]+)(?:\s+([a-z_]+))?(?:\s+when\s+([a-z_]+)=([a-z0-9_]+))?\s*:\s*(.*)$"
-)
+# ``# expect MODE when FACTS: unjudged "why"``: the outcome there is known not to be one.
+UNJUDGED = "unjudged"
+_HEADER = re.compile(r"^#\s*([a-z_]+)(?:\s+([a-z_]+))?(?:\s+when\s+([a-z0-9_=,]+))?\s*:\s*(.*)$")
 _OUTCOME = re.compile(r"^([a-z_]+)(?:@([a-z]+))?\s*(.*)$")
 
 
@@ -314,6 +342,19 @@ class Probe:
         return tuple(mode for mode in MODES if mode in self.expects or mode in self.unjudged)
 
 
+def _conditions(text: str | None, where: str) -> dict[str, str]:
+    """``fact=value,fact=value`` -> {fact: value}."""
+    if not text:
+        return {}
+    wanted = {}
+    for part in text.split(","):
+        fact, equals, value = part.partition("=")
+        if not equals or not fact or not value:
+            raise CatalogError(f"{where}: cannot read the condition {part!r}")
+        wanted[fact] = value
+    return wanted
+
+
 def _parse_expect(text: str, where: str) -> Expect:
     match = _OUTCOME.match(text.strip())
     if match is None:
@@ -338,48 +379,65 @@ def load_probe(path: Path, facts: dict[str, str]) -> Probe:
         raise CatalogError(f"{where}: unknown class folder {klass!r}")
     fields: dict[str, str] = {}
     expects: dict[str, Expect] = {}
-    # (key, mode) -> the fact it is keyed on, and the values that have a line.
-    keyed: dict[tuple[str, str | None], tuple[str, list[str]]] = {}
+    # (key, mode) -> its lines: (conditions, value); a line applies when all its
+    # conditions hold, and the most specific line that applies is the one in force.
+    lines: dict[tuple[str, str | None], list[tuple[dict[str, str], str]]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.startswith("#"):
             break
         match = _HEADER.match(line)
         if match is None:
             continue
-        key, mode, fact, wanted, value = match.groups()
-        if fact is not None:
+        key, mode, conditions, value = match.groups()
+        wanted = _conditions(conditions, where)
+        for fact in wanted:
             if fact not in HOST_FACTS or fact not in facts:
                 raise CatalogError(f"{where}: unknown host fact {fact!r}")
-            seen_fact, values = keyed.setdefault((key, mode), (fact, []))
-            if seen_fact != fact:
-                raise CatalogError(f"{where}: {key} {mode or ''} keyed on two facts")
-            values.append(wanted)
-            if facts[fact] != wanted:
-                continue
-        if key == "expect":
-            if mode not in MODES:
-                raise CatalogError(f"{where}: unknown mode {mode!r}")
-            expects[mode] = _parse_expect(value, where)
-        else:
-            fields[key] = (fields[key] + " " + value) if key in fields else value
+        if wanted and key not in ("expect", "layers"):
+            raise CatalogError(f"{where}: only expect and layers lines may be keyed on facts")
+        if key == "expect" and mode not in MODES:
+            raise CatalogError(f"{where}: unknown mode {mode!r}")
+        lines.setdefault((key, mode), []).append((wanted, value))
     unjudged: dict[str, str] = {}
     layers_unknown = None
-    for (key, mode), (fact, values) in keyed.items():
-        if facts[fact] in values:
-            continue
+    for (key, mode), candidates in lines.items():
+        applying = [
+            (wanted, value)
+            for wanted, value in candidates
+            if all(facts[fact] == expected for fact, expected in wanted.items())
+        ]
         what = f"{key} {mode}" if mode else key
-        reason = (
-            f"its '{what}' line is established only on hosts where {fact} is "
-            f"{' or '.join(values)} ({HOST_FACTS[fact]}); this host has {fact}={facts[fact]} "
-            f"(to judge it here: run the probe, see what holds it, and add a "
-            f"'# {what} when {fact}={facts[fact]}: ...' line)"
+        if applying:
+            most = max(len(wanted) for wanted, _ in applying)
+            chosen = [value for wanted, value in applying if len(wanted) == most]
+            if key == "expect":
+                if len(chosen) > 1:
+                    raise CatalogError(f"{where}: two '{what}' lines apply to {facts}")
+                if chosen[0].startswith(UNJUDGED + " "):
+                    # Said outright: no single outcome can be established here.
+                    unjudged[str(mode)] = json.loads(chosen[0].removeprefix(UNJUDGED + " "))
+                else:
+                    expects[str(mode)] = _parse_expect(chosen[0], where)
+            else:
+                fields[key] = " ".join(chosen)  # a note may run over several lines
+            continue
+        established = " or ".join(
+            ", ".join(f"{fact}={expected}" for fact, expected in wanted.items())
+            for wanted, _ in candidates
         )
-        if key == "expect" and mode in MODES:
-            unjudged[mode] = reason
+        have = ", ".join(
+            f"{fact}={facts[fact]}"
+            for fact in sorted({fact for wanted, _ in candidates for fact in wanted})
+        )
+        reason = (
+            f"its '{what}' line is established only where {established}; this host has "
+            f"{have} (to judge it here: run the probe, see what holds it, and add a "
+            f"'# {what} when {have.replace(', ', ',')}: ...' line)"
+        )
+        if key == "expect":
+            unjudged[str(mode)] = reason
         elif key == "layers":
             layers_unknown = reason
-        else:
-            raise CatalogError(f"{where}: only expect and layers lines may be keyed on facts")
     threat = fields.get("threat", "")
     if threat not in THREATS or THREATS[threat][0] != klass:
         raise CatalogError(f"{where}: threat {threat!r} is not a bullet of class {klass}")

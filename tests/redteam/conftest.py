@@ -41,25 +41,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, config: pytest.Config
 ) -> None:
-    """Say which probe runs this host's facts leave unjudged, and why (never silent)."""
+    """Say which probe runs each engine leaves unjudged on this host, and why (never
+    silent)."""
     if not config.stash.get(COLLECTED, False) or platform.machine() != "x86_64":
         return
-    from .catalog import CatalogError, detect_host_facts, load_catalog, unjudged_runs
-
-    facts = detect_host_facts()
-    try:
-        probes = load_catalog(facts)
-    except CatalogError:
-        return  # collection already failed with the message
-    runs = unjudged_runs(probes)
-    total = sum(len(probe.modes) for probe in probes)
-    described = ", ".join(f"{key}={value}" for key, value in sorted(facts.items()))
-    terminalreporter.section("red-team probe runs not judged on this host")
-    terminalreporter.write_line(
-        f"{len(runs)} of {total} probe runs not judged here (host facts: {described}); "
-        "they ran and are recorded:"
-        if runs
-        else f"all {total} probe runs judged here (host facts: {described})"
+    from .catalog import (
+        ENGINE_RUNTIME,
+        ENGINES,
+        CatalogError,
+        detect_host_facts,
+        load_catalog,
+        unjudged_runs,
     )
-    for probe_id, mode, why in runs:
-        terminalreporter.write_line(f"  {probe_id} [{mode}]: {why}")
+
+    host = detect_host_facts()
+    described = ", ".join(f"{key}={value}" for key, value in sorted(host.items()))
+    terminalreporter.section("red-team probe runs not judged on this host")
+    terminalreporter.write_line(f"host facts: {described}")
+    for engine in ENGINES:
+        try:
+            probes = load_catalog({**host, "runtime": ENGINE_RUNTIME[engine]})
+        except CatalogError:
+            return  # collection already failed with the message
+        runs = unjudged_runs(probes)
+        total = sum(len(probe.modes) for probe in probes)
+        terminalreporter.write_line(
+            f"{engine}: {len(runs)} of {total} probe runs not judged (they ran and are recorded)"
+            if runs
+            else f"{engine}: all {total} probe runs judged"
+        )
+        for probe_id, mode, why in runs:
+            terminalreporter.write_line(f"  {probe_id} [{mode}]: {why}")

@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -43,12 +44,13 @@ import docker
 from runner.cli.wiring import load_isolation
 from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
 from runner.policy import DOCKER_DEFAULT_PROFILE
-from runner.sandbox.docker import DockerSandbox
+from runner.sandbox.container import ContainerSandbox
 from runner.sandbox.isolation import IsolationConfig
 from runner.sandbox.labels import LABEL_MANAGED, LABEL_OWNER, LABEL_TASK
+from runner.sandbox.oci.runtime import OciRuntime
 from runner.settings import Settings
 
-from .catalog import LAST_RUN, MODES, Probe
+from .catalog import MODES, Probe, last_run
 
 PipelineFactory = Callable[..., AbstractAsyncContextManager[TaskPipeline]]
 
@@ -169,22 +171,50 @@ async def run_one(pipeline: TaskPipeline, probe: Probe) -> TaskReport:
         _, after_s = probe.action
         await asyncio.sleep(after_s)
         sandbox = pipeline.sandbox
-        assert isinstance(sandbox, DockerSandbox)
+        assert isinstance(sandbox, ContainerSandbox)
         await sandbox.cancel(request.task_id)
     return await asyncio.wait_for(running, limits.timeout_s + 60)
 
 
-async def inspect_containers(client: docker.DockerClient, runner_id: str) -> dict[str, Any]:
-    """Every container of this runner id as the daemon describes it (env, labels, cmd)."""
+class Engine:
+    """What the harness needs of the engine that makes the containers, beside the
+    pipeline: look at every container of a runner id as the engine describes it (for
+    secrets), ``python3 -c`` inside a task's running container (the listener's
+    positive control), and the containers left."""
 
-    def blocking() -> dict[str, Any]:
-        found = client.api.containers(
-            all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={runner_id}"]}
+    name = "engine"
+
+    def containers(self, runner_id: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def exec_python(self, runner_id: str, task_id: str, code: str) -> tuple[int, bytes] | None:
+        """(exit code, stdout) of ``python3 -c code`` in the task's container; None: it
+        does not run (yet)."""
+        raise NotImplementedError
+
+    def leftovers(self, runner_id: str) -> list[str]:
+        raise NotImplementedError
+
+
+class DockerEngine(Engine):
+    name = "docker"
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.client = client
+
+    def _ours(self, runner_id: str, *labels: str, **filters: Any) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.client.api.containers(
+            all=True,
+            filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={runner_id}", *labels]},
+            **filters,
         )
+        return found
+
+    def containers(self, runner_id: str) -> list[dict[str, Any]]:
         described = []
-        for container in found:
+        for container in self._ours(runner_id):
             try:
-                info = client.api.inspect_container(container["Id"])
+                info = self.client.api.inspect_container(container["Id"])
             except docker.errors.NotFound:
                 continue
             config = info.get("Config") or {}
@@ -198,32 +228,100 @@ async def inspect_containers(client: docker.DockerClient, runner_id: str) -> dic
                     "mounts": [m.get("Source") for m in info.get("Mounts") or []],
                 }
             )
-        return {"containers": len(described), "text": json.dumps(described, sort_keys=True)}
+        return described
 
-    return await asyncio.to_thread(blocking)
+    def exec_python(self, runner_id: str, task_id: str, code: str) -> tuple[int, bytes] | None:
+        found = self.client.api.containers(
+            filters={
+                "label": [f"{LABEL_OWNER}={runner_id}", f"{LABEL_TASK}={task_id}"],
+                "status": "running",
+            }
+        )
+        if not found:
+            return None
+        api = self.client.api
+        try:
+            exec_id = api.exec_create(found[0]["Id"], ["python3", "-I", "-B", "-c", code])
+            output = api.exec_start(exec_id)
+        except docker.errors.APIError:
+            return None  # created but not started yet, or gone: polled again
+        return int(api.exec_inspect(exec_id)["ExitCode"]), bytes(output)
+
+    def leftovers(self, runner_id: str) -> list[str]:
+        return [c["Id"] for c in self._ours(runner_id)]
+
+
+class OciEngine(Engine):
+    """The OCI backend: its bundles (config.json and the ownership record) under the
+    state directory, ``runc exec`` into a container, the runtime's list."""
+
+    def __init__(self, name: str, state: Path, runtime: OciRuntime) -> None:
+        self.name = name
+        self.bundles = state / "bundles"
+        self.runtime = runtime
+
+    def _ours(self, runner_id: str) -> list[tuple[Path, dict[str, Any]]]:
+        found = []
+        for bundle in sorted(self.bundles.glob("*")) if self.bundles.is_dir() else []:
+            try:
+                record = json.loads((bundle / "record.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if record.get("labels", {}).get(LABEL_OWNER) == runner_id:
+                found.append((bundle, record))
+        return found
+
+    def containers(self, runner_id: str) -> list[dict[str, Any]]:
+        described = []
+        for bundle, record in self._ours(runner_id):
+            try:
+                config = json.loads((bundle / "config.json").read_text())
+            except (OSError, ValueError):
+                continue
+            described.append(
+                {
+                    "env": config["process"].get("env") or [],
+                    "labels": record.get("labels") or {},
+                    "cmd": config["process"].get("args"),
+                    "mounts": [m.get("source") for m in config.get("mounts") or []],
+                }
+            )
+        return described
+
+    def exec_python(self, runner_id: str, task_id: str, code: str) -> tuple[int, bytes] | None:
+        for bundle, record in self._ours(runner_id):
+            if record.get("labels", {}).get(LABEL_TASK) != task_id:
+                continue
+            argv = self.runtime.argv(
+                "exec", "--user", "10001:10001", bundle.name, "python3", "-I", "-B", "-c", code
+            )
+            done = subprocess.run(argv, capture_output=True, timeout=30, check=False)
+            if b"not running" in done.stderr or b"does not exist" in done.stderr:
+                return None
+            return done.returncode, done.stdout
+        return None
+
+    def leftovers(self, runner_id: str) -> list[str]:
+        return [bundle.name for bundle, _ in self._ours(runner_id)]
+
+
+async def inspect_containers(engine: Engine, runner_id: str) -> dict[str, Any]:
+    """Every container of this runner id as its engine describes it (env, labels, cmd)."""
+    described = await asyncio.to_thread(engine.containers, runner_id)
+    return {"containers": len(described), "text": json.dumps(described, sort_keys=True)}
 
 
 def exec_in_task_container(
-    client: docker.DockerClient, runner_id: str, task_id: str, code: str
+    engine: Engine, runner_id: str, task_id: str, code: str
 ) -> dict[str, Any] | None:
     """``python3 -c code`` in the running container of a cold task (None: not running yet).
 
     A cold pipeline creates each task's container with the task's id as a label.
     """
-    found = client.api.containers(
-        filters={
-            "label": [f"{LABEL_OWNER}={runner_id}", f"{LABEL_TASK}={task_id}"],
-            "status": "running",
-        }
-    )
-    if not found:
+    answer = engine.exec_python(runner_id, task_id, code)
+    if answer is None:
         return None
-    try:
-        exec_id = client.api.exec_create(found[0]["Id"], ["python3", "-I", "-B", "-c", code])
-        output = client.api.exec_start(exec_id)
-    except docker.errors.APIError:
-        return None  # created but not started yet, or gone: polled again
-    exit_code = client.api.exec_inspect(exec_id)["ExitCode"]
+    exit_code, output = answer
     if exit_code != 0:
         return {"ready": False, "exec_exit": exit_code, "output": output.decode(errors="replace")}
     result: dict[str, Any] = json.loads(output)
@@ -231,7 +329,7 @@ def exec_in_task_container(
 
 
 async def start_listener(
-    pipeline: TaskPipeline, client: docker.DockerClient, runner_id: str
+    pipeline: TaskPipeline, engine: Engine, runner_id: str
 ) -> tuple[TaskRequest, asyncio.Task[TaskReport], dict[str, Any]]:
     """The listener task, once its set-up has finished; and the positive control.
 
@@ -247,7 +345,7 @@ async def start_listener(
     while time.monotonic() < deadline and not task.done():
         polls += 1
         seen = await asyncio.to_thread(
-            exec_in_task_container, client, runner_id, request.task_id, LISTENER_CHECK
+            exec_in_task_container, engine, runner_id, request.task_id, LISTENER_CHECK
         )
         if seen is not None:
             control = seen
@@ -263,7 +361,7 @@ async def stop_listener(
     pipeline: TaskPipeline, request: TaskRequest, task: asyncio.Task[TaskReport]
 ) -> dict[str, Any]:
     sandbox = pipeline.sandbox
-    assert isinstance(sandbox, DockerSandbox)
+    assert isinstance(sandbox, ContainerSandbox)
     await sandbox.cancel(request.task_id)
     report = await asyncio.wait_for(task, 60)
     return observation(report, 0.0)
@@ -274,7 +372,7 @@ async def run_suite(
     probes: list[Probe],
     *,
     settings: Settings,
-    client: docker.DockerClient,
+    engine: Engine,
     secrets: Secrets,
     runner_id: str,
 ) -> SuiteRun:
@@ -312,10 +410,10 @@ async def run_suite(
             run.listener_setup[name] = observation(once, 0.0)
         listeners = {}
         for name, peer in peers.items():
-            request, task, control = await start_listener(peer, client, runner_id)
+            request, task, control = await start_listener(peer, engine, runner_id)
             listeners[name] = (request, task)
             run.listener_control[name] = control
-        run.inspections.append(await inspect_containers(client, runner_id))
+        run.inspections.append(await inspect_containers(engine, runner_id))
         for mode in MODES:
             pipeline = pipelines[mode]
             for probe in probes:
@@ -330,7 +428,7 @@ async def run_suite(
                 run.observations.setdefault(probe.id, {})[mode] = observation(
                     report, time.monotonic() - started
                 )
-        run.inspections.append(await inspect_containers(client, runner_id))
+        run.inspections.append(await inspect_containers(engine, runner_id))
         for name, (request, task) in listeners.items():
             run.listeners[name] = await stop_listener(peers[name], request, task)
         for mode, pipeline in pipelines.items():
@@ -338,15 +436,7 @@ async def run_suite(
                 TaskRequest(code=TRIVIAL, items=[{"json": {"n": 1}}, {"json": {"n": 2}}])
             )
             run.serving[mode] = observation(report, 0.0)
-    run.leftovers = await asyncio.to_thread(
-        lambda: [
-            c["Id"]
-            for c in client.api.containers(
-                all=True,
-                filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={runner_id}"]},
-            )
-        ]
-    )
+    run.leftovers = await asyncio.to_thread(engine.leftovers, runner_id)
     for inspection in run.inspections:
         run.leaks.extend(
             f"container inspect: {name}" for name in secrets.found_in(inspection["text"])
@@ -355,12 +445,13 @@ async def run_suite(
     return run
 
 
-def record_paths(session_dir: Path) -> list[Path]:
+def record_paths(session_dir: Path, engine: str = "docker") -> list[Path]:
     """Where :func:`record` writes: the session's own file; with REDTEAM_RECORD=1 also
-    the tracked ``last_run.json`` (the source of ``scripts/redteam_report.py``)."""
-    paths = [session_dir / LAST_RUN.name]
+    the engine's tracked record (the source of ``scripts/redteam_report.py``)."""
+    tracked = last_run(engine)
+    paths = [session_dir / tracked.name]
     if os.environ.get(RECORD_ENV) == "1":
-        paths.append(LAST_RUN)
+        paths.append(tracked)
     return paths
 
 
@@ -372,6 +463,8 @@ def record(
     *,
     facts: dict[str, str],
     paths: list[Path],
+    engine: str = "docker",
+    runtime: str = "",
 ) -> dict[str, Any]:
     """The machine-readable record of a run (secrets redacted), written to ``paths``."""
     version = client.version()
@@ -403,6 +496,8 @@ def record(
             "modes": modes,
         }
     document = {
+        "engine": engine,
+        "runtime": runtime,
         "generatedAt": datetime.now(UTC).isoformat(timespec="seconds"),
         "wallSeconds": round(run.wall_s, 1),
         "docker": version.get("Version"),

@@ -40,14 +40,18 @@ import docker
 import pytest
 from integration.conftest import pipeline_factory
 
+from runner.cli.wiring import oci_runtime, state_dir
 from runner.settings import PROJECT_ROOT, Settings
 
 from .catalog import (
     CLASSES,
+    ENGINE_RUNTIME,
+    ENGINES,
     THREATS,
     CatalogError,
     Probe,
     detect_host_facts,
+    last_run,
     load_catalog,
     machine_problem,
     unjudged_runs,
@@ -56,6 +60,10 @@ from .harness import (
     CANARY_NAME,
     CANARY_PREFIX,
     TOKEN_PREFIX,
+    DockerEngine,
+    Engine,
+    OciEngine,
+    PipelineFactory,
     Secrets,
     SuiteRun,
     record,
@@ -70,16 +78,30 @@ pytestmark = pytest.mark.timeout(900)
 HOST_FACTS = detect_host_facts()
 if machine_problem(HOST_FACTS) is not None:
     pytest.fail(f"tests/redteam: {machine_problem(HOST_FACTS)}", pytrace=False)
+# Each engine's facts: this host's, and the runtime under the task.
+FACTS = {engine: {**HOST_FACTS, "runtime": ENGINE_RUNTIME[engine]} for engine in ENGINES}
 try:
-    PROBES = load_catalog(HOST_FACTS)
+    PROBES_OF = {engine: load_catalog(FACTS[engine]) for engine in ENGINES}
 except CatalogError as exc:
     pytest.fail(f"tests/redteam: no expectation for this host: {exc}", pytrace=False)
-# Judged here: the runs whose expectation holds for this host's facts.
-CASES = [(probe, mode) for probe in PROBES for mode in probe.expects]
+PROBES = PROBES_OF["docker"]
+# Judged here: the runs whose expectation holds for this host's facts, per engine.
+CASES = [
+    (engine, probe, mode)
+    for engine in ENGINES
+    for probe in PROBES_OF[engine]
+    for mode in probe.expects
+]
+
+
+def each_engine(test: Any) -> Any:
+    """Run a test of the suite once per engine (the suite is made once per engine)."""
+    return pytest.mark.parametrize("engine", ENGINES)(test)
 
 
 @dataclass
 class Suite:
+    engine: str
     run: SuiteRun
     secrets: Secrets
     runner_id: str
@@ -87,13 +109,65 @@ class Suite:
     record: dict[str, Any]
 
 
+def engine_of(
+    name: str, base_settings: Settings, task_image: str, client: docker.DockerClient
+) -> tuple[Engine, PipelineFactory]:
+    """The engine a suite runs on, and the factory of its pipelines."""
+    if name == "docker":
+        return DockerEngine(client), pipeline_factory(base_settings, task_image)
+    overrides = {"oci_runtime": "runsc"} if name == "gvisor" else {}
+    settings = Settings(**{**base_settings.model_dump(), **overrides})
+    runtime = oci_runtime(settings)
+    if isinstance(runtime, str):
+        pytest.fail(f"tests/redteam: the {name} engine cannot run here: {runtime}")
+    factory = pipeline_factory(settings, task_image, backend="oci")
+    return OciEngine(name, state_dir(settings), runtime), factory
+
+
+class Suites:
+    """One run of the whole batch per engine, made on first use and kept for the module
+    (the tests of one engine are collected together, so each engine runs once)."""
+
+    def __init__(
+        self,
+        base_settings: Settings,
+        task_image: str,
+        client: docker.DockerClient,
+        tmp: pytest.TempPathFactory,
+    ) -> None:
+        self._args = (base_settings, task_image, client, tmp)
+        self._made: dict[str, Suite] = {}
+
+    def of(self, name: str) -> Suite:
+        if name not in self._made:
+            self._made[name] = make_suite(name, *self._args)
+        return self._made[name]
+
+
 @pytest.fixture(scope="module")
-def suite(
+def suites(
+    base_settings: Settings,
+    task_image: str,
+    docker_client: docker.DockerClient,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Suites:
+    return Suites(base_settings, task_image, docker_client, tmp_path_factory)
+
+
+@pytest.fixture
+def suite(suites: Suites, engine: str) -> Suite:
+    return suites.of(engine)
+
+
+def make_suite(
+    name: str,
     base_settings: Settings,
     task_image: str,
     docker_client: docker.DockerClient,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Suite:
+    engine, factory = engine_of(name, base_settings, task_image, docker_client)
+    probes = PROBES_OF[name]
     found = Secrets(
         canary=CANARY_PREFIX + secrets.token_hex(16),
         auth_token=TOKEN_PREFIX + secrets.token_hex(16),
@@ -107,10 +181,10 @@ def suite(
         patch.setenv("N8N_RUNNERS_GRANT_TOKEN", found.grant_token)
         run = asyncio.run(
             run_suite(
-                pipeline_factory(base_settings, task_image),
-                PROBES,
+                factory,
+                probes,
                 settings=base_settings,
-                client=docker_client,
+                engine=engine,
                 secrets=found,
                 runner_id=runner_id,
             )
@@ -118,17 +192,21 @@ def suite(
         had = os.environ.get(CANARY_NAME) == found.canary
     recorded = record(
         run,
-        PROBES,
+        probes,
         found,
         docker_client,
-        facts=HOST_FACTS,
-        paths=record_paths(tmp_path_factory.mktemp("redteam")),
+        facts=FACTS[name],
+        paths=record_paths(tmp_path_factory.mktemp(f"redteam-{name}"), name),
+        engine=name,
+        runtime=engine.runtime.version() if isinstance(engine, OciEngine) else "runc (Docker)",
     )
-    return Suite(run, found, runner_id, had, recorded)
+    return Suite(name, run, found, runner_id, had, recorded)
 
 
 @pytest.mark.parametrize(
-    ("probe", "mode"), CASES, ids=[f"{probe.id}[{mode}]" for probe, mode in CASES]
+    ("engine", "probe", "mode"),
+    CASES,
+    ids=[f"{engine}:{probe.id}[{mode}]" for engine, probe, mode in CASES],
 )
 def test_probe(suite: Suite, probe: Probe, mode: str) -> None:
     observed = suite.run.observations[probe.id][mode]
@@ -136,10 +214,11 @@ def test_probe(suite: Suite, probe: Probe, mode: str) -> None:
     assert not problems, f"{probe.id} [{mode}] ({probe.title}): " + "; ".join(problems)
 
 
+@each_engine
 def test_runs_not_judged_here_still_ran_and_are_recorded(suite: Suite) -> None:
     """A run this host's facts leave open is not dropped: it ran, and its outcome and
     the reason it is not judged are in the record (the pytest summary lists them)."""
-    for probe_id, mode, why in unjudged_runs(PROBES):
+    for probe_id, mode, why in unjudged_runs(PROBES_OF[suite.engine]):
         seen = suite.record["probes"][probe_id]["modes"][mode]
         assert seen["observed"] is not None, (probe_id, mode)
         assert seen["observed"]["outcome"], (probe_id, mode)
@@ -161,6 +240,7 @@ def test_the_catalog_covers_every_threat_with_several_probes() -> None:
             assert "ablation" in probe.modes, probe.id
 
 
+@each_engine
 def test_no_secret_reaches_any_task_or_container(suite: Suite) -> None:
     assert suite.environment_had_secrets, "the canary was not in the runner's environment"
     assert suite.run.leaks == []
@@ -173,6 +253,7 @@ def test_no_secret_reaches_any_task_or_container(suite: Suite) -> None:
         assert CANARY_NAME not in inspection["text"]
 
 
+@each_engine
 def test_the_cross_task_listeners_lived_through_the_batch(suite: Suite) -> None:
     # What the listener's set-up achieves, run once to its end in each isolation:
     # SysV shared memory only exists under Docker's profile (in its own IPC
@@ -200,12 +281,14 @@ def test_the_cross_task_listeners_lived_through_the_batch(suite: Suite) -> None:
     }
 
 
+@each_engine
 def test_the_runner_keeps_serving_after_the_batch(suite: Suite) -> None:
     for mode, observed in suite.run.serving.items():
         assert observed["outcome"] == "success", (mode, observed)
         assert observed["result"] == [{"json": {"n": 3}}], mode
 
 
+@each_engine
 def test_no_container_of_this_runner_is_left(
     suite: Suite, docker_client: docker.DockerClient
 ) -> None:
@@ -221,6 +304,7 @@ REGENERATE = (
 )
 
 
+@each_engine
 def test_docs_security_shows_the_outcomes_of_this_run(suite: Suite) -> None:
     """docs/security.md shows what the tracked record renders (the next test), and this
     run observed the same outcomes as that record: the same probes and counts, every
@@ -230,14 +314,15 @@ def test_docs_security_shows_the_outcomes_of_this_run(suite: Suite) -> None:
     stamp (when, how long), so another machine of the same kind passes; a run whose
     expectation differs with the host facts must hold on both.
     """
-    tracked = load_record()
+    tracked_path = last_run(suite.engine)
+    tracked = load_record(tracked_path)
     problems = outcome_differences(
-        outcomes(suite.record, PROBES),
+        outcomes(suite.record, PROBES_OF[suite.engine]),
         outcomes(tracked, load_catalog(record_facts(tracked))),
     )
     assert not problems, (
-        "this run's outcomes differ from those docs/security.md shows "
-        f"(tests/redteam/last_run.json): run {REGENERATE}\n" + "\n".join(problems[:12])
+        f"this run's outcomes on {suite.engine} differ from those docs/security.md shows "
+        f"({tracked_path.name}): run {REGENERATE}\n" + "\n".join(problems[:12])
     )
 
 

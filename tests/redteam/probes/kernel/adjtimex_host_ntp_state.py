@@ -3,6 +3,7 @@
 # expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
 # expect guards_off: success {"adjtimex_read": "EPERM"}
 # expect ablation: success {"adjtimex_read": "ok"}
+# expect ablation when runtime=gvisor: success {"adjtimex_read": "EPERM"}
 # layers: none
 # ours: refuses
 # note: a read-only leak of host state that Docker's profile allows; writing it would need CAP_SYS_TIME

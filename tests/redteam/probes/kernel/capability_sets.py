@@ -2,7 +2,9 @@
 # threat: k.over-capable
 # expect default: user_error@run "name 'open' is not defined"
 # expect guards_off: success {"self": {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": 0, "CapAmb": 0, "NoNewPrivs": 1, "Seccomp": 2}, "pid1": {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": 0, "CapAmb": 0, "NoNewPrivs": 1, "Seccomp": 2}}
+# expect guards_off when runtime=gvisor: success {"pid1": {"CapBnd": 0, "CapEff": 0, "CapInh": 0, "CapPrm": 0, "Seccomp": 2}, "self": {"CapBnd": 0, "CapEff": 0, "CapInh": 0, "CapPrm": 0, "Seccomp": 2}}
 # expect ablation: success {"self": {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": 0, "CapAmb": 0, "NoNewPrivs": 1, "Seccomp": 2}, "pid1": {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": 0, "CapAmb": 0, "NoNewPrivs": 1, "Seccomp": 2}}
+# expect ablation when runtime=gvisor: success {"pid1": {"CapBnd": 0, "CapEff": 0, "CapInh": 0, "CapPrm": 0, "Seccomp": 2}, "self": {"CapBnd": 0, "CapEff": 0, "CapInh": 0, "CapPrm": 0, "Seccomp": 2}}
 # layers: caps, nnp
 
 

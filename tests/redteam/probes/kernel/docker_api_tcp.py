@@ -2,7 +2,9 @@
 # threat: k.proc-sys
 # expect default: security_violation@analyze "Import of standard library module 'socket' is disallowed"
 # expect guards_off: success {"172.17.0.1:2375": "ENETUNREACH", "172.17.0.1:2376": "ENETUNREACH", "127.0.0.1:2375": "ECONNREFUSED"}
+# expect guards_off when runtime=gvisor: success {"127.0.0.1:2375": "ECONNREFUSED", "172.17.0.1:2375": "EHOSTUNREACH", "172.17.0.1:2376": "EHOSTUNREACH"}
 # expect ablation: success {"172.17.0.1:2375": "ENETUNREACH", "172.17.0.1:2376": "ENETUNREACH", "127.0.0.1:2375": "ECONNREFUSED"}
+# expect ablation when runtime=gvisor: success {"127.0.0.1:2375": "ECONNREFUSED", "172.17.0.1:2375": "EHOSTUNREACH", "172.17.0.1:2376": "EHOSTUNREACH"}
 # layers: network
 # ours: allows
 # note: loopback is the container's own lo, where nothing listens

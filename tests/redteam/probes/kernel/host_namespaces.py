@@ -2,7 +2,9 @@
 # threat: k.over-capable
 # expect default: security_violation@analyze "Import of standard library module 'socket' is disallowed"
 # expect guards_off: success {"interfaces": ["lo"], "pid1": "tini", "hostname": "sandbox", "processes": 3, "dev_shm": false}
+# expect guards_off when runtime=gvisor: success {"dev_shm": true, "hostname": "sandbox", "interfaces": ["lo"], "pid1": "tini", "processes": 3}
 # expect ablation: success {"interfaces": ["lo"], "pid1": "tini", "hostname": "sandbox", "processes": 3, "dev_shm": false}
+# expect ablation when runtime=gvisor: success {"dev_shm": true, "hostname": "sandbox", "interfaces": ["lo"], "pid1": "tini", "processes": 3}
 # layers: network, pidns, ipcns, config
 import os
 import socket

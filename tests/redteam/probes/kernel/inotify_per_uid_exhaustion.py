@@ -3,6 +3,7 @@
 # expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
 # expect guards_off: success {"first": "EPERM"}
 # expect ablation: success {"first": "ok", "stopped_by": "EMFILE", "took_the_whole_host_quota": true}
+# expect ablation when runtime=gvisor: user_error@run "[Errno 2] No such file or directory: '/proc/sys/fs/inotify/max_user_instances'"
 # layers: none
 # ours: refuses
 # note: Docker's profile allows inotify; its instances are counted per uid host-wide, so one task could starve every other task container of the same uid (freed when the task ends)

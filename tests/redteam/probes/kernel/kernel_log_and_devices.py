@@ -2,7 +2,9 @@
 # threat: k.proc-sys
 # expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
 # expect guards_off: success {"syslog_read_all": "EPERM", "dev_kmsg": "ENOENT", "mknod_block": "EPERM", "dev": ["fd", "full", "mqueue", "null", "ptmx", "pts", "random", "stderr", "stdin", "stdout", "tty", "urandom", "zero"]}
+# expect guards_off when runtime=gvisor: success {"dev": ["fd", "full", "fuse", "net", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom", "zero"], "dev_kmsg": "ENOENT", "mknod_block": "ok", "syslog_read_all": "EPERM"}
 # expect ablation: success {"syslog_read_all": "EPERM", "dev_kmsg": "ENOENT", "mknod_block": "EPERM", "dev": ["fd", "full", "mqueue", "null", "ptmx", "pts", "random", "stderr", "stdin", "stdout", "tty", "urandom", "zero"]}
+# expect ablation when runtime=gvisor: success {"dev": ["fd", "full", "fuse", "net", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom", "zero"], "dev_kmsg": "ENOENT", "mknod_block": "ok", "syslog_read_all": "EPERM"}
 # layers: docker-seccomp, caps, kernel
 # note: syslog(2) needs CAP_SYSLOG (dmesg_restrict=1 here) and Docker's profile allows it only with that capability; /dev/kmsg is not in the container's /dev; mknod needs CAP_MKNOD, and /tmp is nodev anyway
 import ctypes

@@ -2,7 +2,9 @@
 # threat: k.cross-task
 # expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: success {"tmp": [], "dev_shm": false, "var_tmp": "EROFS"}
+# expect guards_off when runtime=gvisor: success {"dev_shm": true, "tmp": [], "var_tmp": "EACCES"}
 # expect ablation: success {"tmp": [], "dev_shm": false, "var_tmp": "EROFS"}
+# expect ablation when runtime=gvisor: success {"dev_shm": true, "tmp": [], "var_tmp": "EACCES"}
 # layers: runner, tmpfs, rootfs
 # note: the listener wrote /tmp/redteam-listener in its own container; every task gets a fresh one
 import random

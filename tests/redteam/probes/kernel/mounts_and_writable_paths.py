@@ -2,7 +2,9 @@
 # threat: k.over-capable
 # expect default: security_violation@analyze "Import of standard library module 'os' is disallowed"
 # expect guards_off when cgroup=v1: success {"writable_mounts": ["/dev", "/dev/mqueue", "/dev/pts", "/proc", "/proc/keys", "/proc/timer_list", "/sys/fs/cgroup", "/tmp"], "host_docker_paths": [], "usr_write": "EROFS", "etc_passwd_write": "EACCES", "tmp_exec_mount": "noexec"}
+# expect guards_off when cgroup=v1,runtime=gvisor: success {"etc_passwd_write": "EACCES", "host_docker_paths": [], "tmp_exec_mount": "noexec", "usr_write": "EACCES", "writable_mounts": ["/dev", "/dev/pts", "/proc", "/tmp"]}
 # expect ablation when cgroup=v1: success {"writable_mounts": ["/dev", "/dev/mqueue", "/dev/pts", "/proc", "/proc/keys", "/proc/timer_list", "/sys/fs/cgroup", "/tmp"], "host_docker_paths": [], "usr_write": "EROFS", "etc_passwd_write": "EACCES", "tmp_exec_mount": "noexec"}
+# expect ablation when cgroup=v1,runtime=gvisor: success {"etc_passwd_write": "EACCES", "host_docker_paths": [], "tmp_exec_mount": "noexec", "usr_write": "EACCES", "writable_mounts": ["/dev", "/dev/pts", "/proc", "/tmp"]}
 # layers: rootfs, uid, config
 # note: /etc/passwd answers EACCES (root's file) before the read-only root is even asked; the rw mounts are /proc, Docker's masks over it, a tmpfs of root-owned cgroup dirs, /dev and /tmp
 import os

@@ -3,6 +3,7 @@
 # expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
 # expect guards_off: success {"audit": "EPERM", "netfilter": "EPERM", "xfrm": "EPERM", "kobject_uevent": "EPERM"}
 # expect ablation: success {"audit": "ok", "netfilter": "ok", "xfrm": "ok", "kobject_uevent": "ok"}
+# expect ablation when runtime=gvisor: success {"audit": "EPROTONOSUPPORT", "kobject_uevent": "ok", "netfilter": "EPROTONOSUPPORT", "xfrm": "EPROTONOSUPPORT"}
 # layers: none
 # ours: refuses
 # note: Docker's default lets any netlink socket be created; what it can do afterwards is up to capabilities and the network namespace

@@ -2,7 +2,9 @@
 # threat: k.sockets
 # expect default: security_violation@analyze "Import of standard library module 'socket' is disallowed"
 # expect guards_off: success {"interfaces": ["lo"], "tcp4": "ENETUNREACH", "udp4": "ENETUNREACH", "tcp6": "EADDRNOTAVAIL", "metadata": "ENETUNREACH", "dns": "gaierror"}
+# expect guards_off when runtime=gvisor: success {"dns": "gaierror", "interfaces": ["lo"], "metadata": "EHOSTUNREACH", "tcp4": "EHOSTUNREACH", "tcp6": "EHOSTUNREACH", "udp4": "EHOSTUNREACH"}
 # expect ablation: success {"interfaces": ["lo"], "tcp4": "ENETUNREACH", "udp4": "ENETUNREACH", "tcp6": "EADDRNOTAVAIL", "metadata": "ENETUNREACH", "dns": "gaierror"}
+# expect ablation when runtime=gvisor: success {"dns": "gaierror", "interfaces": ["lo"], "metadata": "EHOSTUNREACH", "tcp4": "EHOSTUNREACH", "tcp6": "EHOSTUNREACH", "udp4": "EHOSTUNREACH"}
 # layers: network
 # ours: allows
 import socket

@@ -2,8 +2,10 @@
 # threat: k.proc-sys
 # expect default: security_violation@analyze "Import of standard library module 'os' is disallowed"
 # expect guards_off when kcore=no: success {"/proc/kcore": "ENOENT", "/proc/keys": 0, "/proc/timer_list": 0, "/proc/sched_debug": "ENOENT", "/proc/kallsyms_nonzero": false, "/sys/firmware": [], "/proc/acpi": [], "/sys/kernel/debug": []}
+# expect guards_off when kcore=no,runtime=gvisor: user_error@run "[Errno 2] No such file or directory: '/proc/kallsyms'"
 # expect guards_off when kcore=yes: success {"/proc/kcore": 0, "/proc/keys": 0, "/proc/timer_list": 0, "/proc/sched_debug": "ENOENT", "/proc/kallsyms_nonzero": false, "/sys/firmware": [], "/proc/acpi": [], "/sys/kernel/debug": []}
 # expect ablation when kcore=no: success {"/proc/kcore": "ENOENT", "/proc/keys": 0, "/proc/timer_list": 0, "/proc/sched_debug": "ENOENT", "/proc/kallsyms_nonzero": false, "/sys/firmware": [], "/proc/acpi": [], "/sys/kernel/debug": []}
+# expect ablation when kcore=no,runtime=gvisor: user_error@run "[Errno 2] No such file or directory: '/proc/kallsyms'"
 # expect ablation when kcore=yes: success {"/proc/kcore": 0, "/proc/keys": 0, "/proc/timer_list": 0, "/proc/sched_debug": "ENOENT", "/proc/kallsyms_nonzero": false, "/sys/firmware": [], "/proc/acpi": [], "/sys/kernel/debug": []}
 # layers when kcore=no: masked, uid, kernel
 # layers when kcore=yes: masked, uid

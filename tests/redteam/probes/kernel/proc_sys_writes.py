@@ -2,7 +2,9 @@
 # threat: k.proc-sys
 # expect default: security_violation@analyze "Import of standard library module 'os' is disallowed"
 # expect guards_off: success {"core_pattern": "EACCES", "overcommit": "EACCES", "modprobe": "ENOENT", "sysrq": "ENOENT", "oom_score_adj_pid1": "EACCES", "proc_sys_mount": "ro"}
+# expect guards_off when runtime=gvisor: success {"core_pattern": "ENOENT", "modprobe": "ENOENT", "oom_score_adj_pid1": "ok", "overcommit": "EACCES", "proc_sys_mount": "rw", "sysrq": "ENOENT"}
 # expect ablation: success {"core_pattern": "EACCES", "overcommit": "EACCES", "modprobe": "ENOENT", "sysrq": "ENOENT", "oom_score_adj_pid1": "EACCES", "proc_sys_mount": "ro"}
+# expect ablation when runtime=gvisor: success {"core_pattern": "ENOENT", "modprobe": "ENOENT", "oom_score_adj_pid1": "ok", "overcommit": "EACCES", "proc_sys_mount": "rw", "sysrq": "ENOENT"}
 # layers: rootfs, uid
 # note: the root-owned files answer EACCES to uid 10001 first; behind that Docker mounts /proc/sys read-only. modprobe and sysrq-trigger do not exist on this kernel
 import os

@@ -2,7 +2,9 @@
 # threat: k.syscalls
 # expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
 # expect guards_off: success {"readv": "EPERM", "writev": "EPERM", "pidfd_getfd": "EPERM"}
+# expect guards_off when runtime=gvisor: user_error@run "[Errno 38] Function not implemented"
 # expect ablation: success {"readv": "EPERM", "writev": "EPERM", "pidfd_getfd": "EPERM"}
+# expect ablation when runtime=gvisor: user_error@run "[Errno 38] Function not implemented"
 # layers: docker-seccomp, caps, agent
 import ctypes
 

@@ -3,6 +3,7 @@
 # expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
 # expect guards_off: success {"attach": "EPERM", "seize": "EPERM", "traceme": "EPERM"}
 # expect ablation: success {"attach": "EPERM", "seize": "EPERM", "traceme": "ok"}
+# expect ablation when runtime=gvisor: success {"attach": "EPERM", "seize": "EPERM", "traceme": "EPERM"}
 # layers: caps, agent
 # note: Docker's default allows ptrace; the kernel refuses it because the agent is undumpable and the task has no CAP_SYS_PTRACE
 import ctypes

@@ -3,6 +3,7 @@
 # expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
 # expect guards_off: success {"setuid": "EPERM", "setresuid": "EPERM", "capset": "EPERM", "ambient_raise": "EPERM"}
 # expect ablation: success {"setuid": "EPERM", "setresuid": "EPERM", "capset": "EPERM", "ambient_raise": "EPERM"}
+# expect ablation when runtime=gvisor: success {"ambient_raise": "EINVAL", "capset": "EPERM", "setresuid": "EPERM", "setuid": "EPERM"}
 # layers: caps, uid
 import ctypes
 

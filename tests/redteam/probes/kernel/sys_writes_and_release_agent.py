@@ -2,7 +2,9 @@
 # threat: k.proc-sys
 # expect default: security_violation@analyze "Import of standard library module 'os' is disallowed"
 # expect guards_off when cgroup=v1: success {"uevent_helper": "ENOENT", "release_agent": "ENOENT", "notify_on_release": "EACCES", "cgroup_procs": "EACCES", "sys_mount": "ro", "memory_cgroup_mount": "ro"}
+# expect guards_off when cgroup=v1,runtime=gvisor: success {"cgroup_procs": "ENOENT", "memory_cgroup_mount": "ro", "notify_on_release": "ENOENT", "release_agent": "ENOENT", "sys_mount": "ro", "uevent_helper": "ENOENT"}
 # expect ablation when cgroup=v1: success {"uevent_helper": "ENOENT", "release_agent": "ENOENT", "notify_on_release": "EACCES", "cgroup_procs": "EACCES", "sys_mount": "ro", "memory_cgroup_mount": "ro"}
+# expect ablation when cgroup=v1,runtime=gvisor: success {"cgroup_procs": "ENOENT", "memory_cgroup_mount": "ro", "notify_on_release": "ENOENT", "release_agent": "ENOENT", "sys_mount": "ro", "uevent_helper": "ENOENT"}
 # layers: rootfs, uid
 # note: release_agent exists only in a hierarchy's root cgroup, which a private cgroup namespace does not show; the files that exist are root's, on read-only mounts
 import os

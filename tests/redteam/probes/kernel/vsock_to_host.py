@@ -3,6 +3,7 @@
 # expect default: security_violation@analyze "Import of standard library module 'socket' is disallowed"
 # expect guards_off: success {"socket": "EPERM"}
 # expect ablation when vsock=virtio: success {"socket": "ok", "host_cid2_port1024": "ECONNRESET"}
+# expect ablation when vsock=virtio,runtime=gvisor: user_error@run "[Errno 97] Address family not supported by protocol"
 # layers when vsock=virtio: none
 # ours: refuses
 # note: on a VM with the virtio vsock transport (the reference host: Firecracker): under Docker's default profile a task reaches the hypervisor's vsock endpoint (the reset is the host answering: no listener on that port); network none does not cover vsock. Only our profile refuses it

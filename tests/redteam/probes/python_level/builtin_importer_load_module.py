@@ -2,6 +2,7 @@
 # threat: py.dynamic-import
 # expect default: security_violation@analyze "Access to attribute '__subclasses__' is disallowed"
 # expect guards_off: success {"uid": 10001, "environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "proc1_environ": "EACCES", "etc_write": "EROFS"}
+# expect guards_off when runtime=gvisor: success {"environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "etc_write": "EACCES", "proc1_environ": "ok", "uid": 10001}
 importer = [c for c in object.__subclasses__() if c.__name__ == "BuiltinImporter"][0]
 o = importer.load_module("posix")
 o.environ = {k.decode(): v for k, v in o.environ.items()}

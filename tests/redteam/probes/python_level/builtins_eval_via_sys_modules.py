@@ -3,6 +3,7 @@
 # note: b3a21b2: a full bypass of the speed bumps with the default policy; now the module proxy refuses re.enum.sys (not on the allowlist). With guards off only the container stands
 # expect default: security_violation@run "Import of standard library module 'sys' is disallowed"
 # expect guards_off: success {"uid": 10001, "environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "proc1_environ": "EACCES", "etc_write": "EROFS"}
+# expect guards_off when runtime=gvisor: success {"environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "etc_write": "EACCES", "proc1_environ": "ok", "uid": 10001}
 import re
 
 real = re.enum.sys.modules["builtins"]

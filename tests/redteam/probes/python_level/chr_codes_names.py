@@ -2,6 +2,7 @@
 # threat: py.runtime-names
 # expect default: user_error@run "name 'vars' is not defined"
 # expect guards_off: success {"uid": 10001, "environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "proc1_environ": "EACCES", "etc_write": "EROFS"}
+# expect guards_off when runtime=gvisor: success {"environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "etc_write": "EACCES", "proc1_environ": "ok", "uid": 10001}
 name = "".join(map(chr, [95, 95, 115, 117, 98, 99, 108, 97, 115, 115, 101, 115, 95, 95]))
 subclasses = vars(type)[name].__get__(object)()
 wrap_close = [c for c in subclasses if "_wrap_close" in repr(c)][0]

@@ -2,6 +2,7 @@
 # threat: py.introspection
 # expect default: security_violation@analyze "Access to attribute '__dict__' is disallowed"
 # expect guards_off: success {"uid": 10001, "environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "proc1_environ": "EACCES", "etc_write": "EROFS"}
+# expect guards_off when runtime=gvisor: success {"environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "etc_write": "EACCES", "proc1_environ": "ok", "uid": 10001}
 subclasses = type.__dict__["__subclasses__"].__get__(object)()
 wrap_close = [c for c in subclasses if "_wrap_close" in repr(c)][0]
 o = wrap_close.__init__.__globals__["sys"].modules["os"]

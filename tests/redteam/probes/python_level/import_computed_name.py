@@ -2,6 +2,7 @@
 # threat: py.dynamic-import
 # expect default: security_violation@analyze "Dynamic __import__() calls are not allowed"
 # expect guards_off: success {"uid": 10001, "environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "proc1_environ": "EACCES", "etc_write": "EROFS"}
+# expect guards_off when runtime=gvisor: success {"environ": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "etc_write": "EACCES", "proc1_environ": "ok", "uid": 10001}
 o = __import__("".join(["o", "s"]))
 
 

@@ -3,6 +3,7 @@
 # expect default: security_violation@analyze "Import of standard library module 'os' is disallowed"
 # note: even the task's own environ is closed: it is forked from the undumpable agent, so /proc/<pid>/environ is root's
 # expect guards_off: success {"pids_seen": true, "matches": [], "environ_readable": []}
+# expect guards_off when runtime=gvisor: success {"environ_readable": ["1", "2", "self"], "matches": [], "pids_seen": true}
 import os
 import re
 

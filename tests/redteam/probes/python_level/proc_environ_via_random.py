@@ -2,6 +2,7 @@
 # threat: py.secrets
 # expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: success {"self": "EACCES", "agent": "EACCES", "proc1": "EACCES"}
+# expect guards_off when runtime=gvisor: success {"agent": "read", "proc1": "read", "self": "read"}
 # note: all three belong to root: tini is execute-only, the agent undumpable, the task forked from it
 import random
 

@@ -2,6 +2,7 @@
 # threat: py.secrets
 # expect default: user_error@run "name 'open' is not defined"
 # expect guards_off: user_error@run "[Errno 13] Permission denied: '/proc/self/environ'"
+# expect guards_off when runtime=gvisor: success {"keys": ["HOME", "HOSTNAME", "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"], "secret": false}
 # note: the task is forked from the undumpable agent: its own /proc entries belong to root
 with open("/proc/self/environ", "rb") as handle:
     raw = handle.read().decode("latin-1")

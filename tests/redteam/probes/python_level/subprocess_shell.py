@@ -2,6 +2,7 @@
 # threat: py.dynamic-import
 # expect default: security_violation@analyze "Import of standard library module 'subprocess' is disallowed"
 # expect guards_off: success {"id": "uid=10001(sandbox) gid=10001(sandbox) groups=10001(sandbox)", "cat_proc1_environ": 1, "touch_usr": 1, "sudo": 127}
+# expect guards_off when runtime=gvisor: success {"cat_proc1_environ": 0, "id": "uid=10001(sandbox) gid=10001(sandbox) groups=10001(sandbox)", "sudo": 127, "touch_usr": 1}
 import subprocess
 
 

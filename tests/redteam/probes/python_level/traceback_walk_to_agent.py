@@ -2,6 +2,7 @@
 # threat: py.frames
 # expect default: security_violation@analyze "Access to attribute '__traceback__' is disallowed"
 # expect guards_off: success {"agent_modules": ["sandbox_agent.agent", "sandbox_agent.child"], "uid": 10001, "proc1_environ": "EACCES", "etc_write": "EROFS", "agent_environ": "EACCES"}
+# expect guards_off when runtime=gvisor: success {"agent_environ": "ok", "agent_modules": ["sandbox_agent.agent", "sandbox_agent.child"], "etc_write": "EACCES", "proc1_environ": "ok", "uid": 10001}
 try:
     1 / 0
 except ZeroDivisionError as exc:

@@ -2,6 +2,7 @@
 # threat: res.lifecycle
 # expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: success {"tini_alive": true}
+# expect guards_off when runtime=gvisor: crashed@run "Task killed its supervising agent (SIGKILL)"
 # note: the kernel drops SIGKILL and SIGSTOP sent to a namespace's init from inside it
 import random
 

@@ -2,6 +2,7 @@
 # threat: res.disk-output
 # expect default: security_violation@analyze "Access to private attribute '_os' of imported name 'random'"
 # expect guards_off: success {"real": true, "pid1_stdout": "EACCES", "agent_stdout": "EACCES"}
+# expect guards_off when runtime=gvisor: agent_protocol_error@result "Failed to read result from child process"
 import json
 import random
 

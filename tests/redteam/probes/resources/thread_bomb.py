@@ -3,6 +3,7 @@
 # limits: {"pids": 32, "timeout_s": 20}
 # expect default: security_violation@analyze "Import of standard library module 'threading' is disallowed"
 # expect guards_off: pids_limit_exceeded@run "Task hit the process limit (32 processes and threads)"
+# expect guards_off when runtime=gvisor: user_error@run "can't start new thread"
 import threading
 import time
 

@@ -6,11 +6,13 @@ What "everything counted" means for one container (see bench/README.md):
 - the container's memory cgroup: ``memory.usage_in_bytes`` (v1) / ``memory.current``
   (v2) -- its processes' anonymous memory, the page cache and the kernel memory
   (slab, page tables, socket buffers) charged to it;
-- its ``containerd-shim-runc-v2`` process, one per container, outside the cgroup:
-  counted by PSS (its private pages plus its share of the pages all shims share,
-  such as the Go binary's text), and by RSS as an upper bound;
-- the daemons' (dockerd, containerd) growth per container, and the runner's own
-  per-slot cost, measured as differences over several slots.
+- the processes serving it from outside the cgroup: on Docker its
+  ``containerd-shim-runc-v2`` process, one per container; on the OCI backend with
+  runc none (runc exits once the container runs): counted by PSS (private pages plus
+  a share of the pages shared, such as a Go binary's text), and by RSS as an upper
+  bound;
+- on Docker, the daemons' (dockerd, containerd) growth per container; and the
+  runner's own per-slot cost, measured as differences over several slots.
 """
 
 from __future__ import annotations
@@ -40,10 +42,21 @@ def _read_stat(path: Path) -> dict[str, int]:
     return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].isdigit()}
 
 
+def _cgroup_dirs(container_id: str, hierarchy: Path) -> list[Path]:
+    """Where a container's cgroup may be under ``hierarchy``: Docker's (cgroupfs or
+    systemd driver) or the OCI backend's (``sandbox-runner/<runner>/<id>``)."""
+    return [
+        hierarchy / "docker" / container_id,
+        hierarchy / "system.slice" / f"docker-{container_id}.scope",
+        *sorted(hierarchy.glob(f"sandbox-runner/*/{container_id}")),
+    ]
+
+
 def container_cgroup(container_id: str) -> dict[str, Any] | None:
     """The container's memory cgroup, in KiB: usage, peak, anon, page cache, kernel."""
-    v1 = CGROUP_ROOT / "memory" / "docker" / container_id
-    if v1.is_dir():
+    for v1 in _cgroup_dirs(container_id, CGROUP_ROOT / "memory"):
+        if not (v1 / "memory.usage_in_bytes").exists():
+            continue
         stat = _read_stat(v1 / "memory.stat")
         usage = _read_int(v1 / "memory.usage_in_bytes")
         peak = _read_int(v1 / "memory.max_usage_in_bytes")
@@ -56,10 +69,7 @@ def container_cgroup(container_id: str) -> dict[str, Any] | None:
             "cache_kib": stat.get("total_cache", 0) // KIB,
             "kernel_kib": kmem // KIB if kmem is not None else None,
         }
-    for v2 in (
-        CGROUP_ROOT / "system.slice" / f"docker-{container_id}.scope",
-        CGROUP_ROOT / "docker" / container_id,
-    ):
+    for v2 in _cgroup_dirs(container_id, CGROUP_ROOT):
         if (v2 / "memory.current").exists():
             stat = _read_stat(v2 / "memory.stat")
             usage = _read_int(v2 / "memory.current")
@@ -110,12 +120,37 @@ def _pids_by_cmdline(pattern: str) -> list[tuple[int, str]]:
     return found
 
 
-def shim_memory(container_id: str) -> dict[str, int] | None:
-    """The containerd shim serving this container (one shim per container on Docker)."""
-    for pid, cmdline in _pids_by_cmdline("containerd-shim"):
-        if container_id in cmdline:
-            return process_memory(pid)
-    return None
+def _in_cgroup_of(pid: int, container_id: str) -> bool:
+    """Is ``pid`` in the container's own cgroup (memory controller on v1, the unified
+    tree on v2)? Such a process is counted by the cgroup already."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if ("memory" in controllers.split(",") or controllers == "") and container_id in path:
+            return True
+    return False
+
+
+def outside_memory(container_id: str) -> dict[str, int]:
+    """The processes serving this container from outside its cgroup, summed: on Docker
+    its containerd shim (one per container); on the OCI backend with runc nothing (runc
+    exits once the container runs); under gVisor whatever of the sandbox kernel's
+    processes the runtime keeps outside. Found by the container id in their command
+    line."""
+    total = {"rss_kib": 0, "pss_kib": 0, "processes": 0}
+    for pid, _ in _pids_by_cmdline(container_id):
+        if pid == os.getpid() or _in_cgroup_of(pid, container_id):
+            continue
+        memory = process_memory(pid)
+        if memory is None:
+            continue
+        total["rss_kib"] += memory["rss_kib"]
+        total["pss_kib"] += memory["pss_kib"]
+        total["processes"] += 1
+    return total
 
 
 def daemon_memory() -> dict[str, dict[str, int] | None]:

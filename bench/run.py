@@ -13,9 +13,19 @@ The task: sum 1,000 ints, JSON in and JSON out. The ways (:data:`WAYS`, one row 
     with the same image, limits and security options (:mod:`bench.bare`);
 (c) ``cold`` -- our pipeline over DockerSandbox, no pool: a fresh container per task;
 (d) ``warm`` -- the same with the warm pool (a fresh, pre-started container per task);
-(e) ``broker`` -- our service behind the embedded broker: submitted over HTTP
-    (``POST /v1/tasks?wait=``), offered to the runner over the websocket protocol,
-    run in a warm container (the same pool as (d)), the result sent back.
+(e) ``broker`` -- our service behind the embedded broker, as ``sandbox-runner up``
+    runs them: submitted over HTTP (``POST /v1/tasks?wait=``), offered to the runner
+    over the websocket protocol, run in a warm container (the same pool as (d)), the
+    result sent back;
+(f) ``ocicold`` -- our pipeline over the OCI backend (``runc`` driven directly, no
+    dockerd, containerd or shim on the task's path), no pool;
+(g) ``ociwarm`` -- the same with the warm pool;
+(h) ``gvisor`` -- the OCI backend under gVisor (``runsc``), warm pool;
+(i) ``ocibroker`` -- (e) over the pool of (g): ``up`` with this host's default
+    backend, the way issue 12's targets are about.
+
+Ways (f)-(i) need what the OCI backend needs (root, a runtime, writable cgroups);
+where a way cannot run, the run says why and goes on without it.
 
 Latency samples are interleaved (one sample of each way per round, the order
 rotating), each taken with the system quiet: pool full, earlier removals done.
@@ -34,6 +44,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,17 +52,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import docker
 
 from bench.bare import BENCH_OWNER, BareDocker
 from bench.forkserver import ForkserverSandbox
-from bench.memory import container_cgroup, daemon_memory, host_used_kib, shim_memory
+from bench.memory import container_cgroup, daemon_memory, host_used_kib, outside_memory
 from bench.stats import percentile
-from runner.cli.wiring import docker_pipeline
+from runner.cli.wiring import docker_pipeline, task_pipeline
 from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
 from runner.sandbox.labels import LABEL_OWNER
+from runner.sandbox.oci.runtime import find_runtime
 from runner.sandbox.process import ProcessSandbox
 from runner.settings import Settings
 
@@ -74,10 +86,11 @@ class Way:
     isolation: str  # between tasks
 
 
-ON_HOST, FRESH, PRESTARTED = (
+ON_HOST, FRESH, PRESTARTED, GVISOR = (
     "none (a process on the host)",
     "fresh container",
     "fresh container (pre-started)",
+    "fresh gVisor sandbox (pre-started)",
 )
 WAYS: tuple[Way, ...] = (
     Way("forkserver", "(a) forkserver on the host, a fork per task", ON_HOST),
@@ -85,11 +98,21 @@ WAYS: tuple[Way, ...] = (
     Way("bare", "(b) bare docker SDK container", FRESH),
     Way("cold", "(c) our pipeline, cold container", FRESH),
     Way("warm", "(d) our pipeline, warm pool", PRESTARTED),
-    Way("broker", "(e) our service behind the embedded broker", PRESTARTED),
+    Way("broker", "(e) `up` over HTTP, Docker warm pool", PRESTARTED),
+    Way("ocicold", "(f) our pipeline, OCI runtime (runc) direct, cold", FRESH),
+    Way("ociwarm", "(g) our pipeline, OCI runtime (runc) direct, warm pool", PRESTARTED),
+    Way("gvisor", "(h) our pipeline, gVisor (runsc), warm pool", GVISOR),
+    Way("ocibroker", "(i) `up` over HTTP, OCI warm pool (this host's default)", PRESTARTED),
 )
 WAY = {way.key: way for way in WAYS}
 # The bases of the ratios: the strongest process baseline, and the plainest container.
 FORKSERVER, BARE = "forkserver", "bare"
+# The ways the embedded broker serves, by the warm pipeline it runs on.
+BROKERS = {"warm": "broker", "ociwarm": "ocibroker"}
+# Engines a pipeline can run on: (SANDBOX_BACKEND, SANDBOX_OCI_RUNTIME).
+ENGINES = {"docker": ("docker", "runc"), "oci": ("oci", "runc"), "gvisor": ("oci", "runsc")}
+# The ways of each engine whose task containers' cgroup peaks are read.
+ENGINE_WAYS = {"docker": ("cold", "warm"), "oci": ("ocicold", "ociwarm"), "gvisor": ("gvisor",)}
 MIB_KIB = 1024
 
 One = Callable[[], Awaitable[TaskReport | None]]
@@ -174,7 +197,26 @@ def host_facts(client: Any) -> dict[str, Any]:
         "runtime": info.get("DefaultRuntime"),
         "cgroup": info.get("CgroupVersion"),
         "memTotalMiB": int(Path("/proc/meminfo").read_text().split()[1]) // 1024,
+        "ociRuntimes": oci_runtime_versions(),
     }
+
+
+def oci_runtime_versions() -> dict[str, str]:
+    """The version of each OCI runtime installed here (first line of ``--version``)."""
+    versions = {}
+    for name in ("runc", "crun", "runsc"):
+        found = find_runtime(name)
+        if found is None:
+            continue
+        try:
+            answer = subprocess.run(
+                [found[1], "--version"], capture_output=True, text=True, timeout=10, check=False
+            )
+        except OSError:
+            continue
+        words = (answer.stdout.splitlines() or [""])[0].split()
+        versions[name] = words[-1] if words else "?"
+    return versions
 
 
 class Bench:
@@ -182,7 +224,8 @@ class Bench:
 
     ``pipelines``: the ways that are our pipeline over some sandbox. A sandbox with
     work behind its tasks (removals, a pool's refill) has ``wait_removals`` and
-    ``warm_up``, and is brought to rest before every sample. ``cpu_processes``:
+    ``warm_up``, and is brought to rest before every sample. ``brokers``: the ways
+    through the embedded broker, each a coroutine function. ``cpu_processes``:
     long-lived processes of a way whose CPU is reported on its own (the forkserver).
     """
 
@@ -192,14 +235,14 @@ class Bench:
         client: Any,
         pipelines: dict[str, TaskPipeline],
         bare: BareDocker,
-        broker: Callable[[], Awaitable[None]] | None,
+        brokers: dict[str, Callable[[], Awaitable[None]]],
         cpu_processes: dict[str, int],
     ) -> None:
         self.args = args
         self.client = client
         self.pipelines = pipelines
         self.bare = bare
-        self.broker = broker
+        self.brokers = brokers
         self.cpu_processes = cpu_processes
         self.runs = self._runs()
         self.way_names = [way.key for way in WAYS if way.key in self.runs]
@@ -213,13 +256,14 @@ class Bench:
 
         runs = {key: pipeline_way(key, pipeline) for key, pipeline in self.pipelines.items()}
         runs[BARE] = self._bare
-        if self.broker is not None:
-            broker = self.broker
 
+        def broker_way(submit: Callable[[], Awaitable[None]]) -> One:
             async def via_broker() -> None:
-                await broker()
+                await submit()
 
-            runs["broker"] = via_broker
+            return via_broker
+
+        runs |= {key: broker_way(submit) for key, submit in self.brokers.items()}
         return runs
 
     async def _pipeline(self, pipeline: TaskPipeline, way: str) -> TaskReport:
@@ -331,12 +375,19 @@ def _median_phases(rows: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-async def probe(pool_size: int, tasks: int) -> tuple[Any, dict[str, Any], Callable[..., Any]]:
+async def probe(
+    engine: str, pool_size: int, tasks: int
+) -> tuple[Any, dict[str, Any], Callable[..., Any]]:
     """Start a runner probe process; return it, its first status, and a step function."""
+    backend, runtime = ENGINES[engine]
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "bench.runner_probe",
+        "--backend",
+        backend,
+        "--oci-runtime",
+        runtime,
         "--pool-size",
         str(pool_size),
         "--tasks",
@@ -368,26 +419,29 @@ async def probe(pool_size: int, tasks: int) -> tuple[Any, dict[str, Any], Callab
     return process, await read_status(), step
 
 
-async def measure_memory(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
-    """Idle slot, task container, runner: see bench/README.md for what is counted."""
+async def measure_memory(bench: Bench, args: argparse.Namespace, engine: str) -> dict[str, Any]:
+    """Idle slot, task container, runner on ``engine``: see bench/README.md for what is
+    counted. The daemons' growth counts on Docker only (no other engine uses them)."""
     slots_n = args.memory_slots
     # The runner alone, no pool, after some tasks (baseline for the per-slot runner cost).
-    _, runner0, step0 = await probe(0, args.probe_tasks)
+    _, runner0, step0 = await probe(engine, 0, args.probe_tasks)
     await step0("close")
     await step0("exit")
     # A runner with the default pool (the runner memory we report).
-    _, runner_default, step_d = await probe(args.pool_size, args.probe_tasks)
+    _, runner_default, step_d = await probe(engine, args.pool_size, args.probe_tasks)
     await step_d("close")
     await step_d("exit")
     # A runner holding slots_n idle slots: measure them, then close the pool and diff.
     daemons_before = daemon_memory()
-    _, held, step_m = await probe(slots_n, args.probe_tasks)
+    _, held, step_m = await probe(engine, slots_n, args.probe_tasks)
     await asyncio.sleep(args.settle)  # let the slots' page faults and the daemons settle
     daemons_held = daemon_memory()
     host_held = host_used_kib()
     slots = []
     for container_id in held["slots"]:
-        slots.append({"cgroup": container_cgroup(container_id), "shim": shim_memory(container_id)})
+        slots.append(
+            {"cgroup": container_cgroup(container_id), "shim": outside_memory(container_id)}
+        )
     await step_m("close")
     await asyncio.sleep(args.settle)
     daemons_after = daemon_memory()
@@ -404,7 +458,7 @@ async def measure_memory(bench: Bench, args: argparse.Namespace) -> dict[str, An
     # show nothing; the growth since before the probe includes its tasks' churn.
     # The larger of the two is taken: an upper bound.
     daemon_delta = 0.0
-    for name in ("dockerd", "containerd"):
+    for name in ("dockerd", "containerd") if engine == "docker" else ():
         held_rss = (daemons_held.get(name) or {}).get("rss_kib")
         if held_rss is None:
             continue
@@ -417,7 +471,7 @@ async def measure_memory(bench: Bench, args: argparse.Namespace) -> dict[str, An
     runner_delta = max(0.0, (held["rss_kib"] - runner0["rss_kib"]) / slots_n)
     counted = cgroup_kib + shim_pss + daemon_delta + runner_delta
     upper = cgroup_kib + shim_rss + daemon_delta + runner_delta
-    task_peaks = bench.cgroup_peaks.get("cold", []) + bench.cgroup_peaks.get("warm", [])
+    task_peaks = [peak for way in ENGINE_WAYS[engine] for peak in bench.cgroup_peaks.get(way, [])]
     return {
         "idleSlot": {
             "slots": slots_n,
@@ -452,12 +506,26 @@ async def measure_memory(bench: Bench, args: argparse.Namespace) -> dict[str, An
     }
 
 
+def _target(
+    issue: int, target: str, value: float | None, limit: float, unit: str, *, at_most: bool
+) -> dict[str, Any]:
+    met = value is not None and (value <= limit if at_most else value >= limit)
+    return {
+        "issue": issue,
+        "target": target,
+        "value": value,
+        "limit": limit,
+        "unit": unit,
+        "met": met,
+    }
+
+
 def evaluate(results: dict[str, Any]) -> dict[str, Any]:
     latency, throughput = results["latencyMs"], results["throughputPerS"]
-    memory = results.get("memory", {}).get("idleSlot", {})
+    cpu, memory = results.get("cpuMsPerTask", {}), results.get("memory", {})
     ways = [way.key for way in WAYS if way.key in latency]
     p50 = {way: latency[way]["p50"] for way in ways}
-    ratios = {
+    ratios: dict[str, Any] = {
         "latencyP50VsForkserver": {way: round(p50[way] / p50[FORKSERVER], 2) for way in ways},
         "latencyP50VsBare": {way: round(p50[way] / p50[BARE], 2) for way in ways},
         "throughputVsForkserver": {},
@@ -471,35 +539,87 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
                 if throughput[base][concurrency]
             }
     top = str(max(int(c) for c in throughput[BARE]))
+    vs_fork, vs_bare = ratios["latencyP50VsForkserver"], ratios["throughputVsBare"].get(top, {})
     targets = [
-        {
-            # (a): a fork per task from a preloaded process, not an interpreter start.
-            "target": "warm-pool p50 latency <= 1.3 x (a) forkserver's",
-            "value": ratios["latencyP50VsForkserver"]["warm"],
-            "limit": 1.3,
-            "met": ratios["latencyP50VsForkserver"]["warm"] <= 1.3,
-        },
-        {
-            "target": "cold p50 latency <= 1.0 x bare docker SDK's",
-            "value": ratios["latencyP50VsBare"]["cold"],
-            "limit": 1.0,
-            "met": ratios["latencyP50VsBare"]["cold"] <= 1.0,
-        },
-        {
-            "target": f"warm-pool throughput at concurrency {top} >= 2 x bare docker SDK's",
-            "value": ratios["throughputVsBare"].get(top, {}).get("warm"),
-            "limit": 2.0,
-            "met": (ratios["throughputVsBare"].get(top, {}).get("warm") or 0) >= 2.0,
-        },
+        # Issue 6, on Docker: (d) against (a), (c) against (b).
+        _target(
+            6,
+            "warm-pool p50 latency (d) <= 1.3 x (a) forkserver's",
+            vs_fork["warm"],
+            1.3,
+            "x",
+            at_most=True,
+        ),
+        _target(
+            6,
+            "cold p50 latency (c) <= 1.0 x bare docker SDK's",
+            ratios["latencyP50VsBare"]["cold"],
+            1.0,
+            "x",
+            at_most=True,
+        ),
+        _target(
+            6,
+            f"warm-pool throughput (d) at concurrency {top} >= 2 x bare docker SDK's",
+            vs_bare.get("warm"),
+            2.0,
+            "x",
+            at_most=False,
+        ),
     ]
-    if memory:
+    if "docker" in memory:
         targets.append(
-            {
-                "target": "idle pool slot <= 20 MiB of host memory, everything counted",
-                "value": memory["countedMiB"],
-                "limit": 20.0,
-                "met": memory["countedMiB"] <= 20.0,
-            }
+            _target(
+                6,
+                "idle pool slot on Docker <= 20 MiB of host memory, everything counted",
+                memory["docker"]["idleSlot"]["countedMiB"],
+                20.0,
+                "MiB",
+                at_most=True,
+            )
+        )
+    # Issue 12: `up` over HTTP with this host's default backend ((i), or (e) where the
+    # OCI backend cannot run), against the forkserver and the bare SDK.
+    up = "ocibroker" if "ocibroker" in latency else "broker"
+    if up in latency:
+        letter = WAY[up].label.split(" ", 1)[0]
+        up_cpu = (cpu.get(up, {}).get(top) or {}).get("host")
+        targets += [
+            _target(
+                12,
+                f"warm p50 through `up`'s HTTP API {letter} <= 1.2 x (a) forkserver's",
+                vs_fork[up],
+                1.2,
+                "x",
+                at_most=True,
+            ),
+            _target(
+                12,
+                f"throughput of `up` {letter} at concurrency {top} >= 2.5 x bare docker SDK's",
+                vs_bare.get(up),
+                2.5,
+                "x",
+                at_most=False,
+            ),
+            _target(
+                12,
+                f"host CPU per task of `up` {letter} at concurrency {top} <= 70 ms, all processes",
+                up_cpu,
+                70.0,
+                "ms",
+                at_most=True,
+            ),
+        ]
+    if "oci" in memory:
+        targets.append(
+            _target(
+                12,
+                "idle pool slot on the OCI backend <= 12 MiB, everything counted",
+                memory["oci"]["idleSlot"]["countedMiB"],
+                12.0,
+                "MiB",
+                at_most=True,
+            )
         )
     return {"ratios": ratios, "targets": targets}
 
@@ -512,14 +632,18 @@ README_END = "<!-- bench:end -->"
 def markdown(results: dict[str, Any]) -> str:
     """The README's benchmark block: the latest run, its ratios, and the targets."""
     latency, throughput = results["latencyMs"], results["throughputPerS"]
-    ratios, meta = results["ratios"], results["meta"]
+    ratios, meta, cpu = results["ratios"], results["meta"], results.get("cpuMsPerTask", {})
     levels = list(throughput[BARE])
     top = levels[-1]
     host = meta["host"]
+    runtimes = ", ".join(
+        f"{name} {version}" for name, version in host.get("ociRuntimes", {}).items()
+    )
     lines = [
         f"Latest run: {meta['finishedAt'][:10]}, {host['cpus']} cores, Docker {host['docker']} "
-        f"({host['runtime']}, cgroup v{host['cgroup']}), kernel {host['kernel']}; "
-        f"{latency['warm']['n']} interleaved latency samples per way, throughput over "
+        f"({host['runtime']}, cgroup v{host['cgroup']}), kernel {host['kernel']}"
+        + (f"; OCI runtimes {runtimes}" if runtimes else "")
+        + f"; {latency['warm']['n']} interleaved latency samples per way, throughput over "
         f"{meta['durationS']:.0f} s windows; pool size {meta['poolSize']}, refill "
         f"concurrency {meta['refillConcurrency']}."
         + (
@@ -530,45 +654,75 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "| way | isolation between tasks | p50 ms | p95 ms | p50 / (a) | p50 / (b) | "
         + " | ".join(f"tasks/s at {c}" for c in levels)
-        + f" | at {top} / (a) | at {top} / (b) |",
+        + f" | at {top} / (a) | at {top} / (b) | host CPU ms per task at {top} |",
         "| --- | --- | ---: | ---: | ---: | ---: | "
         + " | ".join("---:" for _ in levels)
-        + " | ---: | ---: |",
+        + " | ---: | ---: | ---: |",
     ]
     for way in (way.key for way in WAYS if way.key in latency):
+        host_cpu = (cpu.get(way, {}).get(top) or {}).get("host")
         lines.append(
             f"| {WAY[way].label} | {WAY[way].isolation} | {latency[way]['p50']:.0f} | "
             f"{latency[way]['p95']:.0f} | {ratios['latencyP50VsForkserver'][way]:.2f} | "
             f"{ratios['latencyP50VsBare'][way]:.2f} | "
             + " | ".join(f"{throughput[way][c]:.1f}" for c in levels)
             + f" | {ratios['throughputVsForkserver'][top][way]:.2f} | "
-            f"{ratios['throughputVsBare'][top][way]:.2f} |"
+            f"{ratios['throughputVsBare'][top][way]:.2f} | "
+            + (f"{host_cpu:.0f}" if host_cpu is not None else "-")
+            + " |"
         )
-    lines += ["", "| target of issue 6 | measured | met? |", "| --- | ---: | --- |"]
-    for target in results["targets"]:
-        unit = " MiB" if "MiB" in target["target"] else " x"
-        verdict = "**met**" if target["met"] else "**not met**"
-        lines.append(f"| {target['target']} | {target['value']}{unit} | {verdict} |")
-    memory = results.get("memory")
-    if memory:
-        slot, task, runner = memory["idleSlot"], memory["taskContainer"], memory["runner"]
+    if meta.get("notMeasured"):
         lines += [
             "",
-            f"Memory: an idle pool slot costs **{slot['countedMiB']} MiB** counted as "
-            f"bench/README.md says (its cgroup {slot['cgroupUsageKiB'] / 1024:.1f} MiB + its "
-            f"containerd shim's PSS {slot['shimPssKiB'] / 1024:.1f} MiB + daemons and runner "
-            f"{(slot['daemonsPerSlotKiB'] + slot['runnerPerSlotKiB']) / 1024:.1f} MiB); the "
-            f"host's own used-memory delta says {slot['hostUsedDeltaPerSlotMiB']} MiB per slot, "
-            f"and with the shim's full RSS (shared pages counted again for every slot) it "
-            f"would be {slot['countedWithShimRssMiB']} MiB. A task container peaks at "
-            f"{(task['cgroupPeakKiB'] or 0) / 1024:.1f} MiB in its cgroup. The runner process "
-            f"(pool of {runner['poolSize']}) holds {runner['rssMiB']} MiB RSS.",
+            "Left out: "
+            + "; ".join(
+                f"{WAY[key].label if key in WAY else key}: {why}"
+                for key, why in meta["notMeasured"].items()
+            )
+            + ".",
         ]
+    lines += ["", "| issue | target | measured | met? |", "| ---: | --- | ---: | --- |"]
+    for target in results["targets"]:
+        verdict = "**met**" if target["met"] else "**not met**"
+        unit = {"x": " x", "MiB": " MiB", "ms": " ms"}[target["unit"]]
+        lines.append(
+            f"| {target['issue']} | {target['target']} | {target['value']}{unit} | {verdict} |"
+        )
+    for engine, memory in results.get("memory", {}).items():
+        lines += ["", _memory_line(engine, memory)]
     if results.get("neighbour"):
         from bench import neighbour
 
         lines += neighbour.markdown(results["neighbour"])
     return "\n".join(lines)
+
+
+ENGINE_NAMES = {
+    "docker": "Docker",
+    "oci": "the OCI backend (runc direct)",
+    "gvisor": "gVisor (runsc)",
+}
+
+
+def _memory_line(engine: str, memory: dict[str, Any]) -> str:
+    slot, task, runner = memory["idleSlot"], memory["taskContainer"], memory["runner"]
+    outside = (
+        "its containerd shim's PSS"
+        if engine == "docker"
+        else "the PSS of its processes outside the cgroup"
+    )
+    daemons = "daemons and runner" if engine == "docker" else "runner"
+    return (
+        f"Memory on {ENGINE_NAMES[engine]}: an idle pool slot costs **{slot['countedMiB']} MiB** "
+        f"counted as bench/README.md says (its cgroup {slot['cgroupUsageKiB'] / 1024:.1f} MiB "
+        f"+ {outside} {slot['shimPssKiB'] / 1024:.1f} MiB + {daemons} "
+        f"{(slot['daemonsPerSlotKiB'] + slot['runnerPerSlotKiB']) / 1024:.1f} MiB); the "
+        f"host's own used-memory delta says {slot['hostUsedDeltaPerSlotMiB']} MiB per slot, "
+        f"and with full RSS instead of PSS it would be {slot['countedWithShimRssMiB']} MiB. "
+        f"A task container peaks at {(task['cgroupPeakKiB'] or 0) / 1024:.1f} MiB in its "
+        f"cgroup. The runner process (pool of {runner['poolSize']}) holds "
+        f"{runner['rssMiB']} MiB RSS."
+    )
 
 
 def update_readme(results: dict[str, Any]) -> bool:
@@ -685,31 +839,78 @@ def _same_pipeline(like: TaskPipeline, sandbox: Any) -> TaskPipeline:
     )
 
 
+def engine_settings(engine: str, args: argparse.Namespace, *, warm: bool) -> Settings:
+    """A pipeline's settings on ``engine`` (:data:`ENGINES`): its own runner id, so no
+    pipeline's start-up sweep takes another's containers for leftovers."""
+    backend, runtime = ENGINES[engine]
+    return Settings(
+        runner_id=f"bench-{engine}-{'warm' if warm else 'cold'}",
+        backend=backend,
+        oci_runtime=runtime,
+        pool_size=args.pool_size if warm else 0,
+        pool_refill_concurrency=args.refill,
+    )
+
+
+async def optional_pipeline(
+    stack: contextlib.AsyncExitStack, engine: str, args: argparse.Namespace, *, warm: bool
+) -> TaskPipeline | str:
+    """The pipeline on ``engine``, or why it cannot run here (the way is then left out)."""
+    try:
+        return await stack.enter_async_context(
+            task_pipeline(
+                engine_settings(engine, args, warm=warm),
+                lambda line: None,
+                warm_pool=warm,
+                backend=ENGINES[engine][0],
+            )
+        )
+    except Exception as exc:  # a benchmark reports what it could not measure, and goes on
+        return f"{type(exc).__name__}: {exc}"
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=32, thread_name_prefix="bench")
     )
     started = datetime.now(UTC)
     quiet = lambda line: None  # noqa: E731 - image build progress is not interesting here
-    cold_settings = Settings(runner_id="bench", pool_size=0)
-    warm_settings = Settings(
-        runner_id="bench", pool_size=args.pool_size, pool_refill_concurrency=args.refill
-    )
+    cold_settings = engine_settings("docker", args, warm=False)
+    warm_settings = engine_settings("docker", args, warm=True)
     results: dict[str, Any] = {}
-    broker_note = "skipped (--no-broker)"
+    notes: dict[str, str] = {}
     async with (
         docker_pipeline(cold_settings, quiet, warm_pool=False) as cold,
         docker_pipeline(warm_settings, quiet) as warm,
         contextlib.AsyncExitStack() as stack,
     ):
-        submit = None
-        if not args.no_broker:
+        pipelines: dict[str, TaskPipeline] = {"cold": cold, "warm": warm}
+        for key, engine, is_warm in (
+            ("ocicold", "oci", False),
+            ("ociwarm", "oci", True),
+            ("gvisor", "gvisor", True),
+        ):
+            if engine not in args.engines:
+                notes[key] = "skipped (--engines)"
+                continue
+            made = await optional_pipeline(stack, engine, args, warm=is_warm)
+            if isinstance(made, str):
+                notes[key] = f"not measured: {made}"
+                print(f"  {WAY[key].label}: {notes[key]}", flush=True)
+            else:
+                pipelines[key] = made
+        brokers: dict[str, Callable[[], Awaitable[None]]] = {}
+        for pipeline_key, key in BROKERS.items():
+            if args.no_broker or pipeline_key not in pipelines:
+                notes[key] = "skipped (--no-broker)" if args.no_broker else "its pool is not here"
+                continue
             try:
-                submit = await stack.enter_async_context(embedded_broker(warm_settings, warm))
-                broker_note = "measured: HTTP submit with wait, one runner, the warm pool"
+                brokers[key] = await stack.enter_async_context(
+                    embedded_broker(warm_settings, pipelines[pipeline_key])
+                )
             except Exception as exc:  # the broker is another team's moving target
-                broker_note = f"not measured: {type(exc).__name__}: {exc}"
-                print(f"  (e) {broker_note}", flush=True)
+                notes[key] = f"not measured: {type(exc).__name__}: {exc}"
+                print(f"  {WAY[key].label}: {notes[key]}", flush=True)
         # Way (a): started once for the whole run, like a runner's forkserver.
         forkserver = await ForkserverSandbox.start(args.image_dir)
         stack.push_async_callback(forkserver.aclose)
@@ -718,16 +919,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             spawn = ProcessSandbox(args.image_dir)
             stack.push_async_callback(spawn.aclose)
             sandboxes["spawn"] = spawn
-        pipelines = {key: _same_pipeline(cold, sandbox) for key, sandbox in sandboxes.items()}
-        pipelines |= {"cold": cold, "warm": warm}
+        pipelines |= {key: _same_pipeline(cold, sandbox) for key, sandbox in sandboxes.items()}
         client = docker.from_env(timeout=120)
         docker_sandbox: Any = cold.sandbox  # a DockerSandbox: its isolation is (b)'s too
         bare = BareDocker(client, cold.context.image, docker_sandbox.isolation, cold.limits)
-        bench = Bench(args, client, pipelines, bare, submit, {FORKSERVER: forkserver.pid})
+        bench = Bench(args, client, pipelines, bare, brokers, {FORKSERVER: forkserver.pid})
         print(f"latency: {args.rounds} interleaved rounds ...", flush=True)
         latency, phases = await bench.latency()
         for way, numbers in latency.items():
-            print(f"  {WAY[way].label:52s} {numbers}", flush=True)
+            print(f"  {WAY[way].label:60s} {numbers}", flush=True)
         print(f"throughput: concurrency {args.concurrency} ...", flush=True)
         throughput, cpu_per_task = await bench.throughput()
         await bench.quiesce()
@@ -735,18 +935,28 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         results["phasesMs"] = phases
         results["throughputPerS"] = throughput
         results["cpuMsPerTask"] = cpu_per_task
-        warm_sandbox: Any = warm.sandbox
-        pool_stats = warm_sandbox.pool.stats()
-        results["pool"] = {
-            "created": pool_stats.created,
-            "taken": pool_stats.taken,
-            "expired": pool_stats.expired,
-            "discarded": pool_stats.discarded,
-            "failures": pool_stats.failures,
-        }
+        results["pool"] = {}
+        for key in ("warm", "ociwarm", "gvisor"):
+            if key in pipelines:
+                stats = cast(Any, pipelines[key].sandbox).pool.stats()
+                results["pool"][key] = {
+                    "created": stats.created,
+                    "taken": stats.taken,
+                    "expired": stats.expired,
+                    "discarded": stats.discarded,
+                    "failures": stats.failures,
+                }
     if not args.skip_memory:
-        print("memory ...", flush=True)
-        results["memory"] = await measure_memory(bench, args)
+        results["memory"] = {}
+        for engine in ("docker", *(e for e in args.engines if e != "docker")):
+            if engine != "docker" and not any(way in pipelines for way in ENGINE_WAYS[engine]):
+                continue  # the engine cannot run here: said above
+            print(f"memory on {engine} ...", flush=True)
+            try:
+                results["memory"][engine] = await measure_memory(bench, args, engine)
+            except Exception as exc:  # reported, the rest of the run goes on
+                notes[f"memory {engine}"] = f"not measured: {type(exc).__name__}: {exc}"
+                print(f"  memory on {engine}: {notes[f'memory {engine}']}", flush=True)
     if not args.no_neighbour:
         from bench import neighbour
 
@@ -763,7 +973,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "poolSize": args.pool_size,
         "refillConcurrency": args.refill,
         "otherContainersSeen": max(bench.noise, default=0),
-        "brokerPath": broker_note,
+        "notMeasured": notes,
         "forkserver": "(a): one host process, started once, the agent's modules loaded, "
         "forks a child per task running the agent's child code (bench/forkserver/)",
     }
@@ -794,7 +1004,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-tasks", type=int, default=10, help=argparse.SUPPRESS)
     parser.add_argument("--settle", type=float, default=2.0, help=argparse.SUPPRESS)
     parser.add_argument("--skip-memory", action="store_true", help="no memory measurements")
-    parser.add_argument("--no-broker", action="store_true", help="skip way (e), the broker")
+    parser.add_argument(
+        "--no-broker", action="store_true", help="skip ways (e) and (i), through the broker"
+    )
+    parser.add_argument(
+        "--engines",
+        type=lambda raw: [part for part in raw.split(",") if part],
+        default=["oci", "gvisor"],
+        help="engines besides Docker: comma list of oci,gvisor (default both; Docker's "
+        "ways (b)-(e) always run, they are the bases)",
+    )
     parser.add_argument(
         "--no-spawn", action="store_true", help="skip way (a'), the agent spawned per task"
     )

@@ -135,6 +135,37 @@ async def test_outcomes_on_the_oci_backend_leave_nothing(
         assert_nothing_left(sandbox, report.audit["containerId"])
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+async def test_a_task_costs_one_runtime_command(
+    make_oci_pipeline: PipelineFactory, monkeypatch: pytest.MonkeyPatch, warm: bool
+) -> None:
+    """Its ``run``: PID 1 is killed through its pidfd and, once reaped, runc's state is
+    removed without runc (each runtime command is a Go process: ~6 ms of CPU)."""
+    commands: list[str] = []
+    argv = OciRuntime.argv
+
+    def recording(self: OciRuntime, *args: str) -> list[str]:
+        commands.append(args[0])
+        return argv(self, *args)
+
+    async with make_oci_pipeline(warm=warm) as pipeline:
+        sandbox = oci_of(pipeline)
+        assert sandbox.runtime.kind == "runc"
+        if warm:
+            assert sandbox.pool is not None
+            await sandbox.warm_up(wait=True)
+        await sandbox.wait_removals()
+        monkeypatch.setattr(OciRuntime, "argv", recording)
+        report = await pipeline.run(request("return [{'json': {'n': 1}}]"))
+        await sandbox.wait_removals()
+        if warm:
+            await sandbox.warm_up(wait=True)  # the refill: one `run` more
+        monkeypatch.undo()
+    assert report.result == [{"json": {"n": 1}}], report.document()
+    assert commands == ["run"], commands
+    assert_nothing_left(sandbox, report.audit["containerId"])
+
+
 async def test_a_task_that_kills_its_agent_is_blamed_and_an_outside_kill_is_not(
     make_oci_pipeline: PipelineFactory,
 ) -> None:

@@ -113,6 +113,23 @@ class OciRuntime:
         """Delete the container (killed first if it still runs), its state and cgroup."""
         self._run("delete", "--force", container_id, timeout_s=timeout_s)
 
+    def forget_exited(self, container_id: str) -> bool:
+        """What ``delete`` does for a container whose init has exited and been reaped,
+        without starting the runtime (a Go process, ~6 ms of CPU per task): remove its
+        state directory. runc only, whose layout is one directory per container under
+        ``--root`` and whose ``delete`` of a stopped container does no more than that
+        and remove the cgroups (ours to remove, and removed by the caller) -- no hooks
+        run: our specs have none. False when this runtime has no such shortcut (crun,
+        runsc: their ``delete`` does more) or the directory is not there; the caller
+        then deletes through the runtime."""
+        if self.kind != "runc":
+            return False
+        state = self.root / container_id
+        if container_id in ("", ".", "..") or "/" in container_id or not state.is_dir():
+            return False
+        shutil.rmtree(state)
+        return True
+
     def state(self, container_id: str) -> dict[str, Any] | None:
         try:
             answer: dict[str, Any] = json.loads(self._run("state", container_id))

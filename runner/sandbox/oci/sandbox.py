@@ -372,16 +372,20 @@ class OciSandbox(ContainerSandbox[OciContainer]):
 
     def _remove(self, container_id: str) -> None:
         """Kill and reap PID 1, delete the container (state, cgroups), its bundle."""
-        container = self._containers.pop(container_id, None)
+        container = self._containers.get(container_id)
         if container is not None:
             if not container.reaped:
+                # Through its pidfd (the container is still known to _kill), not the
+                # runtime's ``kill``: another process per task, for the same signal.
                 self._kill_quietly(container_id)
                 self._reap(container, EXIT_WAIT_S)
             container.close_fds()
+            self._containers.pop(container_id, None)
         bundle = self._bundles / container_id
         cgroups_path = container.cgroups_path if container else _recorded_cgroups(bundle)
         try:
-            self._delete(container_id)
+            if container is None or not container.reaped or not self._forget(container_id):
+                self._delete(container_id)
         except RuntimeFailure as exc:
             if "not exist" not in exc.stderr:
                 if container is not None:
@@ -392,6 +396,15 @@ class OciSandbox(ContainerSandbox[OciContainer]):
             cgroups.remove(runner_id, container_id)
         shutil.rmtree(bundle, ignore_errors=True)
         self._killed.discard(container_id)
+
+    def _forget(self, container_id: str) -> bool:
+        """A reaped container's runtime state removed without the runtime, where the
+        runtime allows it (:meth:`OciRuntime.forget_exited`)."""
+        try:
+            return self._runtime.forget_exited(container_id)
+        except OSError as exc:
+            log.debug("could not remove the state of %s: %s", container_id, exc)
+            return False
 
     def _delete(self, container_id: str) -> None:
         """``delete --force``; for gVisor, after reaping its own processes first.

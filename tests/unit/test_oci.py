@@ -93,6 +93,26 @@ def test_removal_of_an_empty_leftover_cgroup(tmp_path: Path) -> None:
     assert not (root / "pids/sandbox-runner/r1/c9").exists()
 
 
+def test_a_hybrid_hosts_v2_tree_is_swept_with_the_v1_controllers(tmp_path: Path) -> None:
+    # runc makes a container's cgroup in the v2 tree beside the v1 controllers too;
+    # once a reaped container is not deleted through runc, only our removal takes it.
+    root = write_tree(
+        tmp_path,
+        {
+            "unified/cgroup.controllers": "",
+            "memory/sandbox-runner/r1/c1": None,
+            "unified/sandbox-runner/r1/c1": None,
+            "unified/sandbox-runner/r1/c2": None,
+        },
+    )
+    assert cgroups.layout(root) == "hybrid"
+    assert cgroups.leftover_containers("r1", root) == ["c1", "c2"]
+    cgroups.remove("r1", "c2", root)
+    assert not (root / "unified/sandbox-runner/r1/c2").exists()
+    cgroups.remove("r1", "c1", root)
+    assert cgroups.leftover_containers("r1", root) == []
+
+
 # -- seccomp ------------------------------------------------------------------------------
 
 PROFILE = {

@@ -112,6 +112,10 @@ def remove(runner_id: str, container_id: str, root: Path = ROOT) -> None:
 
 
 def _hierarchies(root: Path) -> list[Path]:
+    """Every hierarchy a container has a cgroup in: each v1 controller's and, on a
+    hybrid host, the v2 tree beside them (``unified``), where runc makes one too. Only
+    our removal removes it once runc's ``delete`` is not run (a reaped container's
+    state is removed without the runtime), so it must be swept like the others."""
     if not root.is_dir():
         return []
-    return [entry for entry in root.iterdir() if entry.is_dir() and entry.name != "unified"]
+    return [entry for entry in root.iterdir() if entry.is_dir()]

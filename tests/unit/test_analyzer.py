@@ -7,7 +7,9 @@ n8n reports them, because users and n8n's node compare them verbatim.
 from __future__ import annotations
 
 import ast
+import copy
 import linecache
+import pickle
 import traceback
 from typing import Any
 
@@ -233,6 +235,54 @@ def test_policy_cache_key_is_sorted_and_hashable() -> None:
     assert hash(policy.cache_key()) == hash(
         ImportPolicy.from_env_strings("re,json", "numpy").cache_key()
     )
+
+
+@pytest.mark.parametrize(
+    ("record", "same", "other", "text"),
+    [
+        pytest.param(
+            JSON,
+            ImportPolicy(frozenset({"json"}), frozenset()),
+            ImportPolicy(frozenset(), frozenset({"json"})),
+            "ImportPolicy(stdlib_allow=frozenset({'json'}), external_allow=frozenset())",
+            id="policy",
+        ),
+        pytest.param(
+            Violation(3, "x"),
+            Violation(3, "x"),
+            Violation(4, "x"),
+            "Violation(line=3, message='x')",
+            id="violation",
+        ),
+    ],
+)
+def test_policy_and_violation_are_frozen_records(
+    record: Any, same: Any, other: Any, text: str
+) -> None:
+    # What @dataclass(frozen=True, slots=True) gave them (they are cache keys, sent to
+    # and rebuilt from the analysis workers): value equality and hash, the dataclass
+    # repr, pickling, pattern matching by position, no assignment and no __dict__.
+    assert record == same
+    assert hash(record) == hash(same)
+    assert record != other
+    assert record != tuple(getattr(record, name) for name in record.__match_args__)
+    assert repr(record) == text
+    assert pickle.loads(pickle.dumps(record)) == record
+    assert copy.deepcopy(record) == record
+    match record:
+        case ImportPolicy(stdlib, external):
+            assert (stdlib, external) == (record.stdlib_allow, record.external_allow)
+        case Violation(line, message):
+            assert (line, message) == (record.line, record.message)
+    name = record.__match_args__[0]
+    with pytest.raises(AttributeError, match=f"cannot assign to field '{name}'"):
+        setattr(record, name, None)
+    with pytest.raises(AttributeError, match=f"cannot delete field '{name}'"):
+        delattr(record, name)
+    # (The dataclass refused other names with a TypeError, from its generated super().)
+    with pytest.raises((AttributeError, TypeError)):
+        record.extra = 1
+    assert not hasattr(record, "__dict__")
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,11 @@ tests/integration/test_oci_config.py compares them on this host's daemon.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import stat
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from runner.sandbox.base import Limits
 from runner.sandbox.isolation import IsolationConfig
 from runner.sandbox.oci import cgroups, runtime
 from runner.sandbox.oci.config import MASKED_PATHS, READONLY_PATHS, oci_seccomp, render
-from runner.sandbox.oci.rootfs import RootfsStore
+from runner.sandbox.oci.rootfs import RootfsStore, tar_filtered
 from runner.sandbox.spec import ImageConfig, container_spec
 from runner.settings import Settings
 
@@ -278,3 +281,120 @@ def test_an_unfit_shared_root_is_refused_with_every_reason(tmp_path: Path) -> No
     assert "/var/open is writable by others than its owner" in problems
     assert "/usr/bin/mine belongs to the task user" in problems
     assert not any(p.startswith("/usr/bin/ok") for p in problems)
+
+
+def _archive(members: list[tuple[tarfile.TarInfo, bytes]]) -> io.BytesIO:
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as tar:
+        for info, content in members:
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content) if content else None)
+    data.seek(0)
+    return data
+
+
+def _entry(name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, link: str = "") -> Any:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname = kind, mode, link
+    return info
+
+
+def _tree(root: Path) -> dict[str, tuple[int, str]]:
+    """Every path under ``root``: its mode bits and, for a symlink, its target."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        link = os.readlink(path) if path.is_symlink() else ""
+        found[str(path.relative_to(root))] = (stat.S_IMODE(info.st_mode), link)
+    return found
+
+
+FIT_IMAGE = [
+    (_entry("usr", tarfile.DIRTYPE, 0o755), b""),
+    (_entry("usr/bin", tarfile.DIRTYPE, 0o775), b""),
+    (_entry("usr/bin/su", mode=0o4755), b"#!"),
+    (_entry("usr/bin/shared", mode=0o666), b"x"),
+    (_entry("usr/bin/python", tarfile.SYMTYPE, 0o777, "/usr/bin/python3.11"), b""),
+    (_entry("usr/bin/again", tarfile.LNKTYPE, 0o4755, "usr/bin/su"), b""),
+    (_entry("/etc", tarfile.DIRTYPE, 0o755), b""),
+    (_entry("/etc/hosts"), b"127.0.0.1 localhost\n"),
+    (_entry("tmp", tarfile.DIRTYPE, 0o1777), b""),
+]
+
+
+def test_the_image_unpacks_by_the_tar_filters_rules_without_the_standard_librarys(
+    tmp_path: Path,
+) -> None:
+    # The runner image's Python (Debian's 3.11.2) has no extraction filter; its
+    # replacement must give the very tree the standard library's "tar" filter gives.
+    assert hasattr(tarfile, "tar_filter"), "this test compares with the stdlib filter"
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    theirs.mkdir()
+    with tarfile.open(fileobj=_archive(FIT_IMAGE), mode="r|") as archive:
+        archive.extractall(ours, members=tar_filtered(archive, ours))
+    with tarfile.open(fileobj=_archive(FIT_IMAGE), mode="r|") as archive:
+        archive.extractall(theirs, filter="tar")
+    assert _tree(ours) == _tree(theirs)
+    tree = _tree(ours)
+    assert tree["usr/bin/su"] == (0o755, "")  # no setuid bit
+    assert tree["usr/bin/shared"] == (0o644, "")  # no group/other write bit
+    assert tree["usr/bin"] == (0o755, "")
+    assert tree["tmp"] == (0o755, "")  # the sticky bit too (the store sets /tmp's mode)
+    assert tree["usr/bin/python"][1] == "/usr/bin/python3.11"  # links into the root stay
+    assert tree["etc/hosts"] == (0o644, "")  # a leading / is stripped
+
+
+@pytest.mark.parametrize(
+    ("members", "words"),
+    [
+        pytest.param([(_entry("../escaped"), b"x")], "outside", id="dot-dot"),
+        pytest.param([(_entry("usr/../../escaped"), b"x")], "outside", id="dot-dot-inside-a-path"),
+        pytest.param(
+            [
+                (_entry("out", tarfile.SYMTYPE, 0o777, "OUTSIDE"), b""),
+                (_entry("out/planted"), b"x"),
+            ],
+            "outside",
+            id="through-a-symlink",
+        ),
+        pytest.param(
+            [(_entry("passwd", tarfile.LNKTYPE, 0o644, "../outside/secret"), b"")],
+            "hard link outside",
+            id="hard-link-out",
+        ),
+    ],
+)
+def test_an_image_that_would_write_outside_its_root_is_refused(
+    tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes]], words: str
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("host")
+    root = tmp_path / "root"
+    root.mkdir()
+    members = [
+        (_entry(i.name, i.type, i.mode, i.linkname.replace("OUTSIDE", str(outside))), c)
+        for i, c in members
+    ]
+    with (
+        tarfile.open(fileobj=_archive(members), mode="r|") as archive,
+        pytest.raises(tarfile.TarError, match=words),
+    ):
+        archive.extractall(root, members=tar_filtered(archive, root))
+    assert [p.name for p in outside.iterdir()] == ["secret"]
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_an_absolute_hard_link_stays_in_the_root(tmp_path: Path) -> None:
+    members = [
+        (_entry("etc", tarfile.DIRTYPE, 0o755), b""),
+        (_entry("etc/passwd"), b"root:x:0:0\n"),
+        (_entry("copy", tarfile.LNKTYPE, 0o644, "/etc/passwd"), b""),
+    ]
+    root = tmp_path / "root"
+    root.mkdir()
+    with tarfile.open(fileobj=_archive(members), mode="r|") as archive:
+        archive.extractall(root, members=tar_filtered(archive, root))
+    assert (root / "copy").read_text() == "root:x:0:0\n"
+    assert (root / "copy").stat().st_ino == (root / "etc/passwd").stat().st_ino

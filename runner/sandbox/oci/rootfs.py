@@ -19,6 +19,7 @@ unpack removes once that process is gone, never a half root filesystem in use.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -26,7 +27,7 @@ import shutil
 import stat
 import tarfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,49 @@ class _Chunks(io.RawIOBase):
         return size
 
 
+def extract(archive: tarfile.TarFile, dest: Path) -> None:
+    """Unpack ``archive`` into ``dest`` by the rules of tarfile's ``"tar"`` filter
+    (PEP 706): no path outside ``dest`` (written through a symlink or not, leading
+    ``/`` stripped), and no setuid/setgid/sticky bit or group/other write bit survives.
+
+    The filter is the standard library's where it has one (3.12, and the 3.11.4+
+    backport); Debian bookworm's Python 3.11.2, the runner image's, has none, and gets
+    the same rules from :func:`tar_filtered`. Hard links must point inside too.
+    """
+    if hasattr(tarfile, "tar_filter"):
+        archive.extractall(dest, numeric_owner=True, filter="tar")
+    else:  # pragma: no cover - exercised where the interpreter lacks the filter
+        # S202: every member passes tar_filtered first, which is the filter.
+        archive.extractall(  # noqa: S202
+            dest, members=tar_filtered(archive, dest), numeric_owner=True
+        )
+
+
+def tar_filtered(members: Iterable[tarfile.TarInfo], dest: Path) -> Iterator[tarfile.TarInfo]:
+    """``members`` checked and cleaned one by one, as they are extracted (a lazy
+    generator: each check sees the symlinks extracted before it), by the ``"tar"``
+    filter's rules; raises :class:`tarfile.TarError` for a member that would escape."""
+    root = os.path.realpath(dest)
+
+    def inside(relative: str) -> bool:
+        target = os.path.realpath(os.path.join(root, relative))
+        return os.path.commonpath([target, root]) == root
+
+    for member in members:
+        name = member.name.lstrip("/")
+        if os.path.isabs(name) or not inside(name):
+            raise tarfile.TarError(f"{member.name!r} would be extracted outside {dest}")
+        if member.islnk() and not inside(member.linkname.lstrip("/")):
+            raise tarfile.TarError(f"{member.name!r} is a hard link outside {dest}")
+        cleaned = copy.copy(member)
+        cleaned.name = name
+        if member.islnk():
+            # tarfile joins a hard link's target to dest: an absolute one would not be.
+            cleaned.linkname = member.linkname.lstrip("/")
+        cleaned.mode = member.mode & 0o755
+        yield cleaned
+
+
 def image_config(attrs: dict[str, Any]) -> ImageConfig:
     """How the image says to run it (``docker inspect``'s ``Config``)."""
     config = attrs.get("Config") or {}
@@ -122,9 +166,12 @@ class RootfsStore:
             try:
                 stream = _Chunks(iter(api.export(created["Id"])))
                 with tarfile.open(fileobj=stream, mode="r|") as archive:
-                    # "tar": no path outside the target, no device of the host's, and
-                    # no setuid/setgid/sticky bit or group/other write bit survives.
-                    archive.extractall(partial, numeric_owner=True, filter="tar")
+                    extract(archive, partial)
+            except tarfile.TarError as exc:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise ImageBuildError(
+                    f"Cannot unpack the task image {image}", hint=f"its export: {exc}"
+                ) from exc
             finally:
                 with contextlib.suppress(*DOCKER_FAULTS):
                     api.remove_container(created["Id"], force=True)

@@ -39,7 +39,6 @@ import selectors
 import signal
 import sys
 import time
-from typing import Any
 
 from .analyzer_core import SECURITY_VIOLATIONS_MESSAGE, ImportPolicy, analyze
 from .child import Child
@@ -53,6 +52,12 @@ from .protocol import (
     read_frame,
     write_all,
 )
+
+# Names for the type checker only (``typing`` costs the agent's start ~2 ms of CPU;
+# these annotations are never evaluated). mypy reads any ``TYPE_CHECKING`` as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 STDIN_FD = 0
 STDOUT_FD = 1

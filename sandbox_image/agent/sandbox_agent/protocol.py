@@ -22,7 +22,12 @@ import json
 import math
 import os
 import struct
-from typing import Any
+
+# Names for the type checker only (``typing`` costs the agent's start ~2 ms of CPU;
+# these annotations are never evaluated). mypy reads any ``TYPE_CHECKING`` as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # 2: print entries are lines after the envelope, verdicts name their source.
 VERSION = 2

@@ -9,6 +9,12 @@
 # (`-v /var/run/docker.sock:/var/run/docker.sock --group-add <the socket's gid>`)
 # or DOCKER_HOST; the task containers it creates are siblings on that daemon and
 # never get the socket (the policy linter refuses such a bundle).
+#
+# Task containers are made by Docker (SANDBOX_BACKEND=docker, set below: a runner
+# container never changes engine by itself). The OCI backend (runc driven directly)
+# is there for an operator who opts in: `-e SANDBOX_BACKEND=oci` with root, privileges
+# and the host's cgroups, as docs/operations.md ("The OCI backend in a container")
+# says; runc is installed for it. Without those flags runc can do nothing here.
 ARG BASE_IMAGE=sandbox-runner-base:bookworm
 
 # --- stage 1: install the wheels into a virtualenv (pip runs from its own wheel) ---
@@ -19,7 +25,8 @@ RUN set -eu; \
     pip_wheel="$(ls /wheels/pip-*.whl)"; \
     /opt/sandbox-runner/bin/python "${pip_wheel}/pip" install --quiet --no-index \
         --no-cache-dir --disable-pip-version-check --find-links /wheels sandbox-runner; \
-    /opt/sandbox-runner/bin/sandbox-runner --version
+    /opt/sandbox-runner/bin/sandbox-runner --version; \
+    chmod -R a+rX,go-w /opt/sandbox-runner
 
 # --- stage 2: the image, without the wheels and without pip ---
 FROM ${BASE_IMAGE}
@@ -27,14 +34,25 @@ FROM ${BASE_IMAGE}
 ARG RUNNER_UID=10002
 ARG INPUTS_HASH=unknown
 
-# tini is PID 1 (signals reach the runner, which drains on SIGTERM). The bootstrapped
-# base has it; a registry base gets it from its distribution.
+# tini is PID 1 (signals reach the runner, which drains on SIGTERM); runc is the OCI
+# backend's runtime (~8.5 MB, unused unless SANDBOX_BACKEND=oci). The builder brings
+# runc's package downloaded on the host (debs/), installed here without a network, as
+# a real package (dpkg knows its version, so do image scanners). The bootstrapped base
+# has tini; a registry base, or a host that could not download runc, gets them from
+# the base's distribution (that build has a network).
+COPY debs/ /tmp/debs/
 RUN set -eu; \
-    if ! command -v tini >/dev/null 2>&1; then \
+    if ls /tmp/debs/*.deb >/dev/null 2>&1; then dpkg -i /tmp/debs/*.deb; fi; \
+    rm -rf /tmp/debs; \
+    missing=""; \
+    command -v tini >/dev/null 2>&1 || missing="${missing} tini"; \
+    command -v runc >/dev/null 2>&1 || missing="${missing} runc"; \
+    if [ -n "${missing}" ]; then \
         apt-get update; \
-        apt-get install -y --no-install-recommends tini; \
+        apt-get install -y --no-install-recommends ${missing}; \
         rm -rf /var/lib/apt/lists/*; \
-    fi
+    fi; \
+    runc --version
 
 # The service's own user: no password, no shell. Access to the Docker socket is
 # granted at run time with --group-add (the socket's gid differs per host).
@@ -47,18 +65,23 @@ COPY --from=install /opt/sandbox-runner /opt/sandbox-runner
 # them (<prefix>/share/sandbox-runner; SANDBOX_POLICY_DIR / SANDBOX_IMAGE_DIR override).
 COPY policies/ /opt/sandbox-runner/share/sandbox-runner/policies/
 COPY sandbox_image/ /opt/sandbox-runner/share/sandbox-runner/sandbox_image/
-RUN chmod -R a+rX,go-w /opt/sandbox-runner \
+# The virtualenv got its modes in the install stage (COPY --from keeps them): a chmod
+# of it here would copy all of it into one more layer (~30 MB).
+RUN chmod -R a+rX,go-w /opt/sandbox-runner/share \
  && find / -xdev -perm /6000 -type f -exec chmod a-s {} +
 
 # The health-check server (and /metrics) listens on all interfaces of the container,
 # so the HEALTHCHECK below, a compose healthcheck and Prometheus can reach it.
+# SANDBOX_BACKEND=docker, not the settings' auto: in a container started with the
+# OCI backend's flags, auto would take it without the operator having said so.
 ENV PATH=/opt/sandbox-runner/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     LANG=C.UTF-8 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     N8N_RUNNERS_HEALTH_CHECK_SERVER_ENABLED=true \
     N8N_RUNNERS_HEALTH_CHECK_SERVER_HOST=0.0.0.0 \
-    N8N_RUNNERS_HEALTH_CHECK_SERVER_PORT=5681
+    N8N_RUNNERS_HEALTH_CHECK_SERVER_PORT=5681 \
+    SANDBOX_BACKEND=docker
 
 LABEL org.opencontainers.image.title="sandbox-runner" \
       org.opencontainers.image.description="Runs untrusted Python for a broker (n8n or the embedded one), each task in its own hardened container" \

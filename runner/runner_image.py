@@ -9,6 +9,14 @@ offline in the image (``--no-index``). The host's Python must have the same mino
 version as the base's (both are Debian bookworm's 3.11 here), since the wheels are
 built for the host's interpreter.
 
+Debian packages the base lacks (:data:`DEBIAN_PACKAGES`: ``runc``, the OCI backend's
+runtime) are downloaded the same way, on the host with its own apt configuration
+(``apt-get download``: its mirror and any credentials stay the host's), and installed
+in the image with ``dpkg -i``, so the build of the bootstrapped base needs no network.
+A host without apt, or whose apt cannot fetch them, leaves them to the build, which
+then installs them with the base's apt over the network (as it does for a registry
+base).
+
 The image's tag is a hash of its inputs (Dockerfile, pyproject.toml, the ``runner``
 package, ``policies/``, ``sandbox_image/``, the base image's id), like the task
 image's, so it is rebuilt only when one of them changes. The README is not an
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -46,6 +55,10 @@ INPUT_ROOTS = ("runner", "policies", "sandbox_image")
 INPUT_FILES = ("Dockerfile", "pyproject.toml")
 # Copied into the build context next to the wheels (the runner reads them at run time).
 CONTEXT_ROOTS = ("policies", "sandbox_image")
+# Debian packages the runner image adds to the base: the OCI backend's runtime. Present
+# in every runner image (the default engine stays Docker: SANDBOX_BACKEND=docker in the
+# Dockerfile), so that opting in is a matter of `docker run` flags, not another image.
+DEBIAN_PACKAGES = ("runc",)
 
 
 def _files_under(root: Path) -> Iterator[Path]:
@@ -106,9 +119,13 @@ class RunnerImageBuilder:
             base_tag = self._base.base_tag
             self._check_python(base_tag)
             with tempfile.TemporaryDirectory(prefix="sandbox-runner-wheels-") as tmp:
-                wheels = Path(tmp)
+                wheels = Path(tmp) / "wheels"
+                debs = Path(tmp) / "debs"
+                wheels.mkdir()
+                debs.mkdir()
                 self._build_wheels(wheels)
-                self._build(tag, base_tag, wheels)
+                self._download_debs(debs)
+                self._build(tag, base_tag, wheels, debs)
         self._tag_latest(tag)
         return tag
 
@@ -161,29 +178,65 @@ class RunnerImageBuilder:
         count = len(list(dest.glob("*.whl")))
         self._progress(f"{count} wheels ready")
 
-    def _context(self, wheels: Path) -> io.BytesIO:
+    def _download_debs(self, dest: Path) -> None:
+        """:data:`DEBIAN_PACKAGES` as ``.deb`` files in ``dest``, by the host's apt.
+
+        Not fatal: without them (no apt here, a package the host's sources lack) the
+        build installs them with the base's apt instead, over the network.
+        """
+        apt_get = shutil.which("apt-get")
+        if apt_get is None:
+            self._progress("no apt-get on this host: the build installs runc itself")
+            return
+        command = [apt_get, "download", "--quiet", *DEBIAN_PACKAGES]
+        try:
+            result = subprocess.run(
+                command, cwd=dest, capture_output=True, text=True, check=False, timeout=300
+            )
+            problem = [line for line in result.stderr.splitlines() if line.startswith("E:")]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            problem = [str(exc)]
+        got = sorted(deb.name for deb in dest.glob("*.deb"))
+        if problem or len(got) != len(DEBIAN_PACKAGES):
+            for deb in dest.glob("*.deb"):
+                deb.unlink()
+            self._progress(
+                f"apt-get download {' '.join(DEBIAN_PACKAGES)} failed "
+                f"({' | '.join(problem[-2:]) or 'no package'}): the build installs them itself"
+            )
+            return
+        self._progress(f"downloaded {', '.join(got)} on the host")
+
+    def _context(self, wheels: Path, debs: Path) -> io.BytesIO:
         context = io.BytesIO()
         project = self._recipe.project_dir
         with tarfile.open(fileobj=context, mode="w") as tar:
             tar.add(project / "Dockerfile", arcname="Dockerfile")
             for wheel in sorted(wheels.glob("*.whl")):
                 tar.add(wheel, arcname=f"wheels/{wheel.name}")
+            # The directory itself too: COPY debs/ needs it, even empty.
+            tar.add(debs, arcname="debs", recursive=False)
+            for deb in sorted(debs.glob("*.deb")):
+                tar.add(deb, arcname=f"debs/{deb.name}")
             for root in CONTEXT_ROOTS:
                 for path in _files_under(project / root):
                     tar.add(path, arcname=str(path.relative_to(project)))
         context.seek(0)
         return context
 
-    def _build(self, tag: str, base_tag: str, wheels: Path) -> None:
+    def _build(self, tag: str, base_tag: str, wheels: Path, debs: Path) -> None:
         self._progress(f"building runner image {tag} on {base_tag}")
+        bootstrapped = base_tag.startswith(f"{BASE_REPOSITORY}:")
+        has_debs = any(debs.glob("*.deb"))
         docker_build(
             self._client,
-            self._context(wheels),
+            self._context(wheels, debs),
             tag,
             what="the runner image",
-            # Nothing in the build needs a network, unless a registry base lacks
-            # tini (apt); with none, a host without a working default bridge builds too.
-            network=not base_tag.startswith(f"{BASE_REPOSITORY}:"),
+            # Nothing in the build needs a network when the host downloaded the
+            # packages and the base is ours (it has tini); with none, a host without a
+            # working default bridge builds too. Otherwise apt runs in the build.
+            network=not (bootstrapped and has_debs),
             buildargs={"BASE_IMAGE": base_tag, "RUNNER_UID": str(self._recipe.uid)},
             progress=self._progress,
         )

@@ -4,9 +4,11 @@ on ``sys.path``, see ``pythonpath`` in pyproject.toml).
 Owns what more than one test module needs and no test double: the command line run as
 a user runs it (:func:`sandbox_runner`, in an environment free of the developer's own
 ``N8N_*``/``SANDBOX_*`` settings: :func:`runner_free_env`), the containers a runner id
-owns (:func:`owned`), one sample of Prometheus' text format (:func:`sample`), a file
-tree written from a mapping (:func:`write_tree`), a free local port and a bounded wait
-for a condition in real time (:func:`until`).
+owns on Docker (:func:`owned`), our containers on either engine
+(:func:`engine_containers`) and what is left of them (:func:`remains`), one sample of
+Prometheus' text format (:func:`sample`), a file tree written from a mapping
+(:func:`write_tree`), a free local port and a bounded wait for a condition in real
+time (:func:`until`).
 
 The unit tests' doubles stay in ``tests/unit/fakes.py``, the integration tests'
 fixtures and processes in ``tests/integration/conftest.py`` and ``harness.py``.
@@ -15,6 +17,7 @@ fixtures and processes in ``tests/integration/conftest.py`` and ``harness.py``.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import socket
@@ -26,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.sandbox.labels import LABEL_MANAGED, LABEL_OWNER
-from runner.settings import PROJECT_ROOT
+from runner.sandbox.oci import cgroups
+from runner.settings import PROJECT_ROOT, Settings
 
 if TYPE_CHECKING:
     import docker
@@ -64,6 +68,123 @@ def owned(client: docker.DockerClient, owner: str) -> list[dict[str, Any]]:
         all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]}
     )
     return found
+
+
+# -- containers on either engine -------------------------------------------------------
+#
+# Read from each engine's own records, not asked of a sandbox (whose answer is what is
+# under test): Docker's containers by their labels; the OCI backend's by the files it
+# keeps on the host: a bundle per container (``<state dir>/bundles/<id>``, the labels
+# in its ``record.json``), the runtime's state (``<state dir>/runtime-<kind>/``), and
+# a cgroup per container (``sandbox-runner/<runner id>/<id>`` in every hierarchy).
+
+LabelFilter = Mapping[str, str | None]  # a label's value, or None: the label is there
+
+
+def oci_state_dir() -> Path:
+    """The OCI backend's state directory of the commands and of the test pipelines."""
+    from runner.cli.wiring import state_dir
+
+    return state_dir(Settings())
+
+
+def _docker_containers(client: docker.DockerClient, wanted: LabelFilter) -> dict[str, Any]:
+    filters = [name if value is None else f"{name}={value}" for name, value in wanted.items()]
+    return {
+        str(c["Id"]): dict(c.get("Labels") or {})
+        for c in client.api.containers(all=True, filters={"label": filters})
+    }
+
+
+def _oci_bundles(state_dir: Path, wanted: LabelFilter) -> dict[str, dict[str, str]]:
+    """The bundles under the state directory whose recorded labels match: id -> labels."""
+    found: dict[str, dict[str, str]] = {}
+    bundles = state_dir / "bundles"
+    if not bundles.is_dir():
+        return found
+    for bundle in bundles.iterdir():
+        try:
+            record = json.loads((bundle / "record.json").read_text())
+        except (OSError, ValueError):
+            record = {}
+        labels = record.get("labels") if isinstance(record, dict) else None
+        labels = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
+        if all(
+            name in labels if value is None else labels.get(name) == value
+            for name, value in wanted.items()
+        ):
+            found[bundle.name] = labels
+    return found
+
+
+def _cgroup_dirs(container_id: str) -> list[Path]:
+    """The container's cgroups, under any runner id, in any hierarchy (v1 or v2)."""
+    root = cgroups.ROOT
+    return sorted(
+        {
+            *root.glob(f"{cgroups.PARENT}/*/{container_id}"),
+            *root.glob(f"*/{cgroups.PARENT}/*/{container_id}"),
+        }
+    )
+
+
+def _runtime_states(state_dir: Path, container_id: str) -> list[Path]:
+    """The container's entries in any runtime's state root (runc, crun: ``<id>/``;
+    runsc: files named after the sandbox and container ids)."""
+    return sorted(
+        entry
+        for root in state_dir.glob("runtime-*")
+        for entry in root.iterdir()
+        if container_id in entry.name
+    )
+
+
+def engine_containers(
+    client: docker.DockerClient, labels: LabelFilter | None = None, *, state_dir: Path | None = None
+) -> dict[str, dict[str, str]]:
+    """Our containers on both engines whose labels match ``labels``: id -> labels
+    (Docker's containers, running or not; the OCI backend's bundles)."""
+    wanted = {LABEL_MANAGED: "true", **(labels or {})}
+    return {
+        **_docker_containers(client, wanted),
+        **_oci_bundles(state_dir or oci_state_dir(), wanted),
+    }
+
+
+def remains(
+    client: docker.DockerClient | None,
+    *,
+    container_id: str | None = None,
+    labels: LabelFilter | None = None,
+    state_dir: Path | None = None,
+) -> list[str]:
+    """Everything left on either engine of one container (``container_id``) or of the
+    containers with these ``labels`` (a task's, a runner's): a Docker container; a
+    bundle, a runtime state or a cgroup of the OCI backend. Empty: nothing is left.
+    ``client`` None: the OCI backend's remains only."""
+    assert container_id or labels, "remains of what?"
+    state = state_dir or oci_state_dir()
+    left: set[str] = set()
+    oci_ids: set[str] = set()
+    if container_id:
+        oci_ids.add(container_id)
+        if client and client.api.containers(all=True, filters={"id": container_id}):
+            left.add(f"docker container {container_id}")
+    if labels:
+        wanted = {LABEL_MANAGED: "true", **labels}
+        if client:
+            left.update(f"docker container {c}" for c in _docker_containers(client, wanted))
+        oci_ids.update(_oci_bundles(state, wanted))
+        if set(labels) == {LABEL_OWNER}:
+            # A runner's: a cgroup that outlived its bundle is found under its parent.
+            oci_ids.update(cgroups.leftover_containers(str(labels[LABEL_OWNER])))
+    for found in oci_ids:
+        bundle = state / "bundles" / found
+        if bundle.exists():
+            left.add(f"oci bundle {bundle}")
+        left.update(f"oci runtime state {path}" for path in _runtime_states(state, found))
+        left.update(f"cgroup {path}" for path in _cgroup_dirs(found))
+    return sorted(left)
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:

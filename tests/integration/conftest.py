@@ -1,4 +1,12 @@
-"""Fixtures for tests against the real Docker engine and the real task image."""
+"""Fixtures for tests against the real engines and the real task image.
+
+A backend-neutral test (the behaviour of a task: limits, isolation, the pool, the
+service end to end) takes the ``backend`` fixture, directly or through
+``make_task_pipeline``, and runs once on each engine of :data:`BACKENDS`; what is
+left of a task on either engine is :func:`helpers.remains`. A test about one engine
+says which and why (Docker's fault injection, its daemon, its images; the OCI
+backend's own files in ``test_oci_backend.py``).
+"""
 
 from __future__ import annotations
 
@@ -115,18 +123,7 @@ def pipeline_factory(
             values["pool_size"] = overrides.get("pool_size", 1)
         settings = Settings(**values)
         own_client = client or docker.from_env(timeout=60)
-        sandbox: ContainerSandbox[Any]
-        if backend == "oci":
-            runtime = oci_runtime(settings)
-            if isinstance(runtime, str):
-                pytest.fail(f"the OCI backend cannot run here: {runtime}", pytrace=False)
-            sandbox = make_oci_sandbox(
-                settings, own_client, runtime, image=task_image, isolation=isolation
-            )
-        else:
-            sandbox = make_docker_sandbox(
-                settings, own_client, image=task_image, ensure_image=None, isolation=isolation
-            )
+        sandbox = make_sandbox(backend, settings, own_client, task_image, isolation=isolation)
         pipeline = make_pipeline(
             settings,
             sandbox,
@@ -143,6 +140,30 @@ def pipeline_factory(
                 own_client.close()
 
     return factory
+
+
+def make_sandbox(
+    backend: str,
+    settings: Settings,
+    client: docker.DockerClient,
+    image: str,
+    *,
+    isolation: IsolationConfig | None = None,
+    warm_pool: bool = True,
+) -> ContainerSandbox[Any]:
+    """A sandbox of ``backend`` as the commands make it (the Docker one closes
+    ``client`` on ``aclose``; the OCI one only unpacks the image through it)."""
+    if backend == "oci":
+        runtime = oci_runtime(settings)
+        if isinstance(runtime, str):
+            pytest.fail(f"the OCI backend cannot run here: {runtime}", pytrace=False)
+        return make_oci_sandbox(
+            settings, client, runtime, image=image, isolation=isolation, warm_pool=warm_pool
+        )
+    assert backend == "docker", backend
+    return make_docker_sandbox(
+        settings, client, image=image, ensure_image=None, isolation=isolation, warm_pool=warm_pool
+    )
 
 
 def request(
@@ -170,5 +191,6 @@ __all__ = [
     "DockerSandbox",
     "container_exists",
     "containers_of_task",
+    "make_sandbox",
     "request",
 ]

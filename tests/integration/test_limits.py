@@ -1,8 +1,9 @@
 """Resource attacks end in their own clear error, on time, and leave nothing behind.
 
-Every attack runs twice: in a cold container and in a warm pool slot handed over
-to the task. Both must end exactly alike: the pool changes when a container is
-started, never what it enforces.
+Every attack runs on both engines (Docker, and an OCI runtime driven directly), each
+twice: in a cold container and in a warm pool slot handed over to the task. All must
+end exactly alike: the engine and the pool change how a container is made and when,
+never what it enforces. Nothing of the task is left on either engine afterwards.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import json
 
 import docker
 import pytest
+from helpers import remains
 
 from runner.pipeline import TaskReport
 from runner.sandbox.base import Outcome, Stage
+from runner.sandbox.labels import LABEL_TASK
 
-from .conftest import PipelineFactory, container_exists, containers_of_task, request
+from .conftest import PipelineFactory, request
 
 MEMORY_BOMB = """
 hog = []
@@ -161,14 +164,16 @@ def start(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def pipeline_for(make_docker_pipeline: PipelineFactory, start: str) -> PipelineFactory:
-    return functools.partial(make_docker_pipeline, warm=start == "warm")
+def pipeline_for(make_task_pipeline: PipelineFactory, start: str) -> PipelineFactory:
+    return functools.partial(make_task_pipeline, warm=start == "warm")
 
 
 def assert_clean(client: docker.DockerClient, report: TaskReport, start: str) -> None:
     assert report.audit["details"]["containerStart"] == start, report.audit["details"]
-    assert containers_of_task(client, report.task_id) == [], "the task container was left behind"
-    assert not container_exists(client, report.audit["containerId"]), "container left behind"
+    left = remains(
+        client, container_id=report.audit["containerId"], labels={LABEL_TASK: report.task_id}
+    )
+    assert left == [], "the task container was left behind"
 
 
 @pytest.mark.parametrize("guards_off", [False, True], ids=["guards-on", "guards-off"])
@@ -318,7 +323,8 @@ async def test_a_task_that_kills_its_agent_is_blamed_not_an_outside_stop(
     assert report.error.message == "Task killed its supervising agent (SIGKILL)"
     details = report.audit["details"]
     assert details["exitCode"] == 137
-    # The daemon's record covers the container's life and holds no kill.
+    # The engine's record holds no kill from outside: Docker's events over the
+    # container's life; on the OCI backend, tini's own exit (128 + 9), not PID 1 killed.
     assert details["killedFromOutside"] is False
     assert_clean(docker_client, report, start)
 
@@ -338,6 +344,8 @@ async def test_a_print_flood_on_the_result_pipe_keeps_max_print_calls(
 def test_the_agents_kill_reaches_every_task_process_but_itself_and_tini(
     docker_client: docker.DockerClient, task_image: str
 ) -> None:
+    # Docker only: about the agent's own function, run in a plain container (no policy,
+    # no pipeline); the engine only gives it a PID namespace with tini as PID 1.
     output = docker_client.containers.run(
         task_image,
         entrypoint=["tini", "--", "python3", "-I", "-B", "-c", KILL_EVERY_TASK_PROCESS],

@@ -24,7 +24,7 @@ from typing import Any
 
 import docker
 import pytest
-from helpers import until
+from helpers import remains, until
 
 from runner.cli.wiring import make_oci_sandbox, oci_runtime
 from runner.pipeline import TaskPipeline
@@ -58,6 +58,8 @@ def assert_nothing_left(sandbox: OciSandbox, container_id: str | None) -> None:
     assert runtime.state(container_id) is None, "the runtime still knows the container"
     assert not (state_dir_of(sandbox) / "bundles" / container_id).exists(), "bundle left"
     assert cgroups.oom_kills(cgroups.path_of("pytest-runner", container_id)) is None, "cgroup left"
+    # And in every hierarchy (a hybrid host's v2 tree too), under any runner id.
+    assert remains(None, container_id=container_id, state_dir=state_dir_of(sandbox)) == []
 
 
 def state_dir_of(sandbox: OciSandbox) -> Path:

@@ -3,17 +3,27 @@
 The agent is started afresh in every task container, so each module it imports is
 CPU spent per task (``python -m bench.agent_start`` measures it in the task image).
 These tests pin what was trimmed, by module names, never by time: the agent's start
-loads no typing or dataclass machinery.
+loads no typing or dataclass machinery, and a user error in the child loads nothing a
+second time (the child purges ``sys.modules`` before task code runs; a module the
+traceback then needs would be imported afresh, with everything beneath it: ``ast``,
+for the carets under the user's line, with contextlib, collections and enum).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+from runner.analyzer import DEFAULT_BUILTINS_DENY
+from runner.sandbox.base import GuardConfig, Limits, Mode, TaskSpec
+from runner.sandbox.envelope import HEADER, encode_task
+
 # Imported by nothing the agent needs: only by the annotations and dataclasses it had.
 NOT_AT_START = ("typing", "dataclasses", "inspect", "dis", "copy")
+IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \| *(\S+)$", re.M)
 
 
 def test_the_agent_start_loads_no_typing_or_dataclass_machinery(agent_path: Path) -> None:
@@ -33,3 +43,40 @@ def test_the_agent_start_loads_no_typing_or_dataclass_machinery(agent_path: Path
     loaded = set(done.stdout.split())
     assert {"sandbox_agent.analyzer_core", "sandbox_agent.child", "ast", "json"} <= loaded
     assert loaded.isdisjoint(NOT_AT_START), sorted(loaded.intersection(NOT_AT_START))
+
+
+def test_a_user_error_loads_nothing_a_second_time(agent_path: Path) -> None:
+    # Carets under the failing expression: the traceback places them with ast.
+    code = "values = _items[0]['json']['values']\ntotal = 1 + values[5]\nreturn total"
+    spec = TaskSpec(
+        task_id="start",
+        code=code,
+        mode=Mode.ALL_ITEMS,
+        items=[{"json": {"values": [1, 2]}}],
+        guards=GuardConfig(stdlib_allow=(), external_allow=(), builtins_deny=DEFAULT_BUILTINS_DENY),
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-B", "-X", "importtime", str(agent_path / "run.py")],
+        input=encode_task(spec, Limits(timeout_s=30)),
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    (length,) = HEADER.unpack_from(done.stdout)
+    body = done.stdout[HEADER.size : HEADER.size + length].split(b"\n", 1)[0]
+    error = json.loads(body)["error"]
+    assert (error["kind"], error["message"]) == ("user_error", "list index out of range")
+    assert error["description"] == (
+        "Traceback (most recent call last):\n"
+        '  File "<all_items_task_execution>", line 4, in <module>\n'
+        '  File "<all_items_task_execution>", line 2, in _user_function\n'
+        "    total = 1 + values[5]\n"
+        "                ~~~~~~^^^\n"
+        "IndexError: list index out of range"
+    )
+    # The agent's imports (its tree ends with the agent module), then the child's on
+    # the same stderr: the child loads nothing the agent had loaded.
+    agent_part, _, child_part = done.stderr.decode().partition("| sandbox_agent.agent\n")
+    at_start = set(IMPORT_LINE.findall(agent_part))
+    assert "sandbox_agent.child" in at_start
+    assert sorted(at_start.intersection(IMPORT_LINE.findall(child_part))) == []

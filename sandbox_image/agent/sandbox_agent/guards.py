@@ -52,9 +52,22 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_PRINT_CALLS = 100  # n8n's MAX_PRINT_ARGS_ALLOWED
 
-# Modules the interpreter and the agent cannot do without (n8n keeps the same set).
+# Modules the interpreter and the agent cannot do without (n8n keeps the same set),
+# and ``ast``: ``traceback`` imports it to place the carets under the user's line
+# (3.11+). Purged, every user error paid a fresh import of ast with contextlib,
+# collections, functools and enum beneath it (~10 ms of the child's CPU). Task code
+# still imports it only if the allowlist says so; the guard checks the name.
 _ALWAYS_KEPT_MODULES = frozenset(
-    {"builtins", "__main__", "sys", "traceback", "linecache", "importlib", "importlib.machinery"}
+    {
+        "builtins",
+        "__main__",
+        "sys",
+        "traceback",
+        "linecache",
+        "importlib",
+        "importlib.machinery",
+        "ast",
+    }
 )
 
 # Helper modules that C code imports through the *caller's* ``__import__``: with

@@ -3,7 +3,9 @@
 b3a21b2 turned ``cpus: 1e-10`` into ``NanoCpus`` 0, which Docker reads as no limit:
 inside the container ``cpu.cfs_quota_us`` was -1. Now the smallest quota a task can
 get is Docker's minimum (0.01 CPU: 1 ms per 100 ms period), and a smaller value
-never reaches the engine. The cgroup version is detected inside the container.
+never reaches the engine. The cgroup version is detected inside the container. On
+both engines: Docker, and an OCI runtime driven directly (whose config renders the
+same quota from the same spec).
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ return None
 
 @pytest.mark.parametrize(("cpus", "quota_us"), [(0.01, 1000), (0.57, 57000)])
 async def test_the_quota_in_force_is_the_one_asked_for(
-    make_docker_pipeline: PipelineFactory, cpus: float, quota_us: int
+    make_task_pipeline: PipelineFactory, cpus: float, quota_us: int
 ) -> None:
-    async with make_docker_pipeline(guards_off=True, cpus=cpus) as pipeline:
+    async with make_task_pipeline(guards_off=True, cpus=cpus) as pipeline:
         report = await pipeline.run(request(READ_QUOTA))
     assert report.error is None, report.error
     found = report.result
@@ -56,9 +58,9 @@ async def test_the_quota_in_force_is_the_one_asked_for(
 
 
 async def test_a_quota_that_rounds_to_nothing_never_reaches_the_engine(
-    make_docker_pipeline: PipelineFactory,
+    make_task_pipeline: PipelineFactory,
 ) -> None:
-    async with make_docker_pipeline(guards_off=True) as pipeline:
+    async with make_task_pipeline(guards_off=True) as pipeline:
         tiny = replace(pipeline.limits, cpus=1e-10)
         with pytest.raises(ConfigurationError, match=re.escape("cpus 1e-10 < 0.01")):
             await pipeline.run(request(READ_QUOTA, limits=tiny))

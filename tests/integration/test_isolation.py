@@ -2,7 +2,8 @@
 
 Every probe runs with the in-process guards switched off (all imports allowed, no
 builtins denied, environment readable), so what it sees is the container's doing
-alone: the wall, not the speed bumps.
+alone: the wall, not the speed bumps. Each runs on both engines (Docker, and an OCI
+runtime driven directly): the same policy must make the same wall.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import docker
 import pytest
+from helpers import remains
 
 from runner.sandbox.base import Outcome
+from runner.sandbox.labels import LABEL_TASK
 
-from .conftest import PipelineFactory, containers_of_task, request
+from .conftest import PipelineFactory, request
 
 PROBE = r"""
 import os, socket, errno
@@ -91,9 +94,11 @@ def canary(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 async def test_container_enforces_the_isolation_defaults(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient, canary: str
+    make_task_pipeline: PipelineFactory,
+    docker_client: docker.DockerClient,
+    canary: str,
 ) -> None:
-    async with make_docker_pipeline(guards_off=True) as pipeline:
+    async with make_task_pipeline(guards_off=True) as pipeline:
         report = await pipeline.run(request(PROBE))
     assert report.outcome is Outcome.SUCCESS, report.document()
     facts = report.result
@@ -144,11 +149,14 @@ async def test_container_enforces_the_isolation_defaults(
         assert audit["isolation"]["apparmor"] == "sandbox-task"
     else:
         assert audit["isolation"]["apparmor"].startswith("unavailable")
-    assert containers_of_task(docker_client, report.task_id) == []
+    left = remains(
+        docker_client, container_id=audit["containerId"], labels={LABEL_TASK: report.task_id}
+    )
+    assert left == []
 
 
 async def test_runner_environment_never_reaches_task_even_with_env_access_allowed(
-    make_docker_pipeline: PipelineFactory, canary: str
+    make_task_pipeline: PipelineFactory, canary: str
 ) -> None:
     code = (
         "import os\n"
@@ -162,7 +170,7 @@ async def test_runner_environment_never_reaches_task_even_with_env_access_allowe
         "            except OSError: pass\n"
         "return {'env': dict(os.environ), 'proc': found}\n"
     )
-    async with make_docker_pipeline(guards_off=True) as pipeline:
+    async with make_task_pipeline(guards_off=True) as pipeline:
         report = await pipeline.run(request(code))
     assert report.outcome is Outcome.SUCCESS, report.document()
     assert canary not in str(report.result)
@@ -173,13 +181,13 @@ PROBE_FILE = Path(__file__).parent / "probes" / "syscall_probe.py"
 
 
 async def test_seccomp_profile_refuses_every_listed_call_and_allows_what_python_needs(
-    make_docker_pipeline: PipelineFactory,
+    make_task_pipeline: PipelineFactory,
 ) -> None:
     """Runs the kernel-policy probe as a task (guards off) through the real pipeline."""
     # A task is a function body: a __future__ import cannot be part of it.
     source = PROBE_FILE.read_text().replace("from __future__ import annotations", "")
     code = source + "\nreturn run_probes()\n"
-    async with make_docker_pipeline(guards_off=True) as pipeline:
+    async with make_task_pipeline(guards_off=True) as pipeline:
         report = await pipeline.run(request(code))
     assert report.outcome is Outcome.SUCCESS, report.document()
     probes = report.result

@@ -31,7 +31,7 @@ from runner.pipeline import TaskPipeline
 from runner.sandbox.base import Outcome
 from runner.sandbox.docker import DockerSandbox
 from runner.sandbox.oci import cgroups
-from runner.sandbox.oci.config import NETWORK_NONE_SYSCTL, render
+from runner.sandbox.oci.config import NETWORK_NONE_SYSCTL, etc_binds, etc_files, render
 from runner.sandbox.oci.rootfs import image_config
 from runner.sandbox.oci.runtime import OciRuntime
 from runner.sandbox.oci.sandbox import OciSandbox
@@ -43,7 +43,10 @@ from .conftest import PipelineFactory, pipeline_factory, request
 pytestmark = pytest.mark.timeout(300)
 
 DOCKER_STATE = Path("/run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby")
-DOCKERD_BINDS = {"/etc/resolv.conf", "/etc/hostname", "/etc/hosts"}
+# dockerd binds these from its state directory, ours from the runner's state directory
+# (the same files, as etc_files makes them); the resolver's it binds, ours does not.
+ETC_BINDS = {"/etc/hostname", "/etc/hosts"}
+DOCKERD_ONLY_BINDS = {"/etc/resolv.conf"}
 
 
 def oci_of(pipeline: TaskPipeline) -> OciSandbox:
@@ -66,6 +69,15 @@ def state_dir_of(sandbox: OciSandbox) -> Path:
     return sandbox.runtime.root.parent
 
 
+def bound_files(config: dict[str, Any]) -> dict[str, str]:
+    """What the files dockerd binds over /etc/hosts and /etc/hostname hold."""
+    return {
+        m["destination"]: Path(m["source"]).read_text()
+        for m in config["mounts"]
+        if m["destination"] in ETC_BINDS
+    }
+
+
 @pytest.fixture
 def make_oci_pipeline(base_settings: Settings, task_image: str) -> PipelineFactory:
     return pipeline_factory(base_settings, task_image, backend="oci")
@@ -78,14 +90,16 @@ async def test_the_oci_config_is_what_docker_generates_for_the_same_policy(
     make_docker_pipeline: PipelineFactory, base_settings: Settings, task_image: str
 ) -> None:
     """Every field Docker puts in a task container's config.json, ours puts too, with
-    the same value; what differs is the daemon's own (and defaultErrnoRet, which Docker
-    20.10 drops: runc's default errno for SCMP_ACT_ERRNO is EPERM, the profile's 1)."""
+    the same value (the binds of /etc/hosts and /etc/hostname, and what they hold,
+    too); what differs is the daemon's own (and defaultErrnoRet, which Docker 20.10
+    drops: runc's default errno for SCMP_ACT_ERRNO is EPERM, the profile's 1)."""
     async with make_docker_pipeline(warm=True, memory_mb=96, cpus=0.5, pids_limit=48) as pipeline:
         sandbox = pipeline.sandbox
         assert isinstance(sandbox, DockerSandbox)
         assert sandbox.pool is not None
         (slot,) = sandbox.pool.idle_resources()
         theirs = json.loads((DOCKER_STATE / slot.container_id / "config.json").read_text())
+        bound = bound_files(theirs)
         limits = pipeline.limits
         isolation = sandbox.isolation
     client = docker.from_env()
@@ -100,12 +114,18 @@ async def test_the_oci_config_is_what_docker_generates_for_the_same_policy(
         cgroups_path="CGROUP",
         machine=platform.machine(),
         kernel_release=platform.release(),
+        extra_mounts=etc_binds("ETC"),
     )
     # The daemon's own parts.
     theirs.pop("hooks", None)
     theirs["root"]["path"] = "ROOT"
     theirs["linux"]["cgroupsPath"] = "CGROUP"
-    theirs["mounts"] = [m for m in theirs["mounts"] if m["destination"] not in DOCKERD_BINDS]
+    theirs["mounts"] = [m for m in theirs["mounts"] if m["destination"] not in DOCKERD_ONLY_BINDS]
+    for mount in theirs["mounts"]:
+        if mount["destination"] in ETC_BINDS:
+            name = mount["destination"].removeprefix("/etc/")
+            assert bound[mount["destination"]] == etc_files("sandbox")[name], name
+            mount["source"] = f"ETC/{name}"
     assert ours["linux"]["seccomp"].pop("defaultErrnoRet") == 1
     assert "defaultErrnoRet" not in theirs["linux"]["seccomp"]
     # What dockerd's network hook does itself (IPv6 off), ours says as sysctls.

@@ -4,8 +4,10 @@ Owns the OCI rendering of a task container, written to be what Docker 20.10's da
 generates for the same create request (``daemon/oci_linux.go``, ``oci/defaults.go``,
 ``profiles/seccomp``) minus what belongs to dockerd itself: its libnetwork prestart
 hook (whose one effect on a container with network "none", IPv6 off, is done here by
-sysctls), the bind mounts of ``/etc/hosts``, ``/etc/hostname`` and ``/etc/resolv.conf``
-from its state directory, and its own cgroup path. So every default Docker gave us
+sysctls), the bind mount of ``/etc/resolv.conf`` (with no network it could only tell a
+task the host's resolver), and its own cgroup path. ``/etc/hosts`` (``localhost``) and
+``/etc/hostname`` are bound read-only as dockerd binds them, from files the caller
+writes (:func:`etc_files`, :func:`etc_binds`). So every default Docker gave us
 for free is here, explicitly: the masked and read-only ``/proc`` and ``/sys`` paths,
 the device cgroup's allow-list, the ``/dev`` tmpfs, the read-only ``/sys`` and cgroup
 mounts, a new network namespace with only ``lo`` (runc brings it up), the private IPC,
@@ -66,6 +68,17 @@ NETWORK_NONE_SYSCTL = {
     "net.ipv6.conf.default.disable_ipv6": "1",
     "net.ipv6.conf.lo.disable_ipv6": "1",
 }
+# What dockerd binds over the image's /etc/hosts for a container with network "none"
+# (the image's own is empty: without it, ``localhost`` resolves to nothing), and how.
+HOSTS = (
+    "127.0.0.1\tlocalhost\n"
+    "::1\tlocalhost ip6-localhost ip6-loopback\n"
+    "fe00::0\tip6-localnet\n"
+    "ff00::0\tip6-mcastprefix\n"
+    "ff02::1\tip6-allnodes\n"
+    "ff02::2\tip6-allrouters\n"
+)
+ETC_BIND_OPTIONS = ("rbind", "ro", "rprivate")
 
 # Docker's Go architecture names and libseccomp's (moby profiles/seccomp).
 SECCOMP_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "x86", "armv7l": "arm"}
@@ -215,6 +228,25 @@ def _arg(arg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 RLIMIT_NAMES = {"nofile": "RLIMIT_NOFILE", "fsize": "RLIMIT_FSIZE", "nproc": "RLIMIT_NPROC"}
+
+
+def etc_files(hostname: str) -> dict[str, str]:
+    """The files bound over the image's ``/etc`` ones (name: content), as dockerd's."""
+    return {"hostname": f"{hostname}\n", "hosts": HOSTS}
+
+
+def etc_binds(directory: str) -> list[dict[str, Any]]:
+    """Read-only binds of :func:`etc_files` written in ``directory``, in Docker's order
+    (``render``'s ``extra_mounts``)."""
+    return [
+        {
+            "destination": f"/etc/{name}",
+            "type": "bind",
+            "source": f"{directory}/{name}",
+            "options": list(ETC_BIND_OPTIONS),
+        }
+        for name in ("hostname", "hosts")
+    ]
 
 
 def render(

@@ -58,7 +58,7 @@ from runner.sandbox.envelope import encode_task
 from runner.sandbox.isolation import IsolationConfig
 from runner.sandbox.labels import LABEL_DEADLINE
 from runner.sandbox.oci import cgroups
-from runner.sandbox.oci.config import render
+from runner.sandbox.oci.config import etc_binds, etc_files, render
 from runner.sandbox.oci.rootfs import GVISOR, Rootfs, RootfsStore, write_json
 from runner.sandbox.oci.runtime import OciRuntime, RuntimeFailure
 from runner.sandbox.pool import PoolConfig
@@ -153,6 +153,8 @@ class OciSandbox(ContainerSandbox[OciContainer]):
         self._store = store
         self._image = image
         self._bundles = state_dir / "bundles"
+        self._etc_dir = state_dir / "etc"
+        self._etc: dict[str, list[dict[str, Any]]] = {}  # per hostname: its /etc binds
         self._variant = GVISOR if runtime.kind == "runsc" else None
         self._rootfs: Rootfs | None = None
         self._rootfs_lock = threading.Lock()
@@ -214,13 +216,15 @@ class OciSandbox(ContainerSandbox[OciContainer]):
         # The record first: a sweep (ours or another runner's) that finds the bundle
         # finds who owns it.
         write_json(bundle / RECORD, {"labels": labels, "cgroupsPath": cgroups_path})
+        spec = self._spec(limits)
         config = render(
-            self._spec(limits),
+            spec,
             rootfs.image,
             rootfs=str(rootfs.path),
             cgroups_path=cgroups_path,
             machine=self._machine,
             kernel_release=self._kernel,
+            extra_mounts=self._etc_binds(spec.hostname),
         )
         write_json(bundle / "config.json", config)
         container = OciContainer(
@@ -263,6 +267,26 @@ class OciSandbox(ContainerSandbox[OciContainer]):
         container.started_at = t2
         container.durations_ms = {"create": (t1 - t0) * 1000, "start": (t2 - t1) * 1000}
         return container
+
+    def _etc_binds(self, hostname: str) -> list[dict[str, Any]]:
+        """``/etc/hostname`` and ``/etc/hosts`` for containers named ``hostname``:
+        written once under the state directory (whole or not at all: runners share
+        it), bound read-only into each container as dockerd binds its own."""
+        binds = self._etc.get(hostname)
+        if binds is None:
+            directory = self._etc_dir / (hostname if hostname.isalnum() else "_")
+            directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+            for name, content in etc_files(hostname).items():
+                path = directory / name
+                with contextlib.suppress(OSError):
+                    if path.read_text(encoding="utf-8") == content:
+                        continue
+                partial = directory / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+                partial.write_text(content, encoding="utf-8")
+                partial.chmod(0o644)
+                partial.replace(path)
+            binds = self._etc[hostname] = etc_binds(str(directory))
+        return binds
 
     def _exchange(self, run: Run[OciContainer]) -> Output:
         """Write the task envelope, then read stdout and stderr until the result, EOF,

@@ -3,7 +3,8 @@
 The agent is started afresh in every task container, so each module it imports is
 CPU spent per task (``python -m bench.agent_start`` measures it in the task image).
 These tests pin what was trimmed, by module names, never by time: the agent's start
-loads no typing or dataclass machinery, and a user error in the child loads nothing a
+loads no typing or dataclass machinery and no ``ctypes`` (yet still makes itself
+undumpable), and a user error in the child loads nothing a
 second time (the child purges ``sys.modules`` before task code runs; a module the
 traceback then needs would be imported afresh, with everything beneath it: ``ast``,
 for the carets under the user's line, with contextlib, collections and enum).
@@ -21,8 +22,9 @@ from runner.analyzer import DEFAULT_BUILTINS_DENY
 from runner.sandbox.base import GuardConfig, Limits, Mode, TaskSpec
 from runner.sandbox.envelope import HEADER, encode_task
 
-# Imported by nothing the agent needs: only by the annotations and dataclasses it had.
-NOT_AT_START = ("typing", "dataclasses", "inspect", "dis", "copy")
+# Imported by nothing the agent needs: by the annotations and dataclasses it had, and
+# ctypes for one prctl call (made with _ctypes now).
+NOT_AT_START = ("typing", "dataclasses", "inspect", "dis", "copy", "ctypes")
 IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \| *(\S+)$", re.M)
 
 
@@ -43,6 +45,24 @@ def test_the_agent_start_loads_no_typing_or_dataclass_machinery(agent_path: Path
     loaded = set(done.stdout.split())
     assert {"sandbox_agent.analyzer_core", "sandbox_agent.child", "ast", "json"} <= loaded
     assert loaded.isdisjoint(NOT_AT_START), sorted(loaded.intersection(NOT_AT_START))
+
+
+def test_the_agent_makes_itself_undumpable_without_ctypes(agent_path: Path) -> None:
+    script = (
+        f"import sys; sys.path.insert(0, {str(agent_path)!r}); "
+        "from sandbox_agent.agent import make_undumpable; "
+        "made = make_undumpable(); loaded = 'ctypes' in sys.modules; "
+        # Read back by the kernel's own word, PR_GET_DUMPABLE (3).
+        "import ctypes; print(made, loaded, ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-B", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.split() == ["True", "False", "0"]
 
 
 def test_a_user_error_loads_nothing_a_second_time(agent_path: Path) -> None:

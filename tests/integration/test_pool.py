@@ -1,5 +1,10 @@
-"""The warm pool against the real engine: one task per container, refills, ageing, keys,
+"""The warm pool against the real engines: one task per container, refills, ageing, keys,
 clean shutdown, and the sweep's treatment of live and dead runners' slots.
+
+Every test runs on both engines (Docker, and an OCI runtime driven directly): the pool
+is the shared part of the two sandboxes, the containers it keeps are each engine's.
+What the engines hold is read from their own records (:func:`helpers.engine_containers`,
+:func:`helpers.remains`), the memory limit of a slot from the engine's view of it.
 
 (Timeouts and resource attacks in pooled containers: tests/integration/test_limits.py
 runs every attack both cold and warm.)
@@ -20,33 +25,49 @@ from typing import Any
 
 import docker
 import pytest
+from helpers import engine_containers, remains
 
-from runner.cli.wiring import make_docker_sandbox, make_pipeline
+from runner.cli.wiring import make_pipeline
 from runner.pipeline import TaskPipeline
 from runner.sandbox import container as container_sandbox
 from runner.sandbox.base import MIB
-from runner.sandbox.docker import DockerSandbox
-from runner.sandbox.labels import LABEL_BOOT, LABEL_DEADLINE, LABEL_MANAGED, LABEL_POOL, LABEL_TASK
+from runner.sandbox.container import ContainerSandbox
+from runner.sandbox.labels import LABEL_BOOT, LABEL_DEADLINE, LABEL_POOL, LABEL_TASK
+from runner.sandbox.oci import cgroups
 from runner.settings import Settings
 
-from .conftest import PipelineFactory, container_exists, request
+from .conftest import PipelineFactory, make_sandbox, request
 
 ROOT = Path(__file__).resolve().parents[2]
 SUM = "return sum(item['json']['n'] for item in _items)"
 
 
-def sandbox_of(pipeline: TaskPipeline) -> DockerSandbox:
+def sandbox_of(pipeline: TaskPipeline) -> ContainerSandbox[Any]:
     sandbox = pipeline.sandbox
-    assert isinstance(sandbox, DockerSandbox)
+    assert isinstance(sandbox, ContainerSandbox)
     return sandbox
 
 
-def pool_containers(client: docker.DockerClient, boot_id: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = client.api.containers(
-        all=True,
-        filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_BOOT}={boot_id}", LABEL_POOL]},
-    )
-    return found
+def pool_containers(client: docker.DockerClient, boot_id: str) -> dict[str, dict[str, str]]:
+    """The pool slots of one sandbox on either engine: id -> labels."""
+    return engine_containers(client, {LABEL_BOOT: boot_id, LABEL_POOL: None})
+
+
+def is_gone(client: docker.DockerClient, container_id: str) -> bool:
+    return remains(client, container_id=container_id) == []
+
+
+def memory_limit_bytes(client: docker.DockerClient, backend: str, container_id: str) -> int:
+    """A container's memory limit as its engine set it: Docker's record of it, or, for
+    the OCI backend, the kernel's own value in the container's memory cgroup."""
+    if backend == "docker":
+        return int(client.api.inspect_container(container_id)["HostConfig"]["Memory"])
+    root, parent = cgroups.ROOT, cgroups.PARENT
+    (v1_or_v2,) = [
+        *root.glob(f"memory/{parent}/*/{container_id}/memory.limit_in_bytes"),
+        *root.glob(f"{parent}/*/{container_id}/memory.max"),
+    ]
+    return int(v1_or_v2.read_text())
 
 
 async def until(pipeline: TaskPipeline, predicate: Callable[[], bool]) -> None:
@@ -59,9 +80,9 @@ async def until(pipeline: TaskPipeline, predicate: Callable[[], bool]) -> None:
 
 
 async def test_every_task_gets_its_own_pre_started_container(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+    make_task_pipeline: PipelineFactory, docker_client: docker.DockerClient
 ) -> None:
-    async with make_docker_pipeline(pool_size=2) as pipeline:
+    async with make_task_pipeline(pool_size=2) as pipeline:
         sandbox = sandbox_of(pipeline)
         reports = []
         for n in range(4):
@@ -75,16 +96,16 @@ async def test_every_task_gets_its_own_pre_started_container(
             assert report.audit["details"]["containerStart"] == "warm"
             assert report.audit["details"]["poolSlotAgeMs"] >= 0
             assert "create" not in report.audit["durationsMs"]
-            assert not container_exists(docker_client, report.audit["containerId"])
+            assert is_gone(docker_client, report.audit["containerId"])
         assert [r.result for r in reports] == [10, 11, 12, 13]
         ids = [report.audit["containerId"] for report in reports]
         assert len(set(ids)) == len(ids), "a pool container served two tasks"
 
 
 async def test_the_pool_refills_to_its_target_after_hand_overs(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+    make_task_pipeline: PipelineFactory, docker_client: docker.DockerClient
 ) -> None:
-    async with make_docker_pipeline(pool_size=2, pool_refill_concurrency=2) as pipeline:
+    async with make_task_pipeline(pool_size=2, pool_refill_concurrency=2) as pipeline:
         sandbox = sandbox_of(pipeline)
         pool = sandbox.pool
         assert pool is not None
@@ -99,15 +120,14 @@ async def test_the_pool_refills_to_its_target_after_hand_overs(
         assert len(after) == 2
         assert not after & before
         await sandbox.wait_removals()
-        listed = {c["Id"] for c in pool_containers(docker_client, sandbox.boot_id)}
-        assert listed == after
+        assert set(pool_containers(docker_client, sandbox.boot_id)) == after
         assert pool.stats().taken == 2
 
 
 async def test_an_idle_container_past_its_maximum_age_is_replaced(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+    make_task_pipeline: PipelineFactory, docker_client: docker.DockerClient
 ) -> None:
-    async with make_docker_pipeline(pool_size=1, pool_max_idle_s=1) as pipeline:
+    async with make_task_pipeline(pool_size=1, pool_max_idle_s=1) as pipeline:
         sandbox = sandbox_of(pipeline)
         pool = sandbox.pool
         assert pool is not None
@@ -115,13 +135,13 @@ async def test_an_idle_container_past_its_maximum_age_is_replaced(
         await until(pipeline, lambda: pool.stats().expired >= 1 and pool.stats().idle == 1)
         (new,) = pool.idle_resources()
         assert new.container_id != old.container_id
-        await until(pipeline, lambda: not container_exists(docker_client, old.container_id))
+        await until(pipeline, lambda: is_gone(docker_client, old.container_id))
 
 
 async def test_different_limits_start_cold_and_a_shorter_timeout_stays_warm(
-    make_docker_pipeline: PipelineFactory,
+    make_task_pipeline: PipelineFactory,
 ) -> None:
-    async with make_docker_pipeline(pool_size=1) as pipeline:
+    async with make_task_pipeline(pool_size=1) as pipeline:
         sandbox = sandbox_of(pipeline)
         bigger = replace(pipeline.limits, memory_bytes=128 * MIB)
         cold = await pipeline.run(request("return 'cold'", limits=bigger))
@@ -139,9 +159,9 @@ async def test_different_limits_start_cold_and_a_shorter_timeout_stays_warm(
 
 
 async def test_a_changed_pool_limit_replaces_the_idle_containers(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+    make_task_pipeline: PipelineFactory, docker_client: docker.DockerClient, backend: str
 ) -> None:
-    async with make_docker_pipeline(pool_size=1) as pipeline:
+    async with make_task_pipeline(pool_size=1) as pipeline:
         sandbox = sandbox_of(pipeline)
         pool = sandbox.pool
         assert pool is not None
@@ -151,20 +171,19 @@ async def test_a_changed_pool_limit_replaces_the_idle_containers(
         await sandbox.warm_up(wait=True)
         (new,) = pool.idle_resources()
         assert new.container_id != old.container_id
-        inspected = docker_client.api.inspect_container(new.container_id)
-        assert inspected["HostConfig"]["Memory"] == 96 * MIB
+        assert memory_limit_bytes(docker_client, backend, new.container_id) == 96 * MIB
         report = await pipeline.run(request("return 1", limits=smaller))
         assert report.audit["details"]["containerStart"] == "warm"
         assert report.audit["containerId"] == new.container_id
 
 
 async def test_a_warm_task_clock_starts_at_hand_over_not_at_container_start(
-    make_docker_pipeline: PipelineFactory, monkeypatch: pytest.MonkeyPatch
+    make_task_pipeline: PipelineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # With a short host grace, a slot that idled longer than timeout + grace would be
     # killed at once if the host deadline counted from the container's start.
     monkeypatch.setattr(container_sandbox, "HOST_GRACE_S", 0.5)
-    async with make_docker_pipeline(pool_size=1, task_timeout_s=1) as pipeline:
+    async with make_task_pipeline(pool_size=1, task_timeout_s=1) as pipeline:
         (slot,) = sandbox_of(pipeline).pool.idle_resources()  # type: ignore[union-attr]
         await asyncio.sleep(2.0)  # the slot idles past timeout + grace
         report = await pipeline.run(request("import time\ntime.sleep(0.3)\nreturn 'on time'"))
@@ -175,26 +194,24 @@ async def test_a_warm_task_clock_starts_at_hand_over_not_at_container_start(
 
 
 async def test_aclose_removes_every_pool_container(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+    make_task_pipeline: PipelineFactory, docker_client: docker.DockerClient
 ) -> None:
-    async with make_docker_pipeline(pool_size=3, pool_refill_concurrency=3) as pipeline:
+    async with make_task_pipeline(pool_size=3, pool_refill_concurrency=3) as pipeline:
         sandbox = sandbox_of(pipeline)
         await pipeline.run(request("return 1"))  # one taken: a refill is under way
         boot_id = sandbox.boot_id
         assert len(pool_containers(docker_client, boot_id)) >= 2
-    assert pool_containers(docker_client, boot_id) == []
+        assert remains(docker_client, labels={LABEL_BOOT: boot_id}) != []
+    assert remains(docker_client, labels={LABEL_BOOT: boot_id}) == []
 
 
 async def test_pool_containers_carry_the_task_labels_and_a_deadline_past_their_idle_age(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient
+    make_task_pipeline: PipelineFactory, docker_client: docker.DockerClient
 ) -> None:
     started = time.time()
-    async with make_docker_pipeline(
-        pool_size=1, pool_max_idle_s=120, task_timeout_s=10
-    ) as pipeline:
+    async with make_task_pipeline(pool_size=1, pool_max_idle_s=120, task_timeout_s=10) as pipeline:
         sandbox = sandbox_of(pipeline)
-        (container,) = pool_containers(docker_client, sandbox.boot_id)
-        labels = container["Labels"]
+        (labels,) = pool_containers(docker_client, sandbox.boot_id).values()
         assert labels[LABEL_TASK] == "pool"
         assert labels["io.sandbox-runner.owner"] == "pytest-runner"
         assert labels["io.sandbox-runner.seccomp-sha256"] == sandbox.isolation.seccomp_sha256
@@ -203,41 +220,45 @@ async def test_pool_containers_carry_the_task_labels_and_a_deadline_past_their_i
 
 
 @asynccontextmanager
-async def live_pool(
-    settings: Settings, image: str, client: docker.DockerClient
-) -> AsyncIterator[DockerSandbox]:
-    sandbox = make_docker_sandbox(settings, client, image=image, ensure_image=None)
-    make_pipeline(settings, sandbox, image=image, image_id=None, isolation={})
+async def closing(
+    sandbox: ContainerSandbox[Any], client: docker.DockerClient
+) -> AsyncIterator[None]:
     try:
-        await sandbox.warm_up(wait=True)
-        yield sandbox
+        yield
     finally:
         await sandbox.aclose()
+        client.close()  # the OCI backend's is not its own to close
+
+
+async def sweep_as(backend: str, settings: Settings, image: str, runner_id: str) -> list[str]:
+    """What a sweep by a sandbox of ``runner_id`` (just started: a boot of its own)
+    removes."""
+    client = docker.from_env(timeout=60)
+    sandbox = make_sandbox(
+        backend, Settings(**{**settings.model_dump(), "runner_id": runner_id}), client, image
+    )
+    async with closing(sandbox, client):
+        return await sandbox.sweep()
 
 
 async def test_a_sweep_spares_live_pool_slots_and_reaps_a_dead_runners(
-    base_settings: Settings, task_image: str, docker_client: docker.DockerClient
+    base_settings: Settings, task_image: str, docker_client: docker.DockerClient, backend: str
 ) -> None:
     settings = Settings(**{**base_settings.model_dump(), "pool_size": 2})
     # A live pool: another sandbox of the same runner (say, an `exec` beside the
     # service) and a sandbox of another runner both sweep; neither touches it.
-    async with live_pool(settings, task_image, docker.from_env(timeout=60)) as live:
-        isolation = live.isolation
-        slots = {c["Id"] for c in pool_containers(docker_client, live.boot_id)}
+    client = docker.from_env(timeout=60)
+    live = make_sandbox(backend, settings, client, task_image)
+    make_pipeline(settings, live, image=task_image, image_id=None, isolation={})
+    async with closing(live, client):
+        await live.warm_up(wait=True)
+        slots = set(pool_containers(docker_client, live.boot_id))
         assert len(slots) == 2
         for runner_id in ("pytest-runner", "someone-else"):
-            other = DockerSandbox(
-                docker.from_env(timeout=60),
-                image=task_image,
-                isolation=isolation,
-                runner_id=runner_id,
-            )
-            try:
-                swept = await other.sweep()
-            finally:
-                await other.aclose()
+            swept = await sweep_as(backend, base_settings, task_image, runner_id)
             assert not slots & set(swept)
-        assert {c["Id"] for c in pool_containers(docker_client, live.boot_id)} == slots
+        assert set(pool_containers(docker_client, live.boot_id)) == slots
+        assert all(remains(docker_client, container_id=slot) for slot in slots)
 
     # A runner killed with its pool full: the next start of that runner reaps its slots.
     child = await asyncio.create_subprocess_exec(
@@ -245,6 +266,7 @@ async def test_a_sweep_spares_live_pool_slots_and_reaps_a_dead_runners(
         "-c",
         DEAD_RUNNER,
         task_image,
+        backend,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "SANDBOX_RUNNER_ID": "pytest-dead-runner"},
@@ -257,33 +279,29 @@ async def test_a_sweep_spares_live_pool_slots_and_reaps_a_dead_runners(
     finally:
         child.send_signal(signal.SIGKILL)
         await child.wait()
-    leftovers = {c["Id"] for c in pool_containers(docker_client, boot_id)}
+    leftovers = set(pool_containers(docker_client, boot_id))
     assert len(leftovers) == 2
-    restarted = DockerSandbox(
-        docker.from_env(timeout=60),
-        image=task_image,
-        isolation=isolation,
-        runner_id="pytest-dead-runner",
-    )
-    try:
-        swept = await restarted.sweep()
-    finally:
-        await restarted.aclose()
+    swept = await sweep_as(backend, base_settings, task_image, "pytest-dead-runner")
     assert leftovers <= set(swept)
-    assert pool_containers(docker_client, boot_id) == []
+    assert remains(docker_client, labels={LABEL_BOOT: boot_id}) == []
+    for container_id in leftovers:
+        assert remains(docker_client, container_id=container_id) == []
 
 
-# A runner that fills a pool of two, prints its boot id and waits to be killed.
+# A runner that fills a pool of two on the engine named, prints its boot id and waits
+# to be killed.
 DEAD_RUNNER = """
 import asyncio, sys, docker
 from runner.settings import Settings
-from runner.cli.wiring import make_docker_sandbox
+from runner.cli.wiring import make_docker_sandbox, make_oci_sandbox, oci_runtime
 
 async def main():
     settings = Settings(pool_size=2)
-    sandbox = make_docker_sandbox(
-        settings, docker.from_env(timeout=60), image=sys.argv[1], ensure_image=None
-    )
+    client = docker.from_env(timeout=60)
+    if sys.argv[2] == "oci":
+        sandbox = make_oci_sandbox(settings, client, oci_runtime(settings), image=sys.argv[1])
+    else:
+        sandbox = make_docker_sandbox(settings, client, image=sys.argv[1], ensure_image=None)
     await sandbox.warm_up(wait=True)
     print(sandbox.boot_id, flush=True)
     await asyncio.Event().wait()

@@ -11,6 +11,9 @@ kernel's own errno, never EPERM, so our profile is what blocks them.
 
 Then ordinary task code (with the default allowlist and guards on) must still work
 under the profile.
+
+All of it on both engines (Docker, and an OCI runtime driven directly, which renders
+the same profile into its own config): the table holds for each.
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ import docker
 import pytest
 from redteam.catalog import detect_host_facts
 
-from runner.cli.wiring import load_isolation, make_docker_sandbox, make_pipeline
+from runner.cli.wiring import load_isolation, make_pipeline
 from runner.pipeline import TaskReport
 from runner.policy import DOCKER_DEFAULT_PROFILE, load_bundle
 from runner.sandbox.base import Outcome
 from runner.settings import PROJECT_ROOT, Settings
 
-from .conftest import GUARDS_OFF, PipelineFactory, request
+from .conftest import BACKENDS, GUARDS_OFF, PipelineFactory, make_sandbox, request
 
 README = PROJECT_ROOT / "policies" / "README.md"
 PROBE_FILE = PROJECT_ROOT / "tests" / "integration" / "probes" / "syscall_probe.py"
@@ -96,8 +99,9 @@ def matches(cell: str, probe: str, result: dict[str, Any]) -> bool:
     return bool(result["errno"] == getattr(errno, value))
 
 
-def run_probe(settings: Settings, client: docker.DockerClient, image: str, swap: bool) -> Any:
-    """The probe as one task, under our profile or with Docker's default swapped in."""
+def run_probe(backend: str, settings: Settings, image: str, swap: bool) -> Any:
+    """The probe as one task on ``backend``, under our profile or with Docker's default
+    swapped in."""
     isolation = load_isolation(settings)
     if swap:
         raw = DOCKER_DEFAULT_PROFILE.read_bytes()
@@ -111,8 +115,9 @@ def run_probe(settings: Settings, client: docker.DockerClient, image: str, swap:
     source = PROBE_FILE.read_text().replace("from __future__ import annotations", "")
 
     async def go() -> TaskReport:
-        sandbox = make_docker_sandbox(
-            settings, client, image=image, ensure_image=None, warm_pool=False, isolation=isolation
+        client = docker.from_env(timeout=60)
+        sandbox = make_sandbox(
+            backend, settings, client, image, isolation=isolation, warm_pool=False
         )
         pipeline = make_pipeline(
             settings, sandbox, image=image, image_id=None, isolation=isolation.report()
@@ -121,20 +126,26 @@ def run_probe(settings: Settings, client: docker.DockerClient, image: str, swap:
             return await pipeline.run(request(source + "\nreturn run_probes()\n"))
         finally:
             await sandbox.aclose()
+            client.close()  # the OCI backend's is not its own to close
 
     report = asyncio.run(go())
     assert report.outcome is Outcome.SUCCESS, report.document()
     return report.result
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The engine of this module's tests: module-wide, so each runs the probe once."""
+    name: str = request.param
+    return name
+
+
 @pytest.fixture(scope="module")
-def probes(
-    base_settings: Settings, docker_client: docker.DockerClient, task_image: str
-) -> dict[str, dict[str, Any]]:
+def probes(base_settings: Settings, task_image: str, backend: str) -> dict[str, dict[str, Any]]:
     settings = Settings(**{**base_settings.model_dump(), **GUARDS_OFF})
     return {
-        "ours": run_probe(settings, docker_client, task_image, swap=False),
-        "docker": run_probe(settings, docker_client, task_image, swap=True),
+        "ours": run_probe(backend, settings, task_image, swap=False),
+        "docker": run_probe(backend, settings, task_image, swap=True),
     }
 
 
@@ -259,7 +270,7 @@ return [{"json": {
 
 
 async def test_ordinary_task_code_works_under_the_profile(
-    make_docker_pipeline: PipelineFactory,
+    make_task_pipeline: PipelineFactory,
 ) -> None:
     """With the guards on: the policy's default allowlist plus threading."""
     default = load_bundle(PROJECT_ROOT / "policies").config.imports.stdlib_allow
@@ -268,7 +279,7 @@ async def test_ordinary_task_code_works_under_the_profile(
         {"json": {"customer": "bob", "amount": "2.50"}},
         {"json": {"customer": "ada", "amount": "0.20"}},
     ]
-    async with make_docker_pipeline(stdlib_allow=",".join([*default, "threading"])) as pipeline:
+    async with make_task_pipeline(stdlib_allow=",".join([*default, "threading"])) as pipeline:
         report = await pipeline.run(request(ORDINARY_TASK, items))
     assert report.outcome is Outcome.SUCCESS, report.document()
     assert report.result == [

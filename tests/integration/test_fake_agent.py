@@ -3,28 +3,34 @@ and a hostile envelope the host must cap itself.
 
 The image is the task image with another entrypoint: a script that reads the task
 envelope like the agent, then writes what the task's ``code`` names instead of a
-valid result frame. It runs under the full isolation through the real
-``DockerSandbox``: the attach stream's demultiplexing, the early end on a complete
-frame, the exit code and the interpretation are all the production ones.
+valid result frame. It runs under the full isolation through the real sandbox of
+each engine: Docker's attach stream and its demultiplexing, or the OCI backend's
+pipes; the early end on a complete frame, the exit code and the interpretation are
+all the production ones.
 """
 
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
+from helpers import remains
 
-from runner.cli.wiring import make_docker_sandbox, make_pipeline
+from runner.cli.wiring import make_pipeline
 from runner.pipeline import TaskPipeline
 from runner.sandbox.base import Outcome, Stage
-from runner.sandbox.docker import DockerSandbox
+from runner.sandbox.container import ContainerSandbox
+from runner.sandbox.oci.sandbox import OciSandbox
 from runner.settings import Settings
 
-from .conftest import request
+from .conftest import make_sandbox, request
 
 FAKE_AGENT = r"""
 import json, struct, sys, time
@@ -90,27 +96,46 @@ def fake_agent_image(docker_client: docker.DockerClient, task_image: str) -> Ite
         docker_client.images.remove(tag, force=True)
 
 
-@asynccontextmanager
-async def fake_pipeline(
-    settings: Settings, client: docker.DockerClient, image: str
-) -> AsyncIterator[tuple[TaskPipeline, DockerSandbox]]:
-    """Cold containers (no pool) of the fake agent's image, under the full policy."""
-    sandbox = make_docker_sandbox(settings, client, image=image, ensure_image=None)
-    pipeline = make_pipeline(
-        settings, sandbox, image=image, image_id=None, isolation=sandbox.isolation.report()
-    )
-    try:
-        yield pipeline, sandbox
-    finally:
-        await sandbox.aclose()
+@pytest.fixture(scope="module")
+def unpacked_roots() -> Iterator[set[Path]]:
+    """The OCI backend's unpacked roots of the fake image (one per image id, which no
+    other test uses): removed with the image, or each run would leave one."""
+    roots: set[Path] = set()
+    yield roots
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
 
 
-async def test_the_fake_agents_valid_frame_is_a_success(
-    base_settings: Settings, fake_agent_image: str
-) -> None:
+@pytest.fixture
+def fake_pipeline(
+    base_settings: Settings, fake_agent_image: str, unpacked_roots: set[Path], backend: str
+) -> Any:
+    @asynccontextmanager
+    async def factory() -> AsyncIterator[tuple[TaskPipeline, ContainerSandbox[Any]]]:
+        """Cold containers (no pool) of the fake agent's image, under the full policy."""
+        client = docker.from_env(timeout=60)
+        sandbox = make_sandbox(backend, base_settings, client, fake_agent_image)
+        pipeline = make_pipeline(
+            base_settings,
+            sandbox,
+            image=fake_agent_image,
+            image_id=None,
+            isolation=sandbox.isolation.report(),
+        )
+        try:
+            yield pipeline, sandbox
+        finally:
+            await sandbox.aclose()
+            client.close()  # the OCI backend's is not its own to close
+            if isinstance(sandbox, OciSandbox) and sandbox._rootfs is not None:
+                unpacked_roots.add(sandbox._rootfs.path)
+
+    return factory
+
+
+async def test_the_fake_agents_valid_frame_is_a_success(fake_pipeline: Any) -> None:
     # The control: the image and the framing work, so the failures below are the frames'.
-    client = docker.from_env(timeout=60)
-    async with fake_pipeline(base_settings, client, fake_agent_image) as (pipeline, _):
+    async with fake_pipeline() as (pipeline, _):
         report = await pipeline.run(request("control"))
     assert report.outcome is Outcome.SUCCESS, report.error
     assert report.result == 1
@@ -118,14 +143,9 @@ async def test_the_fake_agents_valid_frame_is_a_success(
 
 @pytest.mark.parametrize(("case", "hint"), BROKEN.items(), ids=BROKEN.keys())
 async def test_a_fake_agents_broken_framing_is_an_agent_protocol_error(
-    base_settings: Settings,
-    docker_client: docker.DockerClient,
-    fake_agent_image: str,
-    case: str,
-    hint: str,
+    fake_pipeline: Any, docker_client: docker.DockerClient, case: str, hint: str
 ) -> None:
-    client = docker.from_env(timeout=60)
-    async with fake_pipeline(base_settings, client, fake_agent_image) as (pipeline, sandbox):
+    async with fake_pipeline() as (pipeline, sandbox):
         report = await pipeline.run(request(case))
         await sandbox.wait_removals()
     assert report.outcome is Outcome.AGENT_ERROR
@@ -134,17 +154,13 @@ async def test_a_fake_agents_broken_framing_is_an_agent_protocol_error(
     assert report.error.stage is Stage.RESULT
     assert hint in report.error.description
     assert report.audit["details"]["exitCode"] == 0
-    container_id = report.audit["containerId"]
-    assert docker_client.api.containers(all=True, filters={"id": container_id}) == []
+    assert remains(docker_client, container_id=report.audit["containerId"]) == []
 
 
-async def test_the_host_caps_a_hostile_envelopes_print_entries(
-    base_settings: Settings, fake_agent_image: str
-) -> None:
+async def test_the_host_caps_a_hostile_envelopes_print_entries(fake_pipeline: Any) -> None:
     # Issue item 1, the runner's side: whatever the agent sends, the host keeps at
     # most max-print-calls entries (100 by default) and counts the rest.
-    client = docker.from_env(timeout=60)
-    async with fake_pipeline(base_settings, client, fake_agent_image) as (pipeline, _):
+    async with fake_pipeline() as (pipeline, _):
         report = await pipeline.run(request("print-flood"))
     assert report.outcome is Outcome.SUCCESS, report.error
     assert report.prints == [[]] * 100 + [["[Output truncated - 299900 more print statements]"]]

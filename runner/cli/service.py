@@ -2,7 +2,8 @@
 
 Owns: the long-running commands (a runner for a broker, the embedded broker, both
 in one process), how they stop on SIGTERM/SIGINT, the health probe the runner
-image's HEALTHCHECK runs, and ``sweep`` (this runner's leftover task containers).
+image's HEALTHCHECK runs, and ``sweep`` (this runner's leftover task containers, on
+the engines the settings name).
 What runs is built by :mod:`runner.cli.wiring`, :mod:`runner.service` and
 :mod:`runner.broker_server`. Registered in :mod:`runner.cli.app` with
 ``main.add_command``.
@@ -148,24 +149,50 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
 @click.command("sweep")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
 def sweep(as_json: bool) -> None:
-    """Remove this runner's leftover task containers and any orphan past its deadline."""
-    from runner.cli.wiring import load_isolation
+    """Remove this runner's leftover task containers and any orphan past its deadline,
+    on the engines SANDBOX_BACKEND names (auto: Docker's, and the OCI runtime's where
+    it can run here)."""
+    from typing import Any
+
+    from runner.cli.wiring import load_isolation, make_oci_sandbox, oci_runtime
+    from runner.errors import ConfigurationError
+    from runner.sandbox.container import ContainerSandbox
     from runner.sandbox.docker import DockerSandbox, connect
 
     settings = support.settings()
 
     async def go() -> list[str]:
         client = await asyncio.to_thread(connect, settings.docker_api_timeout_s)
-        sandbox = DockerSandbox(
-            client,
-            image=settings.image or "unused",
-            isolation=load_isolation(settings),
-            runner_id=settings.runner_id,
-        )
+        isolation = load_isolation(settings)
+        image = settings.image or "unused"  # a sweep makes no container
+        sandboxes: list[ContainerSandbox[Any]] = []
+        if settings.backend in ("auto", "docker"):
+            sandboxes.append(
+                DockerSandbox(
+                    client, image=image, isolation=isolation, runner_id=settings.runner_id
+                )
+            )
+        if settings.backend in ("auto", "oci"):
+            # A runner on ``auto`` may have left containers on either engine (it takes
+            # Docker when the OCI backend cannot run or fails its self-check).
+            runtime = oci_runtime(settings)
+            if not isinstance(runtime, str):
+                sandboxes.append(
+                    make_oci_sandbox(
+                        settings, client, runtime, image=image, warm_pool=False, isolation=isolation
+                    )
+                )
+            elif settings.backend == "oci":
+                raise ConfigurationError("SANDBOX_BACKEND=oci cannot run here", hint=runtime)
+        removed: list[str] = []
         try:
-            return await sandbox.sweep()
+            for sandbox in sandboxes:
+                removed += await sandbox.sweep()
         finally:
-            await sandbox.aclose()
+            for sandbox in sandboxes:
+                await sandbox.aclose()
+            await asyncio.to_thread(client.close)  # the OCI backend's is not its own
+        return removed
 
     removed = support.run(go)
     if as_json:

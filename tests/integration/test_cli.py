@@ -1,22 +1,40 @@
-"""``sandbox-runner exec`` as a user runs it: one JSON document, honest exit codes."""
+"""``sandbox-runner exec`` as a user runs it: one JSON document, honest exit codes; and
+``sandbox-runner up`` (the embedded broker and a runner) serving tasks over HTTP.
+
+Every task runs on both engines (``SANDBOX_BACKEND``: Docker, and an OCI runtime
+driven directly), and its audit record says which ran it. The usage, configuration
+and infrastructure errors stop before any engine is chosen: they run once.
+(``serve`` on both engines: test_broker_e2e.py.)
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import docker
+import httpx
 import pytest
-from helpers import sandbox_runner
+from helpers import remains, sandbox_runner
+
+from runner.sandbox.labels import LABEL_OWNER
+from runner.testing import UpProcess
 
 
-@pytest.mark.usefixtures("task_image")
-def test_exec_success_prints_one_json_document() -> None:
+@pytest.fixture
+def on_engine(task_image: str, backend: str) -> dict[str, str]:
+    """The environment that runs ``exec`` on the ``backend`` fixture's engine."""
+    return {"SANDBOX_BACKEND": backend}
+
+
+def test_exec_success_prints_one_json_document(on_engine: dict[str, str], backend: str) -> None:
     done = sandbox_runner(
         "exec",
         "-",
         "--items",
         '[{"a": 1}, {"json": {"a": 2}}]',
         stdin="return [{'json': {'sum': sum(i['json']['a'] for i in _items)}}]",
+        env=on_engine,
     )
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
@@ -24,6 +42,7 @@ def test_exec_success_prints_one_json_document() -> None:
     assert document["result"] == [{"json": {"sum": 3}}]
     assert document["prints"] == []
     audit = document["audit"]
+    assert audit["isolation"]["backend"] == backend
     assert audit["containerId"]
     assert audit["imageId"].startswith("sha256:")
     assert audit["isolation"]["seccomp"]["sha256"]
@@ -32,13 +51,14 @@ def test_exec_success_prints_one_json_document() -> None:
         assert phase in audit["durationsMs"], phase
 
 
-@pytest.mark.usefixtures("task_image")
-def test_exec_per_item_mode_from_files(tmp_path: Path) -> None:
+def test_exec_per_item_mode_from_files(tmp_path: Path, on_engine: dict[str, str]) -> None:
     code = tmp_path / "task.py"
     code.write_text("return None if _item['json']['n'] % 2 else {'n': _item['json']['n']}")
     items = tmp_path / "items.json"
     items.write_text(json.dumps([{"n": n} for n in range(4)]))
-    done = sandbox_runner("exec", str(code), "--items", str(items), "--mode", "per_item")
+    done = sandbox_runner(
+        "exec", str(code), "--items", str(items), "--mode", "per_item", env=on_engine
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["result"] == [
         {"json": {"n": 0}, "pairedItem": {"item": 0}},
@@ -46,9 +66,8 @@ def test_exec_per_item_mode_from_files(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.usefixtures("task_image")
-def test_exec_task_error_exits_1_with_the_error_document() -> None:
-    done = sandbox_runner("exec", "-", stdin="print('x')\nraise ValueError('nope')")
+def test_exec_task_error_exits_1_with_the_error_document(on_engine: dict[str, str]) -> None:
+    done = sandbox_runner("exec", "-", stdin="print('x')\nraise ValueError('nope')", env=on_engine)
     assert done.returncode == 1
     document = json.loads(done.stdout)
     assert document["status"] == "error"
@@ -57,25 +76,55 @@ def test_exec_task_error_exits_1_with_the_error_document() -> None:
     assert document["prints"] == [["'x'"]]
 
 
-@pytest.mark.usefixtures("task_image")
-def test_exec_timeout_flag_and_n8n_variable() -> None:
-    flag = sandbox_runner("exec", "-", "--timeout", "1", stdin="while True:\n    pass")
+def test_exec_timeout_flag_and_n8n_variable(on_engine: dict[str, str]) -> None:
+    flag = sandbox_runner(
+        "exec", "-", "--timeout", "1", stdin="while True:\n    pass", env=on_engine
+    )
     assert flag.returncode == 1
     assert json.loads(flag.stdout)["error"]["message"] == "Task execution timed out after 1 second"
     env = sandbox_runner(
-        "exec", "-", stdin="while True:\n    pass", env={"N8N_RUNNERS_TASK_TIMEOUT": "2"}
+        "exec",
+        "-",
+        stdin="while True:\n    pass",
+        env={**on_engine, "N8N_RUNNERS_TASK_TIMEOUT": "2"},
     )
     assert json.loads(env.stdout)["error"]["message"] == "Task execution timed out after 2 seconds"
 
 
-@pytest.mark.usefixtures("task_image")
-def test_exec_honours_allowlist_variables() -> None:
+def test_exec_honours_allowlist_variables(on_engine: dict[str, str]) -> None:
     code = "import os\nreturn len(os.environ)"
-    blocked = sandbox_runner("exec", "-", stdin=code)
+    blocked = sandbox_runner("exec", "-", stdin=code, env=on_engine)
     assert json.loads(blocked.stdout)["error"]["message"] == "Security violations detected"
-    allowed = sandbox_runner("exec", "-", stdin=code, env={"N8N_RUNNERS_STDLIB_ALLOW": "os"})
+    allowed = sandbox_runner(
+        "exec", "-", stdin=code, env={**on_engine, "N8N_RUNNERS_STDLIB_ALLOW": "os"}
+    )
     assert allowed.returncode == 0, allowed.stdout
     assert json.loads(allowed.stdout)["result"] == 0
+
+
+def test_up_serves_tasks_over_http_and_leaves_nothing(
+    on_engine: dict[str, str], backend: str, docker_client: docker.DockerClient
+) -> None:
+    runner_id = f"pytest-up-{backend}"
+    up = UpProcess({**on_engine, "SANDBOX_RUNNER_ID": runner_id, "SANDBOX_POOL_SIZE": "1"})
+    try:
+        with httpx.Client(base_url=up.url, timeout=90) as http:
+            ok = http.post(
+                "/v1/tasks",
+                params={"wait": 60},
+                json={"code": "return [{'json': {'n': len(_items)}}]", "items": [{"a": 1}]},
+            ).json()
+            failed = http.post(
+                "/v1/tasks", params={"wait": 60}, json={"code": "raise KeyError('k')"}
+            ).json()
+    finally:
+        exit_code = up.stop()
+    assert ok["result"] == [{"json": {"n": 1}}], ok
+    assert ok["audit"]["isolation"]["backend"] == backend
+    assert failed["error"]["code"] == "user_error", failed
+    assert exit_code == 0, up.output
+    # Its warm pool and every task's container went with it, on either engine.
+    assert remains(docker_client, labels={LABEL_OWNER: runner_id}) == []
 
 
 @pytest.mark.parametrize(

@@ -1,23 +1,77 @@
 """What the commands print, against the real engine: a person gets text, a program
-gets one parseable thing on stdout (JSON, or a tag), progress goes to stderr."""
+gets one parseable thing on stdout (JSON, or a tag), progress goes to stderr; and
+``sweep`` sweeps the engines ``SANDBOX_BACKEND`` names."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import docker
-from helpers import sandbox_runner
+from helpers import remains, runner_free_env, sandbox_runner
 
+from runner.sandbox.labels import LABEL_OWNER
 from runner.testing import runner_image
 
+# A runner with a warm slot on each engine that prints the slots' ids and waits to be
+# killed: its leftovers.
+LEAVE_SLOTS = """
+import asyncio, sys
+import docker
+from runner.cli.wiring import make_docker_sandbox, make_oci_sandbox, oci_runtime
+from runner.settings import Settings
 
-def test_sweep_speaks_text_to_people_and_json_to_programs() -> None:
-    text = sandbox_runner("sweep")
-    assert text.returncode == 0, text.stderr
-    assert text.stdout.startswith(("nothing to remove", "removed "))
-    as_json = sandbox_runner("sweep", "--json")
-    assert as_json.returncode == 0, as_json.stderr
-    assert isinstance(json.loads(as_json.stdout)["removed"], list)
+async def main():
+    settings = Settings(runner_id=sys.argv[1], pool_size=1)
+    client = docker.from_env(timeout=60)
+    sandboxes = [
+        make_docker_sandbox(settings, client, image=sys.argv[2], ensure_image=None),
+        make_oci_sandbox(settings, client, oci_runtime(settings), image=sys.argv[2]),
+    ]
+    for sandbox in sandboxes:
+        await sandbox.warm_up(wait=True)
+        (slot,) = sandbox.pool.idle_resources()
+        print(slot.container_id, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_sweep_takes_the_engines_the_backend_names_in_text_and_json(task_image: str) -> None:
+    runner_id = "pytest-sweep-cli"  # one id for every run: one parent cgroup, reused
+    child = subprocess.Popen(
+        [sys.executable, "-c", LEAVE_SLOTS, runner_id, task_image],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=runner_free_env(),
+    )
+    assert child.stdout is not None
+    on_docker, on_oci = child.stdout.readline().strip(), child.stdout.readline().strip()
+    child.kill()
+    child.wait()
+    child.stdout.close()
+    client = docker.from_env()
+    try:
+        assert remains(client, container_id=on_docker) != []
+        assert remains(client, container_id=on_oci) != []
+        env = {"SANDBOX_RUNNER_ID": runner_id}
+        # The OCI backend's alone: Docker's leftover stays.
+        as_json = sandbox_runner("sweep", "--json", env={**env, "SANDBOX_BACKEND": "oci"})
+        assert as_json.returncode == 0, as_json.stderr
+        assert json.loads(as_json.stdout)["removed"] == [on_oci]
+        assert remains(client, container_id=on_oci) == []
+        assert remains(client, container_id=on_docker) != []
+        # auto: both engines (the OCI one has nothing left), for a person.
+        text = sandbox_runner("sweep", env={**env, "SANDBOX_BACKEND": "auto"})
+        assert text.returncode == 0, text.stderr
+        assert text.stdout == f"removed 1 container(s): {on_docker[:12]}\n"
+        assert remains(client, labels={LABEL_OWNER: runner_id}) == []
+        again = sandbox_runner("sweep", env={**env, "SANDBOX_BACKEND": "docker"})
+        assert again.stdout == "nothing to remove\n", again.stderr
+    finally:
+        client.close()
 
 
 def test_image_build_runner_prints_only_the_tag_on_stdout(

@@ -1,6 +1,10 @@
 """n8n's own integration suite (reference 10.1), re-run against our embedded broker and
 `sandbox-runner serve` over real sockets, with every task in a real container. Each
 behaviour is asserted on the wire messages the runner sent.
+
+The whole suite runs once per engine (``SANDBOX_BACKEND``: Docker, and an OCI runtime
+driven directly): one runner process per engine serves the module's tasks, and the
+runners with other configurations are started on each engine too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from helpers import until
 
 from runner.broker_server.server import RunningBroker
 
+from .conftest import BACKENDS
 from .harness import (
     RunnerProcess,
     completions,
@@ -47,9 +52,17 @@ async def _runner(
         await runner.aclose()
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The engine of the module's runner: module-wide, so one runner serves each engine's
+    share of the tests."""
+    name: str = request.param
+    return name
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def runner(broker: RunningBroker) -> AsyncIterator[RunnerProcess]:
-    async for process in _runner(broker):
+async def runner(broker: RunningBroker, backend: str) -> AsyncIterator[RunnerProcess]:
+    async for process in _runner(broker, {"SANDBOX_BACKEND": backend}):
         yield process
 
 
@@ -79,11 +92,14 @@ ITEMS = [{"json": {"a": 1}}, {"json": {"a": 2}}, {"json": {"a": 3}}]
 # -- the default runner ---------------------------------------------------------------
 
 
-async def test_all_items_with_success(broker: RunningBroker, runner: RunnerProcess) -> None:
+async def test_all_items_with_success(
+    broker: RunningBroker, runner: RunnerProcess, backend: str
+) -> None:
     document, messages = await run_on(broker, runner.runner_id, "return [{'x': 1}, 5]", ITEMS)
     assert done_of(messages)["data"] == {"result": [{"x": 1}, 5]}
     assert document["status"] == "success"
     assert document["audit"]["containerId"]
+    assert document["audit"]["isolation"]["backend"] == backend
     assert [m["type"] for m in messages] == ["runner:taskaccepted", "runner:taskdone"]
 
 
@@ -373,10 +389,11 @@ async def test_bad_frames_unknown_types_and_bad_settings_get_clear_errors(
 # -- runners with other configurations -------------------------------------------------
 
 
-async def test_stdlib_wildcard_runner() -> None:
+async def test_stdlib_wildcard_runner(backend: str) -> None:
     async with start_broker() as running:
         running.broker.log_messages = True
-        async for process in _runner(running, {"N8N_RUNNERS_STDLIB_ALLOW": "*"}):
+        env = {"N8N_RUNNERS_STDLIB_ALLOW": "*", "SANDBOX_BACKEND": backend}
+        async for process in _runner(running, env):
             code = (
                 "from collections.abc import Iterable\n"
                 "import warnings\n"
@@ -394,22 +411,29 @@ async def test_stdlib_wildcard_runner() -> None:
             assert f"Line 2: Access to name '__spec__' {BYPASS}" in error["error"]["description"]
 
 
-@pytest.mark.parametrize("mode", ["all_items", "per_item"])
 @pytest.mark.parametrize("blocked", [True, False], ids=["env-blocked", "env-allowed"])
-async def test_environment_access(mode: str, blocked: bool) -> None:
-    env = {"N8N_RUNNERS_STDLIB_ALLOW": "os", "N8N_BLOCK_RUNNER_ENV_ACCESS": str(blocked).lower()}
+async def test_environment_access(blocked: bool, backend: str) -> None:
+    env = {
+        "N8N_RUNNERS_STDLIB_ALLOW": "os",
+        "N8N_BLOCK_RUNNER_ENV_ACCESS": str(blocked).lower(),
+        "SANDBOX_BACKEND": backend,
+    }
     code = (
         "import os\n"
         "return {'path': 'PATH' in os.environ, 'home': 'HOME' in os.environ, 'n': len(os.environ)}"
     )
+    seen = {}
     async with start_broker() as running:
         running.broker.log_messages = True
         async for process in _runner(running, env):
-            _, messages = await run_on(running, process.runner_id, code, [{"json": {}}], mode)
-    result = done_of(messages)["data"]["result"]
-    values = result if mode == "all_items" else result[0]["json"]
-    if blocked:
-        assert values == {"path": False, "home": False, "n": 0}
-    else:
-        assert values["path"] is True
-        assert values["n"] > 0
+            for mode in ("all_items", "per_item"):  # one runner for both modes
+                _, messages = await run_on(running, process.runner_id, code, [{"json": {}}], mode)
+                result = done_of(messages)["data"]["result"]
+                seen[mode] = result if mode == "all_items" else result[0]["json"]
+    assert set(seen) == {"all_items", "per_item"}
+    for values in seen.values():
+        if blocked:
+            assert values == {"path": False, "home": False, "n": 0}
+        else:
+            assert values["path"] is True
+            assert values["n"] > 0

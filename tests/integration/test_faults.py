@@ -1,10 +1,14 @@
-"""Lifecycle faults against the real engine: the runner killed, the Docker daemon
+"""Lifecycle faults against the real engines: the runner killed, the Docker daemon
 restarted, a task container killed from outside, all in the middle of running tasks.
 
 Each test asserts what every task ended with (its code, exactly one completion on
 the wire or none), that the runner serves the next task by itself, and that no
-container of ours is left. The daemon restart uses a private second daemon
-(:mod:`.private_docker`): the machine's main daemon serves other tests meanwhile.
+container of ours is left. The runner killed and the container killed from outside
+run on both engines (Docker, and an OCI runtime driven directly, whose containers
+outlive a killed runner differently: their PID 1 is that runner's child). The daemon
+restart is Docker's alone (the OCI backend has no daemon on the task path); it uses
+a private second daemon (:mod:`.private_docker`): the machine's main daemon serves
+other tests meanwhile.
 """
 
 from __future__ import annotations
@@ -12,19 +16,23 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
-from helpers import owned, until
+from helpers import engine_containers, oci_state_dir, remains, until
 
 from runner.broker_server.core import BrokerTask
 from runner.sandbox.base import Outcome, Stage
-from runner.sandbox.docker import DockerSandbox
+from runner.sandbox.container import ContainerSandbox
 from runner.sandbox.labels import LABEL_MANAGED, LABEL_OWNER, LABEL_PROCESS
+from runner.sandbox.oci.sandbox import OciSandbox
 
 from .conftest import PipelineFactory, request
 from .harness import RunnerProcess, completions, finished, start_broker, submit
@@ -34,12 +42,13 @@ LONG_TASK = "import time\ntime.sleep(30)\nreturn {n}"
 
 
 def running_user_code(client: docker.DockerClient, owner: str) -> int:
-    """How many of the owner's containers run user code right now.
+    """How many of the owner's containers run user code right now, on either engine.
 
     A container's processes are tini, the agent under it and, once the agent read its
     task, the child the agent forked to run the user's code: a grandchild of tini.
     An idle warm pool slot has none (its ``pool`` task label stays on after the
-    hand-over, so labels cannot tell). Seen from the daemon (``docker top``).
+    hand-over, so labels cannot tell). Seen from the daemon (``docker top``), and for
+    the OCI backend from the host's process table, under the PID 1 its bundle names.
     """
     count = 0
     for container in client.api.containers(
@@ -53,7 +62,29 @@ def running_user_code(client: docker.DockerClient, owner: str) -> int:
         parent = {row[pids]: row[ppids] for row in top["Processes"] or []}
         if any(parent.get(ppid) in parent for ppid in parent.values()):
             count += 1
+    bundles = oci_state_dir() / "bundles"
+    host_parent = host_process_parents()
+    for container_id in engine_containers(client, {LABEL_OWNER: owner}):
+        try:
+            tini = int((bundles / container_id / "pid").read_text())
+        except (OSError, ValueError):
+            continue  # a Docker container, or one not started yet, or gone
+        agents = {pid for pid, ppid in host_parent.items() if ppid == tini}
+        if any(ppid in agents for ppid in host_parent.values()):
+            count += 1
     return count
+
+
+def host_process_parents() -> dict[int, int]:
+    """Every process on the host: its pid -> its parent's."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # it exited meanwhile
+        parent[int(stat.parent.name)] = int(fields[1])
+    return parent
 
 
 async def until_running(
@@ -76,16 +107,14 @@ async def until_running(
 
 
 async def test_a_runner_killed_mid_tasks_leaves_no_container_after_its_restart(
-    docker_client: docker.DockerClient, task_image: str
+    docker_client: docker.DockerClient, task_image: str, backend: str
 ) -> None:
     owner = f"pytest-fault-kill-{uuid.uuid4().hex[:8]}"
     env = {
         "SANDBOX_RUNNER_ID": owner,
         "N8N_RUNNERS_MAX_CONCURRENCY": "3",
         "N8N_RUNNERS_TASK_TIMEOUT": "30",
-        # Docker's containers are what this test watches (the OCI backend's own
-        # leftovers after a SIGKILL: tests/integration/test_oci_backend.py).
-        "SANDBOX_BACKEND": "docker",
+        "SANDBOX_BACKEND": backend,
     }
     async with start_broker() as running:
         core = running.broker
@@ -97,7 +126,7 @@ async def test_a_runner_killed_mid_tasks_leaves_no_container_after_its_restart(
             await first.wait_connected(core)
             tasks = [submit(core, LONG_TASK.format(n=n)) for n in range(3)]
             await until_running(tasks, docker_client, owner)
-            left_behind = {c["Id"] for c in owned(docker_client, owner)}
+            left_behind = set(engine_containers(docker_client, {LABEL_OWNER: owner}))
             # Three task containers, plus whatever warm pool slots were idle.
             assert len(left_behind) >= 3
             first.process.send_signal(signal.SIGKILL)
@@ -109,25 +138,29 @@ async def test_a_runner_killed_mid_tasks_leaves_no_container_after_its_restart(
         for task in tasks:
             assert completions(core, task.task_id) == []  # the dead runner said nothing
         # Precondition of the sweep: the dead runner's containers are all still there.
-        before_restart = {c["Id"] for c in owned(docker_client, owner)}
+        before_restart = set(engine_containers(docker_client, {LABEL_OWNER: owner}))
         assert left_behind <= before_restart
 
         second = RunnerProcess(running.url, env)
         try:
             # The start-up sweep runs before the runner registers with the broker.
             await second.wait_connected(core)
-            remaining = owned(docker_client, owner)
-            assert before_restart.isdisjoint(c["Id"] for c in remaining), second.output
+            remaining = engine_containers(docker_client, {LABEL_OWNER: owner})
+            assert before_restart.isdisjoint(remaining), second.output
+            for container_id in before_restart:
+                assert remains(docker_client, container_id=container_id) == [], second.output
             pid_prefix = f"{second.process.pid}:"
             # Only the new process's own warm pool slots may exist now.
-            assert all(c["Labels"][LABEL_PROCESS].startswith(pid_prefix) for c in remaining)
+            assert all(
+                labels[LABEL_PROCESS].startswith(pid_prefix) for labels in remaining.values()
+            )
             assert f"swept {len(before_restart)} leftover task container(s)" in second.output
             after = submit(core, "return 'after'")
             assert (await finished(after))["result"] == "after"
             assert len(completions(core, after.task_id)) == 1
         finally:
             assert await second.aclose() == 0, second.output
-    assert owned(docker_client, owner) == []
+    assert remains(docker_client, labels={LABEL_OWNER: owner}) == []
 
 
 # -- the Docker daemon restarted -------------------------------------------------------------
@@ -227,27 +260,38 @@ async def test_a_docker_daemon_restart_fails_running_tasks_clearly_and_the_runne
 # -- a task container killed from outside --------------------------------------------------
 
 
+def kill_from_outside(
+    sandbox: ContainerSandbox[Any], client: docker.DockerClient, cid: str
+) -> None:
+    """What an operator does: ``docker kill``, or the OCI runtime's own ``kill``."""
+    if isinstance(sandbox, OciSandbox):
+        runtime = sandbox.runtime
+        subprocess.run([runtime.path, "--root", str(runtime.root), "kill", cid, "KILL"], check=True)
+    else:
+        client.api.kill(cid)
+
+
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 async def test_a_task_container_killed_from_outside_is_a_crash_and_nothing_leaks(
-    make_docker_pipeline: PipelineFactory, docker_client: docker.DockerClient, warm: bool
+    make_task_pipeline: PipelineFactory, docker_client: docker.DockerClient, warm: bool
 ) -> None:
-    async with make_docker_pipeline(warm=warm) as pipeline:
+    async with make_task_pipeline(warm=warm) as pipeline:
         sandbox = pipeline.sandbox
-        assert isinstance(sandbox, DockerSandbox)
+        assert isinstance(sandbox, ContainerSandbox)
         task = request("import time\ntime.sleep(30)\nreturn 1")
         run = asyncio.create_task(pipeline.run(task))
         container_id = await until(lambda: sandbox._running.get(task.task_id), 20, "the task")
         await asyncio.sleep(0.5)
-        await asyncio.to_thread(docker_client.api.kill, container_id)
+        await asyncio.to_thread(kill_from_outside, sandbox, docker_client, container_id)
         report = await asyncio.wait_for(run, 20)
         assert report.outcome is Outcome.CRASHED
         assert report.error is not None
         assert report.error.message == "Task container was killed by SIGKILL"
         assert report.error.stage is Stage.RUN
         assert report.audit["details"]["exitCode"] == 128 + signal.SIGKILL
+        assert report.audit["details"]["killedFromOutside"] is True
         assert report.audit["details"]["containerStart"] == ("warm" if warm else "cold")
         await sandbox.wait_removals()
-        found = docker_client.api.containers(all=True, filters={"id": container_id})
-        assert found == []
+        assert remains(docker_client, container_id=container_id) == []
         after = await pipeline.run(request("return 2"))
         assert after.result == 2

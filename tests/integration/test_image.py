@@ -1,4 +1,8 @@
-"""The task image: tagged by its inputs, and buildable from an ordinary registry base."""
+"""The task image: tagged by its inputs, and buildable from an ordinary registry base.
+
+Docker only: Docker builds the task image for both engines (the OCI backend unpacks
+the image Docker built; tests/integration/test_oci_backend.py runs it).
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 Faults are injected by a proxy in front of the real Docker API socket, so the
 real docker SDK raises its real exceptions and a real container runs in the end.
+Docker only: the faults are the Docker API's, injected between the SDK and the
+daemon; the OCI backend has no API on its task path to put a proxy in (its set-up
+faults are a runtime command's: a timeout is retried, a refusal is not).
 """
 
 from __future__ import annotations

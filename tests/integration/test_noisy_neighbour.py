@@ -13,7 +13,8 @@ is still running (then it is cancelled). A stall of the shared event loop (2,000
 print frames, 8 MB of code parsed on the loop, a 40 MB body) would hold B's tasks
 for tens of seconds, past the sentinel: the ordering fails. Each attack's own outcome is
 checked too, and after all of them the process's memory stays under
-:data:`RSS_BOUND_MIB` (docs/reliability.md).
+:data:`RSS_BOUND_MIB` (docs/reliability.md). All of it once per engine
+(``SANDBOX_BACKEND``: Docker, and an OCI runtime driven directly), one ``up`` each.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from bench.neighbour import (
 )
 from runner.testing import UpProcess
 
+from .conftest import BACKENDS
+
 pytestmark = pytest.mark.timeout(600)
 
 SENTINEL_S = 20
@@ -63,10 +66,22 @@ def nested(depth: int) -> Any:
     return value
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The engine of the module's ``up``: module-wide, every attack on one process."""
+    name: str = request.param
+    return name
+
+
 @pytest.fixture(scope="module")
-def up() -> Iterator[UpProcess]:
+def up(backend: str) -> Iterator[UpProcess]:
     process = UpProcess(
-        {**up_env(), "SANDBOX_RUNNER_ID": "pytest-noisy-neighbour", "SANDBOX_MEMORY_MB": "1024"},
+        {
+            **up_env(),
+            "SANDBOX_RUNNER_ID": f"pytest-noisy-neighbour-{backend}",
+            "SANDBOX_MEMORY_MB": "1024",
+            "SANDBOX_BACKEND": backend,
+        },
         keep_lines=2000,
     )
     yield process
@@ -183,7 +198,7 @@ ATTACKS: dict[str, Attack] = {
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
-async def test_b_is_served_while_a_attacks(up: UpProcess, name: str) -> None:
+async def test_b_is_served_while_a_attacks(up: UpProcess, name: str, backend: str) -> None:
     async with httpx.AsyncClient(base_url=up.url, timeout=120) as client:
         sentinel = await client.post("/v1/tasks", json={"code": SENTINEL}, headers=A)
         assert sentinel.status_code == 202, sentinel.text
@@ -209,6 +224,7 @@ async def test_b_is_served_while_a_attacks(up: UpProcess, name: str) -> None:
             )
             assert answer.status_code == 200, answer.text
             assert answer.json()["result"] == [{"json": {"n": served + 1}}], answer.text
+            assert answer.json()["audit"]["isolation"]["backend"] == backend
             served += 1
 
         # B is served along the attack, and right after it (when A's result is

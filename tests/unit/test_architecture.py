@@ -382,7 +382,7 @@ RULES = [
         forbidden=("runner.cli",),
         exempt=("runner.__main__", "runner.testing", "runner.cli"),
     ),
-    Rule("R22", ("runner",), ALL, forbidden=("runner.testing",)),
+    Rule("R22", ("runner",), ALL, forbidden=("runner.testing",), exempt=("runner.testing",)),
     Rule(
         "R23",
         ("runner",),

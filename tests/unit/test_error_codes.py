@@ -31,7 +31,7 @@ NOT_CODES = {stage.value for stage in Stage} | set(main.commands) | {"audit", "n
 OUTSIDE_ERRORS = {
     "runner.sandbox.oci.runtime.RuntimeFailure",  # the OCI adapter's, translated at its edge
     "runner.broker_server.schemas._OverBudget",  # control flow inside one metering call
-    "runner.testing.SandboxServiceError",  # the test helpers', raised in a user's process
+    "runner.testing.client.SandboxServiceError",  # the test helpers', raised in a user's process
 }
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from runner.sandbox.labels import process_identity
-from runner.testing import (
+from runner.testing.session import (
     LABEL_TESTING,
     LABEL_TESTING_NAMESPACE,
     LABEL_TESTING_PROCESS,

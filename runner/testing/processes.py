@@ -1,0 +1,146 @@
+"""runner.testing's service processes: ``sandbox-runner serve`` / ``up`` as a child process
+of this Python, configured like an operator would (environment variables only)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from runner.testing.client import SandboxServiceError
+from runner.testing.session import STARTUP_TIMEOUT_S
+
+
+class _ServiceProcess:
+    """A ``sandbox-runner`` command as a child process of this Python, configured like an
+    operator would: environment variables only; the caller's own ``N8N_*``/``SANDBOX_*``
+    variables are not inherited. Its output is kept in :attr:`lines` (the last
+    ``keep_lines`` of them, when given)."""
+
+    def __init__(
+        self, argv: list[str], env: dict[str, str], *, keep_lines: int | None = None
+    ) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("N8N_", "SANDBOX_"))}
+        full_env.update(env)
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep_lines)
+        self._line_added = threading.Condition()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "runner", *argv],
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+
+    def _collect(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._line_added:
+                self.lines.append(line.rstrip("\n"))
+                self._line_added.notify_all()
+        with self._line_added:
+            self._line_added.notify_all()
+
+    def wait_for_line(self, prefix: str, timeout_s: float) -> str:
+        """The first output line starting with ``prefix``; SandboxServiceError if the
+        process exits or ``timeout_s`` passes first."""
+        deadline = time.monotonic() + timeout_s
+        with self._line_added:
+            while True:
+                for line in self.lines:
+                    if line.startswith(prefix):
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._reader.is_alive():
+                    raise SandboxServiceError(
+                        f"no line starting with {prefix!r} within {timeout_s:.0f}s:\n"
+                        + self.output[-4000:]
+                    )
+                self._line_added.wait(min(remaining, 1.0))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def rss_mib(self) -> float:
+        """The process's resident memory now, in MiB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        kib = next(int(line.split()[1]) for line in status.splitlines() if line[:6] == "VmRSS:")
+        return round(kib / 1024, 1)
+
+    def stop(self, timeout_s: float = 20) -> int:
+        """SIGTERM (the graceful drain), SIGKILL after ``timeout_s``; the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
+
+    async def aclose(self, timeout_s: float = 20) -> int:
+        """:meth:`stop` without blocking the event loop an in-process broker runs on."""
+        return await asyncio.to_thread(self.stop, timeout_s)
+
+
+class ServeProcess(_ServiceProcess):
+    """``sandbox-runner serve`` as a child process, for a broker you run yourself (e.g.
+    :func:`runner.broker_server.server.running_broker` in your test's event loop)."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        auth_token: str,
+        env: dict[str, str] | None = None,
+        *,
+        keep_lines: int | None = None,
+    ) -> None:
+        super().__init__(
+            ["serve"],
+            {
+                **(env or {}),
+                "N8N_RUNNERS_TASK_BROKER_URI": broker_url,
+                "N8N_RUNNERS_AUTH_TOKEN": auth_token,
+            },
+            keep_lines=keep_lines,
+        )
+
+
+UP_LINE = "sandbox-runner is up: POST "
+
+
+class UpProcess(_ServiceProcess):
+    """``sandbox-runner up`` (the embedded broker and one runner in one process) as a
+    child process on a free loopback port; :attr:`url` is its API once it is up.
+
+    ``env`` configures it (``SANDBOX_API_KEYS``, ``SANDBOX_STDLIB_ALLOW``, ...).
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        keep_lines: int | None = None,
+    ) -> None:
+        super().__init__(
+            ["up", "--host", "127.0.0.1", "--port", "0"], env or {}, keep_lines=keep_lines
+        )
+        try:
+            line = self.wait_for_line(UP_LINE, startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.url = line.removeprefix(UP_LINE).split()[0].removesuffix("/v1/tasks")

@@ -140,13 +140,17 @@ def _runtime_states(state_dir: Path, container_id: str) -> list[Path]:
 
 
 def engine_containers(
-    client: docker.DockerClient, labels: LabelFilter | None = None, *, state_dir: Path | None = None
+    client: docker.DockerClient | None,
+    labels: LabelFilter | None = None,
+    *,
+    state_dir: Path | None = None,
 ) -> dict[str, dict[str, str]]:
     """Our containers on both engines whose labels match ``labels``: id -> labels
-    (Docker's containers, running or not; the OCI backend's bundles)."""
+    (Docker's containers, running or not; the OCI backend's bundles). ``client``
+    None: the OCI backend's only."""
     wanted = {LABEL_MANAGED: "true", **(labels or {})}
     return {
-        **_docker_containers(client, wanted),
+        **(_docker_containers(client, wanted) if client else {}),
         **_oci_bundles(state_dir or oci_state_dir(), wanted),
     }
 
@@ -177,7 +181,9 @@ def remains(
         oci_ids.update(_oci_bundles(state, wanted))
         if set(labels) == {LABEL_OWNER}:
             # A runner's: a cgroup that outlived its bundle is found under its parent.
-            oci_ids.update(cgroups.leftover_containers(str(labels[LABEL_OWNER])))
+            owner = cgroups.path_of(str(labels[LABEL_OWNER]), "").strip("/").split("/")[-1]
+            for pattern in (f"{cgroups.PARENT}/{owner}/*", f"*/{cgroups.PARENT}/{owner}/*"):
+                oci_ids.update(p.name for p in cgroups.ROOT.glob(pattern) if p.is_dir())
     for found in oci_ids:
         bundle = state / "bundles" / found
         if bundle.exists():

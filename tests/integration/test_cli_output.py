@@ -41,6 +41,9 @@ asyncio.run(main())
 
 def test_sweep_takes_the_engines_the_backend_names_in_text_and_json(task_image: str) -> None:
     runner_id = "pytest-sweep-cli"  # one id for every run: one parent cgroup, reused
+    env = {"SANDBOX_RUNNER_ID": runner_id}
+    # What an interrupted earlier run of this test left (it would be counted below).
+    assert sandbox_runner("sweep", env={**env, "SANDBOX_BACKEND": "auto"}).returncode == 0
     child = subprocess.Popen(
         [sys.executable, "-c", LEAVE_SLOTS, runner_id, task_image],
         stdout=subprocess.PIPE,
@@ -56,7 +59,6 @@ def test_sweep_takes_the_engines_the_backend_names_in_text_and_json(task_image: 
     try:
         assert remains(client, container_id=on_docker) != []
         assert remains(client, container_id=on_oci) != []
-        env = {"SANDBOX_RUNNER_ID": runner_id}
         # The OCI backend's alone: Docker's leftover stays.
         as_json = sandbox_runner("sweep", "--json", env={**env, "SANDBOX_BACKEND": "oci"})
         assert as_json.returncode == 0, as_json.stderr

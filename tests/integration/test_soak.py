@@ -3,6 +3,10 @@
 It runs ``python -m bench.soak`` exactly as ``make soak`` does (embedded broker, one
 ``sandbox-runner serve`` process, concurrency 4, a fixed mix of succeeding, raising,
 timing-out and memory-bombing tasks) and reads its JSON report.
+
+Its runner runs on this host's default engine (``SANDBOX_BACKEND=auto``: the soak
+gives it no other); the report counts leaked containers on Docker only, so what the
+OCI backend leaves (bundles, runtime states, cgroups) is checked here, after the soak.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import engine_containers, remains
+
+from runner.sandbox.labels import LABEL_OWNER, LABEL_PROCESS, is_alive_identity
+from runner.sandbox.oci import cgroups
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = 100
@@ -20,7 +28,24 @@ TASKS = 100
 pytestmark = pytest.mark.usefixtures("task_image")
 
 
+def soak_runner_ids() -> set[str]:
+    """The runner ids of soaks the OCI backend has seen on this host: a runner id's
+    cgroup parent stays after its containers, and each soak has an id of its own."""
+    parents = [
+        *cgroups.ROOT.glob(f"{cgroups.PARENT}/soak-*"),
+        *cgroups.ROOT.glob(f"*/{cgroups.PARENT}/soak-*"),
+    ]
+    return {parent.name for parent in parents if parent.is_dir()}
+
+
+def is_running_elsewhere(owner: str) -> bool:
+    """Does a live process own containers of this runner id (another soak, running)?"""
+    labels = engine_containers(None, {LABEL_OWNER: owner})
+    return any(is_alive_identity(found.get(LABEL_PROCESS, "")) for found in labels.values())
+
+
 def test_a_short_soak_loses_duplicates_and_leaks_nothing(tmp_path: Path) -> None:
+    before = soak_runner_ids()
     out = tmp_path / "soak.json"
     completed = subprocess.run(
         [sys.executable, "-m", "bench.soak", "--tasks", str(TASKS), "--quiet", "--json-out", out],
@@ -65,3 +90,7 @@ def test_a_short_soak_loses_duplicates_and_leaks_nothing(tmp_path: Path) -> None
     latency_line = f"latency:             p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms"
     assert latency_line in lines, completed.stdout
     assert lines[-1] == "soak: OK", completed.stdout
+    # What the OCI backend's runner left, if this soak ran on it: nothing.
+    for owner in soak_runner_ids() - before:
+        if not is_running_elsewhere(owner):
+            assert remains(None, labels={LABEL_OWNER: owner}) == [], owner

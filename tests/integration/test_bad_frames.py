@@ -11,6 +11,9 @@ frames (``WsRunner.send_frame``); the runner logs one line per frame naming the
 problem (or answers it over the protocol, asserted separately), ignores them and
 keeps serving; an oversized frame makes it drop the connection and reconnect by
 itself.
+
+The runners run on this host's default engine (``SANDBOX_BACKEND=auto``), once: the
+frames never reach an engine (``serve`` on each engine: test_broker_e2e.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""Several runners, a broker that goes away, tenants: over real sockets and real containers."""
+"""Several runners, a broker that goes away, tenants: over real sockets and real containers.
+
+The runners run on this host's default engine (``SANDBOX_BACKEND=auto``), once: what
+is under test is the broker and the protocol between processes, which no engine
+changes (``serve`` on each engine: test_broker_e2e.py); the outages hold 20 s tasks,
+so a second engine would add about a minute and prove nothing more.
+"""
 
 from __future__ import annotations
 

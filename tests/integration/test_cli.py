@@ -17,7 +17,9 @@ import httpx
 import pytest
 from helpers import remains, sandbox_runner
 
+from runner.cli.wiring import oci_runtime
 from runner.sandbox.labels import LABEL_OWNER
+from runner.settings import Settings
 from runner.testing import UpProcess
 
 
@@ -49,6 +51,23 @@ def test_exec_success_prints_one_json_document(on_engine: dict[str, str], backen
     assert audit["limits"]["memoryBytes"] == 256 * 1024 * 1024
     for phase in ("analyze", "create", "start", "containerSetup", "run", "total"):
         assert phase in audit["durationsMs"], phase
+
+
+@pytest.mark.usefixtures("task_image")
+def test_exec_on_auto_takes_the_oci_backend_where_it_can_run() -> None:
+    # The default (SANDBOX_BACKEND=auto): the OCI backend with runc wherever it can run
+    # (root, writable cgroups, runc installed: this project's reference machine), else
+    # Docker, saying why. Whether it can is judged here by the same host checks.
+    can_run = not isinstance(oci_runtime(Settings(oci_runtime="runc")), str)
+    done = sandbox_runner("exec", "-", stdin="return 1")
+    assert done.returncode == 0, done.stderr
+    engine = json.loads(done.stdout)["audit"]["isolation"]
+    if can_run:
+        assert engine["backend"] == "oci", done.stderr
+        assert engine["runtime"].startswith("runc version "), engine
+    else:
+        assert engine["backend"] == "docker"
+        assert "the OCI backend cannot run here" in done.stderr
 
 
 def test_exec_per_item_mode_from_files(tmp_path: Path, on_engine: dict[str, str]) -> None:

@@ -13,7 +13,7 @@
 # Task containers are made by Docker (SANDBOX_BACKEND=docker, set below: a runner
 # container never changes engine by itself). The OCI backend (runc driven directly)
 # is there for an operator who opts in: `-e SANDBOX_BACKEND=oci` with root, privileges
-# and the host's cgroups, as docs/operations.md ("The OCI backend in a container")
+# and the host's cgroups, as docs/operations.md ("Inside a container")
 # says; runc is installed for it. Without those flags runc can do nothing here.
 ARG BASE_IMAGE=sandbox-runner-base:bookworm
 
@@ -35,11 +35,11 @@ ARG RUNNER_UID=10002
 ARG INPUTS_HASH=unknown
 
 # tini is PID 1 (signals reach the runner, which drains on SIGTERM); runc is the OCI
-# backend's runtime (~8.5 MB, unused unless SANDBOX_BACKEND=oci). The builder brings
-# runc's package downloaded on the host (debs/), installed here without a network, as
-# a real package (dpkg knows its version, so do image scanners). The bootstrapped base
-# has tini; a registry base, or a host that could not download runc, gets them from
-# the base's distribution (that build has a network).
+# backend's runtime (~12 MB with its package; unused unless SANDBOX_BACKEND=oci). The
+# builder brings runc's package downloaded on the host (debs/), installed here without
+# a network, as a real package (dpkg knows its version, so do image scanners). The
+# bootstrapped base has tini; a registry base, or a host that could not download runc,
+# gets them from the base's distribution (that build has a network).
 COPY debs/ /tmp/debs/
 RUN set -eu; \
     if ls /tmp/debs/*.deb >/dev/null 2>&1; then dpkg -i /tmp/debs/*.deb; fi; \
@@ -56,9 +56,14 @@ RUN set -eu; \
 
 # The service's own user: no password, no shell. Access to the Docker socket is
 # granted at run time with --group-add (the socket's gid differs per host).
+# The OCI backend's state directory (SANDBOX_STATE_DIR below: unpacked task images,
+# bundles, runc's state) is root's alone, not under the runner user's home: runc
+# runs as root what it finds there, so no other uid may rename or replace anything
+# in it. A volume mounted there starts with this owner and mode.
 RUN groupadd --gid "${RUNNER_UID}" runner \
  && useradd --no-log-init --uid "${RUNNER_UID}" --gid "${RUNNER_UID}" \
-        --create-home --home-dir /var/lib/sandbox-runner --shell /usr/sbin/nologin runner
+        --create-home --home-dir /var/lib/sandbox-runner --shell /usr/sbin/nologin runner \
+ && install -d -m 0700 -o root -g root /var/lib/sandbox-runner-oci
 
 COPY --from=install /opt/sandbox-runner /opt/sandbox-runner
 # The policy bundle and the task image sources, where the installed runner looks for
@@ -81,7 +86,8 @@ ENV PATH=/opt/sandbox-runner/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
     N8N_RUNNERS_HEALTH_CHECK_SERVER_ENABLED=true \
     N8N_RUNNERS_HEALTH_CHECK_SERVER_HOST=0.0.0.0 \
     N8N_RUNNERS_HEALTH_CHECK_SERVER_PORT=5681 \
-    SANDBOX_BACKEND=docker
+    SANDBOX_BACKEND=docker \
+    SANDBOX_STATE_DIR=/var/lib/sandbox-runner-oci
 
 LABEL org.opencontainers.image.title="sandbox-runner" \
       org.opencontainers.image.description="Runs untrusted Python for a broker (n8n or the embedded one), each task in its own hardened container" \

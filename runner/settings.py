@@ -411,7 +411,7 @@ class Settings(BaseSettings):
         description="What makes task containers: docker (the daemon), oci (an OCI runtime "
         "driven directly: no dockerd, containerd or shim per task; needs root and writable "
         "cgroups), or auto (oci when it can run here and its self-check passes, else docker; "
-        "the log says why).",
+        "the log says why). The runner image sets docker.",
     )
     oci_runtime: str = Field(
         "runc",
@@ -421,7 +421,8 @@ class Settings(BaseSettings):
     state_dir: Path | None = Field(
         None,
         description="The OCI backend's state: unpacked task images, bundles, the runtime's "
-        "state. Unset: /var/lib/sandbox-runner as root, else $XDG_STATE_HOME/sandbox-runner.",
+        "state. Unset: /var/lib/sandbox-runner as root, else $XDG_STATE_HOME/sandbox-runner "
+        "(the runner image sets /var/lib/sandbox-runner-oci).",
     )
     setup_attempts: int = Field(
         4, ge=1, le=20, description="Attempts for container set-up (create/attach/start)."

@@ -10,7 +10,12 @@
   second runner container, and leaves nothing behind;
 - ``run_task`` on an ``EmbeddedBrokerContainer`` with no runner fails within 10 s
   saying so (not after its 120 s timeout), and leaves no task queued;
-- both examples in docs/testing.md run as is (a user's pytest file each).
+- both examples in docs/testing.md run as is (a user's pytest file each);
+- started with the flags docs/operations.md gives for the OCI backend, the runner
+  image runs ``exec`` and ``up`` with task containers made by runc inside it (the
+  audit record says so) and leaves nothing behind (no task container, bundle,
+  runtime state or cgroup); the same flags without ``SANDBOX_BACKEND=oci`` keep the
+  image's engine, Docker; the default runner container's audit records say Docker.
 
 Ryuk cannot be pulled here: TESTCONTAINERS_RYUK_DISABLED=true, and the containers
 clean up after themselves (checked).
@@ -19,13 +24,17 @@ clean up after themselves (checked).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import shlex
+import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -33,10 +42,11 @@ from unittest import mock
 import docker
 import httpx
 import pytest
-from helpers import runner_free_env, sample, until
+from helpers import remains, runner_free_env, sample, until
 
 from runner.policy import load_bundle
 from runner.sandbox.labels import LABEL_OWNER
+from runner.sandbox.oci import cgroups
 from runner.settings import PROJECT_ROOT
 
 from .harness import AUTH_TOKEN, broker_settings
@@ -158,6 +168,8 @@ async def test_runner_container_runs_tasks_for_the_embedded_broker_and_counts_th
             assert audit["containerId"]
             assert audit["image"].startswith("sandbox-runner-task:")
             assert audit["isolation"]["mounts"] == "tmpfs /tmp only"
+            # The image's engine, as it is started by default (non-root, the socket).
+            assert audit["isolation"]["backend"] == "docker"
             assert audit["runnerId"] == runner.runner_id
             assert {d["audit"]["details"]["containerStart"] for d in documents[:3]} <= {
                 "warm",
@@ -440,3 +452,256 @@ def test_run_task_with_no_runner_fails_within_seconds_saying_so(image: str) -> N
             for task in tasks:
                 document = api.get(f"/v1/tasks/{task['taskId']}").json()
                 assert document["error"]["code"] == "cancelled"
+
+
+# -- the OCI backend in the runner container ---------------------------------------------
+#
+# Started with the flags docs/operations.md gives (read from it: the docs are what is
+# run), the operator's own parts (name, restart policy, broker address and token) left
+# out. What the runner container left behind is read on the host: Docker's containers
+# by owner label, the state volume's files, the host's cgroup hierarchy.
+
+OPERATIONS = PROJECT_ROOT / "docs" / "operations.md"
+OCI_MARKER = (
+    "<!-- the OCI backend in a container: run by tests/integration/test_runner_image.py -->"
+)
+RUNNER_SECCOMP = PROJECT_ROOT / "examples" / "oci-backend" / "runner-seccomp.json"
+OCI_OPT_IN = ("-e", "SANDBOX_BACKEND=oci")
+# The documented command's parts that are the operator's, not the OCI backend's.
+OPERATORS_OWN = {"--name", "--restart", "--stop-timeout"}
+SUM_TASK = (
+    "print('in a container')\nreturn [{'json': {'sum': sum(i['json']['n'] for i in _items)}}]"
+)
+
+
+def documented_oci_flags(state_volume: str) -> list[str]:
+    """The `docker run` flags of docs/operations.md's OCI example, with this test's
+    state volume and the checkout's seccomp profile in place of the operator's copy."""
+    text = OPERATIONS.read_text(encoding="utf-8")
+    _, found, rest = text.partition(OCI_MARKER)
+    assert found, f"{OPERATIONS} lost its marker {OCI_MARKER}"
+    block = re.search(r"```sh\n(.*?)```", rest, re.S)
+    assert block, "no sh block after the marker"
+    tokens = shlex.split(block.group(1).replace("\\\n", " "))
+    assert tokens[:2] == ["docker", "run"]
+    end = tokens.index("sandbox-runner:latest")
+    assert tokens[end + 1 :] == ["serve"]
+    flags, kept = tokens[2:end], []
+    while flags:
+        flag = flags.pop(0)
+        if flag == "-d":
+            continue
+        value = flags.pop(0)
+        if (
+            flag in OPERATORS_OWN
+            or (flag == "-e" and value.startswith("N8N_RUNNERS_"))
+            or (flag == "-v" and value.startswith("/etc/sandbox-runner/token:"))
+        ):
+            continue
+        if flag == "-v" and value.startswith("sandbox-runner-oci:"):
+            value = value.replace("sandbox-runner-oci", state_volume, 1)
+        if flag == "--security-opt" and value.startswith("seccomp=/etc/sandbox-runner/"):
+            value = f"seccomp={RUNNER_SECCOMP}"
+        kept += [flag, value]
+    return kept
+
+
+@pytest.fixture
+def oci_state(docker_client: docker.DockerClient) -> Iterator[tuple[str, Path]]:
+    """A fresh state volume: its name, and where its files are on this host."""
+    volume = docker_client.volumes.create(labels=session_labels())
+    try:
+        yield volume.name, Path(volume.attrs["Mountpoint"])
+    finally:
+        volume.remove(force=True)
+
+
+@pytest.fixture
+def oci_runner_id() -> Iterator[str]:
+    """A runner id of its own; its (empty) cgroup parents are removed afterwards."""
+    runner_id = f"oci-image-{uuid.uuid4().hex[:10]}"
+    yield runner_id
+    for parent in _cgroup_parents(runner_id):
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only an empty one: a leftover cgroup fails the test first
+
+
+def _cgroup_parents(runner_id: str) -> list[Path]:
+    root, parent = cgroups.ROOT, cgroups.PARENT
+    return sorted({*root.glob(f"{parent}/{runner_id}"), *root.glob(f"*/{parent}/{runner_id}")})
+
+
+def _labels_flags() -> list[str]:
+    return [
+        arg for name, value in session_labels().items() for arg in ("--label", f"{name}={value}")
+    ]
+
+
+def _state_files(mountpoint: Path) -> dict[str, list[str]]:
+    """What the runner keeps per container in its state directory (none when idle)."""
+    return {
+        name: sorted(p.name for p in (mountpoint / name).iterdir())
+        for name in ("bundles", "runtime-runc")
+        if (mountpoint / name).is_dir()
+    }
+
+
+def _exec_in_runner_container(image: str, flags: list[str], runner_id: str) -> dict[str, Any]:
+    argv = [
+        "docker",
+        "run",
+        "--rm",
+        "-i",
+        *_labels_flags(),
+        "-e",
+        f"SANDBOX_RUNNER_ID={runner_id}",
+        *flags,
+        image,
+        "exec",
+        "--items",
+        json.dumps([{"n": 1}, {"n": 2}]),
+        "-",
+    ]
+    started = time.monotonic()
+    done = subprocess.run(
+        argv, input=SUM_TASK, capture_output=True, text=True, timeout=240, check=False
+    )
+    print(f"exec in the runner container: {time.monotonic() - started:.1f}s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    document: dict[str, Any] = json.loads(done.stdout)
+    assert document["status"] == "success", document
+    assert document["result"] == [{"json": {"sum": 3}}]
+    assert document["prints"] == [["'in a container'"]]
+    return document
+
+
+@pytest.mark.parametrize("opt_in", [True, False], ids=["oci-opted-in", "no-opt-in"])
+def test_exec_in_the_runner_image_uses_the_engine_the_operator_chose_and_leaves_nothing(
+    image: str,
+    docker_client: docker.DockerClient,
+    oci_state: tuple[str, Path],
+    oci_runner_id: str,
+    opt_in: bool,
+) -> None:
+    """With the documented flags, `exec` runs a task end to end on the OCI backend
+    (runc in the runner container, the task image unpacked into the state volume);
+    the same flags without the opt-in keep the image's engine, Docker, although the
+    OCI backend could run there."""
+    volume, mountpoint = oci_state
+    flags = documented_oci_flags(volume)
+    assert flags[:2] == list(OCI_OPT_IN)
+    if not opt_in:
+        flags = flags[2:]
+    document = _exec_in_runner_container(image, flags, oci_runner_id)
+    isolation = document["audit"]["isolation"]
+    in_force = isolation["guarantees"]["inForce"]
+    assert {name: v for name, v in in_force.items() if v not in ("pass", "not-available")} == {}
+    assert in_force["capabilities-dropped"] == "pass"
+    assert in_force["seccomp-filter"] == "pass"
+    assert document["audit"]["runnerId"] == oci_runner_id
+    if opt_in:
+        assert isolation["backend"] == "oci"
+        assert isolation["runtime"].startswith("runc version ")
+        # The state volume is root's alone (it starts with the image's directory).
+        info = mountpoint.stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o700)
+        assert [p.name for p in (mountpoint / "rootfs").iterdir()]  # the unpacked image
+    else:
+        assert isolation["backend"] == "docker"
+        assert "(Docker " in isolation["runtime"]
+        assert not (mountpoint / "rootfs").exists()  # the OCI backend never started
+    # Nothing left: no task container on the daemon, no bundle, runtime state or cgroup.
+    assert remains(docker_client, labels={LABEL_OWNER: oci_runner_id}, state_dir=mountpoint) == []
+    assert all(not files for files in _state_files(mountpoint).values()), _state_files(mountpoint)
+    assert cgroups.leftover_containers(oci_runner_id) == []
+
+
+def test_up_in_the_runner_image_on_the_oci_backend_serves_tasks_and_leaves_nothing(
+    image: str,
+    docker_client: docker.DockerClient,
+    oci_state: tuple[str, Path],
+    oci_runner_id: str,
+) -> None:
+    """`up` (broker and runner, with its warm pool) in a runner container started with
+    the documented flags: a task over the HTTP API runs in a pool slot made by runc,
+    whose cgroups are in the host's hierarchy; a `docker stop` drains it and leaves
+    nothing behind."""
+    volume, mountpoint = oci_state
+    argv = [
+        "docker",
+        "run",
+        "-d",
+        *_labels_flags(),
+        "-e",
+        f"SANDBOX_RUNNER_ID={oci_runner_id}",
+        "-e",
+        f"SANDBOX_API_KEYS={API_KEY}=default",
+        "-e",
+        "SANDBOX_POOL_SIZE=2",
+        "-p",
+        "127.0.0.1::5679",
+        *documented_oci_flags(volume),
+        image,
+        "up",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "5679",
+    ]
+    started = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert started.returncode == 0, started.stderr
+    container = docker_client.containers.get(started.stdout.strip())
+    try:
+        container.reload()
+        port = container.attrs["NetworkSettings"]["Ports"]["5679/tcp"][0]["HostPort"]
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth, timeout=90) as api:
+            _wait_for(lambda: _answers(api), 120, "the broker in the runner container", container)
+            # The pool's slots: runc containers with cgroups in the host's hierarchy.
+            _wait_for(
+                lambda: len(cgroups.leftover_containers(oci_runner_id)) >= 2,
+                60,
+                "the warm pool's two slots",
+                container,
+            )
+            response = api.post(
+                "/v1/tasks",
+                params={"wait": 60},
+                json={"code": SUM_TASK, "items": [{"n": 1}, {"n": 2}]},
+            )
+        assert response.status_code == 200, response.text
+        document = response.json()
+        assert document["status"] == "success", document
+        assert document["result"] == [{"json": {"sum": 3}}]
+        audit = document["audit"]
+        assert audit["isolation"]["backend"] == "oci"
+        assert audit["isolation"]["runtime"].startswith("runc version ")
+        assert audit["details"]["containerStart"] == "warm"
+        assert audit["runnerId"] == oci_runner_id
+        # SIGTERM: it drains, closes its pool (killing the idle slots' PID 1) and exits 0.
+        container.stop(timeout=30)
+        assert container.wait(timeout=30)["StatusCode"] == 0, container.logs()[-3000:]
+    finally:
+        with contextlib.suppress(docker.errors.APIError):
+            container.remove(force=True)
+    assert remains(docker_client, labels={LABEL_OWNER: oci_runner_id}, state_dir=mountpoint) == []
+    assert all(not files for files in _state_files(mountpoint).values()), _state_files(mountpoint)
+    assert cgroups.leftover_containers(oci_runner_id) == []
+
+
+def _answers(api: httpx.Client) -> bool:
+    try:
+        return api.get("/healthz").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, container: Any) -> None:
+    """Until ``predicate`` holds (bounded, real time); the container's log if not."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        container.reload()
+        if container.status != "running" or time.monotonic() > deadline:
+            logs = container.logs().decode(errors="replace")[-3000:]
+            raise AssertionError(f"no {what} ({container.status}): {logs}")
+        time.sleep(0.2)

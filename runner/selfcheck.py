@@ -7,22 +7,45 @@ with the in-process guards switched off so the canary can read ``/proc`` and cal
 the kernel directly:
 
 - the *facts* canary reads ``/proc/self/status`` (Seccomp, NoNewPrivs, capability
-  sets), lists network interfaces, tries to write the root filesystem, makes system
-  calls that only our profile refuses (``io_uring_setup`` answers EPERM under ours,
-  EFAULT under Docker's default), reads its cgroup limits (memory, pids, and the CPU
-  quota and period, from ``cpu.max`` on cgroup v2 or ``cpu.cfs_quota_us`` /
-  ``cpu.cfs_period_us`` on v1, whichever the host has, detected at run time) and
-  starts threads until the pids limit stops it;
+  sets) and asks the kernel for no-new-privileges through ``prctl``, lists network
+  interfaces, reads the options of the mount at ``/`` and tries to write there, makes
+  system calls that only our profile refuses (``io_uring_setup`` answers EPERM under
+  ours, EFAULT under Docker's default), reads its cgroup limits (memory, pids, and the
+  CPU quota and period, from ``cpu.max`` on cgroup v2 or ``cpu.cfs_quota_us`` /
+  ``cpu.cfs_period_us`` on v1, whichever the host has, detected at run time) and its
+  ``RLIMIT_NPROC``, counts the tasks already in its container and starts threads
+  until the limit refuses one;
 - the *memory* canary allocates past its (small) memory limit and must end as
-  ``memory_limit_exceeded``.
+  ``memory_limit_exceeded`` (the host's OOM record decides that, never the canary).
+
+Where the sandbox has a host view (:class:`~runner.sandbox.base.HostLimitsView`: the
+OCI backend), the limits applied to the facts canary's container are also read *on
+the host*, from its cgroups, and must be the policy's too.
+
+Which kernel answers the canary (:class:`~runner.sandbox.base.SandboxKernel`, from
+the sandbox in use, never from the canary) decides where each fact is read. Under
+gVisor the sandbox kernel's ``/proc/self/status`` has no NoNewPrivs or CapAmb line,
+its ``/sys/fs/cgroup`` is not the host's (it shows none of the limits), a write to
+``/`` by the task user is refused for permission (EACCES) before the read-only mount
+is consulted, and the task's threads are the sandbox kernel's, not host threads.
+So there: no-new-privileges is ``prctl(PR_GET_NO_NEW_PRIVS)``; no ambient capability
+follows from CapPrm 0 (ambient is a subset of permitted and inheritable); read-only is
+the mount's own ``ro``; the memory, pids and CPU limits are the host's reading of the
+container's cgroups (which hold the sandbox kernel with the task); and the task's
+processes and threads are held to the pids limit by the sandbox kernel's
+``RLIMIT_NPROC`` (the OCI backend sets it so), which the thread loop must hit exactly.
+Nothing passes on gVisor that is not proven there; without a host view its limits
+fail. Under Linux every check of before stands, as strict (the new readings are
+additional ones).
 
 Each guarantee of :data:`runner.policy.GUARANTEES` becomes pass, fail or
 not-available; the bundle's ``[selfcheck]`` section says which are required. A
 required one that does not pass stops the runner
 (:class:`~runner.errors.IsolationNotEnforcedError`); an optional one (AppArmor on a
 kernel without it) is reported in health, in the logs and in every task's audit
-record. Results are cached per Docker daemon, policy sha256, image and AppArmor
-profile, in memory and in a small JSON file, so the check costs nothing per task.
+record. Results are cached per engine (Docker daemon or OCI runtime), sandbox kernel,
+policy sha256, image and AppArmor profile, in memory and in a small JSON file, so the
+check costs nothing per task.
 
 Must not: import docker (it is handed a :class:`~runner.sandbox.base.Sandbox` and
 the daemon's description), read the environment at import time.
@@ -51,11 +74,22 @@ from runner.analyzer import Analyzer, ImportPolicy
 from runner.errors import IsolationNotEnforcedError
 from runner.pipeline import AuditContext, TaskPipeline, TaskReport, TaskRequest
 from runner.policy import GUARANTEES, EffectivePolicy
-from runner.sandbox.base import MIB, NANOS_PER_CPU, GuardConfig, Outcome, Sandbox
+from runner.sandbox.base import (
+    MIB,
+    NANOS_PER_CPU,
+    AppliedLimits,
+    GuardConfig,
+    HostLimitsView,
+    Outcome,
+    Sandbox,
+    SandboxKernel,
+)
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: the cpu-limit guarantee
+# 2: the cpu-limit guarantee; 3: the host's view of the limits, the sandbox kernel
+# (gVisor's facts read where it has them), the thread loop stopping exactly at the limit.
+CACHE_FORMAT = 3
 # The in-process guards off: the canary must read /proc and call the kernel itself.
 CANARY_GUARDS = GuardConfig(
     stdlib_allow=("*",), external_allow=("*",), builtins_deny=(), block_env_access=False
@@ -65,7 +99,12 @@ CANARY_IMPORTS = ImportPolicy(frozenset({"*"}), frozenset({"*"}))
 OVERSHOOT = 4
 
 # Answers under our profile (policies/README.md 1.9): each of these is allowed by
-# Docker's default profile, which answers with the kernel's own error instead.
+# Docker's default profile, which answers with the kernel's own error instead. The
+# same under gVisor, which applies our profile inside its kernel (``--oci-seccomp``):
+# its own answers would be ENOSYS, ESRCH and EAFNOSUPPORT. clone3's ENOSYS comes from
+# a rule gVisor would answer EPERM as written, so the OCI backend renders it in a
+# form gVisor answers ENOSYS too (runner/sandbox/oci/config.py): EPERM there made
+# every thread start fail.
 OUR_PROFILE_ANSWERS = {
     "io_uring_setup": "EPERM",  # Docker's default: EFAULT
     "ptrace_peekdata": "EPERM",  # Docker's default: ESRCH
@@ -74,7 +113,7 @@ OUR_PROFILE_ANSWERS = {
 }
 
 FACTS_CANARY = r"""
-import ctypes, errno, os, platform, socket, threading
+import ctypes, errno, os, platform, resource, socket, threading
 
 def status(name):
     with open("/proc/self/status") as handle:
@@ -115,11 +154,39 @@ def call(name, *args):
         os.close(ret)
     return "succeeded"
 
+def prctl(option):
+    ctypes.set_errno(0)
+    ret = libc.prctl(ctypes.c_int(option), *(ctypes.c_ulong(0) for _ in range(4)))
+    return ret if ret >= 0 else name_of(ctypes.get_errno())
+
+def root_mount_options():
+    # The per-mount options of what is mounted at /: the last such line is on top.
+    found = None
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            fields = line.split()
+            if len(fields) > 5 and fields[4] == "/":
+                found = fields[5]
+    return found
+
+def tasks():
+    # Every process and thread in the container's PID namespace, as counted against
+    # a pids limit (the pids cgroup under Linux, RLIMIT_NPROC under gVisor).
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                count += len(os.listdir("/proc/" + entry + "/task"))
+            except OSError:
+                continue
+    return count
+
 facts = {
     "uid": os.getuid(), "gid": os.getgid(),
     "seccomp": status("Seccomp"), "no_new_privs": status("NoNewPrivs"),
+    "no_new_privs_prctl": prctl(39),  # PR_GET_NO_NEW_PRIVS
     "cap_eff": status("CapEff"), "cap_prm": status("CapPrm"),
-    "cap_bnd": status("CapBnd"), "cap_amb": status("CapAmb"),
+    "cap_bnd": status("CapBnd"), "cap_amb": status("CapAmb"), "cap_inh": status("CapInh"),
     "interfaces": sorted(name for _, name in socket.if_nameindex()),
     "syscalls": {
         "io_uring_setup": call("io_uring_setup", 1, 0),
@@ -132,6 +199,8 @@ facts = {
         ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
     ),
     "pids_max": first_readable(["/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"]),
+    "nproc": list(resource.getrlimit(resource.RLIMIT_NPROC)),
+    "root_mount": root_mount_options(),
 }
 
 # The CPU quota in force, as the kernel sees it. cgroup v2 has cgroup.controllers at
@@ -155,8 +224,10 @@ else:
     os.close(fd)
     facts["root_write"] = "written"
 
-# Last, as nothing else may need a new process meanwhile: threads until the pids
-# limit refuses one (or the cap, when no limit bites), then release them all.
+# Last, as nothing else may need a new process meanwhile: threads until the limit
+# refuses one (or the cap, when no limit bites), then release them all. The tasks
+# there before count against the same limit.
+facts["tasks_before"] = tasks()
 release, started, refused = threading.Event(), [], None
 try:
     while len(started) < _items[0]["json"]["threadCap"]:
@@ -285,13 +356,17 @@ def evaluate(
     policy: EffectivePolicy,
     *,
     apparmor_profile: str | None,
+    kernel: SandboxKernel = SandboxKernel.LINUX,
+    host: AppliedLimits | None = None,
 ) -> tuple[GuaranteeResult, ...]:
-    """Each guarantee from the canaries' outcomes; order and required flags from the bundle."""
+    """Each guarantee from the canaries' outcomes, read where ``kernel`` has each fact,
+    with the host's reading of the facts canary's limits (``host``) where the sandbox
+    has one; order and required flags from the bundle."""
     selfcheck = policy.bundle.config.selfcheck
     limits = policy.canary_limits()
     found: dict[str, tuple[Status, str]] = {}
     if facts.outcome is Outcome.SUCCESS and isinstance(facts.result, dict):
-        found.update(_from_facts(facts.result, policy, limits.pids, apparmor_profile))
+        found.update(_from_facts(facts.result, policy, apparmor_profile, kernel, host))
     else:
         reason = f"the canary did not run: {facts.error or facts.outcome.value}"
         found = {name: (Status.FAIL, reason) for name in GUARANTEES}
@@ -311,57 +386,44 @@ def evaluate(
     return tuple(results)
 
 
+def _check(ok: bool, detail: str) -> tuple[Status, str]:
+    return (Status.PASS if ok else Status.FAIL), detail
+
+
 def _from_facts(
     facts: Mapping[str, Any],
     policy: EffectivePolicy,
-    pids: int,
     apparmor_profile: str | None,
+    kernel: SandboxKernel,
+    host: AppliedLimits | None,
 ) -> dict[str, tuple[Status, str]]:
-    def check(ok: bool, detail: str) -> tuple[Status, str]:
-        return (Status.PASS if ok else Status.FAIL), detail
-
+    gvisor = kernel is SandboxKernel.GVISOR
+    limits = policy.canary_limits()
     out: dict[str, tuple[Status, str]] = {}
     seccomp = facts.get("seccomp")
-    out["seccomp-filter"] = check(seccomp == "2", f"Seccomp: {seccomp} (2 = filter mode)")
+    out["seccomp-filter"] = _check(seccomp == "2", f"Seccomp: {seccomp} (2 = filter mode)")
     calls = facts.get("syscalls") or {}
     wrong = {k: calls.get(k) for k, want in OUR_PROFILE_ANSWERS.items() if calls.get(k) != want}
     answers = ", ".join(f"{name} {calls.get(name)}" for name in OUR_PROFILE_ANSWERS)
-    out["seccomp-profile"] = check(
+    out["seccomp-profile"] = _check(
         not wrong,
         answers
         if not wrong
         else f"{answers}; expected "
         + ", ".join(f"{name} {OUR_PROFILE_ANSWERS[name]}" for name in wrong),
     )
-    nnp = facts.get("no_new_privs")
-    out["no-new-privileges"] = check(nnp == "1", f"NoNewPrivs: {nnp}")
-    caps = {name: facts.get(f"cap_{name}") for name in ("eff", "prm", "bnd", "amb")}
-    caps_zero = all(_hex_is_zero(value) for value in caps.values())
-    out["capabilities-dropped"] = check(
-        caps_zero, ", ".join(f"Cap{name.capitalize()} {value}" for name, value in caps.items())
-    )
+    out["no-new-privileges"] = _no_new_privileges(facts, gvisor=gvisor)
+    out["capabilities-dropped"] = _capabilities(facts, gvisor=gvisor)
     interfaces = facts.get("interfaces")
-    out["network-none"] = check(interfaces == ["lo"], f"interfaces: {interfaces}")
-    root_write = facts.get("root_write")
-    out["read-only-rootfs"] = check(root_write == "EROFS", f"writing / gave {root_write}")
+    out["network-none"] = _check(interfaces == ["lo"], f"interfaces: {interfaces}")
+    out["read-only-rootfs"] = _read_only_root(facts, gvisor=gvisor)
     uid, gid, want = facts.get("uid"), facts.get("gid"), policy.bundle.config.image.uid
-    out["non-root-user"] = check(
+    out["non-root-user"] = _check(
         uid == want and gid == want and uid != 0, f"uid {uid}, gid {gid} (policy: {want})"
     )
-    memory_limit, want_memory = facts.get("memory_limit"), policy.canary_limits().memory_bytes
-    out["memory-limit"] = check(
-        memory_limit == str(want_memory),
-        f"cgroup memory limit {memory_limit} (canary: {want_memory})",
-    )
-    pids_max, started = facts.get("pids_max"), facts.get("threads_started")
-    refused = facts.get("thread_refused")
-    bites = refused is not None and isinstance(started, int) and started < pids
-    out["pids-limit"] = check(
-        pids_max == str(pids) and bites,
-        f"cgroup pids.max {pids_max} (canary: {pids}); {started} threads started, then "
-        f"{refused or 'none refused'}",
-    )
-    out["cpu-limit"] = _cpu_limit(facts.get("cpu"), policy.canary_limits().nano_cpus)
+    out["memory-limit"] = _memory_limit(facts, limits.memory_bytes, host, gvisor=gvisor)
+    out["pids-limit"] = _pids_limit(facts, limits.pids, host, gvisor=gvisor)
+    out["cpu-limit"] = _cpu_limits(facts.get("cpu"), limits.nano_cpus, host, gvisor=gvisor)
     label = facts.get("apparmor")
     if apparmor_profile is None:
         out["apparmor"] = (
@@ -369,11 +431,158 @@ def _from_facts(
             "host kernel has no AppArmor" + (f" (task label: {label})" if label else ""),
         )
     else:
-        out["apparmor"] = check(
+        out["apparmor"] = _check(
             label == f"{apparmor_profile} (enforce)",
             f"confined by {label!r} (policy: {apparmor_profile!r} in enforce mode)",
         )
     return out
+
+
+def _no_new_privileges(facts: Mapping[str, Any], *, gvisor: bool) -> tuple[Status, str]:
+    """The status line and ``prctl(PR_GET_NO_NEW_PRIVS)`` both say 1; gVisor's status
+    has no such line (its absence there is no evidence either way), so ``prctl`` alone."""
+    line, asked = facts.get("no_new_privs"), facts.get("no_new_privs_prctl")
+    if gvisor and line is None:
+        return _check(
+            asked == 1,
+            f"prctl(PR_GET_NO_NEW_PRIVS): {asked} (gVisor's /proc/self/status has no "
+            "NoNewPrivs line)",
+        )
+    return _check(
+        line == "1" and asked == 1, f"NoNewPrivs: {line}, prctl(PR_GET_NO_NEW_PRIVS): {asked}"
+    )
+
+
+def _capabilities(facts: Mapping[str, Any], *, gvisor: bool) -> tuple[Status, str]:
+    """CapEff, CapPrm, CapBnd and CapAmb are 0 (our profile refuses ``capget`` and the
+    capability ``prctl`` options, so the status lines are the kernel's one answer).
+    gVisor's status has no CapAmb line: the ambient set is a subset of the permitted
+    and inheritable ones (both kernels keep that rule), so CapPrm 0 proves it empty."""
+    caps = {name: facts.get(f"cap_{name}") for name in ("eff", "prm", "bnd", "amb")}
+    shown = ", ".join(f"Cap{name.capitalize()} {value}" for name, value in caps.items())
+    if gvisor and caps["amb"] is None:
+        listed = [value for name, value in caps.items() if name != "amb"]
+        return _check(
+            all(_hex_is_zero(value) for value in listed),
+            f"{shown} (gVisor has no CapAmb line: ambient is a subset of permitted and "
+            f"inheritable, CapInh {facts.get('cap_inh')}, so CapPrm 0 proves it empty)",
+        )
+    return _check(all(_hex_is_zero(value) for value in caps.values()), shown)
+
+
+def _read_only_root(facts: Mapping[str, Any], *, gvisor: bool) -> tuple[Status, str]:
+    """The mount at ``/`` is ``ro`` and a write there is refused. Linux refuses it for
+    the read-only mount (EROFS) before any permission check; gVisor checks the task
+    user's permission on ``/`` first (EACCES), so there the mount's ``ro`` is the proof
+    and the write need only fail."""
+    options, wrote = facts.get("root_mount"), facts.get("root_write")
+    mount_ro = isinstance(options, str) and "ro" in options.split(",")
+    refused = ("EROFS", "EACCES") if gvisor else ("EROFS",)
+    detail = f"mount at / is {options}; writing / gave {wrote}"
+    if gvisor:
+        detail += " (gVisor checks permission before the read-only mount)"
+    return _check(mount_ro and wrote in refused, detail)
+
+
+NO_HOST_VIEW = "no host view: gVisor shows its task none of the host's cgroups"
+
+
+def _memory_limit(
+    facts: Mapping[str, Any], want: int, host: AppliedLimits | None, *, gvisor: bool
+) -> tuple[Status, str]:
+    """The memory cgroup's limit is the canary's: as the canary reads it (Linux) and as
+    the host reads it (where it can). gVisor shows its task no cgroup of the host's:
+    there the host's reading is the proof (the cgroup holds the sandbox kernel, which
+    holds the task's memory), and without one it fails."""
+    inside = facts.get("memory_limit")
+    if gvisor:
+        if host is None:
+            return Status.FAIL, f"{NO_HOST_VIEW} (memory limit {inside})"
+        return _check(
+            host.memory_limit == str(want),
+            f"on the host (cgroup {host.cgroup}): memory limit {host.memory_limit} "
+            f"(canary: {want}), for the sandbox kernel and the task together",
+        )
+    detail = f"cgroup memory limit {inside} (canary: {want})"
+    if host is None:
+        return _check(inside == str(want), detail)
+    return _check(
+        inside == str(want) and host.memory_limit == str(want),
+        f"{detail}, on the host {host.memory_limit}",
+    )
+
+
+def _pids_limit(
+    facts: Mapping[str, Any], pids: int, host: AppliedLimits | None, *, gvisor: bool
+) -> tuple[Status, str]:
+    """The pids limit is set, and the thread loop stops *at* it: the tasks already in
+    the container and the threads started add up to the limit (a loop stopped by
+    anything else, such as a refused ``clone3``, does not).
+
+    Linux: the pids cgroup's ``pids.max`` is the canary's, inside and on the host.
+    gVisor: the task's processes and threads are the sandbox kernel's, counted by its
+    ``RLIMIT_NPROC`` (set to the canary's pids), and the host's pids cgroup holds the
+    sandbox kernel's own threads: its ``pids.max`` is the limit plus the room the
+    engine gave them, read on the host.
+    """
+    before, started = facts.get("tasks_before"), facts.get("threads_started")
+    refused = facts.get("thread_refused")
+    stops_at_limit = (
+        refused is not None
+        and isinstance(before, int)
+        and isinstance(started, int)
+        and before + started == pids
+    )
+    loop = f"{before} tasks + {started} threads started, then {refused or 'none refused'}"
+    if gvisor:
+        nproc = facts.get("nproc")
+        counted = (
+            f"gVisor: the task's processes and threads are the sandbox kernel's, held by "
+            f"its RLIMIT_NPROC {nproc} (canary: {pids}): {loop}"
+        )
+        if host is None:
+            return Status.FAIL, f"{counted}; {NO_HOST_VIEW}"
+        return _check(
+            stops_at_limit
+            and nproc == [pids, pids]
+            and host.pids_max == str(pids + host.pids_room),
+            f"{counted}; on the host (cgroup {host.cgroup}): pids.max {host.pids_max} "
+            f"(canary {pids} + {host.pids_room} for the sandbox kernel's own threads)",
+        )
+    inside = facts.get("pids_max")
+    detail = f"cgroup pids.max {inside} (canary: {pids})"
+    host_ok = True
+    if host is not None:
+        host_ok = host.pids_max == str(pids + host.pids_room)
+        detail += f", on the host {host.pids_max}"
+    return _check(inside == str(pids) and host_ok and stops_at_limit, f"{detail}; {loop}")
+
+
+def _cpu_limits(
+    cpu: object, nano_cpus: int, host: AppliedLimits | None, *, gvisor: bool
+) -> tuple[Status, str]:
+    """The CFS quota as the canary reads it (Linux) and as the host reads it (where it
+    can); under gVisor the host's reading alone (the quota holds the sandbox kernel
+    and the task together)."""
+    on_host = None
+    if host is not None:
+        on_host = _cpu_limit(
+            {
+                "cgroup": f"{host.cgroup} on the host",
+                "quota": host.cpu_quota,
+                "period": host.cpu_period,
+            },
+            nano_cpus,
+        )
+    if gvisor:
+        if on_host is None:
+            return Status.FAIL, NO_HOST_VIEW
+        return on_host[0], f"{on_host[1]}, for the sandbox kernel and the task together"
+    inside = _cpu_limit(cpu, nano_cpus)
+    if on_host is None:
+        return inside
+    both = inside[0] is Status.PASS and on_host[0] is Status.PASS
+    return _check(both, f"{inside[1]}; {on_host[1]}")
 
 
 def _cpu_limit(cpu: object, nano_cpus: int) -> tuple[Status, str]:
@@ -431,12 +640,17 @@ class SelfCheckTarget:
     image: str = ""
     image_id: str | None = None
     runner_id: str = "selfcheck"
+    # Which kernel answers the canaries (the sandbox's, e.g. OciSandbox.kernel), and
+    # what reads the limits applied to a canary's container on the host (None: none).
+    kernel: SandboxKernel = SandboxKernel.LINUX
+    host_view: HostLimitsView | None = None
 
     @property
     def cache_key(self) -> str:
         identity = {
             "format": CACHE_FORMAT,
             "daemon": dict(sorted(self.daemon.items())),
+            "kernel": self.kernel.value,
             "policySha256": self.policy.sha256,
             "image": self.image_id or self.image,
             "apparmorProfile": self.apparmor_profile,
@@ -468,6 +682,9 @@ async def run_selfcheck(target: SelfCheckTarget) -> SelfCheckReport:
     )
     memory_cap_mb = limits.memory_bytes // MIB * OVERSHOOT
     memory_request = TaskRequest(code=MEMORY_CANARY, items=[{"json": {"capMb": memory_cap_mb}}])
+    host_view = target.host_view
+    if host_view is not None:
+        host_view.observe_limits(facts_request.task_id)
     try:
         async with asyncio.TaskGroup() as group:
             facts_task = group.create_task(pipeline.run(facts_request))
@@ -476,12 +693,16 @@ async def run_selfcheck(target: SelfCheckTarget) -> SelfCheckReport:
         # A fault of the engine (it cannot start a canary) is one error, as it would be
         # for a task: the caller handles our error tree, not a group of them.
         raise failed.exceptions[0] from None
+    finally:
+        applied = host_view.observed_limits(facts_request.task_id) if host_view else None
     duration_ms = (time.monotonic() - begin) * 1000
     results = evaluate(
         CanaryOutcome.from_report(facts_task.result()),
         CanaryOutcome.from_report(memory_task.result()),
         policy,
         apparmor_profile=target.apparmor_profile,
+        kernel=target.kernel,
+        host=applied,
     )
     return SelfCheckReport(
         policy_sha256=policy.sha256,

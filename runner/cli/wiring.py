@@ -132,6 +132,8 @@ async def selfcheck_target(
         image=image,
         image_id=image_id,
         runner_id=settings.runner_id,
+        kernel=sandbox.kernel,
+        host_view=sandbox,
     )
 
 

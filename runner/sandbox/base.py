@@ -4,7 +4,10 @@ Owns: what a task is (:class:`TaskSpec`), the limits it runs under
 (:class:`Limits`), and what comes back (:class:`ExecutionResult` with an
 :class:`Outcome`). Outcomes are data: a timeout or an OOM kill is a normal result
 of running hostile code, not an exception. Exceptions are kept for faults of the
-runner and its infrastructure (:mod:`runner.errors`).
+runner and its infrastructure (:mod:`runner.errors`). Beside the seam, for the
+self-check: which kernel answers a task (:class:`SandboxKernel`), and the limits the
+host applied to a task's container (:class:`AppliedLimits`), from a sandbox that can
+read them (:class:`HostLimitsView`).
 
 Must not import docker, asyncio or pydantic: implementations (Docker, local
 subprocess, fakes) import this, not the other way round.
@@ -266,6 +269,44 @@ class ExecutionResult:
     image_id: str | None = None
     durations_ms: dict[str, float] = field(default_factory=dict)
     details: dict[str, JSON] = field(default_factory=dict)
+
+
+class SandboxKernel(StrEnum):
+    """Which kernel answers a task's system calls."""
+
+    LINUX = "linux"  # the host's (runc, through Docker or directly)
+    GVISOR = "gvisor"  # gVisor's sandbox kernel (runsc), between the task and the host
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedLimits:
+    """A container's resource limits as the host's kernel applies them: read on the
+    host from the container's own cgroups while it runs, never from inside it (where
+    a sandbox kernel such as gVisor's shows none of them). Each value is the text of
+    its cgroup file, None where it could not be read.
+    """
+
+    cgroup: str  # the host's layout: "v2", "v1" or "hybrid"
+    memory_limit: str | None  # memory.max (v2) or memory.limit_in_bytes (v1)
+    pids_max: str | None
+    cpu_quota: str | None  # cpu.max's quota ("max": none) or cpu.cfs_quota_us (-1: none)
+    cpu_period: str | None
+    # Room the engine gave the pids cgroup beside the task's own limit, for a sandbox
+    # kernel's own threads (gVisor's); 0 when the cgroup counts the task's alone.
+    pids_room: int = 0
+
+
+class HostLimitsView(Protocol):
+    """A sandbox that can tell the limits the host applied to a task's container:
+    asked before the task runs, answered after (the self-check's canary)."""
+
+    def observe_limits(self, task_id: str) -> None:
+        """Read the applied limits of ``task_id``'s container on the host while it runs."""
+        ...
+
+    def observed_limits(self, task_id: str) -> AppliedLimits | None:
+        """What was read for ``task_id`` (once); None: this engine has no such view."""
+        ...
 
 
 #: The error message of a task stopped by :meth:`Sandbox.cancel` (n8n's words).

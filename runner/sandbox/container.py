@@ -10,12 +10,15 @@ what the host saw (exit code, OOM kill, who killed it, the capped output) and th
 agent's envelope become an outcome (:func:`runner.sandbox.interpret.interpret`);
 cancellation; the removal of every container off the task's path, retried until it
 succeeds; the sweep of our leftovers by :func:`runner.sandbox.labels.is_leftover`;
-and the details each task's audit record gets.
+the details each task's audit record gets; and, for a task the self-check asks about,
+the limits the host applied to its container (:class:`~runner.sandbox.base.HostLimitsView`,
+read by the engine while the container runs).
 
 An engine subclass provides the blocking steps (each called in a worker thread, one
 task's whole blocking life in one thread, so the event loop never waits on an
 engine): start a container, exchange the envelope for its output, wait for its
-exit, tell how it ended, kill it, remove it, list ours, and classify its faults.
+exit, tell how it ended, kill it, remove it, list ours, classify its faults, and
+(if it can) read the limits the host applied to a container.
 """
 
 from __future__ import annotations
@@ -41,7 +44,16 @@ from tenacity import (
 )
 
 from runner.errors import InfrastructureError
-from runner.sandbox.base import ExecutionResult, Limits, Outcome, Stage, TaskError, TaskSpec
+from runner.sandbox.base import (
+    AppliedLimits,
+    ExecutionResult,
+    Limits,
+    Outcome,
+    SandboxKernel,
+    Stage,
+    TaskError,
+    TaskSpec,
+)
 from runner.sandbox.interpret import ProcessFacts, interpret, killed_before_report
 from runner.sandbox.isolation import IsolationConfig
 from runner.sandbox.labels import is_leftover, ownership_labels, process_identity
@@ -153,6 +165,9 @@ class ContainerSandbox(ABC, Generic[H]):
         self.retries_logged = 0
         # Told the cause of every set-up retry (the service counts them in its metrics).
         self.on_retry = on_retry
+        # Tasks whose container's applied limits the host reads (the self-check's).
+        self._observe: set[str] = set()
+        self._observed: dict[str, AppliedLimits | None] = {}
 
     @property
     def boot_id(self) -> str:
@@ -165,6 +180,11 @@ class ContainerSandbox(ABC, Generic[H]):
     @property
     def pool(self) -> WarmPool[H] | None:
         return self._pool
+
+    @property
+    def kernel(self) -> SandboxKernel:
+        """Which kernel answers a task's system calls."""
+        return SandboxKernel.LINUX
 
     # -- public API ---------------------------------------------------------------
 
@@ -209,6 +229,16 @@ class ContainerSandbox(ABC, Generic[H]):
             return False
         await asyncio.to_thread(self._kill_quietly, container_id)
         return True
+
+    def observe_limits(self, task_id: str) -> None:
+        """Have the engine read, on the host, the limits applied to ``task_id``'s
+        container while it runs (:class:`~runner.sandbox.base.HostLimitsView`)."""
+        self._observe.add(task_id)
+
+    def observed_limits(self, task_id: str) -> AppliedLimits | None:
+        """What the host read for ``task_id`` (once); None when this engine cannot."""
+        self._observe.discard(task_id)
+        return self._observed.pop(task_id, None)
 
     async def sweep(self) -> list[str]:
         """Remove our leftovers: earlier boots of this runner, and orphans past deadline."""
@@ -301,6 +331,11 @@ class ContainerSandbox(ABC, Generic[H]):
         """The image every container is made from, for the result (None: not known)."""
         return None
 
+    def _applied_limits(self, container: H) -> AppliedLimits | None:
+        """The limits the host applied to a running container, read on the host
+        (None: this engine has no such view)."""
+        return None
+
     def _close(self) -> None:
         """Release the engine's client, if any."""
 
@@ -384,6 +419,10 @@ class ContainerSandbox(ABC, Generic[H]):
         self._running[run.spec.task_id] = container.container_id
         if run.spec.task_id in self._cancelled:
             self._kill_quietly(container.container_id)
+        if run.spec.task_id in self._observe:
+            # Before the task runs: its container exists, and nothing it does can
+            # change what the host applied to it.
+            self._observed[run.spec.task_id] = self._applied_limits(container)
         output = self._exchange(run)
         waited = time.monotonic()
         stdout = bytes(output.stdout)

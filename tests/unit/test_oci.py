@@ -14,18 +14,20 @@ import os
 import stat
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from helpers import write_tree
 
 from runner.policy import load_policy
-from runner.sandbox.base import Limits
+from runner.sandbox.base import AppliedLimits, Limits
 from runner.sandbox.isolation import IsolationConfig
 from runner.sandbox.oci import cgroups, runtime
 from runner.sandbox.oci.config import MASKED_PATHS, READONLY_PATHS, oci_seccomp, render
 from runner.sandbox.oci.rootfs import RootfsStore, tar_filtered
-from runner.sandbox.spec import ImageConfig, container_spec
+from runner.sandbox.oci.sandbox import GVISOR_PIDS_PER_TASK, GVISOR_SENTRY_PIDS, OciSandbox
+from runner.sandbox.spec import ContainerSpec, ImageConfig, container_spec
 from runner.settings import Settings
 
 TASK_UID = 10001
@@ -78,6 +80,40 @@ def test_counters_are_the_kernels_on_v2(tmp_path: Path) -> None:
     assert cgroups.oom_kills(path, root) == 1
     assert cgroups.pids_max_hits(path, root) == 0
     assert cgroups.leftover_containers("r1", root) == ["c1"]
+
+
+@pytest.mark.parametrize(
+    ("files", "layout"),
+    [
+        (
+            {
+                "memory/sandbox-runner/r1/c1/memory.limit_in_bytes": "67108864\n",
+                "pids/sandbox-runner/r1/c1/pids.max": "288\n",
+                "cpu/sandbox-runner/r1/c1/cpu.cfs_quota_us": "100000\n",
+                "cpu/sandbox-runner/r1/c1/cpu.cfs_period_us": "100000\n",
+                "unified/cgroup.controllers": "",
+            },
+            "hybrid",
+        ),
+        (
+            {
+                "cgroup.controllers": "cpu memory pids\n",
+                "sandbox-runner/r1/c1/memory.max": "67108864\n",
+                "sandbox-runner/r1/c1/pids.max": "288\n",
+                "sandbox-runner/r1/c1/cpu.max": "100000 100000\n",
+            },
+            "v2",
+        ),
+    ],
+)
+def test_the_applied_limits_are_read_from_the_hosts_tree(
+    tmp_path: Path, files: dict[str, str | None], layout: str
+) -> None:
+    root = write_tree(tmp_path, files)
+    applied = cgroups.applied_limits(cgroups.path_of("r1", "c1"), root, pids_room=256)
+    assert applied == AppliedLimits(layout, "67108864", "288", "100000", "100000", pids_room=256)
+    gone = cgroups.applied_limits(cgroups.path_of("r1", "gone"), root)
+    assert (gone.memory_limit, gone.pids_max, gone.cpu_quota, gone.cpu_period) == (None,) * 4
 
 
 def test_a_runner_id_cannot_climb_out_of_our_parent() -> None:
@@ -158,6 +194,44 @@ def test_seccomp_is_converted_as_dockers_daemon_converts_it() -> None:
     assert all("comment" not in rule for rule in converted["syscalls"])
     newer = oci_seccomp(json.dumps(PROFILE), machine="x86_64", kernel_release="6.18.44-fc")
     assert [rule["names"][0] for rule in newer["syscalls"]][3] == "new_call"
+
+
+def test_for_gvisor_an_enosys_rule_is_a_trace_no_tracer_can_answer() -> None:
+    # runsc (20221219) ignores a rule's errnoRet: clone3 would answer EPERM, and glibc
+    # then starts no thread at all; a trace with no tracer is ENOSYS in gVisor's kernel.
+    runc = oci_seccomp(json.dumps(PROFILE), machine="x86_64", kernel_release="6.1.0")
+    runsc = oci_seccomp(json.dumps(PROFILE), machine="x86_64", kernel_release="6.1.0", gvisor=True)
+    assert runc["syscalls"][-1] == {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}
+    assert runsc["syscalls"][-1] == {"names": ["clone3"], "action": "SCMP_ACT_TRACE"}
+    assert runsc["syscalls"][:-1] == runc["syscalls"][:-1]  # nothing else differs
+    assert {k: v for k, v in runsc.items() if k != "syscalls"} == {
+        k: v for k, v in runc.items() if k != "syscalls"
+    }
+
+
+def test_under_gvisor_the_sandbox_kernel_counts_the_tasks_threads() -> None:
+    # runsc's sandbox kernel holds the task's threads to RLIMIT_NPROC (its own count,
+    # per container), the pids cgroup its own threads: the limit goes to the first,
+    # with room for the second.
+    policy = load_policy(Settings())
+    isolation = IsolationConfig.from_policy(policy, apparmor_available=False)
+    limits = Limits(pids=32, nproc=4096)
+
+    def spec_for(kind: str) -> ContainerSpec:
+        # A stand-in for the sandbox: _spec reads these two only (a real OciSandbox
+        # would make this process a child subreaper).
+        fake = SimpleNamespace(_isolation=isolation, _runtime=SimpleNamespace(kind=kind))
+        spec: ContainerSpec = OciSandbox._spec(fake, limits)  # type: ignore[arg-type]
+        return spec
+
+    def nproc(spec: ContainerSpec) -> tuple[int, int]:
+        (rlimit,) = [r for r in spec.rlimits if r.name == "nproc"]
+        return rlimit.soft, rlimit.hard
+
+    runc, runsc = spec_for("runc"), spec_for("runsc")
+    assert (runc.pids, nproc(runc)) == (32, (4096, 4096))
+    room = GVISOR_SENTRY_PIDS + GVISOR_PIDS_PER_TASK * 32  # its threads, the tasks' stubs
+    assert (runsc.pids, nproc(runsc)) == (32 + room, (32, 32))
 
 
 # -- the rendered config ------------------------------------------------------------------

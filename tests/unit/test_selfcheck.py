@@ -15,7 +15,15 @@ import pytest
 
 from runner.errors import IsolationNotEnforcedError
 from runner.policy import EffectivePolicy, load_policy
-from runner.sandbox.base import ExecutionResult, Limits, Outcome, TaskError, TaskSpec
+from runner.sandbox.base import (
+    AppliedLimits,
+    ExecutionResult,
+    Limits,
+    Outcome,
+    SandboxKernel,
+    TaskError,
+    TaskSpec,
+)
 from runner.selfcheck import (
     CANARY_GUARDS,
     FACTS_CANARY,
@@ -46,10 +54,12 @@ def good_facts(policy: EffectivePolicy) -> dict[str, Any]:
         "gid": 10001,
         "seccomp": "2",
         "no_new_privs": "1",
+        "no_new_privs_prctl": 1,
         "cap_eff": "0000000000000000",
         "cap_prm": "0000000000000000",
         "cap_bnd": "0000000000000000",
         "cap_amb": "0000000000000000",
+        "cap_inh": "0000000000000000",
         "interfaces": ["lo"],
         "syscalls": {
             "io_uring_setup": "EPERM",
@@ -60,7 +70,11 @@ def good_facts(policy: EffectivePolicy) -> dict[str, Any]:
         "apparmor": None,
         "memory_limit": str(limits.memory_bytes),
         "pids_max": str(limits.pids),
+        "nproc": [4096, 4096],
+        "root_mount": "ro,relatime",
         "root_write": "EROFS",
+        # tini, the agent and the task child, then threads until the limit refuses one.
+        "tasks_before": 3,
         "threads_started": limits.pids - 3,
         "thread_refused": "RuntimeError: can't start new thread",
         # Docker: quota = NanoCpus * period / 1e9 (1 CPU: 100000 us per 100000 us).
@@ -125,15 +139,23 @@ def _set(facts: dict[str, Any], key: str, value: Any) -> None:
         ("seccomp-profile", "syscalls.socket_af_vsock", "EINVAL"),
         ("seccomp-profile", "syscalls.clone3", "EPERM"),
         ("no-new-privileges", "no_new_privs", "0"),
+        ("no-new-privileges", "no_new_privs", None),  # a missing line proves nothing
+        ("no-new-privileges", "no_new_privs_prctl", 0),
         ("capabilities-dropped", "cap_eff", "00000000a80425fb"),
         ("capabilities-dropped", "cap_bnd", "00000000a80425fb"),
+        ("capabilities-dropped", "cap_amb", None),  # under Linux the line is there
         ("network-none", "interfaces", ["eth0", "lo"]),
         ("read-only-rootfs", "root_write", "written"),
+        ("read-only-rootfs", "root_write", "EACCES"),  # a permission, not the mount
+        ("read-only-rootfs", "root_mount", "rw,relatime"),
         ("non-root-user", "uid", 0),
         ("non-root-user", "gid", 0),
         ("memory-limit", "memory_limit", "9223372036854771712"),  # no limit
         ("pids-limit", "pids_max", "max"),
         ("pids-limit", "thread_refused", None),
+        # Stopped before the limit: something else refused (a refused clone3 did).
+        ("pids-limit", "threads_started", 0),
+        ("pids-limit", "tasks_before", None),
         ("cpu-limit", "cpu.quota", "-1"),  # v1: unlimited (what cpus 1e-10 gave)
         ("cpu-limit", "cpu.quota", "max"),  # v2: unlimited
         ("cpu-limit", "cpu.quota", "50000"),  # half the policy's quota
@@ -205,6 +227,207 @@ def test_a_canary_that_did_not_run_fails_every_guarantee(policy: EffectivePolicy
     assert "the canary did not run: crashed" in results[0].detail
 
 
+# -- the host's view, and gVisor -------------------------------------------------------------
+
+
+def host_view(policy: EffectivePolicy, **changes: Any) -> AppliedLimits:
+    """What the host reads of a canary container's cgroups under runc (hybrid layout)."""
+    limits = policy.canary_limits()
+    read = AppliedLimits(
+        cgroup="hybrid",
+        memory_limit=str(limits.memory_bytes),
+        pids_max=str(limits.pids),
+        cpu_quota="100000",
+        cpu_period="100000",
+    )
+    return AppliedLimits(**{**{f: getattr(read, f) for f in read.__slots__}, **changes})
+
+
+def test_the_hosts_reading_must_agree_under_linux_too(policy: EffectivePolicy) -> None:
+    facts = CanaryOutcome(Outcome.SUCCESS, good_facts(policy))
+    results = evaluate(facts, OOM, policy, apparmor_profile=None, host=host_view(policy))
+    assert {s for name, s in statuses(results).items() if name != "apparmor"} == {Status.PASS}
+    memory = next(r for r in results if r.name == "memory-limit")
+    assert "on the host 67108864" in memory.detail
+    for field, value, guarantee in [
+        ("memory_limit", "9223372036854771712", "memory-limit"),
+        ("pids_max", "max", "pids-limit"),
+        ("cpu_quota", "-1", "cpu-limit"),
+    ]:
+        results = evaluate(
+            facts, OOM, policy, apparmor_profile=None, host=host_view(policy, **{field: value})
+        )
+        failed = {name for name, status in statuses(results).items() if status is Status.FAIL}
+        assert failed == {guarantee}, field
+
+
+def gvisor_facts() -> dict[str, Any]:
+    """The facts canary's report under runsc 20221219 (Debian 12), recorded on this
+    project's host with the policy's canary limits (64 MiB, 32 pids)."""
+    return {
+        "uid": 10001,
+        "gid": 10001,
+        "seccomp": "2",
+        "no_new_privs": None,  # gVisor's /proc/self/status has no such line
+        "no_new_privs_prctl": 1,
+        "cap_eff": "0000000000000000",
+        "cap_prm": "0000000000000000",
+        "cap_bnd": "0000000000000000",
+        "cap_amb": None,  # nor this one
+        "cap_inh": "0000000000000000",
+        "interfaces": ["lo"],
+        "syscalls": {
+            "io_uring_setup": "EPERM",
+            "ptrace_peekdata": "EPERM",
+            "socket_af_vsock": "EPERM",
+            "clone3": "ENOSYS",
+        },
+        "apparmor": None,
+        "memory_limit": None,  # gVisor's /sys/fs/cgroup is empty
+        "pids_max": None,
+        "nproc": [32, 32],
+        "root_mount": "ro",
+        "cpu": {"cgroup": "v1", "quota": None, "period": None},
+        "root_write": "EACCES",
+        "tasks_before": 3,
+        "threads_started": 29,
+        "thread_refused": "RuntimeError: can't start new thread",
+    }
+
+
+GVISOR_HOST = AppliedLimits(
+    cgroup="hybrid",
+    memory_limit="67108864",
+    pids_max="288",
+    cpu_quota="100000",
+    cpu_period="100000",
+    pids_room=256,
+)
+
+
+def gvisor(
+    policy: EffectivePolicy, facts: dict[str, Any], host: AppliedLimits | None = GVISOR_HOST
+) -> dict[str, Any]:
+    results = evaluate(
+        CanaryOutcome(Outcome.SUCCESS, facts),
+        OOM,
+        policy,
+        apparmor_profile=None,
+        kernel=SandboxKernel.GVISOR,
+        host=host,
+    )
+    return {result.name: result for result in results}
+
+
+def test_every_guarantee_is_proven_on_gvisors_recorded_facts(policy: EffectivePolicy) -> None:
+    found = gvisor(policy, gvisor_facts())
+    assert found.pop("apparmor").status is Status.NOT_AVAILABLE
+    assert {name: r.status for name, r in found.items()} == dict.fromkeys(found, Status.PASS)
+    assert "prctl(PR_GET_NO_NEW_PRIVS): 1" in found["no-new-privileges"].detail
+    assert "CapPrm 0 proves it empty" in found["capabilities-dropped"].detail
+    assert "mount at / is ro; writing / gave EACCES" in found["read-only-rootfs"].detail
+    assert "on the host (cgroup hybrid): memory limit 67108864" in found["memory-limit"].detail
+    assert "OOM-killed" in found["memory-limit"].detail
+    assert "RLIMIT_NPROC [32, 32]" in found["pids-limit"].detail
+    assert "pids.max 288 (canary 32 + 256" in found["pids-limit"].detail
+    assert "CFS quota 100000 us per 100000 us" in found["cpu-limit"].detail
+
+
+def test_under_linux_rules_gvisors_facts_prove_nothing_they_do_not_show(
+    policy: EffectivePolicy,
+) -> None:
+    # What the self-check said of gVisor before it knew which kernel answered: the
+    # missing lines and cgroups fail, they never pass by default.
+    results = evaluate(
+        CanaryOutcome(Outcome.SUCCESS, gvisor_facts()), OOM, policy, apparmor_profile=None
+    )
+    failed = {name for name, status in statuses(results).items() if status is Status.FAIL}
+    assert failed == {
+        "no-new-privileges",
+        "capabilities-dropped",
+        "read-only-rootfs",
+        "memory-limit",
+        "pids-limit",
+        "cpu-limit",
+    }
+
+
+def test_without_a_host_view_gvisors_limits_are_not_proven(policy: EffectivePolicy) -> None:
+    found = gvisor(policy, gvisor_facts(), host=None)
+    failed = {name for name, r in found.items() if r.status is Status.FAIL}
+    assert failed == {"memory-limit", "pids-limit", "cpu-limit"}
+    assert "no host view" in found["memory-limit"].detail
+
+
+@pytest.mark.parametrize(
+    ("guarantee", "key", "value"),
+    [
+        ("seccomp-profile", "syscalls.clone3", "EPERM"),
+        ("no-new-privileges", "no_new_privs_prctl", 0),
+        ("no-new-privileges", "no_new_privs", "0"),  # a line that is there must say 1
+        ("capabilities-dropped", "cap_prm", "00000000a80425fb"),
+        ("capabilities-dropped", "cap_amb", "0000000000000400"),
+        ("read-only-rootfs", "root_mount", "rw"),
+        ("read-only-rootfs", "root_write", "written"),
+        # The sandbox kernel's RLIMIT_NPROC not set: nothing stops the thread loop.
+        ("pids-limit", "nproc", [4096, 4096]),
+        ("pids-limit", "thread_refused", None),
+    ],
+)
+def test_each_gvisor_guarantee_fails_on_its_own_fact(
+    policy: EffectivePolicy, guarantee: str, key: str, value: Any
+) -> None:
+    facts = gvisor_facts()
+    _set(facts, key, value)
+    failed = {name for name, r in gvisor(policy, facts).items() if r.status is Status.FAIL}
+    assert failed == {guarantee}
+
+
+def test_gvisor_before_the_fix_fails_its_thread_loop(policy: EffectivePolicy) -> None:
+    # Recorded on b3a21b2: clone3 answered EPERM (runsc ignored the rule's errnoRet), so
+    # not one thread started. A loop refused at once is no proof of a pids limit.
+    facts = {**gvisor_facts(), "nproc": [4096, 4096], "threads_started": 0}
+    facts["syscalls"] = {**facts["syscalls"], "clone3": "EPERM"}
+    found = gvisor(policy, facts)
+    failed = {name for name, r in found.items() if r.status is Status.FAIL}
+    assert failed == {"seccomp-profile", "pids-limit"}
+    assert "3 tasks + 0 threads started" in found["pids-limit"].detail
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "guarantee"),
+    [
+        ("memory_limit", "9223372036854771712", "memory-limit"),  # no memory limit
+        ("pids_max", "max", "pids-limit"),
+        ("pids_max", "32", "pids-limit"),  # no room for the sandbox kernel's threads
+        ("cpu_quota", "-1", "cpu-limit"),
+    ],
+)
+def test_gvisors_limits_fail_on_the_hosts_reading(
+    policy: EffectivePolicy, field: str, value: str, guarantee: str
+) -> None:
+    host = AppliedLimits(
+        **{**{f: getattr(GVISOR_HOST, f) for f in GVISOR_HOST.__slots__}, field: value}
+    )
+    failed = {
+        name for name, r in gvisor(policy, gvisor_facts(), host).items() if r.status is Status.FAIL
+    }
+    assert failed == {guarantee}
+
+
+def test_gvisors_memory_limit_needs_the_memory_canary_killed_too(policy: EffectivePolicy) -> None:
+    survived = CanaryOutcome(Outcome.SUCCESS, {"allocatedMb": 256})
+    results = evaluate(
+        CanaryOutcome(Outcome.SUCCESS, gvisor_facts()),
+        survived,
+        policy,
+        apparmor_profile=None,
+        kernel=SandboxKernel.GVISOR,
+        host=GVISOR_HOST,
+    )
+    assert statuses(results)["memory-limit"] is Status.FAIL
+
+
 # -- running through a pipeline and a (fake) sandbox ---------------------------------------
 
 
@@ -215,10 +438,17 @@ class CanarySandbox:
         self.facts = {**good_facts(policy), **fact_changes}
         self.canary_limits = policy.canary_limits()
         self.runs: list[str] = []
+        self.host = host_view(policy)
+        self.observing: set[str] = set()
+        self.observed: dict[str, AppliedLimits] = {}
+        self.observed_canaries: list[str] = []
 
     async def run(self, spec: TaskSpec, limits: Limits) -> ExecutionResult:
         assert spec.guards == CANARY_GUARDS  # the in-process guards are off
         assert limits == self.canary_limits
+        if spec.task_id in self.observing:
+            self.observed[spec.task_id] = self.host
+            self.observed_canaries.append("facts" if spec.code == FACTS_CANARY else "memory")
         if spec.code == FACTS_CANARY:
             self.runs.append("facts")
             assert spec.items == [{"json": {"threadCap": limits.pids * 4}}]
@@ -234,9 +464,20 @@ class CanarySandbox:
     async def aclose(self) -> None:
         return None
 
+    def observe_limits(self, task_id: str) -> None:
+        self.observing.add(task_id)
+
+    def observed_limits(self, task_id: str) -> AppliedLimits | None:
+        return self.observed.pop(task_id, None)
+
 
 def target(
-    policy: EffectivePolicy, sandbox: CanarySandbox, daemon_id: str = "D1"
+    policy: EffectivePolicy,
+    sandbox: CanarySandbox,
+    daemon_id: str = "D1",
+    *,
+    kernel: SandboxKernel = SandboxKernel.LINUX,
+    host_view: bool = False,
 ) -> SelfCheckTarget:
     return SelfCheckTarget(
         sandbox=sandbox,
@@ -245,6 +486,8 @@ def target(
         daemon={"id": daemon_id, "serverVersion": "20.10.24"},
         image="sandbox-runner-task:test",
         image_id="sha256:image",
+        kernel=kernel,
+        host_view=sandbox if host_view else None,
     )
 
 
@@ -262,6 +505,24 @@ async def test_run_selfcheck_runs_both_canaries_through_the_pipeline(
     audit = report.audit()
     assert audit["policySha256"] == policy.sha256
     assert audit["inForce"]["seccomp-profile"] == "pass"
+
+
+async def test_the_host_view_is_asked_about_the_facts_canary_only(
+    policy: EffectivePolicy,
+) -> None:
+    sandbox = CanarySandbox(policy)
+    sandbox.host = host_view(policy, memory_limit="9223372036854771712")
+    report = await run_selfcheck(target(policy, sandbox, host_view=True))
+    assert sandbox.observed_canaries == ["facts"]
+    assert sandbox.observed == {}  # taken, once
+    assert [r.name for r in report.missing_required] == ["memory-limit"]
+    assert "on the host 9223372036854771712" in report.missing_required[0].detail
+
+
+async def test_the_cache_key_changes_with_the_sandbox_kernel(policy: EffectivePolicy) -> None:
+    sandbox = CanarySandbox(policy)
+    linux = target(policy, sandbox).cache_key
+    assert linux != target(policy, sandbox, kernel=SandboxKernel.GVISOR).cache_key
 
 
 async def test_ensure_fails_closed_and_caches_nothing(

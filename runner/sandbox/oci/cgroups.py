@@ -4,8 +4,10 @@ Owns: which cgroup layout this host has (:func:`layout`), whether we may create
 cgroups here (:func:`writable`), the cgroup path of a container
 (``/sandbox-runner/<runner id>/<container id>``: the runtime creates it in every
 hierarchy and deletes it with the container), and the counters the host reads
-there before the container is deleted: OOM kills and hits of the pids limit. These
-are the kernel's own counts, read from the host: never what the container reports.
+there before the container is deleted: OOM kills and hits of the pids limit; and the
+limits applied to a running container (memory, pids, CPU quota and period). These
+are the kernel's own counts and settings, read from the host: never what the
+container reports.
 Also the sweep's backstop: removing the cgroup directories of containers whose
 runtime state is gone.
 
@@ -19,6 +21,8 @@ import contextlib
 import os
 import signal
 from pathlib import Path
+
+from runner.sandbox.base import AppliedLimits
 
 ROOT = Path("/sys/fs/cgroup")
 PARENT = "sandbox-runner"
@@ -77,6 +81,47 @@ def pids_max_hits(cgroups_path: str, root: Path = ROOT) -> int | None:
         return _counter(root / cgroups_path.lstrip("/") / "pids.events", "max")
     file, key = V1_COUNTERS["pids"]
     return _counter(root / "pids" / cgroups_path.lstrip("/") / file, key)
+
+
+def _read(file: Path) -> str | None:
+    try:
+        return file.read_text(encoding="ascii").strip()
+    except OSError:
+        return None
+
+
+def applied_limits(cgroups_path: str, root: Path = ROOT, *, pids_room: int = 0) -> AppliedLimits:
+    """The memory, pids and CPU limits of the container's cgroups, as the host has them
+    (``pids_room``: what the engine added to the pids cgroup beside the task's limit)."""
+    kind = layout(root)
+    relative = cgroups_path.lstrip("/")
+    if kind == "v2":
+        directory = root / relative
+        quota, _, period = (_read(directory / "cpu.max") or "").partition(" ")
+        return AppliedLimits(
+            cgroup=kind,
+            memory_limit=_read(directory / "memory.max"),
+            pids_max=_read(directory / "pids.max"),
+            cpu_quota=quota or None,
+            cpu_period=period or None,
+            pids_room=pids_room,
+        )
+    cpu = next(
+        (
+            root / name / relative
+            for name in ("cpu,cpuacct", "cpu", "cpuacct,cpu")
+            if (root / name).is_dir()
+        ),
+        root / "cpu" / relative,
+    )
+    return AppliedLimits(
+        cgroup=kind,
+        memory_limit=_read(root / "memory" / relative / "memory.limit_in_bytes"),
+        pids_max=_read(root / "pids" / relative / "pids.max"),
+        cpu_quota=_read(cpu / "cpu.cfs_quota_us"),
+        cpu_period=_read(cpu / "cpu.cfs_period_us"),
+        pids_room=pids_room,
+    )
 
 
 def leftover_containers(runner_id: str, root: Path = ROOT) -> list[str]:

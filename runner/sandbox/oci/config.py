@@ -16,6 +16,10 @@ from Docker's format exactly as the daemon converts it (filtered by architecture
 capabilities and kernel version). ``tests/integration/test_oci_config.py`` compares
 this rendering with the ``config.json`` Docker writes for the same policy.
 
+For gVisor (``runsc``) one thing is said differently, so that it means the same: a
+rule that answers ENOSYS (``clone3``) is rendered as ``SCMP_ACT_TRACE`` (see
+:func:`oci_seccomp`).
+
 No I/O: the caller passes the machine and kernel release it runs on.
 """
 
@@ -80,6 +84,7 @@ HOSTS = (
 )
 ETC_BIND_OPTIONS = ("rbind", "ro", "rprivate")
 
+ENOSYS = 38  # the same number on every architecture we run on (x86_64, aarch64)
 # Docker's Go architecture names and libseccomp's (moby profiles/seccomp).
 SECCOMP_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "x86", "armv7l": "arm"}
 LIBSECCOMP_ARCH = {
@@ -167,7 +172,9 @@ def _kernel_at_least(release: str, minimum: str) -> bool:
     return numbers(release) >= numbers(minimum)
 
 
-def oci_seccomp(profile_json: str, *, machine: str, kernel_release: str) -> dict[str, Any]:
+def oci_seccomp(
+    profile_json: str, *, machine: str, kernel_release: str, gvisor: bool = False
+) -> dict[str, Any]:
     """A Docker-format seccomp profile as the OCI ``linux.seccomp`` Docker generates.
 
     Rules are kept or dropped by their ``includes``/``excludes`` on architecture,
@@ -175,6 +182,15 @@ def oci_seccomp(profile_json: str, *, machine: str, kernel_release: str) -> dict
     minimum kernel; the architectures are the native one and its sub-architectures.
     ``defaultErrnoRet`` is kept (Docker 20.10 drops it; runc's default errno for
     ``SCMP_ACT_ERRNO`` is EPERM, so a profile that says 1 means the same either way).
+
+    ``gvisor``: runsc (20221219, Debian 12's) applies the profile inside its kernel but
+    ignores a rule's ``errnoRet``: every ``SCMP_ACT_ERRNO`` answers EPERM there. For
+    ``clone3`` (ENOSYS, so that glibc falls back to the filtered ``clone``) that EPERM
+    made every ``pthread_create`` fail: no task could start a thread. A rule that
+    answers ENOSYS becomes ``SCMP_ACT_TRACE`` instead, which gVisor's kernel (as
+    Linux) answers with ENOSYS, without running the call, when no tracer is attached;
+    none can be, as the profile refuses ``ptrace`` to every process of the container.
+    The self-check's canary proves the answer (``clone3`` ENOSYS) on every engine.
     """
     profile = json.loads(profile_json)
     arch = SECCOMP_ARCH.get(machine, machine)
@@ -199,6 +215,9 @@ def oci_seccomp(profile_json: str, *, machine: str, kernel_release: str) -> dict
             converted["args"] = [_arg(arg) for arg in rule["args"]]
         if "errnoRet" in rule:
             converted["errnoRet"] = rule["errnoRet"]
+        if gvisor and rule["action"] == "SCMP_ACT_ERRNO" and rule.get("errnoRet") == ENOSYS:
+            converted["action"] = "SCMP_ACT_TRACE"
+            del converted["errnoRet"]
         rules.append(converted)
     seccomp["syscalls"] = rules
     return seccomp
@@ -258,8 +277,10 @@ def render(
     machine: str,
     kernel_release: str,
     extra_mounts: Sequence[dict[str, Any]] = (),
+    gvisor: bool = False,
 ) -> dict[str, Any]:
-    """The ``config.json`` of one task container (root filesystem at ``rootfs``)."""
+    """The ``config.json`` of one task container (root filesystem at ``rootfs``);
+    ``gvisor``: for runsc (:func:`oci_seccomp` says what differs)."""
     process: dict[str, Any] = {
         "user": {"uid": spec.uid, "gid": spec.gid, "additionalGids": [spec.gid]},
         "args": list(image.args),
@@ -301,7 +322,7 @@ def render(
             "cgroupsPath": cgroups_path,
             "namespaces": [{"type": kind} for kind in NAMESPACES],
             "seccomp": oci_seccomp(
-                spec.seccomp_json, machine=machine, kernel_release=kernel_release
+                spec.seccomp_json, machine=machine, kernel_release=kernel_release, gvisor=gvisor
             ),
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),

@@ -22,6 +22,8 @@ Docker backend, is :class:`~runner.sandbox.container.ContainerSandbox`):
   died of signal N, which the task can do, running as the agent's user), and the
   OOM-kill counter of the container's memory cgroup, read on the host before the
   container is deleted;
+- the **limits applied**, read on the host from the container's cgroups while it runs
+  (for the self-check: under gVisor the task sees none of its cgroups);
 - **kill** (SIGKILL to PID 1 through its pidfd: the PID namespace dies with it),
   **removal** (``runc delete --force``, the cgroups, the bundle) and the **sweep** of
   our leftovers by the same rule as Docker's (:func:`runner.sandbox.labels.is_leftover`):
@@ -52,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import ContainerSetupError, InfrastructureError
-from runner.sandbox.base import Limits
+from runner.sandbox.base import AppliedLimits, Limits, SandboxKernel
 from runner.sandbox.container import Container, ContainerSandbox, ExitFacts, Run
 from runner.sandbox.envelope import encode_task
 from runner.sandbox.isolation import IsolationConfig
@@ -72,8 +74,13 @@ READ_CHUNK = 1 << 16
 RECORD = "record.json"
 # How long a container that was killed, or whose output ended, may take to exit.
 EXIT_WAIT_S = 10.0
-# Room in a gVisor container's pids cgroup for the sandbox kernel's own threads.
+# Room in a gVisor container's pids cgroup for the sandbox kernel's own threads, and
+# for the host threads each of the task's processes costs it: under the ptrace
+# platform every address space is a host stub process with threads of its own
+# (measured: ~50 host threads for an idle container, ~5 more per sleeping process and
+# up to ~10 per process of a fork bomb, which took 370 at 32 processes).
 GVISOR_SENTRY_PIDS = 256
+GVISOR_PIDS_PER_TASK = 16
 # gVisor's own processes (runsc re-executes itself as "exe"), reaped before a delete.
 RUNSC_HELPERS = frozenset({"exe", "runsc", "runsc-gofer", "runsc-sandbox"})
 HELPER_REAP_ATTEMPTS = 20
@@ -104,6 +111,8 @@ class OciContainer(Container):
     stderr: int = -1
     bundle: Path = Path()
     cgroups_path: str = ""
+    # What the pids cgroup holds beside the task's own limit (gVisor's kernel).
+    pids_room: int = 0
     # Set once PID 1 is reaped: its exit code (128 + N for a signal, Docker's way)
     # and whether it was killed by a signal itself.
     exit_code: int | None = None
@@ -168,6 +177,10 @@ class OciSandbox(ContainerSandbox[OciContainer]):
     def runtime(self) -> OciRuntime:
         return self._runtime
 
+    @property
+    def kernel(self) -> SandboxKernel:
+        return SandboxKernel.GVISOR if self._runtime.kind == "runsc" else SandboxKernel.LINUX
+
     # -- the image ----------------------------------------------------------------
 
     def _prepare(self) -> None:
@@ -192,12 +205,30 @@ class OciSandbox(ContainerSandbox[OciContainer]):
         return [rootfs.image_id, self._runtime.kind, dataclasses.asdict(spec)]
 
     def _spec(self, limits: Limits) -> ContainerSpec:
-        """The container for ``limits``; under gVisor its pids cgroup also holds the
-        sandbox kernel's own threads (the sentry and its gofer: Go runtimes that die
-        when they cannot start a thread), so they get room beside the task's limit."""
+        """The container for ``limits``.
+
+        Under gVisor the task's processes and threads are tasks of the sandbox kernel
+        (the sentry), not host threads: the host's pids cgroup holds the sentry's and
+        its gofer's own threads (Go runtimes that die when they cannot start one) and
+        the stubs of the task's processes, so it gets room for them beside the task's
+        limit (:data:`GVISOR_SENTRY_PIDS`, :data:`GVISOR_PIDS_PER_TASK`), and it does
+        not count the task's. What counts those is the sentry's ``RLIMIT_NPROC``, per
+        user and, as a sandbox kernel serves one container, per container (under Linux
+        it counts the uid's processes on the whole host): set to the task's pids limit,
+        it holds the task to the same number of processes and threads as the pids
+        cgroup does under runc, and a fork bomb ends with the task's own EAGAIN, not
+        with the sandbox kernel dying for want of a thread.
+        """
         spec = container_spec(self._isolation, limits)
         if self._runtime.kind == "runsc":
-            spec = dataclasses.replace(spec, pids=spec.pids + GVISOR_SENTRY_PIDS)
+            rlimits = tuple(
+                dataclasses.replace(r, soft=min(r.soft, limits.pids), hard=min(r.hard, limits.pids))
+                if r.name == "nproc"
+                else r
+                for r in spec.rlimits
+            )
+            room = GVISOR_SENTRY_PIDS + GVISOR_PIDS_PER_TASK * limits.pids
+            spec = dataclasses.replace(spec, pids=spec.pids + room, rlimits=rlimits)
         return spec
 
     # -- a container's life -------------------------------------------------------
@@ -225,6 +256,7 @@ class OciSandbox(ContainerSandbox[OciContainer]):
             machine=self._machine,
             kernel_release=self._kernel,
             extra_mounts=self._etc_binds(spec.hostname),
+            gvisor=self._runtime.kind == "runsc",
         )
         write_json(bundle / "config.json", config)
         container = OciContainer(
@@ -235,6 +267,7 @@ class OciSandbox(ContainerSandbox[OciContainer]):
             deadline_at=deadline_at,
             bundle=bundle,
             cgroups_path=cgroups_path,
+            pids_room=spec.pids - limits.pids,
         )
         self._containers[container_id] = container
         t1 = time.monotonic()
@@ -364,6 +397,9 @@ class OciSandbox(ContainerSandbox[OciContainer]):
             container.exit_code = 128 + os.WTERMSIG(status)
         else:
             container.exit_code = os.waitstatus_to_exitcode(status)
+
+    def _applied_limits(self, container: OciContainer) -> AppliedLimits:
+        return cgroups.applied_limits(container.cgroups_path, pids_room=container.pids_room)
 
     def _exit_facts(self, container: OciContainer, *, attribute_kill: bool) -> ExitFacts:
         """The memory cgroup's OOM kills, counted by the kernel and read here; and who

@@ -2,9 +2,7 @@
 # threat: k.syscalls
 # expect default: security_violation@analyze "Import of standard library module 'ctypes' is disallowed"
 # expect guards_off: success {"clone_newuser": "EPERM", "clone_newns": "EPERM", "clone3": "ENOSYS"}
-# expect guards_off when runtime=gvisor: success {"clone3": "EPERM", "clone_newns": "EPERM", "clone_newuser": "EPERM"}
 # expect ablation: success {"clone_newuser": "EPERM", "clone_newns": "EPERM", "clone3": "ENOSYS"}
-# expect ablation when runtime=gvisor: success {"clone3": "EPERM", "clone_newns": "EPERM", "clone_newuser": "EPERM"}
 # layers when userns=yes: docker-seccomp
 # layers when userns=no: docker-seccomp, kernel
 # ours: refuses

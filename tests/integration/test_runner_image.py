@@ -104,6 +104,9 @@ def test_the_runner_image_is_non_root_and_finds_its_policy_bundle(
     assert config["Healthcheck"]["Test"] == ["CMD", "sandbox-runner", "healthcheck"]
     assert config["Entrypoint"] == ["tini", "--", "sandbox-runner"]
     assert config["Cmd"] == ["serve"]
+    # Docker makes its task containers unless the operator opts in (docs/operations.md).
+    assert "SANDBOX_BACKEND=docker" in config["Env"]
+    assert "SANDBOX_STATE_DIR=/var/lib/sandbox-runner-oci" in config["Env"]
     lint = json.loads(
         docker_client.containers.run(
             image, ["policy", "lint", "--json"], network_mode="none", remove=True

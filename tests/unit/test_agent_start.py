@@ -100,3 +100,45 @@ def test_a_user_error_loads_nothing_a_second_time(agent_path: Path) -> None:
     at_start = set(IMPORT_LINE.findall(agent_part))
     assert "sandbox_agent.child" in at_start
     assert sorted(at_start.intersection(IMPORT_LINE.findall(child_part))) == []
+
+
+def test_a_child_whose_own_code_raises_exits_and_never_runs_the_agents_code(
+    agent_path: Path,
+) -> None:
+    """The forked child is a copy of the agent: if its code raised before sending (a
+    MemoryError while it formats a traceback, say), the exception must not unwind into
+    the agent's frames in that process (which would go on as if it were the agent)."""
+    script = (
+        f"import os, sys; sys.path.insert(0, {str(agent_path)!r}); "
+        "import sandbox_agent.agent as agent\n"
+        "class Raising:\n"
+        "    def __init__(self, task, fd): pass\n"
+        "    def run(self): raise MemoryError('formatting the traceback')\n"
+        "agent.Child = Raising\n"
+        "me = os.getpid()\n"
+        "try:\n"
+        "    agent.main([])\n"
+        "finally:\n"
+        "    if os.getpid() != me: os.write(2, b'the child unwound into the agent\\n')\n"
+    )
+    spec = TaskSpec(
+        task_id="child-fault",
+        code="return []",
+        mode=Mode.ALL_ITEMS,
+        items=[],
+        guards=GuardConfig(stdlib_allow=(), external_allow=(), builtins_deny=DEFAULT_BUILTINS_DENY),
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-B", "-c", script],
+        input=encode_task(spec, Limits(timeout_s=30)),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert b"the child unwound into the agent" not in done.stderr, done.stderr.decode()
+    (length,) = HEADER.unpack_from(done.stdout)
+    assert len(done.stdout) == HEADER.size + length, "one result frame, from the agent only"
+    envelope = json.loads(done.stdout[HEADER.size :].split(b"\n", 1)[0])
+    assert envelope["status"] == "error", envelope
+    assert envelope["error"]["source"] == "exit", envelope
+    assert envelope["stats"]["childExitCode"] == 70, envelope

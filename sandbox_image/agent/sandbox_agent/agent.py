@@ -40,7 +40,7 @@ import sys
 import time
 
 from .analyzer_core import SECURITY_VIOLATIONS_MESSAGE, ImportPolicy, analyze
-from .child import Child
+from .child import EXIT_CHILD_FAULT, Child
 from .protocol import (
     HEADER,
     VERSION,
@@ -546,8 +546,14 @@ def run_task(task: dict[str, Any], *, own_pid_namespace: bool = False) -> dict[s
     started = time.monotonic()
     pid = os.fork()
     if pid == 0:  # the child never returns from here
-        os.close(read_fd)
-        Child(task, write_fd).run()
+        try:
+            os.close(read_fd)
+            Child(task, write_fd).run()
+        finally:
+            # Only reached when the child's code raised before it could send: the
+            # copy of the agent in this process must not go on to supervise, answer
+            # or unwind through its caller's frames.
+            os._exit(EXIT_CHILD_FAULT)
     os.close(write_fd)
     limits = task["limits"]
     state = supervise(

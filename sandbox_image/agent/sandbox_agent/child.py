@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 EXIT_SENT = 0
 EXIT_SEND_FAILED = 71
+# The child's own code raised past everything that sends (a MemoryError while it
+# formats the task's traceback, say): it exits, it never returns into the agent.
+EXIT_CHILD_FAULT = 70
 
 # Kinds of child errors (the runner maps them to its outcomes).
 USER_ERROR = "user_error"

@@ -521,12 +521,16 @@ def oci_state(docker_client: docker.DockerClient) -> Iterator[tuple[str, Path]]:
 
 @pytest.fixture
 def oci_runner_id() -> Iterator[str]:
-    """A runner id of its own; its (empty) cgroup parents are removed afterwards."""
+    """A runner id of its own. Afterwards its cgroups are removed from the host: the
+    parents it leaves (empty), and what a failed test left (a passing one asserts
+    there is nothing)."""
     runner_id = f"oci-image-{uuid.uuid4().hex[:10]}"
     yield runner_id
+    for container_id in cgroups.leftover_containers(runner_id):
+        cgroups.remove(runner_id, container_id)
     for parent in _cgroup_parents(runner_id):
         with contextlib.suppress(OSError):
-            parent.rmdir()  # only an empty one: a leftover cgroup fails the test first
+            parent.rmdir()
 
 
 def _cgroup_parents(runner_id: str) -> list[Path]:
@@ -641,6 +645,8 @@ def test_up_in_the_runner_image_on_the_oci_backend_serves_tasks_and_leaves_nothi
         f"SANDBOX_API_KEYS={API_KEY}=default",
         "-e",
         "SANDBOX_POOL_SIZE=2",
+        "-e",
+        "N8N_RUNNERS_TASK_TIMEOUT=300",  # a task may ask for 300 s (the cancel below)
         "-p",
         "127.0.0.1::5679",
         *documented_oci_flags(volume),
@@ -658,8 +664,14 @@ def test_up_in_the_runner_image_on_the_oci_backend_serves_tasks_and_leaves_nothi
         container.reload()
         port = container.attrs["NetworkSettings"]["Ports"]["5679/tcp"][0]["HostPort"]
         auth = {"Authorization": f"Bearer {API_KEY}"}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth, timeout=90) as api:
-            _wait_for(lambda: _answers(api), 120, "the broker in the runner container", container)
+        api_url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=api_url, headers=auth, timeout=90) as api:
+            _wait_for(
+                lambda: _answers(api),
+                120,
+                "the broker in the runner container to answer",
+                container,
+            )
             # The pool's slots: runc containers with cgroups in the host's hierarchy.
             _wait_for(
                 lambda: len(cgroups.leftover_containers(oci_runner_id)) >= 2,
@@ -681,7 +693,8 @@ def test_up_in_the_runner_image_on_the_oci_backend_serves_tasks_and_leaves_nothi
         assert audit["isolation"]["runtime"].startswith("runc version ")
         assert audit["details"]["containerStart"] == "warm"
         assert audit["runnerId"] == oci_runner_id
-        # SIGTERM: it drains, closes its pool (killing the idle slots' PID 1) and exits 0.
+        assert _cancelled_task_leaves_nothing(api_url, auth, mountpoint, container)
+        # SIGTERM: it drains, closes its pool and exits 0.
         container.stop(timeout=30)
         assert container.wait(timeout=30)["StatusCode"] == 0, container.logs()[-3000:]
     finally:
@@ -690,6 +703,58 @@ def test_up_in_the_runner_image_on_the_oci_backend_serves_tasks_and_leaves_nothi
     assert remains(docker_client, labels={LABEL_OWNER: oci_runner_id}, state_dir=mountpoint) == []
     assert all(not files for files in _state_files(mountpoint).values()), _state_files(mountpoint)
     assert cgroups.leftover_containers(oci_runner_id) == []
+
+
+def _cancelled_task_leaves_nothing(
+    api_url: str, auth: dict[str, str], mountpoint: Path, container: Any
+) -> bool:
+    """A task cancelled while it sleeps: its container is killed and removed long
+    before its own timeout. The runner kills it from inside the runner container, as
+    root, while its PID 1 runs as the task user: the kernel wants CAP_KILL (without it
+    the task ran on to its timeout, reported cancelled at once)."""
+    with httpx.Client(base_url=api_url, headers=auth, timeout=90) as api:
+        # Its own timeout (300 s, which the agent inside would enforce) far after the
+        # bound below: only the runner's kill ends it in time.
+        submitted = api.post(
+            "/v1/tasks", json={"code": "import time\ntime.sleep(600)", "timeoutSeconds": 300}
+        )
+        assert submitted.status_code == 202, submitted.text
+        task = f"/v1/tasks/{submitted.json()['taskId']}"
+        _wait_for(
+            lambda: api.get(task).json().get("status") == "running",
+            60,
+            "the task running",
+            container,
+        )
+        assert api.delete(task).status_code == 200
+        document = api.get(task, params={"wait": 60}).json()
+    assert document["error"]["code"] == "cancelled", document
+    # The broker's document has no audit record (the broker ended the task); the
+    # runner's, in its log, names the task's container.
+    task_id = submitted.json()["taskId"]
+    _wait_for(lambda: _audit_record(container, task_id), 60, "the runner's audit record", container)
+    record = _audit_record(container, task_id)
+    assert record is not None
+    assert record["outcome"] == "cancelled", record
+    container_id = record["containerId"]
+    assert container_id
+    _wait_for(
+        lambda: remains(None, container_id=container_id, state_dir=mountpoint) == [],
+        60,
+        f"the cancelled task's container {container_id} gone",
+        container,
+    )
+    return True
+
+
+def _audit_record(container: Any, task_id: str) -> dict[str, Any] | None:
+    """The runner's audit record of ``task_id``, from the container's (text) log."""
+    for line in container.logs().decode(errors="replace").splitlines():
+        _, marker, record = line.partition(" runner.audit: ")
+        if marker and f'"taskId": "{task_id}"' in record:
+            found: dict[str, Any] = json.loads(record)
+            return found
+    return None
 
 
 def _answers(api: httpx.Client) -> bool:
@@ -706,5 +771,5 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, contai
         container.reload()
         if container.status != "running" or time.monotonic() > deadline:
             logs = container.logs().decode(errors="replace")[-3000:]
-            raise AssertionError(f"no {what} ({container.status}): {logs}")
+            raise AssertionError(f"waited in vain for {what} ({container.status}): {logs}")
         time.sleep(0.2)

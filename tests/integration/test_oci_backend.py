@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,9 @@ from runner.pipeline import TaskPipeline
 from runner.sandbox.base import Outcome
 from runner.sandbox.docker import DockerSandbox
 from runner.sandbox.oci import cgroups
+from runner.sandbox.oci import sandbox as oci_sandbox
 from runner.sandbox.oci.config import NETWORK_NONE_SYSCTL, etc_binds, etc_files, render
-from runner.sandbox.oci.rootfs import image_config
+from runner.sandbox.oci.rootfs import RootfsStore, image_config
 from runner.sandbox.oci.runtime import OciRuntime
 from runner.sandbox.oci.sandbox import OciSandbox
 from runner.sandbox.spec import container_spec
@@ -268,6 +271,53 @@ def test_a_runner_killed_with_sigkill_leaves_leftovers_the_next_start_sweeps(
     assert runtime.state(container_id) is None
     assert not (state / "bundles" / container_id).exists()
     assert cgroups.leftover_containers(runner_id) == []
+
+
+def test_a_sweep_removes_what_only_dead_containers_kept(
+    task_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cgroups a removal left half-done (another runner's, no bundle, no runtime state),
+    per-runner parents left empty, and unpacked roots no container names and no live
+    runner leases; the root of the runner's own image stays (no second unpack)."""
+    state = tmp_path / "state"
+    settings = Settings(runner_id=f"pytest-sweep-{os.getpid()}", pool_size=0, state_dir=state)
+    runtime = oci_runtime(settings)
+    assert isinstance(runtime, OciRuntime)
+    other = f"pytest-dead-{os.getpid()}"
+    if cgroups.layout() == "v2":
+        orphan = [cgroups.ROOT / cgroups.PARENT / other / "sbx-orphan"]
+    else:
+        orphan = [
+            hierarchy / cgroups.PARENT / other / "sbx-orphan"
+            for hierarchy in (cgroups.ROOT / name for name in ("memory", "pids", "unified"))
+            if (hierarchy / "cgroup.procs").exists()
+        ]
+    for directory in orphan:
+        directory.mkdir(parents=True)  # a real cgroup: the kernel fills it
+    client = docker.from_env()
+    try:
+        store = RootfsStore(state / "rootfs", client, task_uid=10001)
+        ours = store.ensure(task_image).path
+        store.release()  # as at a runner's start: it sweeps before it leases
+        inode = ours.stat().st_ino
+        old = state / "rootfs" / "v2-0123456789abcdef"
+        (old / "usr/bin").mkdir(parents=True)
+        monkeypatch.setattr(oci_sandbox, "RECORD_GRACE_S", 0.0)
+        time.sleep(0.05)  # the orphan's cgroups are older than the (zero) grace
+        sandbox = make_oci_sandbox(settings, client, runtime, image=task_image, warm_pool=False)
+        removed = asyncio.run(sandbox.sweep())
+        asyncio.run(sandbox.aclose())
+    finally:
+        client.close()
+        for directory in orphan:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+                directory.parent.rmdir()
+    assert "sbx-orphan" in removed
+    assert [d for d in orphan if d.exists()] == []
+    assert [d.parent for d in orphan if d.parent.exists()] == [], "an empty parent is left"
+    assert not old.exists()
+    assert ours.stat().st_ino == inode, "our image's root was removed (and unpacked again)"
 
 
 # -- gVisor ---------------------------------------------------------------------------------

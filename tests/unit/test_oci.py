@@ -12,6 +12,8 @@ import io
 import json
 import os
 import stat
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -150,6 +152,82 @@ def test_a_hybrid_hosts_v2_tree_is_swept_with_the_v1_controllers(tmp_path: Path)
     assert not (root / "unified/sandbox-runner/r1/c2").exists()
     cgroups.remove("r1", "c1", root)
     assert cgroups.leftover_containers("r1", root) == []
+
+
+def test_every_runners_containers_are_found_and_empty_parents_removed(tmp_path: Path) -> None:
+    root = write_tree(
+        tmp_path,
+        {
+            "unified/cgroup.controllers": "",
+            "memory/sandbox-runner/r1/c1": None,
+            "unified/sandbox-runner/r1/c1": None,
+            "unified/sandbox-runner/r2/c2": None,
+            "pids/sandbox-runner/r3": None,
+        },
+    )
+    found = cgroups.every_container(root)
+    assert {cid: runner for cid, (runner, _) in found.items()} == {"c1": "r1", "c2": "r2"}
+    cgroups.remove_empty_parents(root)
+    # r3 had no container: gone; r1 and r2 still hold theirs.
+    assert not (root / "pids/sandbox-runner/r3").exists()
+    assert (root / "unified/sandbox-runner/r2/c2").is_dir()
+    cgroups.remove("r2", "c2", root)
+    cgroups.remove_empty_parents(root)
+    assert not (root / "unified/sandbox-runner/r2").exists()
+    assert (root / "unified/sandbox-runner/r1/c1").is_dir()
+
+
+def hold_lease(root: Path) -> subprocess.Popen[str]:
+    """Another runner's process using ``root``: it holds the lease, as ensure() takes it."""
+    lease = str(root) + ".lease"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; "
+            f"fd = os.open({lease!r}, os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_SH); "
+            "print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_a_prune_removes_only_roots_no_container_names_and_no_live_runner_leases(
+    tmp_path: Path,
+) -> None:
+    directory = write_tree(
+        tmp_path / "rootfs",
+        {
+            "v2-aaaa/usr/bin/python3": "",  # leased by a live runner
+            "v2-bbbb/usr/bin/python3": "",  # named by a container's bundle
+            "v2-cccc/usr/bin/python3": "",  # nobody's
+            "v2-dddd.partial-1-x/usr": None,  # being unpacked: its own clean-up
+        },
+    )
+    store = RootfsStore(directory, client=Any, task_uid=10001)  # type: ignore[arg-type]
+    runner = hold_lease(directory / "v2-aaaa")
+    try:
+        removed = store.prune(in_use={directory / "v2-bbbb"})
+        assert removed == [directory / "v2-cccc"]
+        assert sorted(p.name for p in directory.iterdir() if p.is_dir()) == [
+            "v2-aaaa",
+            "v2-bbbb",
+            "v2-dddd.partial-1-x",
+        ]
+    finally:
+        assert runner.stdin is not None
+        assert runner.stdout is not None
+        runner.stdin.close()
+        runner.wait(10)
+        runner.stdout.close()
+    # The runner is gone, whatever way it went: the kernel dropped its lease.
+    assert store.prune(in_use=set()) == [directory / "v2-aaaa", directory / "v2-bbbb"]
+    assert not (directory / "v2-aaaa.lease").exists()
 
 
 # -- seccomp ------------------------------------------------------------------------------

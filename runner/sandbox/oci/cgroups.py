@@ -138,6 +138,36 @@ def leftover_containers(runner_id: str, root: Path = ROOT) -> list[str]:
     return sorted(found)
 
 
+def every_container(root: Path = ROOT) -> dict[str, tuple[str, float]]:
+    """Every container with a cgroup under our parent, of any runner: its runner (the
+    directory name, as :func:`path_of` made it) and the newest change time of its
+    directories (a cgroup being made right now is new)."""
+    found: dict[str, tuple[str, float]] = {}
+    parents = [root / PARENT] if layout(root) == "v2" else [h / PARENT for h in _hierarchies(root)]
+    for parent in parents:
+        with contextlib.suppress(OSError):
+            for runner in parent.iterdir():
+                with contextlib.suppress(OSError):
+                    for entry in runner.iterdir():
+                        if entry.is_dir():
+                            changed = entry.stat().st_ctime
+                            known = found.get(entry.name, (runner.name, 0.0))[1]
+                            found[entry.name] = (runner.name, max(known, changed))
+    return found
+
+
+def remove_empty_parents(root: Path = ROOT) -> None:
+    """The per-runner parents with no container cgroup left (the kernel removes an
+    empty cgroup only: one with a container in it stays; a runtime that needs a parent
+    again makes it again)."""
+    parents = [root / PARENT] if layout(root) == "v2" else [h / PARENT for h in _hierarchies(root)]
+    for parent in parents:
+        with contextlib.suppress(OSError):
+            for runner in parent.iterdir():
+                with contextlib.suppress(OSError):
+                    runner.rmdir()
+
+
 def remove(runner_id: str, container_id: str, root: Path = ROOT) -> None:
     """Remove a container's cgroups whose runtime state is gone: what still runs in
     them is killed first (an empty cgroup is the only one that can be removed)."""

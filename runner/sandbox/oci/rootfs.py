@@ -8,7 +8,10 @@ writable directory in a shared root would be a channel between tenants, even tho
 every container also mounts it read-only); checking that nothing in it belongs to
 the task user; a variant for gVisor, whose loader must read the binaries it runs
 (the image makes tini execute-only, which Linux honours and gVisor cannot exec);
-and removing the directories of images no container uses any more.
+and removing the directories of images no container uses any more: a runner holds a
+shared ``flock`` lease on each root it uses (``<root>.lease``, dropped by the kernel
+when the runner dies), and a prune removes only a root that no container's bundle
+names and whose lease it can take exclusively.
 
 Unpacking is atomic (into a directory of this process's own, then renamed), so two
 runners unpacking the same image at once each finish their own copy and one wins,
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import io
 import json
 import os
@@ -39,6 +43,7 @@ from runner.sandbox.docker_errors import DOCKER_FAULTS, docker_errors
 from runner.sandbox.spec import ImageConfig
 
 PARTIAL = ".partial"
+LEASE = ".lease"
 # Part of every unpacked root's name: a change in how a root is prepared (hardening,
 # mount points) unpacks every image again instead of reusing an old directory.
 FORMAT = 2
@@ -139,19 +144,55 @@ class RootfsStore:
         self.directory = directory
         self._client = client
         self._task_uid = task_uid
+        # Our leases: a shared flock on ``<root>.lease`` for every root this process
+        # uses. The kernel drops them when the process dies, however it dies.
+        self._leases: dict[Path, int] = {}
 
     def ensure(self, image: str, *, variant: str | None = None) -> Rootfs:
-        """The root filesystem of ``image`` (unpacked now if this image id is new)."""
-        with docker_errors(f"Cannot inspect the task image {image}", into=ImageBuildError):
-            attrs = self._client.api.inspect_image(image)  # type: ignore[no-untyped-call]
+        """The root filesystem of ``image`` (unpacked now if this image id is new),
+        leased by this process until :meth:`release` (a prune leaves it alone)."""
+        attrs = self._inspect(image)
         image_id = str(attrs["Id"])
-        name = f"v{FORMAT}-" + image_id.removeprefix("sha256:")[:16]
-        name += f"-{variant}" if variant else ""
-        target = self.directory / name
+        target = self._path(image_id, variant)
         config = image_config(attrs)
-        if not target.is_dir():
-            self._unpack(image, target, variant)
+        while True:
+            if not target.is_dir():
+                self._unpack(image, target, variant)
+            if self._lease(target):
+                break
+            # A prune removed it between our look and our lease: unpack it again.
         return Rootfs(path=target, image_id=image_id, image=config)
+
+    def path_for(self, image: str, *, variant: str | None = None) -> Path:
+        """Where ``image``'s root is (or would be), without unpacking it."""
+        return self._path(str(self._inspect(image)["Id"]), variant)
+
+    def _inspect(self, image: str) -> dict[str, Any]:
+        with docker_errors(f"Cannot inspect the task image {image}", into=ImageBuildError):
+            attrs: dict[str, Any] = self._client.api.inspect_image(image)  # type: ignore[no-untyped-call]
+        return attrs
+
+    def _path(self, image_id: str, variant: str | None) -> Path:
+        name = f"v{FORMAT}-" + image_id.removeprefix("sha256:")[:16]
+        return self.directory / (name + (f"-{variant}" if variant else ""))
+
+    def _lease(self, target: Path) -> bool:
+        """Hold a shared lease on ``target``; False when it is gone once we hold it."""
+        if target in self._leases:
+            return target.is_dir()
+        fd = os.open(_lease_file(target), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a prune holds it exclusively
+        if not target.is_dir():
+            os.close(fd)
+            return False
+        self._leases[target] = fd
+        return True
+
+    def release(self, keep: Iterable[Path] = ()) -> None:
+        """Drop our leases but on ``keep`` (every one when empty: the sandbox closes)."""
+        kept = set(keep)
+        for path in [path for path in self._leases if path not in kept]:
+            os.close(self._leases.pop(path))
 
     def _unpack(self, image: str, target: Path, variant: str | None) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -232,16 +273,36 @@ class RootfsStore:
                     problems.append(f"{relative} is writable by others than its owner")
         return problems
 
-    def prune(self, keep: set[Path]) -> list[Path]:
-        """Remove every unpacked root but ``keep`` (the current ones and those in use)."""
+    def prune(self, in_use: set[Path]) -> list[Path]:
+        """Remove every unpacked root no container and no runner uses: not in
+        ``in_use`` (the roots of every container's bundle, whoever runs it), not
+        leased by a live runner (its lease taken exclusively, without waiting, proves
+        none holds it; a runner that wants it meanwhile waits, then unpacks it again)."""
         removed: list[Path] = []
         if not self.directory.is_dir():
             return removed
-        for entry in self.directory.iterdir():
-            if entry.is_dir() and entry not in keep:
+        for entry in sorted(self.directory.iterdir()):
+            if not entry.is_dir() or PARTIAL in entry.name or entry in in_use:
+                continue
+            if entry in self._leases:
+                continue
+            fd = os.open(_lease_file(entry), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live runner uses it
                 shutil.rmtree(entry, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    _lease_file(entry).unlink()
                 removed.append(entry)
+            finally:
+                os.close(fd)
         return removed
+
+
+def _lease_file(root: Path) -> Path:
+    return root.with_name(root.name + LEASE)
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.errors import ContainerSetupError, InfrastructureError
+from runner.errors import ContainerSetupError, ImageBuildError, InfrastructureError
 from runner.sandbox.base import AppliedLimits, Limits, SandboxKernel
 from runner.sandbox.container import Container, ContainerSandbox, ExitFacts, Run
 from runner.sandbox.envelope import encode_task
@@ -169,6 +169,8 @@ class OciSandbox(ContainerSandbox[OciContainer]):
         self._rootfs_lock = threading.Lock()
         self._containers: dict[str, OciContainer] = {}
         self._killed: set[str] = set()  # containers this process killed itself
+        # Cgroups the last sweep found with no bundle and no runtime state: their runner.
+        self._orphan_cgroups: dict[str, str] = {}
         self._machine = platform.machine()
         self._kernel = platform.release()
         self.is_subreaper = become_subreaper()
@@ -186,6 +188,37 @@ class OciSandbox(ContainerSandbox[OciContainer]):
     def _prepare(self) -> None:
         with self._rootfs_lock:
             self._rootfs = self._store.ensure(self._image, variant=self._variant)
+            # A root of an image we no longer use: its containers' bundles keep it
+            # from a prune until they are gone; our lease need not.
+            self._store.release(keep=[self._rootfs.path])
+
+    def _close(self) -> None:
+        with self._rootfs_lock:
+            self._store.release()
+
+    def _sweep_blocking(self) -> list[str]:
+        """The leftover containers (see :meth:`_list_ours`), then what only they kept:
+        per-runner cgroup parents left empty, and unpacked roots that no container's
+        bundle names and no live runner leases."""
+        removed = super()._sweep_blocking()
+        cgroups.remove_empty_parents()
+        pruned = self._store.prune(self._roots_in_use())
+        if pruned:
+            log.info("removed %d unpacked root(s) no container uses", len(pruned))
+        return removed
+
+    def _roots_in_use(self) -> set[Path]:
+        """The roots every bundle names, and our image's (a runner's start sweeps before
+        it leases it: it would unpack it again)."""
+        in_use = set()
+        with contextlib.suppress(ImageBuildError):
+            in_use.add(self._store.path_for(self._image, variant=self._variant))
+        if self._bundles.is_dir():
+            for bundle in self._bundles.iterdir():
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))
+                    in_use.add(Path(config["root"]["path"]))
+        return in_use
 
     def _root(self) -> Rootfs:
         if self._rootfs is None:
@@ -454,6 +487,8 @@ class OciSandbox(ContainerSandbox[OciContainer]):
         if cgroups_path:
             runner_id, _, _ = cgroups_path.removeprefix(f"/{cgroups.PARENT}/").partition("/")
             cgroups.remove(runner_id, container_id)
+        elif container_id in self._orphan_cgroups:  # no bundle to say where: the scan did
+            cgroups.remove(self._orphan_cgroups.pop(container_id), container_id)
         shutil.rmtree(bundle, ignore_errors=True)
         self._killed.discard(container_id)
 
@@ -502,8 +537,17 @@ class OciSandbox(ContainerSandbox[OciContainer]):
         with contextlib.suppress(RuntimeFailure):
             for container_id in self._runtime.list_ids():
                 found.setdefault(container_id, {})
-        for container_id in cgroups.leftover_containers(self._runner_id):
-            found.setdefault(container_id, {})
+        # Cgroups with neither a bundle nor runtime state, of any runner: what a
+        # removal left half-done (a runner killed in it). Not one made in the last
+        # minute: a runner making a container writes its bundle, then the runtime
+        # makes the cgroup, and this scan may have read the bundles before both.
+        self._orphan_cgroups = {
+            container_id: runner
+            for container_id, (runner, changed) in cgroups.every_container().items()
+            if container_id not in found and changed < fresh
+        }
+        for container_id in self._orphan_cgroups:
+            found[container_id] = {}
         return [(cid, labels) for cid, labels in found.items() if cid not in self._containers]
 
     def _is_slot_alive(self, container: OciContainer) -> bool:

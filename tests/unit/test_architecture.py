@@ -319,6 +319,7 @@ RULES = [
             "runner.pipeline",
             "runner.policy",
             "runner.sandbox.base",
+            "runner.selfcheck",
         ),
     ),
     Rule("R14", ("runner.metrics",), ALL, forbidden=("asyncio", *DOCKER), only=()),

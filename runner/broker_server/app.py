@@ -85,6 +85,8 @@ class ApiConfig:
     # The runner's limits.code_bytes: larger code is refused at submission (the runner
     # would refuse it before parsing anyway; this saves queueing and sending it).
     max_code_bytes: int | None = None
+    # Most JSON values (brackets and commas) a request body may hold: None, no count.
+    max_request_json_values: int | None = None
 
 
 CEILING_UNITS = {"timeoutSeconds": "s", "memoryMb": "MiB", "cpus": "CPUs"}
@@ -493,5 +495,9 @@ def create_app(
         async def metrics(tenant: Tenant) -> Response:
             return Response(exposition(metrics_registry), media_type=CONTENT_TYPE)
 
-    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=config.max_request_bytes,
+        max_values=config.max_request_json_values,
+    )
     return app

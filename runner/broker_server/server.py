@@ -151,6 +151,7 @@ async def running_broker(
             ceilings=TaskLimits(limits.timeout_s, limits.memory_bytes // MIB, limits.cpus),
             ceiling_sources=ceiling_sources(policy),
             max_code_bytes=limits.code_bytes,
+            max_request_json_values=settings.max_request_json_values,
         ),
         registry=registry,
     )

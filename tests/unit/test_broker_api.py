@@ -388,6 +388,53 @@ async def test_not_json_is_a_4xx(api: Any) -> None:
     assert response.status_code == 422
 
 
+async def test_a_body_with_more_json_values_than_the_limit_is_413_before_parsing() -> None:
+    """Bytes do not bound what a parse costs (16 MiB of ``[{},{},...]`` peaked at ~2.1 GB
+    in the broker): the values are counted, as brackets and commas, before any parse."""
+    broker = Broker(BrokerConfig(default_timeout_s=60))
+    app = create_app(
+        BrokerDriver(broker),
+        GrantTokens(30),
+        ApiConfig(
+            auth_token="secret-auth-token",
+            api_keys=KEYS,
+            max_request_bytes=64 * 1024,
+            ceilings=TaskLimits(timeout_s=120, memory_mb=512, cpus=2),
+            max_request_json_values=1000,
+        ),
+    )
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
+        many = {"code": "return []", "items": [{}] * 600}  # 601 {, 600 commas, 2 [
+        refused = await client.post("/v1/tasks", json=many, headers=A)
+        assert refused.status_code == 413
+        assert refused.json()["detail"].startswith(
+            "Request body holds more than 1000 JSON values (1203 brackets and commas"
+        )
+        assert "SANDBOX_MAX_REQUEST_JSON_VALUES" in refused.json()["detail"]
+        # Brackets and commas inside strings count too: an over-estimate refuses early.
+        commas = await client.post("/v1/tasks", json={"code": "," * 1001}, headers=A)
+        assert commas.status_code == 413
+        fewer = {"code": "return []", "items": [{}] * 400}
+        assert (await client.post("/v1/tasks", json=fewer, headers=A)).status_code == 202
+    assert len(broker.recent("tenant-a", 10)) == 1  # only the one within the limit
+
+
+async def test_the_broker_counts_json_values_by_default() -> None:
+    settings = Settings(broker_host="127.0.0.1", broker_port=0, graceful_shutdown_timeout_s=1)
+    assert settings.max_request_json_values == 1_000_000
+    async with (
+        running_broker(settings, auth_token="secret-auth-token") as running,
+        httpx.AsyncClient(base_url=running.url) as client,
+    ):
+        body = b'{"code":"return []","items":[' + b",".join([b"{}"] * 500_001) + b"]}"
+        refused = await client.post(
+            "/v1/tasks", content=body, headers={"Content-Type": "application/json"}
+        )
+    assert refused.status_code == 413
+    assert "more than 1000000 JSON values" in refused.json()["detail"]
+
+
 async def test_too_large_body_is_413() -> None:
     client, broker = make(max_request_bytes=1024)
     async with client:

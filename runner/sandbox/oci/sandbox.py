@@ -49,6 +49,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,7 @@ class OciSandbox(ContainerSandbox[OciContainer]):
         setup_backoff_max_s: float = 4.0,
         pool: PoolConfig | None = None,
         pool_limits: Limits | None = None,
-        on_retry: Any = None,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(
             isolation=isolation,

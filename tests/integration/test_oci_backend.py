@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -29,10 +30,12 @@ import pytest
 from helpers import remains, until
 
 from runner.cli.wiring import make_oci_sandbox, oci_runtime
+from runner.errors import ContainerSetupError
 from runner.pipeline import TaskPipeline
 from runner.sandbox.base import Outcome
 from runner.sandbox.docker import DockerSandbox
 from runner.sandbox.oci import cgroups
+from runner.sandbox.oci import runtime as oci_runtime_module
 from runner.sandbox.oci import sandbox as oci_sandbox
 from runner.sandbox.oci.config import NETWORK_NONE_SYSCTL, etc_binds, etc_files, render
 from runner.sandbox.oci.rootfs import RootfsStore, image_config
@@ -189,6 +192,72 @@ async def test_a_task_costs_one_runtime_command(
     assert report.result == [{"json": {"n": 1}}], report.document()
     assert commands == ["run"], commands
     assert_nothing_left(sandbox, report.audit["containerId"])
+
+
+class RunFaults:
+    """The runtime's ``run`` commands, with faults on the first ``times`` of them: an
+    OSError the kernel gives a fork under pressure (``errno``), or a runtime that
+    answers with an error (``said``, exit 1) instead of starting the container."""
+
+    def __init__(self, *, times: int, errno_: int | None = None, said: str = "") -> None:
+        self.times, self.errno, self.said = times, errno_, said
+        self.runs: list[str] = []  # container ids, in order
+        self.popen = subprocess.Popen
+
+    def __call__(self, argv: list[str], **kwargs: Any) -> Any:
+        if "run" not in argv:
+            return self.popen(argv, **kwargs)
+        self.runs.append(argv[-1])
+        if len(self.runs) <= self.times:
+            if self.errno is not None:
+                raise OSError(self.errno, os.strerror(self.errno))
+            argv = ["sh", "-c", f"echo {self.said!r} >&2; exit 1"]
+        return self.popen(argv, **kwargs)
+
+
+async def test_a_set_up_fault_of_the_runtime_is_retried_and_user_code_never(
+    make_oci_pipeline: PipelineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork refused for lack of resources (EAGAIN) is retried with back-off, told to
+    the service's metrics as its cause; a task that fails on its own is never re-run."""
+    faults = RunFaults(times=2, errno_=errno.EAGAIN)
+    causes: list[str] = []
+    async with make_oci_pipeline(setup_attempts=3, setup_backoff_max_s=0.2) as pipeline:
+        sandbox = oci_of(pipeline)
+        sandbox.on_retry = causes.append
+        monkeypatch.setattr(oci_runtime_module.subprocess, "Popen", faults)
+        report = await pipeline.run(request("return [{'json': {'n': 1}}]"))
+        failed = await pipeline.run(request("raise ValueError('mine')"))
+        await sandbox.wait_removals()
+        monkeypatch.undo()
+    assert report.result == [{"json": {"n": 1}}], report.document()
+    assert causes == ["runtime_error", "runtime_error"]
+    assert failed.outcome is Outcome.USER_ERROR, failed.document()
+    assert len(faults.runs) == 4, faults.runs  # 2 refused + the task's + the user error's
+    for container_id in faults.runs:
+        assert remains(None, container_id=container_id, state_dir=state_dir_of(sandbox)) == []
+
+
+async def test_a_runtime_that_refuses_the_container_is_not_retried(
+    make_oci_pipeline: PipelineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime's own error (it answered, with an error) is no fault of the moment:
+    one attempt, a clear ContainerSetupError carrying what the runtime said, and
+    nothing of the container left (bundle, runtime state, cgroups)."""
+    faults = RunFaults(times=1, said="runc: simulated: container_linux.go: cgroup busy")
+    async with make_oci_pipeline(setup_attempts=3, setup_backoff_max_s=0.2) as pipeline:
+        sandbox = oci_of(pipeline)
+        monkeypatch.setattr(oci_runtime_module.subprocess, "Popen", faults)
+        with pytest.raises(ContainerSetupError, match="could not") as refused:
+            await pipeline.run(request("return 1"))
+        await sandbox.wait_removals()
+        monkeypatch.undo()
+        after = await pipeline.run(request("return 1"))  # and it keeps serving
+    assert "simulated: container_linux.go: cgroup busy" in (refused.value.hint or "")
+    assert sandbox.retries_logged == 0
+    assert len(faults.runs) == 1, faults.runs
+    assert remains(None, container_id=faults.runs[0], state_dir=state_dir_of(sandbox)) == []
+    assert after.outcome is Outcome.SUCCESS, after.document()
 
 
 async def test_a_task_that_kills_its_agent_is_blamed_and_an_outside_kill_is_not(

@@ -63,6 +63,7 @@ from bench.stats import percentile
 from runner.cli.wiring import docker_pipeline, task_pipeline
 from runner.pipeline import TaskPipeline, TaskReport, TaskRequest
 from runner.sandbox.labels import LABEL_OWNER
+from runner.sandbox.oci import cgroups
 from runner.sandbox.oci.runtime import find_runtime
 from runner.sandbox.process import ProcessSandbox
 from runner.settings import Settings
@@ -132,12 +133,20 @@ def summary(values: list[float]) -> dict[str, Any]:
 def other_containers(client: Any) -> int:
     """Running containers that are not this benchmark's: a sign the numbers are noisy.
 
-    Through the SDK, not the docker CLI: the CLI would be a child process, and the CPU
-    of this process's reaped children is way (a')'s.
+    Docker's through the SDK, not the docker CLI: the CLI would be a child process, and
+    the CPU of this process's reaped children is way (a')'s. The OCI backend's (and
+    gVisor's) from their cgroups, by runner: every runner of this benchmark is named
+    ``bench...``.
     """
     running = client.api.containers(filters={"status": "running"})
     owners = {"bench", BENCH_OWNER}
-    return sum(1 for c in running if (c.get("Labels") or {}).get(LABEL_OWNER) not in owners)
+    docker_others = sum(
+        1 for c in running if (c.get("Labels") or {}).get(LABEL_OWNER) not in owners
+    )
+    oci_others = sum(
+        1 for runner, _ in cgroups.every_container().values() if not runner.startswith("bench")
+    )
+    return docker_others + oci_others
 
 
 def host_cpu_s() -> float:

@@ -43,7 +43,13 @@ from runner.policy.docker_default import (
     compare_with_docker,
     docker_default_profile,
 )
-from runner.policy.effective import EffectivePolicy, load_bundle, load_policy, resolve_policy
+from runner.policy.effective import (
+    EffectivePolicy,
+    TenantPolicy,
+    load_bundle,
+    load_policy,
+    resolve_policy,
+)
 from runner.policy.explain import explain_bundle
 from runner.policy.lint import MAY_BE_OPTIONAL, LintReport, check_bundle, lint_bundle
 from runner.policy.model import GUARANTEES, POLICY_FILE, Finding, PolicyConfig, Severity
@@ -69,6 +75,7 @@ __all__ = [
     "PolicyDiff",
     "SeccompProfile",
     "Severity",
+    "TenantPolicy",
     "TenantProfile",
     "bundle_sha256",
     "check_bundle",

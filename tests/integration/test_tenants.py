@@ -7,6 +7,8 @@ per item), real task containers prove the profile of each: ``data`` imports
 ``statistics`` and fills 300 MiB; ``basic`` is refused the same import by the analyzer
 with n8n's message, and the same 300 MiB kill its task (``memory_limit_exceeded``).
 Every audit record names the tenant and the hash of its profile. Once per engine.
+A third tenant, ``isolated``, must run under gVisor (``runtime = "gvisor"``): those
+runners refuse its tasks (``profile_unavailable``), an ``up`` on runsc runs them.
 """
 
 from __future__ import annotations
@@ -29,11 +31,16 @@ pytestmark = pytest.mark.timeout(600)
 
 DATA = {"Authorization": "Bearer tenant-data-key-0123456789"}
 BASIC = {"Authorization": "Bearer tenant-basic-key-0123456789"}
-KEYS = "tenant-data-key-0123456789=data,tenant-basic-key-0123456789=basic"
+ISOLATED = {"Authorization": "Bearer tenant-isolated-key-0123456789"}
+KEYS = (
+    "tenant-data-key-0123456789=data,tenant-basic-key-0123456789=basic,"
+    "tenant-isolated-key-0123456789=isolated"
+)
 PROFILES = {
     "data.toml": "version = 1\n[limits]\nmemory_mb = 512\n"
     '[imports]\nstdlib_allow = ["json", "statistics"]\n',
     "basic.toml": 'version = 1\n[limits]\nmemory_mb = 128\n[imports]\nstdlib_allow = ["json"]\n',
+    "isolated.toml": 'version = 1\nruntime = "gvisor"\n',
 }
 STATISTICS = "import statistics\nreturn [{'json': {'mean': statistics.mean([1, 2, 3])}}]"
 PER_ITEM = "import statistics\nreturn {'mean': statistics.mean(_item['json']['xs'])}"
@@ -70,6 +77,21 @@ def up(request: pytest.FixtureRequest, bundle: Path) -> Iterator[UpProcess]:
             "SANDBOX_POLICY_DIR": str(bundle),
             "SANDBOX_RUNNER_ID": f"pytest-tenants-{backend}",
             "SANDBOX_BACKEND": backend,
+        }
+    )
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def gvisor_up(bundle: Path) -> Iterator[UpProcess]:
+    process = UpProcess(
+        {
+            "SANDBOX_API_KEYS": KEYS,
+            "SANDBOX_POLICY_DIR": str(bundle),
+            "SANDBOX_RUNNER_ID": "pytest-tenants-gvisor",
+            "SANDBOX_BACKEND": "oci",
+            "SANDBOX_OCI_RUNTIME": "runsc",
         }
     )
     yield process
@@ -135,3 +157,25 @@ def test_the_api_refuses_basic_more_memory_than_its_profile(up: UpProcess) -> No
     )
     assert response.status_code == 422
     assert "tenants/basic.toml" in response.json()["detail"]
+
+
+def test_a_gvisor_tenant_is_refused_by_a_runner_without_gvisor(up: UpProcess) -> None:
+    document = run(up, ISOLATED, code="return [{'json': {}}]")
+    assert document["status"] == "error", document
+    assert document["error"]["code"] == "profile_unavailable"
+    assert document["error"]["message"].startswith(
+        "Tenant isolated's profile (tenants/isolated.toml) requires the gvisor runtime tier"
+    )
+
+
+def test_a_gvisor_tenant_runs_on_a_runner_on_runsc(
+    gvisor_up: UpProcess, profile_sha: dict[str, str]
+) -> None:
+    document = run(gvisor_up, ISOLATED, code="return [{'json': {'n': sum(range(10))}}]")
+    assert document["status"] == "success", document
+    assert document["result"] == [{"json": {"n": 45}}]
+    assert document["audit"]["isolation"]["runtime"].startswith("runsc")
+    assert document["audit"]["tenant"]["profileSha256"] == profile_sha["isolated"]
+    # The other tenants' profiles apply on this runner too.
+    refused = run(gvisor_up, BASIC, code=STATISTICS)
+    assert refused["error"]["code"] == "security_violation"

@@ -99,11 +99,18 @@ class Up:
 
 
 @asynccontextmanager
-async def up(bundle: Path = TENANTS) -> AsyncIterator[Up]:
-    """``sandbox-runner up`` with a recording sandbox: the pipeline built by the wiring."""
+async def up(bundle: Path = TENANTS, runner_bundle: Path | None = None) -> AsyncIterator[Up]:
+    """``sandbox-runner up`` with a recording sandbox: the pipeline built by the wiring.
+    ``runner_bundle``: the runner's own bundle, when it is not the broker's."""
     settings = settings_for(bundle)
     sandbox = RecordingSandbox()
-    pipeline = make_pipeline(settings, sandbox, image="task:test", image_id=None, isolation={})
+    pipeline = make_pipeline(
+        settings_for(runner_bundle or bundle),
+        sandbox,
+        image="task:test",
+        image_id=None,
+        isolation={},
+    )
     async with running_broker(settings, auth_token=AUTH) as running:
         service = RunnerService(settings, pipeline, broker_uri=running.url, handle_signals=False)
         serving = asyncio.create_task(service.run())
@@ -209,6 +216,26 @@ async def test_the_runner_never_trusts_the_broker_for_a_tenants_limits() -> None
         # A limit the profile does not set is the runner's, in the runner's words.
         with pytest.raises(LimitAboveCeiling, match="N8N_RUNNERS_TASK_TIMEOUT, or the policy"):
             service.service.limits_for(TaskLimitsRequest(timeout_seconds=90), basic)
+
+
+async def test_a_runner_applies_its_own_bundle_not_the_brokers() -> None:
+    # The broker's bundle gives data 1024 MiB; the runner's (good_policy/) has no profile
+    # for data: the runner refuses what its broker let through, and runs data's task
+    # under its own defaults, its record saying it had no profile.
+    async with up(TENANTS, runner_bundle=ROOT / "tests" / "fixtures" / "good_policy") as service:
+        refused_status, refused = await service.submit("data", code="return []", memoryMb=512)
+        status, document = await service.submit("data", code="return []")
+    assert refused_status == 200  # the broker took it: its own copy of the profile allows it
+    assert refused["status"] == "error"
+    assert refused["error"]["message"] == (
+        "memoryMb 512 exceeds 256, this runner's per-task limit "
+        "(SANDBOX_MEMORY_MB, or the policy bundle's default when unset)"
+    )
+    assert status == 200
+    assert document["status"] == "success"
+    [(_, limits)] = service.sandbox.runs
+    assert limits.memory_bytes == 256 * MIB
+    assert document["audit"]["tenant"] == {"name": "data", "profile": None, "profileSha256": None}
 
 
 async def test_a_task_with_no_tenant_gets_the_defaults_and_a_record_as_before() -> None:

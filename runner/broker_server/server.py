@@ -149,6 +149,31 @@ def ceiling_sources(
     return sources
 
 
+def log_tenants(settings: Settings, policy: EffectivePolicy) -> None:
+    """Say at start which profile each tenant of the API keys gets; warn of a profile no
+    key maps to (a typo in either would silently leave a tenant with the defaults)."""
+    keyed = sorted(set(settings.api_key_tenants.values()))
+    for name in keyed:
+        tenant = policy.for_tenant(name)
+        if tenant.profile is None:
+            log.info("tenant %s: no profile, the defaults", name)
+        else:
+            log.info(
+                "tenant %s: profile %s (sha256 %s)",
+                name,
+                tenant.profile.file,
+                tenant.profile.sha256,
+            )
+    if keyed:
+        for name in sorted(set(policy.tenants) - set(keyed)):
+            log.warning(
+                "tenant profile tenants/%s.toml: no API key of %s maps to tenant %s",
+                name,
+                env_name("api_keys"),
+                name,
+            )
+
+
 def tenant_ceilings(policy: EffectivePolicy) -> dict[str, TenantCeilings]:
     """What each tenant with a profile may ask for per task (the runner's same profile)."""
     return {
@@ -182,6 +207,7 @@ async def running_broker(
         settings.auth_token.get_secret_value() if settings.auth_token else secrets.token_urlsafe(24)
     )
     policy = load_policy(settings)
+    log_tenants(settings, policy)
     limits = policy.limits
     registry = registry if registry is not None else CollectorRegistry()
     broker = broker_factory(

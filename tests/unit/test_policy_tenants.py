@@ -184,6 +184,20 @@ def test_a_bad_profile_stops_the_runner_at_start_with_the_file_and_the_rule() ->
     assert "memory_mb = 4096" in message
 
 
+@pytest.mark.parametrize("command", ["up", "serve", "broker"])
+def test_no_service_starts_with_a_profile_above_the_ceiling(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The policy is loaded before Docker, a socket or a broker is touched.
+    monkeypatch.setenv("SANDBOX_POLICY_DIR", str(BAD / "tenant_limit_above_ceiling"))
+    result = CliRunner().invoke(main, [command], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert "tenants/data.toml: [limits] memory_mb = 4096 is above the bundle's ceiling" in (
+        result.output
+    )
+    assert "[tenant.limit-above-ceiling]" in result.output
+
+
 # -- explain --tenant -------------------------------------------------------------------
 
 

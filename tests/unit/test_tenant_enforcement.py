@@ -13,6 +13,7 @@ real task containers.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,12 @@ from typing import Any
 import httpx
 import pytest
 
-from runner.broker_server.server import RunningBroker, broker_config, running_broker
+from runner.broker_server.server import (
+    RunningBroker,
+    broker_config,
+    log_tenants,
+    running_broker,
+)
 from runner.cli.wiring import make_pipeline
 from runner.errors import ConfigurationError, LimitAboveCeiling
 from runner.pipeline import TaskRequest
@@ -278,3 +284,27 @@ def test_a_quota_set_in_a_profile_and_a_setting_stops_the_broker() -> None:
     settings = settings_for(TENANTS, tenant_quotas="data=3")
     with pytest.raises(ConfigurationError, match="Tenant data's quota is set twice"):
         broker_config(settings, policy=load_policy(settings))
+
+
+def test_the_broker_says_at_start_which_profile_each_tenant_gets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = settings_for(TENANTS)
+    caplog.set_level(logging.INFO, logger="runner.broker_server.server")
+    log_tenants(settings, load_policy(settings))
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "tenant acme: no profile, the defaults"),
+        (
+            "INFO",
+            f"tenant basic: profile tenants/basic.toml (sha256 {profile_sha(TENANTS, 'basic')})",
+        ),
+        ("INFO", f"tenant data: profile tenants/data.toml (sha256 {profile_sha(TENANTS, 'data')})"),
+        ("INFO", "tenant isolated: no profile, the defaults"),
+    ]
+    caplog.clear()
+    settings = Settings(policy_dir=TENANTS, api_keys="key-data-0123456789=data")
+    log_tenants(settings, load_policy(settings))
+    assert [(r.levelname, r.getMessage()) for r in caplog.records][-1] == (
+        "WARNING",
+        "tenant profile tenants/basic.toml: no API key of SANDBOX_API_KEYS maps to tenant basic",
+    )

@@ -59,8 +59,8 @@ fmt: venv ## Format the code with ruff
 docs: venv ## Regenerate the settings tables (README.md, docs/settings.md) from the settings model
 	$(BIN)/python scripts/update_readme.py
 
-snapshots: venv ## Refresh the `policy explain` snapshots after a reviewed policy change
-	UPDATE_SNAPSHOTS=1 $(BIN)/pytest tests/unit/test_policy_cli.py -q
+snapshots: venv ## Refresh the `policy explain` and `policy diff` snapshots after a reviewed policy change
+	UPDATE_SNAPSHOTS=1 $(BIN)/pytest tests/unit/test_policy_cli.py tests/unit/test_policy_tenants.py -q
 
 types: venv ## mypy --strict on runner/ and on the in-container agent (staged as the image stages it)
 	$(BIN)/mypy

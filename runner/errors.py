@@ -30,6 +30,8 @@ the HTTP API answers each with a status, the runner with the task's error::
     RequestRefused
     ├── LimitAboveCeiling            a per-task limit asked for above the runner's (or the
     │                                broker's) own, or below its floor; also a ValueError
+    ├── ProfileUnavailable           a tenant whose profile asks for what this runner does
+    │                                not have (a runtime tier, an image variant)
     ├── SubmissionRefused            a submission that cannot travel (HTTP 422); also a ValueError
     ├── TaskTooLarge                 one task larger than its tenant's byte budget (HTTP 413)
     └── TenantBacklogFull            a tenant with too many unfinished tasks or bytes (HTTP 429)
@@ -150,6 +152,11 @@ class RequestRefused(Exception):
 class LimitAboveCeiling(RequestRefused, ValueError):
     """A per-task limit asked for is above the runner's own (or the broker's ceiling),
     or below its floor (a limit that rounds to nothing would be no limit at all)."""
+
+
+class ProfileUnavailable(RequestRefused):
+    """A task of a tenant whose profile this runner cannot honour (the runtime tier or
+    the image variant it asks for): refused, never run under less than its profile."""
 
 
 class SubmissionRefused(RequestRefused, ValueError):

@@ -111,6 +111,28 @@ class ServiceOutcome(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class TaskProfile:
+    """Whose task it is, and what its tenant's profile makes of the pipeline's defaults.
+
+    Made by the caller's resolver (:mod:`runner.cli.wiring`, from the runner's own policy
+    bundle: never from what a broker sends); the pipeline only applies it. ``limits`` is
+    what the tenant's tasks get and the most any of them may ask for; ``sets`` names the
+    per-task limits (wire names) its profile sets, ``source`` where (for refusals);
+    ``refusal``, when set, is why this runner cannot run the tenant's tasks at all (its
+    profile asks for a runtime tier or an image this runner does not have).
+    """
+
+    tenant: str
+    limits: Limits
+    analyzer: Analyzer
+    guards: GuardConfig
+    audit: Mapping[str, str | None]  # the record's ``tenant``: name, profile, profileSha256
+    sets: frozenset[str] = frozenset()
+    source: str | None = None
+    refusal: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TaskRequest:
     code: str
     items: list[JSON] = field(default_factory=list)
@@ -118,7 +140,8 @@ class TaskRequest:
     continue_on_fail: bool = False
     query: JSON = None
     task_id: str = field(default_factory=new_task_id)
-    limits: Limits | None = None  # None: the pipeline's defaults
+    limits: Limits | None = None  # None: the pipeline's defaults (or the profile's)
+    profile: TaskProfile | None = None  # None: no tenant named (n8n, exec): the defaults
 
 
 #: The ``event`` of the audit line the runner service writes for every finished task.
@@ -138,6 +161,7 @@ class PipelineFacts:
     policy_sha256: str | None
     isolation: dict[str, Any]
     details: dict[str, JSON]
+    tenant: Mapping[str, str | None] | None = None  # TaskProfile.audit, when a tenant was named
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +176,8 @@ class ServiceFacts:
     node_id: str
     node_name: str
     queue_ms: float | None = None  # accepted -> the pipeline started (when it did)
+    # The tenant the broker named, on the short record of a task the pipeline never took.
+    tenant: Mapping[str, str | None] | None = None
 
     def workflow_json(self) -> dict[str, str]:
         return {
@@ -171,6 +197,9 @@ class AuditRecord:
     when the runner service ended it first (a limit refused, a fault, a bug of ours).
     ``service``: set on the line the service writes to the ``runner.audit`` logger.
     ``durations_ms`` in milliseconds, as measured (:meth:`as_json` rounds them).
+    A task of a named tenant adds ``tenant`` (name, profile file and its sha256) after
+    ``policySha256`` (after ``containerId`` in the short shape); without one the record
+    is what it always was.
     """
 
     task_id: str
@@ -205,8 +234,10 @@ class AuditRecord:
                 "errorCode": error_code,
                 "stage": stage,
                 "containerId": self.container_id,
-                "durationsMs": durations,
             }
+            if service is not None and service.tenant is not None:
+                record["tenant"] = dict(service.tenant)
+            record["durationsMs"] = durations
             return record if service is None else record | service.workflow_json()
         record |= {
             "startedAt": facts.started_at.isoformat(timespec="milliseconds"),
@@ -220,6 +251,10 @@ class AuditRecord:
             "imageId": facts.image_id,
             "limits": facts.limits.as_audit(),
             "policySha256": facts.policy_sha256,
+        }
+        if facts.tenant is not None:
+            record["tenant"] = dict(facts.tenant)
+        record |= {
             "isolation": facts.isolation,
             "durationsMs": durations,
             "details": facts.details,
@@ -299,14 +334,32 @@ class TaskPipeline:
         limits: Limits,
         context: AuditContext,
         analysis: AnalysisPool | None = None,
+        profiles: Callable[[str], TaskProfile] | None = None,
     ) -> None:
+        """``profiles``: a tenant's name -> its :class:`TaskProfile` (the runner's own
+        policy bundle resolves it); without it, every task gets the defaults."""
         self.sandbox = sandbox
         self.analyzer = analyzer
         self.guards = guards
         self.limits = limits
         self.context = context
+        self._profiles = profiles
         # Workers sized for the largest code this pipeline accepts; started on first use.
         self.analysis = analysis or AnalysisPool(code_bytes=limits.code_bytes)
+
+    def profile_for(self, tenant: str | None) -> TaskProfile | None:
+        """The profile a task of ``tenant`` runs under (None: no tenant, the defaults)."""
+        if tenant is None:
+            return None
+        if self._profiles is None:
+            return TaskProfile(
+                tenant,
+                self.limits,
+                self.analyzer,
+                self.guards,
+                {"name": tenant, "profile": None, "profileSha256": None},
+            )
+        return self._profiles(tenant)
 
     async def aclose(self) -> None:
         """Stop the analysis workers (they are daemonic: a process exit stops them too)."""
@@ -320,7 +373,10 @@ class TaskPipeline:
     async def _run(self, request: TaskRequest) -> TaskReport:
         started_wall = datetime.now(UTC)
         begin = time.monotonic()
-        limits = request.limits or self.limits
+        profile = request.profile
+        limits = request.limits or (profile.limits if profile else self.limits)
+        analyzer = profile.analyzer if profile else self.analyzer
+        guards = profile.guards if profile else self.guards
         below = limits.below_minimum()
         if below:
             # Every entry point refuses these; reaching here is a bug of ours, and a
@@ -336,7 +392,7 @@ class TaskPipeline:
                 Outcome.CODE_TOO_LARGE, code_too_large_message(size, limits.code_bytes), ""
             )
         else:
-            verdict = await self.analysis.check(self.analyzer, request.code)
+            verdict = await self.analysis.check(analyzer, request.code)
         analyze_ms = (time.monotonic() - begin) * 1000
         if verdict is None:
             pass  # refused before analysis
@@ -356,7 +412,7 @@ class TaskPipeline:
                 code=request.code,
                 mode=request.mode,
                 items=request.items,
-                guards=self.guards,
+                guards=guards,
                 query=request.query,
             )
             execution = await self.sandbox.run(spec, limits)
@@ -413,6 +469,7 @@ class TaskPipeline:
                 policy_sha256=self.context.policy_sha256,
                 isolation=self.context.isolation,
                 details=execution.details,
+                tenant=request.profile.audit if request.profile else None,
             ),
         )
 

@@ -20,11 +20,12 @@ import secrets
 import signal
 import string
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from runner.broker import BrokerClient, BrokerEndpoint
-from runner.errors import LimitAboveCeiling, RunnerError
+from runner.errors import LimitAboveCeiling, ProfileUnavailable, RunnerError
 from runner.logs import AUDIT_LOGGER, current_task_id
 from runner.metrics import CONTENT_TYPE, CollectorRegistry, RunnerMetrics, exposition
 from runner.pipeline import (
@@ -32,6 +33,7 @@ from runner.pipeline import (
     ServiceFacts,
     ServiceOutcome,
     TaskPipeline,
+    TaskProfile,
     TaskReport,
     TaskRequest,
     check_requested_limits,
@@ -82,6 +84,20 @@ def _runner_refusal(name: str, value: float, ceiling: float) -> str:
         f"{name} {value:g} exceeds {ceiling:g}, this runner's per-task limit "
         f"({env_name(_SETTING_OF_LIMIT[name])}, or the policy bundle's default when unset)"
     )
+
+
+def _tenant_refusal(profile: TaskProfile) -> Callable[[str, float, float], str]:
+    """The words for a limit above a tenant's: its profile's, when the profile sets it."""
+
+    def refusal(name: str, value: float, ceiling: float) -> str:
+        if name not in profile.sets:
+            return _runner_refusal(name, value, ceiling)
+        return (
+            f"{name} {value:g} exceeds {ceiling:g}, this runner's per-task limit for tenant "
+            f"{profile.tenant} ({profile.source})"
+        )
+
+    return refusal
 
 
 def completion_of(report: TaskReport) -> Completion:
@@ -327,7 +343,12 @@ class RunnerService:
         current_task_id.set(task_id)  # this asyncio task's own context: every log line
         accepted = self._accepted_at.get(task_id, started)
         try:
-            limits = self.limits_for(settings.limits)
+            # The tenant's profile comes from this runner's own bundle: the broker only
+            # names the tenant (n8n never does: then the defaults apply).
+            profile = self.pipeline.profile_for(settings.tenant)
+            if profile is not None and profile.refusal is not None:
+                raise ProfileUnavailable(profile.refusal)
+            limits = self.limits_for(settings.limits, profile)
             report = await self.pipeline.run(
                 TaskRequest(
                     code=settings.code,
@@ -337,6 +358,7 @@ class RunnerService:
                     query=settings.query,
                     task_id=task_id,
                     limits=limits,
+                    profile=profile,
                 )
             )
             completion = completion_of(report)
@@ -347,9 +369,19 @@ class RunnerService:
                 audit=report.audit,
                 queue_wait_s=started - accepted,
             )
-        except LimitAboveCeiling as exc:
-            completion = Completion(error_message=str(exc), error_description="")
-            outcome, code = ServiceOutcome.REJECTED, ErrorCode.LIMIT_ABOVE_CEILING
+        except (LimitAboveCeiling, ProfileUnavailable) as exc:
+            outcome = ServiceOutcome.REJECTED
+            if isinstance(exc, LimitAboveCeiling):
+                code = ErrorCode.LIMIT_ABOVE_CEILING
+                completion = Completion(error_message=str(exc), error_description="")
+            else:
+                # With our code, so that the broker's document says why (not task_error).
+                code = ErrorCode.PROFILE_UNAVAILABLE
+                completion = Completion(
+                    error_message=str(exc),
+                    error_description="",
+                    report={"code": code.value, "stage": Stage.SETUP.value, "audit": None},
+                )
             self.metrics.task_finished(
                 outcome=outcome, error_code=code, audit=None, queue_wait_s=None
             )
@@ -395,15 +427,18 @@ class RunnerService:
             settings.workflow_id,
         )
 
-    def limits_for(self, requested: TaskLimitsRequest | None) -> Limits | None:
-        """Per-task limits asked for by the broker, never above this runner's own."""
+    def limits_for(
+        self, requested: TaskLimitsRequest | None, profile: TaskProfile | None = None
+    ) -> Limits | None:
+        """Per-task limits asked for by the broker, never above this runner's own (for a
+        tenant with a profile: the profile's, which the bundle's ceilings bound)."""
         if requested is None:
             return None
-        base = self.pipeline.limits
+        base = profile.limits if profile is not None else self.pipeline.limits
         check_requested_limits(
             per_task(requested.timeout_seconds, requested.memory_mb, requested.cpus),
             per_task(base.timeout_s, base.memory_bytes // MIB, base.cpus),
-            _runner_refusal,
+            _runner_refusal if profile is None else _tenant_refusal(profile),
             floors=per_task(
                 MINIMUM_LIMITS.timeout_s, MINIMUM_LIMITS.memory_bytes // MIB, MINIMUM_LIMITS.cpus
             ),
@@ -447,6 +482,7 @@ class RunnerService:
         audit_log.info(report.record.with_service(facts).log_line())
 
     def _service_facts(self, settings: TaskSettings, queue_ms: float | None = None) -> ServiceFacts:
+        profile = self.pipeline.profile_for(settings.tenant)
         return ServiceFacts(
             broker_runner_id=self.runner_id,
             workflow_id=settings.workflow_id,
@@ -454,4 +490,5 @@ class RunnerService:
             node_id=settings.node_id,
             node_name=settings.node_name,
             queue_ms=queue_ms,
+            tenant=profile.audit if profile is not None else None,
         )

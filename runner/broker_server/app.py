@@ -72,6 +72,16 @@ class LimitSource:
     bundle_key: str  # limits.memory_mb
     bundle_file: str  # the policy bundle's sandbox.toml
     bundle_ceiling: float  # the most the setting may ask for
+    profile: str | None = None  # set: a tenant's profile gave the value (tenants/NAME.toml)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantCeilings:
+    """A tenant with a profile: what its tasks may ask for at most, and whence."""
+
+    ceilings: TaskLimits
+    sources: Mapping[str, LimitSource]
+    max_code_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +97,8 @@ class ApiConfig:
     max_code_bytes: int | None = None
     # Most JSON values (brackets and commas) a request body may hold: None, no count.
     max_request_json_values: int | None = None
+    # Tenant -> its profile's ceilings (the runner checks the same profile again).
+    tenants: Mapping[str, TenantCeilings] = field(default_factory=dict)
 
 
 CEILING_UNITS = {"timeoutSeconds": "s", "memoryMb": "MiB", "cpus": "CPUs"}
@@ -109,6 +121,9 @@ def ceiling_refusal(name: str, value: float, ceiling: float, source: LimitSource
     if source is None:
         return text
     bundle_ceiling = _number(source.bundle_ceiling)
+    if source.profile is not None:
+        profile = source.profile
+        return f"{text} (the tenant's profile, {profile}; the bundle's ceiling is {bundle_ceiling})"
     if source.is_set:
         return f"{text} ({source.variable}; the policy bundle's ceiling is {bundle_ceiling})"
     return (
@@ -393,18 +408,21 @@ def create_app(
         tenant: Tenant,
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait")] = 0,
     ) -> Response:
-        if config.max_code_bytes is not None:
+        own = config.tenants.get(tenant)
+        max_code_bytes = own.max_code_bytes if own is not None else config.max_code_bytes
+        if max_code_bytes is not None:
             size = code_size(body.code)
-            if size > config.max_code_bytes:
-                raise HTTPException(422, code_too_large_message(size, config.max_code_bytes))
-        ceilings = config.ceilings
+            if size > max_code_bytes:
+                raise HTTPException(422, code_too_large_message(size, max_code_bytes))
+        ceilings = own.ceilings if own is not None else config.ceilings
+        sources = own.sources if own is not None else config.ceiling_sources
         try:
             # The runner's check, in the broker's words; the floors are the model's.
             check_requested_limits(
                 per_task(body.timeout_seconds, body.memory_mb, body.cpus),
                 per_task(ceilings.timeout_s, ceilings.memory_mb, ceilings.cpus),
                 lambda name, value, ceiling: ceiling_refusal(
-                    name, value, ceiling, config.ceiling_sources.get(name)
+                    name, value, ceiling, sources.get(name)
                 ),
             )
         except LimitAboveCeiling as exc:

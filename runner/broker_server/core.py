@@ -81,6 +81,8 @@ NOT_SENT_REASON = "The broker could not send the task's settings"
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
     default_timeout_s: float = 60.0
+    # Tenant -> its profile's timeout (the runner applies it; the broker times it).
+    tenant_timeouts_s: dict[str, float] = field(default_factory=dict)
     accept_timeout_s: float = ACCEPT_TIMEOUT_S
     timeout_grace_s: float = 15.0
     queue_timeout_s: float = 300.0
@@ -343,6 +345,11 @@ class Broker:
             self._arm(task, self.config.accept_timeout_s, TaskTimer.ACCEPT)
             runner.connection.send(TaskOfferAccept(task_id=task.task_id, offer_id=offer_id))
 
+    def _timeout_s(self, task: BrokerTask) -> float:
+        """The task's own timeout: asked for, else its tenant's profile's, else the default."""
+        default = self.config.tenant_timeouts_s.get(task.tenant, self.config.default_timeout_s)
+        return task.limits.timeout_s or default
+
     def _quota(self, tenant: str) -> int:
         return self.config.tenant_quotas.get(tenant, self.config.tenant_quota)
 
@@ -384,8 +391,7 @@ class Broker:
         task.status = TaskStatus.RUNNING
         task.started_at = self.clock()
         self._metrics.queue_wait.observe(task.started_at - task.submitted_at)
-        timeout_s = task.limits.timeout_s or self.config.default_timeout_s
-        self._arm(task, timeout_s + self.config.timeout_grace_s, TaskTimer.RUN)
+        self._arm(task, self._timeout_s(task) + self.config.timeout_grace_s, TaskTimer.RUN)
         connection = runner.connection
         try:
             if task.settings is None:
@@ -572,8 +578,7 @@ class Broker:
         if task is None or task.status is not TaskStatus.RUNNING:
             return
         if task.runner_id in self._runners:  # it came back: wait for its report
-            timeout_s = task.limits.timeout_s or self.config.default_timeout_s
-            self._arm(task, timeout_s + self.config.timeout_grace_s, TaskTimer.RUN)
+            self._arm(task, self._timeout_s(task) + self.config.timeout_grace_s, TaskTimer.RUN)
             return
         lost = "The runner disconnected while running the task"
         self._finish(task, error_body(lost, "", ErrorCode.RUNNER_LOST, Stage.RUN))

@@ -21,14 +21,14 @@ from typing import Protocol
 
 import uvicorn
 
-from runner.broker_server.app import ApiConfig, LimitSource, create_app
+from runner.broker_server.app import ApiConfig, LimitSource, TenantCeilings, create_app
 from runner.broker_server.core import Broker, BrokerConfig
 from runner.broker_server.driver import BrokerDriver
 from runner.broker_server.submission import TaskLimits
 from runner.broker_server.tokens import GrantTokens
-from runner.errors import InfrastructureError
+from runner.errors import ConfigurationError, InfrastructureError
 from runner.metrics import BrokerMetrics, CollectorRegistry
-from runner.policy import POLICY_FILE, EffectivePolicy, load_policy
+from runner.policy import POLICY_FILE, EffectivePolicy, TenantPolicy, load_policy
 from runner.sandbox.base import MIB, Limits
 from runner.settings import Settings, env_name
 
@@ -82,15 +82,22 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def broker_config(settings: Settings, limits: Limits | None = None) -> BrokerConfig:
-    """The broker's configuration; ``limits``: the policy's (loaded here when not given)."""
+def broker_config(
+    settings: Settings, limits: Limits | None = None, *, policy: EffectivePolicy | None = None
+) -> BrokerConfig:
+    """The broker's configuration; ``limits``: the policy's (loaded here when not given);
+    ``policy``: its tenant profiles' timeouts and quotas (none when not given)."""
     limits = limits or load_policy(settings).limits
+    tenants = policy.tenants if policy is not None else {}
     return BrokerConfig(
         default_timeout_s=limits.timeout_s,
+        tenant_timeouts_s={
+            name: tenant.limits.timeout_s for name, tenant in tenants.items() if tenant.profile
+        },
         timeout_grace_s=settings.broker_timeout_grace_s,
         queue_timeout_s=settings.queue_timeout_s,
         tenant_quota=settings.tenant_quota,
-        tenant_quotas=settings.tenant_quota_overrides,
+        tenant_quotas=tenant_quotas(settings, policy),
         max_print_calls=settings.max_print_calls,
         max_print_chars=limits.output_bytes,
         max_queued_bytes_per_tenant=settings.tenant_queued_bytes,
@@ -98,23 +105,87 @@ def broker_config(settings: Settings, limits: Limits | None = None) -> BrokerCon
     )
 
 
-def ceiling_sources(policy: EffectivePolicy) -> dict[str, LimitSource]:
-    """Where each per-task ceiling of the API comes from: a setting, or the bundle."""
+def tenant_quotas(settings: Settings, policy: EffectivePolicy | None) -> dict[str, int]:
+    """``SANDBOX_TENANT_QUOTAS`` with the quotas of the tenant profiles; one tenant in
+    both is a configuration error (which one would the auditor's reading be?)."""
+    quotas = dict(settings.tenant_quota_overrides)
+    if policy is None:
+        return quotas
+    for name, tenant in policy.tenants.items():
+        if tenant.profile is None or tenant.profile.config.quota is None:
+            continue
+        if name in quotas:
+            raise ConfigurationError(
+                f"Tenant {name}'s quota is set twice: {env_name('tenant_quotas')} and "
+                f"{policy.bundle.directory / tenant.profile.file}",
+                hint="keep one: the profile (reviewed with the bundle) or the setting",
+            )
+        quotas[name] = tenant.profile.config.quota
+    return quotas
+
+
+def ceiling_sources(
+    policy: EffectivePolicy, tenant: TenantPolicy | None = None
+) -> dict[str, LimitSource]:
+    """Where each per-task ceiling of the API comes from: a setting, the bundle, or (for
+    ``tenant``) the tenant's profile when it sets the limit."""
     bounds = policy.bundle.config.limits
+    sets = tenant.sets if tenant is not None else frozenset()
     sources = {}
     for api_name, setting, key in (
         ("timeoutSeconds", "task_timeout_s", "timeout_s"),
         ("memoryMb", "memory_mb", "memory_mb"),
         ("cpus", "cpus", "cpus"),
     ):
+        profile = tenant.profile.file if tenant and tenant.profile and key in sets else None
         sources[api_name] = LimitSource(
             variable=env_name(setting),
             is_set=setting in policy.tightened,
             bundle_key=f"limits.{key}",
             bundle_file=str(policy.bundle.directory / POLICY_FILE),
             bundle_ceiling=getattr(bounds, key).ceiling,
+            profile=profile,
         )
     return sources
+
+
+def log_tenants(settings: Settings, policy: EffectivePolicy) -> None:
+    """Say at start which profile each tenant of the API keys gets; warn of a profile no
+    key maps to (a typo in either would silently leave a tenant with the defaults)."""
+    keyed = sorted(set(settings.api_key_tenants.values()))
+    for name in keyed:
+        tenant = policy.for_tenant(name)
+        if tenant.profile is None:
+            log.info("tenant %s: no profile, the defaults", name)
+        else:
+            log.info(
+                "tenant %s: profile %s (sha256 %s)",
+                name,
+                tenant.profile.file,
+                tenant.profile.sha256,
+            )
+    if keyed:
+        for name in sorted(set(policy.tenants) - set(keyed)):
+            log.warning(
+                "tenant profile tenants/%s.toml: no API key of %s maps to tenant %s",
+                name,
+                env_name("api_keys"),
+                name,
+            )
+
+
+def tenant_ceilings(policy: EffectivePolicy) -> dict[str, TenantCeilings]:
+    """What each tenant with a profile may ask for per task (the runner's same profile)."""
+    return {
+        name: TenantCeilings(
+            ceilings=TaskLimits(
+                tenant.limits.timeout_s, tenant.limits.memory_bytes // MIB, tenant.limits.cpus
+            ),
+            sources=ceiling_sources(policy, tenant),
+            max_code_bytes=tenant.limits.code_bytes,
+        )
+        for name, tenant in policy.tenants.items()
+    }
 
 
 @contextlib.asynccontextmanager
@@ -136,9 +207,12 @@ async def running_broker(
         settings.auth_token.get_secret_value() if settings.auth_token else secrets.token_urlsafe(24)
     )
     policy = load_policy(settings)
+    log_tenants(settings, policy)
     limits = policy.limits
     registry = registry if registry is not None else CollectorRegistry()
-    broker = broker_factory(broker_config(settings, limits), metrics=BrokerMetrics(registry))
+    broker = broker_factory(
+        broker_config(settings, limits, policy=policy), metrics=BrokerMetrics(registry)
+    )
     driver = BrokerDriver(broker)
     app = create_app(
         driver,
@@ -152,6 +226,7 @@ async def running_broker(
             ceiling_sources=ceiling_sources(policy),
             max_code_bytes=limits.code_bytes,
             max_request_json_values=settings.max_request_json_values,
+            tenants=tenant_ceilings(policy),
         ),
         registry=registry,
     )

@@ -144,6 +144,9 @@ def prepare(submission: Submission, input_schema: dict[str, Any] | None = None) 
         "workflowName": f"tenant {submission.tenant}",
         "nodeName": "sandbox-runner API",
         "query": submission.query,
+        # Our runner applies this tenant's profile from its own bundle (n8n's never
+        # gets a task from this broker; a runner that does not know the key ignores it).
+        "tenant": submission.tenant,
     }
     limits = {
         key: value

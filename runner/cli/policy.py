@@ -1,13 +1,16 @@
-"""``sandbox-runner policy lint|explain``: the policy bundle, for auditors.
+"""``sandbox-runner policy lint|explain|diff``: the policy bundle, for auditors.
 
 Owns: the auditor-facing output of the policy bundle (text and ``--json``): the lint
-report with its comparison to Docker's default seccomp profile, and the
-explanation of what a task may and may not do. The rules, the comparison and the
-explanation itself come from :mod:`runner.policy`. Registered in
-:mod:`runner.cli.app` with ``main.add_command``.
+report with its comparison to Docker's default seccomp profile, the explanation of
+what a task (of one tenant, with ``--tenant``) may and may not do, and the
+differences between two policies. The rules, the comparisons and the explanation
+itself come from :mod:`runner.policy`. Registered in :mod:`runner.cli.app` with
+``main.add_command``.
 
 Exit codes: ``policy lint`` 0 when the bundle has no error (warnings are fine), 1
-when it has; 2 for usage, configuration or infrastructure errors (as everywhere).
+when it has; ``policy diff`` 0 when the two policies let a task do the same, 1 when
+they differ (like diff(1)); 2 for usage, configuration or infrastructure errors (as
+everywhere).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from runner.policy import (
     ARCHES,
     DOCKER_DEFAULT_PROFILE,
     LintReport,
+    PolicyBundle,
+    PolicyDiff,
+    diff_policies,
     explain_bundle,
     lint_bundle,
     parse_bundle,
@@ -75,14 +81,65 @@ def policy_lint(directory: Path | None, as_json: bool, arch: str | None) -> None
 @policy.command("explain")
 @click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
-def policy_explain(directory: Path | None, as_json: bool) -> None:
+@click.option(
+    "--tenant",
+    metavar="NAME",
+    help="What this tenant's tasks may do: its profile (tenants/NAME.toml) over the defaults.",
+)
+def policy_explain(directory: Path | None, as_json: bool, tenant: str | None) -> None:
     """What a task may and may not do, read from the bundle's files."""
-    bundle_dir = _bundle_dir(directory)
-    bundle, findings = parse_bundle(bundle_dir)
-    if bundle is None:
-        support.fail(f"cannot read the policy bundle {bundle_dir}: {findings[0]}")
-    document = explain_bundle(bundle)
+    bundle = _read_bundle(_bundle_dir(directory))
+    document = explain_bundle(bundle, tenant)
     click.echo(report_json(document) if as_json else render_explain(document))
+
+
+@policy.command("diff")
+@click.argument("bundles", nargs=-1, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+@click.option(
+    "--tenant",
+    "tenants",
+    metavar="NAME",
+    multiple=True,
+    help="Compare this tenant's policy (once: the same tenant in both bundles; twice: the "
+    "first tenant in A against the second in B, or in the one bundle).",
+)
+def policy_diff(bundles: tuple[Path, ...], as_json: bool, tenants: tuple[str, ...]) -> None:
+    """Every difference between two policies that changes what a task may do.
+
+    \b
+    policy diff A B                          two bundles: everything, every tenant
+    policy diff A B --tenant X               tenant X in A against tenant X in B
+    policy diff [A] --tenant X --tenant Y    two tenants of one bundle (default: policies/)
+    policy diff A B --tenant X --tenant Y    tenant X in A against tenant Y in B
+
+    Each difference says whether B lets a task do more (wider), less (narrower) or
+    something else (changed). Exit 0 when there is none, 1 when there are some.
+    """
+    if len(bundles) > 2 or len(tenants) > 2:
+        support.fail("policy diff compares two policies: at most two bundles and two --tenant")
+    if len(bundles) < 2 and len(tenants) < 2:
+        support.fail(
+            "policy diff needs two bundles (policy diff A B), or two tenants of one bundle "
+            "(policy diff [A] --tenant X --tenant Y)"
+        )
+    directories = list(bundles) or [_bundle_dir(None)]
+    a = _read_bundle(directories[0])
+    b = a if len(directories) == 1 else _read_bundle(directories[1])
+    tenant_a = tenants[0] if tenants else None
+    tenant_b = tenants[-1] if tenants else None
+    result = diff_policies(a, b, tenant_a=tenant_a, tenant_b=tenant_b)
+    click.echo(report_json(result.as_json()) if as_json else render_diff(result))
+    if not result.is_same:
+        sys.exit(EXIT_FINDINGS)
+
+
+def _read_bundle(directory: Path) -> PolicyBundle:
+    # An auditor may read a bundle the linter rejects; only an unreadable one is an error.
+    bundle, findings = parse_bundle(directory)
+    if bundle is None:
+        support.fail(f"cannot read the policy bundle {directory}: {findings[0]}")
+    return bundle
 
 
 # -- rendering --------------------------------------------------------------------------
@@ -95,6 +152,8 @@ def render_lint(report: LintReport) -> str:
         f"policy lint {report.directory}: {verdict}: {len(report.errors)} error(s), "
         f"{len(report.warnings)} warning(s){sha}"
     ]
+    for name, sha256 in report.tenants:
+        lines.append(f"  tenant {name}: tenants/{name}.toml (sha256 {sha256})")
     for finding in report.findings:
         lines.append(
             wrap(
@@ -146,6 +205,29 @@ def render_lint(report: LintReport) -> str:
     return "\n".join(lines)
 
 
+def _render_tenant(tenant: dict[str, Any]) -> list[str]:
+    if tenant["profile"] is None:
+        return [
+            "",
+            f"TENANT {tenant['name']}: no profile (tenants/{tenant['name']}.toml): the defaults",
+        ]
+    quota = tenant["quota"] if tenant["quota"] is not None else "the broker's setting"
+    return [
+        "",
+        f"TENANT {tenant['name']}: profile {tenant['profile']}",
+        f"  sha256       {tenant['profileSha256']}",
+        f"  sets         {', '.join(tenant['sets']) or 'nothing but what follows'}",
+        f"  runtime      {tenant['runtime']}"
+        + (
+            " (only a runner on gVisor, runsc, runs its tasks)"
+            if tenant["runtime"] == "gvisor"
+            else ""
+        ),
+        f"  image        variant {tenant['imageVariant'] or 'none (the task image)'}",
+        f"  quota        {quota} task(s) running at once",
+    ]
+
+
 def _relative(path: Path) -> str:
     try:
         return str(path.relative_to(DATA_ROOT))
@@ -153,17 +235,63 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
+def render_diff(result: PolicyDiff) -> str:
+    def named(side: dict[str, Any]) -> str:
+        text = f"{side['bundle']} (sha256 {side['sha256']})"
+        if "tenant" not in side:
+            return text
+        if side["profile"] is None:
+            return f"{text}, tenant {side['tenant']} (no profile: the defaults)"
+        return (
+            f"{text}, tenant {side['tenant']} ({side['profile']}, sha256 {side['profileSha256']})"
+        )
+
+    count = len(result.differences)
+    out = [
+        f"a: {named(result.a)}",
+        f"b: {named(result.b)}",
+        f"{count} difference(s) that change what a task may do"
+        if count
+        else "no difference in what a task may do",
+    ]
+    scope = None
+    for difference in result.differences:
+        if difference.scope != scope:
+            scope = difference.scope
+            out.append(f"[{scope}]")
+        out.append(
+            wrap(
+                f"{difference.key}: {difference.describe()}",
+                " " * 14,
+                f"  {difference.effect.value:<10}  ",
+            )
+        )
+    return "\n".join(out)
+
+
 def render_explain(doc: dict[str, Any]) -> str:
     out: list[str] = [
         f"Policy bundle {doc['bundle']}",
         f"  sha256 {doc['sha256']}",
         f"  over   {', '.join(doc['files'])}",
-        "",
-        "LIMITS per task (a setting may lower a value, never raise it above the ceiling)",
-        f"  {'limit':<14} {'default':>12} {'ceiling':>12}",
     ]
+    tenant = doc.get("tenant")
+    for name, sha256 in doc.get("tenants", {}).items():
+        out.append(f"  tenant {name}: tenants/{name}.toml, sha256 {sha256}")
+    if tenant is not None:
+        out += _render_tenant(tenant)
+    out += [
+        "",
+        "LIMITS per task (a setting may lower a value, never raise it above the ceiling)"
+        if tenant is None
+        else f"LIMITS per task of tenant {tenant['name']} (a task may ask for less, never "
+        "more; * set by its profile)",
+        f"  {'limit':<14} {'default' if tenant is None else 'tenant':>12} {'ceiling':>12}",
+    ]
+    sets = set(tenant["sets"]) if tenant is not None else set()
     for name, bound in doc["limits"].items():
-        out.append(f"  {name:<14} {bound['default']:>12} {bound['ceiling']:>12}")
+        mark = " *" if f"limits.{name}" in sets else ""
+        out.append(f"  {name:<14} {bound['default']:>12} {bound['ceiling']:>12}{mark}")
 
     c, image = doc["container"], doc["image"]
     tmpfs = ", ".join(f"{target} ({options})" for target, options in c["tmpfs"].items())
@@ -235,6 +363,10 @@ def render_explain(doc: dict[str, Any]) -> str:
         wrap(listed(i["builtinsDeny"]), "      ", "  builtins removed: "),
         f"      every setting must still remove: {listed(i['builtinsDenyFloor'])}",
     ]
+    if tenant is not None:
+        for kind in ("stdlib", "external"):
+            if f"imports.{kind}_allow" in sets:
+                out.append(f"  * {kind} allowlist set by the tenant's profile")
 
     sc = doc["selfcheck"]
     canary = sc["canary"]
@@ -252,4 +384,4 @@ def render_explain(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-__all__ = ["policy", "render_explain", "render_lint"]
+__all__ = ["policy", "render_diff", "render_explain", "render_lint"]

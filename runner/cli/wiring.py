@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.analyzer import Analyzer
+from runner.analyzer.pool import AnalysisPool
 from runner.errors import ConfigurationError, InfrastructureError
-from runner.pipeline import AuditContext, TaskPipeline
+from runner.pipeline import AuditContext, TaskPipeline, TaskProfile
 from runner.policy import EffectivePolicy, load_bundle, load_policy
-from runner.sandbox.base import Limits, Sandbox
+from runner.sandbox.base import Limits, Sandbox, SandboxKernel
 from runner.sandbox.container import ContainerSandbox
 from runner.sandbox.docker import DockerSandbox, connect, describe_daemon
 from runner.sandbox.image import ImageBuilder, ImageRecipe, Progress
@@ -146,13 +147,20 @@ def make_pipeline(
     isolation: dict[str, Any],
     timeout_s: float | None = None,
     policy: EffectivePolicy | None = None,
+    runtime_tier: str = "standard",
 ) -> TaskPipeline:
+    """``runtime_tier``: what the sandbox gives (``gvisor`` on runsc): a tenant whose
+    profile asks for a tier this runner does not have gets its tasks refused."""
     policy = policy or load_policy(settings)
+    analyzer = Analyzer(policy.import_policy)
+    limits = limits_from(settings, timeout_s=timeout_s, policy=policy)
+    # Analysis workers sized for the largest code any tenant's profile accepts.
+    code_bytes = max([limits.code_bytes, *(t.limits.code_bytes for t in policy.tenants.values())])
     return TaskPipeline(
         sandbox=sandbox,
-        analyzer=Analyzer(policy.import_policy),
+        analyzer=analyzer,
         guards=policy.guards,
-        limits=limits_from(settings, timeout_s=timeout_s, policy=policy),
+        limits=limits,
         context=AuditContext(
             runner_id=settings.runner_id,
             image=image,
@@ -160,7 +168,64 @@ def make_pipeline(
             isolation=isolation,
             policy_sha256=policy.sha256,
         ),
+        analysis=AnalysisPool(code_bytes=code_bytes),
+        profiles=tenant_profiles(policy, analyzer, limits, runtime_tier),
     )
+
+
+# [limits] key -> the name of the per-task limit a broker may ask for (the wire's).
+_REQUESTABLE = {"timeout_s": "timeoutSeconds", "memory_mb": "memoryMb", "cpus": "cpus"}
+
+
+def tenant_profiles(
+    policy: EffectivePolicy, analyzer: Analyzer, limits: Limits, runtime_tier: str
+) -> Callable[[str], TaskProfile]:
+    """A tenant's name -> the profile its tasks run under, from this runner's own bundle.
+
+    Every profile is resolved once, here (one verdict cache per import policy); a tenant
+    without a profile gets the pipeline's defaults (``limits``, ``analyzer``). What a
+    broker sends is only the tenant's name: never a limit above this runner's ceilings.
+    """
+    resolved: dict[str, TaskProfile] = {}
+    for name, tenant in policy.tenants.items():
+        assert tenant.profile is not None  # the policy's tenants are its profiles
+        file = tenant.profile.file
+        refusal = None
+        if tenant.runtime != "standard" and tenant.runtime != runtime_tier:
+            refusal = (
+                f"Tenant {name}'s profile ({file}) requires the {tenant.runtime} runtime "
+                f"tier; this runner's is {runtime_tier} (SANDBOX_OCI_RUNTIME=runsc gives gvisor)"
+            )
+        elif tenant.image_variant is not None:
+            refusal = (
+                f"Tenant {name}'s profile ({file}) asks for the image variant "
+                f"{tenant.image_variant!r}; this runner has the task image only"
+            )
+        resolved[name] = TaskProfile(
+            tenant=name,
+            limits=tenant.limits,
+            analyzer=Analyzer(tenant.import_policy),
+            guards=tenant.guards,
+            audit=tenant.audit(),
+            sets=frozenset(_REQUESTABLE[key] for key in tenant.sets if key in _REQUESTABLE),
+            source=f"tenant {name}'s profile, {file}",
+            refusal=refusal,
+        )
+
+    def profile_of(name: str) -> TaskProfile:
+        found = resolved.get(name)
+        if found is not None:
+            return found
+        no_profile = {"name": name, "profile": None, "profileSha256": None}
+        return TaskProfile(name, limits, analyzer, policy.guards, no_profile)
+
+    return profile_of
+
+
+def runtime_tier(sandbox: ContainerSandbox[Any]) -> str:
+    """The runtime tier a sandbox gives its tasks (a tenant profile's ``runtime``):
+    ``gvisor`` when gVisor's kernel answers their system calls, else ``standard``."""
+    return "gvisor" if sandbox.kernel is SandboxKernel.GVISOR else "standard"
 
 
 def make_docker_sandbox(
@@ -350,6 +415,7 @@ async def task_pipeline(
                 isolation={**sandbox.isolation.report(report.audit()), **engine_report(engine)},
                 timeout_s=timeout_s,
                 policy=policy,
+                runtime_tier=runtime_tier(sandbox),
             )
         finally:
             await sandbox.aclose()

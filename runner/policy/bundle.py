@@ -1,12 +1,13 @@
 """A bundle's files, read, validated and hashed: :class:`PolicyBundle`.
 
-Owns: reading ``sandbox.toml`` and the two profiles it names (which must stay inside
-the bundle's directory), their validation against the schemas of
-:mod:`runner.policy.model` and :mod:`runner.policy.seccomp`, and the bundle's sha256
-(over names and contents: a rename changes it too). :func:`parse_bundle` turns every
-problem into a :class:`~runner.policy.model.Finding` and raises nothing; judging a
-valid bundle is :mod:`runner.policy.lint`'s job, refusing to run under a bad one is
-:func:`runner.policy.effective.load_bundle`'s.
+Owns: reading ``sandbox.toml``, the two profiles it names (which must stay inside
+the bundle's directory) and the tenant profiles in ``tenants/``, their validation
+against the schemas of :mod:`runner.policy.model`, :mod:`runner.policy.seccomp` and
+:mod:`runner.policy.tenant`, and the bundle's sha256 (over names and contents: a
+rename changes it too; every tenant profile is in it, and each has its own).
+:func:`parse_bundle` turns every problem into a :class:`~runner.policy.model.Finding`
+and raises nothing; judging a valid bundle is :mod:`runner.policy.lint`'s job,
+refusing to run under a bad one is :func:`runner.policy.effective.load_bundle`'s.
 
 Must not import: the docker_default, lint, explain or effective modules of this
 package (they build on this one), :mod:`runner.settings`, docker or the sandbox
@@ -18,14 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from types import MappingProxyType
 
 from pydantic import ValidationError
 
 from runner.policy.model import POLICY_FILE, Finding, PolicyConfig, limits_of
 from runner.policy.seccomp import SeccompProfile
+from runner.policy.tenant import TENANTS_DIR, TenantConfig, TenantProfile, profile_name
 from runner.sandbox.base import Limits
 
 
@@ -42,6 +45,8 @@ class PolicyBundle:
     seccomp_sha256: str
     files: tuple[str, ...]  # the hashed files, relative, in hashing order
     warnings: tuple[Finding, ...] = ()
+    # Tenant name -> its profile (tenants/<name>.toml); a tenant not here gets the defaults.
+    tenants: Mapping[str, TenantProfile] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def seccomp_path(self) -> Path:
@@ -122,6 +127,10 @@ def parse_bundle(directory: Path) -> tuple[PolicyBundle | None, list[Finding]]:
         except UnicodeDecodeError:
             findings.append(Finding("schema.syntax", apparmor_name, "not UTF-8 text"))
 
+    tenants, tenant_files, tenant_findings = _parse_tenants(directory)
+    findings.extend(tenant_findings)
+    files.extend(tenant_files)
+
     if seccomp is None or findings:
         return None, findings
     bundle = PolicyBundle(
@@ -133,8 +142,64 @@ def parse_bundle(directory: Path) -> tuple[PolicyBundle | None, list[Finding]]:
         sha256=bundle_sha256(files),
         seccomp_sha256=hashlib.sha256(raw_seccomp).hexdigest(),
         files=tuple(sorted(name for name, _ in files)),
+        tenants=MappingProxyType(tenants),
     )
     return bundle, findings
+
+
+def _parse_tenants(
+    directory: Path,
+) -> tuple[dict[str, TenantProfile], list[tuple[str, bytes]], list[Finding]]:
+    """The profiles in ``tenants/`` (none when the folder does not exist).
+
+    Every entry of the folder must be a profile: a stray ``data.toml.bak``, ``Data.toml``
+    or ``README`` is an error rather than a file silently left out of what runs (and
+    out of the hash an auditor compares).
+    """
+    folder = directory / TENANTS_DIR
+    if not folder.exists():
+        return {}, [], []
+    if (problem := _bundle_path_problem(directory, TENANTS_DIR)) is not None:
+        return {}, [], [Finding("files.outside-bundle", TENANTS_DIR, problem)]
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        return {}, [], [Finding("files.missing", TENANTS_DIR, f"cannot read: {exc.strerror}")]
+    tenants: dict[str, TenantProfile] = {}
+    files: list[tuple[str, bytes]] = []
+    findings: list[Finding] = []
+    for entry in entries:
+        relative = f"{TENANTS_DIR}/{entry.name}"
+        name = profile_name(entry.name)
+        if name is None or not entry.is_file():
+            findings.append(
+                Finding(
+                    "tenant.name",
+                    relative,
+                    "not a tenant profile: every entry of tenants/ must be a file "
+                    "<name>.toml, the name lower-case letters, digits, '-' and '_' "
+                    "(at most 63, starting with a letter or digit)",
+                )
+            )
+            continue
+        if (problem := _bundle_path_problem(directory, relative)) is not None:
+            findings.append(Finding("files.outside-bundle", relative, problem))
+            continue
+        try:
+            raw = entry.read_bytes()
+            config = TenantConfig.model_validate(tomllib.loads(raw.decode("utf-8")))
+        except OSError as exc:
+            findings.append(Finding("files.missing", relative, f"cannot read: {exc.strerror}"))
+            continue
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            findings.append(Finding("schema.syntax", relative, f"not valid TOML: {exc}"))
+            continue
+        except ValidationError as exc:
+            findings.extend(_schema_findings(relative, exc))
+            continue
+        files.append((relative, raw))
+        tenants[name] = TenantProfile(name, relative, config, bundle_sha256([(relative, raw)]))
+    return tenants, files, findings
 
 
 def _schema_findings(file: str, exc: ValidationError) -> list[Finding]:

@@ -4,8 +4,15 @@ Owns: :func:`load_bundle` (parse and lint; any error stops the runner at start w
 :class:`~runner.errors.ConfigurationError` built from the first one, naming the file
 and the rule), :func:`resolve_policy` (settings may tighten the bundle's defaults,
 never go beyond its ceilings nor below the floors in code), :class:`EffectivePolicy`
-(the immutable result: limits, import policy, guards, AppArmor profile, and which
-settings tightened a default) and :func:`load_policy`.
+(the immutable result: limits, import policy, guards, AppArmor profile, which
+settings tightened a default, and a :class:`TenantPolicy` per tenant profile) and
+:func:`load_policy`.
+
+A tenant's policy is its profile laid over this runner's: what the profile sets
+replaces the runner's value (its setting, or the bundle's default) for that tenant
+only, never beyond the bundle's ceilings (a profile that would is refused here too,
+not only by the linter); what it does not set is the runner's. A tenant without a
+profile gets the runner's policy.
 
 The only module of the package that knows :class:`~runner.settings.Settings`; they are
 passed in, never read from the environment here. Must not import: the explain or
@@ -14,8 +21,10 @@ docker_default modules of this package, docker or the sandbox implementations.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from runner.analyzer import ImportPolicy, parse_allowlist
@@ -30,6 +39,7 @@ from runner.policy.model import (
     format_number,
     wider_than,
 )
+from runner.policy.tenant import TenantProfile
 from runner.sandbox.base import MIB, MINIMUM_LIMITS, GuardConfig, Limits
 from runner.settings import Settings, env_name
 
@@ -76,6 +86,32 @@ def _configuration_error(directory: Path, findings: list[Finding]) -> Configurat
 
 
 @dataclass(frozen=True, slots=True)
+class TenantPolicy:
+    """What one tenant's tasks run under on this runner: its profile over the runner's."""
+
+    name: str
+    profile: TenantProfile | None  # None: the tenant has no profile (the runner's policy)
+    limits: Limits
+    import_policy: ImportPolicy
+    guards: GuardConfig
+    runtime: str = "standard"  # runner.policy.tenant.RUNTIME_TIERS
+    image_variant: str | None = None
+
+    def audit(self) -> dict[str, str | None]:
+        """The audit record's ``tenant``: who, and under which profile (by its hash)."""
+        return {
+            "name": self.name,
+            "profile": self.profile.file if self.profile else None,
+            "profileSha256": self.profile.sha256 if self.profile else None,
+        }
+
+    @property
+    def sets(self) -> frozenset[str]:
+        """The ``[limits]`` keys its profile sets (the others are the runner's)."""
+        return frozenset(self.profile.config.limits.values()) if self.profile else frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class EffectivePolicy:
     """The bundle with the settings applied: what every task of this runner gets."""
 
@@ -85,6 +121,16 @@ class EffectivePolicy:
     guards: GuardConfig
     apparmor_profile: str
     tightened: tuple[str, ...] = field(default=())  # the settings that changed a default
+    # Tenant name -> its policy, for every profile of the bundle (resolved at start, so
+    # that a bad profile stops the runner before its first task).
+    tenants: Mapping[str, TenantPolicy] = field(default_factory=lambda: MappingProxyType({}))
+
+    def for_tenant(self, name: str) -> TenantPolicy:
+        """The tenant's policy: its profile's, or this runner's when it has none."""
+        found = self.tenants.get(name)
+        if found is not None:
+            return found
+        return TenantPolicy(name, None, self.limits, self.import_policy, self.guards)
 
     @property
     def sha256(self) -> str:
@@ -203,6 +249,10 @@ def resolve_policy(bundle: PolicyBundle, settings: Settings) -> EffectivePolicy:
         block_env_access=settings.block_env_access,
         max_print_calls=settings.max_print_calls,
     )
+    tenants = {
+        name: resolve_tenant(bundle, profile, limits, import_policy, guards)
+        for name, profile in sorted(bundle.tenants.items())
+    }
     return EffectivePolicy(
         bundle=bundle,
         limits=limits,
@@ -210,7 +260,80 @@ def resolve_policy(bundle: PolicyBundle, settings: Settings) -> EffectivePolicy:
         guards=guards,
         apparmor_profile=settings.apparmor_profile or config.apparmor.profile,
         tightened=tuple(tightened),
+        tenants=MappingProxyType(tenants),
     )
+
+
+def resolve_tenant(
+    bundle: PolicyBundle,
+    profile: TenantProfile,
+    limits: Limits,
+    import_policy: ImportPolicy,
+    guards: GuardConfig,
+) -> TenantPolicy:
+    """A profile over the runner's limits and allowlists, checked against the ceilings.
+
+    The linter refuses the same profiles (``tenant.*`` rules); checked again here because
+    a bundle loaded with ``enforce=False`` reaches this point too, and no task may ever
+    run above a ceiling.
+    """
+    where = f"{bundle.directory / profile.file}"
+    own = profile.config
+    changes: dict[str, Any] = {}
+    for _, bound_name, factor, limits_field in LIMIT_FIELDS:
+        value = getattr(own.limits, bound_name)
+        if value is None:
+            continue
+        ceiling = getattr(bundle.config.limits, bound_name).ceiling
+        if value > ceiling:
+            raise ConfigurationError(
+                f"Tenant profile {where}: [limits] {bound_name} = {format_number(value)} is "
+                f"above the bundle's ceiling {format_number(ceiling)} [tenant.limit-above-ceiling]",
+                hint="a tenant profile may only stay within the bundle's ceilings",
+            )
+        changes[limits_field] = value * factor if factor != 1 else value
+    tenant_limits = replace(limits, **changes)
+    below = tenant_limits.below_minimum()
+    if below:
+        raise ConfigurationError(
+            f"Tenant profile {where}: limits below their minimum: {', '.join(below)}",
+            hint="a limit below its minimum is refused everywhere (policies/README.md 3.1)",
+        )
+    imports = bundle.config.imports
+    stdlib, external = import_policy.stdlib_allow, import_policy.external_allow
+    if own.imports.stdlib_allow is not None:
+        stdlib = _profile_allowlist(own.imports.stdlib_allow, imports.stdlib_allow_ceiling, where)
+    if own.imports.external_allow is not None:
+        external = _profile_allowlist(
+            own.imports.external_allow, imports.external_allow_ceiling, where
+        )
+    return TenantPolicy(
+        name=profile.name,
+        profile=profile,
+        limits=tenant_limits,
+        import_policy=ImportPolicy(stdlib, external),
+        guards=replace(
+            guards, stdlib_allow=tuple(sorted(stdlib)), external_allow=tuple(sorted(external))
+        ),
+        runtime=own.runtime,
+        image_variant=own.image_variant,
+    )
+
+
+def _profile_allowlist(
+    entries: tuple[str, ...], ceiling: tuple[str, ...], where: str
+) -> frozenset[str]:
+    try:
+        allowed = parse_allowlist(",".join(entries), f"{where} [imports]")
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    wider = wider_than(allowed, frozenset(ceiling))
+    if wider:
+        raise ConfigurationError(
+            f"Tenant profile {where} allows {', '.join(wider)}, beyond the policy's ceiling",
+            hint="a tenant profile may only narrow, or stay within, the bundle's ceilings",
+        )
+    return allowed
 
 
 def _allowlist(

@@ -2,7 +2,8 @@
 
 Owns: :func:`explain_bundle` (one JSON-ready document: the limits with their floors,
 the container, the import lists, the seccomp rules grouped by verdict, the AppArmor
-rules and the self-check's guarantees) and :func:`apparmor_rules` (a profile's rules
+rules and the self-check's guarantees; for one tenant, with its profile laid over
+the defaults) and :func:`apparmor_rules` (a profile's rules
 grouped under its ``# ---- section ----`` comments). The text rendering is the command
 line's; both forms are pinned by the snapshots in ``tests/fixtures/``.
 
@@ -19,6 +20,7 @@ from typing import Any
 from runner.policy.bundle import PolicyBundle
 from runner.policy.model import GUARANTEES, LIMIT_FIELDS, limit_minimum
 from runner.policy.seccomp import ARCHES, errno_name
+from runner.policy.tenant import tenant_allowlist, tenant_limit_values
 
 APPARMOR_SECTION = re.compile(r"^\s*#\s*-{2,}\s*(.+?)\s*-{2,}\s*$")
 
@@ -47,13 +49,20 @@ def apparmor_rules(text: str) -> list[tuple[str, list[str]]]:
     return [(title, rules) for title, rules in sections if rules]
 
 
-def explain_bundle(bundle: PolicyBundle) -> dict[str, Any]:
-    """What a task may and may not do, read from the bundle's files (JSON-ready)."""
+def explain_bundle(bundle: PolicyBundle, tenant: str | None = None) -> dict[str, Any]:
+    """What a task may and may not do, read from the bundle's files (JSON-ready).
+
+    ``tenant``: what one tenant's tasks may do: its profile (``tenants/<name>.toml``)
+    laid over the defaults, or the defaults when it has none; the document then has a
+    ``tenant`` section, and each limit's ``default`` is the tenant's value.
+    """
     config = bundle.config
     c = config.container
+    profile = None if tenant is None else bundle.tenants.get(tenant)
+    values = tenant_limit_values(config, profile)
     minimums = {bound_name: limit_minimum(bound_name) for _, bound_name, _, _ in LIMIT_FIELDS}
     limits = {
-        name: {"default": bound.default, "ceiling": bound.ceiling, "minimum": minimums[name]}
+        name: {"default": values[name], "ceiling": bound.ceiling, "minimum": minimums[name]}
         for name, bound in config.limits.bounds().items()
     }
     groups_allowed: list[dict[str, Any]] = []
@@ -74,7 +83,7 @@ def explain_bundle(bundle: PolicyBundle) -> dict[str, Any]:
             entry["answer"] = errno_name(errno) if rule.action == "SCMP_ACT_ERRNO" else rule.action
             refused.append(entry)
     native = [entry.architecture for entry in bundle.seccomp.archMap or ()]
-    return {
+    document: dict[str, Any] = {
         "bundle": str(bundle.directory),
         "sha256": bundle.sha256,
         "files": list(bundle.files),
@@ -95,9 +104,9 @@ def explain_bundle(bundle: PolicyBundle) -> dict[str, Any]:
             "tmpfs": dict(c.tmpfs),
         },
         "imports": {
-            "stdlibAllow": list(config.imports.stdlib_allow),
+            "stdlibAllow": list(tenant_allowlist(config, profile, "stdlib")),
             "stdlibAllowCeiling": list(config.imports.stdlib_allow_ceiling),
-            "externalAllow": list(config.imports.external_allow),
+            "externalAllow": list(tenant_allowlist(config, profile, "external")),
             "externalAllowCeiling": list(config.imports.external_allow_ceiling),
             "builtinsDeny": list(config.imports.builtins_deny),
             "builtinsDenyFloor": list(config.imports.builtins_deny_floor),
@@ -136,4 +145,42 @@ def explain_bundle(bundle: PolicyBundle) -> dict[str, Any]:
                 "timeoutS": config.selfcheck.canary_timeout_s,
             },
         },
+    }
+    if tenant is None:
+        if bundle.tenants:  # only then: a bundle without profiles explains as it always did
+            document["tenants"] = {
+                name: bundle.tenants[name].sha256 for name in sorted(bundle.tenants)
+            }
+        return document
+    return {**document, "tenant": explain_tenant(bundle, tenant)}
+
+
+def explain_tenant(bundle: PolicyBundle, tenant: str) -> dict[str, Any]:
+    """Who the tenant is to the bundle: its profile (or none), and what the profile sets."""
+    profile = bundle.tenants.get(tenant)
+    if profile is None:
+        return {
+            "name": tenant,
+            "profile": None,
+            "profileSha256": None,
+            "runtime": "standard",
+            "imageVariant": None,
+            "quota": None,
+            "sets": [],
+        }
+    tenant_config = profile.config
+    sets = [f"limits.{name}" for name in tenant_config.limits.values()]
+    sets += [
+        f"imports.{kind}_allow"
+        for kind in ("stdlib", "external")
+        if getattr(tenant_config.imports, f"{kind}_allow") is not None
+    ]
+    return {
+        "name": tenant,
+        "profile": profile.file,
+        "profileSha256": profile.sha256,
+        "runtime": tenant_config.runtime,
+        "imageVariant": tenant_config.image_variant,
+        "quota": tenant_config.quota,
+        "sets": sets,
     }

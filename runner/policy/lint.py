@@ -3,7 +3,8 @@
 Owns: :func:`check_bundle` (every rule on a parsed bundle: limits within their
 ceilings and above their floors, a non-root uid, import allowlists within their
 ceilings, a closed ``[container]``, the self-check's guarantees, the seccomp rules of
-:mod:`runner.policy.seccomp`, the AppArmor profile's name), the AppArmor compile check
+:mod:`runner.policy.seccomp`, the AppArmor profile's name, and every tenant profile
+against the ceilings by the rules of :mod:`runner.policy.tenant`), the AppArmor compile check
 (``apparmor_parser``, the only program this package runs), and :func:`lint_bundle` /
 :class:`LintReport`: all of it plus the comparison with Docker's default profile, as
 ``sandbox-runner policy lint`` prints it. What the rules insist on lives here in code,
@@ -44,6 +45,7 @@ from runner.policy.model import (
     wider_than,
 )
 from runner.policy.seccomp import check_seccomp
+from runner.policy.tenant import check_tenant
 from runner.sandbox.base import MAXIMUM_CODE_BYTES, MIB, MINIMUM_LIMITS
 
 # -- what the linter insists on, whatever the bundle says ------------------------------
@@ -68,6 +70,12 @@ def check_bundle(bundle: PolicyBundle) -> list[Finding]:
         *_check_selfcheck(bundle.config),
         *check_seccomp(bundle.config.seccomp.profile, bundle.seccomp),
         *_check_apparmor(bundle.config.apparmor, bundle.apparmor_text),
+        # Each tenant profile against the ceilings of this bundle (runner.policy.tenant).
+        *(
+            finding
+            for profile in bundle.tenants.values()
+            for finding in check_tenant(profile, bundle.config)
+        ),
     ]
 
 
@@ -330,6 +338,7 @@ class LintReport:
     sha256: str | None
     findings: tuple[Finding, ...]
     comparison: DockerComparison | None
+    tenants: tuple[tuple[str, str], ...] = ()  # (tenant, its profile's sha256), by name
 
     @property
     def errors(self) -> list[Finding]:
@@ -347,6 +356,7 @@ class LintReport:
         return {
             "bundle": str(self.directory),
             "sha256": self.sha256,
+            "tenants": dict(self.tenants),
             "ok": self.is_ok,
             "errors": len(self.errors),
             "warnings": len(self.warnings),
@@ -376,4 +386,5 @@ def lint_bundle(directory: Path, *, arch: str = "x86_64") -> LintReport:
         )
     order = {Severity.ERROR: 0, Severity.WARNING: 1}
     findings.sort(key=lambda f: (order[f.severity], f.file, f.rule, f.message))
-    return LintReport(directory, bundle.sha256, tuple(findings), comparison)
+    tenants = tuple((name, bundle.tenants[name].sha256) for name in sorted(bundle.tenants))
+    return LintReport(directory, bundle.sha256, tuple(findings), comparison, tenants)

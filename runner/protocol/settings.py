@@ -1,8 +1,10 @@
 """``broker:tasksettings.settings``: what a task asks for, validated at the trust boundary.
 
-n8n's fields with n8n's defaults (reference 5.1), plus one optional extension our
+n8n's fields with n8n's defaults (reference 5.1), plus two optional extensions our
 broker sends: ``limits`` (per-task timeout, memory and CPUs, which the runner checks
-against its own ceilings). A stock n8n never sends it. Errors use n8n's texts where
+against its own ceilings) and ``tenant`` (whose task it is: the runner applies that
+tenant's profile from its own policy bundle, never limits from the broker). A stock
+n8n never sends them, and its tasks get the runner's defaults. Errors use n8n's texts where
 it has them ("Missing field in task settings message: 'code'", "Unknown nodeMode: X").
 """
 
@@ -14,6 +16,9 @@ from pydantic import Field, ValidationError, field_validator
 
 from runner.protocol.messages import WireModel
 from runner.sandbox.base import Mode
+
+#: The longest tenant name the settings may carry (a log and audit field, not a key).
+TENANT_MAX_CHARS = 256
 
 
 class TaskLimitsRequest(WireModel):
@@ -34,6 +39,8 @@ class TaskSettings(WireModel):
     query: Any = None
     workflow_mode: str | None = None
     limits: TaskLimitsRequest | None = None
+    # Only a name: what the tenant may do is the runner's own bundle's to say.
+    tenant: str | None = Field(None, min_length=1, max_length=TENANT_MAX_CHARS)
 
     @field_validator("node_mode", mode="before")
     @classmethod

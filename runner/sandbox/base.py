@@ -128,6 +128,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_MESSAGE_TYPE = "unknown_message_type"
     # The runner service's, for a task no sandbox report came back for.
     LIMIT_ABOVE_CEILING = "limit_above_ceiling"
+    PROFILE_UNAVAILABLE = "profile_unavailable"
     INTERNAL_ERROR = "internal_error"
     # The embedded broker's.
     QUEUE_TIMEOUT = "queue_timeout"

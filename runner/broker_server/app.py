@@ -46,6 +46,7 @@ from runner.broker_server.submission import Submission, TaskLimits, prepare
 from runner.broker_server.tasks import BrokerTask, TaskStatus, WaitReason
 from runner.broker_server.tokens import GrantTokens, same_secret
 from runner.errors import (
+    InfrastructureError,
     LimitAboveCeiling,
     ProtocolError,
     SubmissionRefused,
@@ -380,6 +381,7 @@ def create_app(
         responses={
             200: {"description": "The task ended within `wait`: its result document"},
             429: {"description": "The tenant has too many unfinished tasks"},
+            503: {"description": "The broker's task store could not keep the task"},
         },
         # Documents hold the task's own values, which may carry lone surrogates: no
         # pydantic re-serialization (it refuses them); SafeJSONResponse escapes them.
@@ -434,6 +436,11 @@ def create_app(
             raise HTTPException(413, str(exc)) from None
         except TenantBacklogFull as exc:
             raise HTTPException(429, str(exc), headers={"Retry-After": "1"}) from None
+        except InfrastructureError as exc:
+            log.error("a task was refused: %s", exc)
+            raise HTTPException(
+                503, f"The broker could not keep the task: {exc}", headers={"Retry-After": "1"}
+            ) from None
         # From here on the broker holds the task as JSON text, within the tenant's
         # budget; the request's own copies (the body, its parse, the model) go now,
         # not when a long-poll ends.

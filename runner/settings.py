@@ -401,8 +401,8 @@ class Settings(BaseSettings):
         "memory",
         description="Where the embedded broker keeps its tasks: memory (lost when it "
         "stops), sqlite (the file broker-tasks.sqlite3 in SANDBOX_STATE_DIR), or "
-        "sqlite:///PATH (relative) / sqlite:////abs/PATH: queued tasks and results "
-        "survive a restart (one broker per file).",
+        "sqlite:///PATH (relative) / sqlite:////abs/PATH: queued tasks, results and "
+        "idempotency keys survive a restart (one broker per file).",
     )
 
     # --- runner identity and Docker ---

@@ -265,15 +265,22 @@ class Broker:
 
     # -- tasks --------------------------------------------------------------------------
 
-    def submit(self, submission: Submission | Prepared) -> BrokerTask:
-        """Queue a task, kept in the store before this returns.
+    def submit(
+        self, submission: Submission | Prepared, *, idempotency: tuple[str, str] | None = None
+    ) -> BrokerTask:
+        """Queue a task, kept in the store before this returns. ``idempotency``: the
+        request's ``Idempotency-Key`` and fingerprint (the task that key already names
+        is returned instead, as :meth:`replay`).
 
         Raises :class:`SubmissionRefused` (a :class:`Submission` that cannot be encoded),
         :class:`TenantBacklogFull` (too many unfinished tasks, or too many bytes of
-        them), :class:`TaskTooLarge` (more bytes than the tenant's budget, alone) or
-        :class:`InfrastructureError` (the store failed: the task was not taken).
+        them), :class:`TaskTooLarge` (more bytes than the tenant's budget, alone),
+        :class:`IdempotencyKeyReused` or :class:`InfrastructureError` (the store failed:
+        the task was not taken).
         """
         prepared = submission if isinstance(submission, Prepared) else prepare(submission)
+        if idempotency is not None and (task := self.replay(prepared.tenant, *idempotency)):
+            return task
         self._tenants.admit(
             prepared.tenant,
             prepared.size_bytes,
@@ -289,6 +296,8 @@ class Broker:
             submitted_wall=datetime.now(UTC),
             settings=prepared.settings,
             output_schema=prepared.output_schema,
+            idempotency_key=idempotency[0] if idempotency else None,
+            fingerprint=idempotency[1] if idempotency else None,
         )
         try:
             self._ledger.add(task)
@@ -300,6 +309,11 @@ class Broker:
         self._arm(task, self.config.queue_timeout_s, TaskTimer.QUEUE)
         self.dispatch()
         return task
+
+    def replay(self, tenant: str, key: str, fingerprint: str) -> BrokerTask | None:
+        """The task ``tenant`` submitted with Idempotency-Key ``key`` (while it is kept),
+        or None. Raises :class:`IdempotencyKeyReused` if that request was another."""
+        return self._ledger.replay(tenant, key, fingerprint)
 
     def get(self, task_id: str) -> BrokerTask | None:
         return self._tasks.get(task_id)

@@ -5,7 +5,8 @@ Owns: every change of a task that the store must see (a new task, a lease, a
 requeue, a result, retention's evictions), in the order the core makes them; taking
 over what a store kept when a broker starts (:meth:`TaskLedger.recover`); which
 attempt a runner's task id names (:meth:`TaskLedger.current`; a result of an older
-one is dropped and counted, :meth:`TaskLedger.is_stale`).
+one is dropped and counted, :meth:`TaskLedger.is_stale`); and the tasks'
+``Idempotency-Key`` replays (:meth:`TaskLedger.replay`).
 
 The core (:mod:`runner.broker_server.core`) decides when a task moves; this module
 only records it. The broker's memory (:class:`~runner.broker_server.tasks.TaskTable`)
@@ -29,7 +30,7 @@ from typing import Any
 
 from runner.broker_server.store import TaskStore, record_of, task_of
 from runner.broker_server.tasks import BrokerTask, TaskTable, parse_wire_id
-from runner.errors import InfrastructureError
+from runner.errors import IdempotencyKeyReused, InfrastructureError
 from runner.metrics import BrokerMetrics
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,17 @@ class TaskLedger:
                 len(recovered.finished),
             )
         return queued
+
+    def replay(self, tenant: str, key: str, fingerprint: str) -> BrokerTask | None:
+        """The task ``tenant`` submitted with Idempotency-Key ``key`` (while it is kept),
+        or None. Raises :class:`IdempotencyKeyReused` if that request was another."""
+        task = self.table.by_key(tenant, key)
+        if task is not None and task.fingerprint != fingerprint:
+            raise IdempotencyKeyReused(
+                f"Idempotency-Key {key!r} was used for task {task.task_id} with a different "
+                "request; a retry must send the same request (or use a new key)"
+            )
+        return task
 
     def current(self, wire: str) -> BrokerTask | None:
         """The task whose current attempt a runner's task id names (None: unknown, or

@@ -71,14 +71,18 @@ CREATE TABLE tasks (
     settings TEXT,                          -- JSON text, until the task finishes
     output_schema TEXT,
     document TEXT,                          -- the result document, once finished
-    finished_seq INTEGER                    -- finish order, for retention
+    finished_seq INTEGER,                   -- finish order, for retention
+    idempotency_key TEXT,
+    fingerprint TEXT
 );
+CREATE UNIQUE INDEX tasks_idempotency ON tasks (tenant, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 CREATE INDEX tasks_finished ON tasks (finished_seq) WHERE finished_seq IS NOT NULL;
 """
 
 COLUMNS = (
     "task_id, tenant, mode, timeout_s, memory_mb, cpus, submitted_wall, status, attempt, "
-    "runner_id, settings, output_schema, document"
+    "runner_id, settings, output_schema, document, idempotency_key, fingerprint"
 )
 
 
@@ -222,7 +226,7 @@ class SqliteStore:
         with self._step("to keep a new task", durable=True) as db:
             db.execute(
                 f"INSERT INTO tasks ({COLUMNS}) VALUES "  # noqa: S608 (constant columns; values bound)
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     task.task_id,
                     task.tenant,
@@ -237,6 +241,8 @@ class SqliteStore:
                     task.settings,
                     task.output_schema,
                     task.document_json,
+                    task.idempotency_key,
+                    task.fingerprint,
                 ),
             )
 
@@ -296,6 +302,8 @@ def _task(row: tuple[Any, ...]) -> StoredTask:
         settings,
         output_schema,
         document,
+        idempotency_key,
+        fingerprint,
     ) = row
     return StoredTask(
         task_id=task_id,
@@ -309,4 +317,6 @@ def _task(row: tuple[Any, ...]) -> StoredTask:
         settings=settings,
         output_schema=output_schema,
         document_json=document,
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
     )

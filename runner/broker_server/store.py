@@ -8,8 +8,8 @@ the process (:class:`MemoryStore`, today's behaviour: a restart starts empty).
 
 What survives is what a client or a runner was promised: a **queued task** with its
 submission (the settings as JSON text, the ``outputSchema``), the **result document**
-of a finished task (kept within the tenant's retention, as in memory), and the
-**lease** of a dispatched
+of a finished task (kept within the tenant's retention, as in memory), the
+**idempotency key** a task was submitted with, and the **lease** of a dispatched
 task: which runner has it and under which **attempt**. Tenants' counters (unfinished
 tasks, queued bytes, tasks on runners) are not stored: the broker recounts them from
 the tasks it recovers, so they cannot drift from the tasks they count. Timers are not
@@ -82,6 +82,8 @@ class StoredTask:
     settings: str | None = None
     output_schema: str | None = None
     document_json: str | None = None
+    idempotency_key: str | None = None
+    fingerprint: str | None = None  # of the request that created it, for that key
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +189,8 @@ def record_of(task: BrokerTask) -> StoredTask:
         settings=task.settings,
         output_schema=task.output_schema,
         document_json=task.document_json,
+        idempotency_key=task.idempotency_key,
+        fingerprint=task.fingerprint,
     )
 
 
@@ -210,6 +214,8 @@ def task_of(stored: StoredTask, now: float, wall_now: datetime) -> BrokerTask:
         output_schema=stored.output_schema,
         document_json=stored.document_json,
         attempt=stored.attempt,
+        idempotency_key=stored.idempotency_key,
+        fingerprint=stored.fingerprint,
     )
 
 

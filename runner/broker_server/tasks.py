@@ -139,6 +139,9 @@ class BrokerTask:
     deadline: float | None = None
     # Its lease's attempt: 1, plus one for each lease that died with a broker.
     attempt: int = 1
+    # The Idempotency-Key it was submitted with, and the fingerprint of that request.
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
 
     @property
     def wire_id(self) -> str:
@@ -302,12 +305,21 @@ class TaskTable:
         self._tasks: dict[str, BrokerTask] = {}
         self._finished: dict[str, deque[str]] = {}  # tenant -> finished task ids, oldest first
         self._retained_bytes: dict[str, int] = {}  # tenant -> bytes of its kept documents
+        # (tenant, Idempotency-Key) -> task id: as long as the task is kept.
+        self._keys: dict[tuple[str, str], str] = {}
 
     def add(self, task: BrokerTask) -> None:
         self._tasks[task.task_id] = task
+        if task.idempotency_key is not None:
+            self._keys[(task.tenant, task.idempotency_key)] = task.task_id
 
     def get(self, task_id: str) -> BrokerTask | None:
         return self._tasks.get(task_id)
+
+    def by_key(self, tenant: str, key: str) -> BrokerTask | None:
+        """The task ``tenant`` submitted with Idempotency-Key ``key``, while it is kept."""
+        task_id = self._keys.get((tenant, key))
+        return None if task_id is None else self._tasks.get(task_id)
 
     def __getitem__(self, task_id: str) -> BrokerTask:
         return self._tasks[task_id]
@@ -327,7 +339,7 @@ class TaskTable:
 
     def retain(self, task: BrokerTask, max_kept: int, max_bytes: int) -> list[str]:
         """Keep the tenant's last finished tasks; forget the oldest ones first. Returns
-        the ids forgotten.
+        the ids forgotten (with their idempotency keys).
 
         At most ``max_kept`` of them and ``max_bytes`` bytes of their documents; the
         newest is always kept, whatever its size (a document is bounded by what a
@@ -344,5 +356,7 @@ class TaskTable:
             if evicted is not None:
                 retained -= len(evicted.document_json or "")
                 forgotten.append(evicted.task_id)
+                if evicted.idempotency_key is not None:
+                    self._keys.pop((tenant, evicted.idempotency_key), None)
         self._retained_bytes[tenant] = retained
         return forgotten

@@ -4,7 +4,7 @@ The real ``sandbox-runner broker`` process (configured by environment only, as a
 operator would) and real ``sandbox-runner serve`` runners with real containers. The
 broker is killed with SIGKILL: no drain, nothing flushed; its successor on the same
 file must still have the queued tasks (run by a runner that connects afterwards),
-the results, and must run again, at the next attempt, a task
+the results, the idempotency keys, and must run again, at the next attempt, a task
 that was running when the broker died, dropping the old attempt's late result.
 """
 
@@ -74,7 +74,9 @@ async def test_a_broker_killed_with_sigkill_keeps_its_queue_results_and_keys(
             queued = [
                 await http.post("/v1/tasks", json={"code": f"return {n} * 2"}) for n in range(5)
             ]
-            keyed = await http.post("/v1/tasks", json={"code": "return 'keyed'"})
+            keyed = await http.post(
+                "/v1/tasks", json={"code": "return 'keyed'"}, headers={"Idempotency-Key": "k-1"}
+            )
         assert [r.status_code for r in [*queued, keyed]] == [202] * 6
     finally:
         assert first.kill() == -9, first.output
@@ -87,6 +89,11 @@ async def test_a_broker_killed_with_sigkill_keeps_its_queue_results_and_keys(
             for response in [*queued, keyed]:
                 state = await http.get(response.headers["location"])
                 assert (state.status_code, state.json()["status"]) == (202, "queued")
+            retry = await http.post(
+                "/v1/tasks", json={"code": "return 'keyed'"}, headers={"Idempotency-Key": "k-1"}
+            )
+            assert retry.json()["taskId"] == keyed.json()["taskId"]
+            assert retry.headers["idempotent-replayed"] == "true"
             runner = RunnerProcess(second.url)
             try:
                 await wait_for_a_runner(http, runner)

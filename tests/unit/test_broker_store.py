@@ -32,7 +32,7 @@ from runner.broker_server.store import (
 )
 from runner.broker_server.submission import Submission, TaskLimits
 from runner.broker_server.tasks import BrokerTask, TaskStatus, parse_wire_id, wire_id
-from runner.errors import InfrastructureError, TenantBacklogFull
+from runner.errors import IdempotencyKeyReused, InfrastructureError, TenantBacklogFull
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
     TaskAccepted,
@@ -155,7 +155,7 @@ def test_sqlite_gives_back_every_task_as_it_was(sqlite_path: Path) -> None:
         return stores[-1]
 
     store = stores[0]
-    store.add(stored("queued"))
+    store.add(stored("queued", idempotency_key="k1", fingerprint="f1"))
     store.add(stored("offered"))
     store.add(stored("running", tenant="u"))
     store.add(stored("done"))
@@ -168,7 +168,7 @@ def test_sqlite_gives_back_every_task_as_it_was(sqlite_path: Path) -> None:
     assert [t.task_id for t in recovered.unfinished] == ["queued", "offered", "running"]
     assert recovered.requeued == 2
     queued, offered, running = recovered.unfinished
-    assert queued == stored("queued")
+    assert queued == stored("queued", idempotency_key="k1", fingerprint="f1")
     # Each lease of the broker that died is over: back in the queue, next attempt.
     assert (offered.status, offered.attempt, offered.runner_id) == ("queued", 2, None)
     assert (running.status, running.attempt, running.tenant) == ("queued", 2, "u")
@@ -396,7 +396,7 @@ def test_retention_forgets_in_the_store_as_in_memory(sqlite_path: Path) -> None:
     runner = connect(first)
     tasks = []
     for n in range(3):
-        task = first.submit(submission())
+        task = first.submit(submission(), idempotency=(f"key-{n}", "fp"))
         first.runner_message(runner, TaskOffer(offer_id=f"o{n}", valid_for=5000))
         first.runner_message(runner, TaskAccepted(task_id=task.task_id))
         first.runner_message(runner, TaskDone(task_id=task.task_id, data=TaskDoneData(result=n)))
@@ -406,6 +406,9 @@ def test_retention_forgets_in_the_store_as_in_memory(sqlite_path: Path) -> None:
     assert [second.get(t.task_id) is not None for t in tasks] == [False, True, True]
     with sqlite3.connect(sqlite_path) as db:
         assert db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 2
+    # An evicted task's key is free again; a kept one's still names its task.
+    assert second.submit(submission(), idempotency=("key-0", "fp")).task_id != tasks[0].task_id
+    assert second.submit(submission(), idempotency=("key-2", "fp")).task_id == tasks[2].task_id
 
 
 def test_a_lower_retention_after_a_restart_applies_to_what_was_kept(sqlite_path: Path) -> None:
@@ -418,6 +421,32 @@ def test_a_lower_retention_after_a_restart_applies_to_what_was_kept(sqlite_path:
         first.runner_message(runner, TaskDone(task_id=task.task_id, data=TaskDoneData(result=n)))
     second = restart(sqlite_path, first, max_tasks_kept=1)
     assert [t.document["result"] for t in second.recent("t", 10)] == [2]  # type: ignore[index]
+
+
+# -- idempotency keys ----------------------------------------------------------------------
+
+
+def test_a_key_names_one_task_per_tenant(reopen: Reopen) -> None:
+    broker = Broker(BrokerConfig(), store=reopen())
+    task = broker.submit(submission("a"), idempotency=("k", "fp"))
+    assert broker.submit(submission("a"), idempotency=("k", "fp")) is task
+    assert broker.replay("a", "k", "fp") is task
+    other = broker.submit(submission("b"), idempotency=("k", "fp"))
+    assert other.task_id != task.task_id
+    with pytest.raises(IdempotencyKeyReused, match=f"used for task {task.task_id}"):
+        broker.submit(submission("a", code="return 2"), idempotency=("k", "another"))
+    assert len(broker.recent("a", 10)) == 1
+
+
+def test_a_key_survives_a_restart_on_sqlite(sqlite_path: Path) -> None:
+    first = restart(sqlite_path)
+    task = first.submit(submission(), idempotency=("k", "fp"))
+    second = restart(sqlite_path, first)
+    again = second.replay("t", "k", "fp")
+    assert again is not None
+    assert again.task_id == task.task_id
+    with pytest.raises(IdempotencyKeyReused):
+        second.replay("t", "k", "other")
 
 
 def test_a_task_the_store_cannot_keep_is_not_taken() -> None:

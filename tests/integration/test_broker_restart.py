@@ -26,6 +26,8 @@ from .harness import AUTH_TOKEN, RunnerProcess
 
 pytestmark = pytest.mark.usefixtures("task_image")
 
+QUEUED = 50  # issue 13: 50 tasks submitted, the broker SIGKILLed before any runner connects
+
 
 def broker_env(store: Path) -> dict[str, str]:
     return {"N8N_RUNNERS_AUTH_TOKEN": AUTH_TOKEN, "SANDBOX_BROKER_STORE": f"sqlite:///{store}"}
@@ -72,12 +74,13 @@ async def test_a_broker_killed_with_sigkill_keeps_its_queue_results_and_keys(
                 assert await runner.aclose() == 0, runner.output
             # No runner now: these wait in the queue when the broker dies.
             queued = [
-                await http.post("/v1/tasks", json={"code": f"return {n} * 2"}) for n in range(5)
+                await http.post("/v1/tasks", json={"code": f"return {n} * 2"})
+                for n in range(QUEUED - 1)
             ]
             keyed = await http.post(
                 "/v1/tasks", json={"code": "return 'keyed'"}, headers={"Idempotency-Key": "k-1"}
             )
-        assert [r.status_code for r in [*queued, keyed]] == [202] * 6
+        assert [r.status_code for r in [*queued, keyed]] == [202] * QUEUED
     finally:
         assert first.kill() == -9, first.output
 
@@ -105,9 +108,13 @@ async def test_a_broker_killed_with_sigkill_keeps_its_queue_results_and_keys(
             finally:
                 assert await runner.aclose() == 0, runner.output
             metrics = (await http.get("/metrics")).text
-        assert results == [0, 2, 4, 6, 8, "keyed"]
-        # Each ran once: six finished on this broker, none requeued by the restart.
-        assert metric(metrics, "sandbox_broker_tasks_total", status="success", error_code="") == 6
+        assert results == [n * 2 for n in range(QUEUED - 1)] + ["keyed"]
+        # Each ran once: QUEUED finished on this broker, none requeued by the restart,
+        # no result of another attempt seen.
+        assert (
+            metric(metrics, "sandbox_broker_tasks_total", status="success", error_code="") == QUEUED
+        )
+        assert metric(metrics, "sandbox_broker_stale_results_total") == 0
         assert metric(metrics, "sandbox_broker_requeues_total", cause="broker_restart") == 0
     finally:
         assert second.stop() == 0, second.output

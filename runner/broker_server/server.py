@@ -159,7 +159,6 @@ async def running_broker(
         broker = broker_factory(
             broker_config(settings, limits), metrics=BrokerMetrics(registry), store=store
         )
-        log.info("broker task store: %s", store.location)
         driver = BrokerDriver(broker)
         app = create_app(
             driver,

@@ -34,7 +34,9 @@ the HTTP API answers each with a status, the runner with the task's error::
     │                                not have (a runtime tier, an image variant)
     ├── SubmissionRefused            a submission that cannot travel (HTTP 422); also a ValueError
     ├── TaskTooLarge                 one task larger than its tenant's byte budget (HTTP 413)
-    └── TenantBacklogFull            a tenant with too many unfinished tasks or bytes (HTTP 429)
+    ├── TenantBacklogFull            a tenant with too many unfinished tasks or bytes (HTTP 429)
+    └── IdempotencyKeyReused         an Idempotency-Key sent again with another request body
+                                     (HTTP 422)
 
 Third-party exceptions are translated once, at the adapter edge, with
 ``raise ... from exc``: Docker's by :mod:`runner.sandbox.docker_errors`, httpx's and
@@ -170,3 +172,8 @@ class TaskTooLarge(RequestRefused):
 class TenantBacklogFull(RequestRefused):
     """A tenant already has ``max_unfinished_per_tenant`` tasks that have not finished,
     or their bytes would exceed its queued-bytes budget (both a 429: wait and retry)."""
+
+
+class IdempotencyKeyReused(RequestRefused):
+    """A tenant sent an ``Idempotency-Key`` it already used, with a different request:
+    the key names the first request's task, so the second cannot be taken (a 422)."""

@@ -221,6 +221,16 @@ class BrokerMetrics:
             "Print entries a runner sent beyond the broker's per-task cap (calls or bytes).",
             registry=registry,
         )
+        self.stale_results = Counter(
+            "sandbox_broker_stale_results",
+            "Results of an older attempt of a task (its lease died with a broker), dropped.",
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "sandbox_broker_store_errors",
+            "Steps of a task the broker's store failed to record (the broker went on).",
+            registry=registry,
+        )
 
     def watch(self, read: Callable[[], Mapping[str, int]]) -> None:
         """Expose the broker's current state (runners, offers, queue) as gauges."""

@@ -22,6 +22,7 @@ implementations or the policy (the policy imports this); ``runner.sandbox.base``
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from collections.abc import Mapping
@@ -403,6 +404,13 @@ class Settings(BaseSettings):
     broker_timeout_grace_s: float = Field(
         15, ge=0, description="The broker cancels a task this long after its own timeout."
     )
+    broker_store: str = Field(
+        "memory",
+        description="Where the embedded broker keeps its tasks: memory (lost when it "
+        "stops), sqlite (the file broker-tasks.sqlite3 in SANDBOX_STATE_DIR), or "
+        "sqlite:///PATH (relative) / sqlite:////abs/PATH: queued tasks, results and "
+        "idempotency keys survive a restart (one broker per file).",
+    )
 
     # --- runner identity and Docker ---
     runner_id: str = Field(
@@ -427,9 +435,9 @@ class Settings(BaseSettings):
     )
     state_dir: Path | None = Field(
         None,
-        description="The OCI backend's state: unpacked task images, bundles, the runtime's "
-        "state. Unset: /var/lib/sandbox-runner as root, else $XDG_STATE_HOME/sandbox-runner "
-        "(the runner image sets /var/lib/sandbox-runner-oci).",
+        description="The OCI backend's state (unpacked task images, bundles, the runtime's "
+        "state) and the broker's sqlite store. Unset: /var/lib/sandbox-runner as root, else "
+        "$XDG_STATE_HOME/sandbox-runner (the runner image sets /var/lib/sandbox-runner-oci).",
     )
     setup_attempts: int = Field(
         4, ge=1, le=20, description="Attempts for container set-up (create/attach/start)."
@@ -489,6 +497,23 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("broker_store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        text = value.strip()
+        if text in ("memory", "sqlite") or (
+            text.startswith("sqlite:///") and len(text) > len("sqlite:///")
+        ):
+            return text
+        if text.startswith("redis://"):
+            raise ValueError(
+                "SANDBOX_BROKER_STORE=redis://... is not implemented yet; use sqlite (one "
+                "broker, durable) or memory"
+            )
+        raise ValueError(
+            f"SANDBOX_BROKER_STORE must be memory, sqlite or sqlite:///PATH, not {value!r}"
+        )
+
     @field_validator("block_env_access", "health_check_server_enabled", mode="before")
     @classmethod
     def _parse_n8n_bool(cls, value: object) -> bool:
@@ -517,6 +542,18 @@ class Settings(BaseSettings):
         if any(quota < 1 for quota in quotas.values()):
             raise ValueError("SANDBOX_TENANT_QUOTAS must be tenant=number pairs, numbers >= 1")
         return quotas
+
+
+def state_dir(settings: Settings) -> Path:
+    """The state directory: ``SANDBOX_STATE_DIR``, else ``/var/lib/sandbox-runner`` for
+    root and ``$XDG_STATE_HOME/sandbox-runner`` (``~/.local/state``) for anyone else.
+    Read when called, never at import."""
+    if settings.state_dir is not None:
+        return settings.state_dir
+    if os.geteuid() == 0:
+        return Path("/var/lib/sandbox-runner")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "sandbox-runner"
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:

@@ -5,8 +5,10 @@ single-use grant token in n8n's ``{"data": {"token"}}`` envelope), ``GET /health
 and the WebSocket ``/runners/_ws?id=<runner id>`` with its upgrade checks (400 no id,
 401 no Bearer, 403 bad grant).
 
-API side (``/v1/tasks``): submit, wait for, read, list and cancel tasks as JSON,
-documented by the OpenAPI schema FastAPI serves at ``/docs`` and ``/openapi.json``.
+API side (``/v1/tasks``): submit (at most once per ``Idempotency-Key`` and tenant:
+a retry gets the first request's task, another request with the key a 422), wait
+for, read, list and cancel tasks as JSON, documented by the OpenAPI schema FastAPI
+serves at ``/docs`` and ``/openapi.json``.
 Callers authenticate with bearer API keys, each mapped to a tenant; with no keys
 configured the API serves loopback clients only, as tenant ``default``. A tenant
 sees only its own tasks (anyone else's id is a 404). ``/v1/health`` and ``/metrics``
@@ -24,14 +26,16 @@ route functions (defined inside :func:`create_app`) at run time.
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
+import json
 import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, WebSocket
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response, WebSocket
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
@@ -46,6 +50,8 @@ from runner.broker_server.submission import Submission, TaskLimits, prepare
 from runner.broker_server.tasks import BrokerTask, TaskStatus, WaitReason
 from runner.broker_server.tokens import GrantTokens, same_secret
 from runner.errors import (
+    IdempotencyKeyReused,
+    InfrastructureError,
     LimitAboveCeiling,
     ProtocolError,
     SubmissionRefused,
@@ -61,6 +67,10 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 300.0
 BEARER = re.compile(r"^Bearer (.+)$", re.IGNORECASE)
+# Idempotency-Key: visible ASCII, as Stripe's (a UUID is the usual choice), at most 255.
+IDEMPOTENCY_KEY = r"^[\x21-\x7e]+$"
+MAX_IDEMPOTENCY_KEY = 255
+REPLAYED = "Idempotent-Replayed"  # set on the answer to a replayed request, as Stripe does
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +175,14 @@ class TaskCreate(BaseModel):
     output_schema: dict[str, Any] | None = Field(
         None, alias="outputSchema", description="JSON Schema the result must match."
     )
+
+
+def request_fingerprint(body: TaskCreate) -> str:
+    """What identifies a submission for its Idempotency-Key: the body's fields, defaults
+    filled in, keys sorted (the same request, however it is spelled), hashed."""
+    fields = body.model_dump(mode="json", by_alias=True)
+    canonical = json.dumps(fields, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 class TaskWaitReason(BaseModel):
@@ -396,7 +414,12 @@ def create_app(
         summary="Submit a task",
         responses={
             200: {"description": "The task ended within `wait`: its result document"},
+            422: {
+                "description": "Invalid task, or an Idempotency-Key already used with "
+                "another request"
+            },
             429: {"description": "The tenant has too many unfinished tasks"},
+            503: {"description": "The broker's task store could not keep the task"},
         },
         # Documents hold the task's own values, which may carry lone surrogates: no
         # pydantic re-serialization (it refuses them); SafeJSONResponse escapes them.
@@ -407,7 +430,25 @@ def create_app(
         body: TaskCreate,
         tenant: Tenant,
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to wait")] = 0,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                min_length=1,
+                max_length=MAX_IDEMPOTENCY_KEY,
+                pattern=IDEMPOTENCY_KEY,
+                description="Submit at most once per key and tenant: a retry with the same "
+                "key and request gets the first request's task (header Idempotent-Replayed: "
+                "true), with another request a 422. Kept as long as the task is.",
+            ),
+        ] = None,
     ) -> Response:
+        idempotency: tuple[str, str] | None = None
+        if idempotency_key is not None:
+            # Hashing a large body takes a while: off the event loop, as prepare below.
+            idempotency = (idempotency_key, await asyncio.to_thread(request_fingerprint, body))
+            if (replayed := replay(tenant, idempotency)) is not None:
+                return answer_submit(request, replayed, wait, replayed=True)
         own = config.tenants.get(tenant)
         max_code_bytes = own.max_code_bytes if own is not None else config.max_code_bytes
         if max_code_bytes is not None:
@@ -447,18 +488,41 @@ def create_app(
         try:
             # Walking and encoding millions of values takes seconds: off the event loop.
             prepared = await asyncio.to_thread(prepare, submission, body.input_schema)
-            task = broker.submit(prepared)
+            # A request with the same key may have been taken meanwhile; nothing awaits
+            # between this look and submit, so one of them creates the task.
+            if idempotency is not None and (replayed := replay(tenant, idempotency)):
+                return answer_submit(request, replayed, wait, replayed=True)
+            task = broker.submit(prepared, idempotency=idempotency)
         except SubmissionRefused as exc:
             raise HTTPException(422, str(exc)) from None
         except TaskTooLarge as exc:
             raise HTTPException(413, str(exc)) from None
         except TenantBacklogFull as exc:
             raise HTTPException(429, str(exc), headers={"Retry-After": "1"}) from None
+        except InfrastructureError as exc:
+            log.error("a task was refused: %s", exc)
+            raise HTTPException(
+                503, f"The broker could not keep the task: {exc}", headers={"Retry-After": "1"}
+            ) from None
+        return answer_submit(request, task, wait, replayed=False)
+
+    def replay(tenant: str, idempotency: tuple[str, str]) -> BrokerTask | None:
+        try:
+            return broker.replay(tenant, *idempotency)
+        except IdempotencyKeyReused as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    def answer_submit(
+        request: Request, task: BrokerTask, wait: float, *, replayed: bool
+    ) -> Response:
+        """The answer to a submission (new or replayed): the task's state or result."""
         # From here on the broker holds the task as JSON text, within the tenant's
         # budget; the request's own copies (the body, its parse, the model) go now,
         # not when a long-poll ends.
         forget_body(request)
         headers = {"Location": f"/v1/tasks/{task.task_id}"}
+        if replayed:
+            headers[REPLAYED] = "true"
         if wait <= 0 or task.document_json is not None:
             return task_body(task, headers)
 

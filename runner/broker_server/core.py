@@ -6,8 +6,10 @@ rejection, settings, prints, completions, ``broker:taskcancel``), dispatch (live
 offers matched to queued tasks, fairly across tenants), every timer a task has (the
 2 s accept timeout, the queue timeout, the broker-side task timeout and the grace a
 runner that left gets to come back), late results from a runner that reconnected,
-why a queued task waits, and drain on shutdown. What it keeps of runners, tenants,
-submissions, tasks and callers' schemas is in the modules beside it.
+why a queued task waits, drain on shutdown, and taking over the queue a broker left
+on a durable store. What it keeps of runners, tenants, submissions, tasks and
+callers' schemas is in the modules beside it; every change of a task is written
+through to the store it is given (:mod:`runner.broker_server.ledger`).
 
 Sans-I/O, as :mod:`runner.protocol.machine`: the web layer calls plain methods
 (runner connections come in as objects with a non-blocking ``send``), time comes in
@@ -32,12 +34,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from runner.broker_server.deadlines import Deadlines
+from runner.broker_server.ledger import TaskLedger
 from runner.broker_server.runners import RunnerConnection, Runners
+from runner.broker_server.store import MemoryStore, TaskStore
 from runner.broker_server.submission import Prepared, Submission, prepare, settings_frame
 from runner.broker_server.tasks import (
     BrokerTask,
     TaskStatus,
-    TaskTable,
     TaskTimer,
     Waiting,
     completion_body,
@@ -49,6 +52,7 @@ from runner.broker_server.tasks import (
     waiting_for,
 )
 from runner.broker_server.tenants import Tenants
+from runner.errors import InfrastructureError
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
     EXTENSION_PRINTS,
@@ -125,7 +129,8 @@ class Broker:
     """All broker state and rules. Not thread-safe: the web layer calls it from its loop.
 
     ``clock``: monotonic seconds, for every deadline and duration (the web layer ticks
-    with the same clock, :attr:`clock`).
+    with the same clock, :attr:`clock`). ``store``: what outlives the process (a
+    :class:`MemoryStore` by default); what it holds is taken over at once.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class Broker:
         clock: Callable[[], float] = time.monotonic,
         *,
         metrics: BrokerMetrics | None = None,
+        store: TaskStore | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -141,12 +147,24 @@ class Broker:
         self._metrics = metrics or BrokerMetrics(CollectorRegistry())
         self._metrics.watch(self.state)
         self._runners = Runners(clock())
-        self._tasks = TaskTable()
+        self._ledger = TaskLedger(
+            store or MemoryStore(),
+            self._metrics,
+            max_kept=config.max_tasks_kept,
+            max_bytes=config.max_retained_bytes_per_tenant,
+        )
+        self._tasks = self._ledger.table
         self._tenants = Tenants()
         self._deadlines = Deadlines()
         self._draining = False
         self._events: list[Event] = []
         self._on_change: Callable[[], None] = lambda: None
+        # What the last broker on this store left: queued tasks with fresh queue timers,
+        # tenants' counts recounted from them (results are in the table already).
+        for task in self._ledger.recover(clock(), datetime.now(UTC)):
+            self._tenants.recount(task.tenant, task.held_bytes)
+            self._tenants.queue(task.tenant, task.task_id, front=False)
+            self._arm(task, config.queue_timeout_s, TaskTimer.QUEUE)
 
     # -- what the web layer acts on --------------------------------------------------------
 
@@ -177,6 +195,10 @@ class Broker:
             except Exception:
                 # One deadline's fault must not stop the others (each was its own timer).
                 log.exception("task %s: its %s deadline failed", task_id, timer.value)
+
+    @property
+    def store(self) -> TaskStore:
+        return self._ledger.store
 
     @property
     def is_draining(self) -> bool:
@@ -227,7 +249,7 @@ class Broker:
             case TaskDeferred(task_id=task_id):
                 self._declined(connection.runner_id, task_id, "deferred by a launcher")
             case Rpc(task_id=task_id, name=name, params=params):
-                task = self._tasks.get(task_id)
+                task = self._ledger.current(task_id)
                 if (
                     task is not None
                     and task.status is TaskStatus.RUNNING
@@ -245,14 +267,22 @@ class Broker:
 
     # -- tasks --------------------------------------------------------------------------
 
-    def submit(self, submission: Submission | Prepared) -> BrokerTask:
-        """Queue a task.
+    def submit(
+        self, submission: Submission | Prepared, *, idempotency: tuple[str, str] | None = None
+    ) -> BrokerTask:
+        """Queue a task, kept in the store before this returns. ``idempotency``: the
+        request's ``Idempotency-Key`` and fingerprint (the task that key already names
+        is returned instead, as :meth:`replay`).
 
         Raises :class:`SubmissionRefused` (a :class:`Submission` that cannot be encoded),
         :class:`TenantBacklogFull` (too many unfinished tasks, or too many bytes of
-        them) or :class:`TaskTooLarge` (more bytes than the tenant's budget, alone).
+        them), :class:`TaskTooLarge` (more bytes than the tenant's budget, alone),
+        :class:`IdempotencyKeyReused` or :class:`InfrastructureError` (the store failed:
+        the task was not taken).
         """
         prepared = submission if isinstance(submission, Prepared) else prepare(submission)
+        if idempotency is not None and (task := self.replay(prepared.tenant, *idempotency)):
+            return task
         self._tenants.admit(
             prepared.tenant,
             prepared.size_bytes,
@@ -268,13 +298,24 @@ class Broker:
             submitted_wall=datetime.now(UTC),
             settings=prepared.settings,
             output_schema=prepared.output_schema,
+            idempotency_key=idempotency[0] if idempotency else None,
+            fingerprint=idempotency[1] if idempotency else None,
         )
-        self._tasks.add(task)
+        try:
+            self._ledger.add(task)
+        except InfrastructureError:
+            self._tenants.finished(task.tenant, task.held_bytes)
+            raise
         self._metrics.submitted.inc()
         self._tenants.queue(task.tenant, task.task_id, front=False)
         self._arm(task, self.config.queue_timeout_s, TaskTimer.QUEUE)
         self.dispatch()
         return task
+
+    def replay(self, tenant: str, key: str, fingerprint: str) -> BrokerTask | None:
+        """The task ``tenant`` submitted with Idempotency-Key ``key`` (while it is kept),
+        or None. Raises :class:`IdempotencyKeyReused` if that request was another."""
+        return self._ledger.replay(tenant, key, fingerprint)
 
     def get(self, task_id: str) -> BrokerTask | None:
         return self._tasks.get(task_id)
@@ -343,7 +384,8 @@ class Broker:
             task.runner_id, task.offer_id = runner.connection.runner_id, offer_id
             self._tenants.activate(tenant)
             self._arm(task, self.config.accept_timeout_s, TaskTimer.ACCEPT)
-            runner.connection.send(TaskOfferAccept(task_id=task.task_id, offer_id=offer_id))
+            self._ledger.leased(task, running=False)
+            runner.connection.send(TaskOfferAccept(task_id=task.wire_id, offer_id=offer_id))
 
     def _timeout_s(self, task: BrokerTask) -> float:
         """The task's own timeout: asked for, else its tenant's profile's, else the default."""
@@ -361,13 +403,14 @@ class Broker:
         self._metrics.requeues.labels(cause=cause).inc()
         self._release(task)
         task.status, task.runner_id, task.offer_id = TaskStatus.QUEUED, None, None
+        self._ledger.requeued(task)
         self._tenants.queue(task.tenant, task.task_id, front=True)
         self._arm(task, self.config.queue_timeout_s, TaskTimer.QUEUE)
 
     # -- protocol steps -----------------------------------------------------------------
 
     def _accepted(self, runner_id: str, task_id: str) -> None:
-        task = self._tasks.get(task_id)
+        task = self._ledger.current(task_id)
         runner = self._runners.get(runner_id)
         assert runner is not None  # only a current connection's messages get here
         if task is None or task.status is not TaskStatus.OFFERED or task.runner_id != runner_id:
@@ -389,6 +432,8 @@ class Broker:
             runner.connection.send(TaskCancel(task_id=task_id, reason=NOT_WANTED_REASON))
             return
         task.status = TaskStatus.RUNNING
+        # Durable before the settings leave: an execution may start under this attempt.
+        self._ledger.leased(task, running=True)
         task.started_at = self.clock()
         self._metrics.queue_wait.observe(task.started_at - task.submitted_at)
         self._arm(task, self._timeout_s(task) + self.config.timeout_grace_s, TaskTimer.RUN)
@@ -396,7 +441,7 @@ class Broker:
         try:
             if task.settings is None:
                 raise RuntimeError("the task's settings are gone")
-            connection.send_frame(settings_frame(task_id, task.settings))
+            connection.send_frame(settings_frame(task.wire_id, task.settings))
         except Exception as exc:
             # The settings were encoded at submission, so this is a bug, not the
             # tenant's data; whatever it is, the runner now holds a slot waiting for
@@ -420,7 +465,7 @@ class Broker:
         task.settings = None
 
     def _declined(self, runner_id: str, task_id: str, reason: str) -> None:
-        task = self._tasks.get(task_id)
+        task = self._ledger.current(task_id)
         if task is None or task.status is not TaskStatus.OFFERED or task.runner_id != runner_id:
             return
         log.info(
@@ -430,7 +475,9 @@ class Broker:
         self.dispatch()
 
     def _completed(self, runner_id: str, message: TaskDone | TaskErrorMessage) -> None:
-        task = self._tasks.get(message.task_id)
+        if self._ledger.is_stale(message.task_id, runner_id):
+            return  # an older attempt's, whose lease died with a broker: dropped, counted
+        task = self._ledger.current(message.task_id)
         if task is None or task.status.is_finished:
             log.info(
                 "completion of unknown or finished task %s dropped",
@@ -487,14 +534,12 @@ class Broker:
         task.document_json = document
         self._disarm(task)
         self._emit(TaskFinished(task.task_id))
-        self._tasks.retain(
-            task, self.config.max_tasks_kept, self.config.max_retained_bytes_per_tenant
-        )
+        self._ledger.finished(task)
 
     def _tell_runner_cancel(self, task: BrokerTask, reason: str) -> None:
         runner = self._runners.get(task.runner_id)
         if runner is not None and task.status is TaskStatus.RUNNING:
-            runner.connection.send(TaskCancel(task_id=task.task_id, reason=reason))
+            runner.connection.send(TaskCancel(task_id=task.wire_id, reason=reason))
 
     # -- deadlines ----------------------------------------------------------------------
 
@@ -547,7 +592,7 @@ class Broker:
         self._finish(task, body)
         runner = self._runners.get(task.runner_id)
         if runner is not None:
-            runner.connection.send(TaskCancel(task_id=task_id, reason=TIMED_OUT_REASON))
+            runner.connection.send(TaskCancel(task_id=task.wire_id, reason=TIMED_OUT_REASON))
         self.dispatch()
 
     def _queue_expired(self, task_id: str) -> None:
@@ -598,3 +643,7 @@ class Broker:
     def close_all(self, code: int = 1001, reason: str = "broker shutting down") -> None:
         for runner in self._runners.all():
             runner.connection.close(code, reason)
+
+    def close(self) -> None:
+        """Close the store, once nothing reaches the broker any more (served no more)."""
+        self._ledger.close()

@@ -43,6 +43,8 @@ class BrokerDriver:
         self._updating = False
         self._closed = False
         broker.subscribe(self._changed)
+        # A broker that took over tasks from its store has deadlines already.
+        self._changed()
 
     def drain(self) -> None:
         """Start the broker's drain (the long-polls of queued tasks answer at once)."""

@@ -24,13 +24,15 @@ import uvicorn
 from runner.broker_server.app import ApiConfig, LimitSource, TenantCeilings, create_app
 from runner.broker_server.core import Broker, BrokerConfig
 from runner.broker_server.driver import BrokerDriver
+from runner.broker_server.sqlite_store import SqliteStore
+from runner.broker_server.store import SQLITE, SQLITE_FILE_NAME, MemoryStore, TaskStore, parse_store
 from runner.broker_server.submission import TaskLimits
 from runner.broker_server.tokens import GrantTokens
 from runner.errors import ConfigurationError, InfrastructureError
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.policy import POLICY_FILE, EffectivePolicy, TenantPolicy, load_policy
 from runner.sandbox.base import MIB, Limits
-from runner.settings import Settings, env_name
+from runner.settings import Settings, env_name, state_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,9 @@ class BrokerFactory(Protocol):
     """Makes the broker core that :func:`running_broker` serves (:class:`Broker` itself,
     or a subclass of the caller's: tests record what runners send with one)."""
 
-    def __call__(self, config: BrokerConfig, *, metrics: BrokerMetrics) -> Broker: ...
+    def __call__(
+        self, config: BrokerConfig, *, metrics: BrokerMetrics, store: TaskStore
+    ) -> Broker: ...
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -80,6 +84,16 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(128)
     sock.setblocking(False)
     return sock
+
+
+def open_store(settings: Settings) -> TaskStore:
+    """The store ``SANDBOX_BROKER_STORE`` names (the SQLite file made when missing).
+    Raises :class:`InfrastructureError` when it cannot be opened (another broker holds
+    it, a directory that cannot be written, a file of another schema version)."""
+    spec = parse_store(settings.broker_store)
+    if spec.kind != SQLITE:
+        return MemoryStore()
+    return SqliteStore(spec.path or state_dir(settings) / SQLITE_FILE_NAME)
 
 
 def broker_config(
@@ -201,7 +215,8 @@ async def running_broker(
 
     Its metrics go to ``registry`` (a new one by default) and are served at ``/metrics``;
     ``up`` passes one registry to the broker and its runner, so one scrape sees both.
-    ``broker_factory`` makes the broker core (:class:`Broker` by default).
+    ``broker_factory`` makes the broker core (:class:`Broker` by default), over the
+    store ``SANDBOX_BROKER_STORE`` names (:func:`open_store`), closed at the end.
     """
     token = auth_token or (
         settings.auth_token.get_secret_value() if settings.auth_token else secrets.token_urlsafe(24)
@@ -210,59 +225,67 @@ async def running_broker(
     log_tenants(settings, policy)
     limits = policy.limits
     registry = registry if registry is not None else CollectorRegistry()
-    broker = broker_factory(
-        broker_config(settings, limits, policy=policy), metrics=BrokerMetrics(registry)
-    )
-    driver = BrokerDriver(broker)
-    app = create_app(
-        driver,
-        GrantTokens(settings.grant_token_ttl_s),
-        ApiConfig(
-            auth_token=token,
-            api_keys=settings.api_key_tenants,
-            max_request_bytes=settings.max_request_bytes,
-            # The runner's effective limits (policy bundle + settings) cap API requests.
-            ceilings=TaskLimits(limits.timeout_s, limits.memory_bytes // MIB, limits.cpus),
-            ceiling_sources=ceiling_sources(policy),
-            max_code_bytes=limits.code_bytes,
-            max_request_json_values=settings.max_request_json_values,
-            tenants=tenant_ceilings(policy),
-        ),
-        registry=registry,
-    )
-    sock = bind(settings.broker_host, settings.broker_port)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        ws="websockets-sansio",
-        ws_max_size=settings.max_payload,
-        ws_ping_interval=settings.heartbeat_interval_s,
-        ws_ping_timeout=settings.heartbeat_interval_s,
-        lifespan="off",
-        log_config=None,
-        log_level=log_level,
-        access_log=False,
-        # Requests still open when we stop (long-polls are woken by drain) get this long.
-        timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_timeout_s),
-    )
-    server = _Server(config)
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    await asyncio.wait(
-        [serving, asyncio.ensure_future(server.ready.wait())], return_when=asyncio.FIRST_COMPLETED
-    )
-    if serving.done():
-        serving.result()  # re-raise what went wrong at start-up
-    host = settings.broker_host if ":" not in settings.broker_host else f"[{settings.broker_host}]"
-    try:
-        yield RunningBroker(broker, driver, f"http://{host}:{port}", token, port, registry)
-    finally:
-        driver.drain()
-        drained = await driver.wait_idle(settings.graceful_shutdown_timeout_s)
-        if not drained:
-            log.warning("broker stopping with %d task(s) still running", broker.running_count())
-        broker.close_all(1001, "broker shutting down")
-        await asyncio.sleep(0)  # let the writers send their close frames
-        server.should_exit = True
-        await serving
-        driver.close()
-        sock.close()
+    store = open_store(settings)
+    # Closed last, whatever happens from here on (a busy port, a failed start).
+    with contextlib.closing(store):
+        broker = broker_factory(
+            broker_config(settings, limits, policy=policy),
+            metrics=BrokerMetrics(registry),
+            store=store,
+        )
+        driver = BrokerDriver(broker)
+        app = create_app(
+            driver,
+            GrantTokens(settings.grant_token_ttl_s),
+            ApiConfig(
+                auth_token=token,
+                api_keys=settings.api_key_tenants,
+                max_request_bytes=settings.max_request_bytes,
+                # The runner's effective limits (policy bundle + settings) cap API requests.
+                ceilings=TaskLimits(limits.timeout_s, limits.memory_bytes // MIB, limits.cpus),
+                ceiling_sources=ceiling_sources(policy),
+                max_code_bytes=limits.code_bytes,
+                max_request_json_values=settings.max_request_json_values,
+                tenants=tenant_ceilings(policy),
+            ),
+            registry=registry,
+        )
+        sock = bind(settings.broker_host, settings.broker_port)
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            ws="websockets-sansio",
+            ws_max_size=settings.max_payload,
+            ws_ping_interval=settings.heartbeat_interval_s,
+            ws_ping_timeout=settings.heartbeat_interval_s,
+            lifespan="off",
+            log_config=None,
+            log_level=log_level,
+            access_log=False,
+            # Requests still open when we stop (long-polls are woken by drain) get this long.
+            timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_timeout_s),
+        )
+        server = _Server(config)
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        await asyncio.wait(
+            [serving, asyncio.ensure_future(server.ready.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if serving.done():
+            serving.result()  # re-raise what went wrong at start-up
+        host = (
+            settings.broker_host if ":" not in settings.broker_host else f"[{settings.broker_host}]"
+        )
+        try:
+            yield RunningBroker(broker, driver, f"http://{host}:{port}", token, port, registry)
+        finally:
+            driver.drain()
+            drained = await driver.wait_idle(settings.graceful_shutdown_timeout_s)
+            if not drained:
+                log.warning("broker stopping with %d task(s) still running", broker.running_count())
+            broker.close_all(1001, "broker shutting down")
+            await asyncio.sleep(0)  # let the writers send their close frames
+            server.should_exit = True
+            await serving
+            driver.close()
+            sock.close()

@@ -43,6 +43,27 @@ def new_task_id() -> str:
     return "".join(secrets.choice(TASK_ID_ALPHABET) for _ in range(16))
 
 
+# Between a task's id and its attempt in the id a runner sees; not in TASK_ID_ALPHABET,
+# so the two parts never blur.
+ATTEMPT_SEPARATOR = "."
+
+
+def wire_id(task_id: str, attempt: int) -> str:
+    """The task id runners see for ``attempt``: the task's own id for the first (what
+    n8n's protocol and every earlier broker sent), ``<id>.<attempt>`` after. A runner
+    still running an older attempt (its lease died with a broker) reports it under the
+    old id, so its late result cannot pass for the current attempt's."""
+    return task_id if attempt == 1 else f"{task_id}{ATTEMPT_SEPARATOR}{attempt}"
+
+
+def parse_wire_id(wire: str) -> tuple[str, int]:
+    """A runner's task id as (task id, attempt); an id not of that shape is attempt 1."""
+    task_id, separator, attempt = wire.partition(ATTEMPT_SEPARATOR)
+    if separator and attempt.isdigit() and int(attempt) > 1:
+        return task_id, int(attempt)
+    return wire, 1
+
+
 class TaskStatus(StrEnum):
     QUEUED = "queued"
     OFFERED = "offered"
@@ -116,6 +137,16 @@ class BrokerTask:
     # nothing is pending (always once it has finished).
     timer: TaskTimer | None = None
     deadline: float | None = None
+    # Its lease's attempt: 1, plus one for each lease that died with a broker.
+    attempt: int = 1
+    # The Idempotency-Key it was submitted with, and the fingerprint of that request.
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
+
+    @property
+    def wire_id(self) -> str:
+        """The id runners know the current attempt by (:func:`wire_id`)."""
+        return wire_id(self.task_id, self.attempt)
 
     @property
     def held_bytes(self) -> int:
@@ -274,12 +305,21 @@ class TaskTable:
         self._tasks: dict[str, BrokerTask] = {}
         self._finished: dict[str, deque[str]] = {}  # tenant -> finished task ids, oldest first
         self._retained_bytes: dict[str, int] = {}  # tenant -> bytes of its kept documents
+        # (tenant, Idempotency-Key) -> task id: as long as the task is kept.
+        self._keys: dict[tuple[str, str], str] = {}
 
     def add(self, task: BrokerTask) -> None:
         self._tasks[task.task_id] = task
+        if task.idempotency_key is not None:
+            self._keys[(task.tenant, task.idempotency_key)] = task.task_id
 
     def get(self, task_id: str) -> BrokerTask | None:
         return self._tasks.get(task_id)
+
+    def by_key(self, tenant: str, key: str) -> BrokerTask | None:
+        """The task ``tenant`` submitted with Idempotency-Key ``key``, while it is kept."""
+        task_id = self._keys.get((tenant, key))
+        return None if task_id is None else self._tasks.get(task_id)
 
     def __getitem__(self, task_id: str) -> BrokerTask:
         return self._tasks[task_id]
@@ -297,8 +337,9 @@ class TaskTable:
             t for t in self._tasks.values() if t.status in (TaskStatus.OFFERED, TaskStatus.RUNNING)
         ]
 
-    def retain(self, task: BrokerTask, max_kept: int, max_bytes: int) -> None:
-        """Keep the tenant's last finished tasks; forget the oldest ones first.
+    def retain(self, task: BrokerTask, max_kept: int, max_bytes: int) -> list[str]:
+        """Keep the tenant's last finished tasks; forget the oldest ones first. Returns
+        the ids forgotten (with their idempotency keys).
 
         At most ``max_kept`` of them and ``max_bytes`` bytes of their documents; the
         newest is always kept, whatever its size (a document is bounded by what a
@@ -309,8 +350,13 @@ class TaskTable:
         kept = self._finished.setdefault(tenant, deque())
         kept.append(task.task_id)
         retained = self._retained_bytes.get(tenant, 0) + len(task.document_json or "")
+        forgotten = []
         while len(kept) > max_kept or (retained > max_bytes and len(kept) > 1):
             evicted = self._tasks.pop(kept.popleft(), None)
             if evicted is not None:
                 retained -= len(evicted.document_json or "")
+                forgotten.append(evicted.task_id)
+                if evicted.idempotency_key is not None:
+                    self._keys.pop((tenant, evicted.idempotency_key), None)
         self._retained_bytes[tenant] = retained
+        return forgotten

@@ -54,6 +54,12 @@ class Tenants:
         self._unfinished[tenant] = self._unfinished.get(tenant, 0) + 1
         self._queued_bytes[tenant] = queued + size
 
+    def recount(self, tenant: str, size: int) -> None:
+        """Count a recovered unfinished task of ``size`` bytes, without admission: it was
+        admitted by the broker before (a budget lowered since must not lose it)."""
+        self._unfinished[tenant] = self._unfinished.get(tenant, 0) + 1
+        self._queued_bytes[tenant] = self._queued_bytes.get(tenant, 0) + size
+
     def sent(self, tenant: str, size: int) -> None:
         """``size`` bytes of a task went to its runner: the tenant no longer holds them."""
         self._queued_bytes[tenant] -= size

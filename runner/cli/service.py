@@ -81,6 +81,13 @@ def serve(ctx: click.Context) -> None:
     sys.exit(support.run(go))
 
 
+def _say_store(location: str, is_durable: bool) -> None:
+    if is_durable:
+        support.say(f"task store: {location} (queued tasks and results survive a restart)")
+    else:
+        support.say("task store: memory (tasks are lost when the broker stops)")
+
+
 @click.command("broker")
 @click.option("--host", help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", type=int, help="Port (default 5679, n8n's broker port).")
@@ -95,6 +102,7 @@ def broker(ctx: click.Context, host: str | None, port: int | None) -> None:
     async def go() -> int:
         async with running_broker(settings) as running:
             support.say(f"broker listening on {running.url} (API docs: {running.url}/docs)")
+            _say_store(running.broker.store.location, running.broker.store.is_durable)
             signame = await _wait_for_signal()
             support.say(f"{signame}: draining")
         return 0
@@ -135,6 +143,7 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
             support.say(
                 f"sandbox-runner is up: POST {running.url}/v1/tasks (API docs: {running.url}/docs)"
             )
+            _say_store(running.broker.store.location, running.broker.store.is_durable)
             signal_wait = asyncio.create_task(_wait_for_signal())
             await asyncio.wait([serving, signal_wait], return_when=asyncio.FIRST_COMPLETED)
             service.request_shutdown("Shutting down")

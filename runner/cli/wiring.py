@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import platform
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -49,6 +48,7 @@ from runner.selfcheck import (
     run_selfcheck,
 )
 from runner.settings import Settings
+from runner.settings import state_dir as settings_state_dir
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -258,13 +258,8 @@ def make_docker_sandbox(
 
 
 def state_dir(settings: Settings) -> Path:
-    """The OCI backend's state directory."""
-    if settings.state_dir is not None:
-        return settings.state_dir
-    if os.geteuid() == 0:
-        return Path("/var/lib/sandbox-runner")
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "sandbox-runner"
+    """The OCI backend's state directory (:func:`runner.settings.state_dir`)."""
+    return settings_state_dir(settings)
 
 
 def oci_runtime(settings: Settings) -> OciRuntime | str:

@@ -52,7 +52,7 @@ from runner.testing.containers import (
     SandboxContainer,
     SandboxRunnerContainer,
 )
-from runner.testing.processes import ServeProcess, UpProcess
+from runner.testing.processes import BrokerProcess, ServeProcess, UpProcess
 from runner.testing.session import (
     LABEL_TESTING,
     LABEL_TESTING_NAMESPACE,
@@ -70,6 +70,7 @@ __all__ = [
     "LABEL_TESTING_NAMESPACE",
     "LABEL_TESTING_PROCESS",
     "LABEL_TESTING_RUNNER",
+    "BrokerProcess",
     "EmbeddedBrokerContainer",
     "SandboxContainer",
     "SandboxRunnerContainer",

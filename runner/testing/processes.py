@@ -1,5 +1,6 @@
-"""runner.testing's service processes: ``sandbox-runner serve`` / ``up`` as a child process
-of this Python, configured like an operator would (environment variables only)."""
+"""runner.testing's service processes: ``sandbox-runner serve`` / ``up`` / ``broker`` as a
+child process of this Python, configured like an operator would (environment variables
+only)."""
 
 from __future__ import annotations
 
@@ -144,3 +145,41 @@ class UpProcess(_ServiceProcess):
             self.stop()
             raise
         self.url = line.removeprefix(UP_LINE).split()[0].removesuffix("/v1/tasks")
+
+
+BROKER_LINE = "broker listening on "
+
+
+class BrokerProcess(_ServiceProcess):
+    """``sandbox-runner broker`` (the embedded broker alone) as a child process on
+    ``port`` of loopback (0: a free one); :attr:`url` is its address once it listens.
+
+    ``env`` configures it (``N8N_RUNNERS_AUTH_TOKEN`` for its runners,
+    ``SANDBOX_BROKER_STORE``, ``SANDBOX_API_KEYS``, ...). Give a fixed ``port`` when
+    runners must find it again after a restart.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        port: int = 0,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        keep_lines: int | None = None,
+    ) -> None:
+        super().__init__(
+            ["broker", "--host", "127.0.0.1", "--port", str(port)], env or {}, keep_lines=keep_lines
+        )
+        try:
+            line = self.wait_for_line(BROKER_LINE, startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.url = line.removeprefix(BROKER_LINE).split()[0]
+
+    def kill(self) -> int:
+        """SIGKILL: no drain, nothing flushed, as a crash or the OOM killer; the exit code."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        return self.stop()

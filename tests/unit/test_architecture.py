@@ -188,12 +188,15 @@ BROKER_IO = (
     "runner.broker_server.driver",
     "runner.broker_server.edge",
     "runner.broker_server.server",
+    "runner.broker_server.sqlite_store",
 )
 BROKER_SANS_IO = (
     "runner.broker_server.core",
     "runner.broker_server.deadlines",
+    "runner.broker_server.ledger",
     "runner.broker_server.runners",
     "runner.broker_server.schemas",
+    "runner.broker_server.store",
     "runner.broker_server.submission",
     "runner.broker_server.tasks",
     "runner.broker_server.tenants",
@@ -452,6 +455,13 @@ RULES = [
         exempt=("runner.broker", "runner.sandbox.container"),
     ),
     Rule("R33", ("runner",), ALL, forbidden=("httpx",), exempt=("runner.broker", "runner.testing")),
+    Rule(
+        "R37",
+        ("runner",),
+        ALL,
+        forbidden=("sqlite3",),
+        exempt=("runner.broker_server.sqlite_store",),
+    ),
 ]
 # Rules checked by a test of their own below (not a list of forbidden imports).
 PACKAGES_THROUGH_INIT = "R34"

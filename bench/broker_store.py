@@ -1,0 +1,114 @@
+"""The broker core's own cost per task, for each task store: ``python -m bench.broker_store``.
+
+One task at a time through the sans-I/O core with a fake runner that answers at once
+(submit, offer, accept, result): no HTTP, no WebSocket, no container. What is left is
+the core's rules and the store's writes, so the difference between the lines is the
+store. ``sqlite`` is the store as shipped (two fsyncs per task: the submission and the
+running lease); ``sqlite, NORMAL only`` and ``sqlite, FULL always`` are the two plain
+policies, for comparison. The SQLite file is in ``--dir`` (default ``/var/tmp``: a
+disk, not a tmpfs, or fsync would cost nothing). Not part of ``make bench`` (yet);
+nothing is asserted. An fsync's cost depends on the disk and on whoever else is
+writing: run it a few times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from runner.broker_server.core import Broker, BrokerConfig
+from runner.broker_server.sqlite_store import SqliteStore
+from runner.broker_server.store import MemoryStore, TaskStore
+from runner.broker_server.submission import Submission, prepare
+from runner.protocol.messages import (
+    RunnerInfo,
+    TaskAccepted,
+    TaskDone,
+    TaskDoneData,
+    TaskOffer,
+)
+from runner.sandbox.base import Mode
+
+
+class _Runner:
+    """A runner connection that drops what it is sent."""
+
+    runner_id = "bench-runner"
+
+    def send(self, message: Any) -> None:
+        pass
+
+    def send_frame(self, frame: str) -> None:
+        pass
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+
+def _forced(durable: bool) -> type[SqliteStore]:
+    """The SQLite store with every step committed with (or without) an fsync."""
+    shipped = SqliteStore._transaction
+
+    class Forced(SqliteStore):
+        @staticmethod
+        @contextlib.contextmanager
+        def _transaction(db: Any, *, durable: bool = False) -> Iterator[None]:
+            with shipped(db, durable=forced):
+                yield
+
+    forced = durable
+    return Forced
+
+
+def measure(store: TaskStore, tasks: int) -> tuple[float, float]:
+    """Tasks per second through the core, and the median milliseconds of one."""
+    broker = Broker(
+        BrokerConfig(max_tasks_kept=tasks, max_unfinished_per_tenant=tasks), store=store
+    )
+    runner = _Runner()
+    broker.runner_connected(runner)
+    broker.runner_message(runner, RunnerInfo())
+    prepared = prepare(
+        Submission(tenant="t", code="return 1", items=[{"n": 1}], mode=Mode.ALL_ITEMS)
+    )
+    each = []
+    start = time.perf_counter()
+    for n in range(tasks):
+        began = time.perf_counter()
+        task = broker.submit(prepared)
+        broker.runner_message(runner, TaskOffer(offer_id=f"o{n}", valid_for=5000))
+        broker.runner_message(runner, TaskAccepted(task_id=task.task_id))
+        broker.runner_message(runner, TaskDone(task_id=task.task_id, data=TaskDoneData(result=1)))
+        each.append(time.perf_counter() - began)
+    total = time.perf_counter() - start
+    broker.close()
+    return tasks / total, statistics.median(each) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=1000)
+    # A disk, not a tmpfs; the run makes its own directory in it (mkdtemp, 0700).
+    parser.add_argument("--dir", type=Path, default=Path("/var/tmp"))  # noqa: S108
+    args = parser.parse_args()
+    stores: list[tuple[str, Callable[[Path], TaskStore]]] = [
+        ("memory", lambda path: MemoryStore()),
+        ("sqlite (as shipped)", SqliteStore),
+        ("sqlite, NORMAL only", _forced(False)),
+        ("sqlite, FULL always", _forced(True)),
+    ]
+    print(f"{'store':22} {'tasks/s':>9} {'p50 ms/task':>12}")
+    for name, make in stores:
+        with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+            rate, p50 = measure(make(Path(directory) / "tasks.sqlite3"), args.tasks)
+        print(f"{name:22} {rate:9.0f} {p50:12.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,13 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import ValidationError
 
-from runner.policy.model import POLICY_FILE, Finding, PolicyConfig, limits_of
+from runner.policy.model import (
+    PACKAGE_LOCK_FILE,
+    POLICY_FILE,
+    Finding,
+    PolicyConfig,
+    limits_of,
+)
 from runner.policy.seccomp import SeccompProfile
 from runner.sandbox.base import Limits
 
@@ -121,6 +127,16 @@ def parse_bundle(directory: Path) -> tuple[PolicyBundle | None, list[Finding]]:
             )
         except UnicodeDecodeError:
             findings.append(Finding("schema.syntax", apparmor_name, "not UTF-8 text"))
+
+    # The package lock says which wheels the task image holds: what tasks run under,
+    # so it is hashed with the rest (runner.sandbox.packages checks it against the
+    # request when the image is built).
+    try:
+        files.append((PACKAGE_LOCK_FILE, (directory / PACKAGE_LOCK_FILE).read_bytes()))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        findings.append(Finding("files.missing", PACKAGE_LOCK_FILE, f"cannot read: {exc.strerror}"))
 
     if seccomp is None or findings:
         return None, findings

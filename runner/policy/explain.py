@@ -79,7 +79,11 @@ def explain_bundle(bundle: PolicyBundle) -> dict[str, Any]:
         "sha256": bundle.sha256,
         "files": list(bundle.files),
         "limits": limits,
-        "image": {"repository": config.image.repository, "uid": config.image.uid},
+        "image": {
+            "repository": config.image.repository,
+            "uid": config.image.uid,
+            "pythonPackages": list(config.image.python_packages),
+        },
         "container": {
             "network": c.network_mode,
             "readOnlyRootfs": c.read_only_rootfs,

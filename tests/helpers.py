@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -232,8 +233,6 @@ def write_tree(root: Path, files: Mapping[str, str | None]) -> Path:
 def packages_bundle(dest: Path) -> Path:
     """``policies/`` copied to ``dest`` with :data:`TEST_PACKAGES` in ``[image]`` and their
     lock: the default bundle but for the packages its image holds."""
-    import shutil
-
     shutil.copytree(PROJECT_ROOT / "policies", dest)
     toml = dest / "sandbox.toml"
     text = toml.read_text(encoding="utf-8")

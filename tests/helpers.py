@@ -7,8 +7,9 @@ a user runs it (:func:`sandbox_runner`, in an environment free of the developer'
 owns on Docker (:func:`owned`), our containers on either engine
 (:func:`engine_containers`) and what is left of them (:func:`remains`), one sample of
 Prometheus' text format (:func:`sample`), a file tree written from a mapping
-(:func:`write_tree`), a free local port and a bounded wait for a condition in real
-time (:func:`until`).
+(:func:`write_tree`), a free local port, a bounded wait for a condition in real
+time (:func:`until`), and the policy bundle with numpy and pandas in its image
+(:func:`packages_bundle`).
 
 The unit tests' doubles stay in ``tests/unit/fakes.py``, the integration tests'
 fixtures and processes in ``tests/integration/conftest.py`` and ``harness.py``.
@@ -20,6 +21,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +36,14 @@ from runner.settings import PROJECT_ROOT, Settings
 
 if TYPE_CHECKING:
     import docker
+
+# The packages the tests' second bundle asks for, and its committed lock (written by
+# `sandbox-runner image lock` for them; refresh it the same way).
+TEST_PACKAGES = ("numpy==2.*", "pandas")
+TEST_PACKAGES_LOCK = PROJECT_ROOT / "tests" / "fixtures" / "python-packages.lock"
+# What task code must be allowed to import to use pandas: pandas loads dateutil's
+# submodules through importlib, which the allowlist checks too.
+PANDAS_EXTERNAL_ALLOW = "numpy,pandas,dateutil"
 
 # The prefixes of the runner's settings in the environment (and of n8n's aliases).
 SETTINGS_PREFIXES = ("N8N_", "SANDBOX_")
@@ -218,6 +228,19 @@ def write_tree(root: Path, files: Mapping[str, str | None]) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(content)
     return root
+
+
+def packages_bundle(dest: Path) -> Path:
+    """``policies/`` copied to ``dest`` with :data:`TEST_PACKAGES` in ``[image]`` and their
+    lock: the default bundle but for the packages its image holds."""
+    shutil.copytree(PROJECT_ROOT / "policies", dest)
+    toml = dest / "sandbox.toml"
+    text = toml.read_text(encoding="utf-8")
+    asked = "python_packages = [" + ", ".join(f'"{p}"' for p in TEST_PACKAGES) + "]"
+    assert text.count("\npython_packages = []\n") == 1, "policies/sandbox.toml changed shape"
+    toml.write_text(text.replace("\npython_packages = []\n", f"\n{asked}\n"), encoding="utf-8")
+    shutil.copyfile(TEST_PACKAGES_LOCK, dest / TEST_PACKAGES_LOCK.name)
+    return dest
 
 
 def free_port() -> int:

@@ -1,7 +1,9 @@
-"""``sandbox-runner image build|build-runner|tag``: the task image and the runner image.
+"""``sandbox-runner image build|build-runner|tag|lock``: the task image and the runner image.
 
-Owns: the commands that build the images (each only when its inputs changed) or
-print the tag the current sources map to. The builds themselves are
+Owns: the commands that build the images (each only when its inputs changed),
+print the tag the current sources map to, or resolve the bundle's
+``[image] python_packages`` into its lock file (:mod:`runner.sandbox.packages`).
+The builds themselves are
 :mod:`runner.sandbox.image` and :mod:`runner.runner_image`, their recipe from
 :mod:`runner.cli.wiring`. Registered in :mod:`runner.cli.app` with
 ``main.add_command``.
@@ -90,6 +92,53 @@ def image_tag() -> None:
     if tag is None:
         support.fail("the base image does not exist yet; run `sandbox-runner image build`")
     click.echo(tag)
+
+
+@image.command("lock")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Only check that the lock matches [image] python_packages (no network); exit 1 if not.",
+)
+def image_lock(check: bool) -> None:
+    """Resolve the bundle's [image] python_packages into its python-packages.lock.
+
+    pip on this host downloads binary wheels only (no package is built here), for the
+    task image's interpreter, dependencies included; the lock pins each one by
+    version and sha256, and the wheels stay in the cache for the next image build.
+    Review the lock's diff like any policy change.
+    """
+    from runner.errors import RunnerError
+    from runner.policy import PolicyBundle, load_bundle
+    from runner.sandbox.packages import LOCK_FILE, default_wheel_cache, load_lock, resolve
+
+    settings = support.settings()
+
+    async def load() -> PolicyBundle:
+        return await asyncio.to_thread(load_bundle, settings.policy_dir)
+
+    bundle = support.run(load)
+    requested = bundle.config.image.python_packages
+    path = bundle.directory / LOCK_FILE
+    if check:
+        try:
+            load_lock(bundle.directory, requested)
+        except RunnerError as exc:
+            click.echo(f"sandbox-runner: error: {exc}", err=True)
+            raise SystemExit(1) from exc
+        click.echo(f"{path}: up to date" if requested else "no package asked for")
+        return
+    if not requested:
+        path.unlink(missing_ok=True)
+        click.echo(f"[image] python_packages is empty: no lock ({path} removed if it was there)")
+        return
+
+    async def go() -> str:
+        cache = default_wheel_cache()
+        return await asyncio.to_thread(resolve, requested, support.progress, cache=cache)
+
+    path.write_text(support.run(go), encoding="utf-8")
+    click.echo(str(path))
 
 
 __all__ = ["image"]

@@ -299,6 +299,8 @@ def render_explain(doc: dict[str, Any]) -> str:
         "",
         "CONTAINER (one per task, destroyed after it)",
         f"  runs as      uid {image['uid']} (image {image['repository']}), never root",
+        f"  holds        {', '.join(image['pythonPackages']) or 'no third-party package'} "
+        "(python_packages; pinned in python-packages.lock; imported only as external_allow says)",
         f"  may          write only {tmpfs or 'nothing'}; size limits.tmpfs_mb",
         f"  may not      write the image (read-only root filesystem: {c['readOnlyRootfs']})",
         f"  may not      reach any network (network_mode {c['network']}: only lo)",

@@ -38,6 +38,7 @@ from runner.sandbox.oci import cgroups
 from runner.sandbox.oci.rootfs import RootfsStore
 from runner.sandbox.oci.runtime import OciRuntime, find_runtime, why_not
 from runner.sandbox.oci.sandbox import OciSandbox
+from runner.sandbox.packages import load_lock
 from runner.sandbox.pool import PoolConfig
 from runner.selfcheck import (
     SelfCheckCache,
@@ -67,7 +68,10 @@ def limits_from(
 
 
 def image_recipe(settings: Settings, *, policy: EffectivePolicy | None = None) -> ImageRecipe:
-    image = (policy.bundle if policy else load_bundle(settings.policy_dir)).config.image
+    """The task image the bundle describes; its packages from the bundle's lock (a
+    missing or stale lock is a :class:`ConfigurationError` naming the file)."""
+    bundle = policy.bundle if policy else load_bundle(settings.policy_dir)
+    image = bundle.config.image
     return ImageRecipe(
         image_dir=settings.image_dir,
         base_image=settings.base_image,
@@ -75,6 +79,7 @@ def image_recipe(settings: Settings, *, policy: EffectivePolicy | None = None) -
         debian_mirror=settings.debian_mirror,
         repository=image.repository,
         uid=image.uid,
+        packages=load_lock(bundle.directory, image.python_packages),
     )
 
 

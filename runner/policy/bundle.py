@@ -26,7 +26,13 @@ from types import MappingProxyType
 
 from pydantic import ValidationError
 
-from runner.policy.model import POLICY_FILE, Finding, PolicyConfig, limits_of
+from runner.policy.model import (
+    PACKAGE_LOCK_FILE,
+    POLICY_FILE,
+    Finding,
+    PolicyConfig,
+    limits_of,
+)
 from runner.policy.seccomp import SeccompProfile
 from runner.policy.tenant import TENANTS_DIR, TenantConfig, TenantProfile, profile_name
 from runner.sandbox.base import Limits
@@ -130,6 +136,15 @@ def parse_bundle(directory: Path) -> tuple[PolicyBundle | None, list[Finding]]:
     tenants, tenant_files, tenant_findings = _parse_tenants(directory)
     findings.extend(tenant_findings)
     files.extend(tenant_files)
+    # The package lock says which wheels the task image holds: what tasks run under,
+    # so it is hashed with the rest (runner.sandbox.packages checks it against the
+    # request when the image is built).
+    try:
+        files.append((PACKAGE_LOCK_FILE, (directory / PACKAGE_LOCK_FILE).read_bytes()))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        findings.append(Finding("files.missing", PACKAGE_LOCK_FILE, f"cannot read: {exc.strerror}"))
 
     if seccomp is None or findings:
         return None, findings

@@ -88,7 +88,11 @@ def explain_bundle(bundle: PolicyBundle, tenant: str | None = None) -> dict[str,
         "sha256": bundle.sha256,
         "files": list(bundle.files),
         "limits": limits,
-        "image": {"repository": config.image.repository, "uid": config.image.uid},
+        "image": {
+            "repository": config.image.repository,
+            "uid": config.image.uid,
+            "pythonPackages": list(config.image.python_packages),
+        },
         "container": {
             "network": c.network_mode,
             "readOnlyRootfs": c.read_only_rootfs,

@@ -18,13 +18,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from runner.sandbox.base import MIB, MINIMUM_LIMITS, Limits
 
 POLICY_FILE = "sandbox.toml"
+# The lock of [image] python_packages, beside POLICY_FILE: part of the bundle (and of
+# its sha256) when present. Written and read by runner.sandbox.packages (LOCK_FILE).
+PACKAGE_LOCK_FILE = "python-packages.lock"
 
 
 #: Every guarantee the self-check proves, and what it means.
@@ -107,9 +110,22 @@ class LimitsSection(FrozenModel):
         return {name: getattr(self, name) for name in type(self).model_fields}
 
 
+# One pip requirement of [image] python_packages: a name, extras, version clauses.
+# Nothing else (no URL, path, marker or option): the string goes to pip on the host,
+# so "--index-url=..." or "pkg @ https://..." must never be read as one.
+_VERSION_CLAUSE = r"\s*(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+"
+PYTHON_REQUIREMENT = (
+    r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?(?:\[[A-Za-z0-9._,-]+\])?"
+    rf"(?:{_VERSION_CLAUSE}(?:\s*,{_VERSION_CLAUSE})*)?$"
+)
+
+
 class ImageSection(FrozenModel):
     repository: str = Field(pattern=r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*$")
     uid: int = Field(ge=0, le=2**31 - 1)
+    # Third-party packages installed in the task image, pinned by the bundle's
+    # python-packages.lock (runner.sandbox.packages); empty: the standard library only.
+    python_packages: tuple[Annotated[str, Field(pattern=PYTHON_REQUIREMENT)], ...] = ()
 
 
 class ImportsSection(FrozenModel):

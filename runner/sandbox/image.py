@@ -14,9 +14,12 @@ Two layers:
    filesystem; build output is redacted, and the finished root filesystem is searched
    for them before it becomes an image.
 2. **Task image.** ``sandbox_image/Dockerfile`` on top of the base: tini, the
-   agent (with the analyzer core copied in), a dedicated non-root user, no
-   setuid/setgid bits, labels. Its tag is a hash of every input (Dockerfile, agent
-   files, base image id, build arguments), so it is rebuilt only when one changes.
+   agent (with the analyzer core copied in), the bundle's locked Python packages
+   (:mod:`runner.sandbox.packages`: installed into a folder on the host from cached,
+   hash-checked wheels, copied in read-only, compiled by the image's interpreter), a
+   dedicated non-root user, no setuid/setgid bits, labels. Its tag is a hash of every
+   input (Dockerfile, agent files, base image id, build arguments, the package lock),
+   so it is rebuilt only when one changes: an unchanged lock downloads nothing.
 
 Progress (debootstrap and build output) is reported through a callback.
 """
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -36,6 +38,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import docker
 import docker.errors
@@ -43,6 +46,7 @@ import docker.errors
 from runner.errors import ImageBuildError
 from runner.sandbox.bundle import agent_sources, hash_files
 from runner.sandbox.docker_errors import DOCKER_FAULTS, docker_errors
+from runner.sandbox.packages import PackageLock, default_wheel_cache, stage_packages
 
 TASK_REPOSITORY = "sandbox-runner-task"
 BASE_REPOSITORY = "sandbox-runner-base"
@@ -80,6 +84,9 @@ class ImageRecipe:
     # From the policy bundle's [image] section (policies/sandbox.toml).
     repository: str = TASK_REPOSITORY
     uid: int = SANDBOX_UID
+    # The bundle's package lock ([image] python_packages), None for the standard
+    # library alone.
+    packages: PackageLock | None = None
 
     @property
     def base_tag(self) -> str:
@@ -97,7 +104,11 @@ class ImageRecipe:
         return files
 
     def task_tag(self, base_id: str) -> str:
-        digest = hashlib.sha256(f"base={base_id};uid={self.uid}\n".encode())
+        inputs = f"base={base_id};uid={self.uid}"
+        if self.packages is not None:
+            # The lock's own hash: the same lock, the same image, nothing downloaded.
+            inputs += f";packages={self.packages.sha256}"
+        digest = hashlib.sha256(f"{inputs}\n".encode())
         return f"{self.repository}:{hash_files(self.build_files(), digest)[:16]}"
 
 
@@ -227,7 +238,7 @@ def files_holding(root: Path, secrets: Iterable[str]) -> list[str]:
 
 def docker_build(
     client: docker.DockerClient,
-    context: io.BytesIO,
+    context: IO[bytes],
     tag: str,
     *,
     what: str,
@@ -427,20 +438,46 @@ class ImageBuilder:
 
     def _build_task_image(self, tag: str) -> None:
         self._progress(f"building task image {tag} on {self._recipe.base_tag}")
-        context = io.BytesIO()
-        with tarfile.open(fileobj=context, mode="w") as tar:
-            for name, path in sorted(self._recipe.build_files().items()):
-                tar.add(path, arcname=name)
-        context.seek(0)
-        docker_build(
-            self._client,
-            context,
-            tag,
-            what="the task image",
-            # The bootstrapped base has everything: the build needs no network (and
-            # works while the daemon's default bridge is down); a registry base may
-            # need apt for tini.
-            network=bool(self._recipe.base_image),
-            buildargs={"BASE_IMAGE": self._recipe.base_tag, "SANDBOX_UID": str(self._recipe.uid)},
-            progress=self._progress,
-        )
+        lock = self._recipe.packages
+        with tempfile.TemporaryDirectory(prefix="sandbox-task-image-") as tmp:
+            staged = Path(tmp) / "packages"
+            staged.mkdir()
+            if lock is not None:
+                stage_packages(lock, default_wheel_cache(), staged, self._progress)
+            # On disk, not in memory: with packages the context is ~100 MB.
+            with open(Path(tmp) / "context.tar", "w+b") as context:
+                with tarfile.open(fileobj=context, mode="w") as tar:
+                    for name, path in sorted(self._recipe.build_files().items()):
+                        tar.add(path, arcname=name)
+                    # The folder itself too: COPY packages/ needs it, even empty.
+                    tar.add(staged, arcname="packages", filter=_read_only)
+                context.seek(0)
+                imports = " ".join(lock.provides) if lock is not None else ""
+                docker_build(
+                    self._client,
+                    context,
+                    tag,
+                    what="the task image",
+                    # The bootstrapped base has everything: the build needs no network
+                    # (and works while the daemon's default bridge is down); a registry
+                    # base may need apt for tini. Packages come staged, never from an
+                    # index inside the build.
+                    network=bool(self._recipe.base_image),
+                    buildargs={
+                        "BASE_IMAGE": self._recipe.base_tag,
+                        "SANDBOX_UID": str(self._recipe.uid),
+                        "PACKAGE_IMPORTS": imports,
+                        "PACKAGE_LOCK_SHA256": lock.sha256 if lock is not None else "",
+                    },
+                    progress=self._progress,
+                )
+
+
+def _read_only(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """A staged package file as the image gets it: root's, nobody else may write it,
+    no setuid, setgid or sticky bit (COPY keeps a context's modes)."""
+    member.uid = member.gid = 0
+    member.uname = member.gname = "root"
+    executable = member.isdir() or member.mode & 0o111
+    member.mode = 0o755 if executable else 0o644
+    return member

@@ -1000,3 +1000,79 @@ def test_harden_process_wildcards_keep_a_whole_kind(agent_path: Path) -> None:
     assert external_all["import_module_os"].startswith(
         "Import of standard library module 'os' is disallowed"
     )
+
+
+# -- third-party packages after hardening (issue 14) -------------------------------------
+
+LIBRARY_SCRIPT = r"""
+import importlib, json, sys
+
+import collections.abc  # loaded before hardening and kept: collections is allowed
+from sandbox_agent import guards
+from sandbox_agent.analyzer_core import ImportPolicy
+
+guards.harden_process(ImportPolicy(frozenset({"collections"}), frozenset()))
+report = {}
+# A package probing for an optional dependency, as pandas does for pytz.
+try:
+    importlib.import_module("pytz")
+    report["optional"] = "imported"
+except ImportError as exc:
+    report["optional"] = [
+        type(exc).__name__, isinstance(exc, guards.SecurityViolation), exc.description
+    ]
+# A package deriving from a kept ABC and from abc.ABC, imported after the purge.
+import abc
+class Both(collections.abc.Iterator, abc.ABC):
+    def __next__(self):
+        raise StopIteration
+report["abc"] = [abc.ABCMeta is type(collections.abc.Iterator), type(Both).__name__]
+print(json.dumps(report))
+"""
+
+
+def test_importlib_refuses_library_code_as_a_missing_module(agent_path: Path) -> None:
+    done = run_harness(agent_path, LIBRARY_SCRIPT)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    # Refused all the same, and a security violation; to the library, an ImportError.
+    assert report["optional"] == [
+        "ImportRefused",
+        True,
+        "Import of external package 'pytz' is disallowed. Allowed external packages: none",
+    ]
+    # abc stays loaded: a second ABCMeta made `class X(Iterator, ABC)` a metaclass
+    # conflict (pandas' SASReader) before it did.
+    assert report["abc"] == [True, "ABCMeta"]
+
+
+@pytest.mark.parametrize(
+    ("code", "stdlib"),
+    [
+        pytest.param(
+            "try:\n    import os\nexcept ImportError:\n    return 'swallowed'", (), id="import"
+        ),
+        pytest.param(
+            "import importlib\ntry:\n    importlib.import_module('os')\n"
+            "except ImportError:\n    return 'swallowed'",
+            ("importlib",),
+            id="importlib",
+        ),
+    ],
+)
+def test_task_code_cannot_take_a_refusal_for_a_missing_module(
+    agent_path: Path, code: str, stdlib: tuple[str, ...]
+) -> None:
+    outcome = execute(agent_path, code, stdlib=stdlib)
+    outcome.pop("prints")
+    allowed = ", ".join(stdlib) or "none"
+    assert outcome == {
+        "error": violation(
+            f"Import of standard library module 'os' is disallowed. Allowed stdlib modules: "
+            f"{allowed}"
+        )
+    }
+
+
+def test_harden_process_keeps_abc(agent_path: Path) -> None:
+    assert "abc" in harden(agent_path, ["json"], [])["modules"]

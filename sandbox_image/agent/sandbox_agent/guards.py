@@ -55,8 +55,12 @@ DEFAULT_MAX_PRINT_CALLS = 100  # n8n's MAX_PRINT_ARGS_ALLOWED
 # Modules the interpreter and the agent cannot do without (n8n keeps the same set),
 # and ``ast``: ``traceback`` imports it to place the carets under the user's line
 # (3.11+). Purged, every user error paid a fresh import of ast with contextlib,
-# collections, functools and enum beneath it (~10 ms of the child's CPU). Task code
-# still imports it only if the allowlist says so; the guard checks the name.
+# collections, functools and enum beneath it (~10 ms of the child's CPU). And
+# ``abc``: kept modules (``collections.abc``, ``typing``) hold classes made by its
+# ``ABCMeta``; purged, a package imported afterwards (pandas) got a second ``abc``
+# with a second ``ABCMeta``, and ``class X(Iterator[T], ABC)`` failed with a
+# metaclass conflict. Task code still imports these only if the allowlist says so;
+# the guard checks the name, not ``sys.modules``.
 _ALWAYS_KEPT_MODULES = frozenset(
     {
         "builtins",
@@ -67,6 +71,7 @@ _ALWAYS_KEPT_MODULES = frozenset(
         "importlib",
         "importlib.machinery",
         "ast",
+        "abc",
     }
 )
 
@@ -102,6 +107,21 @@ class SecurityViolation(Exception):
         super().__init__(message)
         self.message = message
         self.description = description
+
+
+class ImportRefused(SecurityViolation, ModuleNotFoundError):
+    """The ``importlib`` guards' refusal: a security violation that library code
+    takes for a missing module.
+
+    Packages probe for optional dependencies with ``importlib.import_module`` inside
+    ``except ImportError`` (pandas and ``pytz``): to them a module the allowlist
+    refuses is a module that is not there, and they carry on without it. Nothing is
+    loaded either way. Uncaught, it ends the task as any security violation does;
+    the task's own ``import`` statement raises a plain :class:`SecurityViolation`.
+    """
+
+    def __init__(self, description: str) -> None:
+        SecurityViolation.__init__(self, description)
 
 
 class OutputLimitExceeded(BaseException):
@@ -209,7 +229,7 @@ class ImportGuard(_Hardened):
     ``importlib`` entry points hand library code the real modules.
     """
 
-    __slots__ = ("_helpers", "_original", "_policy", "_proxy_modules")
+    __slots__ = ("_helpers", "_original", "_policy", "_proxy_modules", "_refusal")
     _display_name = "__import__"
     _wraps_an_import: ClassVar[bool] = True
 
@@ -230,6 +250,10 @@ class ImportGuard(_Hardened):
         object.__setattr__(self, "_original", _unwrap_import(original))
         object.__setattr__(self, "_helpers", helpers if allow_runtime_helpers else frozenset())
         object.__setattr__(self, "_proxy_modules", proxy_modules and not policy.allows_everything)
+        # The task's own import refuses with n8n's SecurityViolation; the importlib
+        # entry points, which library code calls, with ImportRefused (also an
+        # ImportError: an optional dependency outside the allowlist reads as absent).
+        object.__setattr__(self, "_refusal", SecurityViolation if proxy_modules else ImportRefused)
 
     def __call__(self, name: object, *args: Any, **kwargs: Any) -> Any:
         module = _exact_str(name)
@@ -240,7 +264,10 @@ class ImportGuard(_Hardened):
         error = import_error(target, policy)
         if error is not None:
             if target not in object.__getattribute__(self, "_helpers"):
-                raise SecurityViolation(error)
+                refusal = object.__getattribute__(self, "_refusal")
+                if refusal is ImportRefused and _called_by_task_code():
+                    refusal = SecurityViolation  # n8n's, to task code calling importlib
+                raise refusal(error)
             return object.__getattribute__(self, "_original")(module, *args, **kwargs)
         imported = object.__getattribute__(self, "_original")(module, *args, **kwargs)
         if object.__getattribute__(self, "_proxy_modules") and isinstance(
@@ -248,6 +275,17 @@ class ImportGuard(_Hardened):
         ):
             return ModuleProxy(imported, policy)
         return imported
+
+
+def _called_by_task_code() -> bool:
+    """Whether the code calling the guard (two frames up) is the task's own: its
+    globals hold the task's read-only builtins. It only chooses the exception class of
+    a refusal (both refuse), so a frame that lies changes nothing that matters."""
+    try:
+        caller = sys._getframe(2)
+    except ValueError:
+        return False
+    return type(caller.f_globals.get("__builtins__")) is ReadOnlyBuiltins
 
 
 # Dunders of a module that hold what the allowlist refuses: every private name, the

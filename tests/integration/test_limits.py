@@ -207,13 +207,13 @@ async def test_cpu_loop_ignoring_sigterm_dies_on_time(
 ) -> None:
     async with pipeline_for(guards_off=True, task_timeout_s=2) as pipeline:
         report = await pipeline.run(request(CPU_LOOP_IGNORING_SIGTERM))
-    # Killed at its deadline (plus the kill's grace), not left running: the run
-    # phase of the audit record, which container set-up does not count in.
-    elapsed = report.audit["durationsMs"]["run"] / 1000
+    # Killed by the agent at the task's own deadline (SIGKILL after the ignored SIGTERM),
+    # not left running until the host's deadline behind it: whose verdict it is says
+    # which, where a wall-clock bound would flake on a loaded machine.
     assert report.outcome is Outcome.TIMEOUT, report.document()
     assert report.error is not None
     assert report.error.message == "Task execution timed out after 2 seconds"
-    assert elapsed < 2 + 3, f"took {elapsed:.1f}s"
+    assert report.audit["details"]["verdictSource"] == "agent:deadline", report.audit
     assert_clean(docker_client, report, start)
 
 
@@ -222,13 +222,12 @@ async def test_host_deadline_kills_a_container_whose_agent_cannot_report(
 ) -> None:
     async with pipeline_for(guards_off=True, task_timeout_s=1) as pipeline:
         report = await pipeline.run(request(AGENT_FROZEN))
-    # Killed at its deadline (plus the kill's grace), not left running: the run
-    # phase of the audit record, which container set-up does not count in.
-    elapsed = report.audit["durationsMs"]["run"] / 1000
+    # The agent cannot report: the host's deadline ends it (and says so), and the
+    # container is gone afterwards (assert_clean).
     assert report.outcome is Outcome.TIMEOUT, report.document()
     assert report.error is not None
     assert report.error.message == "Task execution timed out after 1 second"
-    assert elapsed < 1 + 5 + 3, f"took {elapsed:.1f}s"
+    assert report.audit["details"]["verdictSource"] == "host:deadline", report.audit
     assert_clean(docker_client, report, start)
 
 

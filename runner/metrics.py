@@ -24,6 +24,8 @@ Broker (``broker``/``up``; ``/metrics`` on its HTTP port):
 - ``sandbox_broker_queue_wait_seconds``: submitted -> accepted by a runner
 - ``sandbox_broker_task_duration_seconds``: accepted -> finished
 - ``sandbox_broker_requeues_total{cause}``: a task handed back to the queue
+- ``sandbox_broker_retries_total{error_code}``: a failed attempt tried again (its policy)
+- ``sandbox_broker_dead_letters_total{error_code}``: a task whose policy gave up on it
 - ``sandbox_broker_offers_total``: offers received from runners
 - gauges: ``sandbox_broker_runners``, ``sandbox_broker_open_offers``,
   ``sandbox_broker_queued_tasks``, ``sandbox_broker_running_tasks``
@@ -215,6 +217,20 @@ class BrokerMetrics:
         )
         self.offers = Counter(
             "sandbox_broker_offers", "Offers received from runners.", registry=registry
+        )
+        # error_code: one of the retry allowlist's few codes (never a tenant, never a
+        # code a runner made up: only those are retried), so the labels stay bounded.
+        self.retries = Counter(
+            "sandbox_broker_retries",
+            "Failed attempts tried again by the task's retry policy, by the attempt's code.",
+            ["error_code"],
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "sandbox_broker_dead_letters",
+            "Tasks whose retry policy gave up (status dead), by the last attempt's code.",
+            ["error_code"],
+            registry=registry,
         )
         self.prints_dropped = Counter(
             "sandbox_broker_prints_dropped",

@@ -45,6 +45,7 @@ from starlette.websockets import WebSocketDisconnect
 from runner import __version__
 from runner.broker_server.driver import BrokerDriver
 from runner.broker_server.edge import BodyLimit, LateResponse, SafeJSONResponse, forget_body
+from runner.broker_server.retry import RetryRequest, backoff_problem
 from runner.broker_server.schemas import check_schema
 from runner.broker_server.submission import Submission, TaskLimits, prepare
 from runner.broker_server.tasks import BrokerTask, TaskStatus, WaitReason
@@ -175,12 +176,21 @@ class TaskCreate(BaseModel):
     output_schema: dict[str, Any] | None = Field(
         None, alias="outputSchema", description="JSON Schema the result must match."
     )
+    retry: RetryRequest | None = Field(
+        None,
+        description="Retry policy for infrastructure failures (runner_lost, "
+        "container_setup_failed, ...); without one, a task has one attempt.",
+    )
 
 
 def request_fingerprint(body: TaskCreate) -> str:
     """What identifies a submission for its Idempotency-Key: the body's fields, defaults
-    filled in, keys sorted (the same request, however it is spelled), hashed."""
-    fields = body.model_dump(mode="json", by_alias=True)
+    filled in, keys sorted (the same request, however it is spelled), hashed. A body
+    without ``retry`` hashes as it did before the field existed (keys kept across an
+    upgrade still match their requests)."""
+    fields = body.model_dump(
+        mode="json", by_alias=True, exclude={"retry"} if body.retry is None else None
+    )
     canonical = json.dumps(fields, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
@@ -190,14 +200,25 @@ class TaskWaitReason(BaseModel):
     message: str
 
 
+class AttemptState(BaseModel):
+    attempt: int
+    failedAt: str
+    error: dict[str, str]
+
+
 class TaskState(BaseModel):
     taskId: str
-    status: Literal["queued", "offered", "running", "success", "error"]
+    status: Literal["queued", "offered", "running", "success", "error", "dead"]
     mode: str
     submittedAt: str
     runnerId: str | None = None
     waitReason: TaskWaitReason | None = Field(
         None, description="Why a queued task has not started yet (null once it has)."
+    )
+    # Only for a task with a retry policy (absent otherwise).
+    attempt: int | None = Field(None, description="The current attempt (retry policy only).")
+    attempts: list[AttemptState] | None = Field(
+        None, description="Each failed attempt's error, oldest first (retry policy only)."
     )
 
 
@@ -475,6 +496,9 @@ def create_app(
             problem = check_schema(schema, name)
             if problem is not None:
                 raise HTTPException(422, problem)
+        retry = None if body.retry is None else body.retry.policy()
+        if retry is not None and (problem := backoff_problem(retry, broker.config)):
+            raise HTTPException(422, problem)
         submission = Submission(
             tenant=tenant,
             code=body.code,
@@ -484,6 +508,7 @@ def create_app(
             query=body.query,
             limits=TaskLimits(body.timeout_seconds, body.memory_mb, body.cpus),
             output_schema=body.output_schema,
+            retry=retry,
         )
         try:
             # Walking and encoding millions of values takes seconds: off the event loop.
@@ -547,10 +572,22 @@ def create_app(
         await wait_for(task, wait)
         return task_body(task)
 
-    @app.get("/v1/tasks", tags=["tasks"], summary="Recent tasks of the caller's tenant")
-    async def listing(tenant: Tenant, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> TaskList:
+    @app.get(
+        "/v1/tasks",
+        tags=["tasks"],
+        summary="Recent tasks of the caller's tenant (status=dead: its dead letters)",
+        # attempt/attempts appear for tasks with a retry policy only.
+        response_model_exclude_unset=True,
+    )
+    async def listing(
+        tenant: Tenant,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        status: Annotated[
+            TaskStatus | None, Query(description="Only tasks in this status (dead: dead letters)")
+        ] = None,
+    ) -> TaskList:
         return TaskList(
-            tasks=[TaskState(**broker.summary(t)) for t in broker.recent(tenant, limit)]
+            tasks=[TaskState(**broker.summary(t)) for t in broker.recent(tenant, limit, status)]
         )
 
     @app.delete("/v1/tasks/{task_id}", tags=["tasks"], summary="Cancel a task", response_model=None)

@@ -4,8 +4,11 @@ Owns: each task's life (queued -> offered -> running -> finished) and the protoc
 steps that move it (n8n's broker side: ``runner:info``, offers, acceptance and
 rejection, settings, prints, completions, ``broker:taskcancel``), dispatch (live
 offers matched to queued tasks, fairly across tenants), every timer a task has (the
-2 s accept timeout, the queue timeout, the broker-side task timeout and the grace a
-runner that left gets to come back), late results from a runner that reconnected,
+2 s accept timeout, the queue timeout, the broker-side task timeout, the grace a
+runner that left gets to come back and a retry's back-off), trying a failed attempt
+again when the task's retry policy says so (:mod:`runner.broker_server.retry`: which
+failures, how often, after how long; a task it gives up on ends ``dead``), late
+results from a runner that reconnected,
 why a queued task waits, drain on shutdown, and taking over the queue a broker left
 on a durable store. What it keeps of runners, tenants, submissions, tasks and
 callers' schemas is in the modules beside it; every change of a task is written
@@ -35,6 +38,7 @@ from pydantic import BaseModel
 
 from runner.broker_server.deadlines import Deadlines
 from runner.broker_server.ledger import TaskLedger
+from runner.broker_server.retry import AttemptError, backoff_left_s
 from runner.broker_server.runners import RunnerConnection, Runners
 from runner.broker_server.store import MemoryStore, TaskStore
 from runner.broker_server.submission import Prepared, Submission, prepare, settings_frame
@@ -43,6 +47,7 @@ from runner.broker_server.tasks import (
     TaskStatus,
     TaskTimer,
     Waiting,
+    WaitReason,
     completion_body,
     error_body,
     expiry_cause,
@@ -161,8 +166,13 @@ class Broker:
         self._on_change: Callable[[], None] = lambda: None
         # What the last broker on this store left: queued tasks with fresh queue timers,
         # tenants' counts recounted from them (results are in the table already).
-        for task in self._ledger.recover(clock(), datetime.now(UTC)):
+        # A task in a retry's back-off waits out what is left of it first.
+        wall_now = datetime.now(UTC)
+        for task in self._ledger.recover(clock(), wall_now):
             self._tenants.recount(task.tenant, task.held_bytes)
+            if (backoff_s := backoff_left_s(task.retry, task.attempts, wall_now)) > 0:
+                self._arm(task, backoff_s, TaskTimer.RETRY)
+                continue
             self._tenants.queue(task.tenant, task.task_id, front=False)
             self._arm(task, config.queue_timeout_s, TaskTimer.QUEUE)
 
@@ -300,6 +310,7 @@ class Broker:
             output_schema=prepared.output_schema,
             idempotency_key=idempotency[0] if idempotency else None,
             fingerprint=idempotency[1] if idempotency else None,
+            retry=prepared.retry,
         )
         try:
             self._ledger.add(task)
@@ -327,6 +338,13 @@ class Broker:
 
     def waiting(self, task: BrokerTask) -> Waiting | None:
         """Why ``task`` has not started yet; None once it has (or has finished)."""
+        if task.timer is TaskTimer.RETRY and task.deadline is not None and task.attempts:
+            failed = task.attempts[-1]
+            return Waiting(
+                WaitReason.RETRY_BACKOFF,
+                f"Attempt {failed.attempt} failed ({failed.code}); its retry policy starts "
+                f"attempt {task.attempt} in {max(0.0, task.deadline - self.clock()):.1f} s.",
+            )
         return waiting_for(
             task,
             is_draining=self._draining,
@@ -335,8 +353,8 @@ class Broker:
             quota=self._quota(task.tenant),
         )
 
-    def recent(self, tenant: str, limit: int) -> list[BrokerTask]:
-        return self._tasks.recent(tenant, limit)
+    def recent(self, tenant: str, limit: int, status: TaskStatus | None = None) -> list[BrokerTask]:
+        return self._tasks.recent(tenant, limit, status)
 
     def cancel(self, task: BrokerTask) -> None:
         if task.status.is_finished:
@@ -460,9 +478,12 @@ class Broker:
             self._finish(task, body)
             self.dispatch()
             return
-        # Sent: the runner has them now; the broker keeps only what it still needs.
-        self._tenants.sent(task.tenant, len(task.settings))
-        task.settings = None
+        # Sent: the runner has them now; the broker keeps only what it still needs (a
+        # task its policy may try again needs them again: still counted, still held).
+        retry = task.retry
+        if retry is None or len(task.attempts) + 1 >= retry.max_attempts:
+            self._tenants.sent(task.tenant, len(task.settings))
+            task.settings = None
 
     def _declined(self, runner_id: str, task_id: str, reason: str) -> None:
         task = self._ledger.current(task_id)
@@ -520,12 +541,25 @@ class Broker:
     def _finish(self, task: BrokerTask, body: dict[str, Any], audit: Any = None) -> None:
         if task.status.is_finished:
             return
+        if task.retry is not None and task.status is TaskStatus.RUNNING and "error" in body:
+            # An attempt a runner had failed: kept (at most max_attempts of them), then
+            # tried again if the policy retries its code and has attempts left; a task
+            # it retries and has none left for is a dead letter.
+            error = body["error"]
+            task.attempts.append(AttemptError.of(task.attempt, error, datetime.now(UTC)))
+            if task.retry.retries(error["code"]):
+                if len(task.attempts) < task.retry.max_attempts:
+                    self._retry_later(task, error["code"])
+                    return
+                body = {**body, "status": TaskStatus.DEAD.value}
+                self._metrics.dead_letters.labels(error_code=error["code"]).inc()
         self._release(task)
         self._tenants.finished(task.tenant, task.held_bytes)
         task.settings = task.output_schema = None
         document, body = result_document(task, body, audit)
         task.prints = []  # now in the document
-        task.status = TaskStatus.SUCCESS if body["status"] == "success" else TaskStatus.ERROR
+        status = body["status"]
+        task.status = TaskStatus(status) if status in ("success", "dead") else TaskStatus.ERROR
         task.finished_at = self.clock()
         code = body["error"]["code"] if "error" in body else ""
         self._metrics.tasks.labels(status=task.status.value, error_code=code).inc()
@@ -535,6 +569,37 @@ class Broker:
         self._disarm(task)
         self._emit(TaskFinished(task.task_id))
         self._ledger.finished(task)
+
+    def _retry_later(self, task: BrokerTask, code: str) -> None:
+        """The task's policy tries the failed attempt again, at the next attempt number
+        (the fence: a late result of the failed one is stale), after its back-off."""
+        assert task.retry is not None
+        failed, delay_s = task.attempt, task.retry.delay_s(len(task.attempts))
+        self._metrics.retries.labels(error_code=code).inc()
+        self._release(task)
+        task.status, task.runner_id, task.offer_id = TaskStatus.QUEUED, None, None
+        task.attempt += 1
+        task.prints, task.print_bytes = [], 0  # the failed attempt's (its error is kept)
+        self._ledger.retrying(task, failed)
+        log.info(
+            "task %s: attempt %d failed (%s); attempt %d in %.1f s",
+            task.task_id,
+            failed,
+            code,
+            task.attempt,
+            delay_s,
+            extra={"taskId": task.task_id},
+        )
+        self._arm(task, delay_s, TaskTimer.RETRY)
+
+    def _retry_due(self, task_id: str) -> None:
+        task = self._tasks.get(task_id)
+        if task is None or task.status is not TaskStatus.QUEUED:
+            return
+        # At the front of its tenant's queue, as any task handed back: it came first.
+        self._tenants.queue(task.tenant, task.task_id, front=True)
+        self._arm(task, self.config.queue_timeout_s, TaskTimer.QUEUE)
+        self.dispatch()
 
     def _tell_runner_cancel(self, task: BrokerTask, reason: str) -> None:
         runner = self._runners.get(task.runner_id)
@@ -569,6 +634,8 @@ class Broker:
                 self._task_timed_out(task_id)
             case TaskTimer.RUNNER_LOST:
                 self._runner_lost(task_id)
+            case TaskTimer.RETRY:
+                self._retry_due(task_id)
 
     def _accept_timed_out(self, task_id: str) -> None:
         task = self._tasks.get(task_id)

@@ -131,6 +131,12 @@ class TaskLedger:
     def requeued(self, task: BrokerTask) -> None:
         self._write("requeue", self.store.requeue, task.task_id, task.attempt)
 
+    def retrying(self, task: BrokerTask, failed_attempt: int) -> None:
+        """``failed_attempt`` failed and its policy tries again: ``task`` (already at its
+        next attempt, with that attempt's error kept) is queued again."""
+        attempts = tuple(task.attempts)
+        self._write("retry", self.store.retry, task.task_id, failed_attempt, attempts)
+
     def finished(self, task: BrokerTask) -> None:
         """``task`` has its result document: kept, and its tenant's oldest forgotten."""
         assert task.document_json is not None
@@ -141,6 +147,7 @@ class TaskLedger:
             task.attempt,
             task.status.value,
             task.document_json,
+            tuple(task.attempts),
         )
         if written is False:
             log.warning("task %s: the store holds another attempt of it", task.task_id)

@@ -28,6 +28,12 @@ or on the kernel's write-back:
 life (released by the kernel when the process dies, SIGKILL included); a second
 broker on the same file is refused at start, naming the first one's pid.
 
+**Schema versions**: ``PRAGMA user_version``. Version 2 added each task's retry
+policy and its failed attempts' errors (two JSON columns); a version-1 file is
+migrated in place when a broker opens it (its tasks have no policy), a file of any
+other version is refused, so that an older broker never misreads a newer file (a
+``dead`` task, say).
+
 **Permissions**: the file holds tenants' code, data and results. Its directory is
 made 0700 and the file 0600, before SQLite opens it; SQLite gives its ``-wal`` and
 ``-shm`` files the database file's mode.
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -45,6 +52,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from runner.broker_server.retry import (
+    AttemptError,
+    RetryPolicy,
+    attempts_of_text,
+    attempts_to_text,
+)
 from runner.broker_server.store import Recovered, StoredTask
 from runner.broker_server.submission import TaskLimits
 from runner.errors import InfrastructureError
@@ -52,7 +65,7 @@ from runner.sandbox.base import Mode
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1  # PRAGMA user_version; a file of another version is refused
+SCHEMA_VERSION = 2  # PRAGMA user_version; 1 is migrated, any other version refused
 UNFINISHED = ("queued", "offered", "running")
 
 SCHEMA = """
@@ -65,7 +78,7 @@ CREATE TABLE tasks (
     memory_mb INTEGER,
     cpus REAL,
     submitted_wall TEXT NOT NULL,           -- ISO 8601, UTC
-    status TEXT NOT NULL,                   -- queued, offered, running, success, error
+    status TEXT NOT NULL,                   -- queued, offered, running, success, error, dead
     attempt INTEGER NOT NULL,
     runner_id TEXT,
     settings TEXT,                          -- JSON text, until the task finishes
@@ -73,7 +86,9 @@ CREATE TABLE tasks (
     document TEXT,                          -- the result document, once finished
     finished_seq INTEGER,                   -- finish order, for retention
     idempotency_key TEXT,
-    fingerprint TEXT
+    fingerprint TEXT,
+    retry TEXT,                             -- the retry policy as JSON (version 2)
+    attempts TEXT                           -- failed attempts' errors as JSON (version 2)
 );
 CREATE UNIQUE INDEX tasks_idempotency ON tasks (tenant, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -82,8 +97,11 @@ CREATE INDEX tasks_finished ON tasks (finished_seq) WHERE finished_seq IS NOT NU
 
 COLUMNS = (
     "task_id, tenant, mode, timeout_s, memory_mb, cpus, submitted_wall, status, attempt, "
-    "runner_id, settings, output_schema, document, idempotency_key, fingerprint"
+    "runner_id, settings, output_schema, document, idempotency_key, fingerprint, retry, "
+    "attempts"
 )
+# What version 2 added to version 1: columns, each NULL for a task of version 1.
+ADDED_IN_2 = ("retry TEXT", "attempts TEXT")
 
 
 def _fault(path: Path, doing: str, exc: BaseException) -> InfrastructureError:
@@ -156,6 +174,8 @@ class SqliteStore:
                         if statement.strip():
                             db.execute(statement)
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version == 1:
+                self._migrate_from_1(db)
             elif version != SCHEMA_VERSION:
                 raise InfrastructureError(
                     f"The broker's task store {self.path} has schema version {version}, "
@@ -166,6 +186,16 @@ class SqliteStore:
             db.close()
             raise
         return db
+
+    def _migrate_from_1(self, db: sqlite3.Connection) -> None:
+        """Version 1 -> 2: the retry columns added (a column already there is kept)."""
+        with self._transaction(db, durable=True):
+            present = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+            for column in ADDED_IN_2:
+                if column.split()[0] not in present:
+                    db.execute(f"ALTER TABLE tasks ADD COLUMN {column}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        log.info("task store %s: schema migrated from version 1 to %d", self.path, SCHEMA_VERSION)
 
     @staticmethod
     @contextlib.contextmanager
@@ -226,7 +256,7 @@ class SqliteStore:
         with self._step("to keep a new task", durable=True) as db:
             db.execute(
                 f"INSERT INTO tasks ({COLUMNS}) VALUES "  # noqa: S608 (constant columns; values bound)
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     task.task_id,
                     task.tenant,
@@ -243,6 +273,8 @@ class SqliteStore:
                     task.document_json,
                     task.idempotency_key,
                     task.fingerprint,
+                    None if task.retry is None else json.dumps(task.retry.as_json()),
+                    attempts_to_text(task.attempts),
                 ),
             )
 
@@ -262,13 +294,38 @@ class SqliteStore:
                 (task_id, attempt),
             )
 
-    def finish(self, task_id: str, attempt: int, status: str, document_json: str) -> bool:
+    def retry(self, task_id: str, attempt: int, attempts: tuple[AttemptError, ...]) -> None:
+        # NORMAL, as a requeue: lost with the machine's power, the task comes back from
+        # its durable running lease at the next attempt anyway (one attempt's error less).
+        with self._step("to queue a task again for its retry") as db:
+            db.execute(
+                "UPDATE tasks SET status = 'queued', attempt = attempt + 1, runner_id = NULL, "
+                "attempts = ? WHERE task_id = ? AND attempt = ? "
+                "AND status IN ('queued', 'offered', 'running')",
+                (attempts_to_text(attempts), task_id, attempt),
+            )
+
+    def finish(
+        self,
+        task_id: str,
+        attempt: int,
+        status: str,
+        document_json: str,
+        attempts: tuple[AttemptError, ...] = (),
+    ) -> bool:
         with self._step("to keep a result") as db:
             written = db.execute(
                 "UPDATE tasks SET status = ?, document = ?, finished_seq = ?, settings = NULL, "
-                "output_schema = NULL WHERE task_id = ? AND attempt = ? "
+                "output_schema = NULL, attempts = ? WHERE task_id = ? AND attempt = ? "
                 "AND status IN ('queued', 'offered', 'running')",
-                (status, document_json, self._finished_seq + 1, task_id, attempt),
+                (
+                    status,
+                    document_json,
+                    self._finished_seq + 1,
+                    attempts_to_text(attempts),
+                    task_id,
+                    attempt,
+                ),
             ).rowcount
         if written:
             self._finished_seq += 1
@@ -304,6 +361,8 @@ def _task(row: tuple[Any, ...]) -> StoredTask:
         document,
         idempotency_key,
         fingerprint,
+        retry,
+        attempts,
     ) = row
     return StoredTask(
         task_id=task_id,
@@ -319,4 +378,6 @@ def _task(row: tuple[Any, ...]) -> StoredTask:
         document_json=document,
         idempotency_key=idempotency_key,
         fingerprint=fingerprint,
+        retry=None if retry is None else RetryPolicy.from_json(json.loads(retry)),
+        attempts=attempts_of_text(attempts),
     )

@@ -9,8 +9,11 @@ the process (:class:`MemoryStore`, today's behaviour: a restart starts empty).
 What survives is what a client or a runner was promised: a **queued task** with its
 submission (the settings as JSON text, the ``outputSchema``), the **result document**
 of a finished task (kept within the tenant's retention, as in memory), the
-**idempotency key** a task was submitted with, and the **lease** of a dispatched
-task: which runner has it and under which **attempt**. Tenants' counters (unfinished
+**idempotency key** a task was submitted with, the **lease** of a dispatched
+task: which runner has it and under which **attempt**, and a task's **retry
+policy** with the errors of its failed attempts (a retry is one step: the failed
+attempt's error kept, the task queued again at the next attempt,
+:meth:`TaskStore.retry`). Tenants' counters (unfinished
 tasks, queued bytes, tasks on runners) are not stored: the broker recounts them from
 the tasks it recovers, so they cannot drift from the tasks they count. Timers are not
 stored either (the monotonic clock does not survive a restart): a recovered queued
@@ -51,6 +54,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from runner.broker_server.retry import AttemptError, RetryPolicy
 from runner.broker_server.submission import TaskLimits
 from runner.broker_server.tasks import BrokerTask, TaskStatus
 from runner.sandbox.base import Mode
@@ -66,9 +70,10 @@ class StoredTask:
     """One task as the store keeps it.
 
     ``status``: ``queued``, ``offered``, ``running`` (its lease: ``runner_id`` and
-    ``attempt``), ``success`` or ``error`` (its ``document_json``). ``settings`` and
-    ``output_schema``: JSON text, kept until the task finishes (a recovered task is
-    dispatched again from them).
+    ``attempt``), ``success``, ``error`` or ``dead`` (its ``document_json``).
+    ``settings`` and ``output_schema``: JSON text, kept until the task finishes (a
+    recovered task is dispatched again from them). ``retry``: its policy (None: one
+    attempt); ``attempts``: the errors of its failed attempts, oldest first.
     """
 
     task_id: str
@@ -84,6 +89,8 @@ class StoredTask:
     document_json: str | None = None
     idempotency_key: str | None = None
     fingerprint: str | None = None  # of the request that created it, for that key
+    retry: RetryPolicy | None = None
+    attempts: tuple[AttemptError, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +140,23 @@ class TaskStore(Protocol):
         """The task is back in the queue (its runner declined, did not answer, left)."""
         ...
 
-    def finish(self, task_id: str, attempt: int, status: str, document_json: str) -> bool:
-        """The task's result, for ``attempt``; False when the store holds another attempt
-        (or none unfinished): the result is stale and was not written."""
+    def retry(self, task_id: str, attempt: int, attempts: tuple[AttemptError, ...]) -> None:
+        """``attempt`` failed and the task's retry policy tries again: the task is back in
+        the queue at ``attempt + 1`` with ``attempts`` (its failed attempts' errors).
+        Conditional on ``attempt``, as :meth:`finish`."""
+        ...
+
+    def finish(
+        self,
+        task_id: str,
+        attempt: int,
+        status: str,
+        document_json: str,
+        attempts: tuple[AttemptError, ...] = (),
+    ) -> bool:
+        """The task's result, for ``attempt`` (with its failed attempts' errors, if it
+        has a retry policy); False when the store holds another attempt (or none
+        unfinished): the result is stale and was not written."""
         ...
 
     def forget(self, task_ids: Iterable[str]) -> None:
@@ -165,7 +186,17 @@ class MemoryStore:
     def requeue(self, task_id: str, attempt: int) -> None:
         pass
 
-    def finish(self, task_id: str, attempt: int, status: str, document_json: str) -> bool:
+    def retry(self, task_id: str, attempt: int, attempts: tuple[AttemptError, ...]) -> None:
+        pass
+
+    def finish(
+        self,
+        task_id: str,
+        attempt: int,
+        status: str,
+        document_json: str,
+        attempts: tuple[AttemptError, ...] = (),
+    ) -> bool:
         return True  # the core's own check (the attempt on the wire) is the fence
 
     def forget(self, task_ids: Iterable[str]) -> None:
@@ -191,6 +222,8 @@ def record_of(task: BrokerTask) -> StoredTask:
         document_json=task.document_json,
         idempotency_key=task.idempotency_key,
         fingerprint=task.fingerprint,
+        retry=task.retry,
+        attempts=tuple(task.attempts),
     )
 
 
@@ -216,6 +249,8 @@ def task_of(stored: StoredTask, now: float, wall_now: datetime) -> BrokerTask:
         attempt=stored.attempt,
         idempotency_key=stored.idempotency_key,
         fingerprint=stored.fingerprint,
+        retry=stored.retry,
+        attempts=list(stored.attempts),
     )
 
 

@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from runner.broker_server.retry import RetryPolicy
 from runner.broker_server.schemas import validate_input
 from runner.errors import SubmissionRefused
 from runner.protocol.codec import encode
@@ -57,6 +58,7 @@ class Submission:
     query: Any = None
     limits: TaskLimits = TaskLimits()
     output_schema: dict[str, Any] | None = None
+    retry: RetryPolicy | None = None  # None: one attempt, as n8n
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,7 @@ class Prepared:
     limits: TaskLimits
     settings: str
     output_schema: str | None = None
+    retry: RetryPolicy | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -165,7 +168,9 @@ def prepare(submission: Submission, input_schema: dict[str, Any] | None = None) 
     except (ValueError, TypeError, RecursionError) as exc:
         reason = "it nests too deeply" if isinstance(exc, RecursionError) else _plain(str(exc))
         raise SubmissionRefused(f"The task cannot be encoded as JSON: {reason}") from None
-    return Prepared(submission.tenant, submission.mode, submission.limits, encoded, schema)
+    return Prepared(
+        submission.tenant, submission.mode, submission.limits, encoded, schema, submission.retry
+    )
 
 
 def _plain(message: str) -> str:

@@ -28,6 +28,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from runner.broker_server.retry import AttemptError, RetryPolicy
 from runner.broker_server.schemas import validate_result
 from runner.broker_server.submission import TaskLimits, to_json
 from runner.protocol.messages import TaskDone, TaskErrorMessage
@@ -70,10 +71,13 @@ class TaskStatus(StrEnum):
     RUNNING = "running"
     SUCCESS = "success"
     ERROR = "error"
+    # A task with a retry policy whose last allowed attempt failed with a code the
+    # policy retries: a dead letter (GET /v1/tasks?status=dead), every attempt's error kept.
+    DEAD = "dead"
 
     @property
     def is_finished(self) -> bool:
-        return self in (TaskStatus.SUCCESS, TaskStatus.ERROR)
+        return self in (TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.DEAD)
 
 
 class WaitReason(StrEnum):
@@ -83,6 +87,7 @@ class WaitReason(StrEnum):
     RUNNERS_BUSY = "runners_busy"
     TENANT_QUOTA = "tenant_quota"
     DRAINING = "draining"
+    RETRY_BACKOFF = "retry_backoff"  # an attempt failed; the next one waits its back-off
 
 
 # How to add a runner, for people who submitted a task to a broker nobody serves.
@@ -111,6 +116,8 @@ class TaskTimer(StrEnum):
     RUN = "run"  # running past its timeout and the grace: the broker's taskcancel
     # Its runner left while running it and has not come back: the task ends runner_lost.
     RUNNER_LOST = ErrorCode.RUNNER_LOST.value
+    # An attempt failed and its retry policy tries again: back to the queue.
+    RETRY = "retry"
 
 
 @dataclass
@@ -137,8 +144,12 @@ class BrokerTask:
     # nothing is pending (always once it has finished).
     timer: TaskTimer | None = None
     deadline: float | None = None
-    # Its lease's attempt: 1, plus one for each lease that died with a broker.
+    # Its lease's attempt: 1, plus one for each lease that died with a broker and for
+    # each retry of its policy.
     attempt: int = 1
+    # Its retry policy (None: one attempt, as n8n) and the errors of its failed attempts.
+    retry: RetryPolicy | None = None
+    attempts: list[AttemptError] = field(default_factory=list)
     # The Idempotency-Key it was submitted with, and the fingerprint of that request.
     idempotency_key: str | None = None
     fingerprint: str | None = None
@@ -162,13 +173,20 @@ class BrokerTask:
         return document
 
     def summary(self) -> dict[str, Any]:
-        return {
+        summary: dict[str, Any] = {
             "taskId": self.task_id,
             "status": self.status.value,
             "mode": self.mode.value,
             "submittedAt": self.submitted_wall.isoformat(timespec="milliseconds"),
             "runnerId": self.runner_id,
         }
+        if self.retry is not None:  # only then: a task without one shows what it always did
+            summary["attempt"] = self.attempt
+            summary["attempts"] = self.attempts_json()
+        return summary
+
+    def attempts_json(self) -> list[dict[str, Any]]:
+        return [attempt.as_json() for attempt in self.attempts]
 
 
 def waiting_for(
@@ -279,12 +297,14 @@ def result_document(
     """The task's result document as JSON text, and the body it was made of.
 
     ``body``: ``{"status": "success", "result": ...}`` or ``{"status": "error", "error":
-    {...}}``; the task's prints and the runner's ``audit`` are added. A report that is
+    {...}}``; the task's prints and the runner's ``audit`` are added, and for a task
+    with a retry policy its failed attempts' errors (``attempts``). A report that is
     not JSON becomes an ``invalid_report`` error the caller can parse (its body is the
     one returned).
     """
+    extra = {} if task.retry is None else {"attempts": task.attempts_json()}
     try:
-        return to_json({**body, "prints": task.prints, "audit": audit}), body
+        return to_json({**body, "prints": task.prints, "audit": audit, **extra}), body
     except (ValueError, TypeError, RecursionError) as exc:
         # Only a runner that breaks the protocol gets here (ours never sends NaN):
         # the caller gets an error it can parse, not invalid JSON.
@@ -295,7 +315,7 @@ def result_document(
             ErrorCode.INVALID_REPORT,
             Stage.RESULT,
         )
-        return to_json({**body, "prints": [], "audit": None}), body
+        return to_json({**body, "prints": [], "audit": None, **extra}), body
 
 
 class TaskTable:
@@ -327,8 +347,13 @@ class TaskTable:
     def __iter__(self) -> Iterator[BrokerTask]:
         return iter(self._tasks.values())
 
-    def recent(self, tenant: str, limit: int) -> list[BrokerTask]:
-        mine = [t for t in self._tasks.values() if t.tenant == tenant]
+    def recent(self, tenant: str, limit: int, status: TaskStatus | None = None) -> list[BrokerTask]:
+        """The tenant's newest ``limit`` tasks (only those in ``status``, when given)."""
+        mine = [
+            t
+            for t in self._tasks.values()
+            if t.tenant == tenant and (status is None or t.status is status)
+        ]
         return sorted(mine, key=lambda t: t.submitted_at, reverse=True)[:limit]
 
     def in_flight(self) -> list[BrokerTask]:

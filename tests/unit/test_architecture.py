@@ -194,6 +194,7 @@ BROKER_SANS_IO = (
     "runner.broker_server.core",
     "runner.broker_server.deadlines",
     "runner.broker_server.ledger",
+    "runner.broker_server.retry",
     "runner.broker_server.runners",
     "runner.broker_server.schemas",
     "runner.broker_server.store",

@@ -22,7 +22,7 @@ from fakes import FakeClock, advance, connect
 
 from runner.broker_server.core import Broker, BrokerConfig
 from runner.broker_server.server import open_store
-from runner.broker_server.sqlite_store import SqliteStore
+from runner.broker_server.sqlite_store import SCHEMA_VERSION, SqliteStore
 from runner.broker_server.store import (
     SQLITE_FILE_NAME,
     MemoryStore,
@@ -214,7 +214,7 @@ def test_the_file_is_the_brokers_alone_and_in_wal_mode(sqlite_path: Path) -> Non
     assert stat.S_IMODE(sqlite_path.parent.stat().st_mode) == 0o700
     with sqlite3.connect(sqlite_path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_a_file_of_another_schema_version_is_refused(sqlite_path: Path) -> None:

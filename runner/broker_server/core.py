@@ -47,7 +47,6 @@ from runner.broker_server.tasks import (
     TaskStatus,
     TaskTimer,
     Waiting,
-    WaitReason,
     completion_body,
     error_body,
     expiry_cause,
@@ -338,15 +337,9 @@ class Broker:
 
     def waiting(self, task: BrokerTask) -> Waiting | None:
         """Why ``task`` has not started yet; None once it has (or has finished)."""
-        if task.timer is TaskTimer.RETRY and task.deadline is not None and task.attempts:
-            failed = task.attempts[-1]
-            return Waiting(
-                WaitReason.RETRY_BACKOFF,
-                f"Attempt {failed.attempt} failed ({failed.code}); its retry policy starts "
-                f"attempt {task.attempt} in {max(0.0, task.deadline - self.clock()):.1f} s.",
-            )
         return waiting_for(
             task,
+            now=self.clock(),
             is_draining=self._draining,
             no_runner_since=self._runners.no_runner_since,
             active=self._tenants.active(task.tenant),

@@ -1,9 +1,10 @@
 """The broker's tasks: each task's record, the table of them, and their documents.
 
 Owns: a task's record (:class:`BrokerTask`: its status, queued -> offered -> running
--> success/error, the runner it went to, its one pending deadline, the prints kept
+-> success/error, or ``dead`` when its retry policy gave up on it, the runner it went
+to, its one pending deadline, its retry policy and failed attempts, the prints kept
 for it, the settings it still holds and, once finished, its result document as JSON
-text); why a queued task waits, in words for people and a code for programs
+text); why a queued task waits (a retry's back-off included), in words for people and a code for programs
 (:class:`Waiting`); the caps on prints a runner reports (:func:`keep_prints`); what a
 completion makes of a task (:func:`completion_body`: the result checked against the
 caller's ``outputSchema``, or the error) and the result document as JSON text
@@ -190,15 +191,29 @@ class BrokerTask:
 
 
 def waiting_for(
-    task: BrokerTask, *, is_draining: bool, no_runner_since: float | None, active: int, quota: int
+    task: BrokerTask,
+    *,
+    now: float,
+    is_draining: bool,
+    no_runner_since: float | None,
+    active: int,
+    quota: int,
 ) -> Waiting | None:
     """Why ``task`` has not started yet; None once it has (or has finished).
 
-    ``no_runner_since``: when the broker last had no registered runner (None while it
-    has one); ``active``: tasks of its tenant on runners; ``quota``: its tenant's.
+    ``now``: the broker's clock; ``no_runner_since``: when the broker last had no
+    registered runner (None while it has one); ``active``: tasks of its tenant on
+    runners; ``quota``: its tenant's.
     """
     if task.status is not TaskStatus.QUEUED:
         return None
+    if task.timer is TaskTimer.RETRY and task.deadline is not None and task.attempts:
+        failed = task.attempts[-1]
+        return Waiting(
+            WaitReason.RETRY_BACKOFF,
+            f"Attempt {failed.attempt} failed ({failed.code}); its retry policy starts "
+            f"attempt {task.attempt} in {max(0.0, task.deadline - now):.1f} s.",
+        )
     if is_draining:
         return Waiting(WaitReason.DRAINING, "The broker is shutting down: it starts no more tasks.")
     if no_runner_since is not None:

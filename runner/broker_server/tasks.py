@@ -4,13 +4,13 @@ Owns: a task's record (:class:`BrokerTask`: its status, queued -> offered -> run
 -> success/error, or ``dead`` when its retry policy gave up on it, the runner it went
 to, its one pending deadline, its retry policy and failed attempts, the prints kept
 for it, the settings it still holds and, once finished, its result document as JSON
-text); why a queued task waits (a retry's back-off included), in words for people and a code for programs
-(:class:`Waiting`); the caps on prints a runner reports (:func:`keep_prints`); what a
-completion makes of a task (:func:`completion_body`: the result checked against the
-caller's ``outputSchema``, or the error) and the result document as JSON text
-(:func:`result_document`); and the table of tasks with what each tenant keeps of its
-finished ones (:class:`TaskTable`: the newest, within a count and a byte budget per
-tenant).
+text); why a queued task waits (a retry's back-off included), in words for people
+and a code for programs (:class:`Waiting`); the caps on prints a runner reports
+(:func:`keep_prints`); what a completion makes of a task (:func:`completion_body`:
+the result checked against the caller's ``outputSchema``, or the error) and the
+result document as JSON text (:func:`result_document`); and the table of tasks with
+what each tenant keeps of its finished ones (:class:`TaskTable`: the newest, within
+a count and a byte budget per tenant).
 
 Data and rules only: the broker core (:mod:`runner.broker_server.core`) decides when
 a task moves on. No I/O, no clock of its own.

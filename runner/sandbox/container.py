@@ -290,10 +290,14 @@ class ContainerSandbox(ABC, Generic[H]):
         Raises :class:`InfrastructureError` when the engine itself is gone."""
 
     @abstractmethod
-    def _exit_facts(self, container: H, *, attribute_kill: bool) -> ExitFacts:
+    def _exit_facts(
+        self, container: H, *, attribute_kill: bool, oom_reported: bool = False
+    ) -> ExitFacts:
         """How a container that failed ended, from the engine's records: its OOM kill,
         and (``attribute_kill``: it died of a signal before the agent reported) whether
-        the kill came from outside the task."""
+        the kill came from outside the task. ``oom_reported``: the agent read an OOM
+        kill in its cgroup (its claim: an engine may wait for its own record of it,
+        never take the claim for it)."""
 
     @abstractmethod
     def _kill(self, container_id: str) -> None:
@@ -461,7 +465,9 @@ class ContainerSandbox(ABC, Generic[H]):
             result = interpret(stdout, facts, run.limits, max_print_calls=max_print_calls)
             if not (result.outcome.is_success or output.timed_out or output.overflow):
                 facts_seen = self._exit_facts(
-                    container, attribute_kill=killed_before_report(stdout, exit_code)
+                    container,
+                    attribute_kill=killed_before_report(stdout, exit_code),
+                    oom_reported=result.details.get("agentOomKilled") is True,
                 )
                 if facts_seen.oom_killed or facts_seen.outside_kill is not None:
                     facts = replace(

@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 
 # What a set-up attempt may fail with once its retries are spent (socket errors too).
 SETUP_FAULTS: tuple[type[Exception], ...] = (*DOCKER_FAULTS, OSError)
+# How long the daemon's OOM record is waited for when the agent read an OOM kill (its
+# event from containerd lags the exit on a loaded host), and how often it is asked.
+OOM_RECORD_WAIT_S = 3.0
+OOM_RECORD_POLL_S = 0.05
 
 
 @dataclass
@@ -316,9 +320,22 @@ class DockerSandbox(ContainerSandbox[DockerContainer]):
             log.warning("could not wait for container %s: %s", container_id[:12], exc)
             return None
 
-    def _exit_facts(self, container: DockerContainer, *, attribute_kill: bool) -> ExitFacts:
-        """The daemon's OOM record, and, for a death before any report, its kill record."""
+    def _exit_facts(
+        self, container: DockerContainer, *, attribute_kill: bool, oom_reported: bool = False
+    ) -> ExitFacts:
+        """The daemon's OOM record, and, for a death before any report, its kill record.
+
+        The daemon learns of an OOM kill from containerd's event, which can reach it
+        after the container's exit on a loaded host (the memory canary of a self-check
+        was seen ending ``crashed`` so, at load 8). When the agent read an OOM kill in
+        its cgroup, the daemon's record is waited for, up to :data:`OOM_RECORD_WAIT_S`:
+        the verdict is still the daemon's, never the agent's claim.
+        """
         state = self._exit_state(container.container_id)
+        waited_until = time.monotonic() + (OOM_RECORD_WAIT_S if oom_reported else 0.0)
+        while not state.oom_killed and time.monotonic() < waited_until:
+            time.sleep(OOM_RECORD_POLL_S)
+            state = self._exit_state(container.container_id)
         if state.oom_killed:
             return ExitFacts(oom_killed=True)
         if not attribute_kill:

@@ -12,6 +12,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -112,3 +113,56 @@ def test_pieces_pushed_back_come_first() -> None:
     first = demux.feed(docker_frame(STDOUT, b"a") + docker_frame(STDERR, b"b"))
     demux.push_back(first[1:])
     assert demux.feed(docker_frame(STDOUT, b"c")) == [(STDERR, b"b"), (STDOUT, b"c")]
+
+
+# -- the daemon's OOM record (it can lag the container's exit) ---------------------------
+
+
+class _LaggingDaemon:
+    """The daemon's record of an ended container: OOMKilled turns true only at the
+    ``lag``-th inspect, as when containerd's OOM event reaches dockerd after the exit."""
+
+    def __init__(self, lag: int) -> None:
+        self.lag, self.inspects = lag, 0
+
+    def _exit_state(self, container_id: str) -> Any:
+        from runner.sandbox.docker import _ExitState
+
+        self.inspects += 1
+        return _ExitState(oom_killed=self.inspects >= self.lag)
+
+    def _outside_kill(self, container_id: str, state: Any) -> bool | None:
+        return None
+
+
+@pytest.mark.parametrize("reported", [True, False], ids=["agent-read-an-oom", "no-report"])
+def test_the_daemons_oom_record_is_waited_for_only_when_the_agent_read_an_oom(
+    reported: bool,
+) -> None:
+    from runner.sandbox.docker import DockerContainer, DockerSandbox
+
+    daemon = _LaggingDaemon(lag=4)
+    container = DockerContainer("c" * 64, 0.0, 1, {})
+    facts = DockerSandbox._exit_facts(
+        daemon,  # type: ignore[arg-type]
+        container,
+        attribute_kill=False,
+        oom_reported=reported,
+    )
+    # With the agent's reading, the daemon is asked again until its record arrives
+    # (the verdict is still the daemon's); without it, its first answer stands.
+    assert facts.oom_killed is reported
+    assert daemon.inspects == (4 if reported else 1)
+
+
+def test_the_agents_oom_reading_alone_never_makes_a_memory_verdict() -> None:
+    from runner.sandbox.docker import DockerContainer, DockerSandbox
+
+    daemon = _LaggingDaemon(lag=10**9)  # the daemon never records an OOM kill
+    facts = DockerSandbox._exit_facts(
+        daemon,  # type: ignore[arg-type]
+        DockerContainer("c" * 64, 0.0, 1, {}),
+        attribute_kill=False,
+        oom_reported=True,
+    )
+    assert facts.oom_killed is False

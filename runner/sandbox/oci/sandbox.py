@@ -435,7 +435,9 @@ class OciSandbox(ContainerSandbox[OciContainer]):
     def _applied_limits(self, container: OciContainer) -> AppliedLimits:
         return cgroups.applied_limits(container.cgroups_path, pids_room=container.pids_room)
 
-    def _exit_facts(self, container: OciContainer, *, attribute_kill: bool) -> ExitFacts:
+    def _exit_facts(
+        self, container: OciContainer, *, attribute_kill: bool, oom_reported: bool = False
+    ) -> ExitFacts:
         """The memory cgroup's OOM kills, counted by the kernel and read here; and who
         killed a PID 1 that died before the agent reported."""
         if (cgroups.oom_kills(container.cgroups_path) or 0) > 0:

@@ -401,6 +401,10 @@ def test_sandbox_container_runs_a_task_in_one_container_and_leaves_nothing(
         assert attrs["HostConfig"]["CapDrop"] == ["ALL"]
         assert attrs["HostConfig"]["SecurityOpt"] == ["no-new-privileges:true"]
         assert attrs["Config"]["Labels"][LABEL_TESTING_RUNNER] == sandbox.runner_id
+        # Its broker's task store: the image's default place, on a tmpfs of its own.
+        tmpfs = attrs["HostConfig"]["Tmpfs"]
+        assert tmpfs["/var/lib/sandbox-broker"] == "uid=10002,gid=10002,mode=0700"
+        assert f"task store: {BROKER_STORE} (queued tasks" in sandbox.logs()
         assert _ours(docker_client) - before == {container_id}
         assert len(sandbox.runners()) == 1  # its own runner, connected when ready
 

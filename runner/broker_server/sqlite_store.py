@@ -152,7 +152,9 @@ class SqliteStore:
             os.close(fd)
             raise InfrastructureError(
                 f"Another broker uses the task store {self.path} (pid {holder})",
-                hint="one broker per SQLite store: stop it, or give this one its own file",
+                hint="one broker per SQLite store: stop it, or give this one its own file "
+                "(SANDBOX_BROKER_STORE=sqlite:////another/file.sqlite3) or "
+                "SANDBOX_BROKER_STORE=memory",
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)

@@ -60,10 +60,16 @@ RUN set -eu; \
 # bundles, runc's state) is root's alone, not under the runner user's home: runc
 # runs as root what it finds there, so no other uid may rename or replace anything
 # in it. A volume mounted there starts with this owner and mode.
+# The embedded broker's task store (`up`, `broker`: SANDBOX_BROKER_STORE below) is the
+# runner user's own directory, 0700 (it holds tenants' code, data and results): mount a
+# volume there to keep queued tasks and results across a container's restart (a named
+# volume starts with this owner and mode). Without one it lives and dies with the
+# container; a read-only root needs a volume or a tmpfs there.
 RUN groupadd --gid "${RUNNER_UID}" runner \
  && useradd --no-log-init --uid "${RUNNER_UID}" --gid "${RUNNER_UID}" \
         --create-home --home-dir /var/lib/sandbox-runner --shell /usr/sbin/nologin runner \
- && install -d -m 0700 -o root -g root /var/lib/sandbox-runner-oci
+ && install -d -m 0700 -o root -g root /var/lib/sandbox-runner-oci \
+ && install -d -m 0700 -o "${RUNNER_UID}" -g "${RUNNER_UID}" /var/lib/sandbox-broker
 
 COPY --from=install /opt/sandbox-runner /opt/sandbox-runner
 # The policy bundle and the task image sources, where the installed runner looks for
@@ -87,7 +93,8 @@ ENV PATH=/opt/sandbox-runner/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
     N8N_RUNNERS_HEALTH_CHECK_SERVER_HOST=0.0.0.0 \
     N8N_RUNNERS_HEALTH_CHECK_SERVER_PORT=5681 \
     SANDBOX_BACKEND=docker \
-    SANDBOX_STATE_DIR=/var/lib/sandbox-runner-oci
+    SANDBOX_STATE_DIR=/var/lib/sandbox-runner-oci \
+    SANDBOX_BROKER_STORE=sqlite:////var/lib/sandbox-broker/broker-tasks.sqlite3
 
 LABEL org.opencontainers.image.title="sandbox-runner" \
       org.opencontainers.image.description="Runs untrusted Python for a broker (n8n or the embedded one), each task in its own hardened container" \

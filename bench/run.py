@@ -801,7 +801,12 @@ async def embedded_broker(
     from runner.broker_server.server import running_broker
     from runner.service import RunnerService
 
-    broker_settings = Settings(**{**settings.model_dump(), "broker_port": 0})
+    # The store in memory, as this bench always measured: the runner's path, not the
+    # default SQLite store's two fsyncs per task (their cost: python -m bench.broker_store),
+    # and nothing written to the machine's state directory.
+    broker_settings = Settings(
+        **{**settings.model_dump(), "broker_port": 0, "broker_store": "memory"}
+    )
     async with running_broker(broker_settings) as running:
         service = RunnerService(
             broker_settings,

@@ -36,8 +36,10 @@ import argparse
 import asyncio
 import collections
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -270,62 +272,69 @@ async def soak(
     pool_size: int = POOL_SIZE,
 ) -> SoakReport:
     owner = f"soak-{uuid.uuid4().hex[:8]}"
+    # The default store (SQLite), in a file of this run's own: not the machine's state
+    # directory, which every run would share (its leftovers recovered by the next).
+    store_dir = Path(tempfile.mkdtemp(prefix="soak-broker-"))
     settings = Settings(
         broker_host="127.0.0.1",
         broker_port=0,
         auth_token=AUTH_TOKEN,
         graceful_shutdown_timeout_s=10,
         runner_id=owner,
+        broker_store=f"sqlite:///{store_dir / 'broker-tasks.sqlite3'}",
     )
     deadline_s = deadline_s or 120 + tasks * 1.5
     client = docker.from_env(timeout=60)
     outcomes = [Outcome(i, ROTATION[i % len(ROTATION)]) for i in range(tasks)]
-    async with running_broker(
-        settings, auth_token=AUTH_TOKEN, broker_factory=CountingBroker
-    ) as running:
-        broker = running.broker
-        assert isinstance(broker, CountingBroker)
-        runner = ServeProcess(
-            running.url,
-            AUTH_TOKEN,
-            {
-                "SANDBOX_RUNNER_ID": owner,
-                "N8N_RUNNERS_MAX_CONCURRENCY": str(concurrency),
-                "SANDBOX_POOL_SIZE": str(pool_size),
-                "N8N_RUNNERS_GRACEFUL_SHUTDOWN_TIMEOUT": "10",
-                "N8N_RUNNERS_HEALTH_CHECK_SERVER_ENABLED": "false",
-            },
-            keep_lines=2000,
-        )
-        exit_code: int | None = None
-        try:
-            await _wait_for(lambda: broker.runner_ids(), 120, "the runner to register", runner)
-            await asyncio.sleep(1.0)  # its warm pool fills
-            rss_start = runner.rss_mib()
-            began = time.monotonic()
-            deadline = began + deadline_s
-            gate = asyncio.Semaphore(concurrency)
-            done = 0
+    try:
+        async with running_broker(
+            settings, auth_token=AUTH_TOKEN, broker_factory=CountingBroker
+        ) as running:
+            broker = running.broker
+            assert isinstance(broker, CountingBroker)
+            runner = ServeProcess(
+                running.url,
+                AUTH_TOKEN,
+                {
+                    "SANDBOX_RUNNER_ID": owner,
+                    "N8N_RUNNERS_MAX_CONCURRENCY": str(concurrency),
+                    "SANDBOX_POOL_SIZE": str(pool_size),
+                    "N8N_RUNNERS_GRACEFUL_SHUTDOWN_TIMEOUT": "10",
+                    "N8N_RUNNERS_HEALTH_CHECK_SERVER_ENABLED": "false",
+                },
+                keep_lines=2000,
+            )
+            exit_code: int | None = None
+            try:
+                await _wait_for(lambda: broker.runner_ids(), 120, "the runner to register", runner)
+                await asyncio.sleep(1.0)  # its warm pool fills
+                rss_start = runner.rss_mib()
+                began = time.monotonic()
+                deadline = began + deadline_s
+                gate = asyncio.Semaphore(concurrency)
+                done = 0
 
-            async def one(outcome: Outcome) -> None:
-                nonlocal done
-                async with gate:
-                    await _run_one(running, outcome, deadline)
-                done += 1
-                if progress and done % 100 == 0:
-                    print(f"soak: {done}/{tasks} tasks done", file=sys.stderr, flush=True)
+                async def one(outcome: Outcome) -> None:
+                    nonlocal done
+                    async with gate:
+                        await _run_one(running, outcome, deadline)
+                    done += 1
+                    if progress and done % 100 == 0:
+                        print(f"soak: {done}/{tasks} tasks done", file=sys.stderr, flush=True)
 
-            async with asyncio.TaskGroup() as group:
-                for outcome in outcomes:
-                    group.create_task(one(outcome))
-            wall_s = time.monotonic() - began
-            rss_end = runner.rss_mib()
-            # Before the runner stops: its shutdown removes whatever it still has, so
-            # a container forgotten during the run would not show after it.
-            leaked_during_run = await containers_beyond_pool(client, owner, pool_size)
-        finally:
-            exit_code = await asyncio.to_thread(runner.stop, 60)
-        counts = broker.completions
+                async with asyncio.TaskGroup() as group:
+                    for outcome in outcomes:
+                        group.create_task(one(outcome))
+                wall_s = time.monotonic() - began
+                rss_end = runner.rss_mib()
+                # Before the runner stops: its shutdown removes whatever it still has, so
+                # a container forgotten during the run would not show after it.
+                leaked_during_run = await containers_beyond_pool(client, owner, pool_size)
+            finally:
+                exit_code = await asyncio.to_thread(runner.stop, 60)
+            counts = broker.completions
+    finally:
+        shutil.rmtree(store_dir, ignore_errors=True)
     leaked = [str(c["Id"]) for c in owned_containers(client, owner)]
     client.close()
     lost = [o.task_id or f"#{o.index}" for o in outcomes if o.code is None or not counts[o.task_id]]

@@ -405,11 +405,12 @@ class Settings(BaseSettings):
         15, ge=0, description="The broker cancels a task this long after its own timeout."
     )
     broker_store: str = Field(
-        "memory",
-        description="Where the embedded broker keeps its tasks: memory (lost when it "
-        "stops), sqlite (the file broker-tasks.sqlite3 in SANDBOX_STATE_DIR), or "
-        "sqlite:///PATH (relative) / sqlite:////abs/PATH: queued tasks, results and "
-        "idempotency keys survive a restart (one broker per file).",
+        "sqlite",
+        description="Where the embedded broker keeps its tasks: sqlite (the file "
+        "broker-tasks.sqlite3 in the state directory; the runner image names "
+        "/var/lib/sandbox-broker) or sqlite:///PATH (relative) / sqlite:////abs/PATH: "
+        "queued tasks, results and idempotency keys survive a restart (one broker per "
+        "file); memory: lost when it stops (throwaway runs).",
     )
 
     # --- runner identity and Docker ---

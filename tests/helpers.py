@@ -47,6 +47,8 @@ PANDAS_EXTERNAL_ALLOW = "numpy,pandas,dateutil"
 
 # The prefixes of the runner's settings in the environment (and of n8n's aliases).
 SETTINGS_PREFIXES = ("N8N_", "SANDBOX_")
+# Each test's own broker task store is given in it (tests/conftest.py).
+STORE_VARIABLE = "SANDBOX_BROKER_STORE"
 
 
 def runner_free_env() -> dict[str, str]:

@@ -210,13 +210,16 @@ async def running_broker(
     log_level: str = "warning",
     registry: CollectorRegistry | None = None,
     broker_factory: BrokerFactory = Broker,
+    store: TaskStore | None = None,
 ) -> AsyncIterator[RunningBroker]:
     """Serve the broker until the block ends; then drain, close runners and stop.
 
     Its metrics go to ``registry`` (a new one by default) and are served at ``/metrics``;
     ``up`` passes one registry to the broker and its runner, so one scrape sees both.
     ``broker_factory`` makes the broker core (:class:`Broker` by default), over the
-    store ``SANDBOX_BROKER_STORE`` names (:func:`open_store`), closed at the end.
+    store ``SANDBOX_BROKER_STORE`` names (:func:`open_store`), closed at the end; or
+    over ``store``, opened by the caller (``up`` opens it before its runner's slow
+    start, so a store it cannot open fails at once) and closed by it.
     """
     token = auth_token or (
         settings.auth_token.get_secret_value() if settings.auth_token else secrets.token_urlsafe(24)
@@ -225,9 +228,10 @@ async def running_broker(
     log_tenants(settings, policy)
     limits = policy.limits
     registry = registry if registry is not None else CollectorRegistry()
-    store = open_store(settings)
+    own_store = store is None
+    store = open_store(settings) if store is None else store
     # Closed last, whatever happens from here on (a busy port, a failed start).
-    with contextlib.closing(store):
+    with contextlib.closing(store) if own_store else contextlib.nullcontext(store):
         broker = broker_factory(
             broker_config(settings, limits, policy=policy),
             metrics=BrokerMetrics(registry),

@@ -108,6 +108,18 @@ def _fault(path: Path, doing: str, exc: BaseException) -> InfrastructureError:
     return InfrastructureError(f"The broker's task store {path} failed {doing}", hint=str(exc))
 
 
+def _elsewhere(reason: str) -> str:
+    """The hint of a store that cannot be made or written where the settings put it:
+    which setting moves it (the operator's fix), and as whom the broker runs (a
+    container's user is often not the owner of the directory it was given)."""
+    return (
+        f"{reason}; give the broker a file in a directory uid {os.geteuid()} can write: "
+        "SANDBOX_BROKER_STORE=sqlite:////that/dir/broker-tasks.sqlite3 (or "
+        "SANDBOX_STATE_DIR for the default file there; in a container, mount a volume "
+        "there), or SANDBOX_BROKER_STORE=memory to keep nothing across a restart"
+    )
+
+
 class SqliteStore:
     """The store in the SQLite file ``path`` (made, with its directory, when missing)."""
 
@@ -121,9 +133,17 @@ class SqliteStore:
             self._finished_seq = self._db.execute(
                 "SELECT COALESCE(MAX(finished_seq), 0) FROM tasks"
             ).fetchone()[0]
+        except OSError as exc:  # the file itself: a directory, another user's, read-only
+            os.close(self._lock_fd)
+            raise InfrastructureError(
+                f"Cannot create the broker's task store {path}",
+                hint=_elsewhere(exc.strerror or str(exc)),
+            ) from exc
         except sqlite3.Error as exc:
             os.close(self._lock_fd)
-            raise _fault(path, "to open", exc) from exc
+            raise InfrastructureError(
+                f"The broker's task store {path} failed to open", hint=_elsewhere(str(exc))
+            ) from exc
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -141,8 +161,7 @@ class SqliteStore:
         except OSError as exc:
             raise InfrastructureError(
                 f"Cannot create the broker's task store in {self.path.parent}",
-                hint=f"{exc.strerror}; set SANDBOX_BROKER_STORE=sqlite:////a/writable/file "
-                "or SANDBOX_STATE_DIR",
+                hint=_elsewhere(exc.strerror or str(exc)),
             ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -151,7 +170,9 @@ class SqliteStore:
             os.close(fd)
             raise InfrastructureError(
                 f"Another broker uses the task store {self.path} (pid {holder})",
-                hint="one broker per SQLite store: stop it, or give this one its own file",
+                hint="one broker per SQLite store: stop it, or give this one its own file "
+                "(SANDBOX_BROKER_STORE=sqlite:////another/file.sqlite3) or "
+                "SANDBOX_BROKER_STORE=memory",
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)

@@ -4,7 +4,7 @@ Owns: the seam (:class:`TaskStore`), the record it keeps of a task
 (:class:`StoredTask`), what a broker finds when it starts on a store
 (:class:`Recovered`), the settings' spelling of a store (:func:`parse_store`:
 ``memory``, ``sqlite``, ``sqlite:///PATH``) and the store that keeps nothing beyond
-the process (:class:`MemoryStore`, today's behaviour: a restart starts empty).
+the process (:class:`MemoryStore`: a restart starts empty).
 
 What survives is what a client or a runner was promised: a **queued task** with its
 submission (the settings as JSON text, the ``outputSchema``), the **result document**
@@ -168,8 +168,8 @@ class TaskStore(Protocol):
 
 class MemoryStore:
     """Keeps nothing beyond the process: the broker's memory is all there is (a
-    restart starts empty). For tests and throwaway runs; the default until the SQLite
-    store is proven on every test that runs a broker."""
+    restart starts empty). For tests and throwaway runs (``SANDBOX_BROKER_STORE=memory``;
+    the default is the SQLite store)."""
 
     location = MEMORY
     is_durable = False

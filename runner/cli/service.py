@@ -116,9 +116,10 @@ def broker(ctx: click.Context, host: str | None, port: int | None) -> None:
 @click.pass_context
 def up(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Embedded broker and one runner in one process: submit tasks over HTTP."""
-    from runner.broker_server.server import running_broker
+    from runner.broker_server.server import open_store, running_broker
     from runner.cli.wiring import task_pipeline
     from runner.metrics import CollectorRegistry, RunnerMetrics
+    from runner.policy import load_policy
     from runner.service import RunnerService
 
     settings = _host_port(support.settings(), host, port)
@@ -127,30 +128,34 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
     async def go() -> int:
         registry = CollectorRegistry()  # one /metrics for the broker and its runner
         metrics = RunnerMetrics(registry)  # the sandbox counts its retries there
-        async with (
-            task_pipeline(settings, support.progress, on_retry=metrics.retry) as pipeline,
-            running_broker(settings, registry=registry) as running,
-        ):
-            service = RunnerService(
-                settings,
-                pipeline,
-                broker_uri=running.url,
-                auth_token=running.auth_token,
-                handle_signals=False,
-                metrics=metrics,
-            )
-            serving = asyncio.create_task(service.run())
-            support.say(
-                f"sandbox-runner is up: POST {running.url}/v1/tasks (API docs: {running.url}/docs)"
-            )
-            _say_store(running.broker.store.location, running.broker.store.is_durable)
-            signal_wait = asyncio.create_task(_wait_for_signal())
-            await asyncio.wait([serving, signal_wait], return_when=asyncio.FIRST_COMPLETED)
-            service.request_shutdown("Shutting down")
-            signal_wait.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await signal_wait
-            return await serving
+        # The policy, then the store: a bad bundle is reported before anything is
+        # touched, and a store it cannot open (an unwritable directory, another broker
+        # on the file) fails now, not after the runner's image, self-check and pool.
+        load_policy(settings)
+        with contextlib.closing(open_store(settings)) as store:
+            async with (
+                task_pipeline(settings, support.progress, on_retry=metrics.retry) as pipeline,
+                running_broker(settings, registry=registry, store=store) as running,
+            ):
+                service = RunnerService(
+                    settings,
+                    pipeline,
+                    broker_uri=running.url,
+                    auth_token=running.auth_token,
+                    handle_signals=False,
+                    metrics=metrics,
+                )
+                serving = asyncio.create_task(service.run())
+                url = running.url
+                support.say(f"sandbox-runner is up: POST {url}/v1/tasks (API docs: {url}/docs)")
+                _say_store(running.broker.store.location, running.broker.store.is_durable)
+                signal_wait = asyncio.create_task(_wait_for_signal())
+                await asyncio.wait([serving, signal_wait], return_when=asyncio.FIRST_COMPLETED)
+                service.request_shutdown("Shutting down")
+                signal_wait.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await signal_wait
+                return await serving
 
     sys.exit(support.run(go))
 

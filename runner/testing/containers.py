@@ -16,6 +16,7 @@ from testcontainers.core.container import DockerContainer
 from testcontainers.core.network import Network
 from testcontainers.core.waiting_utils import WaitStrategy, WaitStrategyTarget
 
+from runner.runner_image import RUNNER_UID
 from runner.sandbox.docker_errors import DOCKER_FAULTS
 from runner.testing.client import Mode, SandboxServiceError, submit_task
 from runner.testing.session import (
@@ -34,6 +35,11 @@ BROKER_PORT = 5679
 HEALTH_PORT = 5681
 CONTAINER_SOCKET = "/var/run/docker.sock"
 STOP_TIMEOUT_S = 15
+# The broker's task store: a tmpfs of each broker container's own (the root file system
+# is read-only), owned by the image's user as the image's /var/lib/sandbox-broker is.
+# Two containers never share tasks; a container's tasks go with it.
+BROKER_STORE_DIR = "/var/lib/sandbox-broker"
+BROKER_STORE = f"sqlite:///{BROKER_STORE_DIR}/broker-tasks.sqlite3"
 
 
 class _ServiceReady(WaitStrategy):
@@ -213,6 +219,9 @@ class EmbeddedBrokerContainer(_SandboxContainer):
         self.with_env("SANDBOX_AUTH_TOKEN", self.auth_token)
         # Reached through a published port, so not from loopback: the API needs a key.
         self.with_env("SANDBOX_API_KEYS", f"{self.api_key}=default")
+        if "SANDBOX_BROKER_STORE" not in self.env:  # else the caller's (a volume of theirs)
+            self.with_env("SANDBOX_BROKER_STORE", BROKER_STORE)
+            self.tmpfs[BROKER_STORE_DIR] = f"uid={RUNNER_UID},gid={RUNNER_UID},mode=0700"
         self.with_exposed_ports(BROKER_PORT)
         self._harden()
 

@@ -1,15 +1,25 @@
 """runner.testing's service processes: ``sandbox-runner serve`` / ``up`` / ``broker`` as a
 child process of this Python, configured like an operator would (environment variables
-only)."""
+only).
+
+A broker (``up``, ``broker``) gets a task store of its own unless ``env`` names one
+(``SANDBOX_BROKER_STORE``): the default SQLite store, in a temporary directory made for
+that process and removed when it stops. Never the default file in the state directory:
+two tests would share it (one test's leftover tasks recovered by the next, and a
+second broker on the file refused while the first runs), and moving the whole state
+directory (``SANDBOX_STATE_DIR``) would move the OCI backend's unpacked task image too.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,19 +35,30 @@ class _ServiceProcess:
     ``keep_lines`` of them, when given)."""
 
     def __init__(
-        self, argv: list[str], env: dict[str, str], *, keep_lines: int | None = None
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        *,
+        keep_lines: int | None = None,
+        store_dir: Path | None = None,
     ) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("N8N_", "SANDBOX_"))}
         full_env.update(env)
+        self.store_dir = store_dir  # the broker's own store, removed by stop()
         self.lines: collections.deque[str] = collections.deque(maxlen=keep_lines)
         self._line_added = threading.Condition()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "runner", *argv],
-            env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "runner", *argv],
+                env=full_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        except BaseException:
+            if store_dir is not None:
+                shutil.rmtree(store_dir, ignore_errors=True)
+            raise
         self._reader = threading.Thread(target=self._collect, daemon=True)
         self._reader.start()
 
@@ -89,11 +110,28 @@ class _ServiceProcess:
         self._reader.join(5)
         if self.process.stdout is not None:
             self.process.stdout.close()
+        if self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
         return self.process.returncode
 
     async def aclose(self, timeout_s: float = 20) -> int:
         """:meth:`stop` without blocking the event loop an in-process broker runs on."""
         return await asyncio.to_thread(self.stop, timeout_s)
+
+
+STORE_VARIABLE = "SANDBOX_BROKER_STORE"
+
+
+def _own_store(env: dict[str, str] | None) -> tuple[dict[str, str], Path | None]:
+    """``env`` with a store for one broker process: the caller's, or the default SQLite
+    store in a new temporary directory (returned: :meth:`_ServiceProcess.stop` removes
+    it)."""
+    env = dict(env or {})
+    if STORE_VARIABLE in env:
+        return env, None
+    store_dir = Path(tempfile.mkdtemp(prefix="sandbox-broker-"))
+    env[STORE_VARIABLE] = f"sqlite:///{store_dir / 'broker-tasks.sqlite3'}"
+    return env, store_dir
 
 
 class ServeProcess(_ServiceProcess):
@@ -126,7 +164,9 @@ class UpProcess(_ServiceProcess):
     """``sandbox-runner up`` (the embedded broker and one runner in one process) as a
     child process on a free loopback port; :attr:`url` is its API once it is up.
 
-    ``env`` configures it (``SANDBOX_API_KEYS``, ``SANDBOX_STDLIB_ALLOW``, ...).
+    ``env`` configures it (``SANDBOX_API_KEYS``, ``SANDBOX_STDLIB_ALLOW``, ...). Its
+    broker's task store is its own (:attr:`store_dir`, removed when it stops) unless
+    ``env`` names one (``SANDBOX_BROKER_STORE``).
     """
 
     def __init__(
@@ -136,8 +176,12 @@ class UpProcess(_ServiceProcess):
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
         keep_lines: int | None = None,
     ) -> None:
+        env, store_dir = _own_store(env)
         super().__init__(
-            ["up", "--host", "127.0.0.1", "--port", "0"], env or {}, keep_lines=keep_lines
+            ["up", "--host", "127.0.0.1", "--port", "0"],
+            env,
+            keep_lines=keep_lines,
+            store_dir=store_dir,
         )
         try:
             line = self.wait_for_line(UP_LINE, startup_timeout_s)
@@ -156,7 +200,9 @@ class BrokerProcess(_ServiceProcess):
 
     ``env`` configures it (``N8N_RUNNERS_AUTH_TOKEN`` for its runners,
     ``SANDBOX_BROKER_STORE``, ``SANDBOX_API_KEYS``, ...). Give a fixed ``port`` when
-    runners must find it again after a restart.
+    runners must find it again after a restart, and a ``SANDBOX_BROKER_STORE`` when
+    the next broker must find its tasks: without one, its store is its own
+    (:attr:`store_dir`, removed when it stops).
     """
 
     def __init__(
@@ -167,8 +213,12 @@ class BrokerProcess(_ServiceProcess):
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
         keep_lines: int | None = None,
     ) -> None:
+        env, store_dir = _own_store(env)
         super().__init__(
-            ["broker", "--host", "127.0.0.1", "--port", str(port)], env or {}, keep_lines=keep_lines
+            ["broker", "--host", "127.0.0.1", "--port", str(port)],
+            env,
+            keep_lines=keep_lines,
+            store_dir=store_dir,
         )
         try:
             line = self.wait_for_line(BROKER_LINE, startup_timeout_s)

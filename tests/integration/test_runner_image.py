@@ -10,6 +10,10 @@
   second runner container, and leaves nothing behind;
 - ``run_task`` on an ``EmbeddedBrokerContainer`` with no runner fails within 10 s
   saying so (not after its 120 s timeout), and leaves no task queued;
+- ``up`` in the image keeps its tasks in the SQLite store in ``/var/lib/sandbox-broker``:
+  with a volume there, a finished task's result outlives a restart of the container
+  and its replacement by a new one; on a read-only root with no volume it refuses to
+  start, in one line naming the setting (no traceback);
 - both examples in docs/testing.md run as is (a user's pytest file each);
 - started with the flags docs/operations.md gives for the OCI backend, the runner
   image runs ``exec`` and ``up`` with task containers made by runc inside it (the
@@ -67,6 +71,7 @@ from runner.testing import (
 )
 
 API_KEY = "runner-image-test-key"
+BROKER_STORE = "/var/lib/sandbox-broker/broker-tasks.sqlite3"  # the image's
 DOCS = PROJECT_ROOT / "docs" / "testing.md"
 # The examples of docs/testing.md, by the marker before each, and how many tests each has.
 EXAMPLES = {
@@ -107,6 +112,17 @@ def test_the_runner_image_is_non_root_and_finds_its_policy_bundle(
     # Docker makes its task containers unless the operator opts in (docs/operations.md).
     assert "SANDBOX_BACKEND=docker" in config["Env"]
     assert "SANDBOX_STATE_DIR=/var/lib/sandbox-runner-oci" in config["Env"]
+    # The broker's task store: the runner user's own directory, apart from the state
+    # directory (root's, for the OCI backend).
+    assert f"SANDBOX_BROKER_STORE=sqlite:///{BROKER_STORE}" in config["Env"]
+    listing = docker_client.containers.run(
+        image,
+        ["-c", "stat -c '%u %a' /var/lib/sandbox-broker"],
+        entrypoint="sh",
+        network_mode="none",
+        remove=True,
+    )
+    assert listing.decode().split() == ["10002", "700"]
     lint = json.loads(
         docker_client.containers.run(
             image, ["policy", "lint", "--json"], network_mode="none", remove=True
@@ -385,6 +401,10 @@ def test_sandbox_container_runs_a_task_in_one_container_and_leaves_nothing(
         assert attrs["HostConfig"]["CapDrop"] == ["ALL"]
         assert attrs["HostConfig"]["SecurityOpt"] == ["no-new-privileges:true"]
         assert attrs["Config"]["Labels"][LABEL_TESTING_RUNNER] == sandbox.runner_id
+        # Its broker's task store: the image's default place, on a tmpfs of its own.
+        tmpfs = attrs["HostConfig"]["Tmpfs"]
+        assert tmpfs["/var/lib/sandbox-broker"] == "uid=10002,gid=10002,mode=0700"
+        assert f"task store: {BROKER_STORE} (queued tasks" in sandbox.logs()
         assert _ours(docker_client) - before == {container_id}
         assert len(sandbox.runners()) == 1  # its own runner, connected when ready
 
@@ -455,6 +475,135 @@ def test_run_task_with_no_runner_fails_within_seconds_saying_so(image: str) -> N
             for task in tasks:
                 document = api.get(f"/v1/tasks/{task['taskId']}").json()
                 assert document["error"]["code"] == "cancelled"
+
+
+# -- the broker's task store in the runner image -------------------------------------------
+
+
+def _up_container(
+    docker_client: docker.DockerClient, image: str, runner_id: str, *flags: str
+) -> Any:
+    """`up` in the runner image on the Docker engine (no warm pool), detached."""
+    socket = "/var/run/docker.sock"
+    argv = [
+        "docker",
+        "run",
+        "-d",
+        *_labels_flags(),
+        "-e",
+        f"SANDBOX_RUNNER_ID={runner_id}",
+        "-e",
+        f"SANDBOX_API_KEYS={API_KEY}=default",
+        "-e",
+        "SANDBOX_POOL_SIZE=0",
+        "-v",
+        f"{socket}:{socket}",
+        "--group-add",
+        str(os.stat(socket).st_gid),
+        "-p",
+        "127.0.0.1::5679",
+        *flags,
+        image,
+        "up",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "5679",
+    ]
+    started = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert started.returncode == 0, started.stderr
+    return docker_client.containers.get(started.stdout.strip())
+
+
+@contextlib.contextmanager
+def _api(container: Any) -> Iterator[httpx.Client]:
+    """The container's API, once its broker answers and its runner is connected."""
+    container.reload()
+    port = container.attrs["NetworkSettings"]["Ports"]["5679/tcp"][0]["HostPort"]
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=90,
+    ) as api:
+        _wait_for(lambda: _answers(api), 120, "the broker in the runner container", container)
+        _wait_for(
+            lambda: bool(api.get("/v1/health").json()["runners"]), 120, "its runner", container
+        )
+        yield api
+
+
+def test_up_in_the_runner_image_keeps_a_finished_result_on_its_volume(
+    image: str, docker_client: docker.DockerClient
+) -> None:
+    """The image's default store, on a volume: a result survives `docker restart`
+    and a new container on the same volume (the store, not the container's layer)."""
+    runner_id = f"store-image-{uuid.uuid4().hex[:10]}"
+    volume = docker_client.volumes.create(labels=session_labels())
+    containers: list[Any] = []
+    try:
+        containers.append(
+            _up_container(
+                docker_client, image, runner_id, "-v", f"{volume.name}:/var/lib/sandbox-broker"
+            )
+        )
+        first = containers[-1]
+        with _api(first) as api:
+            submitted = api.post(
+                "/v1/tasks", json={"code": SUM_TASK, "items": [{"n": 1}, {"n": 2}]}
+            )
+            assert submitted.status_code == 202, submitted.text
+            task = f"/v1/tasks/{submitted.json()['taskId']}"
+            done = api.get(task, params={"wait": 60})
+        assert done.status_code == 200, done.text
+        document = done.json()
+        assert document["result"] == [{"json": {"sum": 3}}], document
+        logs = first.logs().decode(errors="replace")
+        assert f"task store: {BROKER_STORE} (queued tasks and results survive a restart)" in logs
+
+        first.restart(timeout=30)
+        with _api(first) as api:
+            again = api.get(task)
+        assert again.status_code == 200, again.text
+        assert again.json() == document
+
+        first.stop(timeout=30)
+        assert first.wait(timeout=30)["StatusCode"] == 0, first.logs()[-3000:]
+        first.remove()
+        containers.remove(first)
+        containers.append(
+            _up_container(
+                docker_client, image, runner_id, "-v", f"{volume.name}:/var/lib/sandbox-broker"
+            )
+        )
+        with _api(containers[-1]) as api:
+            replaced = api.get(task)
+        assert replaced.status_code == 200, replaced.text
+        assert replaced.json() == document
+    finally:
+        for container in containers:
+            with contextlib.suppress(docker.errors.APIError):
+                container.remove(force=True)
+        volume.remove(force=True)
+    assert remains(docker_client, labels={LABEL_OWNER: runner_id}) == []
+
+
+def test_up_on_a_read_only_root_without_a_volume_says_which_setting_to_change(
+    image: str,
+) -> None:
+    """No place for the store: one line naming it and the setting, exit 2, at once
+    (before the runner's self-check: no Docker API is given here)."""
+    argv = ["docker", "run", "--rm", "--read-only", *_labels_flags(), image, "up"]
+    ran = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert ran.returncode == 2, ran.stdout + ran.stderr
+    assert ran.stderr.strip().splitlines() == [
+        "sandbox-runner: error: Cannot create the broker's task store in "
+        "/var/lib/sandbox-broker (Read-only file system; give the broker a file in a "
+        "directory uid 10002 can write: "
+        "SANDBOX_BROKER_STORE=sqlite:////that/dir/broker-tasks.sqlite3 (or "
+        "SANDBOX_STATE_DIR for the default file there; in a container, mount a volume "
+        "there), or SANDBOX_BROKER_STORE=memory to keep nothing across a restart)"
+    ]
+    assert "Traceback" not in ran.stdout + ran.stderr
 
 
 # -- the OCI backend in the runner container ---------------------------------------------

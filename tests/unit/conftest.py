@@ -9,7 +9,8 @@ agent's own files plus ``runner/analyzer/core.py`` copied in as
 ``agent_path`` fixture.
 
 ``clean_env`` takes the developer's own runner settings (``N8N_*``, ``SANDBOX_*``) out
-of the environment for one test, for modules whose tests build ``Settings()`` from it.
+of the environment for one test, for modules whose tests build ``Settings()`` from it
+(all but the test's own broker task store, ``SANDBOX_BROKER_STORE``: tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from helpers import SETTINGS_PREFIXES
+from helpers import SETTINGS_PREFIXES, STORE_VARIABLE
 
 from runner.sandbox.bundle import stage_agent
 from runner.settings import PROJECT_ROOT
@@ -31,7 +32,9 @@ from runner.settings import PROJECT_ROOT
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.startswith(SETTINGS_PREFIXES):
+        # Not the test's own broker task store (tests/conftest.py): it is no developer's
+        # setting, and without it a broker would use the machine's default file.
+        if name.startswith(SETTINGS_PREFIXES) and name != STORE_VARIABLE:
             monkeypatch.delenv(name)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from fakes import FakeClock, advance, connect
 
 from runner.broker_server.core import Broker, BrokerConfig
@@ -32,6 +33,7 @@ from runner.broker_server.store import (
 )
 from runner.broker_server.submission import Submission, TaskLimits
 from runner.broker_server.tasks import BrokerTask, TaskStatus, parse_wire_id, wire_id
+from runner.cli import main
 from runner.errors import IdempotencyKeyReused, InfrastructureError, TenantBacklogFull
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
@@ -234,6 +236,30 @@ def test_a_place_that_cannot_hold_the_file_is_a_clear_error(tmp_path: Path) -> N
         SqliteStore(tmp_path / "a-file" / SQLITE_FILE_NAME)
 
 
+def test_a_store_that_cannot_be_made_names_the_setting_to_change(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InfrastructureError) as refused:
+        SqliteStore(tmp_path / "a-file" / SQLITE_FILE_NAME)
+    hint = refused.value.hint or ""
+    assert "SANDBOX_BROKER_STORE=sqlite:////" in hint
+    assert f"uid {os.geteuid()} can write" in hint
+    assert "SANDBOX_BROKER_STORE=memory" in hint
+
+
+def test_a_store_file_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
+    # A directory where the file should be: the lock beside it is made, the file is
+    # not (as a file of another user, or on a read-only mount, would not be).
+    (tmp_path / SQLITE_FILE_NAME).mkdir()
+    with pytest.raises(InfrastructureError) as refused:
+        SqliteStore(tmp_path / SQLITE_FILE_NAME)
+    assert str(refused.value).startswith(
+        f"Cannot create the broker's task store {tmp_path / SQLITE_FILE_NAME}"
+    )
+    assert "SANDBOX_BROKER_STORE=sqlite:////" in (refused.value.hint or "")
+    (tmp_path / SQLITE_FILE_NAME).rmdir()
+    SqliteStore(tmp_path / SQLITE_FILE_NAME).close()  # the refusal released the lock
+
+
 @pytest.mark.parametrize(
     ("value", "kind", "path"),
     [
@@ -267,7 +293,20 @@ def test_sqlite_alone_is_a_file_in_the_state_directory(tmp_path: Path) -> None:
     store = open_store(Settings(broker_store="sqlite", state_dir=tmp_path))
     assert store.location == str(tmp_path / SQLITE_FILE_NAME)
     store.close()
-    assert isinstance(open_store(Settings()), MemoryStore)  # the default
+    assert isinstance(open_store(Settings(broker_store="memory")), MemoryStore)
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_the_default_store_is_the_sqlite_file_in_the_state_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SANDBOX_BROKER_STORE")  # the test's own (tests/conftest.py)
+    settings = Settings(state_dir=tmp_path)  # not the machine's state directory
+    assert settings.broker_store == "sqlite"
+    store = open_store(settings)
+    assert isinstance(store, SqliteStore)
+    assert store.location == str(tmp_path / SQLITE_FILE_NAME)
+    store.close()
 
 
 # -- a broker restarted on its store -------------------------------------------------------
@@ -487,3 +526,21 @@ def test_wire_ids_name_the_attempt() -> None:
     assert parse_wire_id("abc.3") == ("abc", 3)
     assert parse_wire_id("abc.x") == ("abc.x", 1)  # not ours: unknown, as any id
     assert parse_wire_id("abc.1") == ("abc.1", 1)  # attempt 1 never has a suffix
+
+
+def test_up_with_a_store_it_cannot_make_says_so_in_one_line_before_docker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `up` opens its store before its runner's image, self-check and pool: no Docker
+    # is touched here (this is a unit test), and the operator reads the setting to fix.
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("SANDBOX_BROKER_STORE", f"sqlite:///{tmp_path}/a-file/tasks.sqlite3")
+    result = CliRunner().invoke(main, ["up", "--port", "0"], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(
+        f"sandbox-runner: error: Cannot create the broker's task store in {tmp_path}/a-file ("
+    )
+    assert "SANDBOX_BROKER_STORE=sqlite:////" in lines[0]
+    assert "Traceback" not in result.output

@@ -363,6 +363,14 @@ def test_a_sweep_removes_what_only_dead_containers_kept(
         ]
     for directory in orphan:
         directory.mkdir(parents=True)  # a real cgroup: the kernel fills it
+    # Another runner's container that is alive, seen from a runner with another state
+    # directory: no bundle or runtime state of ours names it, and it must live on.
+    alive = [d.parent.parent / f"pytest-alive-{os.getpid()}" / "sbx-alive" for d in orphan]
+    for directory in alive:
+        directory.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "300"])
+    for directory in alive:
+        (directory / "cgroup.procs").write_text(str(sleeper.pid))
     client = docker.from_env()
     try:
         store = RootfsStore(state / "rootfs", client, task_uid=10001)
@@ -376,15 +384,23 @@ def test_a_sweep_removes_what_only_dead_containers_kept(
         sandbox = make_oci_sandbox(settings, client, runtime, image=task_image, warm_pool=False)
         removed = asyncio.run(sandbox.sweep())
         asyncio.run(sandbox.aclose())
+        still_running = sleeper.poll() is None
+        alive_left = [d for d in alive if d.is_dir()]
+        parents_left = [d.parent for d in orphan if d.parent.exists()]
     finally:
         client.close()
-        for directory in orphan:
+        sleeper.kill()
+        sleeper.wait()
+        for directory in [*orphan, *alive]:
             with contextlib.suppress(OSError):
                 directory.rmdir()
+            with contextlib.suppress(OSError):
                 directory.parent.rmdir()
     assert "sbx-orphan" in removed
     assert [d for d in orphan if d.exists()] == []
-    assert [d.parent for d in orphan if d.parent.exists()] == [], "an empty parent is left"
+    assert still_running, "the sweep killed a live container of another runner"
+    assert alive_left == alive, "the sweep removed a live container's cgroup"
+    assert parents_left == [], "an empty parent is left"
     assert not old.exists()
     assert ours.stat().st_ino == inode, "our image's root was removed (and unpacked again)"
 

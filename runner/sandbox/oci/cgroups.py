@@ -168,9 +168,10 @@ def remove_empty_parents(root: Path = ROOT) -> None:
                     runner.rmdir()
 
 
-def remove(runner_id: str, container_id: str, root: Path = ROOT) -> None:
+def remove(runner_id: str, container_id: str, root: Path = ROOT, *, kill: bool = True) -> None:
     """Remove a container's cgroups whose runtime state is gone: what still runs in
-    them is killed first (an empty cgroup is the only one that can be removed)."""
+    them is killed first (an empty cgroup is the only one that can be removed);
+    ``kill=False``: only if nothing runs in them (another runner's, which may be alive)."""
     relative = path_of(runner_id, container_id).lstrip("/")
     directories = (
         [root / relative] if layout(root) == "v2" else [h / relative for h in _hierarchies(root)]
@@ -178,12 +179,13 @@ def remove(runner_id: str, container_id: str, root: Path = ROOT) -> None:
     for directory in directories:
         if not directory.is_dir():
             continue
+        if kill:
+            with contextlib.suppress(OSError):
+                for pid in (directory / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), signal.SIGKILL)
         with contextlib.suppress(OSError):
-            for pid in (directory / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            directory.rmdir()
+            directory.rmdir()  # EBUSY while anything runs in it: left for a later sweep
 
 
 def _hierarchies(root: Path) -> list[Path]:

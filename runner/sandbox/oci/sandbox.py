@@ -491,7 +491,13 @@ class OciSandbox(ContainerSandbox[OciContainer]):
             runner_id, _, _ = cgroups_path.removeprefix(f"/{cgroups.PARENT}/").partition("/")
             cgroups.remove(runner_id, container_id)
         elif container_id in self._orphan_cgroups:  # no bundle to say where: the scan did
-            cgroups.remove(self._orphan_cgroups.pop(container_id), container_id)
+            runner = self._orphan_cgroups.pop(container_id)
+            # Another runner's cgroup is only removed once empty: that runner may be alive
+            # with a state directory of its own (its bundles and runtime state are not
+            # ours to see), and killing what runs there would end its tasks. Our own
+            # runner id's are ours: what still runs there is a crashed run's, killed.
+            own = runner == cgroups.path_of(self._runner_id, container_id).split("/")[2]
+            cgroups.remove(runner, container_id, kill=own)
         shutil.rmtree(bundle, ignore_errors=True)
         self._killed.discard(container_id)
 
@@ -541,7 +547,9 @@ class OciSandbox(ContainerSandbox[OciContainer]):
             for container_id in self._runtime.list_ids():
                 found.setdefault(container_id, {})
         # Cgroups with neither a bundle nor runtime state, of any runner: what a
-        # removal left half-done (a runner killed in it). Not one made in the last
+        # removal left half-done (a runner killed in it), or the live containers of a
+        # runner with another state directory (_remove kills only in our own runner's
+        # cgroups; another's is removed once empty). Not one made in the last
         # minute: a runner making a container writes its bundle, then the runtime
         # makes the cgroup, and this scan may have read the bundles before both.
         self._orphan_cgroups = {

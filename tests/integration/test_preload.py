@@ -38,13 +38,20 @@ external_allow = ["numpy"]
 """
 
 # ``sys`` is on the allowlists here (settings and profile) only so that a task can look.
+# The matrix product runs OpenBLAS, whose threads the agent started at its import of
+# numpy (through pandas) and shut down for the fork: the child starts its own.
 SEES_PANDAS = """
 import sys
 before = "pandas" in sys.modules
+import numpy as np
 import pandas as pd
 df = pd.DataFrame({"k": ["a", "b", "a"], "n": [1, 2, 3]})
-return [{"json": {"before": before, "sums": df.groupby("k")["n"].sum().to_dict()}}]
+m = np.arange(256 * 256, dtype=np.float64).reshape(256, 256)
+trace = float((m @ m.T).trace())
+return [{"json": {"before": before, "sums": df.groupby("k")["n"].sum().to_dict(),
+                  "trace": trace}}]
 """
+TRACE = float(sum(x * x for x in range(256 * 256)))
 LOOKS_FOR_PANDAS = """
 import sys
 return [{"json": {"loaded": sorted(m for m in sys.modules if m.split(".")[0] == "pandas")}}]
@@ -84,7 +91,7 @@ async def test_a_warm_slot_hands_its_task_pandas_already_imported(
     async with make_preload_pipeline(warm=True) as pipeline:
         report = await pipeline.run(request(SEES_PANDAS))
     assert report.outcome is Outcome.SUCCESS, report.document()
-    assert report.result == [{"json": {"before": True, "sums": {"a": 4, "b": 2}}}]
+    assert report.result == [{"json": {"before": True, "sums": {"a": 4, "b": 2}, "trace": TRACE}}]
     details = report.audit["details"]
     assert details["containerStart"] == "warm"
     assert details["agentPreloaded"] == ["pandas"]
@@ -97,7 +104,7 @@ async def test_a_cold_container_preloads_nothing(make_preload_pipeline: Pipeline
     async with make_preload_pipeline() as pipeline:
         report = await pipeline.run(request(SEES_PANDAS))
     assert report.outcome is Outcome.SUCCESS, report.document()
-    assert report.result == [{"json": {"before": False, "sums": {"a": 4, "b": 2}}}]
+    assert report.result == [{"json": {"before": False, "sums": {"a": 4, "b": 2}, "trace": TRACE}}]
     details = report.audit["details"]
     assert details["containerStart"] == "cold"
     assert "agentPreloaded" not in details

@@ -8,6 +8,7 @@ pandas, a tenant that may not have it) is ``tests/integration/test_preload.py``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -181,7 +182,11 @@ def agent(agent_pkg: ModuleType) -> Any:
 
 def test_the_agent_preloads_what_it_is_told_and_skips_what_fails(agent: Any) -> None:
     assert agent.preload(["--own-pid-namespace"]) is None
-    loaded, took_ms = agent.preload(["--preload=json,no_such_module_here,not-a-name"])
+    try:
+        loaded, took_ms = agent.preload(["--preload=json,no_such_module_here,not-a-name"])
+        assert gc.get_freeze_count() > 0  # what the agent holds, out of the child's GC
+    finally:
+        gc.unfreeze()  # this is the test process, not an agent
     assert loaded == ["json"]
     assert took_ms >= 0
     assert "json" in sys.modules

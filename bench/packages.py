@@ -1,4 +1,5 @@
-"""What numpy and pandas in the task image cost (issue 14; not part of ``make bench``).
+"""What numpy and pandas in the task image cost (issue 14). ``make bench`` runs the pandas
+task's series of it (:func:`measure`: cold, warm, warm with preload); the rest is here.
 
 ``python -m bench.packages [--runs N] [--engine docker|oci] [--rebuild]``: the default
 task image and the image of the tests' packages bundle (the default bundle with
@@ -159,6 +160,61 @@ async def latencies(
     finally:
         await sandbox.aclose()
     return samples[1:]
+
+
+async def measure(engine: str, runs: int = 5) -> dict[str, Any]:
+    """``make bench``'s section (bench/run.py): the pandas task cold, warm, and warm
+    with ``preload = ["pandas"]`` on ``engine``, ``runs`` tasks each (the first of each
+    series dropped besides), and an idle slot's memory with and without the preload.
+    Builds the packages image first if it is missing (the wheels from the host's cache,
+    downloaded once)."""
+    client = docker.from_env(timeout=300)
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = Settings(runner_id="bench-packages", pool_size=0)
+            settings = Settings(
+                **{
+                    **base.model_dump(),
+                    "policy_dir": packages_bundle(Path(tmp) / "policies"),
+                    "external_allow": PANDAS_EXTERNAL_ALLOW,
+                }
+            )
+            builder = ImageBuilder(client, image_recipe(settings), lambda line: None)
+            image = await asyncio.to_thread(builder.ensure)
+            preloading = Settings(
+                **{**settings.model_dump(), "policy_dir": preload_bundle(Path(tmp) / "preload")}
+            )
+            out: dict[str, Any] = {"engine": engine, "runs": runs}
+            slots: dict[str, list[dict[str, float]]] = {"noPreload": [], "preload": []}
+            for name, run_settings, warm, facts in (
+                ("cold", settings, False, "noPreload"),
+                ("warm", settings, True, "noPreload"),
+                ("warmPreload", preloading, True, "preload"),
+            ):
+                samples = await latencies(
+                    run_settings,
+                    client,
+                    image,
+                    engine,
+                    PANDAS_TASK,
+                    runs,
+                    warm=warm,
+                    slot_facts=slots[facts],
+                )
+                out[f"{name}Ms"] = {
+                    "p50": round(percentile(samples, 50), 1),
+                    "p95": round(percentile(samples, 95), 1),
+                }
+            out["idleSlotCgroupMb"] = {
+                which: round(percentile([fact["cgroupMb"] for fact in facts], 50), 1)
+                for which, facts in slots.items()
+            }
+            out["preloadMs"] = round(percentile([f["preloadMs"] for f in slots["preload"]], 50), 1)
+    finally:
+        client.close()
+    out["tookS"] = round(time.perf_counter() - started, 1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -152,7 +152,9 @@ def preload(argv: list[str]) -> tuple[list[str], float] | None:
                 continue
             try:
                 __import__(name)
-            except Exception as exc:
+            except BaseException as exc:  # the slot must survive any of them
+                # KeyboardInterrupt included: OpenBLAS raises SIGINT at numpy's import
+                # when it cannot start its threads (the pids limit).
                 os.write(2, f"preload: {name}: {type(exc).__name__}: {exc}\n".encode())
                 continue
             loaded.append(name)

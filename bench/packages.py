@@ -1,4 +1,5 @@
-"""What numpy and pandas in the task image cost (issue 14; not part of ``make bench``).
+"""What numpy and pandas in the task image cost (issue 14). ``make bench`` runs the pandas
+task's series of it (:func:`measure`: cold, warm, warm with preload); the rest is here.
 
 ``python -m bench.packages [--runs N] [--engine docker|oci] [--rebuild]``: the default
 task image and the image of the tests' packages bundle (the default bundle with
@@ -10,7 +11,13 @@ side by side:
   warm (what ``make image`` costs after the lock changed, the wheels being cached);
 - the latency of one task through our pipeline, cold (no pool: what ``exec`` pays per
   task) and warm (a pool of one slot, refilled before each task), for a stdlib task
-  (sum 1,000 ints) and a pandas task (a DataFrame group-by) in the packages image.
+  (sum 1,000 ints) and a pandas task (a DataFrame group-by) in the packages image;
+- the same two tasks warm with ``[image] preload = ["pandas"]`` (the slot's agent
+  imported pandas before its task; each task waits until the slot's agent has
+  settled, as a slot refilled in the background has), and what the preload costs a
+  slot: the agent's own time for the imports (``agentPreloadMs``), and an idle slot's
+  memory with and without it (its cgroup's ``memory.current`` and the agent's
+  ``RssAnon``, its private memory; file pages are shared through the page cache).
 
 Nothing asserts on time; the figures go to bench/README.md by hand.
 """
@@ -41,7 +48,7 @@ from runner.sandbox.image import ImageBuilder
 from runner.settings import PROJECT_ROOT, Settings
 
 sys.path.insert(0, str(PROJECT_ROOT / "tests"))
-from helpers import PANDAS_EXTERNAL_ALLOW, packages_bundle
+from helpers import PANDAS_EXTERNAL_ALLOW, packages_bundle, preload_bundle
 
 STDLIB_TASK = "return [{'json': {'sum': sum(_items[0]['json']['values'])}}]"
 PANDAS_TASK = (
@@ -50,6 +57,61 @@ PANDAS_TASK = (
     "return [{'json': df.groupby('k')['n'].sum().to_dict()}]"
 )
 ITEMS = [{"json": {"values": list(range(1000))}}]
+
+
+def _agent_pid(pid1: int) -> int:
+    """The agent: tini's (the container's PID 1) only child."""
+    children = Path(f"/proc/{pid1}/task/{pid1}/children").read_text().split()
+    return int(children[0])
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == key:
+            return int(value.split()[0])
+    raise KeyError(key)
+
+
+def _cgroup_memory(pid: int) -> int:
+    """The memory charged to the process's memory cgroup (v1 on a hybrid host, else v2)."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            file = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.usage_in_bytes"
+            return int(file.read_text())
+    path = next(line.split("::", 1)[1] for line in lines if line.startswith("0::"))
+    return int((Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.current").read_text())
+
+
+def _slot_pid1(sandbox: Any, client: docker.DockerClient) -> int:
+    assert sandbox.pool is not None
+    (slot,) = sandbox.pool.idle_resources()
+    pid = getattr(slot, "pid", 0)
+    if not pid:  # Docker's: the host PID of its PID 1
+        pid = int(client.api.inspect_container(slot.container_id)["State"]["Pid"])
+    return pid
+
+
+async def settled_slot(sandbox: Any, client: docker.DockerClient) -> dict[str, float]:
+    """Wait until the idle slot's agent stops growing (its preload done, blocked on its
+    stdin); then its memory: the cgroup's and the agent's private (anonymous) RSS."""
+    agent = _agent_pid(_slot_pid1(sandbox, client))
+    last, steady = -1, 0
+    for _ in range(200):  # 20 s at most
+        rss = _status_kb(agent, "VmRSS")
+        steady = steady + 1 if rss == last else 0
+        if steady >= 3:
+            break
+        last = rss
+        await asyncio.sleep(0.1)
+    pid1 = _slot_pid1(sandbox, client)
+    return {
+        "cgroupMb": round(_cgroup_memory(pid1) / 1e6, 1),
+        "agentRssAnonMb": round(_status_kb(agent, "RssAnon") / 1e3, 1),
+        "agentRssMb": round(_status_kb(agent, "VmRSS") / 1e3, 1),
+    }
 
 
 def image_size_mb(client: docker.DockerClient, tag: str) -> float:
@@ -65,7 +127,10 @@ async def latencies(
     runs: int,
     *,
     warm: bool,
+    slot_facts: list[dict[str, float]] | None = None,
 ) -> list[float]:
+    """Latencies of ``code`` (the first run dropped); warm, each task waits until the
+    slot's agent has settled, and ``slot_facts`` gets its memory and preload time."""
     values = settings.model_dump()
     values["pool_size"] = 1 if warm else 0
     settings = Settings(**values)
@@ -83,14 +148,73 @@ async def latencies(
     try:
         for _ in range(runs + 1):  # the first is a warm-up, dropped
             await sandbox.warm_up(wait=True)
+            memory = await settled_slot(sandbox, client) if warm else {}
             started = time.perf_counter()
             report = await pipeline.run(TaskRequest(code=code, items=ITEMS))
             samples.append((time.perf_counter() - started) * 1000)
             if not report.is_success:
                 raise SystemExit(json.dumps(report.document(), default=str)[:2000])
+            if slot_facts is not None and warm:
+                preload_ms = report.audit["details"].get("agentPreloadMs")
+                slot_facts.append({**memory, "preloadMs": preload_ms or 0.0})
     finally:
         await sandbox.aclose()
     return samples[1:]
+
+
+async def measure(engine: str, runs: int = 5) -> dict[str, Any]:
+    """``make bench``'s section (bench/run.py): the pandas task cold, warm, and warm
+    with ``preload = ["pandas"]`` on ``engine``, ``runs`` tasks each (the first of each
+    series dropped besides), and an idle slot's memory with and without the preload.
+    Builds the packages image first if it is missing (the wheels from the host's cache,
+    downloaded once)."""
+    client = docker.from_env(timeout=300)
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = Settings(runner_id="bench-packages", pool_size=0)
+            settings = Settings(
+                **{
+                    **base.model_dump(),
+                    "policy_dir": packages_bundle(Path(tmp) / "policies"),
+                    "external_allow": PANDAS_EXTERNAL_ALLOW,
+                }
+            )
+            builder = ImageBuilder(client, image_recipe(settings), lambda line: None)
+            image = await asyncio.to_thread(builder.ensure)
+            preloading = Settings(
+                **{**settings.model_dump(), "policy_dir": preload_bundle(Path(tmp) / "preload")}
+            )
+            out: dict[str, Any] = {"engine": engine, "runs": runs}
+            slots: dict[str, list[dict[str, float]]] = {"noPreload": [], "preload": []}
+            for name, run_settings, warm, facts in (
+                ("cold", settings, False, "noPreload"),
+                ("warm", settings, True, "noPreload"),
+                ("warmPreload", preloading, True, "preload"),
+            ):
+                samples = await latencies(
+                    run_settings,
+                    client,
+                    image,
+                    engine,
+                    PANDAS_TASK,
+                    runs,
+                    warm=warm,
+                    slot_facts=slots[facts],
+                )
+                out[f"{name}Ms"] = {
+                    "p50": round(percentile(samples, 50), 1),
+                    "p95": round(percentile(samples, 95), 1),
+                }
+            out["idleSlotCgroupMb"] = {
+                which: round(percentile([fact["cgroupMb"] for fact in facts], 50), 1)
+                for which, facts in slots.items()
+            }
+            out["preloadMs"] = round(percentile([f["preloadMs"] for f in slots["preload"]], 50), 1)
+    finally:
+        client.close()
+    out["tookS"] = round(time.perf_counter() - started, 1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,15 +247,41 @@ def main(argv: list[str] | None = None) -> None:
             "default": image_size_mb(client, default_image),
             "packages": image_size_mb(client, image),
         }
-        for name, code in (("stdlib", STDLIB_TASK), ("pandas", PANDAS_TASK)):
-            for warm in (False, True):
+        preloading = Settings(
+            **{**settings.model_dump(), "policy_dir": preload_bundle(Path(tmp) / "preload")}
+        )
+        slots: dict[str, list[dict[str, float]]] = {"noPreload": [], "preload": []}
+        series = (
+            ("stdlib", STDLIB_TASK, settings, (False, True), "noPreload"),
+            ("pandas", PANDAS_TASK, settings, (False, True), "noPreload"),
+            ("stdlibPreload", STDLIB_TASK, preloading, (True,), "preload"),
+            ("pandasPreload", PANDAS_TASK, preloading, (True,), "preload"),
+        )
+        for name, code, run_settings, modes, facts in series:
+            for warm in modes:
                 samples = asyncio.run(
-                    latencies(settings, client, image, args.engine, code, args.runs, warm=warm)
+                    latencies(
+                        run_settings,
+                        client,
+                        image,
+                        args.engine,
+                        code,
+                        args.runs,
+                        warm=warm,
+                        slot_facts=slots[facts],
+                    )
                 )
                 out[f"{name}{'Warm' if warm else 'Cold'}Ms"] = {
                     "p50": round(percentile(samples, 50), 1),
                     "p95": round(percentile(samples, 95), 1),
                 }
+        out["idleSlot"] = {
+            which: {
+                key: round(percentile([fact[key] for fact in facts], 50), 1)
+                for key in ("cgroupMb", "agentRssAnonMb", "agentRssMb", "preloadMs")
+            }
+            for which, facts in slots.items()
+        }
     out["engine"] = args.engine
     print(json.dumps(out, indent=2))
 

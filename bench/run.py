@@ -699,11 +699,29 @@ def markdown(results: dict[str, Any]) -> str:
         )
     for engine, memory in results.get("memory", {}).items():
         lines += ["", _memory_line(engine, memory)]
+    if results.get("packages"):
+        lines += ["", _packages_line(results["packages"])]
     if results.get("neighbour"):
         from bench import neighbour
 
         lines += neighbour.markdown(results["neighbour"])
     return "\n".join(lines)
+
+
+def _packages_line(packages: dict[str, Any]) -> str:
+    """The pandas task's line (issue 14): cold, warm, warm with the slot's preload."""
+    slot = packages["idleSlotCgroupMb"]
+    return (
+        f"A pandas task (a DataFrame group-by; the packages image, "
+        f"{ENGINE_NAMES[packages['engine']]}), p50 / p95 ms: cold "
+        f"{packages['coldMs']['p50']:.0f} / {packages['coldMs']['p95']:.0f}, warm "
+        f"{packages['warmMs']['p50']:.0f} / {packages['warmMs']['p95']:.0f}, warm with "
+        f'`[image] preload = ["pandas"]` {packages["warmPreloadMs"]["p50"]:.0f} / '
+        f"{packages['warmPreloadMs']['p95']:.0f}; the preload costs an idle slot "
+        f"{slot['preload'] - slot['noPreload']:.0f} MB of memory ({slot['noPreload']:.0f} -> "
+        f"{slot['preload']:.0f} MB) and {packages['preloadMs']:.0f} ms of its agent's time "
+        f"before it waits ({packages['runs']} tasks per series)."
+    )
 
 
 ENGINE_NAMES = {
@@ -976,6 +994,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
         print("noisy neighbour: tenant B alone, then under tenant A's attacks ...", flush=True)
         results["neighbour"] = await neighbour.measure(args.rounds)
+    if not args.no_packages:
+        from bench import packages
+
+        # The default engine's pool: OCI where it runs here, else Docker.
+        engine = "oci" if "ociwarm" in pipelines else "docker"
+        print(f"pandas task on {engine}: cold, warm, warm with preload ...", flush=True)
+        try:
+            results["packages"] = await packages.measure(engine)
+        except Exception as exc:  # reported, the rest of the run goes on
+            notes["packages"] = f"not measured: {type(exc).__name__}: {exc}"
+            print(f"  pandas task: {notes['packages']}", flush=True)
     results["meta"] = {
         "startedAt": started.isoformat(timespec="seconds"),
         "finishedAt": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -1033,6 +1062,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-neighbour", action="store_true", help="skip tenant B's latency under A's attacks"
+    )
+    parser.add_argument(
+        "--no-packages",
+        action="store_true",
+        help="skip the pandas task (cold, warm, warm with [image] preload; ~20 s, and the "
+        "packages image is built first if missing)",
     )
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--chart", type=Path, default=HERE / "results.png")

@@ -245,6 +245,32 @@ def packages_bundle(dest: Path) -> Path:
     return dest
 
 
+def preload_bundle(
+    dest: Path,
+    preload: tuple[str, ...] = ("pandas",),
+    external_allow: str = PANDAS_EXTERNAL_ALLOW,
+    tenants: dict[str, str] | None = None,
+) -> Path:
+    """:func:`packages_bundle` whose ``[imports] external_allow`` is ``external_allow``
+    (comma-separated) and whose ``[image] preload`` is ``preload``; ``tenants``: profile
+    name -> its TOML text, written to ``tenants/``."""
+    packages_bundle(dest)
+    toml = dest / "sandbox.toml"
+    text = toml.read_text(encoding="utf-8")
+    allow = ", ".join(f'"{name}"' for name in external_allow.split(",") if name)
+    assert text.count("\nexternal_allow = []\n") == 1, "policies/sandbox.toml changed shape"
+    text = text.replace("\nexternal_allow = []\n", f"\nexternal_allow = [{allow}]\n")
+    asked = "\npython_packages = ["
+    assert text.count(asked) == 1
+    names = ", ".join(f'"{name}"' for name in preload)
+    text = text.replace(asked, f"\npreload = [{names}]{asked}")
+    toml.write_text(text, encoding="utf-8")
+    for name, profile in (tenants or {}).items():
+        (dest / "tenants").mkdir(exist_ok=True)
+        (dest / "tenants" / f"{name}.toml").write_text(profile, encoding="utf-8")
+    return dest
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nobody listened on a moment ago."""
     with socket.socket() as sock:

@@ -256,7 +256,7 @@ def make_docker_sandbox(
         ensure_image=ensure_image,
         setup_attempts=settings.setup_attempts,
         setup_backoff_max_s=settings.setup_backoff_max_s,
-        pool=pool_config(settings) if warm_pool else None,
+        pool=pool_config(settings, policy.preload) if warm_pool else None,
         pool_limits=limits_from(settings, timeout_s=timeout_s, policy=policy),
         on_retry=on_retry,
     )
@@ -308,17 +308,20 @@ def make_oci_sandbox(
         state_dir=directory,
         setup_attempts=settings.setup_attempts,
         setup_backoff_max_s=settings.setup_backoff_max_s,
-        pool=pool_config(settings) if warm_pool else None,
+        pool=pool_config(settings, policy.preload) if warm_pool else None,
         pool_limits=limits_from(settings, timeout_s=timeout_s, policy=policy),
         on_retry=on_retry,
     )
 
 
-def pool_config(settings: Settings) -> PoolConfig:
+def pool_config(settings: Settings, preload: tuple[str, ...] = ()) -> PoolConfig:
+    """The warm pool of ``settings``; ``preload``: the policy's modules a slot imports
+    before its task (:attr:`~runner.policy.effective.EffectivePolicy.preload`)."""
     return PoolConfig(
         size=settings.pool_size,
         refill_concurrency=settings.pool_refill_concurrency,
         max_idle_s=settings.pool_max_idle_s,
+        preload=preload,
     )
 
 

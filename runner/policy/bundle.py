@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ class PolicyBundle:
     warnings: tuple[Finding, ...] = ()
     # Tenant name -> its profile (tenants/<name>.toml); a tenant not here gets the defaults.
     tenants: Mapping[str, TenantProfile] = field(default_factory=lambda: MappingProxyType({}))
+    # The top-level modules the package lock says its wheels provide (empty: no lock);
+    # what [image] preload may name (runner.policy.lint).
+    lock_provides: frozenset[str] = frozenset()
 
     @property
     def seccomp_path(self) -> Path:
@@ -139,8 +143,11 @@ def parse_bundle(directory: Path) -> tuple[PolicyBundle | None, list[Finding]]:
     # The package lock says which wheels the task image holds: what tasks run under,
     # so it is hashed with the rest (runner.sandbox.packages checks it against the
     # request when the image is built).
+    lock_provides: frozenset[str] = frozenset()
     try:
-        files.append((PACKAGE_LOCK_FILE, (directory / PACKAGE_LOCK_FILE).read_bytes()))
+        raw_lock = (directory / PACKAGE_LOCK_FILE).read_bytes()
+        files.append((PACKAGE_LOCK_FILE, raw_lock))
+        lock_provides = lock_modules(raw_lock.decode("utf-8", "replace"))
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -158,8 +165,24 @@ def parse_bundle(directory: Path) -> tuple[PolicyBundle | None, list[Finding]]:
         seccomp_sha256=hashlib.sha256(raw_seccomp).hexdigest(),
         files=tuple(sorted(name for name, _ in files)),
         tenants=MappingProxyType(tenants),
+        lock_provides=lock_provides,
     )
     return bundle, findings
+
+
+# A lock's "provides" comment (its format is runner.sandbox.packages', which checks the
+# whole lock when the image is built; a test pins that both read the same modules).
+_LOCK_PROVIDES = re.compile(r"^\s+# provides: (?P<modules>.*)$", re.MULTILINE)
+
+
+def lock_modules(text: str) -> frozenset[str]:
+    """The top-level modules a lock's wheels provide, from its ``# provides:`` lines."""
+    return frozenset(
+        module.strip()
+        for match in _LOCK_PROVIDES.finditer(text)
+        for module in match["modules"].split(",")
+        if module.strip() and module.strip() != "(no module)"
+    )
 
 
 def _parse_tenants(

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from runner.analyzer import ImportPolicy, parse_allowlist
+from runner.analyzer import ImportPolicy, import_error, parse_allowlist
 from runner.errors import ConfigurationError
 from runner.policy.bundle import PolicyBundle, parse_bundle
 from runner.policy.lint import check_bundle
@@ -135,6 +135,17 @@ class EffectivePolicy:
     @property
     def sha256(self) -> str:
         return self.bundle.sha256
+
+    @property
+    def preload(self) -> tuple[str, ...]:
+        """The modules a warm pool slot imports before its task: ``[image] preload``,
+        less any this runner's allowlist (settings may narrow it) refuses: a slot never
+        holds a module that the tasks it is made for may not import."""
+        return tuple(
+            name
+            for name in self.bundle.config.image.preload
+            if import_error(name, self.import_policy) is None
+        )
 
     @property
     def user(self) -> str:

@@ -35,6 +35,7 @@ from runner.policy.docker_default import (
 from runner.policy.model import (
     GUARANTEES,
     LIMIT_FIELDS,
+    PACKAGE_LOCK_FILE,
     POLICY_FILE,
     AppArmorSection,
     Finding,
@@ -65,6 +66,7 @@ def check_bundle(bundle: PolicyBundle) -> list[Finding]:
     return [
         *_check_limits(bundle.config),
         *_check_image(bundle.config),
+        *_check_preload(bundle),
         *_check_imports(bundle.config),
         *_check_container(bundle.config),
         *_check_selfcheck(bundle.config),
@@ -156,6 +158,55 @@ def _check_image(config: PolicyConfig) -> list[Finding]:
     if config.image.uid == 0:
         return [Finding("image.root", POLICY_FILE, "[image] uid = 0: tasks must never run as root")]
     return []
+
+
+def _check_preload(bundle: PolicyBundle) -> list[Finding]:
+    """[image] preload: each module the lock provides and external_allow allows.
+
+    A warm pool slot imports these before it knows whose task it will get, so a tenant
+    whose profile does not allow one never gets such a slot (its tasks start cold: the
+    runner refuses the hand-over, runner.sandbox.container); that is worth a warning.
+    """
+    config, findings = bundle.config, []
+    preload = config.image.preload
+    unlocked = sorted(name for name in preload if name not in bundle.lock_provides)
+    if unlocked:
+        findings.append(
+            Finding(
+                "image.preload-not-locked",
+                POLICY_FILE,
+                f"[image] preload names {', '.join(unlocked)}, which no package of "
+                f"{PACKAGE_LOCK_FILE} provides (a preload is a locked third-party package)",
+            )
+        )
+    allowed = frozenset(config.imports.external_allow)
+    refused = sorted(name for name in preload if "*" not in allowed and name not in allowed)
+    if refused:
+        findings.append(
+            Finding(
+                "image.preload-not-allowed",
+                POLICY_FILE,
+                f"[image] preload names {', '.join(refused)}, which [imports] external_allow "
+                "does not allow: a slot must not hold a module its tasks may not import",
+            )
+        )
+    for profile in bundle.tenants.values():
+        own = profile.config.imports.external_allow
+        if own is None or "*" in own:
+            continue
+        narrower = sorted(name for name in preload if name not in own)
+        if narrower:
+            findings.append(
+                Finding(
+                    "tenant.preload-not-allowed",
+                    profile.file,
+                    f"[imports] external_allow does not allow the preloaded "
+                    f"{', '.join(narrower)}: this tenant's tasks never take a preloaded "
+                    "warm slot and start cold",
+                    Severity.WARNING,
+                )
+            )
+    return findings
 
 
 def _check_imports(config: PolicyConfig) -> list[Finding]:

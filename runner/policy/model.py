@@ -120,12 +120,20 @@ PYTHON_REQUIREMENT = (
 )
 
 
+# A top-level module name, as [image] preload names one (no dots: a package is
+# preloaded whole, as its own import statement loads it; no path, no option).
+MODULE_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,99}$"
+
+
 class ImageSection(FrozenModel):
     repository: str = Field(pattern=r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*$")
     uid: int = Field(ge=0, le=2**31 - 1)
     # Third-party packages installed in the task image, pinned by the bundle's
     # python-packages.lock (runner.sandbox.packages); empty: the standard library only.
     python_packages: tuple[Annotated[str, Field(pattern=PYTHON_REQUIREMENT)], ...] = ()
+    # Top-level modules a warm pool slot's agent imports before it waits for its task
+    # (the lock must provide each, external_allow must allow each: `policy lint`).
+    preload: tuple[Annotated[str, Field(pattern=MODULE_NAME)], ...] = ()
 
 
 class ImportsSection(FrozenModel):

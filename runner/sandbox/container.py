@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -47,6 +48,7 @@ from runner.errors import InfrastructureError
 from runner.sandbox.base import (
     AppliedLimits,
     ExecutionResult,
+    GuardConfig,
     Limits,
     Outcome,
     SandboxKernel,
@@ -70,6 +72,15 @@ HOST_GRACE_S = 5.0
 # Room in a pool slot's deadline label for its own set-up (with retries) before it idles.
 POOL_SETUP_SLACK_S = 30.0
 KEY_MEMO_ENTRIES = 256
+
+
+def allows_import(guards: GuardConfig, module: str) -> bool:
+    """Whether ``guards`` let task code import ``module``: the analyzer's rule
+    (``runner.analyzer.import_error``, which this package may not import): the top-level
+    name in the standard-library or the external allowlist, or ``*`` there."""
+    top = module.split(".", 1)[0]
+    allowed = guards.stdlib_allow if top in sys.stdlib_module_names else guards.external_allow
+    return "*" in allowed or top in allowed
 
 
 @dataclass
@@ -272,8 +283,11 @@ class ContainerSandbox(ABC, Generic[H]):
             log.debug("preparing the %s sandbox failed: %s", self.backend, exc)
 
     @abstractmethod
-    def _start(self, labels: dict[str, str], limits: Limits, attempt: int) -> H:
-        """Create and start a container; on any failure nothing of it is left."""
+    def _start(
+        self, labels: dict[str, str], limits: Limits, attempt: int, agent_args: tuple[str, ...] = ()
+    ) -> H:
+        """Create and start a container; on any failure nothing of it is left.
+        ``agent_args`` go after the image's command (the agent's ``--preload``)."""
 
     @abstractmethod
     def _shape(self, limits: Limits) -> Any:
@@ -353,6 +367,9 @@ class ContainerSandbox(ABC, Generic[H]):
         if not self._pool.is_started:
             await self.warm_up()
         limits = run.limits
+        if not self._may_take_preloaded(run.spec):
+            run.cold_reason = Miss.PRELOAD_NOT_ALLOWED.value
+            return
         key = self._key_for(limits)
 
         def fits(slot: Slot[H]) -> bool:
@@ -367,6 +384,20 @@ class ContainerSandbox(ABC, Generic[H]):
         run.started_at = time.monotonic()
         run.slot_age_s = taken.slot.age_s(run.started_at)
 
+    def _may_take_preloaded(self, spec: TaskSpec) -> bool:
+        """May this task run in a slot whose agent imported the pool's ``preload``?
+
+        Only when its own allowlist allows every one of them. A slot is made before
+        its task is known, and a tenant's profile may narrow ``external_allow`` below
+        the runner's; the child's purge of ``sys.modules`` would hide the module's
+        name, but objects the agent's import left in memory would stay reachable from
+        kept modules (the guards' known gap). So a task whose allowlist refuses a
+        preloaded module starts cold: it never runs in a process that imported what
+        it may not import. The agent checks the same before it forks (fail closed).
+        """
+        preload = self._pool.config.preload if self._pool is not None else ()
+        return all(allows_import(spec.guards, name) for name in preload)
+
     def _create_slot(self) -> tuple[str, H]:
         """One pool slot, in a pool worker thread, with the same set-up retries as a task."""
         limits = self._pool_limits
@@ -375,10 +406,19 @@ class ContainerSandbox(ABC, Generic[H]):
         def attempt(number: int) -> tuple[str, H]:
             self._prepare()
             key = self._key_for(limits)
-            container = self._start(self._labels(limits, pool_key=key), limits, number)
+            labels = self._labels(limits, pool_key=key)
+            container = self._start(labels, limits, number, self._slot_agent_args())
             return key, container
 
         return self._with_setup_retries(attempt, "start a warm pool container")
+
+    def _slot_agent_args(self) -> tuple[str, ...]:
+        """The agent's arguments in a pool slot: what to preload, if anything. Cold
+        containers preload nothing: their agent gets its task at once, so a preload
+        would only move a task's own import earlier, and cost every task that does
+        not import it."""
+        preload = self._pool.config.preload if self._pool is not None else ()
+        return (f"--preload={','.join(preload)}",) if preload else ()
 
     def _destroy_slot(self, container: H) -> None:
         self._release(container)

@@ -93,12 +93,17 @@ def _daemon_time(text: object) -> float | None:
 
 
 def create_config(
-    api: docker.APIClient, spec: ContainerSpec, image: str, labels: dict[str, str]
+    api: docker.APIClient,
+    spec: ContainerSpec,
+    image: str,
+    labels: dict[str, str],
+    agent_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Docker's create request for ``spec`` (the image's entrypoint runs as is)."""
+    """Docker's create request for ``spec`` (the image's entrypoint runs as is, with
+    ``agent_args`` after it: a pool slot's ``--preload``)."""
     config: dict[str, Any] = api.create_container_config(
         image=image,
-        command=[],  # the image's entrypoint (tini + agent) takes no arguments
+        command=list(agent_args),  # appended to the entrypoint (tini + agent)
         user=f"{spec.uid}:{spec.gid}",
         stdin_open=True,
         tty=False,
@@ -215,19 +220,23 @@ class DockerSandbox(ContainerSandbox[DockerContainer]):
     def _shape(self, limits: Limits) -> Any:
         return [self._image_id, self._container_config(limits, labels={})]
 
-    def _container_config(self, limits: Limits, labels: dict[str, str]) -> dict[str, Any]:
+    def _container_config(
+        self, limits: Limits, labels: dict[str, str], agent_args: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         return create_config(
-            self._api, container_spec(self._isolation, limits), self._image, labels
+            self._api, container_spec(self._isolation, limits), self._image, labels, agent_args
         )
 
     # -- a container's life -------------------------------------------------------
 
-    def _start(self, labels: dict[str, str], limits: Limits, attempt: int) -> DockerContainer:
+    def _start(
+        self, labels: dict[str, str], limits: Limits, attempt: int, agent_args: tuple[str, ...] = ()
+    ) -> DockerContainer:
         """Create, attach, start. On any failure the half-made container is removed."""
         t0 = time.monotonic()
         deadline_at = t0 + float(labels[LABEL_DEADLINE]) - time.time()
         try:
-            config = self._container_config(limits, labels)
+            config = self._container_config(limits, labels, agent_args)
             # The stub leaves this one untyped; it returns the daemon's JSON answer.
             created = self._api.create_container_from_config(config)  # type: ignore[no-untyped-call]
         except docker.errors.ImageNotFound:

@@ -109,6 +109,10 @@ class AgentStats(_Strict):
     pids_limit_hit: bool | None = Field(None, alias="pidsLimitHit")
     agent_undumpable: bool | None = Field(None, alias="agentUndumpable")
     prints_dropped: int | None = Field(None, alias="printsDropped")
+    # A warm slot's agent: the modules it imported before its task, and how long that
+    # took (absent: it was asked to preload nothing).
+    preloaded: list[str] | None = None
+    preload_ms: float | None = Field(None, alias="preloadMs")
 
 
 class ResultEnvelope(_Strict):

@@ -262,6 +262,10 @@ def _from_envelope(
         "printsDropped": envelope.prints_dropped,
         "agentPrintsDropped": stats.prints_dropped,
     }
+    if stats.preloaded is not None:
+        # Only a preloading slot says so: every other record keeps its shape.
+        details["agentPreloaded"] = stats.preloaded
+        details["agentPreloadMs"] = stats.preload_ms
     if envelope.status == "success":
         return ExecutionResult(
             outcome=Outcome.SUCCESS,

@@ -43,11 +43,13 @@ BACKOFF_MAX_S = 30.0
 
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
-    """How many slots to keep, how many to create at once, and how long one may idle."""
+    """How many slots to keep, how many to create at once, how long one may idle, and
+    the modules a slot's agent imports before it waits (``[image] preload``)."""
 
     size: int = 2
     refill_concurrency: int = 2
     max_idle_s: float = 300.0
+    preload: tuple[str, ...] = ()
 
     @property
     def is_enabled(self) -> bool:
@@ -59,6 +61,9 @@ class Miss(enum.StrEnum):
 
     DISABLED = "pool_disabled"
     KEY_DIFFERS = "limits_or_policy_differ"
+    # The slots preload a module this task's allowlist refuses (its tenant's profile):
+    # such a slot is never handed to it (runner.sandbox.container).
+    PRELOAD_NOT_ALLOWED = "preload_not_allowed"
     EMPTY = "pool_empty"
     DOES_NOT_FIT = "slot_deadline_too_short"
     CLOSED = "pool_closed"

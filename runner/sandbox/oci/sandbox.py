@@ -267,7 +267,9 @@ class OciSandbox(ContainerSandbox[OciContainer]):
 
     # -- a container's life -------------------------------------------------------
 
-    def _start(self, labels: dict[str, str], limits: Limits, attempt: int) -> OciContainer:
+    def _start(
+        self, labels: dict[str, str], limits: Limits, attempt: int, agent_args: tuple[str, ...] = ()
+    ) -> OciContainer:
         """Write the bundle, run the container detached with our pipes, open its pidfd.
         On any failure nothing of it is left."""
         t0 = time.monotonic()
@@ -282,9 +284,12 @@ class OciSandbox(ContainerSandbox[OciContainer]):
         # finds who owns it.
         write_json(bundle / RECORD, {"labels": labels, "cgroupsPath": cgroups_path})
         spec = self._spec(limits)
+        image = rootfs.image
+        if agent_args:  # after the image's command, as Docker appends a command
+            image = dataclasses.replace(image, args=(*image.args, *agent_args))
         config = render(
             spec,
-            rootfs.image,
+            image,
             rootfs=str(rootfs.path),
             cgroups_path=cgroups_path,
             machine=self._machine,

@@ -3,9 +3,13 @@
 Lifecycle (one task per container, then exit):
 
 1. start under tini, import everything it will need, mark itself non-dumpable
-   (so the child cannot read its memory or descriptors through ``/proc``), then
-   block on stdin: a pre-started container waits here for its task;
-2. read exactly one task envelope, validate it, re-run the static analyzer (the
+   (so the child cannot read its memory or descriptors through ``/proc``), import
+   the modules ``--preload=a,b`` names (a warm pool slot: the policy's ``[image]
+   preload``, so that the forked child finds them loaded), then block on stdin: a
+   pre-started container waits here for its task;
+2. read exactly one task envelope, validate it, refuse it if its allowlist does not
+   allow every preloaded module (the runner never hands such a task a preloaded
+   slot; this is the fail-closed copy of its rule), re-run the static analyzer (the
    runner already did; this copy protects against a runner bug or a changed image);
 3. fork the child (the agent is its fork server) into a session of its own and
    supervise it: count every byte it writes to the result pipe against the cap,
@@ -39,7 +43,7 @@ import signal
 import sys
 import time
 
-from .analyzer_core import SECURITY_VIOLATIONS_MESSAGE, ImportPolicy, analyze
+from .analyzer_core import SECURITY_VIOLATIONS_MESSAGE, ImportPolicy, analyze, import_error
 from .child import EXIT_CHILD_FAULT, Child
 from .protocol import (
     HEADER,
@@ -73,6 +77,9 @@ REAP_TIMEOUT_S = 2.0
 # other way (a local process in tests) it never sends ``kill(-1)``: there it would
 # reach every process of the user.
 OWN_PID_NAMESPACE_FLAG = "--own-pid-namespace"
+# ``--preload=pandas,numpy``: top-level modules to import before waiting for the task.
+PRELOAD_FLAG = "--preload="
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 
 # Where a verdict comes from (see the module docstring).
 ANALYSIS, DEADLINE, OUTPUT_CAP, EXIT, AGENT, CHILD = (
@@ -116,6 +123,60 @@ def make_undumpable() -> bool:
         return int(prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
+
+
+def preload(argv: list[str]) -> tuple[list[str], float] | None:
+    """Import the modules ``--preload=`` names; (those imported, milliseconds) or None
+    when there is no such argument.
+
+    The modules are the operator's locked packages (``[image] preload``, which only
+    names what the lock provides and the allowlist allows), imported by the agent
+    before any task exists: no task code runs here. Whatever an import writes goes to
+    the container's stderr, never to fd 1 (the result channel). A module that fails
+    to import is left out (the task's own import then fails or succeeds as in a cold
+    container) and its error is written to stderr.
+    """
+    asked = [arg.removeprefix(PRELOAD_FLAG) for arg in argv if arg.startswith(PRELOAD_FLAG)]
+    if not asked:
+        return None
+    names = [name for arg in asked for name in arg.split(",") if name]
+    started = time.monotonic()
+    loaded: list[str] = []
+    sys.stdout.flush()
+    saved_stdout = os.dup(STDOUT_FD)
+    os.dup2(2, STDOUT_FD)
+    try:
+        for name in names:
+            if _MODULE_NAME.fullmatch(name) is None:
+                os.write(2, f"preload: not a module name: {name!r}\n".encode())
+                continue
+            try:
+                __import__(name)
+            except BaseException as exc:  # the slot must survive any of them
+                # KeyboardInterrupt included: OpenBLAS raises SIGINT at numpy's import
+                # when it cannot start its threads (the pids limit).
+                os.write(2, f"preload: {name}: {type(exc).__name__}: {exc}\n".encode())
+                continue
+            loaded.append(name)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved_stdout, STDOUT_FD)
+        os.close(saved_stdout)
+    # What the imports made is never garbage: out of the collector's sight, the child's
+    # collections do not walk pandas' objects (nor touch, so copy, their pages).
+    import gc
+
+    gc.freeze()
+    return loaded, round((time.monotonic() - started) * 1000, 3)
+
+
+def preload_refused(task: dict[str, Any], preloaded: list[str]) -> list[str]:
+    """The preloaded modules the task's allowlist does not allow."""
+    guards_cfg = task["guards"]
+    policy = ImportPolicy(
+        frozenset(guards_cfg["stdlibAllow"]), frozenset(guards_cfg["externalAllow"])
+    )
+    return [name for name in preloaded if import_error(name, policy) is not None]
 
 
 def _validate(task: Any) -> dict[str, Any]:
@@ -587,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     undumpable = make_undumpable()
     # Both the image's word and the fact: tini (PID 1 of our namespace) is our parent.
     own_pid_namespace = OWN_PID_NAMESPACE_FLAG in (argv or []) and os.getppid() == 1
+    preloaded = preload(argv or [])
     try:
         task = _validate(read_frame(STDIN_FD))
     except (FrameError, InvalidTask) as exc:
@@ -595,10 +657,23 @@ def main(argv: list[str] | None = None) -> int:
             "error": _error("invalid_task", str(exc), source=AGENT),
         }
     else:
-        envelope = run_task(task, own_pid_namespace=own_pid_namespace)
+        refused = preload_refused(task, preloaded[0]) if preloaded else []
+        if refused:
+            # The child would be a fork of a process that imported what the task may
+            # not import: not run at all (the runner's hand-over rule failed).
+            text = (
+                f"This container preloaded {', '.join(refused)}, which the task's "
+                "allowlist does not allow; the task was not run"
+            )
+            envelope = {"status": "error", "error": _error("agent_error", text, source=AGENT)}
+        else:
+            envelope = run_task(task, own_pid_namespace=own_pid_namespace)
     prints = envelope.pop("prints", [])
     envelope["version"] = VERSION
-    envelope.setdefault("stats", {})["agentUndumpable"] = undumpable
+    stats = envelope.setdefault("stats", {})
+    stats["agentUndumpable"] = undumpable
+    if preloaded is not None:
+        stats["preloaded"], stats["preloadMs"] = preloaded
     try:
         body = encode_result(envelope, prints)
     except (TypeError, ValueError, RecursionError) as exc:

@@ -47,6 +47,8 @@ async def test_two_runners_share_twenty_tasks_none_twice_none_lost() -> None:
         finally:
             await first.aclose()
             await second.aclose()
+    failed = [d for d in documents if "result" not in d]
+    assert not failed, failed
     assert [d["result"] for d in documents] == [n * 2 for n in range(20)]
     for task in tasks:
         assert len(completions(core, task.task_id)) == 1, task.task_id

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -111,6 +111,18 @@ class ServiceOutcome(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class ImageVariantSandbox:
+    """An ``[image.variants]`` image this runner made ready for the tenants that name
+    it: the sandbox that makes its containers (the default one's engine, isolation and
+    self-check, another image), and the image, for the audit record."""
+
+    name: str
+    sandbox: Sandbox
+    image: str
+    image_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class TaskProfile:
     """Whose task it is, and what its tenant's profile makes of the pipeline's defaults.
 
@@ -119,7 +131,8 @@ class TaskProfile:
     what the tenant's tasks get and the most any of them may ask for; ``sets`` names the
     per-task limits (wire names) its profile sets, ``source`` where (for refusals);
     ``refusal``, when set, is why this runner cannot run the tenant's tasks at all (its
-    profile asks for a runtime tier or an image this runner does not have).
+    profile asks for a runtime tier or an image this runner does not have); ``variant``,
+    when set, the image variant its tasks run on instead of the pipeline's image.
     """
 
     tenant: str
@@ -130,6 +143,7 @@ class TaskProfile:
     sets: frozenset[str] = frozenset()
     source: str | None = None
     refusal: str | None = None
+    variant: ImageVariantSandbox | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +176,7 @@ class PipelineFacts:
     isolation: dict[str, Any]
     details: dict[str, JSON]
     tenant: Mapping[str, str | None] | None = None  # TaskProfile.audit, when a tenant was named
+    image_variant: str | None = None  # the [image.variants] name, when the task ran on one
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +264,10 @@ class AuditRecord:
             "containerId": self.container_id,
             "image": facts.image,
             "imageId": facts.image_id,
+        }
+        if facts.image_variant is not None:
+            record["imageVariant"] = facts.image_variant
+        record |= {
             "limits": facts.limits.as_audit(),
             "policySha256": facts.policy_sha256,
         }
@@ -335,10 +354,14 @@ class TaskPipeline:
         context: AuditContext,
         analysis: AnalysisPool | None = None,
         profiles: Callable[[str], TaskProfile] | None = None,
+        variants: Sequence[ImageVariantSandbox] = (),
     ) -> None:
         """``profiles``: a tenant's name -> its :class:`TaskProfile` (the runner's own
-        policy bundle resolves it); without it, every task gets the defaults."""
+        policy bundle resolves it); without it, every task gets the defaults.
+        ``variants``: the image variants the profiles run tasks on (their owner closes
+        them; the pipeline cancels on them too)."""
         self.sandbox = sandbox
+        self.variants = tuple(variants)
         self.analyzer = analyzer
         self.guards = guards
         self.limits = limits
@@ -360,6 +383,11 @@ class TaskPipeline:
                 {"name": tenant, "profile": None, "profileSha256": None},
             )
         return self._profiles(tenant)
+
+    async def cancel(self, task_id: str) -> None:
+        """Cancel ``task_id`` on whichever sandbox runs it (a no-op on the others)."""
+        for sandbox in (self.sandbox, *(variant.sandbox for variant in self.variants)):
+            await sandbox.cancel(task_id)
 
     async def aclose(self) -> None:
         """Stop the analysis workers (they are daemonic: a process exit stops them too)."""
@@ -415,7 +443,9 @@ class TaskPipeline:
                 guards=guards,
                 query=request.query,
             )
-            execution = await self.sandbox.run(spec, limits)
+            variant = profile.variant if profile else None
+            sandbox = variant.sandbox if variant else self.sandbox
+            execution = await sandbox.run(spec, limits)
         total_ms = (time.monotonic() - begin) * 1000
         error, result = execution.error, execution.result
         substituted = False
@@ -451,6 +481,7 @@ class TaskPipeline:
             # Warm: only the wait for a pool slot (its set-up happened before the task).
             durations["containerSetup"] = sum(phases.get(name, 0.0) for name in setup_phases)
         error = execution.error
+        variant = request.profile.variant if request.profile else None
         return AuditRecord(
             task_id=request.task_id,
             runner_id=self.context.runner_id,
@@ -463,13 +494,14 @@ class TaskPipeline:
                 started_at=started_wall,
                 mode=request.mode,
                 continue_on_fail_applied=substituted,
-                image=self.context.image,
-                image_id=self.context.image_id,
+                image=variant.image if variant else self.context.image,
+                image_id=variant.image_id if variant else self.context.image_id,
                 limits=limits,
                 policy_sha256=self.context.policy_sha256,
                 isolation=self.context.isolation,
                 details=execution.details,
                 tenant=request.profile.audit if request.profile else None,
+                image_variant=variant.name if variant else None,
             ),
         )
 

@@ -334,7 +334,7 @@ class RunnerService:
         task.add_done_callback(self._helpers.discard)
 
     async def _cancel(self, task_id: str) -> None:
-        await self.pipeline.sandbox.cancel(task_id)
+        await self.pipeline.cancel(task_id)
 
     # -- running a task -----------------------------------------------------------------
 

@@ -245,6 +245,22 @@ def packages_bundle(dest: Path) -> Path:
     return dest
 
 
+def variant_bundle(dest: Path, source: Path, variant: str, tenants: Mapping[str, str]) -> Path:
+    """``source`` (a bundle) copied to ``dest`` with ``[image.variants.<variant>]``
+    asking for :data:`TEST_PACKAGES` and their committed lock as the variant's;
+    ``tenants``: profile name -> its TOML text, written to ``tenants/``. The default
+    image stays the standard library's."""
+    shutil.copytree(source, dest)
+    asked = ", ".join(f'"{p}"' for p in TEST_PACKAGES)
+    with (dest / "sandbox.toml").open("a", encoding="utf-8") as toml:
+        toml.write(f"\n[image.variants.{variant}]\npython_packages = [{asked}]\n")
+    shutil.copyfile(TEST_PACKAGES_LOCK, dest / f"python-packages.{variant}.lock")
+    (dest / "tenants").mkdir(exist_ok=True)
+    for name, text in tenants.items():
+        (dest / "tenants" / f"{name}.toml").write_text(text, encoding="utf-8")
+    return dest
+
+
 def preload_bundle(
     dest: Path,
     preload: tuple[str, ...] = ("pandas",),

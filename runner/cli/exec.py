@@ -100,7 +100,7 @@ def exec_command(
 
     async def go() -> dict[str, Any]:
         async with task_pipeline(
-            settings, support.progress, timeout_s=timeout_s, warm_pool=False
+            settings, support.progress, timeout_s=timeout_s, warm_pool=False, variants=False
         ) as pipeline:
             report = await pipeline.run(request)
         return report.document()

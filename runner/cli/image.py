@@ -26,19 +26,26 @@ def image() -> None:
 
 @image.command("build")
 def image_build() -> None:
-    """Build the task image if its inputs changed (bootstraps the Debian base if needed)."""
+    """Build the task image if its inputs changed (bootstraps the Debian base if needed),
+    and each [image.variants] image; print the tag of each (the default image's first)."""
     from runner.cli.wiring import image_recipe
+    from runner.policy import load_bundle
     from runner.sandbox.docker import connect
     from runner.sandbox.image import ImageBuilder
 
     settings = support.settings()
 
-    async def go() -> str:
+    async def go() -> list[str]:
+        bundle = await asyncio.to_thread(load_bundle, settings.policy_dir)
         client = await asyncio.to_thread(connect, settings.docker_api_timeout_s)
-        builder = ImageBuilder(client, image_recipe(settings), support.progress)
-        return await asyncio.to_thread(builder.ensure)
+        tags: list[str] = []
+        for variant in (None, *sorted(bundle.config.image.variants)):
+            recipe = image_recipe(settings, variant=variant)
+            tag = await asyncio.to_thread(ImageBuilder(client, recipe, support.progress).ensure)
+            tags.append(tag if variant is None else f"{tag} (variant {variant})")
+        return tags
 
-    click.echo(support.run(go))
+    click.echo("\n".join(support.run(go)))
 
 
 @image.command("build-runner")
@@ -98,10 +105,11 @@ def image_tag() -> None:
 @click.option(
     "--check",
     is_flag=True,
-    help="Only check that the lock matches [image] python_packages (no network); exit 1 if not.",
+    help="Only check that every lock matches its python_packages (no network); exit 1 if not.",
 )
 def image_lock(check: bool) -> None:
-    """Resolve the bundle's [image] python_packages into its python-packages.lock.
+    """Resolve the bundle's [image] python_packages into its python-packages.lock, and
+    each [image.variants.NAME] python_packages into python-packages.NAME.lock.
 
     pip on this host downloads binary wheels only (no package is built here), for the
     task image's interpreter, dependencies included; the lock pins each one by
@@ -110,7 +118,7 @@ def image_lock(check: bool) -> None:
     """
     from runner.errors import RunnerError
     from runner.policy import PolicyBundle, load_bundle
-    from runner.sandbox.packages import LOCK_FILE, default_wheel_cache, load_lock, resolve
+    from runner.sandbox.packages import default_wheel_cache, load_lock, lock_file, resolve
 
     settings = support.settings()
 
@@ -118,27 +126,37 @@ def image_lock(check: bool) -> None:
         return await asyncio.to_thread(load_bundle, settings.policy_dir)
 
     bundle = support.run(load)
-    requested = bundle.config.image.python_packages
-    path = bundle.directory / LOCK_FILE
-    if check:
-        try:
-            load_lock(bundle.directory, requested)
-        except RunnerError as exc:
-            click.echo(f"sandbox-runner: error: {exc}", err=True)
-            raise SystemExit(1) from exc
-        click.echo(f"{path}: up to date" if requested else "no package asked for")
-        return
-    if not requested:
-        path.unlink(missing_ok=True)
-        click.echo(f"[image] python_packages is empty: no lock ({path} removed if it was there)")
-        return
+    image_config = bundle.config.image
+    requests: dict[str | None, tuple[str, ...]] = {None: image_config.python_packages}
+    requests |= {name: v.python_packages for name, v in sorted(image_config.variants.items())}
+    failed = False
+    for variant, requested in requests.items():
+        path = bundle.directory / lock_file(variant)
+        section = "[image]" if variant is None else f"[image.variants.{variant}]"
+        if check:
+            try:
+                load_lock(bundle.directory, requested, variant=variant)
+            except RunnerError as exc:
+                click.echo(f"sandbox-runner: error: {exc}", err=True)
+                failed = True
+                continue
+            click.echo(f"{path}: up to date" if requested else f"{section}: no package asked for")
+            continue
+        if not requested:
+            path.unlink(missing_ok=True)
+            click.echo(
+                f"{section} python_packages is empty: no lock ({path} removed if it was there)"
+            )
+            continue
 
-    async def go() -> str:
-        cache = default_wheel_cache()
-        return await asyncio.to_thread(resolve, requested, support.progress, cache=cache)
+        async def go(requested: tuple[str, ...] = requested) -> str:
+            cache = default_wheel_cache()
+            return await asyncio.to_thread(resolve, requested, support.progress, cache=cache)
 
-    path.write_text(support.run(go), encoding="utf-8")
-    click.echo(str(path))
+        path.write_text(support.run(go), encoding="utf-8")
+        click.echo(str(path))
+    if failed:
+        raise SystemExit(1)
 
 
 __all__ = ["image"]

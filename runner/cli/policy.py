@@ -301,6 +301,11 @@ def render_explain(doc: dict[str, Any]) -> str:
         f"  runs as      uid {image['uid']} (image {image['repository']}), never root",
         f"  holds        {', '.join(image['pythonPackages']) or 'no third-party package'} "
         "(python_packages; pinned in python-packages.lock; imported only as external_allow says)",
+        *(
+            f"  variant      {name}: {', '.join(v['locked']) or 'no lock yet'} "
+            f"(its image instead, for tenants naming it; python-packages.{name}.lock)"
+            for name, v in image.get("variants", {}).items()
+        ),
         f"  may          write only {tmpfs or 'nothing'}; size limits.tmpfs_mb",
         f"  may not      write the image (read-only root filesystem: {c['readOnlyRootfs']})",
         f"  may not      reach any network (network_mode {c['network']}: only lo)",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import platform
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from runner.analyzer import Analyzer
 from runner.analyzer.pool import AnalysisPool
 from runner.errors import ConfigurationError, InfrastructureError
-from runner.pipeline import AuditContext, TaskPipeline, TaskProfile
+from runner.pipeline import AuditContext, ImageVariantSandbox, TaskPipeline, TaskProfile
 from runner.policy import EffectivePolicy, load_bundle, load_policy
 from runner.sandbox.base import Limits, Sandbox, SandboxKernel
 from runner.sandbox.container import ContainerSandbox
@@ -67,11 +67,23 @@ def limits_from(
     return replace(policy.limits, timeout_s=policy.check_timeout(timeout_s, "--timeout"))
 
 
-def image_recipe(settings: Settings, *, policy: EffectivePolicy | None = None) -> ImageRecipe:
-    """The task image the bundle describes; its packages from the bundle's lock (a
-    missing or stale lock is a :class:`ConfigurationError` naming the file)."""
+def image_recipe(
+    settings: Settings, *, policy: EffectivePolicy | None = None, variant: str | None = None
+) -> ImageRecipe:
+    """The task image the bundle describes (``variant``: that ``[image.variants]``
+    image); its packages from the bundle's lock (a missing or stale lock is a
+    :class:`ConfigurationError` naming the file)."""
     bundle = policy.bundle if policy else load_bundle(settings.policy_dir)
     image = bundle.config.image
+    if variant is None:
+        requested = image.python_packages
+    elif variant in image.variants:
+        requested = image.variants[variant].python_packages
+    else:
+        raise ConfigurationError(
+            f"no image variant {variant!r} in {bundle.directory / 'sandbox.toml'}",
+            hint=f"declared: {', '.join(sorted(image.variants)) or 'none'}",
+        )
     return ImageRecipe(
         image_dir=settings.image_dir,
         base_image=settings.base_image,
@@ -79,8 +91,15 @@ def image_recipe(settings: Settings, *, policy: EffectivePolicy | None = None) -
         debian_mirror=settings.debian_mirror,
         repository=image.repository,
         uid=image.uid,
-        packages=load_lock(bundle.directory, image.python_packages),
+        packages=load_lock(bundle.directory, requested, variant=variant),
     )
+
+
+def image_variants(policy: EffectivePolicy) -> tuple[str, ...]:
+    """The ``[image.variants]`` some tenant profile names: the images a runner of this
+    bundle makes ready (a variant no tenant uses is built by `image build` only)."""
+    named = {t.image_variant for t in policy.tenants.values() if t.image_variant is not None}
+    return tuple(sorted(named))
 
 
 def load_isolation(settings: Settings, *, policy: EffectivePolicy | None = None) -> IsolationConfig:
@@ -153,9 +172,12 @@ def make_pipeline(
     timeout_s: float | None = None,
     policy: EffectivePolicy | None = None,
     runtime_tier: str = "standard",
+    variants: Sequence[ImageVariantSandbox] = (),
+    variants_missing: str = "this runner has the task image only",
 ) -> TaskPipeline:
     """``runtime_tier``: what the sandbox gives (``gvisor`` on runsc): a tenant whose
-    profile asks for a tier this runner does not have gets its tasks refused."""
+    profile asks for a tier this runner does not have gets its tasks refused; so does
+    one whose image variant is not among ``variants`` (``variants_missing`` says why)."""
     policy = policy or load_policy(settings)
     analyzer = Analyzer(policy.import_policy)
     limits = limits_from(settings, timeout_s=timeout_s, policy=policy)
@@ -174,7 +196,15 @@ def make_pipeline(
             policy_sha256=policy.sha256,
         ),
         analysis=AnalysisPool(code_bytes=code_bytes),
-        profiles=tenant_profiles(policy, analyzer, limits, runtime_tier),
+        profiles=tenant_profiles(
+            policy,
+            analyzer,
+            limits,
+            runtime_tier,
+            {variant.name: variant for variant in variants},
+            variants_missing,
+        ),
+        variants=variants,
     )
 
 
@@ -183,7 +213,12 @@ _REQUESTABLE = {"timeout_s": "timeoutSeconds", "memory_mb": "memoryMb", "cpus": 
 
 
 def tenant_profiles(
-    policy: EffectivePolicy, analyzer: Analyzer, limits: Limits, runtime_tier: str
+    policy: EffectivePolicy,
+    analyzer: Analyzer,
+    limits: Limits,
+    runtime_tier: str,
+    variants: Mapping[str, ImageVariantSandbox] | None = None,
+    variants_missing: str = "this runner has the task image only",
 ) -> Callable[[str], TaskProfile]:
     """A tenant's name -> the profile its tasks run under, from this runner's own bundle.
 
@@ -196,15 +231,18 @@ def tenant_profiles(
         assert tenant.profile is not None  # the policy's tenants are its profiles
         file = tenant.profile.file
         refusal = None
+        variant = None
+        if tenant.image_variant is not None:
+            variant = (variants or {}).get(tenant.image_variant)
         if tenant.runtime != "standard" and tenant.runtime != runtime_tier:
             refusal = (
                 f"Tenant {name}'s profile ({file}) requires the {tenant.runtime} runtime "
                 f"tier; this runner's is {runtime_tier} (SANDBOX_OCI_RUNTIME=runsc gives gvisor)"
             )
-        elif tenant.image_variant is not None:
+        elif tenant.image_variant is not None and variant is None:
             refusal = (
                 f"Tenant {name}'s profile ({file}) asks for the image variant "
-                f"{tenant.image_variant!r}; this runner has the task image only"
+                f"{tenant.image_variant!r}; {variants_missing}"
             )
         resolved[name] = TaskProfile(
             tenant=name,
@@ -215,6 +253,7 @@ def tenant_profiles(
             sets=frozenset(_REQUESTABLE[key] for key in tenant.sets if key in _REQUESTABLE),
             source=f"tenant {name}'s profile, {file}",
             refusal=refusal,
+            variant=variant,
         )
 
     def profile_of(name: str) -> TaskProfile:
@@ -335,6 +374,7 @@ async def task_pipeline(
     selfcheck: SelfCheckCache | None = None,
     backend: str | None = None,
     on_retry: Callable[[str], None] | None = None,
+    variants: bool = True,
 ) -> AsyncIterator[TaskPipeline]:
     """A ready pipeline on this host; removes what it created on exit.
 
@@ -347,7 +387,9 @@ async def task_pipeline(
     :class:`~runner.errors.IsolationNotEnforcedError` when a required one is missing;
     what it proved, and which engine and runtime, go into every audit record.
     ``on_retry`` goes to the sandbox: told the cause of every container set-up retry
-    (``serve`` and ``up`` pass their metrics' counter).
+    (``serve`` and ``up`` pass their metrics' counter). ``variants``: make ready the
+    ``[image.variants]`` the tenant profiles name (:func:`variant_sandbox`; ``exec``,
+    which names no tenant, does without).
     """
     policy = load_policy(settings)  # a bad bundle or setting stops here, before Docker
     if timeout_s is not None:
@@ -408,7 +450,22 @@ async def task_pipeline(
         assert report is not None
         engine = await asyncio.to_thread(describe_engine, sandbox, client)
         log.info("task containers: %s", engine_report(engine))
+        ready: list[ImageVariantSandbox] = []
         try:
+            if variants and not settings.image:
+                for name in image_variants(policy):
+                    made = await variant_sandbox(
+                        settings,
+                        client,
+                        sandbox,
+                        name,
+                        progress,
+                        policy,
+                        cache,
+                        timeout_s,
+                        on_retry=on_retry,
+                    )
+                    ready.append(made)
             await sandbox.warm_up()
             yield make_pipeline(
                 settings,
@@ -419,11 +476,77 @@ async def task_pipeline(
                 timeout_s=timeout_s,
                 policy=policy,
                 runtime_tier=runtime_tier(sandbox),
+                variants=ready,
+                variants_missing=(
+                    "SANDBOX_IMAGE pins one task image: image variants are built from the bundle"
+                    if settings.image
+                    else "this runner has the task image only"
+                ),
             )
         finally:
+            for variant in ready:
+                await variant.sandbox.aclose()
             await sandbox.aclose()
     finally:
         await asyncio.to_thread(client.close)
+
+
+async def variant_sandbox(
+    settings: Settings,
+    client: DockerClient,
+    default: ContainerSandbox[Any],
+    name: str,
+    progress: Progress,
+    policy: EffectivePolicy,
+    cache: SelfCheckCache,
+    timeout_s: float | None = None,
+    on_retry: Callable[[str], None] | None = None,
+) -> ImageVariantSandbox:
+    """The sandbox of image variant ``name``, proven: its image built when missing
+    (tagged by its lock's hash, like the default one), made by ``default``'s engine
+    with the same isolation and limits, and its own self-check passed (cached per
+    image), so a tenant's image never runs under less than the default image's proof.
+
+    No warm pool: a variant's tasks start cold (an idle slot per variant would cost
+    every runner memory for tenants it may never see). No sweep either: ``default``'s
+    swept this runner's leftovers, and a second sweep could take its live roots.
+    """
+    builder = ImageBuilder(client, image_recipe(settings, policy=policy, variant=name), progress)
+    image = await asyncio.to_thread(builder.ensure)
+    image_id = await asyncio.to_thread(builder.image_id, image)
+    made: ContainerSandbox[Any]
+    if isinstance(default, OciSandbox):
+        made = make_oci_sandbox(
+            settings,
+            client,
+            default.runtime,
+            image=image,
+            warm_pool=False,
+            timeout_s=timeout_s,
+            policy=policy,
+            on_retry=on_retry,
+        )
+    else:
+        made = make_docker_sandbox(
+            settings,
+            client,
+            image=image,
+            ensure_image=builder.ensure,
+            warm_pool=False,
+            timeout_s=timeout_s,
+            policy=policy,
+            on_retry=on_retry,
+        )
+    try:
+        target = await selfcheck_target(
+            settings, made, client, policy=policy, image=image, image_id=image_id
+        )
+        await ensure_selfcheck(target, cache=cache)
+    except BaseException:
+        await made.aclose()
+        raise
+    log.info("image variant %s: %s (%s)", name, image, image_id)
+    return ImageVariantSandbox(name=name, sandbox=made, image=image, image_id=image_id)
 
 
 async def _prove(

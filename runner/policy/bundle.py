@@ -28,11 +28,11 @@ from types import MappingProxyType
 from pydantic import ValidationError
 
 from runner.policy.model import (
-    PACKAGE_LOCK_FILE,
     POLICY_FILE,
     Finding,
     PolicyConfig,
     limits_of,
+    variant_lock_file,
 )
 from runner.policy.seccomp import SeccompProfile
 from runner.policy.tenant import TENANTS_DIR, TenantConfig, TenantProfile, profile_name
@@ -57,6 +57,14 @@ class PolicyBundle:
     # The top-level modules the package lock says its wheels provide (empty: no lock);
     # what [image] preload may name (runner.policy.lint).
     lock_provides: frozenset[str] = frozenset()
+    # The same for each [image.variants] image, by variant name.
+    variant_provides: Mapping[str, frozenset[str]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    # Every lock's pins (``name==version``), by variant (None: the default image's).
+    lock_pins: Mapping[str | None, tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     @property
     def seccomp_path(self) -> Path:
@@ -143,15 +151,22 @@ def parse_bundle(directory: Path) -> tuple[PolicyBundle | None, list[Finding]]:
     # The package lock says which wheels the task image holds: what tasks run under,
     # so it is hashed with the rest (runner.sandbox.packages checks it against the
     # request when the image is built).
-    lock_provides: frozenset[str] = frozenset()
-    try:
-        raw_lock = (directory / PACKAGE_LOCK_FILE).read_bytes()
-        files.append((PACKAGE_LOCK_FILE, raw_lock))
-        lock_provides = lock_modules(raw_lock.decode("utf-8", "replace"))
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        findings.append(Finding("files.missing", PACKAGE_LOCK_FILE, f"cannot read: {exc.strerror}"))
+    # Each image variant's lock likewise: a tenant's tasks run on what it pins.
+    provides: dict[str | None, frozenset[str]] = {}
+    pins: dict[str | None, tuple[str, ...]] = {}
+    for variant in (None, *sorted(config.image.variants)):
+        lock_file = variant_lock_file(variant)
+        try:
+            raw_lock = (directory / lock_file).read_bytes()
+        except FileNotFoundError:
+            provides[variant], pins[variant] = frozenset(), ()
+            continue
+        except OSError as exc:
+            findings.append(Finding("files.missing", lock_file, f"cannot read: {exc.strerror}"))
+            continue
+        files.append((lock_file, raw_lock))
+        provides[variant] = lock_modules(raw_lock.decode("utf-8", "replace"))
+        pins[variant] = lock_pins(raw_lock.decode("utf-8", "replace"))
 
     if seccomp is None or findings:
         return None, findings
@@ -165,7 +180,11 @@ def parse_bundle(directory: Path) -> tuple[PolicyBundle | None, list[Finding]]:
         seccomp_sha256=hashlib.sha256(raw_seccomp).hexdigest(),
         files=tuple(sorted(name for name, _ in files)),
         tenants=MappingProxyType(tenants),
-        lock_provides=lock_provides,
+        lock_provides=provides[None],
+        variant_provides=MappingProxyType(
+            {name: modules for name, modules in provides.items() if name is not None}
+        ),
+        lock_pins=MappingProxyType(pins),
     )
     return bundle, findings
 
@@ -183,6 +202,14 @@ def lock_modules(text: str) -> frozenset[str]:
         for module in match["modules"].split(",")
         if module.strip() and module.strip() != "(no module)"
     )
+
+
+_LOCK_PIN = re.compile(r"^(?P<pin>[A-Za-z0-9][A-Za-z0-9._-]*==\S+)", re.MULTILINE)
+
+
+def lock_pins(text: str) -> tuple[str, ...]:
+    """The ``name==version`` a lock pins, sorted (what `policy diff` compares)."""
+    return tuple(sorted(match["pin"] for match in _LOCK_PIN.finditer(text)))
 
 
 def _parse_tenants(

@@ -215,6 +215,7 @@ def tenant_view(bundle: PolicyBundle, tenant: str | None) -> View:
         for name, value in tenant_limit_values(config, profile).items()
     }
     own = None if profile is None else profile.config
+    variant = own.image_variant if own else None
     view |= {
         "imports.stdlib_allow": (_allowed, sorted(tenant_allowlist(config, profile, "stdlib"))),
         "imports.external_allow": (
@@ -223,6 +224,9 @@ def tenant_view(bundle: PolicyBundle, tenant: str | None) -> View:
         ),
         "runtime": (_tier, own.runtime if own else "standard"),
         "image_variant": (_value, own.image_variant if own else None),
+        # What the tenant's image holds (its lock's pins): a package added is code a
+        # task may reach once external_allow names it.
+        "image.packages": (_allowed, list(bundle.lock_pins.get(variant, ()))),
         "quota": (_more, own.quota if own else None),
     }
     return view

@@ -92,6 +92,7 @@ def explain_bundle(bundle: PolicyBundle, tenant: str | None = None) -> dict[str,
             "repository": config.image.repository,
             "uid": config.image.uid,
             "pythonPackages": list(config.image.python_packages),
+            **_variants(bundle),
         },
         "container": {
             "network": c.network_mode,
@@ -157,6 +158,23 @@ def explain_bundle(bundle: PolicyBundle, tenant: str | None = None) -> dict[str,
             }
         return document
     return {**document, "tenant": explain_tenant(bundle, tenant)}
+
+
+def _variants(bundle: PolicyBundle) -> dict[str, Any]:
+    """``[image.variants]``, each with what it asks for and what its lock pins (the
+    key only when the bundle declares one: a bundle without explains as it always did)."""
+    variants = bundle.config.image.variants
+    if not variants:
+        return {}
+    return {
+        "variants": {
+            name: {
+                "pythonPackages": list(variant.python_packages),
+                "locked": list(bundle.lock_pins.get(name, ())),
+            }
+            for name, variant in sorted(variants.items())
+        }
+    }
 
 
 def explain_tenant(bundle: PolicyBundle, tenant: str) -> dict[str, Any]:

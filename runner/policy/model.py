@@ -28,6 +28,14 @@ POLICY_FILE = "sandbox.toml"
 # The lock of [image] python_packages, beside POLICY_FILE: part of the bundle (and of
 # its sha256) when present. Written and read by runner.sandbox.packages (LOCK_FILE).
 PACKAGE_LOCK_FILE = "python-packages.lock"
+# An image variant's name ([image.variants.<name>], a tenant profile's image_variant).
+VARIANT_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+def variant_lock_file(variant: str | None) -> str:
+    """The lock of an image variant's packages (None: the default image's), beside
+    POLICY_FILE: ``python-packages.<variant>.lock``."""
+    return PACKAGE_LOCK_FILE if variant is None else f"python-packages.{variant}.lock"
 
 
 #: Every guarantee the self-check proves, and what it means.
@@ -125,6 +133,14 @@ PYTHON_REQUIREMENT = (
 MODULE_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,99}$"
 
 
+class ImageVariant(FrozenModel):
+    # The variant's third-party packages, instead of [image] python_packages (the same
+    # base, agent and hardening; another set of wheels), pinned by its own lock.
+    python_packages: tuple[Annotated[str, Field(pattern=PYTHON_REQUIREMENT)], ...] = Field(
+        min_length=1
+    )
+
+
 class ImageSection(FrozenModel):
     repository: str = Field(pattern=r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*$")
     uid: int = Field(ge=0, le=2**31 - 1)
@@ -134,6 +150,10 @@ class ImageSection(FrozenModel):
     # Top-level modules a warm pool slot's agent imports before it waits for its task
     # (the lock must provide each, external_allow must allow each: `policy lint`).
     preload: tuple[Annotated[str, Field(pattern=MODULE_NAME)], ...] = ()
+    # Other task images a tenant profile may name (image_variant): by name, each with
+    # its own packages and lock. Their containers are made as the default image's
+    # (the same isolation, limits and self-check), only without a warm pool.
+    variants: dict[Annotated[str, Field(pattern=VARIANT_NAME)], ImageVariant] = {}
 
 
 class ImportsSection(FrozenModel):

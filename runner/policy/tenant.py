@@ -32,6 +32,7 @@ from pydantic import Field
 
 from runner.analyzer import parse_allowlist
 from runner.policy.model import (
+    VARIANT_NAME,
     Finding,
     FrozenModel,
     PolicyConfig,
@@ -94,7 +95,8 @@ class TenantConfig(FrozenModel):
 
     version: Literal[1]
     runtime: Literal["standard", "gvisor"] = "standard"
-    image_variant: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    # One of the bundle's [image.variants] (`policy lint`: tenant.image-variant-unknown).
+    image_variant: str | None = Field(None, pattern=VARIANT_NAME)
     quota: int | None = Field(None, ge=1, le=MAXIMUM_QUOTA)
     limits: TenantLimits = TenantLimits()
     imports: TenantImports = TenantImports()
@@ -141,6 +143,14 @@ def check_tenant(profile: TenantProfile, config: PolicyConfig) -> list[Finding]:
                 f"[limits] {name} = {format_number(value)} is below the minimum "
                 f"{format_number(minimum)} (a limit that rounds to nothing is no limit)",
             )
+    variant = profile.config.image_variant
+    if variant is not None and variant not in config.image.variants:
+        declared = ", ".join(sorted(config.image.variants)) or "none"
+        add(
+            "tenant.image-variant-unknown",
+            f"image_variant = {variant!r} is not one of the bundle's [image.variants] "
+            f"(declared: {declared})",
+        )
     imports = profile.config.imports
     for kind in ("stdlib", "external"):
         entries = getattr(imports, f"{kind}_allow")

@@ -247,30 +247,36 @@ def parse_lock(text: str, where: str = LOCK_FILE) -> PackageLock:
 
 
 def load_lock(
-    bundle_dir: Path, requested: Sequence[str], target: Target = TARGET
+    bundle_dir: Path,
+    requested: Sequence[str],
+    target: Target = TARGET,
+    *,
+    variant: str | None = None,
 ) -> PackageLock | None:
-    """The bundle's lock for ``requested`` (None when no package is asked for).
+    """The bundle's lock for ``requested`` (None when no package is asked for);
+    ``variant``: the lock of that ``[image.variants]`` image (:func:`lock_file`).
 
     A missing lock, or one made from another request or for another target, is a
     :class:`ConfigurationError` naming the file: the image is built from the lock
     alone, so it must say what the bundle asks for.
     """
-    path = bundle_dir / LOCK_FILE
+    path = bundle_dir / lock_file(variant)
     where = str(path)
+    section = "[image]" if variant is None else f"[image.variants.{variant}]"
+    command = "sandbox-runner image lock"
     if not requested:
         if path.exists():
             raise ConfigurationError(
-                f"{where}: a lock, but [image] python_packages asks for no package",
-                hint="remove the lock, or run `sandbox-runner image lock` after listing "
-                "the packages",
+                f"{where}: a lock, but {section} python_packages asks for no package",
+                hint=f"remove the lock, or run `{command}` after listing the packages",
             )
         return None
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigurationError(
-            f"{where}: cannot read the lock of [image] python_packages ({exc.strerror})",
-            hint="run `sandbox-runner image lock` to resolve the packages into it",
+            f"{where}: cannot read the lock of {section} python_packages ({exc.strerror})",
+            hint=f"run `{command}` to resolve the packages into it",
         ) from exc
     lock = parse_lock(text, where)
     if lock.request_sha256 != request_sha256(requested, target) or lock.target != (
@@ -278,10 +284,17 @@ def load_lock(
     ):
         raise ConfigurationError(
             f"{where} was made for another request or target than the bundle's "
-            f"[image] python_packages ({', '.join(requested)}; {target.describe()})",
-            hint="run `sandbox-runner image lock` and review the lock's diff",
+            f"{section} python_packages ({', '.join(requested)}; {target.describe()})",
+            hint=f"run `{command}` and review the lock's diff",
         )
     return lock
+
+
+def lock_file(variant: str | None = None) -> str:
+    """The lock's file name in the bundle: :data:`LOCK_FILE` for the default image,
+    ``python-packages.<variant>.lock`` for an ``[image.variants]`` image (the policy's
+    :func:`runner.policy.model.variant_lock_file`; a test pins that both agree)."""
+    return LOCK_FILE if variant is None else f"python-packages.{variant}.lock"
 
 
 # -- wheels ---------------------------------------------------------------------------

@@ -301,6 +301,8 @@ def render_explain(doc: dict[str, Any]) -> str:
         f"  runs as      uid {image['uid']} (image {image['repository']}), never root",
         f"  holds        {', '.join(image['pythonPackages']) or 'no third-party package'} "
         "(python_packages; pinned in python-packages.lock; imported only as external_allow says)",
+        f"  preloads     {', '.join(image['preload']) or 'nothing'} in a warm slot's agent "
+        "([image] preload; a task whose allowlist refuses one starts cold)",
         *(
             f"  variant      {name}: {', '.join(v['locked']) or 'no lock yet'} "
             f"(its image instead, for tenants naming it; python-packages.{name}.lock)"

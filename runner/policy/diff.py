@@ -165,6 +165,9 @@ def bundle_view(bundle: PolicyBundle) -> View:
     view |= {
         "image.repository": (_value, config.image.repository),
         "image.uid": (_value, config.image.uid),
+        # Modules a warm slot's agent imports before its task: code loaded in the
+        # process the task child forks from.
+        "image.preload": (_allowed, sorted(config.image.preload)),
         "imports.stdlib_allow_ceiling": (_allowed, list(imports.stdlib_allow_ceiling)),
         "imports.external_allow_ceiling": (_allowed, list(imports.external_allow_ceiling)),
         "imports.builtins_deny": (_denied, sorted(set(imports.builtins_deny))),

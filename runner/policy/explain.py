@@ -92,6 +92,7 @@ def explain_bundle(bundle: PolicyBundle, tenant: str | None = None) -> dict[str,
             "repository": config.image.repository,
             "uid": config.image.uid,
             "pythonPackages": list(config.image.python_packages),
+            "preload": list(config.image.preload),
             **_variants(bundle),
         },
         "container": {

@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ def check_bundle(bundle: PolicyBundle) -> list[Finding]:
         *_check_limits(bundle.config),
         *_check_image(bundle.config),
         *_check_preload(bundle),
+        *_check_installed(bundle),
         *_check_imports(bundle.config),
         *_check_container(bundle.config),
         *_check_selfcheck(bundle.config),
@@ -192,8 +194,8 @@ def _check_preload(bundle: PolicyBundle) -> list[Finding]:
         )
     for profile in bundle.tenants.values():
         own = profile.config.imports.external_allow
-        if own is None or "*" in own:
-            continue
+        if own is None or "*" in own or profile.config.image_variant is not None:
+            continue  # a variant's tasks never take a warm slot: nothing to warn of
         narrower = sorted(name for name in preload if name not in own)
         if narrower:
             findings.append(
@@ -203,6 +205,53 @@ def _check_preload(bundle: PolicyBundle) -> list[Finding]:
                     f"[imports] external_allow does not allow the preloaded "
                     f"{', '.join(narrower)}: this tenant's tasks never take a preloaded "
                     "warm slot and start cold",
+                    Severity.WARNING,
+                )
+            )
+    return findings
+
+
+def _check_installed(bundle: PolicyBundle) -> list[Finding]:
+    """external_allow naming a module the image its tasks run on does not hold.
+
+    Harmless (the import fails in the container, "No module named ..."), but it is a
+    typo or a package missing from python_packages: an auditor reading the allowlist
+    should see what the image really lets a task import. Per tenant, against its own
+    image (its variant's lock, else the default lock). ``*`` names nothing.
+    """
+    config, findings = bundle.config, []
+
+    def missing(allowed: Iterable[str], provides: frozenset[str]) -> list[str]:
+        names = frozenset(allowed)
+        return [] if "*" in names else sorted(names - provides)
+
+    absent = missing(config.imports.external_allow, bundle.lock_provides)
+    if absent:
+        findings.append(
+            Finding(
+                "imports.external-not-installed",
+                POLICY_FILE,
+                f"[imports] external_allow names {', '.join(absent)}, which no package of "
+                f"the task image provides ({PACKAGE_LOCK_FILE}): its import fails",
+                Severity.WARNING,
+            )
+        )
+    for profile in bundle.tenants.values():
+        own, variant = profile.config.imports.external_allow, profile.config.image_variant
+        if own is None and variant is None:
+            continue  # the defaults, on the default image: reported above
+        if variant is not None and variant not in bundle.variant_provides:
+            continue  # tenant.image-variant-unknown says it
+        provides = bundle.lock_provides if variant is None else bundle.variant_provides[variant]
+        absent = missing(own if own is not None else config.imports.external_allow, provides)
+        if absent:
+            image = "the task image" if variant is None else f"its image variant {variant}"
+            findings.append(
+                Finding(
+                    "imports.external-not-installed",
+                    profile.file,
+                    f"[imports] external_allow names {', '.join(absent)}, which no package "
+                    f"of {image} provides: its import fails",
                     Severity.WARNING,
                 )
             )

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from helpers import TEST_PACKAGES, TEST_PACKAGES_LOCK, variant_bundle
+from helpers import TEST_PACKAGES, TEST_PACKAGES_LOCK, preload_bundle, variant_bundle
 from pydantic import ValidationError
 
 from runner.cli import main
@@ -263,3 +263,45 @@ async def test_a_runner_without_the_variant_refuses_the_tenant_never_the_default
         "this runner has the task image only"
     )
     assert pipeline.profile_for("basic").refusal is None
+
+
+def test_lint_warns_of_an_allowlisted_module_the_tenants_image_lacks(
+    bundle_dir: Path, clean_env: None
+) -> None:
+    def not_installed() -> dict[str, str]:
+        return {
+            f.file: f.message
+            for f in lint_bundle(bundle_dir).findings
+            if f.rule == "imports.external-not-installed"
+        }
+
+    assert not_installed() == {}  # data's variant provides numpy, pandas and dateutil
+    tenants = bundle_dir / "tenants"
+    (tenants / "typo.toml").write_text('version = 1\n[imports]\nexternal_allow = ["pandsa"]\n')
+    (tenants / "sci.toml").write_text(
+        'version = 1\nimage_variant = "science"\n[imports]\nexternal_allow = ["pandas", "scipy"]\n'
+    )
+    (tenants / "any.toml").write_text('version = 1\n[imports]\nexternal_allow = ["*"]\n')
+    found = not_installed()
+    assert found == {
+        "tenants/typo.toml": "[imports] external_allow names pandsa, which no package of "
+        "the task image provides: its import fails",
+        "tenants/sci.toml": "[imports] external_allow names scipy, which no package of "
+        "its image variant science provides: its import fails",
+    }
+    # Warnings: the bundle still loads.
+    assert load_policy(Settings(policy_dir=bundle_dir)).tenants["typo"].profile is not None
+
+
+def test_explain_and_diff_show_what_warm_slots_preload(tmp_path: Path, clean_env: None) -> None:
+    before = load_bundle(PROJECT_ROOT / "policies")
+    assert explain_bundle(before)["image"]["preload"] == []
+    after_dir = preload_bundle(tmp_path / "policies")
+    after = load_bundle(after_dir)
+    assert explain_bundle(after)["image"]["preload"] == ["pandas"]
+    [difference] = [d for d in diff_policies(before, after).differences if d.key == "image.preload"]
+    assert (difference.scope, difference.effect.value, difference.added) == (
+        "bundle",
+        "wider",
+        ("pandas",),
+    )

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -305,13 +306,13 @@ class ContainerSandbox(ABC, Generic[H]):
 
     @abstractmethod
     def _exit_facts(
-        self, container: H, *, attribute_kill: bool, oom_reported: bool = False
+        self, container: H, *, attribute_kill: bool, oom_possible: bool = False
     ) -> ExitFacts:
         """How a container that failed ended, from the engine's records: its OOM kill,
         and (``attribute_kill``: it died of a signal before the agent reported) whether
-        the kill came from outside the task. ``oom_reported``: the agent read an OOM
-        kill in its cgroup (its claim: an engine may wait for its own record of it,
-        never take the claim for it)."""
+        the kill came from outside the task. ``oom_possible``: the agent read an OOM
+        kill in its cgroup, or its task child died of SIGKILL (claims and hints: an
+        engine may wait for its own record of an OOM kill, never take them for it)."""
 
     @abstractmethod
     def _kill(self, container_id: str) -> None:
@@ -507,7 +508,10 @@ class ContainerSandbox(ABC, Generic[H]):
                 facts_seen = self._exit_facts(
                     container,
                     attribute_kill=killed_before_report(stdout, exit_code),
-                    oom_reported=result.details.get("agentOomKilled") is True,
+                    # The agent's reading of its cgroup, or a task child dead of
+                    # SIGKILL: an OOM kill looks so before the kernel has counted it.
+                    oom_possible=result.details.get("agentOomKilled") is True
+                    or result.details.get("childExitCode") == -signal.SIGKILL,
                 )
                 if facts_seen.oom_killed or facts_seen.outside_kill is not None:
                     facts = replace(

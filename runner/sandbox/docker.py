@@ -330,18 +330,21 @@ class DockerSandbox(ContainerSandbox[DockerContainer]):
             return None
 
     def _exit_facts(
-        self, container: DockerContainer, *, attribute_kill: bool, oom_reported: bool = False
+        self, container: DockerContainer, *, attribute_kill: bool, oom_possible: bool = False
     ) -> ExitFacts:
         """The daemon's OOM record, and, for a death before any report, its kill record.
 
         The daemon learns of an OOM kill from containerd's event, which can reach it
         after the container's exit on a loaded host (the memory canary of a self-check
-        was seen ending ``crashed`` so, at load 8). When the agent read an OOM kill in
-        its cgroup, the daemon's record is waited for, up to :data:`OOM_RECORD_WAIT_S`:
-        the verdict is still the daemon's, never the agent's claim.
+        was seen ending ``crashed`` so, at load 8, also with the agent's own count not
+        yet moved: the kernel counts an OOM kill after it sends the SIGKILL). When an
+        OOM kill is possible (the agent read one in its cgroup, or the task child died
+        of SIGKILL), the daemon's record is waited for, up to :data:`OOM_RECORD_WAIT_S`:
+        the verdict is still the daemon's, never the agent's claim. A task that
+        SIGKILLs itself costs its own container those seconds, nothing else.
         """
         state = self._exit_state(container.container_id)
-        waited_until = time.monotonic() + (OOM_RECORD_WAIT_S if oom_reported else 0.0)
+        waited_until = time.monotonic() + (OOM_RECORD_WAIT_S if oom_possible else 0.0)
         while not state.oom_killed and time.monotonic() < waited_until:
             time.sleep(OOM_RECORD_POLL_S)
             state = self._exit_state(container.container_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import Any
 
 import docker
 import pytest
@@ -86,6 +87,11 @@ except OSError as exc:
 SEGFAULT = """
 import os, signal
 os.kill(os.getpid(), signal.SIGSEGV)
+"""
+
+SELF_SIGKILL = """
+import os, signal
+os.kill(os.getpid(), signal.SIGKILL)
 """
 
 # Issue item 5: move into the agent's process group (so that killing the child's
@@ -295,6 +301,33 @@ async def test_crash_by_signal_is_reported_as_a_crash(
     assert '<all_items_task_execution>", line 3' in report.error.description
     assert "sandbox_agent" not in report.error.description
     assert_clean(docker_client, report, start)
+
+
+async def test_a_child_dead_of_sigkill_has_the_engine_look_for_its_oom_record(
+    pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
+) -> None:
+    # An OOM kill reaches the child as SIGKILL before the kernel counts it (the agent can
+    # read the count too early on a loaded host): the engine is asked to look for its
+    # own record of one, and without that record the verdict stays a crash.
+    async with pipeline_for(guards_off=True) as pipeline:
+        sandbox: Any = pipeline.sandbox
+        asked: list[bool] = []
+        engine_facts = sandbox._exit_facts
+
+        def spy(container: Any, **kw: Any) -> Any:
+            asked.append(kw["oom_possible"])
+            return engine_facts(container, **kw)
+
+        sandbox._exit_facts = spy
+        killed = await pipeline.run(request(SELF_SIGKILL))
+        segfault = await pipeline.run(request(SEGFAULT))
+    assert killed.outcome is Outcome.CRASHED, killed.document()
+    assert killed.error is not None
+    assert killed.error.message == "Process was forcefully killed (SIGKILL)"
+    assert killed.audit["details"]["oomKilled"] is False
+    assert segfault.outcome is Outcome.CRASHED, segfault.document()
+    assert asked == [True, False]
+    assert_clean(docker_client, killed, start)
 
 
 async def test_a_task_in_the_agents_process_group_is_timed_out_by_the_agent(

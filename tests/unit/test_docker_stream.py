@@ -147,7 +147,7 @@ def test_the_daemons_oom_record_is_waited_for_only_when_the_agent_read_an_oom(
         daemon,  # type: ignore[arg-type]
         container,
         attribute_kill=False,
-        oom_reported=reported,
+        oom_possible=reported,
     )
     # With the agent's reading, the daemon is asked again until its record arrives
     # (the verdict is still the daemon's); without it, its first answer stands.
@@ -163,6 +163,6 @@ def test_the_agents_oom_reading_alone_never_makes_a_memory_verdict() -> None:
         daemon,  # type: ignore[arg-type]
         DockerContainer("c" * 64, 0.0, 1, {}),
         attribute_kill=False,
-        oom_reported=True,
+        oom_possible=True,
     )
     assert facts.oom_killed is False

@@ -441,7 +441,7 @@ class OciSandbox(ContainerSandbox[OciContainer]):
         return cgroups.applied_limits(container.cgroups_path, pids_room=container.pids_room)
 
     def _exit_facts(
-        self, container: OciContainer, *, attribute_kill: bool, oom_reported: bool = False
+        self, container: OciContainer, *, attribute_kill: bool, oom_possible: bool = False
     ) -> ExitFacts:
         """The memory cgroup's OOM kills, counted by the kernel and read here; and who
         killed a PID 1 that died before the agent reported."""

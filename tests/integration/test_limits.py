@@ -306,9 +306,9 @@ async def test_crash_by_signal_is_reported_as_a_crash(
 async def test_a_child_dead_of_sigkill_has_the_engine_look_for_its_oom_record(
     pipeline_for: PipelineFactory, docker_client: docker.DockerClient, start: str
 ) -> None:
-    # An OOM kill reaches the child as SIGKILL before the kernel counts it (the agent can
-    # read the count too early on a loaded host): the engine is asked to look for its
-    # own record of one, and without that record the verdict stays a crash.
+    # An OOM kill's victim dies of SIGKILL, and an engine's record of the kill can lag
+    # (dockerd's, on a loaded host): the engine is asked to look for its own record of
+    # one, and without that record the verdict stays a crash.
     async with pipeline_for(guards_off=True) as pipeline:
         sandbox: Any = pipeline.sandbox
         asked: list[bool] = []

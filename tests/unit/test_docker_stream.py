@@ -155,8 +155,12 @@ def test_the_daemons_oom_record_is_waited_for_only_when_the_agent_read_an_oom(
     assert daemon.inspects == (4 if reported else 1)
 
 
-def test_the_agents_oom_reading_alone_never_makes_a_memory_verdict() -> None:
+def test_the_agents_oom_reading_alone_never_makes_a_memory_verdict(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from runner.sandbox.docker import DockerContainer, DockerSandbox
+
+    monkeypatch.setattr("runner.sandbox.docker.OOM_RECORD_WAIT_S", 0.2)  # then gives up
 
     daemon = _LaggingDaemon(lag=10**9)  # the daemon never records an OOM kill
     facts = DockerSandbox._exit_facts(

@@ -72,9 +72,6 @@ READ_CHUNK = 1 << 16
 # that is not (stuck in the kernel) is left to the container's removal rather than
 # let the agent block past the runner's deadline.
 REAP_TIMEOUT_S = 2.0
-# How long a child dead of SIGKILL waits for the kernel's OOM count (_recount_oom_kills).
-OOM_RECOUNT_S = 0.5
-OOM_RECOUNT_POLL_S = 0.02
 # The image's entrypoint passes this: the agent runs under tini in the container's
 # own PID namespace, where ``kill(-1)`` reaches only the task's processes. Run any
 # other way (a local process in tests) it never sends ``kill(-1)``: there it would
@@ -225,22 +222,6 @@ def oom_kills() -> int | None:
     return _cgroup_counter(
         ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"), "oom_kill"
     )
-
-
-def _recount_oom_kills(before: int | None) -> int | None:
-    """The OOM kill count again, for a child dead of SIGKILL that none was counted for.
-
-    The kernel sends the victim its SIGKILL before it counts the kill in the cgroup
-    (mm/oom_kill.c): on a loaded host the agent can reap the child and read the count
-    in between. A short look again (the task's own time, only on this path) reads
-    what the kernel finished counting.
-    """
-    deadline = time.monotonic() + OOM_RECOUNT_S
-    count = oom_kills()
-    while count == before and time.monotonic() < deadline:
-        time.sleep(OOM_RECOUNT_POLL_S)
-        count = oom_kills()
-    return count
 
 
 def pids_max_events() -> int | None:
@@ -647,9 +628,6 @@ def run_task(task: dict[str, Any], *, own_pid_namespace: bool = False) -> dict[s
     run_ms = (time.monotonic() - started) * 1000
     envelope = interpret(state, task)
     oom_after, pids_after = oom_kills(), pids_max_events()
-    killed_by_us = state.timed_out or state.overflowed
-    if state.exit_code == -signal.SIGKILL and oom_after == oom_before and not killed_by_us:
-        oom_after = _recount_oom_kills(oom_before)
     envelope["stats"] = {
         "childExitCode": state.exit_code,
         "runMs": round(run_ms, 3),

@@ -16,7 +16,7 @@ from runner.analyzer import Analyzer
 from runner.errors import IsolationNotEnforcedError
 from runner.pipeline import AuditContext, TaskPipeline, TaskRequest
 from runner.policy import EffectivePolicy
-from runner.sandbox.base import MIB, HostLimitsView, Sandbox, SandboxKernel
+from runner.sandbox.base import MIB, HostLimitsView, Outcome, Sandbox, SandboxKernel
 from runner.selfcheck.cache import CACHE_FORMAT, SelfCheckCache
 from runner.selfcheck.canaries import (
     CANARY_GUARDS,
@@ -101,10 +101,23 @@ async def run_selfcheck(target: SelfCheckTarget) -> SelfCheckReport:
         raise failed.exceptions[0] from None
     finally:
         applied = host_view.observed_limits(facts_request.task_id) if host_view else None
+    memory_report = memory_task.result()
+    if memory_report.outcome is Outcome.CRASHED:
+        # Inconclusive, not a failure: the canary was killed, and nothing the host saw
+        # says it was the memory limit (an engine's OOM record can fail to arrive on a
+        # loaded host). Once more, alone; a canary that allocates past the limit
+        # (success) is a failure and never run again.
+        log.warning(
+            "self-check: the memory canary ended %s; running it once more",
+            memory_report.error.message if memory_report.error else "crashed",
+        )
+        memory_report = await pipeline.run(
+            TaskRequest(code=MEMORY_CANARY, items=memory_request.items)
+        )
     duration_ms = (time.monotonic() - begin) * 1000
     results = evaluate(
         CanaryOutcome.from_report(facts_task.result()),
-        CanaryOutcome.from_report(memory_task.result()),
+        CanaryOutcome.from_report(memory_report),
         policy,
         apparmor_profile=target.apparmor_profile,
         kernel=target.kernel,

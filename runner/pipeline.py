@@ -120,6 +120,8 @@ class ImageVariantSandbox:
     sandbox: Sandbox
     image: str
     image_id: str | None
+    # The record's ``isolation`` for its tasks: its own self-check's report.
+    isolation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,7 +500,7 @@ class TaskPipeline:
                 image_id=variant.image_id if variant else self.context.image_id,
                 limits=limits,
                 policy_sha256=self.context.policy_sha256,
-                isolation=self.context.isolation,
+                isolation=variant.isolation if variant else self.context.isolation,
                 details=execution.details,
                 tenant=request.profile.audit if request.profile else None,
                 image_variant=variant.name if variant else None,

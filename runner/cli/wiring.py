@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import platform
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -407,6 +407,7 @@ async def task_pipeline(
                         cache,
                         timeout_s,
                         on_retry=on_retry,
+                        engine=engine_report(engine),
                     )
                     ready.append(made)
             await sandbox.warm_up()
@@ -444,11 +445,13 @@ async def variant_sandbox(
     cache: SelfCheckCache,
     timeout_s: float | None = None,
     on_retry: Callable[[str], None] | None = None,
+    engine: Mapping[str, str] | None = None,
 ) -> ImageVariantSandbox:
     """The sandbox of image variant ``name``, proven: its image built when missing
     (tagged by its lock's hash, like the default one), made by ``default``'s engine
     with the same isolation and limits, and its own self-check passed (cached per
-    image), so a tenant's image never runs under less than the default image's proof.
+    image), so a tenant's image never runs under less than the default image's proof;
+    its tasks' records carry that report (``engine``: who makes the containers).
 
     No warm pool: a variant's tasks start cold (an idle slot per variant would cost
     every runner memory for tenants it may never see). No sweep either: ``default``'s
@@ -484,12 +487,18 @@ async def variant_sandbox(
         target = await selfcheck_target(
             settings, made, client, policy=policy, image=image, image_id=image_id
         )
-        await ensure_selfcheck(target, cache=cache)
+        report = await ensure_selfcheck(target, cache=cache)
     except BaseException:
         await made.aclose()
         raise
     log.info("image variant %s: %s (%s)", name, image, image_id)
-    return ImageVariantSandbox(name=name, sandbox=made, image=image, image_id=image_id)
+    return ImageVariantSandbox(
+        name=name,
+        sandbox=made,
+        image=image,
+        image_id=image_id,
+        isolation={**made.isolation.report(report.audit()), **(engine or {})},
+    )
 
 
 async def _prove(

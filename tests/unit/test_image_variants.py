@@ -223,7 +223,9 @@ async def test_a_tenants_task_runs_on_its_variant_and_the_record_names_it(
     bundle_dir: Path, clean_env: None
 ) -> None:
     science = RecordingSandbox()
-    variant = ImageVariantSandbox("science", science, "task:science", "sha256:science")
+    variant = ImageVariantSandbox(
+        "science", science, "task:science", "sha256:science", isolation={"proof": "science"}
+    )
     pipeline, default = pipeline_with(bundle_dir, [variant])
     try:
         data = await pipeline.run(TaskRequest(code=PANDAS, profile=pipeline.profile_for("data")))
@@ -242,7 +244,9 @@ async def test_a_tenants_task_runs_on_its_variant_and_the_record_names_it(
         "sha256:science",
         "science",
     )
+    assert record["isolation"] == {"proof": "science"}  # the variant's own self-check
     basic_record = basic.record.as_json()
+    assert basic_record["isolation"] == {}  # the pipeline's (none, here)
     assert (basic_record["image"], basic_record["imageId"]) == ("task:default", "sha256:default")
     assert "imageVariant" not in basic_record
     # A cancel reaches whichever sandbox runs the task.

@@ -374,6 +374,7 @@ RULES = [
             "runner.protocol",
             "runner.sandbox.base",
             "runner.settings",
+            "runner.workers",
         ),
     ),
     Rule("R18", BROKER_SANS_IO, ALL, forbidden=(*IO, *BROKER_IO)),

@@ -55,8 +55,8 @@ DEFAULT_WORKERS = 2
 MIN_CPU_S = 10.0
 CPU_S_PER_PAYLOAD_BYTE = 2.4e-6
 #: Memory of a worker (RLIMIT_AS, address space): the interpreter with jsonschema
-#: (~60 MiB resident, more mapped) plus up to 32 bytes of Python objects per byte of
-#: JSON (a list of ``{}`` is ~16 times its JSON; twice that).
+#: maps ~25 MiB (21 MiB resident); the rest is room for a check's own work, plus up to
+#: 32 bytes of Python objects per byte of JSON (a list of ``[]`` is ~21 times its JSON).
 WORKER_BASE_BYTES = 256 * 1024 * 1024
 WORKER_BYTES_PER_PAYLOAD_BYTE = 32
 

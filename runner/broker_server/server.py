@@ -289,14 +289,18 @@ async def running_broker(
         try:
             yield RunningBroker(broker, driver, f"http://{host}:{port}", token, port, registry)
         finally:
-            driver.drain()
-            drained = await driver.wait_idle(settings.graceful_shutdown_timeout_s)
-            if not drained:
-                log.warning("broker stopping with %d task(s) still running", broker.running_count())
-            broker.close_all(1001, "broker shutting down")
-            await asyncio.sleep(0)  # let the writers send their close frames
-            server.should_exit = True
-            await serving
-            await driver.aclose()
-            await schemas.aclose()  # no worker process outlives the broker
-            sock.close()
+            try:
+                driver.drain()
+                drained = await driver.wait_idle(settings.graceful_shutdown_timeout_s)
+                if not drained:
+                    count = broker.running_count()
+                    log.warning("broker stopping with %d task(s) still running", count)
+                broker.close_all(1001, "broker shutting down")
+                await asyncio.sleep(0)  # let the writers send their close frames
+                server.should_exit = True
+                await serving
+            finally:
+                # Whatever stopping did: no schema worker outlives the broker.
+                await driver.aclose()
+                await schemas.aclose()
+                sock.close()

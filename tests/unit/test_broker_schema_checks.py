@@ -10,6 +10,7 @@ limit is refused for its own task only. Fake clock for the core; no timed assert
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -160,6 +161,7 @@ def test_an_error_report_is_never_parked() -> None:
 
 KEY = "schema-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
+OTHER_TENANT = {"Authorization": "Bearer other-key"}
 
 
 class Api:
@@ -195,7 +197,7 @@ async def api() -> AsyncIterator[Api]:
         GrantTokens(30),
         ApiConfig(
             auth_token="auth",
-            api_keys={KEY: "t"},
+            api_keys={KEY: "t", "other-key": "other"},
             max_request_bytes=4 * 1024 * 1024,
             ceilings=TaskLimits(timeout_s=120, memory_mb=512, cpus=2),
         ),
@@ -285,6 +287,32 @@ async def test_input_schema_refusals_keep_their_answers(api: Api) -> None:
     response = await submit({"code": "x", "items": [{"n": 1}], "inputSchema": schema})
     assert response.status_code == 202
     assert json.loads(response.text)["status"] == "queued"
+
+
+async def test_a_tenants_hostile_input_schema_does_not_hold_another_tenants_submission(
+    api: Api,
+) -> None:
+    hostile = {
+        "code": "x",
+        "items": [{"json": nested_list(25)}] * 20_000,  # seconds of CPU; the limit is 1 s
+        "inputSchema": EXPONENTIAL,
+    }
+    ordinary = {
+        "code": "x",
+        "items": [{"n": n} for n in range(1500)],  # a worker's to check, too
+        "inputSchema": {"properties": {"n": {"type": "integer"}}},
+    }
+    post = api.client.post
+    slow = asyncio.create_task(post("/v1/tasks", json=hostile, headers=HEADERS))
+    while api.pool.started == 0:  # noqa: ASYNC110 - the pool has no event for it; a few turns
+        await asyncio.sleep(0.01)
+    fast = asyncio.create_task(post("/v1/tasks", json=ordinary, headers=OTHER_TENANT))
+    done, _ = await asyncio.wait([slow, fast], return_when=asyncio.FIRST_COMPLETED)
+    assert done == {fast}
+    assert fast.result().status_code == 202
+    refused = await slow
+    assert refused.status_code == 422
+    assert "needed more than the 1 s of CPU time" in refused.json()["detail"]
 
 
 async def test_the_broker_server_checks_schemas_in_workers_and_stops_them() -> None:

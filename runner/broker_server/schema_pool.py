@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.broker_server.schemas import Deferred, trial_input, trial_schema
+from runner.metrics import BrokerMetrics
 from runner.workers.pool import LaneSpec, Limit, LimitHit, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class SchemaPool:
     runner's output cap), which sizes the workers' limits; ``cpu_s`` and
     ``memory_bytes`` override them. Workers start when first needed; :meth:`aclose`
     stops them (the finalizer too: a pool nobody closes leaves no process behind).
+    ``metrics``: where each check made in a worker is counted, by the limit it hit.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class SchemaPool:
         workers: int = DEFAULT_WORKERS,
         cpu_s: float | None = None,
         memory_bytes: int | None = None,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
@@ -116,6 +119,7 @@ class SchemaPool:
         self.per_tenant = max(1, workers - 1)
         self._gates: dict[str, tuple[asyncio.Semaphore, int]] = {}  # tenant -> (gate, users)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._metrics = metrics
 
     @property
     def started(self) -> int:
@@ -200,6 +204,9 @@ class SchemaPool:
                 reply = await self._workers.run(0, raw)
         finally:
             self._leave(tenant)
+        if self._metrics is not None:
+            limit = reply.kind.value if isinstance(reply, LimitHit) else ""
+            self._metrics.schema_worker_checks.labels(limit=limit).inc()
         if isinstance(reply, LimitHit):
             reason = LIMIT_REASONS[reply.kind].format(
                 memory_mib=self._spec.memory_bytes // (1024 * 1024),

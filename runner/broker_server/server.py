@@ -235,14 +235,16 @@ async def running_broker(
     store = open_store(settings) if store is None else store
     # Closed last, whatever happens from here on (a busy port, a failed start).
     with contextlib.closing(store) if own_store else contextlib.nullcontext(store):
+        metrics = BrokerMetrics(registry)
         broker = broker_factory(
-            broker_config(settings, limits, policy=policy),
-            metrics=BrokerMetrics(registry),
-            store=store,
+            broker_config(settings, limits, policy=policy), metrics=metrics, store=store
         )
         # Callers' schemas are checked in worker processes sized for the largest data a
         # check gets: a request body, or a result within the runner's output cap.
-        schemas = SchemaPool(max_payload_bytes=max(settings.max_request_bytes, limits.output_bytes))
+        schemas = SchemaPool(
+            max_payload_bytes=max(settings.max_request_bytes, limits.output_bytes),
+            metrics=metrics,
+        )
         driver = BrokerDriver(broker, schemas)
         app = create_app(
             driver,

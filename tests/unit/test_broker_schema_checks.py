@@ -30,6 +30,7 @@ from runner.broker_server.server import running_broker
 from runner.broker_server.submission import Submission, TaskLimits
 from runner.broker_server.tasks import TaskStatus
 from runner.broker_server.tokens import GrantTokens
+from runner.metrics import exposition
 from runner.protocol.messages import (
     RunnerInfo,
     TaskAccepted,
@@ -331,7 +332,9 @@ async def test_the_broker_server_checks_schemas_in_workers_and_stops_them() -> N
             "Items do not match inputSchema: items[1500].json.n: 'x' is not of type 'integer'"
         )
         pids = running.driver.schemas.pids()
-        assert pids  # checked in a worker
+        assert pids  # checked in a worker, and counted
+        text = exposition(running.registry).decode()
+        assert 'sandbox_broker_schema_worker_checks_total{limit=""} 1.0' in text
     for pid in pids:  # stopped with the broker
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -19,6 +19,7 @@ import pytest
 
 from runner.broker_server import schemas
 from runner.broker_server.schema_pool import SchemaPool, SubmissionProblems
+from runner.metrics import BrokerMetrics, CollectorRegistry, exposition
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -115,13 +116,17 @@ async def test_a_schema_too_large_to_check_is_refused_as_before(make_pool: Any) 
 async def test_a_check_past_the_cpu_limit_is_refused_and_its_worker_replaced(
     make_pool: Any,
 ) -> None:
-    pool = make_pool(cpu_s=1)
+    registry = CollectorRegistry()
+    pool = make_pool(cpu_s=1, metrics=BrokerMetrics(registry))
     assert await pool.check_result("t", *CPU_BURNER) == CPU_REFUSAL
     assert pool.started == 1
     assert pool.alive == 0  # killed by its CPU limit, not kept
     assert await pool.check_result("t", *ORDINARY) == ORDINARY_PROBLEM
     assert pool.started == 2  # a fresh worker, which serves on
     assert pool.alive == 1
+    text = exposition(registry).decode()
+    assert 'sandbox_broker_schema_worker_checks_total{limit="cpu"} 1.0' in text
+    assert 'sandbox_broker_schema_worker_checks_total{limit=""} 1.0' in text
 
 
 async def test_a_check_past_the_memory_limit_is_refused_and_its_worker_replaced(

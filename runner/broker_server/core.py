@@ -18,7 +18,9 @@ Sans-I/O, as :mod:`runner.protocol.machine`: the web layer calls plain methods
 (runner connections come in as objects with a non-blocking ``send``), time comes in
 through an injected clock and :meth:`Broker.tick`, and what the web layer must act
 on comes out: :meth:`Broker.next_deadline` (when to tick next) and
-:meth:`Broker.events` (tasks that finished, the start of a drain). The callback
+:meth:`Broker.events` (tasks that finished, the start of a drain, a result parked
+until a worker checks it against its ``outputSchema``: the verdict comes back to
+:meth:`Broker.result_checked`; :mod:`runner.broker_server.events`). The callback
 given to :meth:`Broker.subscribe` says when either may have changed. The event loop,
 its timer and whoever waits for a task live in :mod:`runner.broker_server.driver`.
 

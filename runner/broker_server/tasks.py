@@ -311,9 +311,10 @@ def completion_body(
     """What a runner's completion makes of ``task``: its result, checked against the
     caller's ``outputSchema``, or its error with our report's code and stage.
 
-    ``defer``: only a tiny check is made here (:func:`~runner.broker_server.schemas.
-    trial_result`); a result it does not settle is parked on the task and None returned
-    (the caller has the check made off the event loop, then :func:`checked_body`).
+    ``defer``: only a tiny check is made here
+    (:func:`~runner.broker_server.schemas.trial_result`); a result it does not settle is
+    parked on the task and None returned (the caller has the check made off the event
+    loop, then :func:`checked_body`).
     """
     report = message.sandbox or {}
     if isinstance(message, TaskDone):

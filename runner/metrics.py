@@ -247,6 +247,14 @@ class BrokerMetrics:
             "Steps of a task the broker's store failed to record (the broker went on).",
             registry=registry,
         )
+        # limit: one of the worker limits or '' (a bounded set; never a tenant).
+        self.schema_worker_checks = Counter(
+            "sandbox_broker_schema_worker_checks",
+            "Callers' schema checks made in a schema worker process, by the limit one hit "
+            "('' for none: it answered).",
+            ["limit"],
+            registry=registry,
+        )
 
     def watch(self, read: Callable[[], Mapping[str, int]]) -> None:
         """Expose the broker's current state (runners, offers, queue) as gauges."""

@@ -1,9 +1,10 @@
 """Analysis off the event loop: a small pool of worker processes with their own limits.
 
 Owns: :class:`AnalysisPool` -- which code is analyzed inline and which in a worker,
-the workers' lives (started lazily, replaced when one dies, retires or is killed),
-the limits they run under, and the verdict a task gets when its analysis hit one of
-them.
+its two lanes and the limits their workers run under, and the verdict a task gets
+when its analysis hit one of them. The workers themselves (started lazily, replaced
+when one dies, retires or is killed; the pipes; the limits set) are
+:class:`runner.workers.pool.WorkerPool`'s, shared with the broker's schema checks.
 
 Why processes: ``ast.parse`` holds the interpreter for its whole run (a thread does
 not help: the GIL), and costs ~3 us of CPU and ~500 bytes of memory per byte of
@@ -23,28 +24,17 @@ gets a verdict with ``limit_exceeded``) and the next job starts a fresh one; no
 other task is affected. Waiting for an answer uses the event loop's reader on the
 pipe, never a thread blocked for the whole analysis.
 
-Must not import: pydantic, docker, the sandbox.
+Must not import: pydantic, docker, the sandbox (of the runner: the analyzer and
+:mod:`runner.workers`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import logging
-import os
-import signal
-import subprocess
-import sys
-import weakref
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from runner.analyzer.cache import Analyzer, Verdict
 from runner.analyzer.core import ImportPolicy, Violation
-from runner.analyzer.worker import HEADER
-
-log = logging.getLogger(__name__)
+from runner.workers.pool import LaneSpec, Limit, LimitHit, WorkerPool
 
 #: Code up to this many characters is analyzed inline. Measured on the reference host
 #: (docs/reliability.md, "Analysis off the event loop"): a small task (~100 bytes)
@@ -68,15 +58,12 @@ MIN_CPU_S = 5.0
 #: RLIMIT_AS counts address space, not resident pages).
 WORKER_BASE_BYTES = 96 * 1024 * 1024
 WORKER_BYTES_PER_CODE_BYTE = 1024
-#: Wall-clock backstop: a worker that neither answers nor dies by its CPU limit within
-#: this multiple of the CPU budget (a stopped or starved process) is killed.
-WALL_FACTOR = 4.0
 
 LIMIT_MESSAGES = {
-    "memory": "it needed more than the analyzer's memory limit of {memory_mib} MiB",
-    "cpu": "it needed more than the analyzer's CPU-time limit of {cpu_s:g} s",
-    "wall": "the analyzer did not answer within {wall_s:g} s",
-    "crashed": "the analyzer's worker process died ({how})",
+    Limit.MEMORY: "it needed more than the analyzer's memory limit of {memory_mib} MiB",
+    Limit.CPU: "it needed more than the analyzer's CPU-time limit of {cpu_s:g} s",
+    Limit.WALL: "the analyzer did not answer within {wall_s:g} s",
+    Limit.CRASHED: "the analyzer's worker process died ({how})",
 }
 
 
@@ -88,53 +75,6 @@ def worker_memory_bytes(code_bytes: int) -> int:
 def worker_cpu_s(code_bytes: int) -> float:
     """CPU seconds of one analysis of code of up to ``code_bytes``."""
     return max(MIN_CPU_S, code_bytes * CPU_S_PER_CODE_BYTE)
-
-
-# The worker runs from the directory that holds the ``runner`` package (a checkout or
-# site-packages), with no environment at all: it needs none, and the runner's holds
-# secrets (the broker's auth token).
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
-_WORKER_MAIN = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from runner.analyzer.worker import main; main(sys.argv[2:])"
-)
-
-
-@dataclass(slots=True, eq=False)  # identity: a worker is a process, not a value
-class _Worker:
-    process: subprocess.Popen[bytes]
-    jobs: int  # fd the runner writes jobs to (non-blocking)
-    results: int  # fd the runner reads answers from (non-blocking)
-
-
-def _kill(worker: _Worker) -> None:
-    """Kill and reap a worker, close its pipes. Blocking, but only for a moment."""
-    with contextlib.suppress(ProcessLookupError):
-        worker.process.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        worker.process.wait(5.0)
-    for stream in (worker.process.stdin, worker.process.stdout):
-        with contextlib.suppress(OSError):
-            if stream is not None:
-                stream.close()
-
-
-def _kill_all(workers: set[_Worker]) -> None:
-    for worker in list(workers):
-        _kill(worker)
-    workers.clear()
-
-
-@dataclass(slots=True)
-class _Lane:
-    """Workers for code up to ``max_chars``, at most ``size`` at once."""
-
-    max_chars: int
-    size: int
-    memory_bytes: int
-    cpu_s: float
-    idle: list[_Worker] = field(default_factory=list)
-    slots: asyncio.Semaphore | None = None
 
 
 class AnalysisPool:
@@ -166,30 +106,33 @@ class AnalysisPool:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.inline_max_chars = inline_max_chars
-        small = min(SMALL_LANE_MAX_CHARS, code_bytes)
-        self._lanes = tuple(
-            _Lane(
-                max_chars,
-                workers,
-                worker_memory_bytes(max_chars) if memory_bytes is None else memory_bytes,
-                worker_cpu_s(max_chars) if cpu_s is None else cpu_s,
-            )
-            for max_chars in (small, code_bytes)
+        self._max_chars = (min(SMALL_LANE_MAX_CHARS, code_bytes), code_bytes)
+        self._workers = WorkerPool(
+            "runner.analyzer.worker",
+            [
+                LaneSpec(
+                    workers,
+                    worker_memory_bytes(max_chars) if memory_bytes is None else memory_bytes,
+                    worker_cpu_s(max_chars) if cpu_s is None else cpu_s,
+                )
+                for max_chars in self._max_chars
+            ],
         )
-        self._all: set[_Worker] = set()  # idle and busy: what the finalizer stops
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._finalizer = weakref.finalize(self, _kill_all, self._all)
-        self.started = 0  # workers started over the pool's life (tests, metrics)
+
+    @property
+    def started(self) -> int:
+        """Workers started over the pool's life (tests, metrics)."""
+        return self._workers.started
 
     @property
     def memory_bytes(self) -> int:
         """``RLIMIT_AS`` of a worker of the large lane (the most any worker gets)."""
-        return self._lanes[-1].memory_bytes
+        return self._workers.lane(1).memory_bytes
 
     @property
     def cpu_s(self) -> float:
         """CPU budget of an analysis in the large lane (the most any analysis gets)."""
-        return self._lanes[-1].cpu_s
+        return self._workers.lane(1).cpu_s
 
     async def check(self, analyzer: Analyzer, code: str) -> Verdict:
         """The verdict on ``code`` under ``analyzer``'s policy, never holding the loop long."""
@@ -205,40 +148,12 @@ class AnalysisPool:
 
     async def aclose(self) -> None:
         """Stop every worker."""
-        workers = list(self._all)
-        self._all.clear()
-        for lane in self._lanes:
-            lane.idle.clear()
-        for worker in workers:
-            await asyncio.to_thread(_kill, worker)
-
-    # -- one job ----------------------------------------------------------------------
+        await self._workers.aclose()
 
     async def _in_worker(self, code: str, policy: ImportPolicy) -> tuple[Verdict, bool]:
-        self._bind_to_running_loop()
-        small, large = self._lanes
-        lane = small if len(code) <= small.max_chars else large
-        assert lane.slots is not None
-        async with lane.slots:
-            worker = lane.idle.pop() if lane.idle else await self._start(lane)
-            keep = False
-            try:
-                verdict, cacheable, keep = await self._job(worker, lane, code, policy)
-                return verdict, cacheable
-            finally:
-                # Died, retired, killed or cancelled mid-job (its pipe may still hold
-                # half an answer): never reused.
-                if keep and worker in self._all:
-                    lane.idle.append(worker)
-                else:
-                    self._all.discard(worker)
-                    await asyncio.shield(asyncio.to_thread(_kill, worker))
-
-    async def _job(
-        self, worker: _Worker, lane: _Lane, code: str, policy: ImportPolicy
-    ) -> tuple[Verdict, bool, bool]:
-        """(verdict, cacheable, keep the worker)."""
-        body = json.dumps(
+        """(verdict, cacheable)."""
+        lane = 0 if len(code) <= self._max_chars[0] else 1
+        job = json.dumps(
             {
                 "code": code,
                 "stdlib": sorted(policy.stdlib_allow),
@@ -246,154 +161,22 @@ class AnalysisPool:
             },
             ensure_ascii=True,  # a lone surrogate travels as an escape
         ).encode("ascii")
-        wall_s = lane.cpu_s * WALL_FACTOR + 5.0
-        try:
-            async with asyncio.timeout(wall_s):
-                await _write_all(worker.jobs, HEADER.pack(len(body)) + body)
-                del body
-                raw = await _read_frame(worker.results)
-        except TimeoutError:
-            log.warning("analysis worker gave no answer in %.0f s; killed", wall_s)
-            return self._limit("wall", lane), False, False
-        if raw is None:  # EOF: the worker died
-            how = await self._death(worker)
-            if how == "cpu":
-                return self._limit("cpu", lane), True, False
-            log.warning("analysis worker died: %s", how)
-            return self._limit("crashed", lane, how=how), False, False
-        reply = json.loads(raw)
-        keep = not reply.get("retire", False)
-        if "limit" in reply:
-            return self._limit(str(reply["limit"]), lane), True, keep
+        reply = await self._workers.run(lane, job)
+        if isinstance(reply, LimitHit):
+            # CPU and memory: the code's own cost (it hits them again); a worker that
+            # crashed or was killed for wall time is not held against the code.
+            return self._limit(reply, self._workers.lane(lane)), reply.is_the_inputs
         if "syntaxError" in reply:
-            return Verdict(syntax_error=str(reply["syntaxError"])), True, keep
+            return Verdict(syntax_error=str(reply["syntaxError"])), True
         violations = tuple(Violation(int(line), str(text)) for line, text in reply["violations"])
-        return Verdict(violations=violations), True, keep
+        return Verdict(violations=violations), True
 
-    def _limit(self, kind: str, lane: _Lane, *, how: str = "") -> Verdict:
-        reason = LIMIT_MESSAGES[kind].format(
+    @staticmethod
+    def _limit(hit: LimitHit, lane: LaneSpec) -> Verdict:
+        reason = LIMIT_MESSAGES[hit.kind].format(
             memory_mib=lane.memory_bytes // (1024 * 1024),
             cpu_s=lane.cpu_s,
-            wall_s=lane.cpu_s * WALL_FACTOR + 5.0,
-            how=how,
+            wall_s=lane.wall_s,
+            how=hit.how,
         )
         return Verdict(limit_exceeded=f"Task code could not be analyzed: {reason}")
-
-    async def _death(self, worker: _Worker) -> str:
-        """How a worker whose pipe closed ended: ``cpu`` or a description."""
-        try:
-            code = await asyncio.to_thread(worker.process.wait, 5.0)
-        except subprocess.TimeoutExpired:
-            return "it closed its pipe but did not exit"
-        if code in (-signal.SIGXCPU, -signal.SIGKILL):
-            return "cpu"  # SIGXCPU at the soft CPU limit (SIGKILL at the hard one)
-        if code < 0:
-            return f"signal {signal.Signals(-code).name}"
-        return f"exit status {code}"
-
-    # -- the workers --------------------------------------------------------------------
-
-    def _bind_to_running_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._loop is loop:
-            return
-        # First use, or a new loop: fresh semaphores (they belong to a loop), and the
-        # old loop's idle workers go (a busy one is its job's to discard).
-        self._loop = loop
-        for lane in self._lanes:
-            lane.slots = asyncio.Semaphore(lane.size)
-            stale, lane.idle = lane.idle, []
-            for worker in stale:
-                self._all.discard(worker)
-                _kill(worker)
-
-    async def _start(self, lane: _Lane) -> _Worker:
-        command = [
-            sys.executable,
-            "-s",  # no user site-packages
-            "-c",
-            _WORKER_MAIN,
-            _PACKAGE_ROOT,
-            str(lane.memory_bytes),
-            repr(lane.cpu_s),
-        ]
-        process = await asyncio.to_thread(
-            subprocess.Popen,
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env={},
-            close_fds=True,
-        )
-        assert process.stdin is not None
-        assert process.stdout is not None
-        worker = _Worker(process, process.stdin.fileno(), process.stdout.fileno())
-        os.set_blocking(worker.jobs, False)
-        os.set_blocking(worker.results, False)
-        self._all.add(worker)
-        self.started += 1
-        return worker
-
-
-# -- non-blocking pipe I/O on the event loop --------------------------------------------
-
-
-async def _wait(fd: int, *, writable: bool) -> None:
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    add, remove = (
-        (loop.add_writer, loop.remove_writer)
-        if writable
-        else (
-            loop.add_reader,
-            loop.remove_reader,
-        )
-    )
-    add(fd, wake)
-    try:
-        await ready
-    finally:
-        remove(fd)
-
-
-async def _write_all(fd: int, data: bytes) -> None:
-    """Write everything, waiting for room in the pipe on the loop (a dead reader: EOF
-    is seen by the read that follows)."""
-    view = memoryview(data)
-    while view:
-        try:
-            written = os.write(fd, view)
-        except BlockingIOError:
-            await _wait(fd, writable=True)
-            continue
-        except BrokenPipeError:
-            return
-        view = view[written:]
-
-
-async def _read_frame(fd: int) -> bytes | None:
-    """One framed answer, or ``None`` at EOF."""
-    buffer = bytearray()
-    need = HEADER.size
-    length: int | None = None
-    while True:
-        while len(buffer) < need:
-            try:
-                chunk = os.read(fd, max(need - len(buffer), 65536))
-            except BlockingIOError:
-                await _wait(fd, writable=False)
-                continue
-            if not chunk:
-                return None
-            buffer += chunk
-        if length is None:
-            (length,) = HEADER.unpack_from(buffer)
-            need = HEADER.size + length
-            continue
-        return bytes(buffer[HEADER.size : need])

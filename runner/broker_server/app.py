@@ -18,7 +18,8 @@ gets to read: see :class:`~runner.broker_server.edge.BodyLimit`).
 
 The broker's rules are the sans-I/O core's (:mod:`runner.broker_server.core`); the app
 reaches it through its :class:`~runner.broker_server.driver.BrokerDriver`, which times
-it and wakes the long-polls when a task ends or the drain starts.
+it, wakes the long-polls when a task ends or the drain starts, and holds the schema
+workers a submission is checked in before it reaches the core.
 
 No ``from __future__ import annotations`` here: FastAPI reads the annotations of the
 route functions (defined inside :func:`create_app`) at run time.
@@ -46,7 +47,6 @@ from runner import __version__
 from runner.broker_server.driver import BrokerDriver
 from runner.broker_server.edge import BodyLimit, LateResponse, SafeJSONResponse, forget_body
 from runner.broker_server.retry import RetryRequest, backoff_problem
-from runner.broker_server.schemas import check_schema
 from runner.broker_server.submission import Submission, TaskLimits, prepare
 from runner.broker_server.tasks import BrokerTask, TaskStatus, WaitReason
 from runner.broker_server.tokens import GrantTokens, same_secret
@@ -489,16 +489,17 @@ def create_app(
             )
         except LimitAboveCeiling as exc:
             raise HTTPException(422, str(exc)) from None
-        for name, schema in (
-            ("inputSchema", body.input_schema),
-            ("outputSchema", body.output_schema),
-        ):
-            problem = check_schema(schema, name)
-            if problem is not None:
-                raise HTTPException(422, problem)
+        # Both schemas, then the items: tiny checks inline, the rest in schema workers.
+        schemas = await driver.schemas.check_submission(
+            tenant, body.input_schema, body.output_schema, body.items
+        )
+        if schemas.schema is not None:
+            raise HTTPException(422, schemas.schema)
         retry = None if body.retry is None else body.retry.policy()
         if retry is not None and (problem := backoff_problem(retry, broker.config)):
             raise HTTPException(422, problem)
+        if schemas.items is not None:
+            raise HTTPException(422, f"Items do not match inputSchema: {schemas.items}")
         submission = Submission(
             tenant=tenant,
             code=body.code,
@@ -512,7 +513,7 @@ def create_app(
         )
         try:
             # Walking and encoding millions of values takes seconds: off the event loop.
-            prepared = await asyncio.to_thread(prepare, submission, body.input_schema)
+            prepared = await asyncio.to_thread(prepare, submission)
             # A request with the same key may have been taken meanwhile; nothing awaits
             # between this look and submit, so one of them creates the task.
             if idempotency is not None and (replayed := replay(tenant, idempotency)):

@@ -18,7 +18,9 @@ Sans-I/O, as :mod:`runner.protocol.machine`: the web layer calls plain methods
 (runner connections come in as objects with a non-blocking ``send``), time comes in
 through an injected clock and :meth:`Broker.tick`, and what the web layer must act
 on comes out: :meth:`Broker.next_deadline` (when to tick next) and
-:meth:`Broker.events` (tasks that finished, the start of a drain). The callback
+:meth:`Broker.events` (tasks that finished, the start of a drain, a result parked
+until a worker checks it against its ``outputSchema``: the verdict comes back to
+:meth:`Broker.result_checked`; :mod:`runner.broker_server.events`). The callback
 given to :meth:`Broker.subscribe` says when either may have changed. The event loop,
 its timer and whoever waits for a task live in :mod:`runner.broker_server.driver`.
 
@@ -37,6 +39,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from runner.broker_server.deadlines import Deadlines
+from runner.broker_server.events import CheckResult, Draining, Event, TaskFinished
 from runner.broker_server.ledger import TaskLedger
 from runner.broker_server.retry import AttemptError, backoff_left_s
 from runner.broker_server.runners import RunnerConnection, Runners
@@ -47,6 +50,7 @@ from runner.broker_server.tasks import (
     TaskStatus,
     TaskTimer,
     Waiting,
+    checked_body,
     completion_body,
     error_body,
     expiry_cause,
@@ -109,24 +113,10 @@ class BrokerConfig:
     # refused), and result documents of its finished ones (the oldest are forgotten).
     max_queued_bytes_per_tenant: int = 128 * 1024 * 1024
     max_retained_bytes_per_tenant: int = 128 * 1024 * 1024
-
-
-# --- events for the web layer ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TaskFinished:
-    """The task has its result document now (its waiters may go)."""
-
-    task_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Draining:
-    """The broker has started to drain: it dispatches nothing more."""
-
-
-Event = TaskFinished | Draining
+    # True (the server's): a result's outputSchema check that a tiny inline trial does
+    # not settle is parked and reported (CheckResult), for a worker process; False: the
+    # whole check is made inline (a core with nobody to make it elsewhere: tests).
+    defer_result_checks: bool = False
 
 
 class Broker:
@@ -229,7 +219,7 @@ class Broker:
                 continue
             if task.status is TaskStatus.OFFERED:
                 self._requeue(task, "runner_disconnected")
-            elif task.status is TaskStatus.RUNNING:
+            elif task.status is TaskStatus.RUNNING and task.parked is None:
                 # The runner may come back (same id) and report it; otherwise it is lost.
                 self._arm(task, self.config.runner_lost_grace_s, TaskTimer.RUNNER_LOST)
         self.dispatch()
@@ -350,8 +340,8 @@ class Broker:
         return self._tasks.recent(tenant, limit, status)
 
     def cancel(self, task: BrokerTask) -> None:
-        if task.status.is_finished:
-            return
+        if task.status.is_finished or task.parked is not None:
+            return  # (a parked result is in: past cancelling, its verdict ends the task)
         if task.status is TaskStatus.QUEUED:
             self._tenants.unqueue(task.tenant, task.task_id)
             self._finish(task, error_body(CANCELLED_MESSAGE, "", ErrorCode.CANCELLED, Stage.QUEUE))
@@ -492,8 +482,8 @@ class Broker:
         if self._ledger.is_stale(message.task_id, runner_id):
             return  # an older attempt's, whose lease died with a broker: dropped, counted
         task = self._ledger.current(message.task_id)
-        if task is None or task.status.is_finished:
-            log.info(
+        if task is None or task.status.is_finished or task.parked is not None:
+            log.info(  # (parked: its first completion is being checked)
                 "completion of unknown or finished task %s dropped",
                 message.task_id,
                 extra={"taskId": message.task_id},
@@ -506,30 +496,30 @@ class Broker:
             return
         report = message.sandbox or {}
         self._keep_prints(task, report.get("prints"))
-        self._finish(task, completion_body(task, message), report.get("audit"))
+        body = completion_body(task, message, defer=self.config.defer_result_checks)
+        if body is None:  # parked: its result is in, the verdict comes to result_checked
+            self._disarm(task)
+            self._emit(CheckResult(task.task_id, task.attempt))
+            return
+        self._finish(task, body, report.get("audit"))
+        self.dispatch()
+
+    def result_checked(self, task_id: str, attempt: int, problem: str | None) -> None:
+        """The verdict on a parked result (``problem``: None, it matches the schema).
+        Its result is in: its runner leaving or a cancel no longer changes the task."""
+        task = self._tasks.get(task_id)
+        if task is None or task.attempt != attempt or (parked := task.parked) is None:
+            return
+        task.parked = None
+        self._finish(task, checked_body(parked.result, problem), parked.audit)
         self.dispatch()
 
     def _keep_prints(self, task: BrokerTask, entries: Any) -> None:
-        """Keep a runner's print entries up to the broker's caps; count what is dropped.
-
-        ``entries``: print calls, each a list of strings (rpc params, or the report's
-        ``prints`` under the sandbox-prints extension). Anything else is dropped whole.
-        """
-        if entries is None:
-            return
-        if not isinstance(entries, list | tuple):
-            self._metrics.prints_dropped.inc()
-            return
+        """Keep a runner's print entries up to the broker's caps (:func:`keep_prints`);
+        count what is dropped."""
         config = self.config
-        dropped = keep_prints(task, entries, config.max_print_calls, config.max_print_chars)
-        if dropped:
+        if dropped := keep_prints(task, entries, config.max_print_calls, config.max_print_chars):
             self._metrics.prints_dropped.inc(dropped)
-            log.warning(
-                "task %s: %d print entries beyond the broker's cap dropped",
-                task.task_id,
-                dropped,
-                extra={"taskId": task.task_id},
-            )
 
     def _finish(self, task: BrokerTask, body: dict[str, Any], audit: Any = None) -> None:
         if task.status.is_finished:

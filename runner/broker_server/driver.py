@@ -11,7 +11,16 @@ and the asyncio side of waiting for what it reports:
 - waits: a task's end (the API's long-polls, :meth:`BrokerDriver.wait_finished`), the
   start of a drain (:meth:`BrokerDriver.wait_closing`), and every dispatched task's
   end within a bound (:meth:`BrokerDriver.wait_idle`), from the core's
-  ``TaskFinished`` and ``Draining`` events.
+  ``TaskFinished`` and ``Draining`` events;
+- callers' schemas off the event loop (its :class:`~runner.broker_server.schema_pool.
+  SchemaPool`, which the API's submit route uses too): for each ``CheckResult`` event
+  (a result the core parked, its runner's slot already free), one owned asyncio task
+  checks it in a worker and hands the verdict to :meth:`Broker.result_checked`. The
+  task stays ``running`` meanwhile, with no timer: its result is in, so neither its
+  timeout nor its runner leaving can end it, and a cancel no longer applies; whatever
+  happens to the check (a limit, a fault of ours), a verdict comes back, so the task
+  always ends. At shutdown the server waits for running tasks (parked ones included)
+  before :meth:`BrokerDriver.aclose` cancels what is left and stops the workers.
 
 One loop timer re-set, rather than a task that sleeps: there is nothing to start or
 to cancel at shutdown, whoever serves the app (uvicorn without lifespan events,
@@ -23,16 +32,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
-from runner.broker_server.core import Broker, Draining, TaskFinished
+from runner.broker_server.core import Broker
+from runner.broker_server.events import CheckResult, Draining, TaskFinished
+from runner.broker_server.schema_pool import SchemaPool
 from runner.broker_server.tasks import BrokerTask
+
+log = logging.getLogger(__name__)
+
+#: The largest data a schema check gets when the pool is the driver's own (the API's
+#: default request cap and a runner's default output cap, 16 MiB).
+DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 
 
 class BrokerDriver:
-    """Drives ``broker`` from the running event loop; subscribes to it at once."""
+    """Drives ``broker`` from the running event loop; subscribes to it at once.
 
-    def __init__(self, broker: Broker) -> None:
+    ``schemas``: the pool that checks callers' schemas (the server's, sized for its
+    payload caps; it closes it). Without one the driver makes its own, stopped by
+    :meth:`aclose` or by the pool's finalizer.
+    """
+
+    def __init__(self, broker: Broker, schemas: SchemaPool | None = None) -> None:
         self.broker = broker
+        self.schemas = schemas or SchemaPool(max_payload_bytes=DEFAULT_MAX_PAYLOAD_BYTES)
+        self._own_schemas = schemas is None
+        self._checks: set[asyncio.Task[None]] = set()  # results being checked
         self._finished: dict[str, list[asyncio.Future[None]]] = {}  # task id -> waiters
         self._closing: list[asyncio.Future[None]] = []
         self._pump: asyncio.Handle | None = None  # an update scheduled, on _pump_loop
@@ -57,6 +83,18 @@ class BrokerDriver:
             if handle is not None:
                 handle.cancel()
         self._pump = self._timer = None
+
+    async def aclose(self) -> None:
+        """:meth:`close`, cancel the result checks still under way (their tasks stay
+        running, for the next broker on the store to run again), and stop the schema
+        workers if the pool is the driver's own."""
+        self.close()
+        checks = list(self._checks)
+        for check in checks:
+            check.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
+        if self._own_schemas:
+            await self.schemas.aclose()
 
     # -- waits ----------------------------------------------------------------------------
 
@@ -128,9 +166,31 @@ class BrokerDriver:
                         self._wake(self._finished.pop(task_id, []))
                     case Draining():
                         self._wake(self._closing)
+                    case CheckResult(task_id=task_id, attempt=attempt):
+                        check = asyncio.get_running_loop().create_task(
+                            self._check_result(task_id, attempt)
+                        )
+                        self._checks.add(check)
+                        check.add_done_callback(self._checks.discard)
         finally:
             self._updating = False
             self._set_timer()
+
+    async def _check_result(self, task_id: str, attempt: int) -> None:
+        """A parked result checked in a worker; the verdict handed back, whatever happens."""
+        task = self.broker.get(task_id)
+        if task is None or task.parked is None or task.output_schema is None:
+            return
+        try:
+            problem = await self.schemas.check_result(
+                task.tenant, task.output_schema, task.parked.result
+            )
+        except Exception as exc:  # a fault of ours: the task still ends, with no traceback
+            log.exception("task %s: checking its result failed", task_id)
+            problem = (
+                f"result: the broker could not check it against the schema ({type(exc).__name__})"
+            )
+        self.broker.result_checked(task_id, attempt, problem)
 
     def _set_timer(self) -> None:
         if self._closed:

@@ -15,6 +15,15 @@ stalling the broker's event loop for everyone. Three guards:
 No reference is ever fetched: only the caller's own document and the bundled
 meta-schemas resolve (jsonschema's default registry would ``urlopen`` any URL).
 
+The metering is the cheap, deterministic refusal; the wall behind it is a worker
+process with its own CPU-time and memory limit (:mod:`runner.broker_server.schema_pool`,
+which runs these same functions in ``runner.broker_server.schema_worker``). On the
+event loop itself only a *trial* runs (:func:`trial_schema`, :func:`trial_input`,
+:func:`trial_result`): tiny schemas and data (:data:`INLINE_MAX_VALUES` JSON values),
+under a budget of :data:`INLINE_CHECKS` checks, a few milliseconds at most. A trial
+that runs out answers :data:`DEFERRED` (never a refusal): the same check is then made
+in a worker with the full budget, so every answer is what the full check gives.
+
 The metering reaches into jsonschema: it wraps every function of
 ``Draft202012Validator.VALIDATORS`` and replaces the validator class's ``evolve``
 (rebuilt from its ``attrs`` fields), so a subschema's ``$schema`` cannot switch to an
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,13 +96,34 @@ _SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "dependentSchema
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required"})
 
 
+#: The inline trial's bounds, measured on the reference host (docs/operations.md,
+#: "Callers' schemas"): a typical object schema costs ~20 checks per item and its
+#: meta-schema check ~700 (0.6 ms); 1,000 checks of the costliest kind (``$ref`` at
+#: every level) take ~5 ms, 9 ms at worst. Values: the data (and the schema) walked
+#: before any check, and the unmetered parts of a check (compiling the schema,
+#: crawling it for references, sorting errors) grow with them.
+INLINE_CHECKS = 1_000
+INLINE_MAX_VALUES = 1_000
+#: A result's schema is kept as JSON text: longer text is not even decoded inline.
+INLINE_MAX_SCHEMA_CHARS = 16 * 1024
+
+
 class _OverBudget(Exception):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A check an inline trial could not settle within its bounds: a worker's to make."""
+
+
+DEFERRED = Deferred()
 
 
 @dataclass
 class _Budget:
     remaining: int
+    trial: bool = False  # over it: DEFERRED, not a refusal
 
     def spend(self, cost: int) -> None:
         self.remaining -= cost
@@ -181,13 +212,29 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
+def _values_within(value: Any, limit: int) -> bool:
+    """Whether ``value`` holds at most ``limit`` JSON values (stops counting past it)."""
+    stack = [value]
+    count = 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > limit:
+            return False
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return True
+
+
 def _schema_error(
     schema: dict[str, Any] | None,
     value: Any,
     root: str,
     budget: _Budget | None = None,
     validator: Any = None,
-) -> str | None:
+) -> str | Deferred | None:
     """The first JSON Schema violation as ``path: message``, or None.
 
     Never raises: whatever the caller's schema does (a ``$ref`` cycle that consumes
@@ -214,15 +261,21 @@ def _schema_error(
         # A ``$ref`` to nowhere (or to a URL: nothing is ever fetched).
         return f"{root}: the schema's reference {exc.ref!r} cannot be resolved"
     except _OverBudget:
+        if budget.trial:
+            return DEFERRED
         return (
             f"{root}: validating against the schema takes more checks than the broker "
             "allows; simplify the schema or send less data"
         )
     except RecursionError:
+        if budget.trial:
+            return DEFERRED  # how deep the caller's own stack is must not decide it
         return (
             f"{root}: the schema recurses too deeply to validate "
             "(a $ref cycle that consumes no data?)"
         )
+    except MemoryError:
+        raise  # a worker's limit: the worker answers it (inline, the trial is tiny)
     except Exception as exc:  # a caller's schema must not raise out of the broker
         log.warning("validating %s against a caller's schema failed", root, exc_info=True)
         return f"{root}: the schema cannot be applied ({type(exc).__name__})"
@@ -243,19 +296,21 @@ def budget_for(rows: int) -> int:
     return VALIDATION_BUDGET + BUDGET_PER_ROW * rows
 
 
-def validate_input(schema: dict[str, Any] | None, items: list[Any]) -> str | None:
-    """Every item's ``json`` against ``inputSchema``; the first failure with its path.
+def _settled(verdict: str | Deferred | None) -> str | None:
+    if isinstance(verdict, Deferred):  # only a trial's budget defers
+        raise AssertionError("a full check deferred")
+    return verdict
 
-    All items share one budget of checks (:func:`budget_for`: a base plus some per item).
-    """
-    if schema is None:
-        return None
-    budget = _Budget(budget_for(len(items)))
+
+def _items_error(
+    schema: dict[str, Any], items: list[Any], budget: _Budget
+) -> str | Deferred | None:
     validator = _Metered(schema, registry=_NO_RETRIEVAL)  # one for all the items
     for index, item in enumerate(items):
         error = _schema_error(
             schema,
-            item.get("json") if isinstance(item, dict) else item,
+            # n8n items' json, or plain objects (the API wraps them as {"json": ...})
+            item["json"] if isinstance(item, dict) and "json" in item else item,
             f"items[{index}].json",
             budget,
             validator,
@@ -265,13 +320,46 @@ def validate_input(schema: dict[str, Any] | None, items: list[Any]) -> str | Non
     return None
 
 
+def validate_input(schema: dict[str, Any] | None, items: list[Any]) -> str | None:
+    """Every item's ``json`` against ``inputSchema``; the first failure with its path.
+
+    All items share one budget of checks (:func:`budget_for`: a base plus some per item).
+    """
+    if schema is None:
+        return None
+    return _settled(_items_error(schema, items, _Budget(budget_for(len(items)))))
+
+
 def validate_result(schema: dict[str, Any] | None, result: Any) -> str | None:
     """A task's result against ``outputSchema``: the first failure with its path.
 
     The budget grows with the elements of a list result (:func:`budget_for`).
     """
     rows = len(result) if isinstance(result, list) else 1
-    return _schema_error(schema, result, "result", _Budget(budget_for(rows)))
+    return _settled(_schema_error(schema, result, "result", _Budget(budget_for(rows))))
+
+
+def trial_input(schema: dict[str, Any] | None, items: list[Any]) -> str | Deferred | None:
+    """:func:`validate_input` if it is tiny and settles within :data:`INLINE_CHECKS`;
+    else :data:`DEFERRED`."""
+    if schema is None:
+        return None
+    if not _values_within(items, INLINE_MAX_VALUES) or not _values_within(
+        schema, INLINE_MAX_VALUES
+    ):
+        return DEFERRED
+    return _items_error(schema, items, _Budget(INLINE_CHECKS, trial=True))
+
+
+def trial_result(schema_json: str | None, result: Any) -> str | Deferred | None:
+    """:func:`validate_result` of a schema kept as JSON text, if it is tiny and settles
+    within :data:`INLINE_CHECKS`; else :data:`DEFERRED`."""
+    if schema_json is None:
+        return None
+    if len(schema_json) > INLINE_MAX_SCHEMA_CHARS or not _values_within(result, INLINE_MAX_VALUES):
+        return DEFERRED
+    budget = _Budget(INLINE_CHECKS, trial=True)
+    return _schema_error(json.loads(schema_json), result, "result", budget)
 
 
 def refused_keyword_in(schema: Any) -> tuple[str, str] | None:
@@ -301,6 +389,20 @@ def refused_keyword_in(schema: Any) -> tuple[str, str] | None:
 
 def check_schema(schema: dict[str, Any] | None, name: str) -> str | None:
     """Why a caller's schema is refused (a 422), or None. Never raises."""
+    return _settled(_schema_problem(schema, name, _Budget(VALIDATION_BUDGET)))
+
+
+def trial_schema(schema: dict[str, Any] | None, name: str) -> str | Deferred | None:
+    """:func:`check_schema` if the schema is tiny and its check settles within
+    :data:`INLINE_CHECKS`; else :data:`DEFERRED`."""
+    if schema is not None and not _values_within(schema, INLINE_MAX_VALUES):
+        return DEFERRED
+    return _schema_problem(schema, name, _Budget(INLINE_CHECKS, trial=True))
+
+
+def _schema_problem(
+    schema: dict[str, Any] | None, name: str, budget: _Budget
+) -> str | Deferred | None:
     if schema is None:
         return None
     found = refused_keyword_in(schema)
@@ -310,12 +412,16 @@ def check_schema(schema: dict[str, Any] | None, name: str) -> str | None:
         jsonschema.Draft202012Validator.META_SCHEMA,
         format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
     )
-    token = _BUDGET.set(_Budget(VALIDATION_BUDGET))
+    token = _BUDGET.set(budget)
     try:
         error = next(meta.iter_errors(schema), None)
     except _OverBudget:
+        if budget.trial:
+            return DEFERRED
         return f"{name} is too large to check (more than {VALIDATION_BUDGET} checks)"
     except RecursionError:
+        if budget.trial:
+            return DEFERRED  # how deep the caller's own stack is must not decide it
         return f"{name} nests too deeply to check"
     finally:
         _BUDGET.reset(token)

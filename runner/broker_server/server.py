@@ -4,7 +4,8 @@ uvicorn would close runner sockets on SIGTERM before anything could drain, so th
 server is started on a socket we bind ourselves (a busy port is a clear error, not
 an exit from inside uvicorn) and stopped by us: drain (``broker:drain`` to every
 runner, wait a bounded time for running tasks), close runner sockets with 1001,
-then stop serving.
+then stop serving, and stop the schema workers (callers' schemas are checked in
+worker processes: :mod:`runner.broker_server.schema_pool`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import uvicorn
 from runner.broker_server.app import ApiConfig, LimitSource, TenantCeilings, create_app
 from runner.broker_server.core import Broker, BrokerConfig
 from runner.broker_server.driver import BrokerDriver
+from runner.broker_server.schema_pool import SchemaPool
 from runner.broker_server.sqlite_store import SqliteStore
 from runner.broker_server.store import SQLITE, SQLITE_FILE_NAME, MemoryStore, TaskStore, parse_store
 from runner.broker_server.submission import TaskLimits
@@ -116,6 +118,7 @@ def broker_config(
         max_print_chars=limits.output_bytes,
         max_queued_bytes_per_tenant=settings.tenant_queued_bytes,
         max_retained_bytes_per_tenant=settings.tenant_retained_bytes,
+        defer_result_checks=True,  # in the driver's schema workers
     )
 
 
@@ -232,12 +235,17 @@ async def running_broker(
     store = open_store(settings) if store is None else store
     # Closed last, whatever happens from here on (a busy port, a failed start).
     with contextlib.closing(store) if own_store else contextlib.nullcontext(store):
+        metrics = BrokerMetrics(registry)
         broker = broker_factory(
-            broker_config(settings, limits, policy=policy),
-            metrics=BrokerMetrics(registry),
-            store=store,
+            broker_config(settings, limits, policy=policy), metrics=metrics, store=store
         )
-        driver = BrokerDriver(broker)
+        # Callers' schemas are checked in worker processes sized for the largest data a
+        # check gets: a request body, or a result within the runner's output cap.
+        schemas = SchemaPool(
+            max_payload_bytes=max(settings.max_request_bytes, limits.output_bytes),
+            metrics=metrics,
+        )
+        driver = BrokerDriver(broker, schemas)
         app = create_app(
             driver,
             GrantTokens(settings.grant_token_ttl_s),
@@ -283,13 +291,18 @@ async def running_broker(
         try:
             yield RunningBroker(broker, driver, f"http://{host}:{port}", token, port, registry)
         finally:
-            driver.drain()
-            drained = await driver.wait_idle(settings.graceful_shutdown_timeout_s)
-            if not drained:
-                log.warning("broker stopping with %d task(s) still running", broker.running_count())
-            broker.close_all(1001, "broker shutting down")
-            await asyncio.sleep(0)  # let the writers send their close frames
-            server.should_exit = True
-            await serving
-            driver.close()
-            sock.close()
+            try:
+                driver.drain()
+                drained = await driver.wait_idle(settings.graceful_shutdown_timeout_s)
+                if not drained:
+                    count = broker.running_count()
+                    log.warning("broker stopping with %d task(s) still running", count)
+                broker.close_all(1001, "broker shutting down")
+                await asyncio.sleep(0)  # let the writers send their close frames
+                server.should_exit = True
+                await serving
+            finally:
+                # Whatever stopping did: no schema worker outlives the broker.
+                await driver.aclose()
+                await schemas.aclose()
+                sock.close()

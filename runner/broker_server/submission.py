@@ -2,8 +2,8 @@
 
 Owns: a submission (:class:`Submission`, with its :class:`TaskLimits`) and what it
 becomes at submission (:func:`prepare` -> :class:`Prepared`): plain items wrapped,
-``inputSchema`` applied, what cannot travel refused (:class:`SubmissionRefused`: too
-deep, ``NaN``), and the runner's settings encoded as JSON text (:func:`to_json`), to
+what cannot travel refused (:class:`SubmissionRefused`: too deep, ``NaN``), and the
+runner's settings encoded as JSON text (:func:`to_json`), to
 be spliced into the ``broker:tasksettings`` frame when the task is dispatched
 (:func:`settings_frame`).
 
@@ -15,7 +15,8 @@ to ~100 times its size in JSON (a dict per ``{}``), so a tenant could hold gigab
 with one 16 MiB request; as ASCII-only JSON text (one byte per character), what the
 byte budgets count is what the broker holds.
 
-Imports the protocol's messages and codec and :mod:`runner.broker_server.schemas`;
+``inputSchema`` is applied before, by the API, in the schema workers
+(:mod:`runner.broker_server.schema_pool`). Imports the protocol's messages and codec;
 no I/O.
 """
 
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.broker_server.retry import RetryPolicy
-from runner.broker_server.schemas import validate_input
 from runner.errors import SubmissionRefused
 from runner.protocol.codec import encode
 from runner.protocol.messages import TaskSettingsMessage
@@ -112,12 +112,12 @@ def nests_deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-def prepare(submission: Submission, input_schema: dict[str, Any] | None = None) -> Prepared:
-    """Wrap plain items, apply ``input_schema``, check nesting, encode the settings.
+def prepare(submission: Submission) -> Prepared:
+    """Wrap plain items, check nesting, encode the settings.
 
-    Raises :class:`SubmissionRefused` for items that do not match the schema and for
-    what cannot travel: nesting beyond :data:`MAX_INPUT_DEPTH`, ``NaN``/``Infinity``
-    (Python's JSON parser accepts them; no JSON encoder should emit them). Whatever
+    Raises :class:`SubmissionRefused` for what cannot travel: nesting beyond
+    :data:`MAX_INPUT_DEPTH`, ``NaN``/``Infinity`` (Python's JSON parser accepts them;
+    no JSON encoder should emit them). Whatever
     passes here is exactly what is sent, so a task can no longer fail to encode at
     dispatch and leave a runner's slot waiting. CPU-bound for large submissions (seconds
     for millions of values): the API calls it in a worker thread.
@@ -126,9 +126,6 @@ def prepare(submission: Submission, input_schema: dict[str, Any] | None = None) 
         item if isinstance(item, dict) and "json" in item else {"json": item}
         for item in submission.items
     ]
-    problem = validate_input(input_schema, items)
-    if problem is not None:
-        raise SubmissionRefused(f"Items do not match inputSchema: {problem}")
     for name, value in (("query", submission.query), ("items", items)):
         # items: the list and each {"json": ...} wrapper are two levels more.
         limit = MAX_INPUT_DEPTH + (2 if name == "items" else 0)

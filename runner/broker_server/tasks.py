@@ -7,7 +7,8 @@ for it, the settings it still holds and, once finished, its result document as J
 text); why a queued task waits (a retry's back-off included), in words for people
 and a code for programs (:class:`Waiting`); the caps on prints a runner reports
 (:func:`keep_prints`); what a completion makes of a task (:func:`completion_body`:
-the result checked against the caller's ``outputSchema``, or the error) and the
+the result checked against the caller's ``outputSchema``, or the error; a result
+whose check is a worker's to make is parked on the task, :class:`ParkedResult`) and the
 result document as JSON text (:func:`result_document`); and the table of tasks with
 what each tenant keeps of its finished ones (:class:`TaskTable`: the newest, within
 a count and a byte budget per tenant).
@@ -30,7 +31,7 @@ from enum import StrEnum
 from typing import Any
 
 from runner.broker_server.retry import AttemptError, RetryPolicy
-from runner.broker_server.schemas import validate_result
+from runner.broker_server.schemas import Deferred, trial_result, validate_result
 from runner.broker_server.submission import TaskLimits, to_json
 from runner.protocol.messages import TaskDone, TaskErrorMessage
 from runner.sandbox.base import ErrorCode, Mode, Stage
@@ -121,6 +122,16 @@ class TaskTimer(StrEnum):
     RETRY = "retry"
 
 
+@dataclass(frozen=True, slots=True)
+class ParkedResult:
+    """A runner's result whose ``outputSchema`` check is a worker's to make (the inline
+    trial did not settle it): the task stays running, with no timer, until the verdict
+    comes back (:meth:`runner.broker_server.core.Broker.result_checked`)."""
+
+    result: Any
+    audit: Any
+
+
 @dataclass
 class BrokerTask:
     task_id: str
@@ -154,6 +165,8 @@ class BrokerTask:
     # The Idempotency-Key it was submitted with, and the fingerprint of that request.
     idempotency_key: str | None = None
     fingerprint: str | None = None
+    # Its result, in, while a worker checks it against outputSchema (None otherwise).
+    parked: ParkedResult | None = None
 
     @property
     def wire_id(self) -> str:
@@ -247,12 +260,16 @@ def expiry_cause(
             return "every connected runner was busy"
 
 
-def keep_prints(
-    task: BrokerTask, entries: list[Any] | tuple[Any, ...], max_calls: int, max_chars: int
-) -> int:
+def keep_prints(task: BrokerTask, entries: Any, max_calls: int, max_chars: int) -> int:
     """Keep print entries for ``task`` up to ``max_calls`` entries and ``max_chars``
-    characters; return how many were dropped (an entry that is not a list of strings
-    is dropped too). What a runner reports is untrusted."""
+    characters; return how many were dropped. What a runner reports is untrusted:
+    ``entries`` (rpc params, or the report's ``prints`` under the sandbox-prints
+    extension) that are not a list are dropped whole (one), and so is an entry that is
+    not a list of strings; None is nothing to keep."""
+    if entries is None:
+        return 0
+    if not isinstance(entries, list | tuple):
+        return 1
     dropped = 0
     for entry in entries:
         if (
@@ -268,6 +285,13 @@ def keep_prints(
             continue
         task.print_bytes += size
         task.prints.append(list(entry))
+    if dropped:
+        log.warning(
+            "task %s: %d print entries beyond the broker's cap dropped",
+            task.task_id,
+            dropped,
+            extra={"taskId": task.task_id},
+        )
     return dropped
 
 
@@ -281,28 +305,47 @@ def error_body(message: str, description: str, code: str, stage: str) -> dict[st
     return {"status": "error", "error": error}
 
 
-def completion_body(task: BrokerTask, message: TaskDone | TaskErrorMessage) -> dict[str, Any]:
+def completion_body(
+    task: BrokerTask, message: TaskDone | TaskErrorMessage, *, defer: bool = False
+) -> dict[str, Any] | None:
     """What a runner's completion makes of ``task``: its result, checked against the
-    caller's ``outputSchema``, or its error with our report's code and stage."""
+    caller's ``outputSchema``, or its error with our report's code and stage.
+
+    ``defer``: only a tiny check is made here
+    (:func:`~runner.broker_server.schemas.trial_result`); a result it does not settle is
+    parked on the task and None returned (the caller has the check made off the event
+    loop, then :func:`checked_body`).
+    """
     report = message.sandbox or {}
     if isinstance(message, TaskDone):
         result = message.data.result
-        schema = None if task.output_schema is None else json.loads(task.output_schema)
-        problem = validate_result(schema, result)
-        if problem is None:
-            return {"status": "success", "result": result}
-        return error_body(
-            "Result does not match outputSchema",
-            problem,
-            ErrorCode.OUTPUT_SCHEMA_VIOLATION,
-            Stage.RESULT,
-        )
+        if not defer:
+            schema = None if task.output_schema is None else json.loads(task.output_schema)
+            return checked_body(result, validate_result(schema, result))
+        problem = trial_result(task.output_schema, result)
+        if isinstance(problem, Deferred):
+            task.parked = ParkedResult(result, report.get("audit"))
+            return None
+        return checked_body(result, problem)
     error = message.error
     return error_body(
         error.message,
         error.description or "",
         str(report.get("code") or ErrorCode.TASK_ERROR),
         str(report.get("stage") or Stage.RUN),
+    )
+
+
+def checked_body(result: Any, problem: str | None) -> dict[str, Any]:
+    """A result's body once checked against ``outputSchema`` (``problem``: None, it
+    matches; else the first violation, or why the check refused it)."""
+    if problem is None:
+        return {"status": "success", "result": result}
+    return error_body(
+        "Result does not match outputSchema",
+        problem,
+        ErrorCode.OUTPUT_SCHEMA_VIOLATION,
+        Stage.RESULT,
     )
 
 

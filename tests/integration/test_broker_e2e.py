@@ -325,6 +325,24 @@ async def test_input_too_deep_is_refused_before_any_runner_sees_it(
     assert document["status"] == "success", document
 
 
+async def test_an_output_schema_is_checked_in_a_schema_worker(
+    broker: RunningBroker, runner: RunnerProcess
+) -> None:
+    # 1,500 values: more than the broker checks inline; its schema workers do.
+    schema = {"items": {"type": "integer"}}
+    async with httpx.AsyncClient(base_url=broker.url, timeout=60) as http:
+        bad = {"code": "return list(range(1500)) + ['x']", "outputSchema": schema}
+        document = (await http.post("/v1/tasks?wait=30", json=bad)).json()
+        good = {"code": "return list(range(1500))", "outputSchema": schema}
+        ok = (await http.post("/v1/tasks?wait=30", json=good)).json()
+    assert document["status"] == "error", document
+    assert document["error"]["code"] == "output_schema_violation"
+    assert document["error"]["description"] == "result[1500]: 'x' is not of type 'integer'"
+    assert ok["status"] == "success", ok
+    assert ok["result"] == list(range(1500))
+    assert broker.driver.schemas.started >= 1
+
+
 async def test_health_check(runner: RunnerProcess) -> None:
     async with httpx.AsyncClient() as http:
         response = await http.get(f"http://127.0.0.1:{runner.health_port}/anything")

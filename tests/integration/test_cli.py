@@ -19,7 +19,7 @@ from helpers import remains, sandbox_runner
 
 from runner.cli.wiring import oci_runtime
 from runner.sandbox.labels import LABEL_OWNER
-from runner.settings import Settings
+from runner.settings import PROJECT_ROOT, Settings
 from runner.testing import UpProcess
 
 
@@ -121,6 +121,24 @@ def test_exec_honours_allowlist_variables(on_engine: dict[str, str]) -> None:
     assert json.loads(allowed.stdout)["result"] == 0
 
 
+def schema_workers() -> list[int]:
+    """Process ids of the broker's schema workers run from this checkout."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if (
+            b"runner.broker_server.schema_worker" in cmdline
+            and str(PROJECT_ROOT).encode() in cmdline
+        ):
+            found.append(int(entry.name))
+    return found
+
+
 def test_up_serves_tasks_over_http_and_leaves_nothing(
     on_engine: dict[str, str], backend: str, docker_client: docker.DockerClient
 ) -> None:
@@ -136,12 +154,23 @@ def test_up_serves_tasks_over_http_and_leaves_nothing(
             failed = http.post(
                 "/v1/tasks", params={"wait": 60}, json={"code": "raise KeyError('k')"}
             ).json()
+            # More values than the broker checks inline: its schema workers do.
+            schema = {"items": {"type": "integer"}}
+            checked = http.post(
+                "/v1/tasks",
+                params={"wait": 60},
+                json={"code": "return list(range(1500))", "outputSchema": schema},
+            ).json()
+            workers = schema_workers()
     finally:
         exit_code = up.stop()
     assert ok["result"] == [{"json": {"n": 1}}], ok
     assert ok["audit"]["isolation"]["backend"] == backend
     assert failed["error"]["code"] == "user_error", failed
+    assert checked["status"] == "success", checked
+    assert workers, "the result was checked in a schema worker"
     assert exit_code == 0, up.output
+    assert schema_workers() == []  # stopped with the broker
     # Its warm pool and every task's container went with it, on either engine.
     assert remains(docker_client, labels={LABEL_OWNER: runner_id}) == []
 

@@ -262,7 +262,7 @@ RULES = [
         ("runner.analyzer",),
         ALL,
         forbidden=("pydantic", *DOCKER),
-        only=("runner.analyzer",),
+        only=("runner.analyzer", "runner.workers"),
     ),
     Rule(
         "R2",
@@ -374,6 +374,7 @@ RULES = [
             "runner.protocol",
             "runner.sandbox.base",
             "runner.settings",
+            "runner.workers",
         ),
     ),
     Rule("R18", BROKER_SANS_IO, ALL, forbidden=(*IO, *BROKER_IO)),
@@ -463,6 +464,8 @@ RULES = [
         forbidden=("sqlite3",),
         exempt=("runner.broker_server.sqlite_store",),
     ),
+    Rule("R38", ("runner.workers",), ALL, only=("runner.workers",), stdlib_only=True),
+    Rule("R38", ("runner.workers.child",), ALL, forbidden=("asyncio",)),
 ]
 # Rules checked by a test of their own below (not a list of forbidden imports).
 PACKAGES_THROUGH_INIT = "R34"

@@ -11,7 +11,7 @@ import gc
 import json
 import socket
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -60,14 +60,27 @@ def make(
     return httpx.AsyncClient(transport=transport, base_url="http://broker"), broker
 
 
+# Drivers made by make_app: each has a pool of schema workers of its own, stopped after
+# its test (a driver nobody closes keeps them until it is collected).
+_DRIVERS: list[BrokerDriver] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_schema_workers() -> Iterator[None]:
+    yield
+    while _DRIVERS:
+        asyncio.run(_DRIVERS.pop().aclose())
+
+
 def make_app(
     broker: Broker,
     api_keys: dict[str, str] | None = None,
     max_request_bytes: int = 64 * 1024,
     tokens: GrantTokens | None = None,
 ) -> FastAPI:
+    _DRIVERS.append(BrokerDriver(broker))
     return create_app(
-        BrokerDriver(broker),
+        _DRIVERS[-1],
         tokens or GrantTokens(30),
         ApiConfig(
             auth_token="secret-auth-token",

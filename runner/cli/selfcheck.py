@@ -35,7 +35,13 @@ from runner.policy import Severity, check_bundle, parse_bundle
     help="Diagnose a bundle the linter rejects (to see what it really enforces). "
     "Never used for running tasks; the result is not cached.",
 )
-def selfcheck(as_json: bool, policy_dir: Path | None, skip_lint: bool) -> None:
+@click.option(
+    "--variant",
+    default=None,
+    metavar="NAME",
+    help="Check the [image.variants] image NAME instead of the default task image.",
+)
+def selfcheck(as_json: bool, policy_dir: Path | None, skip_lint: bool, variant: str | None) -> None:
     """Prove, from inside canary containers, which isolation guarantees are in force.
 
     Prints every guarantee as pass, fail or not-available; exits 1 when a required
@@ -57,9 +63,13 @@ def selfcheck(as_json: bool, policy_dir: Path | None, skip_lint: bool) -> None:
                 err=True,
             )
     report, engine = support.run(
-        lambda: backend_selfcheck(settings, support.progress, enforce_lint=not skip_lint)
+        lambda: backend_selfcheck(
+            settings, support.progress, enforce_lint=not skip_lint, variant=variant
+        )
     )
     document = {**report.as_json(), "engine": engine}
+    if variant is not None:
+        document["imageVariant"] = variant
     if as_json:
         click.echo(report_json(document))
     else:
@@ -75,8 +85,9 @@ def render_selfcheck(doc: dict[str, Any]) -> str:
     marks = {"pass": "PASS", "fail": "FAIL", "not-available": "N/A"}
     cached = " (cached)" if doc["cached"] else ""
     engine = doc.get("engine") or {}
+    variant = f", image variant {doc['imageVariant']}" if doc.get("imageVariant") else ""
     lines = [
-        f"selfcheck: policy sha256 {doc['policySha256']}",
+        f"selfcheck: policy sha256 {doc['policySha256']}{variant}",
         f"  {engine.get('backend', 'docker')} backend ({engine.get('runtime') or '?'}), "
         f"engine {doc['daemonId'] or '?'}, checked {doc['checkedAt']} in "
         f"{doc['durationMs']:.0f} ms{cached}",

@@ -546,6 +546,7 @@ async def backend_selfcheck(
     enforce_lint: bool = True,
     cache: SelfCheckCache | None = None,
     backend: str | None = None,
+    variant: str | None = None,
 ) -> tuple[SelfCheckReport, dict[str, str]]:
     """Run the self-check now (``sandbox-runner selfcheck``) on the engine tasks would
     use (``auto``: the OCI backend when it can run here, else Docker), cache it when it
@@ -553,12 +554,19 @@ async def backend_selfcheck(
 
     Never raises for a missing guarantee: the report says which. ``enforce_lint=False``
     runs it on a bundle the linter rejects (to see what such a bundle really gives);
-    tasks never run under such a bundle.
+    tasks never run under such a bundle. ``variant``: check that ``[image.variants]``
+    image instead of the default one (built when missing, as a runner would).
     """
     policy = load_policy(settings, enforce=enforce_lint)
+    if variant is not None and settings.image:
+        raise ConfigurationError(
+            "SANDBOX_IMAGE pins one task image: an image variant is built from the bundle",
+            hint="unset SANDBOX_IMAGE to check a variant",
+        )
+    recipe = image_recipe(settings, policy=policy, variant=variant)
     client = await asyncio.to_thread(connect, settings.docker_api_timeout_s)
     try:
-        builder = ImageBuilder(client, image_recipe(settings, policy=policy), progress)
+        builder = ImageBuilder(client, recipe, progress)
         image: str = settings.image if settings.image else await asyncio.to_thread(builder.ensure)
         image_id = await asyncio.to_thread(builder.image_id, image)
         choice = backend or settings.backend

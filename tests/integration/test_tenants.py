@@ -16,6 +16,7 @@ runners refuse its tasks (``profile_unavailable``), an ``up`` on runsc runs them
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import docker
 import httpx
 import pytest
-from helpers import variant_bundle
+from helpers import sandbox_runner, variant_bundle
 
 from runner.cli.wiring import image_recipe
 from runner.policy import parse_bundle
@@ -201,6 +202,21 @@ def test_basic_runs_on_the_default_image_and_is_refused_pandas_in_both_modes(
         assert document["error"]["stage"] == "analyze"
         assert document["error"]["description"].startswith(N8N_PANDAS_REFUSAL)
         assert document["audit"]["containerId"] is None  # no container was made
+
+
+def test_selfcheck_proves_an_image_variant_on_demand(
+    bundle: Path, science_image: tuple[str, str], tmp_path: Path
+) -> None:
+    env = {"SANDBOX_POLICY_DIR": str(bundle), "SANDBOX_SELFCHECK_CACHE_DIR": str(tmp_path)}
+    checked = sandbox_runner("selfcheck", "--json", "--variant", "science", env=env)
+    assert checked.returncode == 0, checked.stderr
+    document = json.loads(checked.stdout)
+    assert document["ok"] is True
+    assert document["imageVariant"] == "science"
+    unknown = sandbox_runner("selfcheck", "--variant", "gpu", env=env)
+    assert unknown.returncode == 2
+    assert "no image variant 'gpu'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
 
 
 def test_each_tenant_gets_its_own_memory_limit(up: UpProcess) -> None:

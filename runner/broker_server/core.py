@@ -63,6 +63,7 @@ from runner.broker_server.tenants import Tenants
 from runner.errors import InfrastructureError
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
+    EXTENSION_ACK,
     EXTENSION_PRINTS,
     EXTENSION_SANDBOX,
     LOG_NODE_OUTPUT,
@@ -72,6 +73,7 @@ from runner.protocol.messages import (
     RunnerInfo,
     RunnerRegistered,
     TaskAccepted,
+    TaskAck,
     TaskCancel,
     TaskDeferred,
     TaskDone,
@@ -233,7 +235,11 @@ class Broker:
         match message:
             case RunnerInfo():
                 self._runners.register(runner, self.clock())
-                connection.send(RunnerRegistered(extensions=(EXTENSION_SANDBOX, EXTENSION_PRINTS)))
+                connection.send(
+                    RunnerRegistered(
+                        extensions=(EXTENSION_SANDBOX, EXTENSION_PRINTS, EXTENSION_ACK)
+                    )
+                )
                 if self._draining:
                     connection.send(Drain())
             case TaskOffer(offer_id=offer_id, valid_for=valid_for):
@@ -258,6 +264,11 @@ class Broker:
                     self._keep_prints(task, [params])
             case TaskDone() | TaskErrorMessage():
                 self._completed(connection.runner_id, message)
+                if (message.sandbox or {}).get("ack") is True:
+                    # After the task took it (its store's copy written through), or
+                    # dropped it (a copy of one it has, a stale attempt's): either way
+                    # the runner may forget it. A parked result is acked too.
+                    connection.send(TaskAck(task_id=message.task_id))
             case _:
                 log.info("ignoring %s from runner %s", type(message).__name__, connection.runner_id)
 

@@ -21,7 +21,12 @@ caller owns the socket and the timers; this class owns the rules:
   sent after the next registration, or reported as undeliverable when it expires.
   A broker that lists the ``sandbox-prints`` extension (ours) gets the prints inside
   the completion's report instead: one frame per task, whatever it printed. The
-  prints arrive here already capped by the pipeline (entries and bytes).
+  prints arrive here already capped by the pipeline (entries and bytes);
+- acknowledgements (``sandbox-ack``, ours): a broker that lists it gets completions
+  asking for one (``"ack": true`` in the report); each stays here, once sent, until its
+  ``broker:taskack``, and a connection lost before that holds it again like an unsent
+  one: a completion written into a dying socket is sent again after the reconnect
+  instead of lost (the broker drops a second copy of one it has, and acks that too).
 
 Must not import asyncio, websockets or docker.
 """
@@ -39,6 +44,7 @@ from pydantic import BaseModel
 from runner.errors import ProtocolError, UnknownMessageType
 from runner.protocol.codec import decode_broker_message, encode
 from runner.protocol.messages import (
+    EXTENSION_ACK,
     EXTENSION_PRINTS,
     EXTENSION_SANDBOX,
     LOG_NODE_OUTPUT,
@@ -49,6 +55,7 @@ from runner.protocol.messages import (
     RunnerInfo,
     RunnerRegistered,
     TaskAccepted,
+    TaskAck,
     TaskCancel,
     TaskDone,
     TaskDoneData,
@@ -180,6 +187,10 @@ class RunnerProtocol:
         self._tasks: dict[str, _Task] = {}
         self._finished: set[str] = set()
         self._held: list[_Held] = []
+        # sandbox-ack: tasks whose completion asks for an ack, and of those, the frames
+        # sent on this connection and not acknowledged yet.
+        self._ack_wanted: set[str] = set()
+        self._unacked: dict[str, list[Outgoing]] = {}
         self._outbox: list[Outgoing] = []
         self._events: list[Event] = []
         self._last_activity = clock()
@@ -201,6 +212,10 @@ class RunnerProtocol:
     @property
     def held_count(self) -> int:
         return len(self._held)
+
+    @property
+    def unacked_count(self) -> int:
+        return len(self._unacked)
 
     def task_state(self, task_id: str) -> TaskState | None:
         task = self._tasks.get(task_id)
@@ -235,12 +250,24 @@ class RunnerProtocol:
                     "dropping task %s: connection lost before its settings came", task.task_id
                 )
                 del self._tasks[task.task_id]
-        self._hold([frame for frame in self._outbox if frame.task_id is not None])
+        # Sent but not acknowledged: maybe lost with the socket, so held like the unsent
+        # (a frame both sent-pending and unacked is held once).
+        unacked = [frame for frames in self._unacked.values() for frame in frames]
+        pending = [
+            frame
+            for frame in self._outbox
+            if frame.task_id is not None and frame.task_id not in self._unacked
+        ]
+        self._unacked.clear()
+        self._hold(unacked + pending)
         self._outbox.clear()
 
     def unsent(self, frames: list[Outgoing]) -> None:
         """The I/O layer could not send these: keep what matters for the next connection."""
-        self._hold([frame for frame in frames if frame.task_id is not None])
+        kept = [frame for frame in frames if frame.task_id is not None]
+        for frame in kept:
+            self._unacked.pop(frame.task_id or "", None)  # held now, not awaiting an ack
+        self._hold(kept)
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -267,6 +294,9 @@ class RunnerProtocol:
                 self._settings(task_id, settings)
             case TaskCancel(task_id=task_id, reason=reason):
                 self._cancel(task_id, reason)
+            case TaskAck(task_id=task_id):
+                self._unacked.pop(task_id, None)
+                self._ack_wanted.discard(task_id)
             case Drain():
                 log.info("Received drain signal, stopped accepting new tasks")
                 self._can_offer = False
@@ -283,6 +313,7 @@ class RunnerProtocol:
         self._top_up(now)
         for held in [h for h in self._held if h.expires_at <= now]:
             self._held.remove(held)
+            self._ack_wanted.discard(held.task_id)
             self._events.append(Undeliverable(held.task_id, "no broker connection in time"))
         if (
             self._auto_shutdown_s > 0
@@ -307,8 +338,12 @@ class RunnerProtocol:
         if not self._prints_in_report:
             frames = [self._encode_rpc(task_id, params) for params in completion.prints]
         frames.append(self._encode_completion(task_id, completion))
+        if self._asks_ack(completion):
+            self._ack_wanted.add(task_id)
         if self._registered:
             self._outbox.extend(frames)
+            if task_id in self._ack_wanted:
+                self._unacked[task_id] = frames
         else:
             self._hold(frames)
         self._top_up(self._clock())
@@ -334,9 +369,12 @@ class RunnerProtocol:
         for held in self._held:
             if held.expires_at <= now:
                 # Back too late: the broker has given up on it (as ``tick`` says offline).
+                self._ack_wanted.discard(held.task_id)
                 self._events.append(Undeliverable(held.task_id, "no broker connection in time"))
                 continue
             self._outbox.extend(held.frames)
+            if held.task_id in self._ack_wanted:
+                self._unacked.setdefault(held.task_id, []).extend(held.frames)
             log.info("delivering the held completion of task %s after reconnecting", held.task_id)
         self._held.clear()
         self._top_up(self._clock())
@@ -426,10 +464,17 @@ class RunnerProtocol:
     def _prints_in_report(self) -> bool:
         return {EXTENSION_SANDBOX, EXTENSION_PRINTS} <= self._extensions
 
+    def _asks_ack(self, completion: Completion) -> bool:
+        """Whether the completion's frame asks for an ack (it rides in our report)."""
+        wanted = {EXTENSION_SANDBOX, EXTENSION_ACK} <= self._extensions
+        return wanted and completion.report is not None
+
     def _encode_completion(self, task_id: str, completion: Completion) -> Outgoing:
         report = completion.report if EXTENSION_SANDBOX in self._extensions else None
         if report is not None and self._prints_in_report:
             report = {**report, "prints": completion.prints}
+        if report is not None and self._asks_ack(completion):
+            report = {**report, "ack": True}
         if not completion.is_error:
             done = TaskDone(
                 task_id=task_id, data=TaskDoneData(result=completion.result), sandbox=report

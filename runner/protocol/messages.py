@@ -26,6 +26,11 @@ EXTENSION_SANDBOX = "sandbox-report"
 # per task, instead of one ``runner:rpc`` frame per print call (n8n's way, kept for
 # brokers that do not list this extension).
 EXTENSION_PRINTS = "sandbox-prints"
+# Results acknowledged: a completion whose ``sandbox`` report says ``"ack": true`` gets a
+# ``broker:taskack`` once the broker has it; until then the runner keeps it and sends it
+# again after a reconnect (a frame written into a dying socket is otherwise lost: n8n's
+# protocol has no acknowledgement). Both sides ours; n8n's broker never sees either.
+EXTENSION_ACK = "sandbox-ack"
 LOG_NODE_OUTPUT = "logNodeOutput"
 
 
@@ -83,6 +88,14 @@ class Drain(WireModel):
     type: Literal["broker:drain"] = "broker:drain"
 
 
+class TaskAck(WireModel):
+    """Ours (:data:`EXTENSION_ACK`): the broker has the completion of ``task_id`` (the id
+    as the runner sent it)."""
+
+    type: Literal["broker:taskack"] = "broker:taskack"
+    task_id: str
+
+
 BrokerMessage = Annotated[
     InfoRequest
     | RunnerRegistered
@@ -90,7 +103,8 @@ BrokerMessage = Annotated[
     | TaskSettingsMessage
     | TaskCancel
     | RpcResponse
-    | Drain,
+    | Drain
+    | TaskAck,
     Field(discriminator="type"),
 ]
 
@@ -188,6 +202,7 @@ BROKER_MESSAGE_TYPES = _wire_types(
     TaskCancel,
     RpcResponse,
     Drain,
+    TaskAck,
 )
 RUNNER_MESSAGE_TYPES = _wire_types(
     RunnerInfo,
@@ -211,4 +226,5 @@ OutboundBroker = (
     | TaskCancel
     | RpcResponse
     | Drain
+    | TaskAck
 )

@@ -24,7 +24,9 @@ from runner.protocol.messages import (
     Drain,
     Rpc,
     RunnerInfo,
+    RunnerRegistered,
     TaskAccepted,
+    TaskAck,
     TaskCancel,
     TaskDone,
     TaskDoneData,
@@ -61,7 +63,7 @@ def test_registration_is_required_and_answered() -> None:
     assert type(runner.sent[0]).__name__ == "InfoRequest"
     broker.runner_message(runner, RunnerInfo())
     assert type(runner.sent[-1]).__name__ == "RunnerRegistered"
-    assert runner.sent[-1].extensions == ("sandbox-report", "sandbox-prints")
+    assert runner.sent[-1].extensions == ("sandbox-report", "sandbox-prints", "sandbox-ack")
     broker.submit(submission())
     assert runner.of(TaskOfferAccept) == []  # the early offer was ignored
 
@@ -833,3 +835,64 @@ def test_deadlines_come_due_earliest_first_and_rearming_replaces() -> None:
         deadlines.arm("x", float(n))
     assert len(deadlines._heap) < 200
     assert (deadlines.next(), deadlines.pop_due(1e9), deadlines.pop_due(1e9)) == (999.0, "x", None)
+
+
+# -- sandbox-ack: a completion acknowledged once the broker has it -----------------------
+
+
+def test_a_completion_asking_for_an_ack_gets_one_after_the_task_took_it() -> None:
+    clock = FakeClock()
+    broker = Broker(BrokerConfig(runner_lost_grace_s=5), clock=clock)
+    runner = connect(broker, "r1", offers=1)
+    assert "sandbox-ack" in runner.of(RunnerRegistered)[0].extensions
+    task = broker.submit(submission())
+    run_accepted(broker, runner)
+    acked: list[tuple[str, bool]] = []
+    real_send = runner.send
+
+    def send(message: Any) -> None:
+        if isinstance(message, TaskAck):  # what the task looked like when the ack left
+            acked.append((message.task_id, task.document is not None))
+        real_send(message)
+
+    runner.send = send  # type: ignore[method-assign]
+    done = TaskDone(task_id=task.task_id, data=TaskDoneData(result=1), sandbox={"ack": True})
+    broker.runner_message(runner, done)
+    assert acked == [(task.task_id, True)]
+    # Sent again after a reconnect (its ack was lost): dropped as a copy, acked again.
+    again = connect(broker, "r1")
+    copy = TaskDone(task_id=task.task_id, data=TaskDoneData(result=2), sandbox={"ack": True})
+    broker.runner_message(again, copy)
+    assert task.document is not None
+    assert task.document["result"] == 1
+    assert [m.task_id for m in again.of(TaskAck)] == [task.task_id]
+
+
+def test_a_completion_lost_with_the_socket_counts_when_it_comes_again() -> None:
+    # The runner's socket died with the first copy unread: the task stays running under
+    # the runner-lost grace, and the copy sent after the reconnect finishes it.
+    clock = FakeClock()
+    broker = Broker(BrokerConfig(runner_lost_grace_s=5), clock=clock)
+    runner = connect(broker, "r1", offers=1)
+    task = broker.submit(submission())
+    run_accepted(broker, runner)
+    broker.runner_disconnected(runner)
+    advance(broker, clock, 1)
+    again = connect(broker, "r1")
+    done = TaskDone(task_id=task.task_id, data=TaskDoneData(result=7), sandbox={"ack": True})
+    broker.runner_message(again, done)
+    assert task.status is TaskStatus.SUCCESS
+    assert task.document is not None
+    assert task.document["result"] == 7
+    assert [m.task_id for m in again.of(TaskAck)] == [task.task_id]
+
+
+def test_no_ack_for_a_completion_that_does_not_ask() -> None:
+    # n8n's runner (and ours on a broker without the extension) never gets one.
+    broker = Broker(BrokerConfig(), clock=FakeClock())
+    runner = connect(broker, "r1", offers=1)
+    task = broker.submit(submission())
+    run_accepted(broker, runner)
+    broker.runner_message(runner, TaskDone(task_id=task.task_id, data=TaskDoneData(result=1)))
+    assert task.document is not None
+    assert runner.of(TaskAck) == []

@@ -470,3 +470,89 @@ def test_prints_stay_rpcs_for_a_broker_without_the_extension(clock: Clock) -> No
         machine.finish_task("t1", Completion(result=1, prints=[["'a'"], ["'b'"]], report={}))
         types = [m["type"] for m in sent(machine)]
         assert types[:3] == ["runner:rpc", "runner:rpc", "runner:taskdone"], extensions
+
+
+# -- sandbox-ack: a completion kept until the broker has it ------------------------------
+
+OURS = ["sandbox-report", "sandbox-prints", "sandbox-ack"]
+REPORT = {"code": None, "stage": None, "audit": {"taskId": "t1"}}
+
+
+def running_on_ours(clock: Clock, extensions: list[str] = OURS) -> RunnerProtocol:
+    machine = make(clock, max_concurrency=1)
+    offers = [m for m in register(machine, extensions) if m["type"] == "runner:taskoffer"]
+    accept(machine, "t1", offers[0]["offerId"])
+    feed(machine, type="broker:tasksettings", taskId="t1", settings=SETTINGS)
+    return machine
+
+
+def test_a_sent_completion_lost_with_its_socket_is_sent_again_after_reconnect(
+    clock: Clock,
+) -> None:
+    machine = running_on_ours(clock)
+    machine.finish_task("t1", Completion(result=[7], report=REPORT))
+    (done,) = [m for m in sent(machine) if m["type"] == "runner:taskdone"]
+    assert done["sandbox"]["ack"] is True
+    assert machine.unacked_count == 1
+    # Written, then the socket died before the broker read it: no ack came.
+    machine.connection_lost()
+    assert machine.undelivered_task_ids() == ["t1"]
+    again = [m for m in register(machine, OURS) if m["type"] == "runner:taskdone"]
+    assert again == [done]  # the same frame, once
+    assert machine.unacked_count == 1
+    feed(machine, type="broker:taskack", taskId="t1")
+    assert machine.unacked_count == 0
+    # Acknowledged: a later reconnect sends nothing of it.
+    machine.connection_lost()
+    assert machine.undelivered_task_ids() == []
+    assert not [m for m in register(machine, OURS) if m["type"] == "runner:taskdone"]
+
+
+def test_an_acked_completion_is_forgotten_at_once(clock: Clock) -> None:
+    machine = running_on_ours(clock)
+    machine.finish_task("t1", Completion(error_message="e", error_description="", report=REPORT))
+    assert next(m["type"] for m in sent(machine)) == "runner:taskerror"
+    feed(machine, type="broker:taskack", taskId="t1")
+    machine.connection_lost()
+    assert machine.held_count == 0
+
+
+def test_a_frame_unsent_and_unacked_is_held_once(clock: Clock) -> None:
+    machine = running_on_ours(clock)
+    machine.finish_task("t1", Completion(result=1, report=REPORT))
+    frames = machine.frames_to_send()
+    machine.unsent(frames)  # the socket died while sending it
+    machine.connection_lost()
+    out = [m for m in register(machine, OURS) if m["type"] == "runner:taskdone"]
+    assert len(out) == 1
+
+
+def test_an_unacked_completion_still_expires_as_undeliverable(clock: Clock) -> None:
+    machine = make(clock, max_concurrency=1, undelivered_ttl_s=30)
+    offers = [m for m in register(machine, OURS) if m["type"] == "runner:taskoffer"]
+    accept(machine, "t1", offers[0]["offerId"])
+    feed(machine, type="broker:tasksettings", taskId="t1", settings=SETTINGS)
+    assert isinstance(machine.events()[0], StartTask)
+    machine.finish_task("t1", Completion(result=1, report=REPORT))
+    sent(machine)
+    machine.connection_lost()
+    clock.advance(31)
+    machine.tick()
+    assert machine.events() == [Undeliverable("t1", "no broker connection in time")]
+    assert not [m for m in register(machine, OURS) if m["type"] == "runner:taskdone"]
+
+
+@pytest.mark.parametrize(
+    "extensions", [[], ["sandbox-report", "sandbox-prints"], ["sandbox-ack"]], ids=str
+)
+def test_without_the_ack_extension_nothing_is_kept_and_nothing_asks(
+    clock: Clock, extensions: list[str]
+) -> None:
+    # n8n's broker (and ours without the extension): n8n's frames, at most once.
+    machine = running_on_ours(clock, extensions)
+    machine.finish_task("t1", Completion(result=1, report=REPORT))
+    (done,) = [m for m in sent(machine) if m["type"] == "runner:taskdone"]
+    assert "ack" not in (done.get("sandbox") or {})
+    assert machine.unacked_count == 0
+    machine.connection_lost()
+    assert machine.held_count == 0

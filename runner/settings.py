@@ -404,6 +404,13 @@ class Settings(BaseSettings):
     broker_timeout_grace_s: float = Field(
         15, ge=0, description="The broker cancels a task this long after its own timeout."
     )
+    runner_lost_grace_s: float = Field(
+        30,
+        gt=0,
+        le=3600,
+        description="How long a running task waits for its runner to reconnect and report "
+        "it before it ends runner_lost (then a retry policy may run it again).",
+    )
     broker_store: str = Field(
         "sqlite",
         description="Where the embedded broker keeps its tasks: sqlite (the file "

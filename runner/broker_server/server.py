@@ -111,6 +111,7 @@ def broker_config(
             name: tenant.limits.timeout_s for name, tenant in tenants.items() if tenant.profile
         },
         timeout_grace_s=settings.broker_timeout_grace_s,
+        runner_lost_grace_s=settings.runner_lost_grace_s,
         queue_timeout_s=settings.queue_timeout_s,
         tenant_quota=settings.tenant_quota,
         tenant_quotas=tenant_quotas(settings, policy),

@@ -480,3 +480,23 @@ def test_a_request_without_retry_has_the_fingerprint_it_always_had() -> None:
     assert request_fingerprint(body) == hashlib.sha256(canonical.encode("ascii")).hexdigest()
     with_retry = TaskCreate.model_validate({"code": "return 1", "retry": {}})
     assert request_fingerprint(body) != request_fingerprint(with_retry)
+
+
+def test_the_runner_lost_grace_is_a_setting_the_broker_applies(clean_env: None) -> None:
+    from runner.broker_server.server import broker_config
+    from runner.settings import Settings
+
+    assert broker_config(Settings()).runner_lost_grace_s == 30
+    config = broker_config(Settings(runner_lost_grace_s=2))
+    clock = FakeClock()
+    broker = Broker(config, clock=clock)
+    runner = connect(broker, "r1", offers=1)
+    task = broker.submit(Submission(tenant="t", code="return 1", items=[], mode=Mode.ALL_ITEMS))
+    for accept in runner.of(TaskOfferAccept):
+        broker.runner_message(runner, TaskAccepted(task_id=accept.task_id))
+    broker.runner_disconnected(runner)
+    advance(broker, clock, 1.9)
+    assert task.status is TaskStatus.RUNNING  # still within the grace
+    advance(broker, clock, 0.2)
+    assert task.document is not None
+    assert task.document["error"]["code"] == "runner_lost"

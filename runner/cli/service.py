@@ -19,6 +19,8 @@ import signal
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from typing import Any
 
 import click
 
@@ -35,7 +37,11 @@ def _host_port(settings: Settings, host: str | None, port: int | None) -> Settin
     return settings.model_copy(update=values) if values else settings
 
 
-async def _wait_for_signal() -> str:
+@contextlib.contextmanager
+def _signals() -> Iterator[asyncio.Future[str]]:
+    """SIGTERM and SIGINT as a future (the signal's name), the handlers installed at once:
+    enter it before printing a ready line, so a signal sent right after that line drains
+    the process instead of killing it with the default action."""
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[str] = loop.create_future()
 
@@ -46,10 +52,11 @@ async def _wait_for_signal() -> str:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, received, sig)
     try:
-        return await stop
+        yield stop
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        stop.cancel()
 
 
 def _log_level(verbose: bool) -> None:
@@ -101,9 +108,10 @@ def broker(ctx: click.Context, host: str | None, port: int | None) -> None:
 
     async def go() -> int:
         async with running_broker(settings) as running:
-            support.say(f"broker listening on {running.url} (API docs: {running.url}/docs)")
-            _say_store(running.broker.store.location, running.broker.store.is_durable)
-            signame = await _wait_for_signal()
+            with _signals() as stop:
+                support.say(f"broker listening on {running.url} (API docs: {running.url}/docs)")
+                _say_store(running.broker.store.location, running.broker.store.is_durable)
+                signame = await stop
             support.say(f"{signame}: draining")
         return 0
 
@@ -147,14 +155,12 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
                 )
                 serving = asyncio.create_task(service.run())
                 url = running.url
-                support.say(f"sandbox-runner is up: POST {url}/v1/tasks (API docs: {url}/docs)")
-                _say_store(running.broker.store.location, running.broker.store.is_durable)
-                signal_wait = asyncio.create_task(_wait_for_signal())
-                await asyncio.wait([serving, signal_wait], return_when=asyncio.FIRST_COMPLETED)
+                with _signals() as stop:
+                    support.say(f"sandbox-runner is up: POST {url}/v1/tasks (API docs: {url}/docs)")
+                    _say_store(running.broker.store.location, running.broker.store.is_durable)
+                    either: list[asyncio.Future[Any]] = [serving, stop]
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 service.request_shutdown("Shutting down")
-                signal_wait.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await signal_wait
                 return await serving
 
     sys.exit(support.run(go))
@@ -166,7 +172,6 @@ def sweep(as_json: bool) -> None:
     """Remove this runner's leftover task containers and any orphan past its deadline,
     on the engines SANDBOX_BACKEND names (auto: Docker's, and the OCI runtime's where
     it can run here)."""
-    from typing import Any
 
     from runner.cli.wiring import load_isolation, make_oci_sandbox, oci_runtime
     from runner.errors import ConfigurationError

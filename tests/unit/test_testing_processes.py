@@ -55,3 +55,13 @@ def test_memory_is_there_for_the_asking() -> None:
         assert process.store_dir is None
     finally:
         process.stop()
+
+
+def test_a_sigterm_right_after_the_ready_line_drains_the_broker() -> None:
+    # The signal handlers are in place before the ready line is printed: a SIGTERM at
+    # once (what stop() sends) drains the broker (exit 0), never kills it (-15).
+    for _ in range(3):
+        process = BrokerProcess({"SANDBOX_BROKER_STORE": "memory"})
+        code = process.stop()
+        assert code == 0, process.output
+        assert "SIGTERM: draining" in process.output

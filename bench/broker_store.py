@@ -6,9 +6,9 @@ the core's rules and the store's writes, so the difference between the lines is 
 store. ``sqlite`` is the store as shipped (two fsyncs per task: the submission and the
 running lease); ``sqlite, NORMAL only`` and ``sqlite, FULL always`` are the two plain
 policies, for comparison. The SQLite file is in ``--dir`` (default ``/var/tmp``: a
-disk, not a tmpfs, or fsync would cost nothing). Not part of ``make bench`` (yet);
-nothing is asserted. An fsync's cost depends on the disk and on whoever else is
-writing: run it a few times.
+disk, not a tmpfs, or fsync would cost nothing). ``make bench`` reports the first two
+(:func:`dispatch`, one line under the table); nothing is asserted. An fsync's cost
+depends on the disk and on whoever else is writing: run it a few times.
 """
 
 from __future__ import annotations
@@ -89,6 +89,17 @@ def measure(store: TaskStore, tasks: int) -> tuple[float, float]:
     total = time.perf_counter() - start
     broker.close()
     return tasks / total, statistics.median(each) * 1000
+
+
+def dispatch(tasks: int = 1000, directory: Path = Path("/var/tmp")) -> dict[str, Any]:  # noqa: S108
+    """``make bench``'s broker line: tasks/s and p50 ms per task through the core, on the
+    memory store and on SQLite as shipped (a file on ``directory``'s disk)."""
+    found: dict[str, Any] = {"tasks": tasks}
+    for name, make in (("memory", lambda path: MemoryStore()), ("sqlite", SqliteStore)):
+        with tempfile.TemporaryDirectory(dir=directory) as made:
+            rate, p50 = measure(make(Path(made) / "tasks.sqlite3"), tasks)
+        found[name] = {"tasksPerS": round(rate, 1), "p50Ms": round(p50, 3)}
+    return found
 
 
 def main() -> None:

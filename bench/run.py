@@ -630,6 +630,18 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
                 at_most=True,
             )
         )
+    broker = results.get("broker")
+    if broker:
+        targets.append(
+            _target(
+                13,
+                "broker dispatch on the SQLite store (the core, a fake runner) >= 500 tasks/s",
+                broker["sqlite"]["tasksPerS"],
+                500.0,
+                "tasks/s",
+                at_most=False,
+            )
+        )
     return {"ratios": ratios, "targets": targets}
 
 
@@ -693,7 +705,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "| issue | target | measured | met? |", "| ---: | --- | ---: | --- |"]
     for target in results["targets"]:
         verdict = "**met**" if target["met"] else "**not met**"
-        unit = {"x": " x", "MiB": " MiB", "ms": " ms"}[target["unit"]]
+        unit = {"x": " x", "MiB": " MiB", "ms": " ms", "tasks/s": " tasks/s"}[target["unit"]]
         lines.append(
             f"| {target['issue']} | {target['target']} | {target['value']}{unit} | {verdict} |"
         )
@@ -701,11 +713,25 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", _memory_line(engine, memory)]
     if results.get("packages"):
         lines += ["", _packages_line(results["packages"])]
+    if results.get("broker"):
+        lines += ["", _broker_line(results["broker"])]
     if results.get("neighbour"):
         from bench import neighbour
 
         lines += neighbour.markdown(results["neighbour"])
     return "\n".join(lines)
+
+
+def _broker_line(broker: dict[str, Any]) -> str:
+    """The broker's dispatch (issue 13): the core alone, per task store."""
+    memory, sqlite = broker["memory"], broker["sqlite"]
+    return (
+        f"Broker dispatch (the core with a fake runner that answers at once, one task at a "
+        f"time, {broker['tasks']} tasks): memory store {memory['tasksPerS']:,.0f} tasks/s "
+        f"(p50 {memory['p50Ms']:.2f} ms per task), SQLite as shipped "
+        f"{sqlite['tasksPerS']:,.0f} tasks/s (p50 {sqlite['p50Ms']:.2f} ms: two fsyncs per "
+        "task); issue 13's target is >= 500 tasks/s on SQLite."
+    )
 
 
 def _packages_line(packages: dict[str, Any]) -> str:
@@ -1005,6 +1031,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # reported, the rest of the run goes on
             notes["packages"] = f"not measured: {type(exc).__name__}: {exc}"
             print(f"  pandas task: {notes['packages']}", flush=True)
+    if not args.no_broker:
+        from bench import broker_store
+
+        print("broker dispatch: the core with a fake runner, memory and SQLite ...", flush=True)
+        results["broker"] = await asyncio.to_thread(broker_store.dispatch)
     results["meta"] = {
         "startedAt": started.isoformat(timespec="seconds"),
         "finishedAt": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -1068,6 +1099,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="skip the pandas task (cold, warm, warm with [image] preload; ~20 s, and the "
         "packages image is built first if missing)",
+    )
+    parser.add_argument(
+        "--no-broker",
+        action="store_true",
+        help="skip the broker's dispatch rate per task store (the core with a fake runner)",
     )
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--chart", type=Path, default=HERE / "results.png")

@@ -287,6 +287,16 @@ def preload_bundle(
     return dest
 
 
+def nested_list(depth: int) -> list[Any]:
+    """``[[[...]]]``, ``depth`` lists deep (what depth limits are tested with)."""
+    outer: list[Any] = []
+    inner = outer
+    for _ in range(depth - 1):
+        inner.append([])
+        inner = inner[0]
+    return outer
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nobody listened on a moment ago."""
     with socket.socket() as sock:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from fakes import FakeClock, FakeRunner, advance, connect
+from helpers import nested_list
 
 from runner.broker_server.core import Broker, BrokerConfig, Draining, TaskFinished
 from runner.broker_server.deadlines import Deadlines
@@ -628,15 +629,6 @@ def test_settings_that_cannot_travel_are_refused_at_submission(
 
 
 # -- caller schemas against results ------------------------------------------------------
-
-
-def nested_list(depth: int) -> list[Any]:
-    outer: list[Any] = []
-    inner = outer
-    for _ in range(depth - 1):
-        inner.append([])
-        inner = inner[0]
-    return outer
 
 
 def finish_with(result: Any, output_schema: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from fakes import FakeClock, FakeRunner, advance, connect
+from helpers import nested_list
 
 from runner.broker_server.app import ApiConfig, create_app
 from runner.broker_server.core import Broker, BrokerConfig
@@ -55,15 +56,6 @@ OVER_BUDGET = (
     "validating against the schema takes more checks than the broker allows; "
     "simplify the schema or send less data"
 )
-
-
-def nested_list(depth: int) -> list[Any]:
-    outer: list[Any] = []
-    inner = outer
-    for _ in range(depth - 1):
-        inner.append([])
-        inner = inner[0]
-    return outer
 
 
 def submission(**kw: Any) -> Submission:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from helpers import nested_list
 
 from runner.broker_server import schemas
 from runner.broker_server.schema_pool import SchemaPool, SubmissionProblems
@@ -24,15 +25,6 @@ from runner.metrics import BrokerMetrics, CollectorRegistry, exposition
 pytestmark = pytest.mark.timeout(120)
 
 MIB = 1024 * 1024
-
-
-def nested_list(depth: int) -> list[Any]:
-    outer: list[Any] = []
-    inner = outer
-    for _ in range(depth - 1):
-        inner.append([])
-        inner = inner[0]
-    return outer
 
 
 # Each level tries both branches in full: 2**depth checks without the metering.

@@ -1031,7 +1031,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # reported, the rest of the run goes on
             notes["packages"] = f"not measured: {type(exc).__name__}: {exc}"
             print(f"  pandas task: {notes['packages']}", flush=True)
-    if not args.no_broker:
+    if not args.no_dispatch:
         from bench import broker_store
 
         print("broker dispatch: the core with a fake runner, memory and SQLite ...", flush=True)
@@ -1101,7 +1101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "packages image is built first if missing)",
     )
     parser.add_argument(
-        "--no-broker",
+        "--no-dispatch",
         action="store_true",
         help="skip the broker's dispatch rate per task store (the core with a fake runner)",
     )

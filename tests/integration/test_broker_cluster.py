@@ -257,7 +257,12 @@ async def test_concurrent_tasks_across_a_broker_outage_are_each_reported_exactly
             assert reported[0]["type"] == "runner:taskdone"
             assert reported[0]["data"] == {"result": n}
         assert sorted(held(offline_log)) == sorted(task_ids[:2])
-        assert sorted(held(runner.output)) == sorted(task_ids[:2])
+        # Nothing of these attempts held again after the reconnect. (The new broker took
+        # over the first one's store, so it runs each task again as attempt 2, "<id>.2";
+        # one of those may be held when that broker stops at the end of the test, which
+        # is what a runner must do with a completion no broker has acknowledged.)
+        first_attempts = [i for i in held(runner.output) if i in task_ids]
+        assert sorted(first_attempts) == sorted(task_ids[:2])
         assert "undeliverable" not in runner.output
     finally:
         assert await runner.aclose() == 0, runner.output

@@ -39,7 +39,7 @@ def image_build() -> None:
         bundle = await asyncio.to_thread(load_bundle, settings.policy_dir)
         client = await asyncio.to_thread(connect, settings.docker_api_timeout_s)
         tags: list[str] = []
-        for variant in (None, *sorted(bundle.config.image.variants)):
+        for variant in bundle.config.image.packages_by_image():
             recipe = image_recipe(settings, variant=variant)
             tag = await asyncio.to_thread(ImageBuilder(client, recipe, support.progress).ensure)
             tags.append(tag if variant is None else f"{tag} (variant {variant})")
@@ -126,11 +126,8 @@ def image_lock(check: bool) -> None:
         return await asyncio.to_thread(load_bundle, settings.policy_dir)
 
     bundle = support.run(load)
-    image_config = bundle.config.image
-    requests: dict[str | None, tuple[str, ...]] = {None: image_config.python_packages}
-    requests |= {name: v.python_packages for name, v in sorted(image_config.variants.items())}
     failed = False
-    for variant, requested in requests.items():
+    for variant, requested in bundle.config.image.packages_by_image().items():
         path = bundle.directory / lock_file(variant)
         section = "[image]" if variant is None else f"[image.variants.{variant}]"
         if check:

@@ -76,11 +76,8 @@ def image_recipe(
     :class:`ConfigurationError` naming the file)."""
     bundle = policy.bundle if policy else load_bundle(settings.policy_dir)
     image = bundle.config.image
-    if variant is None:
-        requested = image.python_packages
-    elif variant in image.variants:
-        requested = image.variants[variant].python_packages
-    else:
+    requested = image.packages_by_image().get(variant)
+    if requested is None:
         raise ConfigurationError(
             f"no image variant {variant!r} in {bundle.directory / 'sandbox.toml'}",
             hint=f"declared: {', '.join(sorted(image.variants)) or 'none'}",

@@ -154,7 +154,7 @@ def parse_bundle(directory: Path) -> tuple[PolicyBundle | None, list[Finding]]:
     # Each image variant's lock likewise: a tenant's tasks run on what it pins.
     provides: dict[str | None, frozenset[str]] = {}
     pins: dict[str | None, tuple[str, ...]] = {}
-    for variant in (None, *sorted(config.image.variants)):
+    for variant in config.image.packages_by_image():
         lock_file = variant_lock_file(variant)
         try:
             raw_lock = (directory / lock_file).read_bytes()

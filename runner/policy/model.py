@@ -155,6 +155,12 @@ class ImageSection(FrozenModel):
     # (the same isolation, limits and self-check), only without a warm pool.
     variants: dict[Annotated[str, Field(pattern=VARIANT_NAME)], ImageVariant] = {}
 
+    def packages_by_image(self) -> dict[str | None, tuple[str, ...]]:
+        """Each task image's python_packages: the default image's (key None) first, then
+        every variant's, by name (what is locked, built and hashed, in that order)."""
+        found: dict[str | None, tuple[str, ...]] = {None: self.python_packages}
+        return found | {name: v.python_packages for name, v in sorted(self.variants.items())}
+
 
 class ImportsSection(FrozenModel):
     stdlib_allow: tuple[str, ...]

@@ -4,7 +4,8 @@
 # - `docker info` works: nothing to do for the engine.
 # - Otherwise, as root on Debian/Ubuntu: install docker.io (and debootstrap for the
 #   task image's base, apparmor_parser to compile-check the AppArmor profile, runc and
-#   runsc for the OCI backend and its gVisor tier), clear
+#   runsc for the OCI backend and its gVisor tier, redis-server and docker-compose for
+#   the Redis task store's tests), clear
 #   the pid files an uncleanly killed daemon leaves behind, start dockerd in the
 #   background with its log in a file, and wait until it answers.
 # - Otherwise: say exactly what is missing and fail.
@@ -25,6 +26,10 @@ install_missing() {
     # gVisor tier.
     command -v runc >/dev/null 2>&1 || packages+=(runc)
     command -v runsc >/dev/null 2>&1 || packages+=(runsc)
+    # The Redis task store's tests start their own redis-server (never a service);
+    # docker-compose brings up docs/operations.md's deployment in a test.
+    command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+    command -v docker-compose >/dev/null 2>&1 || packages+=(docker-compose)
     [ ${#packages[@]} -eq 0 ] && return 0
     say "installing ${packages[*]} from the Debian archive"
     export DEBIAN_FRONTEND=noninteractive

@@ -44,6 +44,10 @@ AUTH_PATH = "/runners/auth"
 
 @dataclass(frozen=True, slots=True)
 class BrokerEndpoint:
+    """Where the runner connects. ``uri``: N8N_RUNNERS_TASK_BROKER_URI, one broker as
+    n8n's, or several separated by commas (brokers sharing one Redis task store): the
+    runner connects to one, and tries the next in turn when it cannot connect."""
+
     uri: str  # N8N_RUNNERS_TASK_BROKER_URI
     runner_id: str
     grant_token: str | None
@@ -52,14 +56,20 @@ class BrokerEndpoint:
     backoff_max_s: float = 30.0
 
     @property
+    def uris(self) -> list[str]:
+        return [uri.strip() for uri in self.uri.split(",") if uri.strip()] or [self.uri]
+
+    @property
     def ws_url(self) -> str:
-        parts = urlsplit(self.uri)
+        return self.ws_url_of(self.uris[0])
+
+    def ws_url_of(self, uri: str) -> str:
+        parts = urlsplit(uri)
         scheme = "wss" if parts.scheme == "https" else "ws"
         return f"{scheme}://{parts.netloc}{WS_PATH}?id={self.runner_id}"
 
-    @property
-    def auth_url(self) -> str:
-        parts = urlsplit(self.uri)
+    def auth_url_of(self, uri: str) -> str:
+        parts = urlsplit(uri)
         return f"{parts.scheme}://{parts.netloc}{AUTH_PATH}"
 
 
@@ -83,6 +93,7 @@ class BrokerClient:
         self._on_input = on_input
         self._first_grant = endpoint.grant_token
         self._connection: ClientConnection | None = None
+        self._uri = 0  # which of the endpoint's brokers: the next one after a failure
         self._wake = asyncio.Event()
         self.connections = 0
         # Told of every connection retry (the service counts them in its metrics).
@@ -90,7 +101,16 @@ class BrokerClient:
 
     @property
     def url(self) -> str:
-        return self._endpoint.ws_url
+        return self._endpoint.ws_url_of(self._broker_uri)
+
+    @property
+    def _broker_uri(self) -> str:
+        uris = self._endpoint.uris
+        return uris[self._uri % len(uris)]
+
+    def _next_broker(self) -> None:
+        """Try the next broker of the endpoint's list next time (one broker: the same)."""
+        self._uri = (self._uri + 1) % len(self._endpoint.uris)
 
     def flush_soon(self) -> None:
         """Ask the sender to send what the machine has queued (after a task finished)."""
@@ -123,7 +143,11 @@ class BrokerClient:
                 with attempt:
                     if stop.is_set():
                         return
-                    connection = await self._connect()
+                    try:
+                        connection = await self._connect()
+                    except BrokerUnavailable:
+                        self._next_broker()
+                        raise
             assert connection is not None
             await self._serve(connection, stop)
 
@@ -147,7 +171,8 @@ class BrokerClient:
         try:
             async with httpx.AsyncClient(timeout=10) as http:
                 response = await http.post(
-                    self._endpoint.auth_url, json={"token": self._endpoint.auth_token}
+                    self._endpoint.auth_url_of(self._broker_uri),
+                    json={"token": self._endpoint.auth_token},
                 )
         except httpx.HTTPError as exc:
             raise BrokerUnavailable(
@@ -165,7 +190,8 @@ class BrokerClient:
             token = response.json()["data"]["token"]
         except (httpx.HTTPStatusError, ValueError, KeyError, TypeError) as exc:
             raise BrokerAuthError(
-                f"Unexpected answer from {self._endpoint.auth_url}: {response.status_code}",
+                f"Unexpected answer from {self._endpoint.auth_url_of(self._broker_uri)}: "
+                f"{response.status_code}",
                 hint=response.text[:200],
             ) from exc
         return str(token)
@@ -174,7 +200,7 @@ class BrokerClient:
         token = await self._grant_token()
         try:
             connection = await connect(
-                self._endpoint.ws_url,
+                self.url,
                 additional_headers={"Authorization": f"Bearer {token}"},
                 max_size=self._endpoint.max_payload,
                 open_timeout=10,
@@ -191,7 +217,7 @@ class BrokerClient:
             raise BrokerUnavailable(f"Broker refused the connection with {status}") from exc
         except (OSError, TimeoutError, websockets.exceptions.InvalidHandshake) as exc:
             raise BrokerUnavailable(
-                f"Cannot connect to the broker at {self._endpoint.ws_url}", hint=str(exc)
+                f"Cannot connect to the broker at {self.url}", hint=str(exc)
             ) from exc
         self._first_grant = None  # single-use: the next connection needs a fresh one
         self.connections += 1

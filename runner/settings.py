@@ -270,7 +270,9 @@ class Settings(BaseSettings):
     task_broker_uri: str = Field(
         "http://127.0.0.1:5679",
         validation_alias=_aliases("N8N_RUNNERS_TASK_BROKER_URI", "SANDBOX_TASK_BROKER_URI"),
-        description="Broker to connect to (https:// connects with wss://).",
+        description="Broker to connect to (https:// connects with wss://); several, "
+        "comma-separated, for brokers that share a Redis task store: the next one is "
+        "tried when one cannot be reached.",
     )
     grant_token: SecretStr | None = Field(
         None,
@@ -417,7 +419,25 @@ class Settings(BaseSettings):
         "broker-tasks.sqlite3 in the state directory; the runner image names "
         "/var/lib/sandbox-broker) or sqlite:///PATH (relative) / sqlite:////abs/PATH: "
         "queued tasks, results and idempotency keys survive a restart (one broker per "
-        "file); memory: lost when it stops (throwaway runs).",
+        "file); memory: lost when it stops (throwaway runs); redis://HOST:PORT/DB: "
+        "every broker on that Redis shares one queue and answers for every task "
+        "(docs/operations.md, several brokers).",
+    )
+    broker_lease_s: float = Field(
+        10,
+        ge=1,
+        le=600,
+        description="With a Redis store: a broker renews its lease every third of this; "
+        "one that has not for this long is taken for dead, and a live broker puts its "
+        "tasks back in the shared queue (a running one at its next attempt).",
+    )
+    broker_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="With a Redis store: this broker's name there and in logs (default: "
+        "host name, pid and a random suffix; two live brokers must not share one).",
     )
 
     # --- runner identity and Docker ---
@@ -508,18 +528,20 @@ class Settings(BaseSettings):
     @field_validator("broker_store")
     @classmethod
     def _known_store(cls, value: str) -> str:
+        # The spelling's shape only (runner.broker_server.store.parse_store reads it;
+        # settings import nothing of the broker's).
         text = value.strip()
         if text in ("memory", "sqlite") or (
             text.startswith("sqlite:///") and len(text) > len("sqlite:///")
         ):
             return text
-        if text.startswith("redis://"):
-            raise ValueError(
-                "SANDBOX_BROKER_STORE=redis://... is not implemented yet; use sqlite (one "
-                "broker, durable) or memory"
-            )
+        if text.startswith(("redis://", "rediss://")):
+            if not text.split("://", 1)[1].rpartition("@")[2].split("/", 1)[0]:
+                raise ValueError(f"SANDBOX_BROKER_STORE names no Redis host: {value!r}")
+            return text
         raise ValueError(
-            f"SANDBOX_BROKER_STORE must be memory, sqlite or sqlite:///PATH, not {value!r}"
+            "SANDBOX_BROKER_STORE must be memory, sqlite, sqlite:///PATH or "
+            f"redis://HOST:PORT/DB, not {value!r}"
         )
 
     @field_validator("block_env_access", "health_check_server_enabled", mode="before")

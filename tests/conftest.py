@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import STORE_VARIABLE
+from helpers import STORE_VARIABLE, RedisServer
 
 INTEGRATION = Path(__file__).parent / "integration"
 _store_numbers = itertools.count(1)
@@ -62,3 +63,17 @@ def broker_store(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempP
     path = tmp_path_factory.getbasetemp() / "broker-stores" / f"{next(_store_numbers)}.sqlite3"
     monkeypatch.setenv(STORE_VARIABLE, f"sqlite:///{path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session (its keys flushed for each test: ``redis_url``)."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The URL of an empty Redis, for ``SANDBOX_BROKER_STORE``."""
+    redis_server.flush()
+    return redis_server.url

@@ -43,7 +43,7 @@ from runner.broker_server.events import CheckResult, Draining, Event, TaskFinish
 from runner.broker_server.ledger import TaskLedger
 from runner.broker_server.retry import AttemptError, backoff_left_s
 from runner.broker_server.runners import RunnerConnection, Runners
-from runner.broker_server.store import MemoryStore, TaskStore
+from runner.broker_server.store import MemoryStore, StoredTask, TaskStore, TenantFull
 from runner.broker_server.submission import Prepared, Submission, prepare, settings_frame
 from runner.broker_server.tasks import (
     BrokerTask,
@@ -56,10 +56,11 @@ from runner.broker_server.tasks import (
     expiry_cause,
     keep_prints,
     new_task_id,
+    parse_wire_id,
     result_document,
     waiting_for,
 )
-from runner.broker_server.tenants import Tenants
+from runner.broker_server.tenants import Tenants, check_admission
 from runner.errors import InfrastructureError
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
@@ -148,7 +149,11 @@ class Broker:
             self._metrics,
             max_kept=config.max_tasks_kept,
             max_bytes=config.max_retained_bytes_per_tenant,
+            clock=clock,
         )
+        # A store other brokers share: tasks come from its queue (adopt), reads of tasks
+        # this broker does not hold go to it.
+        self._shared = self._ledger.shared
         self._tasks = self._ledger.table
         self._tenants = Tenants()
         self._deadlines = Deadlines()
@@ -216,7 +221,7 @@ class Broker:
     def runner_disconnected(self, connection: RunnerConnection) -> None:
         if not self._runners.disconnect(connection, self.clock()):
             return
-        for task in self._tasks:
+        for task in list(self._tasks):  # (a shared store's requeue forgets the task here)
             if task.runner_id != connection.runner_id or task.status.is_finished:
                 continue
             if task.status is TaskStatus.OFFERED:
@@ -224,6 +229,8 @@ class Broker:
             elif task.status is TaskStatus.RUNNING and task.parked is None:
                 # The runner may come back (same id) and report it; otherwise it is lost.
                 self._arm(task, self.config.runner_lost_grace_s, TaskTimer.RUNNER_LOST)
+        if not self._runners.registered():
+            self._hand_back_queued()
         self.dispatch()
 
     def runner_message(self, connection: RunnerConnection, message: BaseModel) -> None:
@@ -293,13 +300,28 @@ class Broker:
         prepared = submission if isinstance(submission, Prepared) else prepare(submission)
         if idempotency is not None and (task := self.replay(prepared.tenant, *idempotency)):
             return task
+        if self._shared is not None:
+            return self._submit_shared(prepared, idempotency)
         self._tenants.admit(
             prepared.tenant,
             prepared.size_bytes,
             max_unfinished=self.config.max_unfinished_per_tenant,
             max_bytes=self.config.max_queued_bytes_per_tenant,
         )
-        task = BrokerTask(
+        task = self._new_task(prepared, idempotency)
+        try:
+            self._ledger.add(task)
+        except InfrastructureError:
+            self._tenants.finished(task.tenant, task.held_bytes)
+            raise
+        self._metrics.submitted.inc()
+        self._tenants.queue(task.tenant, task.task_id, front=False)
+        self._arm(task, self.config.queue_timeout_s, TaskTimer.QUEUE)
+        self.dispatch()
+        return task
+
+    def _new_task(self, prepared: Prepared, idempotency: tuple[str, str] | None) -> BrokerTask:
+        return BrokerTask(
             task_id=new_task_id(),
             tenant=prepared.tenant,
             mode=prepared.mode,
@@ -312,16 +334,104 @@ class Broker:
             fingerprint=idempotency[1] if idempotency else None,
             retry=prepared.retry,
         )
+
+    def _submit_shared(self, prepared: Prepared, idempotency: tuple[str, str] | None) -> BrokerTask:
+        """Into the shared store's queue, admitted against the tenant's counts there
+        (across brokers); the task returned is a snapshot (this broker claims it, or
+        another does, for a runner's slot)."""
+        config = self.config
+        check_admission(
+            prepared.tenant,
+            prepared.size_bytes,
+            unfinished=0,
+            queued_bytes=0,
+            max_unfinished=config.max_unfinished_per_tenant,
+            max_bytes=config.max_queued_bytes_per_tenant,
+        )  # (alone too large: a 413, before the store is asked)
+        task = self._new_task(prepared, idempotency)
         try:
-            self._ledger.add(task)
-        except InfrastructureError:
-            self._tenants.finished(task.tenant, task.held_bytes)
-            raise
+            existing = self._ledger.add(task)
+        except TenantFull as full:
+            check_admission(
+                prepared.tenant,
+                prepared.size_bytes,
+                unfinished=full.admission.unfinished,
+                queued_bytes=full.admission.queued_bytes,
+                max_unfinished=config.max_unfinished_per_tenant,
+                max_bytes=config.max_queued_bytes_per_tenant,
+            )
+            raise AssertionError("the store refused an admissible task") from full
+        if existing is not None and idempotency is not None:
+            # Another broker took the same key first, in the same instant.
+            replayed = self.replay(prepared.tenant, *idempotency)
+            if replayed is not None:
+                return replayed
         self._metrics.submitted.inc()
-        self._tenants.queue(task.tenant, task.task_id, front=False)
-        self._arm(task, self.config.queue_timeout_s, TaskTimer.QUEUE)
-        self.dispatch()
+        self._on_change()  # (a chance to claim it at once)
         return task
+
+    def adopt(self, claimed: list[StoredTask]) -> None:
+        """Tasks this broker claimed from the shared store's queue: queued here (a task
+        in its retry's back-off waits out what is left of it first; one whose queue
+        time is over expires at once), in the order they came."""
+        wall_now = datetime.now(UTC)
+        for stored in claimed:
+            task = self._ledger.view(stored)
+            self._tasks.add(task)
+            self._tenants.recount(task.tenant, task.held_bytes)
+            if (backoff_s := backoff_left_s(task.retry, task.attempts, wall_now)) > 0:
+                self._arm(task, backoff_s, TaskTimer.RETRY)
+                continue
+            self._tenants.queue(task.tenant, task.task_id, front=False)
+            waited = self.clock() - task.submitted_at
+            self._arm(task, max(0.0, self.config.queue_timeout_s - waited), TaskTimer.QUEUE)
+        self.dispatch()
+
+    def spare(self) -> int:
+        """Runner slots on offer here that no task here waits for: how many tasks to
+        claim from a shared store's queue."""
+        if self._draining:
+            return 0
+        return self._runners.open_offers(self.clock()) - self._tenants.queued_count()
+
+    def _let_go(self, task: BrokerTask) -> None:
+        """A shared store's task this broker no longer holds (handed back to the queue,
+        or taken by another broker after this one's lease lapsed): forgotten here."""
+        self._release(task)
+        self._tenants.unqueue(task.tenant, task.task_id)
+        self._tenants.finished(task.tenant, task.held_bytes)
+        self._disarm(task)
+        self._tasks.remove(task.task_id)
+
+    def _hand_back_queued(self) -> None:
+        """A shared store's tasks queued here with no runner here to take them: back to
+        the shared queue, for a broker that has one."""
+        if self._shared is None:
+            return
+        for task in [t for t in self._tasks if t.status is TaskStatus.QUEUED]:
+            if task.timer is TaskTimer.RETRY:
+                continue  # in its back-off: handed back when it is due
+            self._ledger.requeued(task)
+            self._let_go(task)
+
+    def refresh(self, task: BrokerTask) -> bool:
+        """Bring a snapshot of a task another broker holds up to date (from the shared
+        store). Has it finished?"""
+        if self._shared is None or task.status.is_finished:
+            return task.status.is_finished
+        if (held := self._tasks.get(task.task_id)) is not None:
+            return held.status.is_finished
+        stored = self._shared.load(task.task_id)
+        if stored is None:
+            return False
+        fresh = self._ledger.view(stored)
+        task.status, task.runner_id, task.attempt = fresh.status, fresh.runner_id, fresh.attempt
+        task.attempts, task.document_json = fresh.attempts, fresh.document_json
+        return task.status.is_finished
+
+    def is_held(self, task: BrokerTask) -> bool:
+        """Whether ``task`` is this broker's own object (not a shared store's snapshot)."""
+        return self._tasks.get(task.task_id) is task
 
     def replay(self, tenant: str, key: str, fingerprint: str) -> BrokerTask | None:
         """The task ``tenant`` submitted with Idempotency-Key ``key`` (while it is kept),
@@ -329,7 +439,11 @@ class Broker:
         return self._ledger.replay(tenant, key, fingerprint)
 
     def get(self, task_id: str) -> BrokerTask | None:
-        return self._tasks.get(task_id)
+        task = self._tasks.get(task_id)
+        if task is not None or self._shared is None:
+            return task
+        stored = self._shared.load(task_id)
+        return None if stored is None else self._ledger.view(stored)
 
     def summary(self, task: BrokerTask) -> dict[str, Any]:
         """A task's state as the API shows it: ``waitReason`` while it is queued."""
@@ -348,17 +462,47 @@ class Broker:
         )
 
     def recent(self, tenant: str, limit: int, status: TaskStatus | None = None) -> list[BrokerTask]:
+        if self._shared is not None:
+            value = None if status is None else status.value
+            mine = {t.task_id: t for t in self._tasks if t.tenant == tenant}
+            return [
+                mine.get(stored.task_id) or self._ledger.view(stored)
+                for stored in self._shared.recent(tenant, limit, value)
+            ]
         return self._tasks.recent(tenant, limit, status)
 
     def cancel(self, task: BrokerTask) -> None:
         if task.status.is_finished or task.parked is not None:
             return  # (a parked result is in: past cancelling, its verdict ends the task)
+        if self._shared is not None and not self.is_held(task):
+            self._cancel_elsewhere(task)
+            return
         if task.status is TaskStatus.QUEUED:
             self._tenants.unqueue(task.tenant, task.task_id)
             self._finish(task, error_body(CANCELLED_MESSAGE, "", ErrorCode.CANCELLED, Stage.QUEUE))
             return
         self._tell_runner_cancel(task, "Task was cancelled by the API caller")
         self._finish(task, error_body(CANCELLED_MESSAGE, "", ErrorCode.CANCELLED, Stage.RUN))
+
+    def _cancel_elsewhere(self, task: BrokerTask) -> None:
+        """Cancel a shared store's task this broker does not hold: one in the shared
+        queue ends here (the store's fence decides against a broker claiming it at the
+        same moment); one another broker holds is cancelled by it (a message)."""
+        assert self._shared is not None
+        if task.status is TaskStatus.QUEUED:
+            body = error_body(CANCELLED_MESSAGE, "", ErrorCode.CANCELLED, Stage.QUEUE)
+            document, _ = result_document(task, body, None)
+            if self._shared.finish(task.task_id, task.attempt, "error", document):
+                self._metrics.tasks.labels(status="error", error_code=ErrorCode.CANCELLED).inc()
+                self.refresh(task)
+                return
+        self._shared.publish_cancel(task.task_id)
+
+    def cancel_requested(self, task_id: str) -> None:
+        """Another broker's API was asked to cancel ``task_id``: cancelled if held here."""
+        task = self._tasks.get(task_id)
+        if task is not None:
+            self.cancel(task)
 
     def in_flight(self) -> list[BrokerTask]:
         """The tasks a runner has: offered or running."""
@@ -390,13 +534,15 @@ class Broker:
             if tenant is None:
                 return
             runner, offer_id = offer
-            del runner.offers[offer_id]
             task = self._tasks[self._tenants.pop(tenant)]
             task.status = TaskStatus.OFFERED
             task.runner_id, task.offer_id = runner.connection.runner_id, offer_id
             self._tenants.activate(tenant)
+            if not self._ledger.leased(task, running=False):
+                self._let_go(task)  # another broker's now (this one's lease lapsed)
+                continue
+            del runner.offers[offer_id]
             self._arm(task, self.config.accept_timeout_s, TaskTimer.ACCEPT)
-            self._ledger.leased(task, running=False)
             runner.connection.send(TaskOfferAccept(task_id=task.wire_id, offer_id=offer_id))
 
     def _timeout_s(self, task: BrokerTask) -> float:
@@ -415,6 +561,11 @@ class Broker:
         self._metrics.requeues.labels(cause=cause).inc()
         self._release(task)
         task.status, task.runner_id, task.offer_id = TaskStatus.QUEUED, None, None
+        if self._shared is not None:
+            # Back to the shared queue: whichever broker has a slot first takes it.
+            self._ledger.requeued(task)
+            self._let_go(task)
+            return
         self._ledger.requeued(task)
         self._tenants.queue(task.tenant, task.task_id, front=True)
         self._arm(task, self.config.queue_timeout_s, TaskTimer.QUEUE)
@@ -445,7 +596,11 @@ class Broker:
             return
         task.status = TaskStatus.RUNNING
         # Durable before the settings leave: an execution may start under this attempt.
-        self._ledger.leased(task, running=True)
+        if not self._ledger.leased(task, running=True):
+            runner.connection.send(TaskCancel(task_id=task_id, reason=NOT_WANTED_REASON))
+            self._let_go(task)  # another broker's now (this one's lease lapsed)
+            self.dispatch()
+            return
         task.started_at = self.clock()
         self._metrics.queue_wait.observe(task.started_at - task.submitted_at)
         self._arm(task, self._timeout_s(task) + self.config.timeout_grace_s, TaskTimer.RUN)
@@ -493,6 +648,8 @@ class Broker:
         if self._ledger.is_stale(message.task_id, runner_id):
             return  # an older attempt's, whose lease died with a broker: dropped, counted
         task = self._ledger.current(message.task_id)
+        if task is None and self._shared is not None:
+            task = self._take_over(runner_id, message.task_id)
         if task is None or task.status.is_finished or task.parked is not None:
             log.info(  # (parked: its first completion is being checked)
                 "completion of unknown or finished task %s dropped",
@@ -514,6 +671,34 @@ class Broker:
             return
         self._finish(task, body, report.get("audit"))
         self.dispatch()
+
+    def _take_over(self, runner_id: str, wire: str) -> BrokerTask | None:
+        """A completion for a task this broker does not hold, from a runner whose broker
+        died (it re-sends what was not acknowledged): the task is taken over if the
+        shared store still has it at that attempt; an older attempt's is counted."""
+        assert self._shared is not None
+        task_id, attempt = parse_wire_id(wire)
+        stored = self._shared.take_over(task_id, attempt, runner_id)
+        if stored is None:
+            current = self._shared.load(task_id)
+            if current is not None and current.attempt > attempt:
+                log.warning(
+                    "result of attempt %d of task %s from %s dropped: the task is at attempt %d",
+                    attempt,
+                    task_id,
+                    runner_id,
+                    current.attempt,
+                    extra={"taskId": task_id},
+                )
+                self._metrics.stale_results.inc()
+            return None
+        task = self._ledger.view(stored)
+        task.status, task.runner_id = TaskStatus.RUNNING, runner_id
+        self._tasks.add(task)
+        self._tenants.recount(task.tenant, task.held_bytes)
+        self._tenants.activate(task.tenant)
+        log.info("task %s: taken over from a broker that left, with its result", task_id)
+        return task
 
     def result_checked(self, task_id: str, attempt: int, problem: str | None) -> None:
         """The verdict on a parked result (``problem``: None, it matches the schema).
@@ -562,7 +747,11 @@ class Broker:
         task.document_json = document
         self._disarm(task)
         self._emit(TaskFinished(task.task_id))
-        self._ledger.finished(task)
+        if not self._ledger.finished(task) and self._shared is not None:
+            # Another broker's now (this one's lease lapsed): its waiters here read
+            # what the store holds, not the result it refused.
+            task.status = TaskStatus.RUNNING
+            self.refresh(task)
 
     def _retry_later(self, task: BrokerTask, code: str) -> None:
         """The task's policy tries the failed attempt again, at the next attempt number
@@ -574,7 +763,9 @@ class Broker:
         task.status, task.runner_id, task.offer_id = TaskStatus.QUEUED, None, None
         task.attempt += 1
         task.prints, task.print_bytes = [], 0  # the failed attempt's (its error is kept)
-        self._ledger.retrying(task, failed)
+        if not self._ledger.retrying(task, failed):
+            self._let_go(task)  # another broker's now (this one's lease lapsed)
+            return
         log.info(
             "task %s: attempt %d failed (%s); attempt %d in %.1f s",
             task.task_id,
@@ -589,6 +780,10 @@ class Broker:
     def _retry_due(self, task_id: str) -> None:
         task = self._tasks.get(task_id)
         if task is None or task.status is not TaskStatus.QUEUED:
+            return
+        if self._shared is not None:
+            self._ledger.requeued(task)  # due: to the shared queue, for any broker
+            self._let_go(task)
             return
         # At the front of its tenant's queue, as any task handed back: it came first.
         self._tenants.queue(task.tenant, task.task_id, front=True)
@@ -699,6 +894,7 @@ class Broker:
             runner.offers.clear()
             if runner.registered:
                 runner.connection.send(Drain())
+        self._hand_back_queued()
         self._emit(Draining())
 
     def close_all(self, code: int = 1001, reason: str = "broker shutting down") -> None:

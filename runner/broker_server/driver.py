@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from runner.broker_server.core import Broker
 from runner.broker_server.events import CheckResult, Draining, TaskFinished
@@ -60,6 +61,9 @@ class BrokerDriver:
         self._own_schemas = schemas is None
         self._checks: set[asyncio.Task[None]] = set()  # results being checked
         self._finished: dict[str, list[asyncio.Future[None]]] = {}  # task id -> waiters
+        # Waiters for tasks another broker holds (a shared store), by task id.
+        self._elsewhere: dict[str, list[asyncio.Future[None]]] = {}
+        self._on_update: list[Callable[[], None]] = []
         self._closing: list[asyncio.Future[None]] = []
         self._pump: asyncio.Handle | None = None  # an update scheduled, on _pump_loop
         self._pump_loop: asyncio.AbstractEventLoop | None = None
@@ -98,10 +102,20 @@ class BrokerDriver:
 
     # -- waits ----------------------------------------------------------------------------
 
+    def on_update(self, callback: Callable[[], None]) -> None:
+        """Be called after each update of the core (its events read, its timer set)."""
+        self._on_update.append(callback)
+
+    def finished_elsewhere(self, task_id: str) -> None:
+        """Another broker says ``task_id`` finished: its waiters here look."""
+        self._wake(self._elsewhere.pop(task_id, []))
+
     async def wait_finished(self, task: BrokerTask, timeout_s: float | None = None) -> bool:
         """Until ``task`` has finished, at most ``timeout_s`` (None: no bound). Finished?"""
         if task.status.is_finished:
             return True
+        if not self.broker.is_held(task):
+            return await self._wait_elsewhere(task, timeout_s)
         future = asyncio.get_running_loop().create_future()
         waiters = self._finished.setdefault(task.task_id, [])
         waiters.append(future)
@@ -114,6 +128,35 @@ class BrokerDriver:
             if not waiters and self._finished.get(task.task_id) is waiters:
                 del self._finished[task.task_id]
         return task.status.is_finished
+
+    async def _wait_elsewhere(self, task: BrokerTask, timeout_s: float | None) -> bool:
+        """``task`` is a shared store's snapshot (another broker holds it, or none yet):
+        re-read when a broker says it finished, and every second (a missed message, or
+        this broker claiming it meanwhile)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while not self.broker.refresh(task):
+            held = self.broker.get(task.task_id)
+            if held is not None and self.broker.is_held(held):
+                # Claimed here meanwhile: wait for this broker's own object, then copy it.
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                await self.wait_finished(held, left)
+                return self.broker.refresh(task)
+            left = 1.0 if deadline is None else min(1.0, deadline - loop.time())
+            if left <= 0:
+                return False
+            future = loop.create_future()
+            waiters = self._elsewhere.setdefault(task.task_id, [])
+            waiters.append(future)
+            try:
+                await asyncio.wait([future], timeout=left)
+            finally:
+                future.cancel()
+                with contextlib.suppress(ValueError):
+                    waiters.remove(future)
+                if not waiters and self._elsewhere.get(task.task_id) is waiters:
+                    del self._elsewhere[task.task_id]
+        return True
 
     async def wait_closing(self) -> None:
         """Until the broker starts to drain."""
@@ -175,6 +218,8 @@ class BrokerDriver:
         finally:
             self._updating = False
             self._set_timer()
+            for callback in self._on_update:
+                callback()
 
     async def _check_result(self, task_id: str, attempt: int) -> None:
         """A parked result checked in a worker; the verdict handed back, whatever happens."""

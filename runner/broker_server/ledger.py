@@ -24,11 +24,12 @@ No I/O of its own: the store is called synchronously (see
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
-from runner.broker_server.store import TaskStore, record_of, task_of
+from runner.broker_server.store import SharedStore, StoredTask, TaskStore, record_of, task_of
 from runner.broker_server.tasks import BrokerTask, TaskTable, parse_wire_id
 from runner.errors import IdempotencyKeyReused, InfrastructureError
 from runner.metrics import BrokerMetrics
@@ -44,13 +45,23 @@ class TaskLedger:
     """
 
     def __init__(
-        self, store: TaskStore, metrics: BrokerMetrics, *, max_kept: int, max_bytes: int
+        self,
+        store: TaskStore,
+        metrics: BrokerMetrics,
+        *,
+        max_kept: int,
+        max_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        # A store other brokers share: the table holds only what this broker claimed
+        # (its working set); every other task is read from the store (:meth:`view`).
+        self.shared: SharedStore | None = cast(SharedStore, store) if store.is_shared else None
         self.table = TaskTable()
         self._metrics = metrics
         self._max_kept = max_kept
         self._max_bytes = max_bytes
+        self._clock = clock
 
     def recover(self, now: float, wall_now: datetime) -> list[BrokerTask]:
         """Take over what the store kept: results (within retention) into the table,
@@ -81,7 +92,11 @@ class TaskLedger:
     def replay(self, tenant: str, key: str, fingerprint: str) -> BrokerTask | None:
         """The task ``tenant`` submitted with Idempotency-Key ``key`` (while it is kept),
         or None. Raises :class:`IdempotencyKeyReused` if that request was another."""
-        task = self.table.by_key(tenant, key)
+        if self.shared is not None:
+            stored = self.shared.by_key(tenant, key)
+            task = None if stored is None else self.view(stored)
+        else:
+            task = self.table.by_key(tenant, key)
         if task is not None and task.fingerprint != fingerprint:
             raise IdempotencyKeyReused(
                 f"Idempotency-Key {key!r} was used for task {task.task_id} with a different "
@@ -115,30 +130,53 @@ class TaskLedger:
         self._metrics.stale_results.inc()
         return True
 
-    def add(self, task: BrokerTask) -> None:
+    def add(self, task: BrokerTask) -> str | None:
         """A new task, in the store first. Raises :class:`InfrastructureError` when the
-        store cannot keep it (then the broker does not know it either)."""
-        self.store.add(record_of(task))
-        self.table.add(task)
+        store cannot keep it (then the broker does not know it either). A shared store
+        queues it for every broker (this one claims it like any other) and may answer
+        the id of the task its Idempotency-Key already names (returned: nothing added)."""
+        existing = self.store.add(record_of(task))
+        if self.shared is None:
+            self.table.add(task)
+        return existing
 
-    def leased(self, task: BrokerTask, *, running: bool) -> None:
-        """``task`` was offered to its runner (``running``: accepted, settings next)."""
+    def view(self, stored: StoredTask) -> BrokerTask:
+        """A task this broker does not hold, as read from a shared store: a snapshot."""
+        return task_of(stored, self._clock(), datetime.now(UTC), keep_runner=True)
+
+    def leased(self, task: BrokerTask, *, running: bool) -> bool:
+        """``task`` was offered to its runner (``running``: accepted, settings next).
+        False: a shared store has it no longer as this broker's (let it go)."""
         assert task.runner_id is not None
-        self._write(
-            "lease", self.store.lease, task.task_id, task.attempt, task.runner_id, running=running
+        return (
+            self._write(
+                "lease",
+                self.store.lease,
+                task.task_id,
+                task.attempt,
+                task.runner_id,
+                running=running,
+            )
+            is not False
         )
 
-    def requeued(self, task: BrokerTask) -> None:
-        self._write("requeue", self.store.requeue, task.task_id, task.attempt)
+    def requeued(self, task: BrokerTask) -> bool:
+        """Queued again (a shared store's queue: for any broker). False as :meth:`leased`."""
+        return self._write("requeue", self.store.requeue, task.task_id, task.attempt) is not False
 
-    def retrying(self, task: BrokerTask, failed_attempt: int) -> None:
+    def retrying(self, task: BrokerTask, failed_attempt: int) -> bool:
         """``failed_attempt`` failed and its policy tries again: ``task`` (already at its
-        next attempt, with that attempt's error kept) is queued again."""
+        next attempt, with that attempt's error kept) is queued again. False as
+        :meth:`leased`."""
         attempts = tuple(task.attempts)
-        self._write("retry", self.store.retry, task.task_id, failed_attempt, attempts)
+        written = self._write("retry", self.store.retry, task.task_id, failed_attempt, attempts)
+        return written is not False
 
-    def finished(self, task: BrokerTask) -> None:
-        """``task`` has its result document: kept, and its tenant's oldest forgotten."""
+    def finished(self, task: BrokerTask) -> bool:
+        """``task`` has its result document: kept, and its tenant's oldest forgotten.
+        False: a shared store holds another attempt of it, or its result already (this
+        broker's lease lapsed and another broker took the task): this result is
+        dropped, counted as stale, and the task is read from the store from now on."""
         assert task.document_json is not None
         written = self._write(
             "result",
@@ -150,8 +188,19 @@ class TaskLedger:
             tuple(task.attempts),
         )
         if written is False:
-            log.warning("task %s: the store holds another attempt of it", task.task_id)
-        self._retain(task)
+            log.warning(
+                "result of attempt %d of task %s dropped: the store holds another attempt "
+                "of it, or its result",
+                task.attempt,
+                task.task_id,
+                extra={"taskId": task.task_id},
+            )
+            self._metrics.stale_results.inc()
+        if self.shared is not None:
+            self.table.remove(task.task_id)  # read from the store from now on (its retention)
+        else:
+            self._retain(task)
+        return written is not False
 
     def close(self) -> None:
         self.store.close()

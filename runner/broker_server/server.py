@@ -18,16 +18,26 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import uvicorn
 
 from runner.broker_server.app import ApiConfig, LimitSource, TenantCeilings, create_app
+from runner.broker_server.cluster import ClusterLink
 from runner.broker_server.core import Broker, BrokerConfig
 from runner.broker_server.driver import BrokerDriver
+from runner.broker_server.redis_store import RedisStore
 from runner.broker_server.schema_pool import SchemaPool
 from runner.broker_server.sqlite_store import SqliteStore
-from runner.broker_server.store import SQLITE, SQLITE_FILE_NAME, MemoryStore, TaskStore, parse_store
+from runner.broker_server.store import (
+    REDIS,
+    SQLITE,
+    SQLITE_FILE_NAME,
+    MemoryStore,
+    SharedStore,
+    TaskStore,
+    parse_store,
+)
 from runner.broker_server.submission import TaskLimits
 from runner.broker_server.tokens import GrantTokens
 from runner.errors import ConfigurationError, InfrastructureError
@@ -93,6 +103,18 @@ def open_store(settings: Settings) -> TaskStore:
     Raises :class:`InfrastructureError` when it cannot be opened (another broker holds
     it, a directory that cannot be written, a file of another schema version)."""
     spec = parse_store(settings.broker_store)
+    if spec.kind == REDIS:
+        assert spec.url is not None
+        defaults = BrokerConfig()
+        return RedisStore(
+            spec.url,
+            broker_id=settings.broker_id,
+            lease_s=settings.broker_lease_s,
+            max_unfinished=defaults.max_unfinished_per_tenant,
+            max_bytes=settings.tenant_queued_bytes,
+            max_kept=defaults.max_tasks_kept,
+            max_retained_bytes=settings.tenant_retained_bytes,
+        )
     if spec.kind != SQLITE:
         return MemoryStore()
     return SqliteStore(spec.path or state_dir(settings) / SQLITE_FILE_NAME)
@@ -289,6 +311,11 @@ async def running_broker(
         host = (
             settings.broker_host if ":" not in settings.broker_host else f"[{settings.broker_host}]"
         )
+        # A store other brokers share: this broker's lease, its claims from the queue.
+        link = None
+        if store.is_shared:
+            cluster = ClusterLink(driver, cast(SharedStore, store), metrics)
+            link = asyncio.create_task(cluster.run())
         try:
             yield RunningBroker(broker, driver, f"http://{host}:{port}", token, port, registry)
         finally:
@@ -303,6 +330,10 @@ async def running_broker(
                 server.should_exit = True
                 await serving
             finally:
+                if link is not None:
+                    link.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await link
                 # Whatever stopping did: no schema worker outlives the broker.
                 await driver.aclose()
                 await schemas.aclose()

@@ -124,6 +124,7 @@ class SqliteStore:
     """The store in the SQLite file ``path`` (made, with its directory, when missing)."""
 
     is_durable = True
+    is_shared = False
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -272,7 +273,7 @@ class SqliteStore:
             ]
         return Recovered(unfinished, finished, requeued)
 
-    def add(self, task: StoredTask) -> None:
+    def add(self, task: StoredTask) -> str | None:
         limits = task.limits
         with self._step("to keep a new task", durable=True) as db:
             db.execute(
@@ -298,24 +299,29 @@ class SqliteStore:
                     attempts_to_text(task.attempts),
                 ),
             )
+        return None  # (a key already used is the broker's own to find: one broker)
 
-    def lease(self, task_id: str, attempt: int, runner_id: str, *, running: bool) -> None:
+    # The broker's memory is the fence on a file only it uses: a step is always its own.
+
+    def lease(self, task_id: str, attempt: int, runner_id: str, *, running: bool) -> bool:
         status = "running" if running else "offered"
         with self._step(f"to record a lease ({status})", durable=running) as db:
             db.execute(
                 "UPDATE tasks SET status = ?, runner_id = ? WHERE task_id = ? AND attempt = ?",
                 (status, runner_id, task_id, attempt),
             )
+        return True
 
-    def requeue(self, task_id: str, attempt: int) -> None:
+    def requeue(self, task_id: str, attempt: int) -> bool:
         with self._step("to requeue a task") as db:
             db.execute(
                 "UPDATE tasks SET status = 'queued', runner_id = NULL "
                 "WHERE task_id = ? AND attempt = ?",
                 (task_id, attempt),
             )
+        return True
 
-    def retry(self, task_id: str, attempt: int, attempts: tuple[AttemptError, ...]) -> None:
+    def retry(self, task_id: str, attempt: int, attempts: tuple[AttemptError, ...]) -> bool:
         # NORMAL, as a requeue: lost with the machine's power, the task comes back from
         # its durable running lease at the next attempt anyway (one attempt's error less).
         with self._step("to queue a task again for its retry") as db:
@@ -325,6 +331,7 @@ class SqliteStore:
                 "AND status IN ('queued', 'offered', 'running')",
                 (attempts_to_text(attempts), task_id, attempt),
             )
+        return True
 
     def finish(
         self,

@@ -48,7 +48,7 @@ chosen by :func:`runner.broker_server.server.open_store`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -62,6 +62,7 @@ from runner.sandbox.base import Mode
 MEMORY = "memory"
 SQLITE = "sqlite"
 SQLITE_PREFIX = "sqlite:///"
+REDIS = "redis"
 SQLITE_FILE_NAME = "broker-tasks.sqlite3"  # in the broker's state directory by default
 
 
@@ -107,6 +108,23 @@ class Recovered:
     requeued: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A tenant's counts in a shared store when it refused the tenant's new task."""
+
+    unfinished: int
+    queued_bytes: int
+
+
+class TenantFull(Exception):
+    """A shared store refused a new task: its tenant is at a limit there (the core
+    names which, :func:`runner.broker_server.tenants.check_admission`)."""
+
+    def __init__(self, admission: Admission) -> None:
+        super().__init__(admission)
+        self.admission = admission
+
+
 class TaskStore(Protocol):
     """Where the broker keeps what must outlive its process. Called synchronously by
     the core; each method is one atomic step. A fault is raised as
@@ -127,23 +145,32 @@ class TaskStore(Protocol):
         again at the next attempt), in one durable step. Called once, at start."""
         ...
 
-    def add(self, task: StoredTask) -> None:
-        """A new queued task (durable before the caller is told it was accepted)."""
+    @property
+    def is_shared(self) -> bool:
+        """Whether other brokers use the store too (a :class:`SharedStore`)."""
         ...
 
-    def lease(self, task_id: str, attempt: int, runner_id: str, *, running: bool) -> None:
+    def add(self, task: StoredTask) -> str | None:
+        """A new queued task (durable before the caller is told it was accepted). A
+        shared store may answer the id of the task the same Idempotency-Key already
+        names (another broker took it first); None otherwise."""
+        ...
+
+    def lease(self, task_id: str, attempt: int, runner_id: str, *, running: bool) -> bool:
         """The task was offered to ``runner_id`` (``running``: it accepted, and its
-        settings go out next: durable before they do)."""
+        settings go out next: durable before they do). False: a shared store no longer
+        has it as this broker's at that attempt (the broker must let it go)."""
         ...
 
-    def requeue(self, task_id: str, attempt: int) -> None:
-        """The task is back in the queue (its runner declined, did not answer, left)."""
+    def requeue(self, task_id: str, attempt: int) -> bool:
+        """The task is back in the queue (its runner declined, did not answer, left); a
+        shared store's queue, for any broker. False as for :meth:`lease`."""
         ...
 
-    def retry(self, task_id: str, attempt: int, attempts: tuple[AttemptError, ...]) -> None:
+    def retry(self, task_id: str, attempt: int, attempts: tuple[AttemptError, ...]) -> bool:
         """``attempt`` failed and the task's retry policy tries again: the task is back in
         the queue at ``attempt + 1`` with ``attempts`` (its failed attempts' errors).
-        Conditional on ``attempt``, as :meth:`finish`."""
+        Conditional on ``attempt``, as :meth:`finish`; False as for :meth:`lease`."""
         ...
 
     def finish(
@@ -166,6 +193,50 @@ class TaskStore(Protocol):
     def close(self) -> None: ...
 
 
+class SharedStore(TaskStore, Protocol):
+    """A store several brokers share (:mod:`runner.broker_server.redis_store`): the
+    queue is in the store, each broker claims from it for its runners' slots and
+    holds what it claimed under a lease it renews; what it reads of a task it does
+    not hold, it reads from the store."""
+
+    @property
+    def broker_id(self) -> str: ...
+
+    @property
+    def lease_s(self) -> float: ...
+
+    def renew(self) -> None:
+        """This broker is alive for another ``lease_s``."""
+        ...
+
+    def reclaim(self) -> tuple[int, int, int]:
+        """Dead brokers' tasks back in the queue: (brokers, queued, offered/running)."""
+        ...
+
+    def claim(self, count: int) -> list[StoredTask]:
+        """Up to ``count`` queued tasks, now this broker's."""
+        ...
+
+    def take_over(self, task_id: str, attempt: int, runner_id: str) -> StoredTask | None:
+        """A task whose ``attempt`` a runner reports here, now this broker's, if it is
+        still at that attempt and unfinished."""
+        ...
+
+    def load(self, task_id: str) -> StoredTask | None: ...
+
+    def by_key(self, tenant: str, key: str) -> StoredTask | None: ...
+
+    def recent(self, tenant: str, limit: int, status: str | None = None) -> list[StoredTask]: ...
+
+    def publish_cancel(self, task_id: str) -> None:
+        """Ask whichever broker holds ``task_id`` to cancel it."""
+        ...
+
+    def listen(self) -> AsyncIterator[tuple[str, str]]:
+        """The brokers' channels: (``ready`` | ``done`` | ``cancel``, message)."""
+        ...
+
+
 class MemoryStore:
     """Keeps nothing beyond the process: the broker's memory is all there is (a
     restart starts empty). For tests and throwaway runs (``SANDBOX_BROKER_STORE=memory``;
@@ -173,21 +244,22 @@ class MemoryStore:
 
     location = MEMORY
     is_durable = False
+    is_shared = False
 
     def recover(self) -> Recovered:
         return Recovered()
 
-    def add(self, task: StoredTask) -> None:
-        pass
+    def add(self, task: StoredTask) -> str | None:
+        return None
 
-    def lease(self, task_id: str, attempt: int, runner_id: str, *, running: bool) -> None:
-        pass
+    def lease(self, task_id: str, attempt: int, runner_id: str, *, running: bool) -> bool:
+        return True
 
-    def requeue(self, task_id: str, attempt: int) -> None:
-        pass
+    def requeue(self, task_id: str, attempt: int) -> bool:
+        return True
 
-    def retry(self, task_id: str, attempt: int, attempts: tuple[AttemptError, ...]) -> None:
-        pass
+    def retry(self, task_id: str, attempt: int, attempts: tuple[AttemptError, ...]) -> bool:
+        return True
 
     def finish(
         self,
@@ -227,10 +299,13 @@ def record_of(task: BrokerTask) -> StoredTask:
     )
 
 
-def task_of(stored: StoredTask, now: float, wall_now: datetime) -> BrokerTask:
+def task_of(
+    stored: StoredTask, now: float, wall_now: datetime, *, keep_runner: bool = False
+) -> BrokerTask:
     """A recovered task as the core holds it. ``now``: the core's clock; the task is
     placed as far in its past as it was submitted before ``wall_now`` (the order of
-    recent tasks and the queue wait hold across the restart)."""
+    recent tasks and the queue wait hold across the restart). ``keep_runner``: the
+    runner of an unfinished task too (a view of another broker's task)."""
     age_s = max(0.0, (wall_now - stored.submitted_wall).total_seconds())
     status = TaskStatus(stored.status)
     return BrokerTask(
@@ -241,7 +316,7 @@ def task_of(stored: StoredTask, now: float, wall_now: datetime) -> BrokerTask:
         submitted_at=now - age_s,
         submitted_wall=stored.submitted_wall,
         status=status,
-        runner_id=stored.runner_id if status.is_finished else None,
+        runner_id=stored.runner_id if status.is_finished or keep_runner else None,
         finished_at=now if status.is_finished else None,
         settings=stored.settings,
         output_schema=stored.output_schema,
@@ -256,17 +331,20 @@ def task_of(stored: StoredTask, now: float, wall_now: datetime) -> BrokerTask:
 
 @dataclass(frozen=True, slots=True)
 class StoreSpec:
-    """A parsed ``SANDBOX_BROKER_STORE``: ``kind`` ``memory`` or ``sqlite``; ``path``
-    the SQLite file (None: :data:`SQLITE_FILE_NAME` in the broker's state directory)."""
+    """A parsed ``SANDBOX_BROKER_STORE``: ``kind`` ``memory``, ``sqlite`` or ``redis``;
+    ``path`` the SQLite file (None: :data:`SQLITE_FILE_NAME` in the broker's state
+    directory); ``url`` Redis's."""
 
     kind: str
     path: Path | None = None
+    url: str | None = None
 
 
 def parse_store(value: str) -> StoreSpec:
     """``memory``, ``sqlite`` (the file in the state directory), ``sqlite:///PATH``
     (relative to the working directory) or ``sqlite:////abs/PATH``, as SQLAlchemy
-    spells them. Raises ``ValueError`` with what is accepted."""
+    spells them, or ``redis://[:PASSWORD@]HOST[:PORT][/DB]`` (``rediss://`` with TLS).
+    Raises ``ValueError`` with what is accepted."""
     text = value.strip()
     if text == MEMORY:
         return StoreSpec(MEMORY)
@@ -274,11 +352,12 @@ def parse_store(value: str) -> StoreSpec:
         return StoreSpec(SQLITE)
     if text.startswith(SQLITE_PREFIX) and text != SQLITE_PREFIX:
         return StoreSpec(SQLITE, Path(text.removeprefix(SQLITE_PREFIX)))
-    if text.startswith("redis://"):
-        raise ValueError(
-            "SANDBOX_BROKER_STORE=redis://... is not implemented yet; use sqlite (one "
-            "broker, durable) or memory"
-        )
+    if text.startswith(("redis://", "rediss://")):
+        host = text.split("://", 1)[1].rpartition("@")[2].split("/", 1)[0]
+        if not host:
+            raise ValueError(f"SANDBOX_BROKER_STORE names no Redis host: {value!r}")
+        return StoreSpec(REDIS, url=text)
     raise ValueError(
-        f"SANDBOX_BROKER_STORE must be memory, sqlite or sqlite:///PATH, not {value!r}"
+        "SANDBOX_BROKER_STORE must be memory, sqlite, sqlite:///PATH or "
+        f"redis://HOST:PORT/DB, not {value!r}"
     )

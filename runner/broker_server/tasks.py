@@ -402,6 +402,16 @@ class TaskTable:
     def __getitem__(self, task_id: str) -> BrokerTask:
         return self._tasks[task_id]
 
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._tasks
+
+    def remove(self, task_id: str) -> None:
+        """Forget a task at once (a shared store's: another broker holds it now, or it
+        ended and is read from the store)."""
+        task = self._tasks.pop(task_id, None)
+        if task is not None and task.idempotency_key is not None:
+            self._keys.pop((task.tenant, task.idempotency_key), None)
+
     def __iter__(self) -> Iterator[BrokerTask]:
         return iter(self._tasks.values())
 

@@ -28,29 +28,17 @@ class Tenants:
         self._queued_bytes: dict[str, int] = {}  # tenant -> bytes its unfinished tasks hold
 
     def admit(self, tenant: str, size: int, *, max_unfinished: int, max_bytes: int) -> None:
-        """Count one more unfinished task of ``size`` bytes, or refuse it.
-
-        Raises :class:`TenantBacklogFull` (too many unfinished tasks, or too many bytes
-        of them) or :class:`TaskTooLarge` (more bytes than the budget, alone).
-        """
-        if self._unfinished.get(tenant, 0) >= max_unfinished:
-            raise TenantBacklogFull(
-                f"Tenant {tenant!r} already has {max_unfinished} unfinished tasks "
-                "(the broker's limit); wait for some to finish or cancel some"
-            )
-        if size > max_bytes:
-            raise TaskTooLarge(
-                f"The task takes {size} bytes as JSON (code, items, query and outputSchema), "
-                f"more than the {max_bytes} bytes a tenant may have queued "
-                "(SANDBOX_TENANT_QUEUED_BYTES); send less data per task"
-            )
+        """Count one more unfinished task of ``size`` bytes, or refuse it
+        (:func:`check_admission`)."""
         queued = self._queued_bytes.get(tenant, 0)
-        if queued + size > max_bytes:
-            raise TenantBacklogFull(
-                f"Tenant {tenant!r} already has {queued} bytes of unfinished tasks; "
-                f"this one ({size} bytes) would exceed its budget of {max_bytes} bytes "
-                "(SANDBOX_TENANT_QUEUED_BYTES); wait for some to start or cancel some"
-            )
+        check_admission(
+            tenant,
+            size,
+            unfinished=self._unfinished.get(tenant, 0),
+            queued_bytes=queued,
+            max_unfinished=max_unfinished,
+            max_bytes=max_bytes,
+        )
         self._unfinished[tenant] = self._unfinished.get(tenant, 0) + 1
         self._queued_bytes[tenant] = queued + size
 
@@ -111,3 +99,37 @@ class Tenants:
 
     def release(self, tenant: str) -> None:
         self._active[tenant] = max(0, self._active.get(tenant, 0) - 1)
+
+
+def check_admission(
+    tenant: str,
+    size: int,
+    *,
+    unfinished: int,
+    queued_bytes: int,
+    max_unfinished: int,
+    max_bytes: int,
+) -> None:
+    """Whether a tenant with ``unfinished`` tasks holding ``queued_bytes`` may have one
+    more of ``size`` bytes (counted by one broker, or across brokers by a shared store).
+
+    Raises :class:`TenantBacklogFull` (too many unfinished tasks, or too many bytes
+    of them) or :class:`TaskTooLarge` (more bytes than the budget, alone).
+    """
+    if unfinished >= max_unfinished:
+        raise TenantBacklogFull(
+            f"Tenant {tenant!r} already has {max_unfinished} unfinished tasks "
+            "(the broker's limit); wait for some to finish or cancel some"
+        )
+    if size > max_bytes:
+        raise TaskTooLarge(
+            f"The task takes {size} bytes as JSON (code, items, query and outputSchema), "
+            f"more than the {max_bytes} bytes a tenant may have queued "
+            "(SANDBOX_TENANT_QUEUED_BYTES); send less data per task"
+        )
+    if queued_bytes + size > max_bytes:
+        raise TenantBacklogFull(
+            f"Tenant {tenant!r} already has {queued_bytes} bytes of unfinished tasks; "
+            f"this one ({size} bytes) would exceed its budget of {max_bytes} bytes "
+            "(SANDBOX_TENANT_QUEUED_BYTES); wait for some to start or cancel some"
+        )

@@ -185,8 +185,10 @@ DOCKER_BACKEND = ("runner.sandbox.docker", "runner.sandbox.docker_errors", "runn
 OCI_BACKEND = ("runner.sandbox.oci",)
 BROKER_IO = (
     "runner.broker_server.app",
+    "runner.broker_server.cluster",
     "runner.broker_server.driver",
     "runner.broker_server.edge",
+    "runner.broker_server.redis_store",
     "runner.broker_server.server",
     "runner.broker_server.sqlite_store",
 )
@@ -463,6 +465,13 @@ RULES = [
         ALL,
         forbidden=("sqlite3",),
         exempt=("runner.broker_server.sqlite_store",),
+    ),
+    Rule(
+        "R39",
+        ("runner",),
+        ALL,
+        forbidden=("redis",),
+        exempt=("runner.broker_server.redis_store",),
     ),
     Rule("R38", ("runner.workers",), ALL, only=("runner.workers",), stdlib_only=True),
     Rule("R38", ("runner.workers.child",), ALL, forbidden=("asyncio",)),

@@ -267,6 +267,7 @@ def test_a_store_file_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> 
         ("sqlite", "sqlite", None),
         ("sqlite:///tasks.db", "sqlite", Path("tasks.db")),
         ("sqlite:////var/lib/b/tasks.db", "sqlite", Path("/var/lib/b/tasks.db")),
+        ("redis://redis:6379/0", "redis", None),
     ],
 )
 def test_the_setting_names_a_store(value: str, kind: str, path: Path | None) -> None:
@@ -277,9 +278,9 @@ def test_the_setting_names_a_store(value: str, kind: str, path: Path | None) -> 
 @pytest.mark.parametrize(
     ("value", "says"),
     [
-        ("redis://localhost:6379/0", "not implemented yet"),
-        ("sqlite:///", "must be memory, sqlite or sqlite:///PATH"),
-        ("postgres://x", "must be memory, sqlite or sqlite:///PATH"),
+        ("redis:///0", "names no Redis host"),
+        ("sqlite:///", "must be memory, sqlite, sqlite:///PATH or redis://HOST:PORT/DB"),
+        ("postgres://x", "must be memory, sqlite, sqlite:///PATH or redis://HOST:PORT/DB"),
     ],
 )
 def test_a_store_the_broker_cannot_open_is_refused_with_the_setting_named(

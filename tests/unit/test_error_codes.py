@@ -31,6 +31,8 @@ NOT_CODES = {stage.value for stage in Stage} | set(main.commands) | {"audit", "n
 OUTSIDE_ERRORS = {
     "runner.sandbox.oci.runtime.RuntimeFailure",  # the OCI adapter's, translated at its edge
     "runner.broker_server.schemas._OverBudget",  # control flow inside one metering call
+    # A shared store's refusal, turned into TenantBacklogFull by the core at once.
+    "runner.broker_server.store.TenantFull",
     "runner.testing.client.SandboxServiceError",  # the test helpers', raised in a user's process
 }
 

@@ -6,9 +6,13 @@ the core's rules and the store's writes, so the difference between the lines is 
 store. ``sqlite`` is the store as shipped (two fsyncs per task: the submission and the
 running lease); ``sqlite, NORMAL only`` and ``sqlite, FULL always`` are the two plain
 policies, for comparison. The SQLite file is in ``--dir`` (default ``/var/tmp``: a
-disk, not a tmpfs, or fsync would cost nothing). ``make bench`` reports the first two
-(:func:`dispatch`, one line under the table); nothing is asserted. An fsync's cost
-depends on the disk and on whoever else is writing: run it a few times.
+disk, not a tmpfs, or fsync would cost nothing). ``redis`` is the store several
+brokers share, on a ``redis-server`` the run starts on loopback (no persistence: the
+steps' round trips and Lua scripts, not Redis's own fsync policy); each task is also
+claimed from the shared queue, as a broker's cluster link claims it for a runner's
+offer. ``make bench`` reports memory, SQLite as shipped and Redis (:func:`dispatch`,
+one line under the table); nothing is asserted. An fsync's cost depends on the disk
+and on whoever else is writing: run it a few times.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from runner.broker_server.core import Broker, BrokerConfig
+from runner.broker_server.redis_store import RedisStore
 from runner.broker_server.sqlite_store import SqliteStore
-from runner.broker_server.store import MemoryStore, TaskStore
+from runner.broker_server.store import MemoryStore, SharedStore, TaskStore
 from runner.broker_server.submission import Submission, prepare
 from runner.protocol.messages import (
     RunnerInfo,
@@ -34,6 +39,7 @@ from runner.protocol.messages import (
     TaskOffer,
 )
 from runner.sandbox.base import Mode
+from runner.testing import RedisServer
 
 
 class _Runner:
@@ -79,10 +85,13 @@ def measure(store: TaskStore, tasks: int) -> tuple[float, float]:
     )
     each = []
     start = time.perf_counter()
+    shared = cast(SharedStore, store) if store.is_shared else None
     for n in range(tasks):
         began = time.perf_counter()
         task = broker.submit(prepared)
         broker.runner_message(runner, TaskOffer(offer_id=f"o{n}", valid_for=5000))
+        if shared is not None:  # the cluster link's claim for the offer
+            broker.adopt(shared.claim(broker.spare()))
         broker.runner_message(runner, TaskAccepted(task_id=task.task_id))
         broker.runner_message(runner, TaskDone(task_id=task.task_id, data=TaskDoneData(result=1)))
         each.append(time.perf_counter() - began)
@@ -99,7 +108,24 @@ def dispatch(tasks: int = 1000, directory: Path = Path("/var/tmp")) -> dict[str,
         with tempfile.TemporaryDirectory(dir=directory) as made:
             rate, p50 = measure(make(Path(made) / "tasks.sqlite3"), tasks)
         found[name] = {"tasksPerS": round(rate, 1), "p50Ms": round(p50, 3)}
+    with tempfile.TemporaryDirectory(dir=directory) as made:
+        rate, p50 = measure(_redis(Path(made), tasks), tasks)
+    found["redis"] = {"tasksPerS": round(rate, 1), "p50Ms": round(p50, 3)}
     return found
+
+
+def _redis(directory: Path, tasks: int) -> TaskStore:
+    """A Redis store on a redis-server of the run's own (stopped when the store closes)."""
+    server = RedisServer(directory).__enter__()
+    store = RedisStore(server.url, broker_id="bench", max_unfinished=tasks, max_kept=tasks)
+    close = store.close
+
+    def close_both() -> None:
+        close()
+        server.__exit__()
+
+    store.close = close_both  # type: ignore[method-assign]
+    return store
 
 
 def main() -> None:
@@ -113,6 +139,7 @@ def main() -> None:
         ("sqlite (as shipped)", SqliteStore),
         ("sqlite, NORMAL only", _forced(False)),
         ("sqlite, FULL always", _forced(True)),
+        ("redis (loopback)", lambda path: _redis(path, args.tasks)),
     ]
     print(f"{'store':22} {'tasks/s':>9} {'p50 ms/task':>12}")
     for name, make in stores:

@@ -29,7 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import STORE_VARIABLE, RedisServer
+from helpers import STORE_VARIABLE
+
+from runner.testing import RedisServer
 
 INTEGRATION = Path(__file__).parent / "integration"
 _store_numbers = itertools.count(1)

@@ -18,7 +18,6 @@ fixtures and processes in ``tests/integration/conftest.py`` and ``harness.py``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -315,69 +314,3 @@ async def until(predicate: Callable[[], Any], timeout_s: float = 20, what: str =
             return value
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
-
-
-class RedisServer:
-    """A ``redis-server`` of the test's own (Debian's package; ``make test`` installs
-    it): on a free port of 127.0.0.1, no persistence, its files in ``directory``.
-    Missing, it fails the test naming the package (never a skip)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise AssertionError(
-                "redis-server is not installed: `make test` installs it (Debian's "
-                "redis-server package), or `apt-get install redis-server`"
-            )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        options = {
-            "port": str(self.port),
-            "bind": "127.0.0.1",
-            "save": "",
-            "appendonly": "no",
-            "dir": str(self.directory),
-            "daemonize": "no",
-            "logfile": str(self.directory / "redis.log"),
-        }
-        arguments = [part for name, value in options.items() for part in (f"--{name}", value)]
-        self._process = subprocess.Popen(
-            [binary, *arguments],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock,
-            ):
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return self
-            if self._process.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.__exit__()
-        log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
-        raise AssertionError(f"redis-server did not answer on port {self.port}:\n{log}")
-
-    def flush(self) -> None:
-        """Empty every database (a test's keys gone before the next test)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            sock.sendall(b"FLUSHALL\r\n")
-            assert sock.recv(16).startswith(b"+OK")
-
-    def __exit__(self, *_: object) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()

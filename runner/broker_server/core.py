@@ -39,7 +39,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from runner.broker_server.deadlines import Deadlines
-from runner.broker_server.events import CheckResult, Draining, Event, TaskFinished
+from runner.broker_server.events import CheckResult, Draining, Event, TaskFinished, TaskLetGo
 from runner.broker_server.ledger import TaskLedger
 from runner.broker_server.retry import AttemptError, backoff_left_s
 from runner.broker_server.runners import RunnerConnection, Runners
@@ -402,6 +402,7 @@ class Broker:
         self._tenants.finished(task.tenant, task.held_bytes)
         self._disarm(task)
         self._tasks.remove(task.task_id)
+        self._emit(TaskLetGo(task.task_id))
 
     def _hand_back_queued(self) -> None:
         """A shared store's tasks queued here with no runner here to take them: back to

@@ -36,7 +36,7 @@ import logging
 from collections.abc import Callable
 
 from runner.broker_server.core import Broker
-from runner.broker_server.events import CheckResult, Draining, TaskFinished
+from runner.broker_server.events import CheckResult, Draining, TaskFinished, TaskLetGo
 from runner.broker_server.schema_pool import SchemaPool
 from runner.broker_server.tasks import BrokerTask
 
@@ -110,24 +110,35 @@ class BrokerDriver:
         """Another broker says ``task_id`` finished: its waiters here look."""
         self._wake(self._elsewhere.pop(task_id, []))
 
-    async def wait_finished(self, task: BrokerTask, timeout_s: float | None = None) -> bool:
-        """Until ``task`` has finished, at most ``timeout_s`` (None: no bound). Finished?"""
+    async def wait_finished(
+        self, task: BrokerTask, timeout_s: float | None = None, *, follow: bool = True
+    ) -> bool:
+        """Until ``task`` has finished, at most ``timeout_s`` (None: no bound). Finished?
+
+        A shared store's task this broker does not hold (any more) is followed in the
+        store; ``follow=False``: only while this broker holds it (a drain's wait)."""
         if task.status.is_finished:
             return True
-        if not self.broker.is_held(task):
-            return await self._wait_elsewhere(task, timeout_s)
-        future = asyncio.get_running_loop().create_future()
-        waiters = self._finished.setdefault(task.task_id, [])
-        waiters.append(future)
-        try:
-            await asyncio.wait([future], timeout=timeout_s)
-        finally:
-            future.cancel()
-            with contextlib.suppress(ValueError):
-                waiters.remove(future)
-            if not waiters and self._finished.get(task.task_id) is waiters:
-                del self._finished[task.task_id]
-        return task.status.is_finished
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        if self.broker.is_held(task):
+            future = loop.create_future()
+            waiters = self._finished.setdefault(task.task_id, [])
+            waiters.append(future)
+            try:
+                await asyncio.wait([future], timeout=timeout_s)
+            finally:
+                future.cancel()
+                with contextlib.suppress(ValueError):
+                    waiters.remove(future)
+                if not waiters and self._finished.get(task.task_id) is waiters:
+                    del self._finished[task.task_id]
+            if task.status.is_finished or self.broker.is_held(task) or not follow:
+                return task.status.is_finished
+        if not follow:
+            return False
+        left = None if deadline is None else max(0.0, deadline - loop.time())
+        return await self._wait_elsewhere(task, left)
 
     async def _wait_elsewhere(self, task: BrokerTask, timeout_s: float | None) -> bool:
         """``task`` is a shared store's snapshot (another broker holds it, or none yet):
@@ -173,7 +184,8 @@ class BrokerDriver:
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait (bounded) until every dispatched task has finished. Has each?"""
         waits = [
-            asyncio.ensure_future(self.wait_finished(task)) for task in self.broker.in_flight()
+            asyncio.ensure_future(self.wait_finished(task, follow=False))
+            for task in self.broker.in_flight()
         ]
         if waits:
             _, pending = await asyncio.wait(waits, timeout=timeout_s)
@@ -205,7 +217,7 @@ class BrokerDriver:
             self.broker.tick(self.broker.clock())
             for event in self.broker.events():
                 match event:
-                    case TaskFinished(task_id=task_id):
+                    case TaskFinished(task_id=task_id) | TaskLetGo(task_id=task_id):
                         self._wake(self._finished.pop(task_id, []))
                     case Draining():
                         self._wake(self._closing)

@@ -1,7 +1,8 @@
 """What the broker core reports to the web layer: its events, as data.
 
 Owns: the events :meth:`runner.broker_server.core.Broker.events` returns, oldest first:
-a task that finished (its waiters may go), the start of a drain, and a result that
+a task that finished (its waiters may go), one this broker let go (a shared store's),
+the start of a drain, and a result that
 waits for a check off the event loop (:class:`CheckResult`). The driver
 (:mod:`runner.broker_server.driver`) acts on each. No I/O; imports nothing of the
 project.
@@ -15,6 +16,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class TaskFinished:
     """The task has its result document now (its waiters may go)."""
+
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLetGo:
+    """This broker no longer holds the task (a shared store's: handed back to the
+    queue, or another broker's since): its waiters here follow it in the store."""
 
     task_id: str
 
@@ -34,4 +43,4 @@ class CheckResult:
     attempt: int
 
 
-Event = TaskFinished | Draining | CheckResult
+Event = TaskFinished | TaskLetGo | Draining | CheckResult

@@ -180,7 +180,8 @@ redis.call('HSET', t, 'status', 'queued', 'attempt', tonumber(ARGV[4]) + 1, 'run
 return 1
 """
 
-# ARGV: prefix, id, attempt, status, document, attempts, rec, max_kept, max_bytes
+# ARGV: prefix, id, attempt, status, document, attempts, max_kept, max_bytes. The
+# task's settings and schema go (kept until it ends: a reclaimed task runs from them).
 _FINISH = """
 local p, id = ARGV[1], ARGV[2]
 local t = p..'task:'..id
@@ -188,8 +189,11 @@ local f = redis.call('HMGET', t, 'owner', 'attempt', 'status', 'tenant', 'size')
 if tonumber(f[2]) ~= tonumber(ARGV[3]) then return 0 end
 if f[3] ~= 'queued' and f[3] ~= 'offered' and f[3] ~= 'running' then return 0 end
 local tenant = f[4]
-redis.call('HSET', t, 'status', ARGV[4], 'doc', ARGV[5], 'attempts', ARGV[6], 'rec', ARGV[7],
-  'owner', '')
+local rec = cjson.decode(redis.call('HGET', t, 'rec'))
+rec['settings'] = cjson.null
+rec['outputSchema'] = cjson.null
+redis.call('HSET', t, 'status', ARGV[4], 'doc', ARGV[5], 'attempts', ARGV[6],
+  'rec', cjson.encode(rec), 'owner', '')
 if f[1] ~= '' then redis.call('SREM', p..'owned:'..f[1], id) end
 if f[3] == 'queued' and f[1] == '' then redis.call('LREM', p..'ready:'..tenant, 0, id) end
 local c = p..'count:'..tenant
@@ -201,7 +205,7 @@ local bytes = redis.call('HINCRBY', kept, 'b', string.len(ARGV[5]))
 local gone = 0
 while true do
   local count = redis.call('ZCARD', fin)
-  if count <= tonumber(ARGV[8]) and (bytes <= tonumber(ARGV[9]) or count <= 1) then break end
+  if count <= tonumber(ARGV[7]) and (bytes <= tonumber(ARGV[8]) or count <= 1) then break end
   local oldest = redis.call('ZPOPMIN', fin)[1]
   local o = p..'task:'..oldest
   local doc = redis.call('HGET', o, 'doc') or ''
@@ -283,7 +287,7 @@ def default_broker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def _rec(task: StoredTask, *, finished: bool = False) -> str:
+def _rec(task: StoredTask) -> str:
     """What does not change while a task lives (and its settings until it ends)."""
     limits = task.limits
     return json.dumps(
@@ -292,8 +296,8 @@ def _rec(task: StoredTask, *, finished: bool = False) -> str:
             "mode": task.mode.value,
             "limits": [limits.timeout_s, limits.memory_mb, limits.cpus],
             "submittedWall": task.submitted_wall.isoformat(),
-            "settings": None if finished else task.settings,
-            "outputSchema": None if finished else task.output_schema,
+            "settings": task.settings,
+            "outputSchema": task.output_schema,
             "idempotencyKey": task.idempotency_key,
             "fingerprint": task.fingerprint,
             "retry": None if task.retry is None else task.retry.as_json(),
@@ -499,9 +503,6 @@ class RedisStore:
         document_json: str,
         attempts: tuple[AttemptError, ...] = (),
     ) -> bool:
-        stored = self.load(task_id)
-        if stored is None:
-            return False
         _, _, max_kept, max_retained = self._limits
         return bool(
             self._run(
@@ -512,7 +513,6 @@ class RedisStore:
                 status,
                 document_json,
                 attempts_to_text(attempts) or "",
-                _rec(stored, finished=True),
                 max_kept,
                 max_retained,
             )

@@ -88,8 +88,10 @@ def serve(ctx: click.Context) -> None:
     sys.exit(support.run(go))
 
 
-def _say_store(location: str, is_durable: bool) -> None:
-    if is_durable:
+def _say_store(location: str, is_durable: bool, is_shared: bool = False) -> None:
+    if is_shared:
+        support.say(f"task store: {location} (one queue shared by every broker on it)")
+    elif is_durable:
         support.say(f"task store: {location} (queued tasks and results survive a restart)")
     else:
         support.say("task store: memory (tasks are lost when the broker stops)")
@@ -110,7 +112,8 @@ def broker(ctx: click.Context, host: str | None, port: int | None) -> None:
         async with running_broker(settings) as running:
             with _signals() as stop:
                 support.say(f"broker listening on {running.url} (API docs: {running.url}/docs)")
-                _say_store(running.broker.store.location, running.broker.store.is_durable)
+                store = running.broker.store
+                _say_store(store.location, store.is_durable, store.is_shared)
                 signame = await stop
             support.say(f"{signame}: draining")
         return 0
@@ -157,7 +160,8 @@ def up(ctx: click.Context, host: str | None, port: int | None) -> None:
                 url = running.url
                 with _signals() as stop:
                     support.say(f"sandbox-runner is up: POST {url}/v1/tasks (API docs: {url}/docs)")
-                    _say_store(running.broker.store.location, running.broker.store.is_durable)
+                    store = running.broker.store
+                    _say_store(store.location, store.is_durable, store.is_shared)
                     either: list[asyncio.Future[Any]] = [serving, stop]
                     await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 service.request_shutdown("Shutting down")

@@ -52,7 +52,7 @@ from runner.testing.containers import (
     SandboxContainer,
     SandboxRunnerContainer,
 )
-from runner.testing.processes import BrokerProcess, ServeProcess, UpProcess
+from runner.testing.processes import BrokerProcess, RedisServer, ServeProcess, UpProcess
 from runner.testing.session import (
     LABEL_TESTING,
     LABEL_TESTING_NAMESPACE,
@@ -72,6 +72,7 @@ __all__ = [
     "LABEL_TESTING_RUNNER",
     "BrokerProcess",
     "EmbeddedBrokerContainer",
+    "RedisServer",
     "SandboxContainer",
     "SandboxRunnerContainer",
     "SandboxServiceError",

@@ -291,6 +291,17 @@ def create_app(
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         return SafeJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
 
+    @app.exception_handler(InfrastructureError)
+    async def store_unavailable(request: Request, exc: InfrastructureError) -> Response:
+        # A shared task store (Redis) unreachable while a task is read, listed or
+        # cancelled: the caller retries; nothing was changed.
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return SafeJSONResponse(
+            {"detail": f"The broker's task store is unavailable: {exc}"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return SafeJSONResponse(

@@ -7,10 +7,15 @@ SharedStore`:
 - the lease: renewed every third of ``SANDBOX_BROKER_LEASE_S``; at each renewal the
   tasks of brokers whose lease lapsed are put back in the shared queue
   (:meth:`SharedStore.reclaim`, counted as requeues, cause ``broker_lost``);
+- orphans: at each renewal, a task the store has as this broker's that the core does
+  not hold (a hand-back the store missed while it was unreachable) goes back to the
+  queue (:meth:`SharedStore.give_back_orphans`, cause ``orphaned``);
 - claiming: whenever the core may have runner slots that no task here waits for
   (:meth:`Broker.spare`: after any change of the core, when another broker queued a
   task, and every half second), that many tasks are claimed from the shared queue
   and handed to the core (:meth:`Broker.adopt`);
+- results the store failed to take (Redis unreachable when the task ended): written
+  again at each round (:meth:`Broker.write_unwritten`) until it takes them;
 - the channels: a task finished on another broker wakes who waits for it here
   (:meth:`BrokerDriver.finished_elsewhere`); a cancel asked of another broker's API
   reaches the core that holds the task (:meth:`Broker.cancel_requested`).
@@ -69,8 +74,11 @@ class ClusterLink:
                     _, _, requeued = self.store.reclaim()
                     if requeued:
                         self._metrics.requeues.labels(cause="broker_lost").inc(requeued)
+                    if orphans := self.store.give_back_orphans(self.broker.held_ids()):
+                        self._metrics.requeues.labels(cause="orphaned").inc(orphans)
                     next_renewal = loop.time() + renew_every
                 self._wake.clear()
+                self.broker.write_unwritten()
                 if (spare := self.broker.spare()) > 0 and (claimed := self.store.claim(spare)):
                     self.broker.adopt(claimed)
                 if self._failing:

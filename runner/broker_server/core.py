@@ -270,11 +270,12 @@ class Broker:
                 ):
                     self._keep_prints(task, [params])
             case TaskDone() | TaskErrorMessage():
-                self._completed(connection.runner_id, message)
-                if (message.sandbox or {}).get("ack") is True:
+                kept = self._completed(connection.runner_id, message)
+                if kept and (message.sandbox or {}).get("ack") is True:
                     # After the task took it (its store's copy written through), or
                     # dropped it (a copy of one it has, a stale attempt's): either way
-                    # the runner may forget it. A parked result is acked too.
+                    # the runner may forget it. A parked result is acked too. Not while a
+                    # shared store is unreachable: the runner keeps it, and re-sends it.
                     connection.send(TaskAck(task_id=message.task_id))
             case _:
                 log.info("ignoring %s from runner %s", type(message).__name__, connection.runner_id)
@@ -429,6 +430,18 @@ class Broker:
         task.status, task.runner_id, task.attempt = fresh.status, fresh.runner_id, fresh.attempt
         task.attempts, task.document_json = fresh.attempts, fresh.document_json
         return task.status.is_finished
+
+    def write_unwritten(self) -> bool:
+        """Write again the results a shared store failed to take. Any left?"""
+        self._ledger.write_unwritten()
+        return bool(self._ledger.unwritten)
+
+    def held_ids(self) -> set[str]:
+        """The ids of the tasks this broker holds (a shared store's orphans are the
+        ones it has as this broker's beyond these)."""
+        return {task.task_id for task in self._tasks if not task.status.is_finished} | set(
+            self._ledger.unwritten
+        )
 
     def is_held(self, task: BrokerTask) -> bool:
         """Whether ``task`` is this broker's own object (not a shared store's snapshot)."""
@@ -645,33 +658,40 @@ class Broker:
         self._requeue(task, "declined")
         self.dispatch()
 
-    def _completed(self, runner_id: str, message: TaskDone | TaskErrorMessage) -> None:
+    def _completed(self, runner_id: str, message: TaskDone | TaskErrorMessage) -> bool:
+        """Take a runner's completion. Whether it was taken or dropped for good (False:
+        a shared store is unreachable, the result is neither written nor refused)."""
         if self._ledger.is_stale(message.task_id, runner_id):
-            return  # an older attempt's, whose lease died with a broker: dropped, counted
+            return True  # an older attempt's, whose lease died with a broker: dropped, counted
         task = self._ledger.current(message.task_id)
         if task is None and self._shared is not None:
-            task = self._take_over(runner_id, message.task_id)
+            try:
+                task = self._take_over(runner_id, message.task_id)
+            except InfrastructureError:
+                log.exception("task %s: the shared store failed to take it over", message.task_id)
+                return False
         if task is None or task.status.is_finished or task.parked is not None:
             log.info(  # (parked: its first completion is being checked)
                 "completion of unknown or finished task %s dropped",
                 message.task_id,
                 extra={"taskId": message.task_id},
             )
-            return
+            return True
         if task.runner_id != runner_id:
             log.warning(
                 "task %s reported by %s, but runs on %s", task.task_id, runner_id, task.runner_id
             )
-            return
+            return True
         report = message.sandbox or {}
         self._keep_prints(task, report.get("prints"))
         body = completion_body(task, message, defer=self.config.defer_result_checks)
         if body is None:  # parked: its result is in, the verdict comes to result_checked
             self._disarm(task)
             self._emit(CheckResult(task.task_id, task.attempt))
-            return
+            return True
         self._finish(task, body, report.get("audit"))
         self.dispatch()
+        return task.task_id not in self._ledger.unwritten
 
     def _take_over(self, runner_id: str, wire: str) -> BrokerTask | None:
         """A completion for a task this broker does not hold, from a runner whose broker

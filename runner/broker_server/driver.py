@@ -39,6 +39,7 @@ from runner.broker_server.core import Broker
 from runner.broker_server.events import CheckResult, Draining, TaskFinished, TaskLetGo
 from runner.broker_server.schema_pool import SchemaPool
 from runner.broker_server.tasks import BrokerTask
+from runner.errors import InfrastructureError
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +147,13 @@ class BrokerDriver:
         this broker claiming it meanwhile)."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        while not self.broker.refresh(task):
+        while not self._refreshed(task):
             held = self.broker.get(task.task_id)
             if held is not None and self.broker.is_held(held):
                 # Claimed here meanwhile: wait for this broker's own object, then copy it.
                 left = None if deadline is None else max(0.0, deadline - loop.time())
                 await self.wait_finished(held, left)
-                return self.broker.refresh(task)
+                return self._refreshed(task)
             left = 1.0 if deadline is None else min(1.0, deadline - loop.time())
             if left <= 0:
                 return False
@@ -168,6 +169,15 @@ class BrokerDriver:
                 if not waiters and self._elsewhere.get(task.task_id) is waiters:
                     del self._elsewhere[task.task_id]
         return True
+
+    def _refreshed(self, task: BrokerTask) -> bool:
+        """:meth:`Broker.refresh`; False while the shared store cannot be read (the wait
+        goes on, and reads it again)."""
+        try:
+            return self.broker.refresh(task)
+        except InfrastructureError as exc:
+            log.warning("task %s: the shared store cannot be read: %s", task.task_id, exc)
+            return False
 
     async def wait_closing(self) -> None:
         """Until the broker starts to drain."""

@@ -58,6 +58,8 @@ class TaskLedger:
         # (its working set); every other task is read from the store (:meth:`view`).
         self.shared: SharedStore | None = cast(SharedStore, store) if store.is_shared else None
         self.table = TaskTable()
+        # A shared store's results it failed to take (Redis unreachable), by task id.
+        self.unwritten: dict[str, BrokerTask] = {}
         self._metrics = metrics
         self._max_kept = max_kept
         self._max_bytes = max_bytes
@@ -197,10 +199,35 @@ class TaskLedger:
             )
             self._metrics.stale_results.inc()
         if self.shared is not None:
+            if written is None:
+                # The store failed: kept here (read from here) and written again by
+                # the cluster link (:meth:`write_unwritten`) until the store takes it.
+                self.unwritten[task.task_id] = task
+                return True
             self.table.remove(task.task_id)  # read from the store from now on (its retention)
         else:
             self._retain(task)
         return written is not False
+
+    def write_unwritten(self) -> None:
+        """Results a shared store failed to take, written again (in the order they came):
+        each one taken, or refused as stale, is read from the store from now on."""
+        for task_id, task in list(self.unwritten.items()):
+            assert task.document_json is not None
+            try:
+                written = self.store.finish(
+                    task_id,
+                    task.attempt,
+                    task.status.value,
+                    task.document_json,
+                    tuple(task.attempts),
+                )
+            except InfrastructureError:
+                return  # still down: the next round
+            del self.unwritten[task_id]
+            if not written:
+                self._metrics.stale_results.inc()
+            self.table.remove(task_id)
 
     def close(self) -> None:
         self.store.close()

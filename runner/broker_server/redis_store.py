@@ -237,9 +237,34 @@ redis.call('SADD', p..'owned:'..me, id)
 return {f[4], f[2], f[5] or ''}
 """
 
+# A task broker b held, back in the queue: a queued one as it was, an offered or
+# running one at its next attempt. What it was ('queued', 'requeued'), or nil.
+_GIVE_BACK = (
+    _REQUEUE_FRONT
+    + """
+local function give_back(p, b, id)
+  redis.call('SREM', p..'owned:'..b, id)
+  local t = p..'task:'..id
+  local f = redis.call('HMGET', t, 'status', 'attempt', 'tenant', 'owner')
+  if f[4] ~= b then return nil end
+  if f[1] ~= 'queued' and f[1] ~= 'offered' and f[1] ~= 'running' then return nil end
+  local was = 'queued'
+  if f[1] == 'queued' then
+    redis.call('HSET', t, 'owner', '', 'runner', '')
+  else
+    was = 'requeued'
+    redis.call('HSET', t, 'status', 'queued', 'attempt', tonumber(f[2]) + 1, 'owner', '',
+      'runner', '')
+  end
+  requeue_front(p, id, f[3])
+  return was
+end
+"""
+)
+
 # ARGV: prefix, broker, only (a broker id: that one, alive or not; '': every dead one)
 _RECLAIM = (
-    _REQUEUE_FRONT
+    _GIVE_BACK
     + """
 local p, me, only = ARGV[1], ARGV[2], ARGV[3]
 local brokers = {}
@@ -253,18 +278,9 @@ end
 local queued, requeued = 0, 0
 for _, b in ipairs(brokers) do
   for _, id in ipairs(redis.call('SMEMBERS', p..'owned:'..b)) do
-    local t = p..'task:'..id
-    local f = redis.call('HMGET', t, 'status', 'attempt', 'tenant')
-    if f[1] == 'queued' or f[1] == 'offered' or f[1] == 'running' then
-      if f[1] == 'queued' then
-        queued = queued + 1
-        redis.call('HSET', t, 'owner', '', 'runner', '')
-      else
-        requeued = requeued + 1
-        redis.call('HSET', t, 'status', 'queued', 'attempt', tonumber(f[2]) + 1, 'owner', '',
-          'runner', '')
-      end
-      requeue_front(p, id, f[3])
+    local was = give_back(p, b, id)
+    if was == 'queued' then queued = queued + 1 elseif was == 'requeued' then
+      requeued = requeued + 1
     end
   end
   redis.call('DEL', p..'owned:'..b)
@@ -273,6 +289,21 @@ for _, b in ipairs(brokers) do
 end
 if queued + requeued > 0 then redis.call('PUBLISH', p..'ready', '') end
 return {#brokers, queued, requeued}
+"""
+)
+
+# ARGV: prefix, broker, ids...: tasks the store has as this broker's that it does not
+# hold (a hand-back the store missed while it was unreachable), given back.
+_GIVE_BACK_IDS = (
+    _GIVE_BACK
+    + """
+local p, me = ARGV[1], ARGV[2]
+local n = 0
+for i = 3, #ARGV do
+  if give_back(p, me, ARGV[i]) then n = n + 1 end
+end
+if n > 0 then redis.call('PUBLISH', p..'ready', '') end
+return n
 """
 )
 
@@ -379,6 +410,7 @@ class RedisStore:
                 ("finish", _FINISH),
                 ("take_over", _TAKE_OVER),
                 ("reclaim", _RECLAIM),
+                ("give_back", _GIVE_BACK_IDS),
             )
         }
         self.renew()
@@ -564,11 +596,21 @@ class RedisStore:
         tasks = [_stored(i, f) for i, f in zip(ids, rows, strict=True) if f.get("rec")]
         return [t for t in tasks if status is None or t.status == status][:limit]
 
-    def owned(self) -> set[str]:
+    def give_back_orphans(self, held: set[str]) -> int:
+        """Tasks the store has as this broker's that it does not hold (``held``: those
+        it does), back in the queue (a running one at its next attempt): a hand-back
+        the store missed while it was unreachable. How many."""
         try:
-            return set(self._redis.smembers(PREFIX + "owned:" + self.broker_id))
+            owned = set(self._redis.smembers(PREFIX + "owned:" + self.broker_id))
         except redis.RedisError as exc:
             raise _fault("to list the broker's tasks", exc) from exc
+        orphans = sorted(owned - held)
+        if not orphans:
+            return 0
+        given = int(self._run("give_back", "to give tasks back", self.broker_id, *orphans))
+        if given:
+            log.warning("%d task(s) this broker no longer held given back to the queue", given)
+        return given
 
     # -- channels -----------------------------------------------------------------------
 

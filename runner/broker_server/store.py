@@ -217,6 +217,10 @@ class SharedStore(TaskStore, Protocol):
         """Up to ``count`` queued tasks, now this broker's."""
         ...
 
+    def give_back_orphans(self, held: set[str]) -> int:
+        """Tasks the store has as this broker's but ``held`` lacks, back in the queue."""
+        ...
+
     def take_over(self, task_id: str, attempt: int, runner_id: str) -> StoredTask | None:
         """A task whose ``attempt`` a runner reports here, now this broker's, if it is
         still at that attempt and unfinished."""

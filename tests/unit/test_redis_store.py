@@ -15,19 +15,24 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from fakes import FakeClock, FakeRunner, connect
 
+from runner.broker_server.app import ApiConfig, create_app
 from runner.broker_server.core import Broker, BrokerConfig
+from runner.broker_server.driver import BrokerDriver
 from runner.broker_server.redis_store import PREFIX, RedisStore
 from runner.broker_server.retry import RetryPolicy
-from runner.broker_server.submission import Submission
+from runner.broker_server.submission import Submission, TaskLimits
 from runner.broker_server.tasks import TaskStatus
-from runner.errors import TaskTooLarge, TenantBacklogFull
+from runner.broker_server.tokens import GrantTokens
+from runner.errors import InfrastructureError, TaskTooLarge, TenantBacklogFull
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
     TaskAccepted,
+    TaskAck,
     TaskDone,
     TaskDoneData,
     TaskOffer,
@@ -355,3 +360,82 @@ def test_the_store_keeps_no_settings_of_a_finished_task(
     rec = redis.Redis.from_url(redis_url).hget(f"{PREFIX}task:{task.task_id}", "rec")
     assert rec is not None
     assert json.loads(rec)["settings"] is None
+
+
+def test_a_result_the_store_failed_to_take_is_kept_unacknowledged_and_written_again(
+    monkeypatch: pytest.MonkeyPatch, nodes: tuple[Node, Node, FakeClock]
+) -> None:
+    a, b, _ = nodes
+    runner = connect(a.broker, "ra", offers=1)
+    task = a.broker.submit(submission())
+    a.pump()
+    (wire,) = run(a, runner)
+
+    def unreachable(*args: Any, **kwargs: Any) -> bool:
+        raise InfrastructureError("The broker's Redis task store failed to keep a result")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(a.store, "finish", unreachable)
+        a.broker.runner_message(
+            runner, TaskDone(task_id=wire, data=TaskDoneData(result=7), sandbox={"ack": True})
+        )
+        assert runner.of(TaskAck) == []  # the runner keeps it (and re-sends it)
+        held = a.broker.get(task.task_id)
+        assert held is not None
+        assert held.document is not None  # served from here meanwhile
+        assert a.broker.write_unwritten() is True  # still down: still kept
+    assert a.broker.write_unwritten() is False
+    seen = b.broker.get(task.task_id)
+    assert seen is not None
+    assert seen.document == {"status": "success", "result": 7, "prints": [], "audit": None}
+
+
+async def test_the_api_answers_503_when_the_shared_store_cannot_be_read(
+    monkeypatch: pytest.MonkeyPatch, nodes: tuple[Node, Node, FakeClock]
+) -> None:
+    a, _, _ = nodes
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise InfrastructureError("The broker's Redis task store failed to read a task")
+
+    monkeypatch.setattr(a.store, "load", unreachable)
+    driver = BrokerDriver(a.broker)
+    app = create_app(
+        driver,
+        GrantTokens(30),
+        ApiConfig(
+            auth_token="t", api_keys={}, max_request_bytes=65536, ceilings=TaskLimits(timeout_s=60)
+        ),
+    )
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://broker") as http:
+            response = await http.get("/v1/tasks/abc")
+    finally:
+        await driver.aclose()
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["detail"].startswith("The broker's task store is unavailable")
+
+
+def test_a_hand_back_the_store_missed_is_given_back_at_the_next_renewal(
+    monkeypatch: pytest.MonkeyPatch, nodes: tuple[Node, Node, FakeClock]
+) -> None:
+    a, b, _ = nodes
+    ra = connect(a.broker, "ra", offers=1)
+    task = a.broker.submit(submission())
+    a.pump()
+
+    def unreachable(*args: Any, **kwargs: Any) -> bool:
+        raise InfrastructureError("The broker's Redis task store failed to requeue a task")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(a.store, "requeue", unreachable)
+        a.broker.runner_disconnected(ra)  # offered: handed back, but the store missed it
+    assert a.broker.get(task.task_id).status is TaskStatus.OFFERED  # type: ignore[union-attr]
+    rb = connect(b.broker, "rb", offers=1)
+    assert b.pump() == 0  # nobody can claim it: the store has it as a's
+    assert a.store.give_back_orphans(a.broker.held_ids()) == 1
+    assert a.store.give_back_orphans(a.broker.held_ids()) == 0
+    assert b.pump() == 1
+    assert run(b, rb) == [f"{task.task_id}.2"]  # it had been offered: its next attempt

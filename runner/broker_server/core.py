@@ -50,6 +50,7 @@ from runner.broker_server.tasks import (
     TaskStatus,
     TaskTimer,
     Waiting,
+    WaitReason,
     checked_body,
     completion_body,
     error_body,
@@ -466,6 +467,16 @@ class Broker:
 
     def waiting(self, task: BrokerTask) -> Waiting | None:
         """Why ``task`` has not started yet; None once it has (or has finished)."""
+        if self._shared is not None and not self.is_held(task) and not task.status.is_finished:
+            if task.status is not TaskStatus.QUEUED:
+                return None
+            # In the shared queue: whether this broker has runners says nothing (the
+            # others may have); none of the brokers has had a free slot for it yet.
+            return Waiting(
+                WaitReason.RUNNERS_BUSY,
+                "Queued in the shared queue (Redis): the first broker with a free runner "
+                "slot takes it; every runner of every broker is busy, or none is connected.",
+            )
         return waiting_for(
             task,
             now=self.clock(),

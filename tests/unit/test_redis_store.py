@@ -439,3 +439,17 @@ def test_a_hand_back_the_store_missed_is_given_back_at_the_next_renewal(
     assert a.store.give_back_orphans(a.broker.held_ids()) == 0
     assert b.pump() == 1
     assert run(b, rb) == [f"{task.task_id}.2"]  # it had been offered: its next attempt
+
+
+def test_a_task_in_the_shared_queue_never_says_no_runner(
+    nodes: tuple[Node, Node, FakeClock],
+) -> None:
+    """A broker without runners answers for a task the others' runners will take: its
+    own lack of runners is no reason (a client that fails fast on ``no_runner`` would
+    cancel a task that is about to run)."""
+    a, _, _ = nodes
+    task = a.broker.submit(submission())
+    waiting = a.broker.waiting(task)
+    assert waiting is not None
+    assert waiting.reason.value == "runners_busy"
+    assert "shared queue" in waiting.message

@@ -91,7 +91,7 @@ def measure(store: TaskStore, tasks: int) -> tuple[float, float]:
         task = broker.submit(prepared)
         broker.runner_message(runner, TaskOffer(offer_id=f"o{n}", valid_for=5000))
         if shared is not None:  # the cluster link's claim for the offer
-            broker.adopt(shared.claim(broker.spare()))
+            broker.adopt(shared.claim(broker.spare(), broker.at_quota()))
         broker.runner_message(runner, TaskAccepted(task_id=task.task_id))
         broker.runner_message(runner, TaskDone(task_id=task.task_id, data=TaskDoneData(result=1)))
         each.append(time.perf_counter() - began)

@@ -12,8 +12,9 @@ SharedStore`:
   queue (:meth:`SharedStore.give_back_orphans`, cause ``orphaned``);
 - claiming: whenever the core may have runner slots that no task here waits for
   (:meth:`Broker.spare`: after any change of the core, when another broker queued a
-  task, and every half second), that many tasks are claimed from the shared queue
-  and handed to the core (:meth:`Broker.adopt`);
+  task, and every half second), that many tasks are claimed from the shared queue,
+  none of a tenant at its quota here (:meth:`Broker.at_quota`), and handed to the core
+  (:meth:`Broker.adopt`);
 - results the store failed to take (Redis unreachable when the task ended): written
   again at each round (:meth:`Broker.write_unwritten`) until it takes them;
 - the channels: a task finished on another broker wakes who waits for it here
@@ -79,7 +80,9 @@ class ClusterLink:
                     next_renewal = loop.time() + renew_every
                 self._wake.clear()
                 self.broker.write_unwritten()
-                if (spare := self.broker.spare()) > 0 and (claimed := self.store.claim(spare)):
+                if (spare := self.broker.spare()) > 0 and (
+                    claimed := self.store.claim(spare, self.broker.at_quota())
+                ):
                     self.broker.adopt(claimed)
                 if self._failing:
                     log.warning("the Redis task store %s answers again", self.store.location)

@@ -390,11 +390,18 @@ class Broker:
         self.dispatch()
 
     def spare(self) -> int:
-        """Runner slots on offer here that no task here waits for: how many tasks to
-        claim from a shared store's queue."""
+        """Runner slots on offer here that no task here could take: how many tasks to
+        claim from a shared store's queue (a task of a tenant at its quota here takes
+        no slot until one of its tenant's ends)."""
         if self._draining:
             return 0
-        return self._runners.open_offers(self.clock()) - self._tenants.queued_count()
+        waiting = self._tenants.queued_count(self._quota)
+        return self._runners.open_offers(self.clock()) - waiting
+
+    def at_quota(self) -> set[str]:
+        """Tenants that have their quota of tasks on this broker's runners: a claim
+        from a shared store's queue takes none of theirs."""
+        return self._tenants.at_quota(self._quota)
 
     def _let_go(self, task: BrokerTask) -> None:
         """A shared store's task this broker no longer holds (handed back to the queue,

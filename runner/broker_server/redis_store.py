@@ -84,7 +84,8 @@ local function requeue_front(p, id, tenant)
 end
 """
 
-# ARGV: prefix, id, tenant, rec, size, max_unfinished, max_bytes, key, submitted_ms
+# ARGV: prefix, id, tenant, rec, size, max_unfinished, max_bytes, key. A tenant's
+# recent tasks are ordered by a sequence of Redis's (a millisecond clock would tie).
 _ADD = """
 local p, id, tenant = ARGV[1], ARGV[2], ARGV[3]
 local key = ARGV[8]
@@ -104,7 +105,7 @@ redis.call('HINCRBY', c, 'b', size)
 redis.call('HSET', p..'task:'..id, 'rec', ARGV[4], 'tenant', tenant, 'status', 'queued',
   'attempt', 1, 'owner', '', 'runner', '', 'size', size)
 if key ~= '' then redis.call('SET', p..'idem:'..tenant..':'..key, id) end
-redis.call('ZADD', p..'recent:'..tenant, ARGV[9], id)
+redis.call('ZADD', p..'recent:'..tenant, redis.call('INCR', p..'submitted'), id)
 if redis.call('RPUSH', p..'ready:'..tenant, id) == 1 then
   redis.call('RPUSH', p..'tenants', tenant)
 end
@@ -112,32 +113,37 @@ redis.call('PUBLISH', p..'ready', tenant)
 return {'ok'}
 """
 
-# ARGV: prefix, broker, n. Fair turns: one task per tenant in turn, as a broker's own.
+# ARGV: prefix, broker, n, skip...: up to n tasks, one per tenant in turn (as a broker's
+# own turns), none of the tenants to skip (at their quota on this broker).
 _CLAIM = """
 local p, me, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local skip = {}
+for i = 4, #ARGV do skip[ARGV[i]] = true end
 local out = {}
 local looked = 0
-while #out < n * 4 and looked < n * 4 + 16 do
+while #out < n * 4 and looked < n * 4 + 16 + #ARGV do
   looked = looked + 1
   local tenant = redis.call('LMOVE', p..'tenants', p..'tenants', 'LEFT', 'RIGHT')
   if not tenant then break end
-  local id = redis.call('LPOP', p..'ready:'..tenant)
-  if redis.call('LLEN', p..'ready:'..tenant) == 0 then
-    redis.call('LREM', p..'tenants', 0, tenant)
-  end
-  if id then
-    local t = p..'task:'..id
-    if redis.call('HGET', t, 'status') == 'queued' and redis.call('HGET', t, 'owner') == '' then
-      redis.call('HSET', t, 'owner', me)
-      redis.call('SADD', p..'owned:'..me, id)
-      local f = redis.call('HMGET', t, 'rec', 'attempt', 'attempts')
-      table.insert(out, id)
-      table.insert(out, f[1])
-      table.insert(out, f[2])
-      table.insert(out, f[3] or '')
+  if not skip[tenant] then
+    local id = redis.call('LPOP', p..'ready:'..tenant)
+    if redis.call('LLEN', p..'ready:'..tenant) == 0 then
+      redis.call('LREM', p..'tenants', 0, tenant)
+    end
+    if id then
+      local t = p..'task:'..id
+      if redis.call('HGET', t, 'status') == 'queued' and redis.call('HGET', t, 'owner') == ''
+      then
+        redis.call('HSET', t, 'owner', me)
+        redis.call('SADD', p..'owned:'..me, id)
+        local f = redis.call('HMGET', t, 'rec', 'attempt', 'attempts')
+        table.insert(out, id)
+        table.insert(out, f[1])
+        table.insert(out, f[2])
+        table.insert(out, f[3] or '')
+      end
     end
   end
-  if #out >= n * 4 then break end
 end
 return out
 """
@@ -487,7 +493,6 @@ class RedisStore:
             max_unfinished,
             max_bytes,
             task.idempotency_key or "",
-            int(task.submitted_wall.timestamp() * 1000),
         )
         if answer[0] == "replay":
             return str(answer[1])
@@ -495,11 +500,12 @@ class RedisStore:
             raise TenantFull(Admission(int(answer[1]), int(answer[2])))
         return None
 
-    def claim(self, count: int) -> list[StoredTask]:
-        """Up to ``count`` queued tasks, now this broker's, one per tenant in turn."""
+    def claim(self, count: int, skip: Iterable[str] = ()) -> list[StoredTask]:
+        """Up to ``count`` queued tasks, now this broker's, one per tenant in turn; none
+        of the tenants in ``skip`` (at their quota on this broker)."""
         if count <= 0:
             return []
-        flat = self._run("claim", "to claim queued tasks", self.broker_id, count)
+        flat = self._run("claim", "to claim queued tasks", self.broker_id, count, *sorted(skip))
         claimed = []
         for i in range(0, len(flat), 4):
             task_id, rec, attempt, attempts = flat[i : i + 4]

@@ -213,8 +213,8 @@ class SharedStore(TaskStore, Protocol):
         """Dead brokers' tasks back in the queue: (brokers, queued, offered/running)."""
         ...
 
-    def claim(self, count: int) -> list[StoredTask]:
-        """Up to ``count`` queued tasks, now this broker's."""
+    def claim(self, count: int, skip: Iterable[str] = ()) -> list[StoredTask]:
+        """Up to ``count`` queued tasks, now this broker's (none of ``skip``'s tenants)."""
         ...
 
     def give_back_orphans(self, held: set[str]) -> int:

@@ -86,8 +86,17 @@ class Tenants:
         """The id of the tenant's first queued task, taken from its queue."""
         return self._queues[tenant].popleft()
 
-    def queued_count(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
+    def queued_count(self, quota: Callable[[str], int] | None = None) -> int:
+        """Queued task ids (with ``quota``: of tenants with room in it only)."""
+        return sum(
+            len(queue)
+            for tenant, queue in self._queues.items()
+            if quota is None or self.active(tenant) < quota(tenant)
+        )
+
+    def at_quota(self, quota: Callable[[str], int]) -> set[str]:
+        """The tenants with as many tasks on runners as ``quota`` allows them."""
+        return {tenant for tenant, active in self._active.items() if active >= quota(tenant)}
 
     # -- tasks on runners ----------------------------------------------------------------
 

@@ -65,7 +65,7 @@ class Node:
 
     def pump(self) -> int:
         """Claim for the spare slots, as the cluster link does; how many were claimed."""
-        claimed = self.store.claim(self.broker.spare())
+        claimed = self.store.claim(self.broker.spare(), self.broker.at_quota())
         if claimed:
             self.broker.adopt(claimed)
         return len(claimed)
@@ -453,3 +453,32 @@ def test_a_task_in_the_shared_queue_never_says_no_runner(
     assert waiting is not None
     assert waiting.reason.value == "runners_busy"
     assert "shared queue" in waiting.message
+
+
+def test_a_claim_skips_a_tenant_at_its_quota_here_for_the_others_to_run(
+    redis_url: str,
+) -> None:
+    clock = FakeClock()
+    a = Node(redis_url, "a", clock, BrokerConfig(tenant_quota=1))
+    b = Node(redis_url, "b", clock, BrokerConfig(tenant_quota=1))
+    ra = connect(a.broker, "ra", offers=3)
+    a.broker.submit(submission(tenant="busy"))
+    assert a.pump() == 1
+    run(a, ra)  # busy has its quota (1) running on a
+    a.broker.submit(submission(tenant="busy"))
+    other = a.broker.submit(submission(tenant="other"))
+    assert a.broker.at_quota() == {"busy"}
+    assert a.pump() == 1  # other's task only: busy's second waits for b (or a slot of its own)
+    assert a.broker.get(other.task_id).status is TaskStatus.OFFERED  # type: ignore[union-attr]
+    connect(b.broker, "rb", offers=1)
+    assert b.pump() == 1  # b takes busy's second task
+    for node in (a, b):
+        node.store.close()
+
+
+def test_recent_tasks_are_in_submission_order_even_within_one_millisecond(
+    nodes: tuple[Node, Node, FakeClock],
+) -> None:
+    a, b, _ = nodes
+    ids = [(a if n % 2 else b).broker.submit(submission()).task_id for n in range(30)]
+    assert [t.task_id for t in a.broker.recent("t", 30)] == ids[::-1]

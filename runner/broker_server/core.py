@@ -10,9 +10,10 @@ again when the task's retry policy says so (:mod:`runner.broker_server.retry`: w
 failures, how often, after how long; a task it gives up on ends ``dead``), late
 results from a runner that reconnected,
 why a queued task waits, drain on shutdown, and taking over the queue a broker left
-on a durable store. What it keeps of runners, tenants, submissions, tasks and
-callers' schemas is in the modules beside it; every change of a task is written
-through to the store it is given (:mod:`runner.broker_server.ledger`).
+on a durable store. Its rules over a store other brokers share (Redis) are mixed in
+from :mod:`runner.broker_server.shared`. What it keeps of runners, tenants,
+submissions, tasks and callers' schemas is in the modules beside it; every change of
+a task is written through to the store it is given (:mod:`runner.broker_server.ledger`).
 
 Sans-I/O, as :mod:`runner.protocol.machine`: the web layer calls plain methods
 (runner connections come in as objects with a non-blocking ``send``), time comes in
@@ -39,11 +40,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from runner.broker_server.deadlines import Deadlines
-from runner.broker_server.events import CheckResult, Draining, Event, TaskFinished, TaskLetGo
+from runner.broker_server.events import CheckResult, Draining, Event, TaskFinished
 from runner.broker_server.ledger import TaskLedger
 from runner.broker_server.retry import AttemptError, backoff_left_s
 from runner.broker_server.runners import RunnerConnection, Runners
-from runner.broker_server.store import MemoryStore, StoredTask, TaskStore, TenantFull
+from runner.broker_server.shared import SharedRules
+from runner.broker_server.store import MemoryStore, TaskStore
 from runner.broker_server.submission import Prepared, Submission, prepare, settings_frame
 from runner.broker_server.tasks import (
     BrokerTask,
@@ -57,11 +59,10 @@ from runner.broker_server.tasks import (
     expiry_cause,
     keep_prints,
     new_task_id,
-    parse_wire_id,
     result_document,
     waiting_for,
 )
-from runner.broker_server.tenants import Tenants, check_admission
+from runner.broker_server.tenants import Tenants
 from runner.errors import InfrastructureError
 from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
@@ -123,7 +124,7 @@ class BrokerConfig:
     defer_result_checks: bool = False
 
 
-class Broker:
+class Broker(SharedRules):
     """All broker state and rules. Not thread-safe: the web layer calls it from its loop.
 
     ``clock``: monotonic seconds, for every deadline and duration (the web layer ticks
@@ -337,124 +338,6 @@ class Broker:
             retry=prepared.retry,
         )
 
-    def _submit_shared(self, prepared: Prepared, idempotency: tuple[str, str] | None) -> BrokerTask:
-        """Into the shared store's queue, admitted against the tenant's counts there
-        (across brokers); the task returned is a snapshot (this broker claims it, or
-        another does, for a runner's slot)."""
-        config = self.config
-        check_admission(
-            prepared.tenant,
-            prepared.size_bytes,
-            unfinished=0,
-            queued_bytes=0,
-            max_unfinished=config.max_unfinished_per_tenant,
-            max_bytes=config.max_queued_bytes_per_tenant,
-        )  # (alone too large: a 413, before the store is asked)
-        task = self._new_task(prepared, idempotency)
-        try:
-            existing = self._ledger.add(task)
-        except TenantFull as full:
-            check_admission(
-                prepared.tenant,
-                prepared.size_bytes,
-                unfinished=full.admission.unfinished,
-                queued_bytes=full.admission.queued_bytes,
-                max_unfinished=config.max_unfinished_per_tenant,
-                max_bytes=config.max_queued_bytes_per_tenant,
-            )
-            raise AssertionError("the store refused an admissible task") from full
-        if existing is not None and idempotency is not None:
-            # Another broker took the same key first, in the same instant.
-            replayed = self.replay(prepared.tenant, *idempotency)
-            if replayed is not None:
-                return replayed
-        self._metrics.submitted.inc()
-        self._on_change()  # (a chance to claim it at once)
-        return task
-
-    def adopt(self, claimed: list[StoredTask]) -> None:
-        """Tasks this broker claimed from the shared store's queue: queued here (a task
-        in its retry's back-off waits out what is left of it first; one whose queue
-        time is over expires at once), in the order they came."""
-        wall_now = datetime.now(UTC)
-        for stored in claimed:
-            task = self._ledger.view(stored)
-            self._tasks.add(task)
-            self._tenants.recount(task.tenant, task.held_bytes)
-            if (backoff_s := backoff_left_s(task.retry, task.attempts, wall_now)) > 0:
-                self._arm(task, backoff_s, TaskTimer.RETRY)
-                continue
-            self._tenants.queue(task.tenant, task.task_id, front=False)
-            waited = self.clock() - task.submitted_at
-            self._arm(task, max(0.0, self.config.queue_timeout_s - waited), TaskTimer.QUEUE)
-        self.dispatch()
-
-    def spare(self) -> int:
-        """Runner slots on offer here that no task here could take: how many tasks to
-        claim from a shared store's queue (a task of a tenant at its quota here takes
-        no slot until one of its tenant's ends)."""
-        if self._draining:
-            return 0
-        waiting = self._tenants.queued_count(self._quota)
-        return self._runners.open_offers(self.clock()) - waiting
-
-    def at_quota(self) -> set[str]:
-        """Tenants that have their quota of tasks on this broker's runners: a claim
-        from a shared store's queue takes none of theirs."""
-        return self._tenants.at_quota(self._quota)
-
-    def _let_go(self, task: BrokerTask) -> None:
-        """A shared store's task this broker no longer holds (handed back to the queue,
-        or taken by another broker after this one's lease lapsed): forgotten here."""
-        self._release(task)
-        self._tenants.unqueue(task.tenant, task.task_id)
-        self._tenants.finished(task.tenant, task.held_bytes)
-        self._disarm(task)
-        self._tasks.remove(task.task_id)
-        self._emit(TaskLetGo(task.task_id))
-
-    def _hand_back_queued(self) -> None:
-        """A shared store's tasks queued here with no runner here to take them: back to
-        the shared queue, for a broker that has one."""
-        if self._shared is None:
-            return
-        for task in [t for t in self._tasks if t.status is TaskStatus.QUEUED]:
-            if task.timer is TaskTimer.RETRY:
-                continue  # in its back-off: handed back when it is due
-            self._ledger.requeued(task)
-            self._let_go(task)
-
-    def refresh(self, task: BrokerTask) -> bool:
-        """Bring a snapshot of a task another broker holds up to date (from the shared
-        store). Has it finished?"""
-        if self._shared is None or task.status.is_finished:
-            return task.status.is_finished
-        if (held := self._tasks.get(task.task_id)) is not None:
-            return held.status.is_finished
-        stored = self._shared.load(task.task_id)
-        if stored is None:
-            return False
-        fresh = self._ledger.view(stored)
-        task.status, task.runner_id, task.attempt = fresh.status, fresh.runner_id, fresh.attempt
-        task.attempts, task.document_json = fresh.attempts, fresh.document_json
-        return task.status.is_finished
-
-    def write_unwritten(self) -> bool:
-        """Write again the results a shared store failed to take. Any left?"""
-        self._ledger.write_unwritten()
-        return bool(self._ledger.unwritten)
-
-    def held_ids(self) -> set[str]:
-        """The ids of the tasks this broker holds (a shared store's orphans are the
-        ones it has as this broker's beyond these)."""
-        return {task.task_id for task in self._tasks if not task.status.is_finished} | set(
-            self._ledger.unwritten
-        )
-
-    def is_held(self, task: BrokerTask) -> bool:
-        """Whether ``task`` is this broker's own object (not a shared store's snapshot)."""
-        return self._tasks.get(task.task_id) is task
-
     def replay(self, tenant: str, key: str, fingerprint: str) -> BrokerTask | None:
         """The task ``tenant`` submitted with Idempotency-Key ``key`` (while it is kept),
         or None. Raises :class:`IdempotencyKeyReused` if that request was another."""
@@ -515,26 +398,6 @@ class Broker:
             return
         self._tell_runner_cancel(task, "Task was cancelled by the API caller")
         self._finish(task, error_body(CANCELLED_MESSAGE, "", ErrorCode.CANCELLED, Stage.RUN))
-
-    def _cancel_elsewhere(self, task: BrokerTask) -> None:
-        """Cancel a shared store's task this broker does not hold: one in the shared
-        queue ends here (the store's fence decides against a broker claiming it at the
-        same moment); one another broker holds is cancelled by it (a message)."""
-        assert self._shared is not None
-        if task.status is TaskStatus.QUEUED:
-            body = error_body(CANCELLED_MESSAGE, "", ErrorCode.CANCELLED, Stage.QUEUE)
-            document, _ = result_document(task, body, None)
-            if self._shared.finish(task.task_id, task.attempt, "error", document):
-                self._metrics.tasks.labels(status="error", error_code=ErrorCode.CANCELLED).inc()
-                self.refresh(task)
-                return
-        self._shared.publish_cancel(task.task_id)
-
-    def cancel_requested(self, task_id: str) -> None:
-        """Another broker's API was asked to cancel ``task_id``: cancelled if held here."""
-        task = self._tasks.get(task_id)
-        if task is not None:
-            self.cancel(task)
 
     def in_flight(self) -> list[BrokerTask]:
         """The tasks a runner has: offered or running."""
@@ -710,34 +573,6 @@ class Broker:
         self._finish(task, body, report.get("audit"))
         self.dispatch()
         return task.task_id not in self._ledger.unwritten
-
-    def _take_over(self, runner_id: str, wire: str) -> BrokerTask | None:
-        """A completion for a task this broker does not hold, from a runner whose broker
-        died (it re-sends what was not acknowledged): the task is taken over if the
-        shared store still has it at that attempt; an older attempt's is counted."""
-        assert self._shared is not None
-        task_id, attempt = parse_wire_id(wire)
-        stored = self._shared.take_over(task_id, attempt, runner_id)
-        if stored is None:
-            current = self._shared.load(task_id)
-            if current is not None and current.attempt > attempt:
-                log.warning(
-                    "result of attempt %d of task %s from %s dropped: the task is at attempt %d",
-                    attempt,
-                    task_id,
-                    runner_id,
-                    current.attempt,
-                    extra={"taskId": task_id},
-                )
-                self._metrics.stale_results.inc()
-            return None
-        task = self._ledger.view(stored)
-        task.status, task.runner_id = TaskStatus.RUNNING, runner_id
-        self._tasks.add(task)
-        self._tenants.recount(task.tenant, task.held_bytes)
-        self._tenants.activate(task.tenant)
-        log.info("task %s: taken over from a broker that left, with its result", task_id)
-        return task
 
     def result_checked(self, task_id: str, attempt: int, problem: str | None) -> None:
         """The verdict on a parked result (``problem``: None, it matches the schema).

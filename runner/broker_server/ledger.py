@@ -121,16 +121,20 @@ class TaskLedger:
         task = self.table.get(task_id)
         if task is None or task.attempt == attempt:
             return False
+        self.drop_stale(task_id, attempt, task.attempt, runner_id)
+        return True
+
+    def drop_stale(self, task_id: str, attempt: int, current: int, runner_id: str) -> None:
+        """A result of ``attempt`` while the task is at ``current``: logged and counted."""
         log.warning(
             "result of attempt %d of task %s from %s dropped: the task is at attempt %d",
             attempt,
             task_id,
             runner_id,
-            task.attempt,
+            current,
             extra={"taskId": task_id},
         )
         self._metrics.stale_results.inc()
-        return True
 
     def add(self, task: BrokerTask) -> str | None:
         """A new task, in the store first. Raises :class:`InfrastructureError` when the

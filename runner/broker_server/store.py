@@ -38,12 +38,13 @@ let the core answer before its state is written, or make every rule ``async``; a
 synchronous seam keeps each rule one plain method, tested with a fake clock and a
 store in a temporary directory. The core holds its working set (queues, fair turns,
 offers, timers) in memory and writes through to the store; the store is the record
-the *next* broker process starts from. A store shared by several brokers (Redis, a
-later step) fits the same seam, with leases that expire and ``finish`` as the fence;
-its queue and fair turns would then move behind the seam too.
+the *next* broker process starts from. A store shared by several brokers
+(:class:`SharedStore`: Redis) fits the same seam, with leases that expire and every
+step fenced: its queue and fair turns are in the store, the core's table is the
+working set of what it claimed (see :mod:`runner.broker_server.redis_store`).
 
-No I/O here: the SQLite store is its own module (it alone imports :mod:`sqlite3`),
-chosen by :func:`runner.broker_server.server.open_store`.
+No I/O here: the SQLite and Redis stores are modules of their own (each alone imports
+its client library), chosen by :func:`runner.broker_server.server.open_store`.
 """
 
 from __future__ import annotations

@@ -199,6 +199,7 @@ BROKER_SANS_IO = (
     "runner.broker_server.retry",
     "runner.broker_server.runners",
     "runner.broker_server.schemas",
+    "runner.broker_server.shared",
     "runner.broker_server.store",
     "runner.broker_server.submission",
     "runner.broker_server.tasks",

@@ -94,8 +94,11 @@ class ClusterLink:
                 await asyncio.sleep(FAULT_RETRY_S)
                 continue
             timeout = max(0.0, min(CLAIM_POLL_S, next_renewal - loop.time()))
+            # (Not asyncio.wait_for: on 3.11 it can swallow a cancel that comes as the
+            # event is set, and the link would never stop.)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def _listen(self) -> None:
         while True:

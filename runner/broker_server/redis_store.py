@@ -186,14 +186,16 @@ redis.call('HSET', t, 'status', 'queued', 'attempt', tonumber(ARGV[4]) + 1, 'run
 return 1
 """
 
-# ARGV: prefix, id, attempt, status, document, attempts, max_kept, max_bytes. The
-# task's settings and schema go (kept until it ends: a reclaimed task runs from them).
+# ARGV: prefix, id, attempt, status, document, attempts, max_kept, max_bytes, unowned
+# ('1': only a task no broker holds -- a cancel in the shared queue). The task's
+# settings and schema go (kept until it ends: a reclaimed task runs from them).
 _FINISH = """
 local p, id = ARGV[1], ARGV[2]
 local t = p..'task:'..id
 local f = redis.call('HMGET', t, 'owner', 'attempt', 'status', 'tenant', 'size')
 if tonumber(f[2]) ~= tonumber(ARGV[3]) then return 0 end
 if f[3] ~= 'queued' and f[3] ~= 'offered' and f[3] ~= 'running' then return 0 end
+if ARGV[9] == '1' and f[1] ~= '' then return 0 end
 local tenant = f[4]
 local rec = cjson.decode(redis.call('HGET', t, 'rec'))
 rec['settings'] = cjson.null
@@ -540,7 +542,11 @@ class RedisStore:
         status: str,
         document_json: str,
         attempts: tuple[AttemptError, ...] = (),
+        *,
+        unowned: bool = False,
     ) -> bool:
+        """The result, if the task is at ``attempt`` and unfinished (``unowned``: and no
+        broker holds it); False otherwise."""
         _, _, max_kept, max_retained = self._limits
         return bool(
             self._run(
@@ -553,6 +559,7 @@ class RedisStore:
                 attempts_to_text(attempts) or "",
                 max_kept,
                 max_retained,
+                "1" if unowned else "",
             )
         )
 

@@ -200,10 +200,12 @@ class SharedRules:
         queue ends here (the store's fence decides against a broker claiming it at the
         same moment); one another broker holds is cancelled by it (a message)."""
         assert self._shared is not None
+        if self.refresh(task):
+            return  # it has ended meanwhile
         if task.status is TaskStatus.QUEUED:
             body = error_body(CANCELLED_MESSAGE, "", ErrorCode.CANCELLED, Stage.QUEUE)
             document, _ = result_document(task, body, None)
-            if self._shared.finish(task.task_id, task.attempt, "error", document):
+            if self._shared.finish(task.task_id, task.attempt, "error", document, unowned=True):
                 self._metrics.tasks.labels(status="error", error_code=ErrorCode.CANCELLED).inc()
                 self.refresh(task)
                 return

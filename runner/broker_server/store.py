@@ -233,6 +233,19 @@ class SharedStore(TaskStore, Protocol):
 
     def recent(self, tenant: str, limit: int, status: str | None = None) -> list[StoredTask]: ...
 
+    def finish(
+        self,
+        task_id: str,
+        attempt: int,
+        status: str,
+        document_json: str,
+        attempts: tuple[AttemptError, ...] = (),
+        *,
+        unowned: bool = False,
+    ) -> bool:
+        """As :meth:`TaskStore.finish`; ``unowned``: only if no broker holds the task."""
+        ...
+
     def publish_cancel(self, task_id: str) -> None:
         """Ask whichever broker holds ``task_id`` to cancel it."""
         ...

@@ -10,6 +10,7 @@ tests/integration/test_broker_redis.py (real processes).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -19,8 +20,10 @@ import httpx
 import pytest
 import redis
 from fakes import FakeClock, FakeRunner, connect
+from helpers import until
 
 from runner.broker_server.app import ApiConfig, create_app
+from runner.broker_server.cluster import ClusterLink
 from runner.broker_server.core import Broker, BrokerConfig
 from runner.broker_server.driver import BrokerDriver
 from runner.broker_server.redis_store import PREFIX, RedisStore
@@ -33,6 +36,7 @@ from runner.metrics import BrokerMetrics, CollectorRegistry
 from runner.protocol.messages import (
     TaskAccepted,
     TaskAck,
+    TaskCancel,
     TaskDone,
     TaskDoneData,
     TaskOffer,
@@ -482,3 +486,40 @@ def test_recent_tasks_are_in_submission_order_even_within_one_millisecond(
     a, b, _ = nodes
     ids = [(a if n % 2 else b).broker.submit(submission()).task_id for n in range(30)]
     assert [t.task_id for t in a.broker.recent("t", 30)] == ids[::-1]
+
+
+async def test_the_cluster_links_claim_pass_cancels_on_and_wake_waiters_elsewhere(
+    redis_url: str,
+) -> None:
+    """The event-loop side, two brokers in one loop: b's link claims a task submitted
+    to a (the ``ready`` channel), a cancel asked of a reaches b (``cancel``), and a's
+    long-poll on its snapshot ends when b finishes it (``done``)."""
+    a = Node(redis_url, "a", FakeClock())
+    b = Node(redis_url, "b", FakeClock())
+    drivers = [BrokerDriver(node.broker) for node in (a, b)]
+    links = [
+        asyncio.create_task(
+            ClusterLink(driver, node.store, BrokerMetrics(CollectorRegistry())).run()
+        )
+        for driver, node in zip(drivers, (a, b), strict=True)
+    ]
+    try:
+        runner = connect(b.broker, "rb", offers=1)
+        await asyncio.sleep(0.2)  # the links subscribed
+        task = a.broker.submit(submission())
+        await until(lambda: runner.of(TaskOfferAccept), 5, "b to claim and offer the task")
+        b.broker.runner_message(runner, TaskAccepted(task_id=task.task_id))
+        waiter = asyncio.ensure_future(drivers[0].wait_finished(task, 10))
+        a.broker.cancel(task)
+        assert await waiter is True
+        assert task.document is not None
+        assert task.document["error"]["code"] == ErrorCode.CANCELLED
+        assert runner.of(TaskCancel)  # b told its runner
+    finally:
+        for link in links:
+            link.cancel()
+        await asyncio.gather(*links, return_exceptions=True)
+        for driver in drivers:
+            await driver.aclose()
+        for node in (a, b):
+            node.store.close()

@@ -152,8 +152,14 @@ class TaskLedger:
 
     def leased(self, task: BrokerTask, *, running: bool) -> bool:
         """``task`` was offered to its runner (``running``: accepted, settings next).
-        False: a shared store has it no longer as this broker's (let it go)."""
+        False: a shared store has it no longer as this broker's (let it go).
+
+        A shared store records the running lease only: an offer changes nothing a
+        reclaim needs (no settings have left: a task its dead broker had only offered
+        goes back at the same attempt), and a step less per task counts there."""
         assert task.runner_id is not None
+        if self.shared is not None and not running:
+            return True
         return (
             self._write(
                 "lease",

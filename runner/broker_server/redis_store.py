@@ -16,8 +16,9 @@ by that broker (``owned:<broker>``) until it ends or is handed back
 broker renews its lease (``alive:<broker>``, ``SANDBOX_BROKER_LEASE_S``) every third
 of it; a lease that lapsed means the broker died or was cut off, and the next live
 broker to look (:meth:`RedisStore.reclaim`) puts each of its tasks back in the queue:
-a queued one as it was, an offered or running one at its next attempt (as a broker
-restarting on SQLite does: its settings may have left, an execution may be running).
+a queued one as it was (an offer is not recorded here: no settings had left), a
+running one at its next attempt (its settings have left, an execution may be
+running: as a broker restarting on SQLite does).
 
 **Fencing.** Every step that moves a task is conditional: a lease or a hand-back on
 the owner *and* the attempt, a result on the attempt and an unfinished status. A
@@ -245,8 +246,8 @@ redis.call('SADD', p..'owned:'..me, id)
 return {f[4], f[2], f[5] or ''}
 """
 
-# A task broker b held, back in the queue: a queued one as it was, an offered or
-# running one at its next attempt. What it was ('queued', 'requeued'), or nil.
+# A task broker b held, back in the queue: a queued one as it was, a running one at
+# its next attempt. What it was ('queued', 'requeued'), or nil.
 _GIVE_BACK = (
     _REQUEUE_FRONT
     + """
@@ -460,12 +461,12 @@ class RedisStore:
 
     def reclaim(self) -> tuple[int, int, int]:
         """Every dead broker's tasks back in the shared queue: (brokers, queued tasks,
-        offered or running ones, now at their next attempt)."""
+        running ones, now at their next attempt)."""
         brokers, queued, requeued = self._run("reclaim", "to reclaim tasks", self.broker_id, "")
         if brokers:
             log.warning(
                 "reclaimed the tasks of %d broker(s) whose lease lapsed: %d queued, %d "
-                "offered or running (queued again at their next attempt)",
+                "running (queued again at their next attempt)",
                 brokers,
                 queued,
                 requeued,

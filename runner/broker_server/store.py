@@ -211,7 +211,7 @@ class SharedStore(TaskStore, Protocol):
         ...
 
     def reclaim(self) -> tuple[int, int, int]:
-        """Dead brokers' tasks back in the queue: (brokers, queued, offered/running)."""
+        """Dead brokers' tasks back in the queue: (brokers, queued, running)."""
         ...
 
     def claim(self, count: int, skip: Iterable[str] = ()) -> list[StoredTask]:

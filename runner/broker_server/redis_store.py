@@ -85,8 +85,9 @@ local function requeue_front(p, id, tenant)
 end
 """
 
-# ARGV: prefix, id, tenant, rec, size, max_unfinished, max_bytes, key. A tenant's
-# recent tasks are ordered by a sequence of Redis's (a millisecond clock would tie).
+# ARGV: prefix, id, tenant, rec, size, max_unfinished, max_bytes, key, claimer (a
+# broker with a free slot for it, or ''). A tenant's recent tasks are ordered by a
+# sequence of Redis's (a millisecond clock would tie).
 _ADD = """
 local p, id, tenant = ARGV[1], ARGV[2], ARGV[3]
 local key = ARGV[8]
@@ -107,6 +108,13 @@ redis.call('HSET', p..'task:'..id, 'rec', ARGV[4], 'tenant', tenant, 'status', '
   'attempt', 1, 'owner', '', 'runner', '', 'size', size)
 if key ~= '' then redis.call('SET', p..'idem:'..tenant..':'..key, id) end
 redis.call('ZADD', p..'recent:'..tenant, redis.call('INCR', p..'submitted'), id)
+if ARGV[9] ~= '' and redis.call('LLEN', p..'tenants') == 0 then
+  -- Nothing waits in the shared queue and the submitting broker has a free slot: it
+  -- holds the task at once (a claim saved; no task waiting longer is passed over).
+  redis.call('HSET', p..'task:'..id, 'owner', ARGV[9])
+  redis.call('SADD', p..'owned:'..ARGV[9], id)
+  return {'claimed'}
+end
 if redis.call('RPUSH', p..'ready:'..tenant, id) == 1 then
   redis.call('RPUSH', p..'tenants', tenant)
 end
@@ -484,6 +492,13 @@ class RedisStore:
         """A new task in the shared queue; or the id of the task its Idempotency-Key
         already names (another broker took the same request first). Raises
         :class:`TenantFull` when its tenant is at a limit."""
+        _, existing = self.submit(task, claim=False)
+        return existing
+
+    def submit(self, task: StoredTask, *, claim: bool) -> tuple[str, str | None]:
+        """:meth:`add`, saying how: ``("queued", None)``, ``("claimed", None)`` (``claim``:
+        this broker has a free slot for it, and nothing waits in the shared queue: it
+        holds the task at once) or ``("replay", the id its key names)``."""
         max_unfinished, max_bytes, _, _ = self._limits
         size = len(task.settings or "") + len(task.output_schema or "")
         answer = self._run(
@@ -496,12 +511,13 @@ class RedisStore:
             max_unfinished,
             max_bytes,
             task.idempotency_key or "",
+            self.broker_id if claim else "",
         )
         if answer[0] == "replay":
-            return str(answer[1])
+            return "replay", str(answer[1])
         if answer[0] == "full":
             raise TenantFull(Admission(int(answer[1]), int(answer[2])))
-        return None
+        return ("claimed" if answer[0] == "claimed" else "queued"), None
 
     def claim(self, count: int, skip: Iterable[str] = ()) -> list[StoredTask]:
         """Up to ``count`` queued tasks, now this broker's, one per tenant in turn; none

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from runner.broker_server.events import Event, TaskLetGo
 from runner.broker_server.retry import backoff_left_s
-from runner.broker_server.store import SharedStore, StoredTask, TenantFull
+from runner.broker_server.store import SharedStore, StoredTask, TenantFull, record_of
 from runner.broker_server.submission import Prepared
 from runner.broker_server.tasks import (
     BrokerTask,
@@ -80,7 +80,10 @@ class SharedRules:
     def _submit_shared(self, prepared: Prepared, idempotency: tuple[str, str] | None) -> BrokerTask:
         """Into the shared store's queue, admitted against the tenant's counts there
         (across brokers); the task returned is a snapshot (this broker claims it, or
-        another does, for a runner's slot)."""
+        another does, for a runner's slot). When this broker has a free slot for it and
+        nothing waits in the shared queue, the store gives it to this broker at once
+        (a claim saved) and it is dispatched here."""
+        assert self._shared is not None
         config = self.config
         check_admission(
             prepared.tenant,
@@ -91,8 +94,9 @@ class SharedRules:
             max_bytes=config.max_queued_bytes_per_tenant,
         )  # (alone too large: a 413, before the store is asked)
         task = self._new_task(prepared, idempotency)
+        claim = self.spare() > 0 and task.tenant not in self.at_quota()
         try:
-            existing = self._ledger.add(task)
+            outcome, existing = self._shared.submit(record_of(task), claim=claim)
         except TenantFull as full:
             check_admission(
                 prepared.tenant,
@@ -109,7 +113,11 @@ class SharedRules:
             if replayed is not None:
                 return replayed
         self._metrics.submitted.inc()
-        self._on_change()  # (a chance to claim it at once)
+        if outcome == "claimed":
+            self._hold(task)
+            self.dispatch()
+        else:
+            self._on_change()  # (a chance to claim it at once)
         return task
 
     def adopt(self, claimed: list[StoredTask]) -> None:
@@ -119,15 +127,22 @@ class SharedRules:
         wall_now = datetime.now(UTC)
         for stored in claimed:
             task = self._ledger.view(stored)
-            self._tasks.add(task)
-            self._tenants.recount(task.tenant, task.held_bytes)
             if (backoff_s := backoff_left_s(task.retry, task.attempts, wall_now)) > 0:
+                self._tasks.add(task)
+                self._tenants.recount(task.tenant, task.held_bytes)
                 self._arm(task, backoff_s, TaskTimer.RETRY)
                 continue
-            self._tenants.queue(task.tenant, task.task_id, front=False)
-            waited = self.clock() - task.submitted_at
-            self._arm(task, max(0.0, self.config.queue_timeout_s - waited), TaskTimer.QUEUE)
+            self._hold(task)
         self.dispatch()
+
+    def _hold(self, task: BrokerTask) -> None:
+        """A task this broker now holds, queued here (its queue time counted from its
+        submission)."""
+        self._tasks.add(task)
+        self._tenants.recount(task.tenant, task.held_bytes)
+        self._tenants.queue(task.tenant, task.task_id, front=False)
+        waited = self.clock() - task.submitted_at
+        self._arm(task, max(0.0, self.config.queue_timeout_s - waited), TaskTimer.QUEUE)
 
     def spare(self) -> int:
         """Runner slots on offer here that no task here could take: how many tasks to

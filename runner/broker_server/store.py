@@ -218,6 +218,11 @@ class SharedStore(TaskStore, Protocol):
         """Up to ``count`` queued tasks, now this broker's (none of ``skip``'s tenants)."""
         ...
 
+    def submit(self, task: StoredTask, *, claim: bool) -> tuple[str, str | None]:
+        """A new task: ``("queued", None)``, ``("claimed", None)`` (``claim``: held by
+        this broker at once, when nothing waits in the queue) or ``("replay", id)``."""
+        ...
+
     def give_back_orphans(self, held: set[str]) -> int:
         """Tasks the store has as this broker's but ``held`` lacks, back in the queue."""
         ...

@@ -144,7 +144,7 @@ def test_a_dead_brokers_tasks_are_reclaimed_running_ones_at_their_next_attempt(
     a, b, _ = nodes
     ra = connect(a.broker, "ra", offers=1)
     running = a.broker.submit(submission())
-    assert a.pump() == 1
+    assert a.pump() == 0  # held at once: a had a free slot, nothing waited
     (wire,) = run(a, ra)
     ra.sent.clear()
     a.broker.runner_message(ra, TaskOffer(offer_id="more", valid_for=60_000))
@@ -469,8 +469,7 @@ def test_a_claim_skips_a_tenant_at_its_quota_here_for_the_others_to_run(
     b = Node(redis_url, "b", clock, BrokerConfig(tenant_quota=1))
     ra = connect(a.broker, "ra", offers=3)
     a.broker.submit(submission(tenant="busy"))
-    assert a.pump() == 1
-    run(a, ra)  # busy has its quota (1) running on a
+    run(a, ra)  # busy has its quota (1) running on a (held at once: a had a free slot)
     a.broker.submit(submission(tenant="busy"))
     other = a.broker.submit(submission(tenant="other"))
     assert a.broker.at_quota() == {"busy"}
@@ -525,3 +524,19 @@ async def test_the_cluster_links_claim_pass_cancels_on_and_wake_waiters_elsewher
             await driver.aclose()
         for node in (a, b):
             node.store.close()
+
+
+def test_a_broker_with_a_free_slot_holds_its_submission_at_once_unless_others_wait(
+    nodes: tuple[Node, Node, FakeClock],
+) -> None:
+    a, b, _ = nodes
+    ra = connect(a.broker, "ra", offers=1)
+    first = a.broker.submit(submission())
+    assert a.broker.is_held(first)  # no claim round: offered at once
+    assert [x.task_id for x in ra.of(TaskOfferAccept)] == [first.task_id]
+    waiting = b.broker.submit(submission(tenant="early"))  # b has no runner: queued
+    a.broker.runner_message(ra, TaskOffer(offer_id="more", valid_for=60_000))
+    late = a.broker.submit(submission(tenant="late"))
+    assert not a.broker.is_held(late)  # a task waited in the shared queue: not passed over
+    assert a.pump() == 1
+    assert a.broker.get(waiting.task_id).status is TaskStatus.OFFERED  # type: ignore[union-attr]

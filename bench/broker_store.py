@@ -8,10 +8,12 @@ running lease); ``sqlite, NORMAL only`` and ``sqlite, FULL always`` are the two 
 policies, for comparison. The SQLite file is in ``--dir`` (default ``/var/tmp``: a
 disk, not a tmpfs, or fsync would cost nothing). ``redis`` is the store several
 brokers share, on a ``redis-server`` the run starts on loopback (no persistence: the
-steps' round trips and Lua scripts, not Redis's own fsync policy); each task is also
-claimed from the shared queue, as a broker's cluster link claims it for a runner's
-offer. ``make bench`` reports memory, SQLite as shipped and Redis (:func:`dispatch`,
-one line under the table); nothing is asserted. An fsync's cost depends on the disk
+steps' round trips and Lua scripts, not Redis's own fsync policy); the task comes
+before the runner's offer, so it is claimed from the shared queue, as a broker's
+cluster link claims it for a runner's offer (a busy broker's case: a broker whose
+runner already has a slot on offer holds its own submission at once, a step less).
+``make bench`` reports memory, SQLite as shipped and Redis (:func:`dispatch`, one line
+under the table); nothing is asserted. An fsync's cost depends on the disk
 and on whoever else is writing: run it a few times.
 """
 

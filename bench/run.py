@@ -743,7 +743,7 @@ def _broker_line(broker: dict[str, Any]) -> str:
     redis = broker.get("redis")
     shared = (
         f", Redis on loopback {redis['tasksPerS']:,.0f} tasks/s (p50 {redis['p50Ms']:.2f} ms: "
-        "a claim and five Lua steps per task)"
+        "four Lua steps per task: add, claim, running lease, result)"
         if redis
         else ""
     )

@@ -119,7 +119,7 @@ def dispatch(tasks: int = 1000, directory: Path = Path("/var/tmp")) -> dict[str,
 def _redis(directory: Path, tasks: int) -> TaskStore:
     """A Redis store on a redis-server of the run's own (stopped when the store closes)."""
     server = RedisServer(directory).__enter__()
-    store = RedisStore(server.url, broker_id="bench", max_unfinished=tasks, max_kept=tasks)
+    store = RedisStore(server.url, broker_id="bench")  # (limits: the bench core's config)
     close = store.close
 
     def close_both() -> None:

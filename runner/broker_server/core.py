@@ -154,8 +154,15 @@ class Broker(SharedRules):
             clock=clock,
         )
         # A store other brokers share: tasks come from its queue (adopt), reads of tasks
-        # this broker does not hold go to it.
+        # this broker does not hold go to it; it applies this configuration's limits.
         self._shared = self._ledger.shared
+        if self._shared is not None:
+            self._shared.set_limits(
+                max_unfinished=config.max_unfinished_per_tenant,
+                max_bytes=config.max_queued_bytes_per_tenant,
+                max_kept=config.max_tasks_kept,
+                max_retained_bytes=config.max_retained_bytes_per_tenant,
+            )
         self._tasks = self._ledger.table
         self._tenants = Tenants()
         self._deadlines = Deadlines()

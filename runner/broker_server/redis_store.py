@@ -380,9 +380,9 @@ class RedisStore:
     """The store at ``url`` (``redis://HOST:PORT/DB``), shared by every broker on it.
 
     ``broker_id``: this broker's name (:func:`default_broker_id`); ``lease_s``: how
-    long its lease lasts unrenewed. ``max_unfinished``, ``max_bytes``: each tenant's
-    admission limits; ``max_kept``, ``max_retained_bytes``: each tenant's retention of
-    finished tasks (count, bytes of documents), across brokers.
+    long its lease lasts unrenewed. Each tenant's admission and retention limits,
+    applied across brokers, are those of the configuration of the core that uses the
+    store (:meth:`set_limits`).
     """
 
     is_durable = True
@@ -394,15 +394,11 @@ class RedisStore:
         *,
         broker_id: str | None = None,
         lease_s: float = DEFAULT_LEASE_S,
-        max_unfinished: int = 1000,
-        max_bytes: int = 128 * 1024 * 1024,
-        max_kept: int = 1000,
-        max_retained_bytes: int = 128 * 1024 * 1024,
     ) -> None:
         self.url = url
         self.broker_id = broker_id or default_broker_id()
         self.lease_s = lease_s
-        self._limits = (max_unfinished, max_bytes, max_kept, max_retained_bytes)
+        self._limits: tuple[int, int, int, int] | None = None  # set_limits
         try:
             # (Typed Any: redis-py's stubs type every answer bytes | str; with
             # decode_responses they are str, checked where they are parsed.)
@@ -431,6 +427,13 @@ class RedisStore:
             )
         }
         self.renew()
+
+    def set_limits(
+        self, *, max_unfinished: int, max_bytes: int, max_kept: int, max_retained_bytes: int
+    ) -> None:
+        """Each tenant's admission (unfinished tasks, their bytes) and retention (kept
+        results, their bytes), applied here across brokers."""
+        self._limits = (max_unfinished, max_bytes, max_kept, max_retained_bytes)
 
     @property
     def location(self) -> str:
@@ -499,6 +502,7 @@ class RedisStore:
         """:meth:`add`, saying how: ``("queued", None)``, ``("claimed", None)`` (``claim``:
         this broker has a free slot for it, and nothing waits in the shared queue: it
         holds the task at once) or ``("replay", the id its key names)``."""
+        assert self._limits is not None, "set_limits first"
         max_unfinished, max_bytes, _, _ = self._limits
         size = len(task.settings or "") + len(task.output_schema or "")
         answer = self._run(
@@ -564,6 +568,7 @@ class RedisStore:
     ) -> bool:
         """The result, if the task is at ``attempt`` and unfinished (``unowned``: and no
         broker holds it); False otherwise."""
+        assert self._limits is not None, "set_limits first"
         _, _, max_kept, max_retained = self._limits
         return bool(
             self._run(

@@ -105,16 +105,8 @@ def open_store(settings: Settings) -> TaskStore:
     spec = parse_store(settings.broker_store)
     if spec.kind == REDIS:
         assert spec.url is not None
-        defaults = BrokerConfig()
-        return RedisStore(
-            spec.url,
-            broker_id=settings.broker_id,
-            lease_s=settings.broker_lease_s,
-            max_unfinished=defaults.max_unfinished_per_tenant,
-            max_bytes=settings.tenant_queued_bytes,
-            max_kept=defaults.max_tasks_kept,
-            max_retained_bytes=settings.tenant_retained_bytes,
-        )
+        # (Its tenants' limits are the broker's configuration's: the core sets them.)
+        return RedisStore(spec.url, broker_id=settings.broker_id, lease_s=settings.broker_lease_s)
     if spec.kind != SQLITE:
         return MemoryStore()
     return SqliteStore(spec.path or state_dir(settings) / SQLITE_FILE_NAME)

@@ -210,6 +210,12 @@ class SharedStore(TaskStore, Protocol):
         """This broker is alive for another ``lease_s``."""
         ...
 
+    def set_limits(
+        self, *, max_unfinished: int, max_bytes: int, max_kept: int, max_retained_bytes: int
+    ) -> None:
+        """Each tenant's admission and retention limits (the core's configuration)."""
+        ...
+
     def reclaim(self) -> tuple[int, int, int]:
         """Dead brokers' tasks back in the queue: (brokers, queued, running)."""
         ...

@@ -59,9 +59,8 @@ class Node:
         name: str,
         clock: FakeClock,
         config: BrokerConfig | None = None,
-        **store_kw: Any,
     ) -> None:
-        self.store = RedisStore(url, broker_id=name, lease_s=5, **store_kw)
+        self.store = RedisStore(url, broker_id=name, lease_s=5)
         self.registry = CollectorRegistry()
         self.broker = Broker(
             config or BrokerConfig(), clock, metrics=BrokerMetrics(self.registry), store=self.store
@@ -279,8 +278,8 @@ def test_retry_policy_across_brokers(nodes: tuple[Node, Node, FakeClock]) -> Non
 def test_admission_counts_a_tenants_tasks_across_brokers(redis_url: str) -> None:
     clock = FakeClock()
     config = BrokerConfig(max_unfinished_per_tenant=2, max_queued_bytes_per_tenant=10_000)
-    a = Node(redis_url, "a", clock, config, max_unfinished=2, max_bytes=10_000)
-    b = Node(redis_url, "b", clock, config, max_unfinished=2, max_bytes=10_000)
+    a = Node(redis_url, "a", clock, config)
+    b = Node(redis_url, "b", clock, config)
     first = a.broker.submit(submission())
     b.broker.submit(submission())
     with pytest.raises(TenantBacklogFull, match="already has 2 unfinished tasks"):
@@ -326,7 +325,7 @@ def test_a_cancel_asked_of_another_broker_reaches_the_one_holding_the_task(
 
 def test_retention_is_per_tenant_across_brokers(redis_url: str) -> None:
     clock = FakeClock()
-    a = Node(redis_url, "a", clock, max_kept=2)
+    a = Node(redis_url, "a", clock, BrokerConfig(max_tasks_kept=2))
     runner = connect(a.broker, "ra")
     ids = []
     for n in range(3):

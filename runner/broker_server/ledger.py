@@ -136,15 +136,12 @@ class TaskLedger:
         )
         self._metrics.stale_results.inc()
 
-    def add(self, task: BrokerTask) -> str | None:
+    def add(self, task: BrokerTask) -> None:
         """A new task, in the store first. Raises :class:`InfrastructureError` when the
-        store cannot keep it (then the broker does not know it either). A shared store
-        queues it for every broker (this one claims it like any other) and may answer
-        the id of the task its Idempotency-Key already names (returned: nothing added)."""
-        existing = self.store.add(record_of(task))
-        if self.shared is None:
-            self.table.add(task)
-        return existing
+        store cannot keep it (then the broker does not know it either). (A shared
+        store's new task goes through :meth:`SharedStore.submit`, from the core.)"""
+        self.store.add(record_of(task))
+        self.table.add(task)
 
     def view(self, stored: StoredTask) -> BrokerTask:
         """A task this broker does not hold, as read from a shared store: a snapshot."""

@@ -491,12 +491,10 @@ class RedisStore:
         slots come (:meth:`claim`), results are read where they are."""
         return Recovered()
 
-    def add(self, task: StoredTask) -> str | None:
-        """A new task in the shared queue; or the id of the task its Idempotency-Key
-        already names (another broker took the same request first). Raises
-        :class:`TenantFull` when its tenant is at a limit."""
-        _, existing = self.submit(task, claim=False)
-        return existing
+    def add(self, task: StoredTask) -> None:
+        """A new task in the shared queue (the seam's step; the core submits through
+        :meth:`submit`, which also says whether a key already named a task)."""
+        self.submit(task, claim=False)
 
     def submit(self, task: StoredTask, *, claim: bool) -> tuple[str, str | None]:
         """:meth:`add`, saying how: ``("queued", None)``, ``("claimed", None)`` (``claim``:

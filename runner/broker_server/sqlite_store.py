@@ -273,7 +273,7 @@ class SqliteStore:
             ]
         return Recovered(unfinished, finished, requeued)
 
-    def add(self, task: StoredTask) -> str | None:
+    def add(self, task: StoredTask) -> None:
         limits = task.limits
         with self._step("to keep a new task", durable=True) as db:
             db.execute(
@@ -299,7 +299,6 @@ class SqliteStore:
                     attempts_to_text(task.attempts),
                 ),
             )
-        return None  # (a key already used is the broker's own to find: one broker)
 
     # The broker's memory is the fence on a file only it uses: a step is always its own.
 

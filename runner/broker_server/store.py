@@ -151,10 +151,8 @@ class TaskStore(Protocol):
         """Whether other brokers use the store too (a :class:`SharedStore`)."""
         ...
 
-    def add(self, task: StoredTask) -> str | None:
-        """A new queued task (durable before the caller is told it was accepted). A
-        shared store may answer the id of the task the same Idempotency-Key already
-        names (another broker took it first); None otherwise."""
+    def add(self, task: StoredTask) -> None:
+        """A new queued task (durable before the caller is told it was accepted)."""
         ...
 
     def lease(self, task_id: str, attempt: int, runner_id: str, *, running: bool) -> bool:
@@ -278,8 +276,8 @@ class MemoryStore:
     def recover(self) -> Recovered:
         return Recovered()
 
-    def add(self, task: StoredTask) -> str | None:
-        return None
+    def add(self, task: StoredTask) -> None:
+        pass
 
     def lease(self, task_id: str, attempt: int, runner_id: str, *, running: bool) -> bool:
         return True
